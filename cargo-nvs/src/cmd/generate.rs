@@ -1,0 +1,107 @@
+//! `cargo nvs generate INPUT... OUTPUT SIZE`: a drop-in for
+//! `python -m esp_idf_nvs_partition_gen generate`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use nvs_build::format::{PartitionSize, Version};
+use nvs_build::{FileBase, ImageInput};
+
+use crate::fsutil::write_atomic;
+use crate::size::parse_size;
+use crate::{CliError, CliResult};
+
+/// Generate an NVS partition image from CSV files (key,type,encoding,value).
+#[derive(clap::Args)]
+#[command(disable_version_flag = true)]
+pub struct GenerateArgs {
+    /// CSV files, then the output image, then the partition size (hex like 0x6000, or decimal).
+    #[arg(value_name = "INPUT... OUTPUT SIZE", num_args = 3.., required = true)]
+    args: Vec<PathBuf>,
+    /// NVS format version: 2 has multi-page blobs (default), 1 is the legacy format.
+    #[arg(long, value_name = "1|2", default_value = "2", value_parser = parse_version)]
+    version: Version,
+    /// Folder the output path is relative to.
+    #[arg(long = "out-dir", alias = "outdir", value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+}
+
+pub fn parse_version(text: &str) -> Result<Version, String> {
+    match text {
+        "1" => Ok(Version::V1),
+        "2" => Ok(Version::V2),
+        _ => Err(format!("`{text}` is not an NVS format version; use 1 or 2")),
+    }
+}
+
+/// The positional arguments split into inputs, output and size.
+pub struct Positionals<'a> {
+    pub inputs: &'a [PathBuf],
+    pub output: PathBuf,
+    pub size: PartitionSize,
+}
+
+pub fn split_positionals<'a>(
+    args: &'a [PathBuf],
+    out_dir: Option<&Path>,
+) -> CliResult<Positionals<'a>> {
+    let [inputs @ .., output, size] = args else {
+        return Err(CliError("give INPUT... OUTPUT SIZE".into()));
+    };
+    let size_text = size.to_string_lossy();
+    let bytes = parse_size(&size_text)?;
+    let size = PartitionSize::new(bytes).map_err(|e| CliError(format!("SIZE {size_text}: {e}")))?;
+    let output = match out_dir {
+        Some(dir) if output.is_relative() => dir.join(output),
+        _ => output.clone(),
+    };
+    Ok(Positionals {
+        inputs,
+        output,
+        size,
+    })
+}
+
+/// Warns as the reference does when a partition is too small to be written by the device.
+pub fn warn_if_read_only(size: PartitionSize) {
+    if size.is_read_only() {
+        eprintln!(
+            "warning: a partition of {:#x} bytes is smaller than 0x3000: it must be flagged `readonly` in \
+             the partition table CSV (the image holds only the pages it uses)",
+            size.bytes()
+        );
+    }
+}
+
+/// Builds the image from CSV inputs, as the reference does (paths relative to the current
+/// directory).
+pub fn build_from_csv(
+    inputs: &[PathBuf],
+    size: PartitionSize,
+    version: Version,
+) -> CliResult<ImageInput> {
+    let mut image = ImageInput::new(size, version);
+    for input in inputs {
+        image.add_csv_file(input, &FileBase::CurrentDir)?;
+    }
+    Ok(image)
+}
+
+pub fn run(args: GenerateArgs) -> CliResult<ExitCode> {
+    let p = split_positionals(&args.args, args.out_dir.as_deref())?;
+    warn_if_read_only(p.size);
+    let image = build_from_csv(p.inputs, p.size, args.version)?;
+    let pages = image.pages_used();
+    let bytes = image.finish()?;
+    write_atomic(&p.output, &bytes, None)
+        .map_err(|e| CliError(format!("cannot write `{}`: {e}", p.output.display())))?;
+    eprintln!(
+        "Created NVS image `{}` ({} bytes, version {}, {} of {} data page(s) used)",
+        p.output.display(),
+        bytes.len(),
+        args.version.number(),
+        pages,
+        p.size.data_pages()
+    );
+    Ok(ExitCode::SUCCESS)
+}

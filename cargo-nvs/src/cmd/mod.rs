@@ -1,0 +1,10 @@
+pub mod dump;
+pub mod generate;
+
+/// `--format text|json`, one spelling for every command that has machine-readable output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    #[default]
+    Text,
+    Json,
+}

@@ -1,0 +1,67 @@
+//! `cargo nvs`: ESP32 NVS partition images in the Cargo workflow.
+
+mod cmd;
+mod fsutil;
+mod size;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Cargo runs `cargo-nvs nvs ARGS…`; the clap root mirrors that, as cargo-espflash does, so that
+/// help and usage say `cargo nvs`.
+#[derive(Parser)]
+#[command(name = "cargo", bin_name = "cargo", styles = clap::builder::Styles::styled())]
+enum CargoCli {
+    #[command(name = "nvs", version, about, long_about = None)]
+    Nvs(NvsCli),
+}
+
+#[derive(clap::Args)]
+struct NvsCli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Generate(cmd::generate::GenerateArgs),
+    Dump(cmd::dump::DumpArgs),
+}
+
+/// An error for the user: printed as `error: …`, exit code 1.
+#[derive(Debug)]
+pub struct CliError(pub String);
+
+impl<E: std::fmt::Display> From<E> for CliError {
+    fn from(e: E) -> Self {
+        CliError(e.to_string())
+    }
+}
+
+pub type CliResult<T = ()> = Result<T, CliError>;
+
+fn main() -> ExitCode {
+    let CargoCli::Nvs(cli) = CargoCli::parse_from(cargo_args(std::env::args_os()));
+    let result = match cli.command {
+        Command::Generate(args) => cmd::generate::run(args),
+        Command::Dump(args) => cmd::dump::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(CliError(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cargo nvs X` arrives as `cargo-nvs nvs X`; accept `cargo-nvs X` run directly too.
+fn cargo_args(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
+    let mut args: Vec<OsString> = args.collect();
+    if args.get(1).is_none_or(|a| a != "nvs") {
+        args.insert(1, "nvs".into());
+    }
+    args
+}

@@ -1,0 +1,44 @@
+//! Sizes and offsets on the command line, spelled as Espressif's tools accept them.
+
+/// Parses a size like Python's `int(text, 0)`: `0x6000`, `0o…`, `0b…`, decimal, `_` separators.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let err = || format!("`{text}` is not a size; write it in hex (0x6000) or decimal (24576)");
+    let t = text.trim();
+    let lower = t.to_ascii_lowercase();
+    let (digits, radix) = if let Some(rest) = lower.strip_prefix("0x") {
+        (rest, 16)
+    } else if let Some(rest) = lower.strip_prefix("0o") {
+        (rest, 8)
+    } else if let Some(rest) = lower.strip_prefix("0b") {
+        (rest, 2)
+    } else {
+        // Python rejects decimal numbers with leading zeros in base 0.
+        if lower.len() > 1 && lower.starts_with('0') && lower.trim_start_matches(['0', '_']) != "" {
+            return Err(err());
+        }
+        (lower.as_str(), 10)
+    };
+    let digits = digits.strip_prefix('_').unwrap_or(digits);
+    if digits.is_empty() || digits.ends_with('_') || digits.contains("__") {
+        return Err(err());
+    }
+    u64::from_str_radix(&digits.replace('_', ""), radix).map_err(|_| err())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn spellings() {
+        assert_eq!(parse_size("0x6000"), Ok(0x6000));
+        assert_eq!(parse_size("0X6000"), Ok(0x6000));
+        assert_eq!(parse_size("24576"), Ok(24576));
+        assert_eq!(parse_size("24_576"), Ok(24576));
+        assert_eq!(parse_size("0x_6000"), Ok(0x6000));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("012288").is_err());
+        assert!(parse_size("6K").is_err());
+        assert!(parse_size("").is_err());
+    }
+}

@@ -1,0 +1,331 @@
+//! Text encodings of values, parsed exactly as Espressif's generator parses them (Python's
+//! `int()`, `binascii.a2b_hex` and the lenient `binascii.a2b_base64`), so that every input the
+//! reference accepts gives the same bytes. Errors are plain messages; callers add the location.
+
+use crate::format::Value;
+
+/// The value encodings of the Espressif CSV format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    U8,
+    I8,
+    U16,
+    I16,
+    U32,
+    I32,
+    U64,
+    I64,
+    String,
+    Hex2bin,
+    Base64,
+    Binary,
+}
+
+impl Encoding {
+    pub const NAMES: &'static str =
+        "u8, i8, u16, i16, u32, i32, u64, i64, string, hex2bin, base64, binary";
+
+    pub fn from_name(name: &str) -> Option<Encoding> {
+        Some(match name {
+            "u8" => Encoding::U8,
+            "i8" => Encoding::I8,
+            "u16" => Encoding::U16,
+            "i16" => Encoding::I16,
+            "u32" => Encoding::U32,
+            "i32" => Encoding::I32,
+            "u64" => Encoding::U64,
+            "i64" => Encoding::I64,
+            "string" => Encoding::String,
+            "hex2bin" => Encoding::Hex2bin,
+            "base64" => Encoding::Base64,
+            "binary" => Encoding::Binary,
+            _ => return None,
+        })
+    }
+
+    pub fn is_integer(self) -> bool {
+        !matches!(
+            self,
+            Encoding::String | Encoding::Hex2bin | Encoding::Base64 | Encoding::Binary
+        )
+    }
+
+    /// Decodes `text` into a value of this encoding.
+    pub fn decode(self, text: &str) -> Result<Value, String> {
+        match self {
+            Encoding::String => Ok(Value::String(text.to_owned())),
+            Encoding::Hex2bin => decode_hex(text.as_bytes()).map(Value::Blob),
+            Encoding::Base64 => decode_base64(text.as_bytes()).map(Value::Blob),
+            Encoding::Binary => Ok(Value::Blob(text.as_bytes().to_vec())),
+            integer => integer_value(integer, parse_python_int(text)?),
+        }
+    }
+}
+
+/// Converts a parsed integer into the typed value, checking the range of the type.
+pub fn integer_value(encoding: Encoding, n: i128) -> Result<Value, String> {
+    fn fit<T: TryFrom<i128>>(n: i128, min: i128, max: i128, name: &str) -> Result<T, String> {
+        T::try_from(n).map_err(|_| format!("{n} is out of range for {name} ({min}..={max})"))
+    }
+    Ok(match encoding {
+        Encoding::U8 => Value::U8(fit(n, 0, u8::MAX.into(), "u8")?),
+        Encoding::I8 => Value::I8(fit(n, i8::MIN.into(), i8::MAX.into(), "i8")?),
+        Encoding::U16 => Value::U16(fit(n, 0, u16::MAX.into(), "u16")?),
+        Encoding::I16 => Value::I16(fit(n, i16::MIN.into(), i16::MAX.into(), "i16")?),
+        Encoding::U32 => Value::U32(fit(n, 0, u32::MAX.into(), "u32")?),
+        Encoding::I32 => Value::I32(fit(n, i32::MIN.into(), i32::MAX.into(), "i32")?),
+        Encoding::U64 => Value::U64(fit(n, 0, u64::MAX.into(), "u64")?),
+        Encoding::I64 => Value::I64(fit(n, i64::MIN.into(), i64::MAX.into(), "i64")?),
+        other => unreachable!("{other:?} is not an integer encoding"),
+    })
+}
+
+/// Python's `str.strip()` / `int()` whitespace: Unicode White_Space plus the ASCII separators
+/// 0x1C..=0x1F.
+fn is_python_space(c: char) -> bool {
+    c.is_whitespace() || ('\x1c'..='\x1f').contains(&c)
+}
+
+/// Parses an integer the way Python's `int(text)` does in base 10: surrounding whitespace, an
+/// optional sign and `_` between digits are accepted; `0x10`, `1.0` and the empty string are not.
+pub fn parse_python_int(text: &str) -> Result<i128, String> {
+    let invalid = || {
+        format!(
+            "`{}` is not a base-10 integer (write decimal digits, e.g. 42 or -7)",
+            text.escape_debug()
+        )
+    };
+    let trimmed = text.trim_matches(is_python_space);
+    let (negative, digits) = match trimmed.as_bytes().first() {
+        Some(b'-') => (true, &trimmed[1..]),
+        Some(b'+') => (false, &trimmed[1..]),
+        _ => (false, trimmed),
+    };
+    if digits.is_empty()
+        || digits.starts_with('_')
+        || digits.ends_with('_')
+        || digits.contains("__")
+    {
+        return Err(invalid());
+    }
+    let mut n: i128 = 0;
+    for c in digits.chars().filter(|&c| c != '_') {
+        let d = c.to_digit(10).ok_or_else(invalid)?;
+        // Saturate far beyond every NVS type; the range check reports it.
+        n = n.saturating_mul(10).saturating_add(i128::from(d));
+    }
+    Ok(if negative { -n } else { n })
+}
+
+/// `hex2bin`: outer whitespace stripped, then pairs of hex digits (either case, no `0x`).
+pub fn decode_hex(text: &[u8]) -> Result<Vec<u8>, String> {
+    let text = match std::str::from_utf8(text) {
+        Ok(s) => s.trim_matches(is_python_space).as_bytes(),
+        Err(_) => text.trim_ascii(),
+    };
+    if text.len() % 2 != 0 {
+        return Err(format!(
+            "hex data has an odd number of digits ({}); hex2bin needs two digits per byte",
+            text.len()
+        ));
+    }
+    let digit = |c: u8| -> Result<u8, String> {
+        (c as char)
+            .to_digit(16)
+            .map(|d| d as u8)
+            .filter(|_| c.is_ascii())
+            .ok_or_else(|| {
+                format!(
+                    "`{}` is not a hex digit (hex2bin takes 0-9, a-f, A-F)",
+                    (c as char).escape_debug()
+                )
+            })
+    };
+    text.chunks_exact(2)
+        .map(|pair| Ok(digit(pair[0])? << 4 | digit(pair[1])?))
+        .collect()
+}
+
+/// `base64`, as lenient as Python 3.11's `binascii.a2b_base64`: characters outside the
+/// alphabet are skipped, and decoding stops at the first complete padding.
+pub fn decode_base64(text: &[u8]) -> Result<Vec<u8>, String> {
+    fn sextet(c: u8) -> Option<u8> {
+        match c {
+            b'A'..=b'Z' => Some(c - b'A'),
+            b'a'..=b'z' => Some(c - b'a' + 26),
+            b'0'..=b'9' => Some(c - b'0' + 52),
+            b'+' => Some(62),
+            b'/' => Some(63),
+            _ => None,
+        }
+    }
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let mut quad_pos = 0;
+    let mut left: u32 = 0;
+    let mut pads = 0;
+    for &c in text {
+        if c == b'=' {
+            if quad_pos >= 2 {
+                pads += 1;
+                if quad_pos + pads >= 4 {
+                    return Ok(out);
+                }
+            }
+            continue;
+        }
+        let Some(v) = sextet(c) else { continue };
+        pads = 0;
+        let v = u32::from(v);
+        match quad_pos {
+            0 => {
+                left = v;
+                quad_pos = 1;
+            }
+            1 => {
+                out.push(((left << 2) | (v >> 4)) as u8);
+                left = v & 0x0F;
+                quad_pos = 2;
+            }
+            2 => {
+                out.push(((left << 4) | (v >> 2)) as u8);
+                left = v & 0x03;
+                quad_pos = 3;
+            }
+            _ => {
+                out.push(((left << 6) | v) as u8);
+                quad_pos = 0;
+            }
+        }
+    }
+    match quad_pos {
+        0 => Ok(out),
+        1 => Err(
+            "base64 data has one character too many (its length is 1 more than a multiple of 4)"
+                .into(),
+        ),
+        _ => Err("base64 data has incorrect padding (end it with `=` or `==`)".into()),
+    }
+}
+
+/// The reference's undocumented `blob_fill(N;0xPP)` / `blob_sz_fill(N;0xPP)` encodings (quirk
+/// Q4): the value padded with byte PP to N bytes, the latter with a u32 length in front.
+/// Returns `None` when `encoding` is not one of them.
+pub fn decode_fill(encoding: &str, value: &[u8]) -> Option<Result<Vec<u8>, String>> {
+    let (sized, rest) = if let Some(rest) = encoding.strip_prefix("blob_sz_fill") {
+        (true, rest)
+    } else if let Some(rest) = encoding.strip_prefix("blob_fill") {
+        (false, rest)
+    } else {
+        return None;
+    };
+    Some(parse_fill_args(rest).and_then(|(len, pad)| {
+        if value.len() > len {
+            return Err(format!(
+                "value is {} bytes long, more than the {len} bytes of `{encoding}`",
+                value.len()
+            ));
+        }
+        let mut data = Vec::with_capacity(len + 4);
+        if sized {
+            data.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        }
+        data.extend_from_slice(value);
+        data.resize(data.len() + len - value.len(), pad);
+        Ok(data)
+    }))
+}
+
+/// Parses `(N;0xPP)` at the start of `rest` (trailing text is ignored, as in the reference).
+fn parse_fill_args(rest: &str) -> Result<(usize, u8), String> {
+    let bad = || {
+        format!(
+            "invalid fill encoding `...{rest}`: write blob_fill(N;0xPP) or blob_sz_fill(N;0xPP), e.g. blob_fill(16;0xff)"
+        )
+    };
+    let inner = rest.strip_prefix('(').ok_or_else(bad)?;
+    let digits_end = inner
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(inner.len());
+    if digits_end == 0 {
+        return Err(bad());
+    }
+    let len: usize = inner[..digits_end].parse().map_err(|_| bad())?;
+    let tail = &inner[digits_end..];
+    let hex = tail.strip_prefix(";0x").ok_or_else(bad)?;
+    if hex.len() < 3
+        || !hex.as_bytes()[..2].iter().all(u8::is_ascii_hexdigit)
+        || hex.as_bytes()[2] != b')'
+    {
+        return Err(bad());
+    }
+    let pad = u8::from_str_radix(&hex[..2], 16).map_err(|_| bad())?;
+    // Stay well within what a partition can hold before allocating.
+    if len > 16 * 1024 * 1024 {
+        return Err(format!(
+            "fill length {len} is larger than any NVS partition"
+        ));
+    }
+    Ok((len, pad))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_int() {
+        assert_eq!(parse_python_int(" +42 "), Ok(42));
+        assert_eq!(parse_python_int("-1_000"), Ok(-1000));
+        assert_eq!(parse_python_int("007"), Ok(7));
+        assert_eq!(parse_python_int("\t-0\n"), Ok(0));
+        for bad in [
+            "", " ", "0x10", "1.0", "_1", "1_", "1__0", "+-1", "- 1", "1 2",
+        ] {
+            assert!(parse_python_int(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(Encoding::U8.decode("255"), Ok(Value::U8(255)));
+        assert!(Encoding::U8.decode("256").is_err());
+        assert_eq!(
+            Encoding::I64.decode("-9223372036854775808"),
+            Ok(Value::I64(i64::MIN))
+        );
+        assert!(Encoding::U64.decode("-1").is_err());
+    }
+
+    #[test]
+    fn hex() {
+        assert_eq!(decode_hex(b" 00fF10\n"), Ok(vec![0, 0xff, 0x10]));
+        assert!(decode_hex(b"abc").is_err());
+        assert!(decode_hex(b"zz").is_err());
+        assert_eq!(decode_hex(b""), Ok(vec![]));
+    }
+
+    #[test]
+    fn base64_leniency() {
+        assert_eq!(decode_base64(b"aGVsbG8="), Ok(b"hello".to_vec()));
+        assert_eq!(decode_base64(b"aGVs\nbG8="), Ok(b"hello".to_vec()));
+        assert_eq!(decode_base64(b"@@@"), Ok(vec![]));
+        assert_eq!(decode_base64(b"aGk=trailing"), Ok(b"hi".to_vec()));
+        assert!(decode_base64(b"aGVsbG8").is_err());
+        assert!(decode_base64(b"a").is_err());
+    }
+
+    #[test]
+    fn fill() {
+        assert_eq!(
+            decode_fill("blob_fill(4;0xaa)", b"x"),
+            Some(Ok(vec![b'x', 0xaa, 0xaa, 0xaa]))
+        );
+        assert_eq!(
+            decode_fill("blob_sz_fill(2;0x00)xyz", b"x"),
+            Some(Ok(vec![1, 0, 0, 0, b'x', 0]))
+        );
+        assert!(decode_fill("blob_fill(1;0xaa)", b"xy").unwrap().is_err());
+        assert!(decode_fill("blob_fill(1;aa)", b"").unwrap().is_err());
+        assert_eq!(decode_fill("hex2bin", b""), None);
+    }
+}

@@ -1,0 +1,28 @@
+/// The CRC-32 variant used everywhere in NVS: reflected polynomial 0xEDB88320 with the
+/// register seeded so that it matches `zlib.crc32(data, 0xFFFFFFFF)` in Python and
+/// `esp_rom_crc32_le(0xFFFFFFFF, …)` on the device. It is *not* plain CRC-32.
+pub fn nvs_crc32(data: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new_with_initial(0xFFFF_FFFF);
+    hasher.update(data);
+    hasher.finalize()
+}
+
+/// CRC of an entry: bytes 0..4 and 8..32, skipping the CRC field itself.
+pub(crate) fn entry_crc(entry: &[u8; 32]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new_with_initial(0xFFFF_FFFF);
+    hasher.update(&entry[0..4]);
+    hasher.update(&entry[8..32]);
+    hasher.finalize()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variant_check_value() {
+        assert_eq!(nvs_crc32(b"123456789"), 0xD202_D277);
+        assert_eq!(nvs_crc32(b""), 0xFFFF_FFFF);
+        assert_eq!(nvs_crc32(&[0u8; 24]), 0xFFFF_FFFF);
+    }
+}

@@ -1,0 +1,218 @@
+//! Geometry and codes of the on-flash format (spec §2–§6).
+
+pub const PAGE_SIZE: usize = 4096;
+pub const ENTRY_SIZE: usize = 32;
+pub const ENTRIES_PER_PAGE: usize = 126;
+pub const FIRST_ENTRY_OFFSET: usize = 64;
+pub(crate) const BITMAP_OFFSET: usize = 32;
+pub const MAX_KEY_LEN: usize = 15;
+/// Namespace indexes 1..=254; 0 is the namespace table and 255 means "any" on the device.
+pub const MAX_NAMESPACES: usize = 254;
+/// Longest string (bytes including the NUL) the reference lays out under version 2: span 125
+/// is the most its `e + span >= 126` fit rule allows, even on an empty page.
+pub const MAX_STRING_SIZE_V2: usize = 3968;
+/// Longest string (including NUL) under version 1, the reference's declared limit.
+pub const MAX_STRING_SIZE_V1: usize = 1984;
+/// Longest legacy (version 1) blob.
+pub const MAX_BLOB_SIZE_V1: usize = 1984;
+/// The device erases a blob index whose size exceeds 127 chunks of 125 entries.
+pub(crate) const MAX_BLOB_SIZE_V2: usize = 127 * 125 * 32;
+/// Chunk indexes of the first family must stay below 0x80, where the second family starts.
+pub(crate) const MAX_BLOB_CHUNKS: usize = 0x7F;
+pub(crate) const CHUNK_ANY: u8 = 0xFF;
+
+/// NVS format version, as the page header's version byte counts down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Version {
+    /// Legacy: blobs are single-page `BLOB` items of at most 1984 bytes.
+    V1,
+    /// Multi-page blobs (`BLOB_DATA` chunks plus a `BLOB_IDX`). The reference's default.
+    V2,
+}
+
+impl Version {
+    pub fn header_byte(self) -> u8 {
+        match self {
+            Version::V1 => 0xFF,
+            Version::V2 => 0xFE,
+        }
+    }
+
+    pub fn from_header_byte(byte: u8) -> Option<Version> {
+        match byte {
+            0xFF => Some(Version::V1),
+            0xFE => Some(Version::V2),
+            _ => None,
+        }
+    }
+
+    pub fn number(self) -> u8 {
+        match self {
+            Version::V1 => 1,
+            Version::V2 => 2,
+        }
+    }
+}
+
+/// Page state word at offset 0 of the header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageState {
+    Uninitialized,
+    Active,
+    Full,
+    Freeing,
+    Corrupt,
+    Invalid(u32),
+}
+
+impl PageState {
+    pub const ACTIVE: u32 = 0xFFFF_FFFE;
+    pub const FULL: u32 = 0xFFFF_FFFC;
+    pub const FREEING: u32 = 0xFFFF_FFF8;
+    pub const CORRUPT: u32 = 0xFFFF_FFF0;
+
+    pub fn from_word(word: u32) -> PageState {
+        match word {
+            0xFFFF_FFFF => PageState::Uninitialized,
+            Self::ACTIVE => PageState::Active,
+            Self::FULL => PageState::Full,
+            Self::FREEING => PageState::Freeing,
+            Self::CORRUPT => PageState::Corrupt,
+            other => PageState::Invalid(other),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PageState::Uninitialized => "uninitialized",
+            PageState::Active => "active",
+            PageState::Full => "full",
+            PageState::Freeing => "freeing",
+            PageState::Corrupt => "corrupt",
+            PageState::Invalid(_) => "invalid",
+        }
+    }
+}
+
+/// Two-bit state of an entry slot in the page bitmap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryState {
+    Empty,
+    Written,
+    Erased,
+    Illegal,
+}
+
+impl EntryState {
+    pub fn name(self) -> &'static str {
+        match self {
+            EntryState::Empty => "empty",
+            EntryState::Written => "written",
+            EntryState::Erased => "erased",
+            EntryState::Illegal => "illegal",
+        }
+    }
+}
+
+/// Reads the state of entry `index` from a page's 32-byte bitmap (two bits per entry, LSB first).
+pub(crate) fn bitmap_state(bitmap: &[u8], index: usize) -> EntryState {
+    let bits = (bitmap[index / 4] >> (2 * (index % 4))) & 0b11;
+    match bits {
+        0b11 => EntryState::Empty,
+        0b10 => EntryState::Written,
+        0b00 => EntryState::Erased,
+        _ => EntryState::Illegal,
+    }
+}
+
+/// Item type codes (spec §6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ItemType {
+    U8,
+    I8,
+    U16,
+    I16,
+    U32,
+    I32,
+    U64,
+    I64,
+    /// NUL-terminated string (`SZ`).
+    Str,
+    /// Legacy single-page blob of format version 1.
+    Blob,
+    /// One chunk of a version 2 blob.
+    BlobData,
+    /// The index entry that closes a version 2 blob.
+    BlobIndex,
+}
+
+impl ItemType {
+    pub fn code(self) -> u8 {
+        match self {
+            ItemType::U8 => 0x01,
+            ItemType::I8 => 0x11,
+            ItemType::U16 => 0x02,
+            ItemType::I16 => 0x12,
+            ItemType::U32 => 0x04,
+            ItemType::I32 => 0x14,
+            ItemType::U64 => 0x08,
+            ItemType::I64 => 0x18,
+            ItemType::Str => 0x21,
+            ItemType::Blob => 0x41,
+            ItemType::BlobData => 0x42,
+            ItemType::BlobIndex => 0x48,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<ItemType> {
+        Some(match code {
+            0x01 => ItemType::U8,
+            0x11 => ItemType::I8,
+            0x02 => ItemType::U16,
+            0x12 => ItemType::I16,
+            0x04 => ItemType::U32,
+            0x14 => ItemType::I32,
+            0x08 => ItemType::U64,
+            0x18 => ItemType::I64,
+            0x21 => ItemType::Str,
+            0x41 => ItemType::Blob,
+            0x42 => ItemType::BlobData,
+            0x48 => ItemType::BlobIndex,
+            _ => return None,
+        })
+    }
+
+    /// Width in bytes of a primitive type, `None` for variable-length types.
+    pub fn primitive_width(self) -> Option<usize> {
+        match self {
+            ItemType::U8 | ItemType::I8 => Some(1),
+            ItemType::U16 | ItemType::I16 => Some(2),
+            ItemType::U32 | ItemType::I32 => Some(4),
+            ItemType::U64 | ItemType::I64 => Some(8),
+            _ => None,
+        }
+    }
+
+    /// The name used in CSV encodings, dumps and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            ItemType::U8 => "u8",
+            ItemType::I8 => "i8",
+            ItemType::U16 => "u16",
+            ItemType::I16 => "i16",
+            ItemType::U32 => "u32",
+            ItemType::I32 => "i32",
+            ItemType::U64 => "u64",
+            ItemType::I64 => "i64",
+            ItemType::Str => "string",
+            ItemType::Blob => "blob",
+            ItemType::BlobData => "blob_data",
+            ItemType::BlobIndex => "blob_index",
+        }
+    }
+}
+
+/// Number of 32-byte entries that `len` data bytes occupy.
+pub(crate) fn data_entries(len: usize) -> usize {
+    len.div_ceil(ENTRY_SIZE)
+}

@@ -1,0 +1,184 @@
+//! The reference's automatic Wi-Fi entries (quirk Q2).
+//!
+//! Espressif's generator writes extra entries when it sees the key names the ESP-IDF Wi-Fi driver
+//! uses: before an `ap.ssid`/`ap.passwd`/`ap.authmode` row, once all three are known, a blob
+//! `ap.pmk_info` (100 zero bytes + the WPA PMK); after the first `sta.ssid`/`sta.pswd` row, blobs
+//! `sta.apinfo`, `sta.pmk` and `sta.apsw`. Images must carry the same entries.
+//!
+//! The PMK is PBKDF2-HMAC-SHA1. SHA-1 is written out here rather than pulled in as three crates
+//! (sha1, hmac, pbkdf2 and their support crates), to keep nvs-build's build-dependency tree small;
+//! it reproduces a public derivation and guards no secret.
+
+#[derive(Default, Clone, Debug)]
+pub(crate) struct WifiState {
+    ap_ssid: Option<String>,
+    ap_passwd: Option<String>,
+    ap_authmode: Option<String>,
+    sta_extras_written: bool,
+}
+
+/// What the builder writes around one item.
+pub(crate) struct WifiExtras {
+    pub before: Vec<(&'static str, Vec<u8>)>,
+    pub after: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl WifiState {
+    /// Updates the state for an item with `key` whose source text is `text`, and returns the
+    /// blobs to write before and after it.
+    pub(crate) fn extras_for(&mut self, key: &str, text: &str) -> WifiExtras {
+        let mut extras = WifiExtras {
+            before: Vec::new(),
+            after: Vec::new(),
+        };
+        match key {
+            "ap.ssid" => self.ap_ssid = Some(text.to_owned()),
+            "ap.passwd" => self.ap_passwd = Some(text.to_owned()),
+            "ap.authmode" if text != "0" => self.ap_authmode = Some(text.to_owned()),
+            "sta.ssid" | "sta.pswd" if !self.sta_extras_written => {
+                self.sta_extras_written = true;
+                extras.after.push(("sta.apinfo", vec![0xFF; 140]));
+                extras.after.push(("sta.pmk", vec![0x00; 32]));
+                extras.after.push(("sta.apsw", vec![0x00; 2]));
+                return extras;
+            }
+            _ => {}
+        }
+        let is_ap_key = matches!(key, "ap.ssid" | "ap.passwd" | "ap.authmode");
+        let known = |v: &Option<String>| v.as_deref().filter(|s| !s.is_empty()).map(str::to_owned);
+        if let (true, Some(ssid), Some(pass), Some(_)) = (
+            is_ap_key,
+            known(&self.ap_ssid),
+            known(&self.ap_passwd),
+            known(&self.ap_authmode),
+        ) {
+            let mut pmk_info = vec![0u8; 100];
+            pmk_info.extend_from_slice(&pbkdf2_hmac_sha1(pass.as_bytes(), ssid.as_bytes(), 4096));
+            extras.before.push(("ap.pmk_info", pmk_info));
+        }
+        extras
+    }
+}
+
+/// The 32-byte WPA PMK: PBKDF2-HMAC-SHA1(password, salt = SSID, iterations).
+fn pbkdf2_hmac_sha1(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (block_index, chunk) in out.chunks_mut(20).enumerate() {
+        let mut message = salt.to_vec();
+        message.extend_from_slice(&(block_index as u32 + 1).to_be_bytes());
+        let mut u = hmac_sha1(password, &message);
+        let mut t = u;
+        for _ in 1..iterations {
+            u = hmac_sha1(password, &u);
+            for (t, u) in t.iter_mut().zip(u.iter()) {
+                *t ^= u;
+            }
+        }
+        chunk.copy_from_slice(&t[..chunk.len()]);
+    }
+    out
+}
+
+fn hmac_sha1(key: &[u8], message: &[u8]) -> [u8; 20] {
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..20].copy_from_slice(&sha1(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = Vec::with_capacity(64 + message.len());
+    inner.extend(block.iter().map(|b| b ^ 0x36));
+    inner.extend_from_slice(message);
+    let inner_hash = sha1(&inner);
+    let mut outer = Vec::with_capacity(84);
+    outer.extend(block.iter().map(|b| b ^ 0x5c));
+    outer.extend_from_slice(&inner_hash);
+    sha1(&outer)
+}
+
+/// SHA-1 (FIPS 180-4).
+fn sha1(data: &[u8]) -> [u8; 20] {
+    let mut h: [u32; 5] = [
+        0x6745_2301,
+        0xEFCD_AB89,
+        0x98BA_DCFE,
+        0x1032_5476,
+        0xC3D2_E1F0,
+    ];
+    let mut message = data.to_vec();
+    let bit_len = (data.len() as u64).wrapping_mul(8);
+    message.push(0x80);
+    while message.len() % 64 != 56 {
+        message.push(0);
+    }
+    message.extend_from_slice(&bit_len.to_be_bytes());
+    for block in message.chunks_exact(64) {
+        let mut w = [0u32; 80];
+        for (i, word) in block.chunks_exact(4).enumerate() {
+            w[i] = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
+        }
+        for i in 16..80 {
+            w[i] = (w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16]).rotate_left(1);
+        }
+        let [mut a, mut b, mut c, mut d, mut e] = h;
+        for (i, wi) in w.iter().enumerate() {
+            let (f, k) = match i {
+                0..=19 => ((b & c) | (!b & d), 0x5A82_7999),
+                20..=39 => (b ^ c ^ d, 0x6ED9_EBA1),
+                40..=59 => ((b & c) | (b & d) | (c & d), 0x8F1B_BCDC),
+                _ => (b ^ c ^ d, 0xCA62_C1D6),
+            };
+            let temp = a
+                .rotate_left(5)
+                .wrapping_add(f)
+                .wrapping_add(e)
+                .wrapping_add(k)
+                .wrapping_add(*wi);
+            e = d;
+            d = c;
+            c = b.rotate_left(30);
+            b = a;
+            a = temp;
+        }
+        for (h, v) in h.iter_mut().zip([a, b, c, d, e]) {
+            *h = h.wrapping_add(v);
+        }
+    }
+    let mut out = [0u8; 20];
+    for (chunk, word) in out.chunks_mut(4).zip(h) {
+        chunk.copy_from_slice(&word.to_be_bytes());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn sha1_known_answers() {
+        assert_eq!(
+            hex(&sha1(b"abc")),
+            "a9993e364706816aba3e25717850c26c9cd0d89d"
+        );
+        assert_eq!(hex(&sha1(b"")), "da39a3ee5e6b4b0d3255bfef95601890afd80709");
+        let long = b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+        assert_eq!(hex(&sha1(long)), "84983e441c3bd26ebaae4aa1f95129e5e54670f1");
+    }
+
+    #[test]
+    fn pbkdf2_rfc6070() {
+        // RFC 6070 test vector 2 (first 20 bytes) and the IEEE 802.11i PSK test vector.
+        let dk = pbkdf2_hmac_sha1(b"password", b"salt", 2);
+        assert_eq!(hex(&dk[..20]), "ea6c014dc72d6f8ccd1ed92ace1d41f0d8de8957");
+        let psk = pbkdf2_hmac_sha1(b"password", b"IEEE", 4096);
+        assert_eq!(
+            hex(&psk),
+            "f42c6fc52df0ebef9ebb4b90b38a5f902e83fe1b135a70e23aed762e9710a12e"
+        );
+    }
+}

@@ -1,0 +1,97 @@
+//! One image being assembled from located inputs (CSV rows, metadata keys): wraps the format
+//! core's [`ImageBuilder`] and turns its refusals into errors that point at the input.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{InputError, Location};
+use crate::format::{FormatError, ImageBuilder, PartitionSize, Value, Version};
+
+/// An image being assembled for a partition of a given size.
+#[derive(Debug)]
+pub struct ImageInput {
+    builder: ImageBuilder,
+    size: PartitionSize,
+    /// The first item that did not fit into the partition.
+    overflow: Option<(Option<Location>, String)>,
+    files_read: Vec<PathBuf>,
+}
+
+impl ImageInput {
+    pub fn new(size: PartitionSize, version: Version) -> ImageInput {
+        ImageInput {
+            builder: ImageBuilder::new(version),
+            size,
+            overflow: None,
+            files_read: Vec::new(),
+        }
+    }
+
+    pub fn size(&self) -> PartitionSize {
+        self.size
+    }
+
+    pub fn version(&self) -> Version {
+        self.builder.version()
+    }
+
+    /// Pages used so far.
+    pub fn pages_used(&self) -> usize {
+        self.builder.pages_used()
+    }
+
+    /// Every file whose contents went into the image (CSV files and `file` values), in order.
+    pub fn files_read(&self) -> &[PathBuf] {
+        &self.files_read
+    }
+
+    pub(crate) fn note_file_read(&mut self, path: &Path) {
+        if !self.files_read.iter().any(|p| p == path) {
+            self.files_read.push(path.to_owned());
+        }
+    }
+
+    /// Opens (or continues) a namespace.
+    pub fn namespace(&mut self, at: Option<Location>, name: &str) -> Result<(), InputError> {
+        self.builder
+            .namespace(name)
+            .map_err(|e| InputError::from_format(at.clone(), Some(name), e))?;
+        self.track_overflow(at, name);
+        Ok(())
+    }
+
+    /// Adds an item to the current namespace; `source_text` is how the input spelled the value.
+    pub fn add(
+        &mut self,
+        at: Option<Location>,
+        key: &str,
+        value: Value,
+        source_text: &str,
+    ) -> Result<(), InputError> {
+        self.builder
+            .add_with_source_text(key, value, source_text)
+            .map_err(|e| InputError::from_format(at.clone(), Some(key), e))?;
+        self.track_overflow(at, key);
+        Ok(())
+    }
+
+    fn track_overflow(&mut self, at: Option<Location>, key: &str) {
+        if self.overflow.is_none() && self.builder.pages_used() > self.size.data_pages() {
+            self.overflow = Some((at, key.to_owned()));
+        }
+    }
+
+    /// The finished image bytes.
+    pub fn finish(self) -> Result<Vec<u8>, InputError> {
+        let overflow = self.overflow;
+        self.builder
+            .finish(self.size)
+            .map_err(|e| match (e, overflow) {
+                (e @ FormatError::PartitionTooSmall { .. }, Some((at, key))) => {
+                    let mut err = InputError::from_format(at, Some(&key), e);
+                    err.message = format!("{} (the data overflows at key `{key}`)", err.message);
+                    err
+                }
+                (e, _) => InputError::from_format(None, None, e),
+            })
+    }
+}
