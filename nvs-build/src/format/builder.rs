@@ -162,6 +162,21 @@ impl ImageBuilder {
         value: Value,
         source_text: &str,
     ) -> Result<(), FormatError> {
+        self.add_item(key, value, Some(source_text))
+    }
+
+    /// Adds an item exactly as given, without the reference's automatic Wi-Fi entries (for
+    /// re-creating an image from what a reader found in it).
+    pub fn add_verbatim(&mut self, key: &str, value: Value) -> Result<(), FormatError> {
+        self.add_item(key, value, None)
+    }
+
+    fn add_item(
+        &mut self,
+        key: &str,
+        value: Value,
+        wifi_text: Option<&str>,
+    ) -> Result<(), FormatError> {
         check_key(key)?;
         let ns = self.namespaces.len() as u8;
         if ns == 0 {
@@ -170,21 +185,20 @@ impl ImageBuilder {
             });
         }
         let mut wifi = self.wifi.clone();
-        let extras = wifi.extras_for(key, source_text);
         let mut items: Vec<Pending> = Vec::with_capacity(1);
-        items.extend(
-            extras
-                .before
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), Value::Blob(v))),
-        );
-        items.push((key.to_owned(), value));
-        items.extend(
-            extras
-                .after
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), Value::Blob(v))),
-        );
+        match wifi_text.map(|text| wifi.extras_for(key, text)) {
+            Some(extras) => {
+                let blobs = |list: Vec<(&str, Vec<u8>)>| {
+                    list.into_iter()
+                        .map(|(k, v)| (k.to_owned(), Value::Blob(v)))
+                        .collect::<Vec<_>>()
+                };
+                items.extend(blobs(extras.before));
+                items.push((key.to_owned(), value));
+                items.extend(blobs(extras.after));
+            }
+            None => items.push((key.to_owned(), value)),
+        }
 
         // Check everything before writing anything, so an error leaves the image unchanged.
         let mut new_keys = HashSet::new();

@@ -11,6 +11,7 @@
 
 mod builder;
 mod crc;
+mod diff;
 mod error;
 mod layout;
 mod reader;
@@ -19,6 +20,7 @@ mod wifi;
 
 pub use builder::{ImageBuilder, PartitionSize};
 pub use crc::nvs_crc32;
+pub use diff::describe_differences;
 pub use error::FormatError;
 pub use layout::{
     ENTRIES_PER_PAGE, ENTRY_SIZE, EntryState, FIRST_ENTRY_OFFSET, ItemType, MAX_BLOB_SIZE_V1,
