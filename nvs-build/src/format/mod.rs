@@ -11,6 +11,8 @@
 
 mod builder;
 mod crc;
+#[cfg(feature = "encryption")]
+pub mod encryption;
 mod diff;
 mod error;
 mod layout;

@@ -1,0 +1,211 @@
+//! NVS encryption (spec §13): every written entry is its own XTS-AES-256 data unit, with the
+//! entry's byte offset in the partition as the tweak. Page headers, bitmaps and unwritten
+//! entries stay plaintext; CRCs are computed over the plaintext.
+
+use std::fmt;
+
+use aes::Aes256;
+use aes::cipher::KeyInit;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use xts_mode::Xts128;
+
+use super::crc::nvs_crc32;
+use super::layout::{
+    BITMAP_OFFSET, ENTRIES_PER_PAGE, ENTRY_SIZE, EntryState, FIRST_ENTRY_OFFSET, PAGE_SIZE,
+    bitmap_state,
+};
+
+/// Size of the `nvs_keys` partition image / key file.
+pub const KEYS_IMAGE_SIZE: usize = 4096;
+
+/// The 64-byte XTS key of an NVS partition: data key (eky) then tweak key (tky).
+///
+/// `Debug` never shows the key material.
+#[derive(Clone, PartialEq, Eq)]
+pub struct XtsKey([u8; 64]);
+
+impl fmt::Debug for XtsKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("XtsKey(..)")
+    }
+}
+
+/// Why key material was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// A key file shorter than the 64 key bytes.
+    TooShort { len: usize },
+    /// Both halves equal: XTS forbids it (the reference's crypto library refuses it too).
+    EqualHalves,
+    /// An empty HMAC key.
+    EmptyHmacKey,
+    /// The operating system's random number generator failed.
+    Random(String),
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyError::TooShort { len } => write!(
+                f,
+                "the key file has {len} bytes; an NVS key file holds at least the 64 key bytes (it is normally a 4096-byte nvs_keys image)"
+            ),
+            KeyError::EqualHalves => f.write_str(
+                "the data key and the tweak key are equal, which XTS forbids; generate a new key",
+            ),
+            KeyError::EmptyHmacKey => f.write_str("the HMAC key file is empty; it must hold the 32-byte HMAC key"),
+            KeyError::Random(e) => write!(f, "the system random number generator failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+/// A key read from a key file, and whether the file's CRC matched.
+#[derive(Debug)]
+pub struct KeyFile {
+    pub key: XtsKey,
+    /// False when the file's CRC at offset 64 does not match: the reference does not check it,
+    /// but the device refuses such an nvs_keys partition.
+    pub crc_ok: bool,
+}
+
+impl XtsKey {
+    /// A key from 64 bytes: the data key first, then the tweak key.
+    pub fn from_bytes(bytes: [u8; 64]) -> Result<XtsKey, KeyError> {
+        if bytes[..32] == bytes[32..] {
+            return Err(KeyError::EqualHalves);
+        }
+        Ok(XtsKey(bytes))
+    }
+
+    /// A fresh random key from the operating system's RNG.
+    pub fn generate() -> Result<XtsKey, KeyError> {
+        loop {
+            let mut bytes = [0u8; 64];
+            getrandom::fill(&mut bytes).map_err(|e| KeyError::Random(e.to_string()))?;
+            if let Ok(key) = XtsKey::from_bytes(bytes) {
+                return Ok(key);
+            }
+        }
+    }
+
+    /// The keys of the HMAC-based scheme: eky = HMAC-SHA256(hmac_key, 5A5ABEAE × 8),
+    /// tky = HMAC-SHA256(hmac_key, A5A5DECE × 8), as the device derives them with its eFuse key.
+    pub fn derive_from_hmac(hmac_key: &[u8]) -> Result<XtsKey, KeyError> {
+        if hmac_key.is_empty() {
+            return Err(KeyError::EmptyHmacKey);
+        }
+        let derive = |seed: [u8; 4]| -> [u8; 32] {
+            let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(hmac_key).expect("HMAC takes keys of any length");
+            for _ in 0..8 {
+                mac.update(&seed);
+            }
+            mac.finalize().into_bytes().into()
+        };
+        let mut bytes = [0u8; 64];
+        bytes[..32].copy_from_slice(&derive([0x5A, 0x5A, 0xBE, 0xAE]));
+        bytes[32..].copy_from_slice(&derive([0xA5, 0xA5, 0xDE, 0xCE]));
+        XtsKey::from_bytes(bytes)
+    }
+
+    /// Reads a key file: its first 64 bytes are the key, as in the reference.
+    pub fn from_key_file(bytes: &[u8]) -> Result<KeyFile, KeyError> {
+        if bytes.len() < 64 {
+            return Err(KeyError::TooShort { len: bytes.len() });
+        }
+        let mut key = [0u8; 64];
+        key.copy_from_slice(&bytes[..64]);
+        let crc_ok = bytes.len() >= 68
+            && u32::from_le_bytes([bytes[64], bytes[65], bytes[66], bytes[67]]) == nvs_crc32(&key);
+        Ok(KeyFile {
+            key: XtsKey::from_bytes(key)?,
+            crc_ok,
+        })
+    }
+
+    /// The 4096-byte `nvs_keys` image: key, CRC32 of the key, 0xFF.
+    pub fn to_key_file(&self) -> Vec<u8> {
+        let mut image = vec![0xFF; KEYS_IMAGE_SIZE];
+        image[..64].copy_from_slice(&self.0);
+        image[64..68].copy_from_slice(&nvs_crc32(&self.0).to_le_bytes());
+        image
+    }
+
+    fn cipher(&self) -> Xts128<Aes256> {
+        let data = Aes256::new_from_slice(&self.0[..32]).expect("32-byte AES-256 key");
+        let tweak = Aes256::new_from_slice(&self.0[32..]).expect("32-byte AES-256 key");
+        Xts128::new(data, tweak)
+    }
+}
+
+/// Encrypts every written entry of a plaintext image in place.
+pub fn encrypt_image(image: &mut [u8], key: &XtsKey) {
+    let cipher = key.cipher();
+    for_each_entry(image, |offset, entry| {
+        cipher.encrypt_sector(entry, (offset as u128).to_le_bytes())
+    });
+}
+
+/// Decrypts every non-empty entry of an encrypted image in place, each by its true offset, so
+/// images read back from a device (entries not contiguous) decrypt correctly too.
+pub fn decrypt_image(image: &mut [u8], key: &XtsKey) {
+    let cipher = key.cipher();
+    for_each_entry(image, |offset, entry| {
+        cipher.decrypt_sector(entry, (offset as u128).to_le_bytes())
+    });
+}
+
+/// Calls `f` with the partition offset and bytes of every entry whose bitmap state is not
+/// EMPTY, on every page that has a header.
+fn for_each_entry(image: &mut [u8], mut f: impl FnMut(usize, &mut [u8])) {
+    for (page_index, page) in image.chunks_exact_mut(PAGE_SIZE).enumerate() {
+        if page[..4] == [0xFF; 4] {
+            continue;
+        }
+        let (head, entries) = page.split_at_mut(FIRST_ENTRY_OFFSET);
+        let bitmap = &head[BITMAP_OFFSET..BITMAP_OFFSET + 32];
+        for (i, entry) in entries.chunks_exact_mut(ENTRY_SIZE).take(ENTRIES_PER_PAGE).enumerate() {
+            if bitmap_state(bitmap, i) != EntryState::Empty {
+                f(page_index * PAGE_SIZE + FIRST_ENTRY_OFFSET + i * ENTRY_SIZE, entry);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn fixed_key_file_crc() {
+        let mut bytes = [0x11u8; 64];
+        bytes[32..].fill(0x22);
+        let file = XtsKey::from_bytes(bytes).unwrap().to_key_file();
+        assert_eq!(u32::from_le_bytes(file[64..68].try_into().unwrap()), 0x3CCF_EF2C);
+        assert!(XtsKey::from_key_file(&file).unwrap().crc_ok);
+    }
+
+    #[test]
+    fn hmac_derivation_matches_the_spec() {
+        let hmac_key: Vec<u8> = (0..32).collect();
+        let key = XtsKey::derive_from_hmac(&hmac_key).unwrap();
+        let h = hex(&key.0);
+        assert!(h.starts_with("813a1412") && h[56..64].eq("2b6a025c"), "{h}");
+        assert!(h[64..].starts_with("b20ad6b6") && h.ends_with("8408addf"), "{h}");
+    }
+
+    #[test]
+    fn refusals() {
+        assert_eq!(XtsKey::from_bytes([7; 64]), Err(KeyError::EqualHalves));
+        assert!(matches!(XtsKey::from_key_file(&[1; 63]), Err(KeyError::TooShort { len: 63 })));
+        assert_eq!(XtsKey::derive_from_hmac(&[]), Err(KeyError::EmptyHmacKey));
+        assert_eq!(format!("{:?}", XtsKey::generate().unwrap()), "XtsKey(..)");
+    }
+}
