@@ -45,3 +45,38 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Re
         }
     }
 }
+
+/// Writes a secret file (mode 0600 from the start) without ever replacing an existing file,
+/// unless `force`. The file appears complete or not at all.
+pub fn write_secret(path: &Path, bytes: &[u8], force: bool) -> std::io::Result<()> {
+    if force {
+        return write_atomic(path, bytes, Some(0o600));
+    }
+    if path.exists() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "the file exists and is never overwritten (pass --force to replace it)",
+        ));
+    }
+    // Write beside the target, then hard-link into place: linking fails if the name was taken
+    // meanwhile, so an existing key file can never be replaced.
+    let staging = path.with_file_name(format!(
+        ".{}.staging",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    write_atomic(&staging, bytes, Some(0o600))?;
+    let linked = std::fs::hard_link(&staging, path);
+    let _ = std::fs::remove_file(&staging);
+    linked.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            std::io::Error::new(
+                e.kind(),
+                "the file exists and is never overwritten (pass --force to replace it)",
+            )
+        } else {
+            e
+        }
+    })
+}

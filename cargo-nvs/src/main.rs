@@ -27,6 +27,9 @@ struct NvsCli {
 #[derive(Subcommand)]
 enum Command {
     Generate(cmd::generate::GenerateArgs),
+    Encrypt(cmd::encrypt::EncryptArgs),
+    Decrypt(cmd::decrypt::DecryptArgs),
+    GenerateKey(cmd::generate_key::GenerateKeyArgs),
     Dump(cmd::dump::DumpArgs),
 }
 
@@ -46,6 +49,9 @@ fn main() -> ExitCode {
     let CargoCli::Nvs(cli) = CargoCli::parse_from(cargo_args(std::env::args_os()));
     let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(args),
+        Command::Encrypt(args) => cmd::encrypt::run(args),
+        Command::Decrypt(args) => cmd::decrypt::run(args),
+        Command::GenerateKey(args) => cmd::generate_key::run(args),
         Command::Dump(args) => cmd::dump::run(args),
     };
     match result {

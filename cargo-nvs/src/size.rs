@@ -13,7 +13,10 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         (rest, 2)
     } else {
         // Python rejects decimal numbers with leading zeros in base 0.
-        if lower.len() > 1 && lower.starts_with('0') && lower.trim_start_matches(['0', '_']) != "" {
+        if lower.len() > 1
+            && lower.starts_with('0')
+            && !lower.trim_start_matches(['0', '_']).is_empty()
+        {
             return Err(err());
         }
         (lower.as_str(), 10)

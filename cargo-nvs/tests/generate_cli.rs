@@ -1,97 +1,9 @@
 //! `cargo nvs generate` and `cargo nvs dump` as a user runs them: every class of bad input gets
 //! a clear error naming file, line and key, a non-zero exit and no output file.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod support;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_cargo-nvs"))
-}
-
-fn vectors() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../nvs-build/tests/vectors")
-}
-
-struct Case {
-    dir: tempdir::Dir,
-}
-
-mod tempdir {
-    use std::path::{Path, PathBuf};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// A scratch folder under the target directory, removed on drop.
-    pub struct Dir(PathBuf);
-
-    impl Dir {
-        pub fn new() -> Dir {
-            static COUNTER: AtomicUsize = AtomicUsize::new(0);
-            let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-            let path = Path::new(env!("CARGO_TARGET_TMPDIR"))
-                .join(format!("cli-{}-{n}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&path);
-            std::fs::create_dir_all(&path).unwrap();
-            Dir(path)
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-impl Case {
-    fn new() -> Case {
-        Case {
-            dir: tempdir::Dir::new(),
-        }
-    }
-
-    fn file(&self, name: &str, contents: impl AsRef<[u8]>) -> &Self {
-        std::fs::write(self.dir.path().join(name), contents).unwrap();
-        self
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        bin()
-            .args(args)
-            .current_dir(self.dir.path())
-            .output()
-            .unwrap()
-    }
-
-    fn exists(&self, name: &str) -> bool {
-        self.dir.path().join(name).exists()
-    }
-
-    /// Runs `generate input.csv out.bin SIZE` and expects a refusal mentioning every `needle`.
-    fn refuses(&self, csv: &str, size: &str, extra: &[&str], needles: &[&str]) {
-        self.file("input.csv", csv);
-        let mut args = vec!["generate", "input.csv", "out.bin", size];
-        args.extend_from_slice(extra);
-        let out = self.run(&args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let shown: String = csv.chars().take(200).collect();
-        assert!(
-            !out.status.success(),
-            "expected failure for {shown:?}; stderr: {stderr}"
-        );
-        for needle in needles {
-            assert!(
-                stderr.contains(needle),
-                "stderr lacks {needle:?}:\n{stderr}"
-            );
-        }
-        assert!(!self.exists("out.bin"), "an output file was left behind");
-        assert!(!stderr.contains("panicked"), "{stderr}");
-    }
-}
+use support::{Case, bin, vectors};
 
 const HEAD: &str = "key,type,encoding,value\nns,namespace,,\n";
 

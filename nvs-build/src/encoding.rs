@@ -65,7 +65,8 @@ impl Encoding {
 /// Converts a parsed integer into the typed value, checking the range of the type.
 pub fn integer_value(encoding: Encoding, n: i128) -> Result<Value, String> {
     fn fit<T: TryFrom<i128>>(n: i128, min: i128, max: i128, name: &str) -> Result<T, String> {
-        T::try_from(n).map_err(|_| format!("{n} is out of range for {name} ({min}..={max})"))
+        // The value itself is not echoed: errors must not leak what may be a secret.
+        T::try_from(n).map_err(|_| format!("the value is out of range for {name} ({min}..={max})"))
     }
     Ok(match encoding {
         Encoding::U8 => Value::U8(fit(n, 0, u8::MAX.into(), "u8")?),
@@ -89,12 +90,8 @@ fn is_python_space(c: char) -> bool {
 /// Parses an integer the way Python's `int(text)` does in base 10: surrounding whitespace, an
 /// optional sign and `_` between digits are accepted; `0x10`, `1.0` and the empty string are not.
 pub fn parse_python_int(text: &str) -> Result<i128, String> {
-    let invalid = || {
-        format!(
-            "`{}` is not a base-10 integer (write decimal digits, e.g. 42 or -7)",
-            text.escape_debug()
-        )
-    };
+    let invalid =
+        || "the value is not a base-10 integer (write decimal digits, e.g. 42 or -7)".to_owned();
     let trimmed = text.trim_matches(is_python_space);
     let (negative, digits) = match trimmed.as_bytes().first() {
         Some(b'-') => (true, &trimmed[1..]),

@@ -47,51 +47,74 @@ impl fmt::Display for Location {
 /// An error in the inputs of an image (a CSV file, Cargo metadata, a partition table or a file
 /// they name), with the place it was found and the key concerned.
 #[derive(Debug)]
-pub struct InputError {
-    pub location: Option<Location>,
-    pub key: Option<String>,
-    pub message: String,
-    /// The format-level cause, when the format core refused the item.
-    pub format: Option<FormatError>,
+pub struct InputError(Box<Details>);
+
+#[derive(Debug)]
+struct Details {
+    location: Option<Location>,
+    key: Option<String>,
+    message: String,
+    format: Option<FormatError>,
 }
 
 impl InputError {
     pub fn new(location: Option<Location>, key: Option<&str>, message: impl Into<String>) -> Self {
-        InputError {
+        InputError(Box::new(Details {
             location,
             key: key.map(str::to_owned),
             message: message.into(),
             format: None,
-        }
+        }))
     }
 
     pub fn from_format(location: Option<Location>, key: Option<&str>, err: FormatError) -> Self {
-        InputError {
-            location,
-            key: key.map(str::to_owned),
-            message: err.to_string(),
-            format: Some(err),
-        }
+        let mut e = InputError::new(location, key, err.to_string());
+        e.0.format = Some(err);
+        e
+    }
+
+    /// The same error with `note` appended to its message.
+    pub fn with_note(mut self, note: &str) -> Self {
+        self.0.message.push_str(note);
+        self
+    }
+
+    pub fn location(&self) -> Option<&Location> {
+        self.0.location.as_ref()
+    }
+
+    pub fn key(&self) -> Option<&str> {
+        self.0.key.as_deref()
+    }
+
+    /// The message without location and key.
+    pub fn message(&self) -> &str {
+        &self.0.message
+    }
+
+    /// The format-level cause, when the format core refused the item.
+    pub fn format_error(&self) -> Option<&FormatError> {
+        self.0.format.as_ref()
     }
 }
 
 impl fmt::Display for InputError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(location) = &self.location {
+        if let Some(location) = &self.0.location {
             write!(f, "{location}: ")?;
         }
-        match &self.key {
+        match &self.0.key {
             // Format messages already name the key.
-            Some(key) if !self.message.contains(&format!("`{key}`")) => {
-                write!(f, "key `{key}`: {}", self.message)
+            Some(key) if !self.0.message.contains(&format!("`{key}`")) => {
+                write!(f, "key `{key}`: {}", self.0.message)
             }
-            _ => f.write_str(&self.message),
+            _ => f.write_str(&self.0.message),
         }
     }
 }
 
 impl std::error::Error for InputError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.format.as_ref().map(|e| e as _)
+        self.0.format.as_ref().map(|e| e as _)
     }
 }

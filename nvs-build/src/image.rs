@@ -80,6 +80,18 @@ impl ImageInput {
         }
     }
 
+    /// The finished image, encrypted with `key` (XTS-AES-256 per entry, as ESP-IDF's
+    /// encrypted NVS expects).
+    #[cfg(feature = "encryption")]
+    pub fn finish_encrypted(
+        self,
+        key: &crate::format::encryption::XtsKey,
+    ) -> Result<Vec<u8>, InputError> {
+        let mut bytes = self.finish()?;
+        crate::format::encryption::encrypt_image(&mut bytes, key);
+        Ok(bytes)
+    }
+
     /// The finished image bytes.
     pub fn finish(self) -> Result<Vec<u8>, InputError> {
         let overflow = self.overflow;
@@ -87,9 +99,8 @@ impl ImageInput {
             .finish(self.size)
             .map_err(|e| match (e, overflow) {
                 (e @ FormatError::PartitionTooSmall { .. }, Some((at, key))) => {
-                    let mut err = InputError::from_format(at, Some(&key), e);
-                    err.message = format!("{} (the data overflows at key `{key}`)", err.message);
-                    err
+                    InputError::from_format(at, Some(&key), e)
+                        .with_note(&format!(" (the data overflows at key `{key}`)"))
                 }
                 (e, _) => InputError::from_format(None, None, e),
             })

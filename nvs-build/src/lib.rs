@@ -11,6 +11,8 @@ pub mod encoding;
 mod error;
 pub mod format;
 pub mod image;
+#[cfg(feature = "encryption")]
+pub mod keys;
 
 pub use csv_input::FileBase;
 pub use error::{InputError, Location};

@@ -24,22 +24,45 @@ fn key(rel: &str) -> XtsKey {
 fn plain(input: &str, size: u64, version: Version) -> Vec<u8> {
     let dir = vectors().join("in");
     let mut image = ImageInput::new(PartitionSize::new(size).unwrap(), version);
-    image.add_csv_file(&dir.join(input), &FileBase::Dir(dir.clone())).unwrap();
+    image
+        .add_csv_file(&dir.join(input), &FileBase::Dir(dir.clone()))
+        .unwrap();
     image.finish().unwrap()
 }
 
 fn assert_same(ours: &[u8], expected: &[u8], what: &str) {
     if ours != expected {
-        panic!("{what}:\n{}", describe_differences(ours, expected, 6).join("\n"));
+        panic!(
+            "{what}:\n{}",
+            describe_differences(ours, expected, 6).join("\n")
+        );
     }
 }
 
 #[test]
 fn encrypted_images_match_the_reference() {
     let cases = [
-        ("enc_simple.csv", 0x3000, Version::V2, "in/keys_fixed.bin", "out/enc_simple.bin"),
-        ("many_pages.csv", 0x20000, Version::V2, "in/keys_fixed.bin", "out/many_pages_enc.bin"),
-        ("all_types_v2_ok.csv", 0x6000, Version::V2, "in/keys_fixed.bin", "out/all_types_v2_ok_enc.bin"),
+        (
+            "enc_simple.csv",
+            0x3000,
+            Version::V2,
+            "in/keys_fixed.bin",
+            "out/enc_simple.bin",
+        ),
+        (
+            "many_pages.csv",
+            0x20000,
+            Version::V2,
+            "in/keys_fixed.bin",
+            "out/many_pages_enc.bin",
+        ),
+        (
+            "all_types_v2_ok.csv",
+            0x6000,
+            Version::V2,
+            "in/keys_fixed.bin",
+            "out/all_types_v2_ok_enc.bin",
+        ),
         (
             "all_types_v1_ok.csv",
             0x6000,

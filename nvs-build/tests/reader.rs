@@ -107,7 +107,7 @@ fn damage_is_reported() {
     assert!(errors(&good).is_empty());
 
     let mut entry_crc = good.clone();
-    entry_crc[64 + 32 * 1 + 10] ^= 0x01; // key byte of the first item
+    entry_crc[64 + 32 + 10] ^= 0x01; // key byte of the first item
     assert!(
         errors(&entry_crc)
             .iter()

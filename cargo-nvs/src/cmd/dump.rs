@@ -7,7 +7,10 @@ use std::process::ExitCode;
 use nvs_build::format::{Item, ItemValue, ParsedImage, Severity, Value, read_image};
 use serde_json::{Value as Json, json};
 
+use nvs_build::format::encryption::decrypt_image;
+
 use super::OutputFormat;
+use super::keys::KeyInput;
 use crate::{CliError, CliResult};
 
 /// Show the contents of an NVS partition image and check it for damage.
@@ -20,12 +23,31 @@ pub struct DumpArgs {
     /// Output format; `json` is stable and documented in the README.
     #[arg(long, value_enum, default_value_t)]
     format: OutputFormat,
+    #[command(flatten)]
+    key: KeyInput,
 }
 
 pub fn run(args: DumpArgs) -> CliResult<ExitCode> {
     let bytes = std::fs::read(&args.image)
         .map_err(|e| CliError(format!("cannot read `{}`: {e}", args.image.display())))?;
+    let key = args.key.load()?;
+    let mut bytes = bytes;
+    if let Some(key) = &key {
+        decrypt_image(&mut bytes, key);
+    }
     let parsed = read_image(&bytes);
+    if parsed.looks_encrypted {
+        return Err(CliError(match key {
+            Some(_) => format!(
+                "wrong key? after decrypting `{}`, not one entry passes its CRC check",
+                args.image.display()
+            ),
+            None => format!(
+                "`{}` looks encrypted (not one entry passes its CRC check): pass --keys KEYS.bin or --hmac-key FILE",
+                args.image.display()
+            ),
+        }));
+    }
     match args.format {
         OutputFormat::Text => print!("{}", render_text(&parsed, bytes.len())),
         OutputFormat::Json => println!(

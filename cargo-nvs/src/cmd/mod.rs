@@ -1,5 +1,9 @@
+pub mod decrypt;
 pub mod dump;
+pub mod encrypt;
 pub mod generate;
+pub mod generate_key;
+pub mod keys;
 
 /// `--format text|json`, one spelling for every command that has machine-readable output.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

@@ -55,7 +55,9 @@ impl fmt::Display for KeyError {
             KeyError::EqualHalves => f.write_str(
                 "the data key and the tweak key are equal, which XTS forbids; generate a new key",
             ),
-            KeyError::EmptyHmacKey => f.write_str("the HMAC key file is empty; it must hold the 32-byte HMAC key"),
+            KeyError::EmptyHmacKey => {
+                f.write_str("the HMAC key file is empty; it must hold the 32-byte HMAC key")
+            }
             KeyError::Random(e) => write!(f, "the system random number generator failed: {e}"),
         }
     }
@@ -99,7 +101,8 @@ impl XtsKey {
             return Err(KeyError::EmptyHmacKey);
         }
         let derive = |seed: [u8; 4]| -> [u8; 32] {
-            let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(hmac_key).expect("HMAC takes keys of any length");
+            let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(hmac_key)
+                .expect("HMAC takes keys of any length");
             for _ in 0..8 {
                 mac.update(&seed);
             }
@@ -167,9 +170,16 @@ fn for_each_entry(image: &mut [u8], mut f: impl FnMut(usize, &mut [u8])) {
         }
         let (head, entries) = page.split_at_mut(FIRST_ENTRY_OFFSET);
         let bitmap = &head[BITMAP_OFFSET..BITMAP_OFFSET + 32];
-        for (i, entry) in entries.chunks_exact_mut(ENTRY_SIZE).take(ENTRIES_PER_PAGE).enumerate() {
+        for (i, entry) in entries
+            .chunks_exact_mut(ENTRY_SIZE)
+            .take(ENTRIES_PER_PAGE)
+            .enumerate()
+        {
             if bitmap_state(bitmap, i) != EntryState::Empty {
-                f(page_index * PAGE_SIZE + FIRST_ENTRY_OFFSET + i * ENTRY_SIZE, entry);
+                f(
+                    page_index * PAGE_SIZE + FIRST_ENTRY_OFFSET + i * ENTRY_SIZE,
+                    entry,
+                );
             }
         }
     }
@@ -188,7 +198,10 @@ mod tests {
         let mut bytes = [0x11u8; 64];
         bytes[32..].fill(0x22);
         let file = XtsKey::from_bytes(bytes).unwrap().to_key_file();
-        assert_eq!(u32::from_le_bytes(file[64..68].try_into().unwrap()), 0x3CCF_EF2C);
+        assert_eq!(
+            u32::from_le_bytes(file[64..68].try_into().unwrap()),
+            0x3CCF_EF2C
+        );
         assert!(XtsKey::from_key_file(&file).unwrap().crc_ok);
     }
 
@@ -198,13 +211,19 @@ mod tests {
         let key = XtsKey::derive_from_hmac(&hmac_key).unwrap();
         let h = hex(&key.0);
         assert!(h.starts_with("813a1412") && h[56..64].eq("2b6a025c"), "{h}");
-        assert!(h[64..].starts_with("b20ad6b6") && h.ends_with("8408addf"), "{h}");
+        assert!(
+            h[64..].starts_with("b20ad6b6") && h.ends_with("8408addf"),
+            "{h}"
+        );
     }
 
     #[test]
     fn refusals() {
         assert_eq!(XtsKey::from_bytes([7; 64]), Err(KeyError::EqualHalves));
-        assert!(matches!(XtsKey::from_key_file(&[1; 63]), Err(KeyError::TooShort { len: 63 })));
+        assert!(matches!(
+            XtsKey::from_key_file(&[1; 63]),
+            Err(KeyError::TooShort { len: 63 })
+        ));
         assert_eq!(XtsKey::derive_from_hmac(&[]), Err(KeyError::EmptyHmacKey));
         assert_eq!(format!("{:?}", XtsKey::generate().unwrap()), "XtsKey(..)");
     }

@@ -11,9 +11,9 @@
 
 mod builder;
 mod crc;
+mod diff;
 #[cfg(feature = "encryption")]
 pub mod encryption;
-mod diff;
 mod error;
 mod layout;
 mod reader;

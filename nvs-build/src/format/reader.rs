@@ -92,6 +92,9 @@ pub struct ParsedImage {
     /// Data items in page-sequence order (namespace-table entries are in `namespaces`).
     pub items: Vec<Item>,
     pub problems: Vec<Problem>,
+    /// Written entries exist but not one passes its CRC: the image is encrypted, or was
+    /// decrypted with the wrong key.
+    pub looks_encrypted: bool,
 }
 
 impl ParsedImage {
@@ -152,6 +155,16 @@ pub fn read_image(image: &[u8]) -> ParsedImage {
         out.pages.push(summary);
     }
     check_pages(&mut out);
+    out.looks_encrypted = no_written_entry_passes_crc(image);
+    if out.looks_encrypted {
+        out.problems.push(problem(
+            None,
+            None,
+            "not one written entry passes its CRC check: the image is encrypted (give its key) or \
+             was decrypted with the wrong key"
+                .into(),
+        ));
+    }
 
     // Walk items in the order the device would: pages by sequence number.
     let mut order: Vec<usize> = (0..out.pages.len()).collect();
@@ -163,6 +176,28 @@ pub fn read_image(image: &[u8]) -> ParsedImage {
     assemble_items(raw, &mut out);
     check_duplicates(&mut out);
     out
+}
+
+/// True when some entries are marked written but none of them has a valid entry CRC.
+fn no_written_entry_passes_crc(image: &[u8]) -> bool {
+    let mut written = 0;
+    for page in image.chunks_exact(PAGE_SIZE) {
+        if page[..4] == [0xFF; 4] || nvs_crc32(&page[4..28]).to_le_bytes() != page[28..32] {
+            continue;
+        }
+        let bitmap = &page[BITMAP_OFFSET..BITMAP_OFFSET + 32];
+        for i in 0..ENTRIES_PER_PAGE {
+            if bitmap_state(bitmap, i) == EntryState::Written {
+                written += 1;
+                let at = FIRST_ENTRY_OFFSET + i * ENTRY_SIZE;
+                let entry: &[u8; 32] = page[at..at + ENTRY_SIZE].try_into().expect("32 bytes");
+                if entry_crc(entry).to_le_bytes() == entry[4..8] {
+                    return false;
+                }
+            }
+        }
+    }
+    written > 0
 }
 
 fn problem(page: Option<usize>, entry: Option<usize>, message: String) -> Problem {
@@ -515,6 +550,15 @@ fn collect_namespaces(raw: &[RawItem], out: &mut ParsedImage) {
     }
 }
 
+/// A live blob chunk: where it is and its payload (if its CRCs checked out).
+struct Chunk {
+    page: usize,
+    entry: usize,
+    payload: Option<Vec<u8>>,
+}
+
+type ChunksByIndex = BTreeMap<u8, Chunk>;
+
 fn assemble_items(raw: Vec<RawItem>, out: &mut ParsedImage) {
     let names: HashMap<u8, String> = out
         .namespaces
@@ -522,8 +566,7 @@ fn assemble_items(raw: Vec<RawItem>, out: &mut ParsedImage) {
         .map(|n| (n.index, n.name.clone()))
         .collect();
     // Chunks by (ns, key, family), live ones only: erased chunks belong to replaced blobs.
-    let mut chunks: HashMap<(u8, String, u8), BTreeMap<u8, (usize, usize, Option<Vec<u8>>)>> =
-        HashMap::new();
+    let mut chunks: HashMap<(u8, String, u8), ChunksByIndex> = HashMap::new();
     for r in raw
         .iter()
         .filter(|r| r.ty == ItemType::BlobData && r.state == EntryState::Written)
@@ -531,7 +574,14 @@ fn assemble_items(raw: Vec<RawItem>, out: &mut ParsedImage) {
         let family = if r.chunk < 0x80 { 0x00 } else { 0x80 };
         let slot = chunks.entry((r.ns, r.key.clone(), family)).or_default();
         if slot
-            .insert(r.chunk, (r.page, r.entry, r.payload.clone()))
+            .insert(
+                r.chunk,
+                Chunk {
+                    page: r.page,
+                    entry: r.entry,
+                    payload: r.payload.clone(),
+                },
+            )
             .is_some()
         {
             out.problems.push(warning(
@@ -629,7 +679,7 @@ fn assemble_items(raw: Vec<RawItem>, out: &mut ParsedImage) {
         .iter()
         .filter(|(k, _)| !used_families.contains(k))
         .map(|((_, key, family), list)| {
-            let (page, entry) = list.values().next().map_or((0, 0), |(p, e, _)| (*p, *e));
+            let (page, entry) = list.values().next().map_or((0, 0), |c| (c.page, c.entry));
             (page, entry, key.clone(), *family)
         })
         .collect();
@@ -648,7 +698,7 @@ fn assemble_blob(
     size: usize,
     count: u8,
     start: u8,
-    chunks: Option<&BTreeMap<u8, (usize, usize, Option<Vec<u8>>)>>,
+    chunks: Option<&ChunksByIndex>,
     problems: &mut Vec<Problem>,
 ) -> ItemValue {
     let at = (Some(index.page), Some(index.entry));
@@ -668,8 +718,11 @@ fn assemble_blob(
     for k in 0..count {
         let chunk_index = start.wrapping_add(k);
         match chunks.and_then(|c| c.get(&chunk_index)) {
-            Some((_, _, Some(payload))) => data.extend_from_slice(payload),
-            Some((_, _, None)) => complete = false,
+            Some(Chunk {
+                payload: Some(payload),
+                ..
+            }) => data.extend_from_slice(payload),
+            Some(Chunk { payload: None, .. }) => complete = false,
             None => {
                 complete = false;
                 problems.push(problem(

@@ -1,0 +1,69 @@
+//! `cargo nvs encrypt INPUT... OUTPUT SIZE`: a drop-in for the reference's `encrypt`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use nvs_build::format::Version;
+
+use super::generate::{build_from_csv, parse_version, split_positionals, warn_if_read_only};
+use super::keys::{KeyGenOptions, generate_keys, load_key};
+use crate::fsutil::write_atomic;
+use crate::{CliError, CliResult};
+
+/// Generate an encrypted NVS partition image (XTS-AES-256, as ESP-IDF's NVS encryption).
+#[derive(clap::Args)]
+#[command(disable_version_flag = true)]
+pub struct EncryptArgs {
+    /// CSV files, then the output image, then the partition size (hex like 0x6000, or decimal).
+    #[arg(value_name = "INPUT... OUTPUT SIZE", num_args = 3.., required = true)]
+    args: Vec<PathBuf>,
+    /// NVS format version: 2 has multi-page blobs (default), 1 is the legacy format.
+    #[arg(long, value_name = "1|2", default_value = "2", value_parser = parse_version)]
+    version: Version,
+    /// Folder the output path (and generated keys) are relative to.
+    #[arg(long = "out-dir", alias = "outdir", value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// Generate new keys (written to --keyfile, mode 0600).
+    #[arg(long, conflicts_with = "inputkey")]
+    keygen: bool,
+    /// Encrypt with the keys of this nvs_keys file.
+    #[arg(long, value_name = "KEYS.bin")]
+    inputkey: Option<PathBuf>,
+    #[command(flatten)]
+    keygen_options: KeyGenOptions,
+}
+
+pub fn run(args: EncryptArgs) -> CliResult<ExitCode> {
+    let p = split_positionals(&args.args, args.out_dir.as_deref())?;
+    if !args.keygen && args.inputkey.is_none() {
+        return Err(CliError(
+            "give --keygen to create keys, or --inputkey KEYS.bin to use existing ones".into(),
+        ));
+    }
+    if args.inputkey.is_some() && args.keygen_options.uses_hmac_options() {
+        return Err(CliError(
+            "--inputkey already gives the keys; the HMAC options (--key-protect-hmac, --kp-hmac-*) only apply to --keygen"
+                .into(),
+        ));
+    }
+    if args.inputkey.is_some() && args.keygen_options.keyfile.is_some() {
+        eprintln!("warning: --inputkey is given, so --keyfile is ignored");
+    }
+    warn_if_read_only(p.size);
+    // Build (and so validate) the image before any key file is written.
+    let image = build_from_csv(p.inputs, p.size, args.version)?;
+    let key = match &args.inputkey {
+        Some(path) => load_key(path)?,
+        None => generate_keys(&args.keygen_options, args.out_dir.as_deref())?,
+    };
+    let bytes = image.finish_encrypted(&key)?;
+    write_atomic(&p.output, &bytes, None)
+        .map_err(|e| CliError(format!("cannot write `{}`: {e}", p.output.display())))?;
+    eprintln!(
+        "Created encrypted NVS image `{}` ({} bytes, version {})",
+        p.output.display(),
+        bytes.len(),
+        args.version.number()
+    );
+    Ok(ExitCode::SUCCESS)
+}

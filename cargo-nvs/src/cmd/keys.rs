@@ -1,0 +1,166 @@
+//! Key options shared by `encrypt` and `generate-key`, and writing key files.
+
+use std::path::{Path, PathBuf};
+
+use nvs_build::format::encryption::XtsKey;
+use nvs_build::keys::load_hmac_key;
+
+use crate::fsutil::write_secret;
+use crate::{CliError, CliResult};
+
+/// How keys are generated (the reference's option names, with its underscore spellings).
+#[derive(clap::Args, Debug)]
+pub struct KeyGenOptions {
+    /// Write the generated nvs_keys file exactly here [default: keys/keys-<random>.bin in --out-dir].
+    #[arg(long, value_name = "FILE")]
+    pub keyfile: Option<PathBuf>,
+    /// Use the HMAC-based key protection scheme: derive the keys from an HMAC key (the one
+    /// burned into the chip's eFuse).
+    #[arg(long = "key-protect-hmac", alias = "key_protect_hmac")]
+    pub key_protect_hmac: bool,
+    /// Generate a random 32-byte HMAC key (HMAC scheme).
+    #[arg(
+        long = "kp-hmac-keygen",
+        alias = "kp_hmac_keygen",
+        conflicts_with = "kp_hmac_inputkey"
+    )]
+    pub kp_hmac_keygen: bool,
+    /// Where to write the generated HMAC key [default: hmac-<keyfile name> beside the key file].
+    #[arg(
+        long = "kp-hmac-keyfile",
+        alias = "kp_hmac_keyfile",
+        value_name = "FILE"
+    )]
+    pub kp_hmac_keyfile: Option<PathBuf>,
+    /// Derive the keys from this HMAC key file (HMAC scheme).
+    #[arg(
+        long = "kp-hmac-inputkey",
+        alias = "kp_hmac_inputkey",
+        value_name = "FILE"
+    )]
+    pub kp_hmac_inputkey: Option<PathBuf>,
+    /// Replace existing key files (they are never overwritten otherwise).
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl KeyGenOptions {
+    pub fn uses_hmac_options(&self) -> bool {
+        self.key_protect_hmac
+            || self.kp_hmac_keygen
+            || self.kp_hmac_keyfile.is_some()
+            || self.kp_hmac_inputkey.is_some()
+    }
+}
+
+/// Creates the key (random, or derived from an HMAC key) and writes the key files; prints
+/// where they went, never what they hold.
+pub fn generate_keys(opts: &KeyGenOptions, out_dir: Option<&Path>) -> CliResult<XtsKey> {
+    let keyfile = match &opts.keyfile {
+        Some(path) => path.clone(),
+        None => default_key_path(out_dir)?,
+    };
+    let hmac_path = opts.kp_hmac_keyfile.clone().unwrap_or_else(|| {
+        let name = keyfile
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        keyfile.with_file_name(format!("hmac-{name}"))
+    });
+    // Refuse before writing anything, so no half of a key pair is left behind.
+    let mut targets = vec![&keyfile];
+    if opts.key_protect_hmac && opts.kp_hmac_keygen {
+        targets.push(&hmac_path);
+    }
+    if let Some(existing) = targets.iter().find(|p| p.exists()).filter(|_| !opts.force) {
+        return Err(CliError(format!(
+            "`{}` exists; key files are never overwritten (pass --force to replace it)",
+            existing.display()
+        )));
+    }
+    let key = if opts.key_protect_hmac {
+        if opts.kp_hmac_keygen {
+            let mut hmac_key = [0u8; 32];
+            getrandom::fill(&mut hmac_key)
+                .map_err(|e| CliError(format!("the system random number generator failed: {e}")))?;
+            write_key(&hmac_path, &hmac_key, opts.force, "HMAC key")?;
+            XtsKey::derive_from_hmac(&hmac_key)?
+        } else if let Some(path) = &opts.kp_hmac_inputkey {
+            load_hmac_key(path)?
+        } else {
+            return Err(CliError(
+                "the HMAC scheme (--key-protect-hmac) needs an HMAC key: pass --kp-hmac-inputkey FILE, \
+                 or --kp-hmac-keygen to create one"
+                    .into(),
+            ));
+        }
+    } else {
+        if opts.uses_hmac_options() {
+            return Err(CliError(
+                "--kp-hmac-* options need --key-protect-hmac".into(),
+            ));
+        }
+        XtsKey::generate()?
+    };
+    write_key(&keyfile, &key.to_key_file(), opts.force, "encryption keys")?;
+    Ok(key)
+}
+
+fn write_key(path: &Path, bytes: &[u8], force: bool, what: &str) -> CliResult {
+    write_secret(path, bytes, force).map_err(|e| {
+        CliError(format!(
+            "cannot write the {what} to `{}`: {e}",
+            path.display()
+        ))
+    })?;
+    eprintln!(
+        "Created {what} `{}` (mode 0600; keep it secret)",
+        path.display()
+    );
+    Ok(())
+}
+
+/// `keys/keys-<random>.bin`: a fresh name every time, so runs never collide.
+fn default_key_path(out_dir: Option<&Path>) -> CliResult<PathBuf> {
+    let mut tag = [0u8; 4];
+    getrandom::fill(&mut tag)
+        .map_err(|e| CliError(format!("the system random number generator failed: {e}")))?;
+    let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(out_dir
+        .unwrap_or(Path::new("."))
+        .join("keys")
+        .join(format!("keys-{tag}.bin")))
+}
+
+/// The key to read an image with: `--keys` (an nvs_keys file) or `--hmac-key`.
+#[derive(clap::Args, Debug, Default)]
+pub struct KeyInput {
+    /// nvs_keys file (its first 64 bytes are the XTS key) the image is encrypted with.
+    #[arg(long, value_name = "KEYS.bin", conflicts_with = "hmac_key")]
+    pub keys: Option<PathBuf>,
+    /// HMAC key file the image's keys are derived from (HMAC scheme).
+    #[arg(long = "hmac-key", value_name = "FILE")]
+    pub hmac_key: Option<PathBuf>,
+}
+
+impl KeyInput {
+    pub fn load(&self) -> CliResult<Option<XtsKey>> {
+        if let Some(path) = &self.keys {
+            return load_key(path).map(Some);
+        }
+        self.hmac_key
+            .as_deref()
+            .map(load_hmac_key)
+            .transpose()
+            .map_err(Into::into)
+    }
+}
+
+/// Loads an nvs_keys file, warning when its CRC is wrong.
+pub fn load_key(path: &Path) -> CliResult<XtsKey> {
+    let loaded = nvs_build::keys::load_key_file(path)?;
+    if let Some(warning) = loaded.warning {
+        eprintln!("warning: {warning}");
+    }
+    Ok(loaded.key)
+}
