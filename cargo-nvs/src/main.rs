@@ -2,6 +2,7 @@
 
 mod cmd;
 mod fsutil;
+mod project;
 mod size;
 
 use std::ffi::OsString;
@@ -31,6 +32,7 @@ enum Command {
     Decrypt(cmd::decrypt::DecryptArgs),
     GenerateKey(cmd::generate_key::GenerateKeyArgs),
     Dump(cmd::dump::DumpArgs),
+    Partitions(cmd::partitions::PartitionsArgs),
 }
 
 /// An error for the user: printed as `error: …`, exit code 1.
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Decrypt(args) => cmd::decrypt::run(args),
         Command::GenerateKey(args) => cmd::generate_key::run(args),
         Command::Dump(args) => cmd::dump::run(args),
+        Command::Partitions(args) => cmd::partitions::run(args),
     };
     match result {
         Ok(code) => code,

@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use crate::encoding::{Encoding, decode_base64, decode_fill, decode_hex};
+use crate::encoding::{Encoding, decode_fill};
 use crate::error::{InputError, Location};
 use crate::format::Value;
 use crate::image::ImageInput;
@@ -229,29 +229,14 @@ fn decode_value(encoding: &str, raw: &[u8], from_file: bool) -> Result<Value, St
             }
         },
     };
-    let text = || {
-        std::str::from_utf8(raw).map_err(|_| {
-            format!(
-                "the file is not valid UTF-8, so it cannot be read as `{encoding}`; use `binary` for raw bytes"
-            )
-        })
-    };
-    match enc {
-        Encoding::String => Ok(Value::String(text()?.to_owned())),
-        Encoding::Binary => {
-            // The reference records the character count as the size but writes the UTF-8
-            // bytes: the device would reject the item (quirk Q6).
-            if !from_file && !raw.is_ascii() {
-                return Err(
-                    "`binary` values written in the CSV must be ASCII (Espressif's generator would write a \
-                     corrupt size for other characters); use hex2bin or a `file` row"
-                        .into(),
-                );
-            }
-            Ok(Value::Blob(raw.to_vec()))
-        }
-        Encoding::Hex2bin => decode_hex(raw).map(Value::Blob),
-        Encoding::Base64 => decode_base64(raw).map(Value::Blob),
-        integer => integer.decode(text()?),
+    if enc == Encoding::Binary && !from_file && !raw.is_ascii() {
+        // The reference records the character count as the size but writes the UTF-8 bytes:
+        // the device would reject the item (quirk Q6).
+        return Err(
+            "`binary` values written in the CSV must be ASCII (Espressif's generator would write a \
+             corrupt size for other characters); use hex2bin or a `file` row"
+                .into(),
+        );
     }
+    enc.decode_bytes(raw)
 }

@@ -50,6 +50,22 @@ impl Encoding {
         )
     }
 
+    /// Decodes a file's contents into a value of this encoding, as the reference does for
+    /// `file` rows: strings and integers must be UTF-8 text, hex and base64 are decoded, binary
+    /// is taken as is.
+    pub fn decode_bytes(self, raw: &[u8]) -> Result<Value, String> {
+        match self {
+            Encoding::Binary => Ok(Value::Blob(raw.to_vec())),
+            Encoding::Hex2bin => decode_hex(raw).map(Value::Blob),
+            Encoding::Base64 => decode_base64(raw).map(Value::Blob),
+            text => std::str::from_utf8(raw)
+                .map_err(|_| {
+                    "the file is not valid UTF-8, so it cannot be read as text; use `binary` for raw bytes".to_owned()
+                })
+                .and_then(|t| text.decode(t)),
+        }
+    }
+
     /// Decodes `text` into a value of this encoding.
     pub fn decode(self, text: &str) -> Result<Value, String> {
         match self {

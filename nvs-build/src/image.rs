@@ -34,6 +34,11 @@ impl ImageInput {
         self.builder.version()
     }
 
+    /// Entries used so far, counting the ones the layout had to skip at page ends.
+    pub fn entries_used(&self) -> usize {
+        self.builder.entries_used()
+    }
+
     /// Pages used so far.
     pub fn pages_used(&self) -> usize {
         self.builder.pages_used()

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use nvs_build::format::{Item, ItemValue, ParsedImage, Severity, Value, read_image};
+use nvs_build::format::{ItemValue, ParsedImage, Severity, Value, read_image};
 use serde_json::{Value as Json, json};
 
 use nvs_build::format::encryption::decrypt_image;
@@ -98,14 +98,6 @@ fn value_json(value: &ItemValue) -> Json {
     }
 }
 
-fn item_type(item: &Item) -> &'static str {
-    // A version 2 blob is reported by its index entry; call both kinds of blob "blob".
-    match item.item_type {
-        nvs_build::format::ItemType::BlobIndex => "blob",
-        ty => ty.name(),
-    }
-}
-
 pub fn render_json(parsed: &ParsedImage, len: usize) -> Json {
     let pages: Vec<Json> = parsed
         .pages
@@ -130,7 +122,7 @@ pub fn render_json(parsed: &ParsedImage, len: usize) -> Json {
                 "namespace": item.namespace,
                 "ns_index": item.ns_index,
                 "key": item.key,
-                "type": item_type(item),
+                "type": item.type_name(),
                 "value": value_json(&item.value),
                 "page": item.page,
                 "entry": item.entry,
@@ -208,9 +200,7 @@ pub fn render_text(parsed: &ParsedImage, len: usize) -> String {
             .clone()
             .unwrap_or_else(|| format!("#{}", item.ns_index));
         let value = match &item.value {
-            ItemValue::Value(Value::String(s)) => format!("{s:?}"),
-            ItemValue::Value(Value::Blob(b)) => hex(b),
-            ItemValue::Value(v) => value_json(&ItemValue::Value(v.clone())).to_string(),
+            ItemValue::Value(v) => v.to_string(),
             ItemValue::Blob(b) => {
                 let chunks = b
                     .chunks
@@ -224,7 +214,7 @@ pub fn render_text(parsed: &ParsedImage, len: usize) -> String {
             out,
             "  {ns}:{:<15} {:<7} {value}{erased}",
             item.key,
-            item_type(item)
+            item.type_name()
         );
     }
     if parsed.problems.is_empty() {

@@ -7,21 +7,30 @@ use std::process::ExitCode;
 use nvs_build::format::{PartitionSize, Version};
 use nvs_build::{FileBase, ImageInput};
 
+use nvs_build::config::generate_images;
+use nvs_build::metadata::TableSource;
+use nvs_build::resolve::Inputs;
+
 use crate::fsutil::write_atomic;
+use crate::project::{PackageArgs, display_path};
 use crate::size::parse_size;
 use crate::{CliError, CliResult};
 
-/// Generate an NVS partition image from CSV files (key,type,encoding,value).
+/// Generate NVS partition images: from the package's `[package.metadata.nvs]` (no arguments),
+/// or from CSV files like Espressif's generator (`INPUT... OUTPUT SIZE`).
 #[derive(clap::Args)]
 #[command(disable_version_flag = true)]
 pub struct GenerateArgs {
     /// CSV files, then the output image, then the partition size (hex like 0x6000, or decimal).
-    #[arg(value_name = "INPUT... OUTPUT SIZE", num_args = 3.., required = true)]
+    /// Without them, every NVS partition of the package's metadata is generated.
+    #[arg(value_name = "INPUT... OUTPUT SIZE")]
     args: Vec<PathBuf>,
+    #[command(flatten)]
+    package: PackageArgs,
     /// NVS format version: 2 has multi-page blobs (default), 1 is the legacy format.
     #[arg(long, value_name = "1|2", default_value = "2", value_parser = parse_version)]
     version: Version,
-    /// Folder the output path is relative to.
+    /// Folder the output path is relative to [metadata mode default: target/nvs/<package>].
     #[arg(long = "out-dir", alias = "outdir", value_name = "DIR")]
     out_dir: Option<PathBuf>,
 }
@@ -88,6 +97,15 @@ pub fn build_from_csv(
 }
 
 pub fn run(args: GenerateArgs) -> CliResult<ExitCode> {
+    if args.args.is_empty() {
+        return run_from_metadata(&args);
+    }
+    if args.package.package.is_some() || args.package.manifest_path.is_some() {
+        return Err(CliError(
+            "-p/--manifest-path select Cargo metadata; leave out INPUT... OUTPUT SIZE to use it"
+                .into(),
+        ));
+    }
     let p = split_positionals(&args.args, args.out_dir.as_deref())?;
     warn_if_read_only(p.size);
     let image = build_from_csv(p.inputs, p.size, args.version)?;
@@ -103,5 +121,41 @@ pub fn run(args: GenerateArgs) -> CliResult<ExitCode> {
         pages,
         p.size.data_pages()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cargo nvs generate` with no arguments: the same images build.rs makes, into
+/// `target/nvs/<package>/` or `--out-dir`.
+fn run_from_metadata(args: &GenerateArgs) -> CliResult<ExitCode> {
+    let project = args.package.find()?;
+    let metadata = project.nvs_metadata()?;
+    if metadata.table_source == TableSource::BuiltInDefault {
+        eprintln!(
+            "note: no partition table configured: using ESP-IDF's default single-app table (nvs at 0x9000, 0x6000 bytes)"
+        );
+    }
+    let out_dir = args
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| project.default_out_dir());
+    let mut inputs = Inputs::new(|var| std::env::var(var).ok());
+    let images = generate_images(&metadata, &out_dir, &mut inputs)?;
+    for image in &images {
+        match (&image.path, &image.skipped) {
+            (Some(path), _) => eprintln!(
+                "Generated `{}` for partition `{}` ({} data, offset {:#x}, size {:#x}, {}% full)",
+                display_path(path),
+                image.partition,
+                if image.factory { "factory" } else { "user" },
+                image.offset,
+                image.size,
+                image.percent_full.unwrap_or(0)
+            ),
+            (None, Some(reason)) => {
+                eprintln!("warning: partition `{}` skipped: {reason}", image.partition)
+            }
+            (None, None) => {}
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

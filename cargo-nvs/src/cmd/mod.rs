@@ -4,6 +4,7 @@ pub mod encrypt;
 pub mod generate;
 pub mod generate_key;
 pub mod keys;
+pub mod partitions;
 
 /// `--format text|json`, one spelling for every command that has machine-readable output.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

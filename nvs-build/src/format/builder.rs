@@ -118,6 +118,12 @@ impl ImageBuilder {
         self.pages.len() / PAGE_SIZE
     }
 
+    /// Entries used so far: all of every earlier page (a page is closed when the next item
+    /// does not fit) plus those of the current page.
+    pub fn entries_used(&self) -> usize {
+        (self.pages_used() - 1) * ENTRIES_PER_PAGE + self.cursor
+    }
+
     /// The namespace that items are written into, if any.
     pub fn current_namespace(&self) -> Option<&str> {
         self.namespaces.last().map(String::as_str)

@@ -84,6 +84,16 @@ pub struct Item {
     pub erased: bool,
 }
 
+impl Item {
+    /// The item's type as a user wrote it: both kinds of blob are "blob".
+    pub fn type_name(&self) -> &'static str {
+        match self.item_type {
+            ItemType::BlobIndex | ItemType::Blob => "blob",
+            ty => ty.name(),
+        }
+    }
+}
+
 /// A parsed image.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ParsedImage {

@@ -1,3 +1,5 @@
+use std::fmt;
+
 use super::layout::ItemType;
 
 /// A typed NVS value, as a front end hands it to the [`ImageBuilder`](super::ImageBuilder).
@@ -81,6 +83,17 @@ impl Value {
             Value::I64(v) => v.to_string(),
             Value::String(s) => s.clone(),
             Value::Blob(b) => String::from_utf8_lossy(b).into_owned(),
+        }
+    }
+}
+
+/// Integers in decimal, strings quoted, blobs in hex.
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::String(s) => write!(f, "{s:?}"),
+            Value::Blob(bytes) => bytes.iter().try_for_each(|b| write!(f, "{b:02x}")),
+            other => f.write_str(&other.source_text()),
         }
     }
 }

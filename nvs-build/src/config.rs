@@ -1,0 +1,357 @@
+//! The build-script API: `nvs_build::generate()` for the common case, [`Config`] for the rest.
+//!
+//! Images go to `$OUT_DIR/nvs/<partition>.bin` (written only when their bytes change), with a
+//! `manifest.json` beside them that `cargo nvs` reads. All `cargo:` directives are printed by
+//! [`CargoOutput`], each kind switchable.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::InputError;
+use crate::metadata::{Metadata, PartitionSpec, TableSource};
+use crate::resolve::{Dependencies, Inputs, PartitionImage, build_partition};
+
+/// Generates the package's NVS images from `[package.metadata.nvs]`; on error prints
+/// `error: nvs-build: …` and exits the build script with status 1.
+///
+/// ```no_run
+/// // in build.rs's `main`:
+/// nvs_build::generate();
+/// ```
+pub fn generate() {
+    Config::new().generate();
+}
+
+/// Like [`generate`], returning the error instead of exiting.
+pub fn try_generate() -> Result<Generated, InputError> {
+    Config::new().try_generate()
+}
+
+/// Which `cargo:` directives to print.
+#[derive(Clone, Debug)]
+pub struct CargoOutput {
+    pub rerun_if_changed: bool,
+    pub warnings: bool,
+    pub rustc_env: bool,
+}
+
+impl Default for CargoOutput {
+    fn default() -> Self {
+        CargoOutput {
+            rerun_if_changed: true,
+            warnings: true,
+            rustc_env: true,
+        }
+    }
+}
+
+impl CargoOutput {
+    /// Printing any `rerun-if-changed` narrows cargo's default (rerun on any package file) to
+    /// exactly the inputs listed.
+    fn rerun_if_changed(&self, path: &Path) {
+        if self.rerun_if_changed {
+            println!("cargo:rerun-if-changed={}", path.display());
+        }
+    }
+
+    fn rerun_if_env_changed(&self, var: &str) {
+        if self.rerun_if_changed {
+            println!("cargo:rerun-if-env-changed={var}");
+        }
+    }
+
+    /// One `cargo:warning` per line: cargo shows only the first line of a multi-line one.
+    fn warning(&self, message: &str) {
+        if self.warnings {
+            for line in message.lines() {
+                println!("cargo:warning={line}");
+            }
+        }
+    }
+
+    fn rustc_env(&self, name: &str, value: &str) {
+        if self.rustc_env {
+            println!("cargo:rustc-env={name}={value}");
+        }
+    }
+}
+
+/// What a build produced.
+#[derive(Clone, Debug, Default)]
+pub struct Generated {
+    pub images: Vec<GeneratedImage>,
+    /// `$OUT_DIR/nvs/manifest.json`.
+    pub manifest: PathBuf,
+    pub dependencies: Dependencies,
+}
+
+/// One partition's image (or why it was skipped).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GeneratedImage {
+    pub partition: String,
+    pub offset: u32,
+    pub size: u32,
+    pub factory: bool,
+    pub encrypted: bool,
+    /// The image file, unless the partition was skipped.
+    pub path: Option<PathBuf>,
+    pub skipped: Option<String>,
+    pub percent_full: Option<u32>,
+}
+
+/// Builder for the build-script API (prost-build / cc style): every input cargo provides can be
+/// set explicitly; the environment is only the fallback.
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    manifest_path: Option<PathBuf>,
+    out_dir: Option<PathBuf>,
+    cargo_output: CargoOutput,
+}
+
+impl Config {
+    pub fn new() -> Config {
+        Config::default()
+    }
+
+    /// The Cargo.toml to read [default: `$CARGO_MANIFEST_DIR/Cargo.toml`].
+    pub fn manifest_path(&mut self, path: impl Into<PathBuf>) -> &mut Config {
+        self.manifest_path = Some(path.into());
+        self
+    }
+
+    /// Where `nvs/` goes [default: `$OUT_DIR`].
+    pub fn out_dir(&mut self, path: impl Into<PathBuf>) -> &mut Config {
+        self.out_dir = Some(path.into());
+        self
+    }
+
+    /// Print `cargo:rerun-if-changed` / `rerun-if-env-changed` for every input [default: on].
+    pub fn emit_rerun_if_changed(&mut self, on: bool) -> &mut Config {
+        self.cargo_output.rerun_if_changed = on;
+        self
+    }
+
+    /// Print `cargo:warning` lines [default: on].
+    pub fn cargo_warnings(&mut self, on: bool) -> &mut Config {
+        self.cargo_output.warnings = on;
+        self
+    }
+
+    /// Print `cargo:rustc-env=NVS_<PARTITION>_BIN/_OFFSET/_SIZE` [default: on].
+    pub fn emit_rustc_env(&mut self, on: bool) -> &mut Config {
+        self.cargo_output.rustc_env = on;
+        self
+    }
+
+    /// Generates the images; on error prints `error: nvs-build: …` and exits with status 1.
+    pub fn generate(&mut self) -> Generated {
+        match self.try_generate() {
+            Ok(generated) => generated,
+            Err(e) => {
+                eprintln!("error: nvs-build: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+
+    /// Generates the images and returns what was produced.
+    pub fn try_generate(&mut self) -> Result<Generated, InputError> {
+        let manifest_path = match &self.manifest_path {
+            Some(path) => path.clone(),
+            None => env_path("CARGO_MANIFEST_DIR")?.join("Cargo.toml"),
+        };
+        let out_dir = match &self.out_dir {
+            Some(path) => path.clone(),
+            None => env_path("OUT_DIR")?,
+        }
+        .join("nvs");
+        let out = &self.cargo_output;
+        out.rerun_if_changed(&manifest_path);
+        let Some(metadata) = Metadata::from_manifest(&manifest_path)? else {
+            out.warning(&format!(
+                "{}: no [package.metadata.nvs]; no NVS images to generate",
+                manifest_path.display()
+            ));
+            return Ok(Generated::default());
+        };
+        if let Some(table) = metadata.table_source.path() {
+            out.rerun_if_changed(table);
+        }
+        if let TableSource::EspflashToml { config, .. } = &metadata.table_source {
+            out.rerun_if_changed(config);
+        }
+        let mut inputs = Inputs::new(|var| std::env::var(var).ok());
+        let result = generate_images(&metadata, &out_dir, &mut inputs);
+        // Even on error, tell cargo what to watch, so fixing an input reruns the script.
+        for file in &inputs.deps.files {
+            out.rerun_if_changed(file);
+        }
+        for var in &inputs.deps.env_vars {
+            out.rerun_if_env_changed(var);
+        }
+        let images = result?;
+        for image in &images {
+            let prefix = format!("NVS_{}", env_name(&image.partition));
+            if let Some(path) = &image.path {
+                out.rustc_env(&format!("{prefix}_BIN"), &path.display().to_string());
+            }
+            out.rustc_env(&format!("{prefix}_OFFSET"), &format!("{:#x}", image.offset));
+            out.rustc_env(&format!("{prefix}_SIZE"), &format!("{:#x}", image.size));
+            if let Some(reason) = &image.skipped {
+                out.warning(&format!(
+                    "NVS partition `{}` not generated: {reason}",
+                    image.partition
+                ));
+            }
+            if let Some(percent) = image.percent_full.filter(|&p| p > 90) {
+                out.warning(&format!(
+                    "NVS partition `{}` is {percent}% full; the device may run out of room when it writes (enlarge it in the partition table)",
+                    image.partition
+                ));
+            }
+        }
+        if metadata.table_source == TableSource::BuiltInDefault {
+            out.warning("no partition table configured: using ESP-IDF's default single-app table (nvs at 0x9000, 0x6000 bytes)");
+        }
+        let manifest = out_dir.join("manifest.json");
+        write_if_changed(&manifest, render_manifest(&metadata, &images).as_bytes())?;
+        Ok(Generated {
+            images,
+            manifest,
+            dependencies: inputs.deps,
+        })
+    }
+}
+
+/// Builds every partition of `metadata` into `out_dir/<partition>.bin` (written only when the
+/// bytes change). The pure path shared by build scripts and `cargo nvs generate`.
+pub fn generate_images(
+    metadata: &Metadata,
+    out_dir: &Path,
+    inputs: &mut Inputs<'_>,
+) -> Result<Vec<GeneratedImage>, InputError> {
+    let mut images = Vec::new();
+    for spec in &metadata.partitions {
+        images.push(
+            match build_partition(spec, &metadata.manifest_dir, inputs)? {
+                PartitionImage::Built(built) => {
+                    let path = out_dir.join(format!("{}.bin", spec.name));
+                    write_if_changed(&path, &built.bytes)?;
+                    generated(spec, Some(path), None, Some(built.percent_full()))
+                }
+                PartitionImage::Skipped { reason } => generated(spec, None, Some(reason), None),
+            },
+        );
+    }
+    Ok(images)
+}
+
+fn generated(
+    spec: &PartitionSpec,
+    path: Option<PathBuf>,
+    skipped: Option<String>,
+    percent_full: Option<u32>,
+) -> GeneratedImage {
+    GeneratedImage {
+        partition: spec.name.clone(),
+        offset: spec.offset,
+        size: spec.size,
+        factory: spec.factory,
+        encrypted: spec.encryption.is_some(),
+        path,
+        skipped,
+        percent_full,
+    }
+}
+
+fn env_path(var: &str) -> Result<PathBuf, InputError> {
+    std::env::var_os(var).map(PathBuf::from).ok_or_else(|| {
+        InputError::new(None, None, format!("`{var}` is not set: nvs_build::generate() runs in a build script (or set it with Config)"))
+    })
+}
+
+/// `fctry` → `FCTRY`, `my-nvs` → `MY_NVS`.
+fn env_name(partition: &str) -> String {
+    partition
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Writes through a temporary file and a rename, and only when the bytes differ, so cargo and
+/// tools watching the file see no change when there is none.
+pub fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<(), InputError> {
+    if std::fs::read(path).is_ok_and(|old| old == bytes) {
+        return Ok(());
+    }
+    let fail = |e: std::io::Error| {
+        InputError::new(
+            None,
+            None,
+            format!("cannot write `{}`: {e}", path.display()),
+        )
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            fail(e)
+        })
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn json_opt_path(path: Option<&Path>) -> String {
+    path.map_or("null".to_owned(), |p| json_string(&p.display().to_string()))
+}
+
+/// The manifest `cargo nvs` reads (schema `nvs-build/manifest/v1`).
+fn render_manifest(metadata: &Metadata, images: &[GeneratedImage]) -> String {
+    let mut out = String::from("{\n  \"schema\": \"nvs-build/manifest/v1\",\n");
+    out.push_str(&format!(
+        "  \"manifest_path\": {},\n",
+        json_string(&metadata.manifest_path.display().to_string())
+    ));
+    out.push_str(&format!(
+        "  \"partition_table\": {},\n",
+        json_opt_path(metadata.table_source.path())
+    ));
+    out.push_str("  \"partitions\": [");
+    for (i, image) in images.iter().enumerate() {
+        out.push_str(if i == 0 { "\n" } else { ",\n" });
+        out.push_str(&format!(
+            "    {{\"name\": {}, \"offset\": {}, \"size\": {}, \"factory\": {}, \"encrypted\": {}, \"file\": {}, \"skipped\": {}}}",
+            json_string(&image.partition),
+            image.offset,
+            image.size,
+            image.factory,
+            image.encrypted,
+            json_opt_path(image.path.as_deref()),
+            image.skipped.as_deref().map_or("null".to_owned(), json_string),
+        ));
+    }
+    out.push_str("\n  ]\n}\n");
+    out
+}

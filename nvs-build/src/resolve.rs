@@ -1,0 +1,218 @@
+//! Resolved partition specs → image bytes: reads the files and environment variables the
+//! values come from, records them (for cargo's `rerun-if-*`), and lays the image out.
+
+use std::path::PathBuf;
+
+use crate::csv_input::FileBase;
+use crate::error::InputError;
+use crate::format::{PartitionSize, Value};
+use crate::image::ImageInput;
+use crate::metadata::{EntrySpec, PartitionSpec, ValueSource};
+
+/// Everything reading the inputs touched.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dependencies {
+    pub files: Vec<PathBuf>,
+    pub env_vars: Vec<String>,
+}
+
+impl Dependencies {
+    fn file(&mut self, path: &std::path::Path) {
+        if !self.files.iter().any(|p| p == path) {
+            self.files.push(path.to_owned());
+        }
+    }
+
+    fn env(&mut self, var: &str) {
+        if !self.env_vars.iter().any(|v| v == var) {
+            self.env_vars.push(var.to_owned());
+        }
+    }
+}
+
+/// Looks a name up: an environment variable, or a per-device column.
+type Lookup<'a> = Box<dyn Fn(&str) -> Option<String> + 'a>;
+
+/// Where environment variables and per-device values come from.
+pub struct Inputs<'a> {
+    env: Lookup<'a>,
+    per_device: Option<Lookup<'a>>,
+    pub deps: Dependencies,
+}
+
+impl<'a> Inputs<'a> {
+    /// Environment variables from `env`; per-device keys take their `dev` values.
+    pub fn new(env: impl Fn(&str) -> Option<String> + 'a) -> Inputs<'a> {
+        Inputs {
+            env: Box::new(env),
+            per_device: None,
+            deps: Dependencies::default(),
+        }
+    }
+
+    /// Per-device keys take their values from `values` (a column name → value lookup), as mass
+    /// production does for each device.
+    pub fn with_per_device(mut self, values: impl Fn(&str) -> Option<String> + 'a) -> Inputs<'a> {
+        self.per_device = Some(Box::new(values));
+        self
+    }
+}
+
+/// The image of one partition, or why it was not built.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PartitionImage {
+    Built(BuiltImage),
+    /// A per-device key has no value outside mass production.
+    Skipped {
+        reason: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuiltImage {
+    pub bytes: Vec<u8>,
+    /// Entries used (including ones the layout had to skip), out of `entries_available`.
+    pub entries_used: usize,
+    pub entries_available: usize,
+}
+
+impl BuiltImage {
+    /// How full the partition is, in percent of its data entries.
+    pub fn percent_full(&self) -> u32 {
+        (self.entries_used * 100).div_ceil(self.entries_available.max(1)) as u32
+    }
+}
+
+/// Builds the image of one partition: its CSV files in order, then its inline keys.
+pub fn build_partition(
+    spec: &PartitionSpec,
+    manifest_dir: &std::path::Path,
+    inputs: &mut Inputs<'_>,
+) -> Result<PartitionImage, InputError> {
+    // Per-device keys without a value skip the partition (before reading anything else).
+    if inputs.per_device.is_none() {
+        let missing = spec
+            .namespaces
+            .iter()
+            .flat_map(|ns| &ns.entries)
+            .find(|e| matches!(&e.source, ValueSource::PerDevice { dev: None, .. }));
+        if let Some(entry) = missing {
+            return Ok(PartitionImage::Skipped {
+                reason: format!(
+                    "{}: key `{}` is filled in per device by mass production and has no `dev` value for development builds",
+                    entry.at, entry.key
+                ),
+            });
+        }
+    }
+    let size = PartitionSize::new(u64::from(spec.size))
+        .map_err(|e| InputError::from_format(Some(spec.at.clone()), Some(&spec.name), e))?;
+    let mut image = ImageInput::new(size, spec.version);
+    let files = FileBase::Dir(manifest_dir.to_owned());
+    for (csv, _) in &spec.csv {
+        image.add_csv_file(csv, &files)?;
+    }
+    for ns in &spec.namespaces {
+        image.namespace(Some(ns.at.clone()), &ns.name)?;
+        for entry in &ns.entries {
+            let (value, text) = resolve_value(entry, inputs)?;
+            image.add(Some(entry.at.clone()), &entry.key, value, &text)?;
+        }
+    }
+    for file in image.files_read() {
+        inputs.deps.file(file);
+    }
+    let entries_used = image.entries_used();
+    let entries_available = size.data_pages() * crate::format::ENTRIES_PER_PAGE;
+    let bytes = match &spec.encryption {
+        None => image.finish()?,
+        Some((encryption, at)) => encrypt(image, encryption, at, inputs)?,
+    };
+    Ok(PartitionImage::Built(BuiltImage {
+        bytes,
+        entries_used,
+        entries_available,
+    }))
+}
+
+#[cfg(feature = "encryption")]
+fn encrypt(
+    image: ImageInput,
+    encryption: &crate::metadata::EncryptionSpec,
+    _at: &crate::error::Location,
+    inputs: &mut Inputs<'_>,
+) -> Result<Vec<u8>, InputError> {
+    use crate::metadata::EncryptionSpec;
+    let key = match encryption {
+        EncryptionSpec::KeyFile(path) => {
+            inputs.deps.file(path);
+            crate::keys::load_key_file(path)?.key
+        }
+        EncryptionSpec::HmacKey(path) => {
+            inputs.deps.file(path);
+            crate::keys::load_hmac_key(path)?
+        }
+    };
+    image.finish_encrypted(&key)
+}
+
+#[cfg(not(feature = "encryption"))]
+fn encrypt(
+    _image: ImageInput,
+    _encryption: &crate::metadata::EncryptionSpec,
+    at: &crate::error::Location,
+    _inputs: &mut Inputs<'_>,
+) -> Result<Vec<u8>, InputError> {
+    Err(InputError::new(
+        Some(at.clone()),
+        None,
+        "this partition is encrypted, but nvs-build was compiled without its `encryption` feature; \
+         enable it: nvs-build = { version = \"…\", features = [\"encryption\"] }",
+    ))
+}
+
+/// The value of one key, and the text it was written as (for the reference's Wi-Fi helper).
+fn resolve_value(
+    entry: &EntrySpec,
+    inputs: &mut Inputs<'_>,
+) -> Result<(Value, String), InputError> {
+    let fail = |msg: String| InputError::new(Some(entry.at.clone()), Some(&entry.key), msg);
+    let text = match &entry.source {
+        ValueSource::Text(text) => text.clone(),
+        ValueSource::Integer(n) => {
+            let value = crate::encoding::integer_value(entry.encoding, *n).map_err(fail)?;
+            return Ok((value, n.to_string()));
+        }
+        ValueSource::File(path) => {
+            let bytes = std::fs::read(path)
+                .map_err(|e| fail(format!("cannot read file `{}`: {e}", path.display())))?;
+            inputs.deps.file(path);
+            let value = entry.encoding.decode_bytes(&bytes).map_err(fail)?;
+            return Ok((value, path.to_string_lossy().into_owned()));
+        }
+        ValueSource::Env { var, default } => {
+            inputs.deps.env(var);
+            match ((inputs.env)(var), default) {
+                (Some(value), _) => value,
+                (None, Some(default)) => default.clone(),
+                (None, None) => {
+                    return Err(fail(format!(
+                        "environment variable `{var}` is not set; set it, or give a fallback with `default = …`"
+                    )));
+                }
+            }
+        }
+        ValueSource::PerDevice { column, dev } => {
+            let value = inputs.per_device.as_ref().and_then(|values| values(column));
+            match (value, dev) {
+                (Some(value), _) => value,
+                (None, Some(dev)) => dev.clone(),
+                (None, None) => {
+                    return Err(fail(format!("no value for per-device column `{column}`")));
+                }
+            }
+        }
+    };
+    let value = entry.encoding.decode_bytes(text.as_bytes()).map_err(fail)?;
+    Ok((value, text))
+}
