@@ -1,1 +1,88 @@
-fn main() {}
+//! Repo automation, run as `cargo xtask <command>` (see `HELP`).
+
+mod bench;
+mod casegen;
+mod diff_ref;
+mod flags;
+mod reference;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use xshell::Shell;
+
+use crate::flags::Args;
+
+type Result<T, E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
+
+const HELP: &str = "\
+cargo xtask <command>
+
+commands:
+  ref-venv    create target/ref-venv with Espressif's esp-idf-nvs-partition-gen 0.3.0
+  diff-ref    compare cargo-nvs with the reference on random inputs
+                --cases N          plain cases (default 500)
+                --encrypt-cases N  encryption cases (default 300)
+                --seed S           replay a run (default: from the clock, printed)
+                --case NAME        run one case only, e.g. case-0042 or enc-0007
+                --encrypt / --no-encrypt
+                                   force the encryption cases on or off (default: on if
+                                   `cargo-nvs encrypt` exists)
+                --keep             keep passing cases on disk too
+                --bin PATH         test this cargo-nvs binary instead of building one
+  bench       time cargo-nvs against the reference (builds release)
+                --bin PATH         time this cargo-nvs binary instead of the release build
+";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<ExitCode> {
+    let mut args = Args::from_env();
+    let sh = Shell::new()?;
+    sh.change_dir(project_root());
+    match args.subcommand().as_deref() {
+        Some("ref-venv") => {
+            args.finish()?;
+            let python = reference::ensure_venv(&sh)?;
+            println!("{}", python.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Some("diff-ref") => {
+            let opts = diff_ref::Options::parse(&mut args)?;
+            args.finish()?;
+            diff_ref::run(&sh, opts)
+        }
+        Some("bench") => {
+            let bin = args.value("--bin")?;
+            args.finish()?;
+            bench::run(&sh, bin)
+        }
+        Some("bench-inner") => bench::inner(args),
+        Some("help") | None => {
+            print!("{HELP}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(other) => Err(format!("unknown command `{other}`\n\n{HELP}").into()),
+    }
+}
+
+fn project_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_owned()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map_or_else(|| project_root().join("target"), |d| project_root().join(d))
+}

@@ -1,0 +1,274 @@
+//! `[package.metadata.nvs]`: every error points at `Cargo.toml:LINE:COL` and names the key;
+//! declaration order is kept; no input makes the reader panic.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use nvs_build::format::{ItemValue, Value, read_image};
+use nvs_build::metadata::Metadata;
+use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
+use proptest::prelude::*;
+
+const TABLE: &str = "\
+# Name,  Type, SubType, Offset,  Size,   Flags
+nvs,     data, nvs,     0x9000,  0x3000,
+fctry,   data, nvs,     0xc000,  0x2000, readonly
+phy,     data, phy,     0xe000,  0x1000,
+factory, app,  factory, 0x10000, 1M,
+";
+
+struct Project {
+    dir: PathBuf,
+}
+
+impl Project {
+    fn new(files: &[(&str, &[u8])]) -> Project {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "nvs-build-metadata-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("partitions.csv"), TABLE).unwrap();
+        for (name, bytes) in files {
+            let path = dir.join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, bytes).unwrap();
+        }
+        Project { dir }
+    }
+
+    fn manifest(&self) -> PathBuf {
+        self.dir.join("Cargo.toml")
+    }
+
+    /// Parses `nvs` (the body after `[package.metadata.nvs]`) and builds every partition with
+    /// `env` as the environment.
+    fn build(&self, nvs: &str, env: &[(&str, &str)]) -> Result<Vec<PartitionImage>, String> {
+        let text = format!(
+            "[package]\nname = \"p\"\nversion = \"0.1.0\"\n\n[package.metadata.nvs]\n{nvs}"
+        );
+        std::fs::write(self.manifest(), &text).unwrap();
+        let metadata = Metadata::parse(&self.manifest(), &text)
+            .map_err(|e| e.to_string())?
+            .expect("metadata");
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut inputs =
+            Inputs::new(move |var| env.iter().find(|(k, _)| k == var).map(|(_, v)| v.clone()));
+        metadata
+            .partitions
+            .iter()
+            .map(|spec| {
+                build_partition(spec, &metadata.manifest_dir, &mut inputs)
+                    .map_err(|e| e.to_string())
+            })
+            .collect()
+    }
+
+    fn error(&self, nvs: &str) -> String {
+        self.build(nvs, &[]).expect_err("must be refused")
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Line 6 is the first line after `[package.metadata.nvs]`.
+fn at(line: usize, col: usize) -> String {
+    format!("Cargo.toml:{line}:{col}")
+}
+
+#[test]
+fn order_is_csv_files_then_inline_keys_in_declaration_order() {
+    let p = Project::new(&[(
+        "defaults.csv",
+        b"key,type,encoding,value\nfirst,namespace,,\nz,data,u8,1\n",
+    )]);
+    let images = p
+        .build(
+            "[package.metadata.nvs.partitions.nvs]\ncsv = [\"defaults.csv\"]\n\
+             [package.metadata.nvs.partitions.nvs.namespaces.zeta]\nb = { u8 = 2 }\na = \"x\"\n\
+             [package.metadata.nvs.partitions.nvs.namespaces.alpha]\ny = { i32 = -5 }\n",
+            &[],
+        )
+        .unwrap();
+    let PartitionImage::Built(image) = &images[0] else {
+        panic!()
+    };
+    let parsed = read_image(&image.bytes);
+    let order: Vec<(String, String)> = parsed
+        .items
+        .iter()
+        .map(|i| (i.namespace.clone().unwrap(), i.key.clone()))
+        .collect();
+    let expected = [("first", "z"), ("zeta", "b"), ("zeta", "a"), ("alpha", "y")];
+    assert_eq!(order, expected.map(|(a, b)| (a.to_owned(), b.to_owned())));
+    assert_eq!(parsed.items[3].value, ItemValue::Value(Value::I32(-5)));
+}
+
+#[test]
+fn unknown_field() {
+    let e = Project::new(&[]).error("[package.metadata.nvs.partitions.nvs]\nread-onyl = true\n");
+    assert!(
+        e.contains(&at(7, 1)) && e.contains("unknown field `read-onyl`") && e.contains("read-only"),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_value_type() {
+    let p = Project::new(&[]);
+    let e = p.error("[package.metadata.nvs.partitions.nvs]\nread-only = \"yes\"\n");
+    assert!(e.contains(&at(7, 13)) && e.contains("true or false"), "{e}");
+    let e = p.error("[package.metadata.nvs.partitions.nvs.namespaces.ns]\nflag = true\n");
+    assert!(e.contains(&at(7, 8)) && e.contains("`flag`"), "{e}");
+    let e = p.error("[package.metadata.nvs.partitions.nvs.namespaces.ns]\nn = 3\n");
+    assert!(
+        e.contains(&at(7, 5)) && e.contains("give the integer type"),
+        "{e}"
+    );
+    let e = p.error("[package.metadata.nvs.partitions.nvs.namespaces.ns]\nn = { float = 3 }\n");
+    assert!(e.contains("unknown type `float`"), "{e}");
+    let e = p.error("[package.metadata.nvs.partitions.nvs.namespaces.ns]\nn = { u8 = \"abc\" }\n");
+    assert!(
+        e.contains(&at(7, 1)) && e.contains("`n`") && e.contains("not a base-10 integer"),
+        "{e}"
+    );
+}
+
+#[test]
+fn integer_out_of_range() {
+    let e = Project::new(&[])
+        .error("[package.metadata.nvs.partitions.nvs.namespaces.ns]\nhw_rev = { u8 = 300 }\n");
+    assert!(
+        e.contains(&at(7, 1)) && e.contains("`hw_rev`") && e.contains("out of range for u8"),
+        "{e}"
+    );
+}
+
+#[test]
+fn key_longer_than_15_bytes() {
+    let e = Project::new(&[]).error(
+        "[package.metadata.nvs.partitions.nvs.namespaces.ns]\nthis_key_is_too_long = \"x\"\n",
+    );
+    assert!(
+        e.contains(&at(7, 1)) && e.contains("`this_key_is_too_long`") && e.contains("at most 15"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unset_env_var() {
+    let p = Project::new(&[]);
+    let nvs = "[package.metadata.nvs.partitions.nvs.namespaces.ns]\nsecret = { string = { env = \"NVS_TEST_UNSET_VAR\" } }\n";
+    let e = p.error(nvs);
+    assert!(
+        e.contains(&at(7, 1)) && e.contains("`NVS_TEST_UNSET_VAR` is not set"),
+        "{e}"
+    );
+    assert!(p.build(nvs, &[("NVS_TEST_UNSET_VAR", "s3cret")]).is_ok());
+}
+
+#[test]
+fn missing_file() {
+    let e = Project::new(&[]).error("[package.metadata.nvs.partitions.nvs.namespaces.ns]\ncert = { file = \"certs/missing.der\" }\n");
+    assert!(
+        e.contains(&at(7, 1)) && e.contains("`cert`") && e.contains("missing.der"),
+        "{e}"
+    );
+    let e =
+        Project::new(&[]).error("[package.metadata.nvs.partitions.nvs]\ncsv = [\"nope.csv\"]\n");
+    assert!(e.contains("nope.csv") && e.contains("cannot read"), "{e}");
+}
+
+#[test]
+fn partition_not_in_table_or_not_nvs() {
+    let p = Project::new(&[]);
+    let e = p.error("[package.metadata.nvs.partitions.factory_data]\n");
+    assert!(
+        e.contains(&at(6, 34))
+            && e.contains("`factory_data` is not in the partition table")
+            && e.contains("nvs, fctry"),
+        "{e}"
+    );
+    let e = p.error("[package.metadata.nvs.partitions.phy]\n");
+    assert!(e.contains("not data/nvs"), "{e}");
+}
+
+#[test]
+fn partition_too_small_says_how_much_is_needed() {
+    let big: Vec<u8> = vec![7; 9000];
+    let e = Project::new(&[("big.bin", &big)]).error(
+        "[package.metadata.nvs.partitions.nvs.namespaces.ns]\nblob = { file = \"big.bin\" }\n",
+    );
+    assert!(
+        e.contains(&at(7, 1)) && e.contains("too small") && e.contains("at least 0x4000"),
+        "{e}"
+    );
+}
+
+#[test]
+fn per_device_keys_without_dev_value_skip_the_partition() {
+    let p = Project::new(&[]);
+    let images = p.build("[package.metadata.nvs.partitions.fctry.namespaces.mass_prod]\nserial = { u32 = { per-device = \"serial\" } }\n", &[]).unwrap();
+    match &images[0] {
+        PartitionImage::Skipped { reason } => assert!(
+            reason.contains("`serial`") && reason.contains("dev"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn table_errors_point_at_the_table() {
+    let p = Project::new(&[]);
+    std::fs::write(
+        p.dir.join("partitions.csv"),
+        "nvs, data, nvs, 0x9000, 0x6000,\nfctry, data, nvs, 0xa000, 0x1000,\n",
+    )
+    .unwrap();
+    let e = p.error("[package.metadata.nvs.partitions.nvs]\n");
+    assert!(e.contains("partitions.csv:2"), "{e}");
+}
+
+#[test]
+fn no_table_uses_the_esp_idf_default() {
+    let p = Project::new(&[]);
+    std::fs::remove_file(p.dir.join("partitions.csv")).unwrap();
+    let text =
+        "[package]\nname = \"p\"\n[package.metadata.nvs.partitions.nvs.namespaces.ns]\na = \"b\"\n";
+    let metadata = Metadata::parse(&p.manifest(), text).unwrap().unwrap();
+    assert_eq!(
+        metadata.table_source,
+        nvs_build::metadata::TableSource::BuiltInDefault
+    );
+    assert_eq!(
+        (metadata.partitions[0].offset, metadata.partitions[0].size),
+        (0x9000, 0x6000)
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn metadata_reader_never_panics(body in "[ -~\\n]{0,200}", value in prop_oneof![
+        Just("\"x\"".to_owned()), Just("{ u8 = 3 }".to_owned()), Just("{ u8 = { env = \"A\" } }".to_owned()),
+        Just("{ file = 3 }".to_owned()), Just("[1, 2]".to_owned()), Just("{ hex = \"zz\" }".to_owned()),
+        "[ -~]{0,30}",
+    ]) {
+        let p = Project::new(&[]);
+        let _ = p.build(&body, &[]);
+        let _ = p.build(&format!("[package.metadata.nvs.partitions.nvs.namespaces.ns]\nk = {value}\n"), &[]);
+        let _ = Metadata::parse(Path::new("Cargo.toml"), &body);
+    }
+}
