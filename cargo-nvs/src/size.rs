@@ -3,7 +3,9 @@
 /// Parses a size like Python's `int(text, 0)`: `0x6000`, `0o…`, `0b…`, decimal, `_` separators.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let err = || format!("`{text}` is not a size; write it in hex (0x6000) or decimal (24576)");
+    // Like Python's int(): surrounding whitespace and a `+` sign are fine.
     let t = text.trim();
+    let t = t.strip_prefix('+').unwrap_or(t);
     let lower = t.to_ascii_lowercase();
     let (digits, radix) = if let Some(rest) = lower.strip_prefix("0x") {
         (rest, 16)
@@ -40,6 +42,9 @@ mod tests {
         assert_eq!(parse_size("24_576"), Ok(24576));
         assert_eq!(parse_size("0x_6000"), Ok(0x6000));
         assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size(" +0x3000 "), Ok(0x3000));
+        assert!(parse_size("-0x3000").is_err());
+        assert!(parse_size("+-1").is_err());
         assert!(parse_size("012288").is_err());
         assert!(parse_size("6K").is_err());
         assert!(parse_size("").is_err());

@@ -3,7 +3,10 @@
 //! several files into one image.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+
+use csv_core::ReadRecordResult;
 
 use crate::encoding::{Encoding, decode_fill};
 use crate::error::{InputError, Location};
@@ -19,6 +22,8 @@ const WIFI_KEYS: [&str; 5] = [
     "sta.pswd",
 ];
 const COLUMNS: [&str; 4] = ["key", "type", "encoding", "value"];
+/// Python's csv module refuses longer fields (`csv.field_size_limit()`).
+const MAX_FIELD_CHARS: usize = 131_072;
 
 /// How relative paths in `file` rows are resolved.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,78 +85,99 @@ impl ImageInput {
         })?;
         // Universal newlines, then drop lines starting with `#` before CSV parsing (as the
         // reference does, even inside a quoted multi-line field), remembering original numbers.
-        let text = text.replace("\r\n", "\n").replace('\r', "\n");
-        let mut kept = String::with_capacity(text.len());
-        let mut line_numbers = Vec::new();
-        for (number, line) in text.split_inclusive('\n').enumerate() {
-            if !line.starts_with('#') {
-                kept.push_str(line);
-                line_numbers.push(number + 1);
-            }
-        }
-        let original_line = |filtered: u64| -> usize {
-            let i = (filtered as usize).saturating_sub(1);
-            line_numbers.get(i).copied().unwrap_or(i + 1)
+        let text: Cow<str> = if text.contains('\r') {
+            Cow::Owned(text.replace("\r\n", "\n").replace('\r', "\n"))
+        } else {
+            Cow::Borrowed(text)
         };
-
-        let mut reader = csv::ReaderBuilder::new()
-            .has_headers(false)
-            .flexible(true)
-            .from_reader(kept.as_bytes());
-        let mut columns: Option<[Option<usize>; 4]> = None;
-        let mut header = csv::StringRecord::new();
-        let mut header_line = 1;
-        let mut record = csv::StringRecord::new();
-        loop {
-            match reader.read_record(&mut record) {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(e) => {
-                    let line = e.position().map_or(1, |p| original_line(p.line()));
-                    return Err(InputError::new(
-                        Some(Location::line(path, line)),
-                        None,
-                        format!("malformed CSV: {e}"),
-                    ));
+        let has_comments = text.starts_with('#') || text.contains("\n#");
+        let mut line_numbers = Vec::new();
+        let kept: Cow<str> = if has_comments {
+            let mut kept = String::with_capacity(text.len());
+            for (number, line) in text.split_inclusive('\n').enumerate() {
+                if !line.starts_with('#') {
+                    kept.push_str(line);
+                    line_numbers.push(number + 1);
                 }
             }
-            let line = record.position().map_or(1, |p| original_line(p.line()));
+            Cow::Owned(kept)
+        } else {
+            text
+        };
+        // Line `n` of the kept text is line `original_line(n)` of the file.
+        let original_line = |n: usize| {
+            if has_comments {
+                line_numbers.get(n - 1).copied().unwrap_or(n)
+            } else {
+                n
+            }
+        };
+        let mut columns: Option<[Option<usize>; 4]> = None;
+        let mut header: Vec<String> = Vec::new();
+        let mut header_line = original_line(1);
+        if kept.starts_with('\n') {
+            // A blank first line is an empty header to Python's DictReader (and every row then
+            // lacks its columns); csv-core would skip it.
+            columns = Some([None; 4]);
+        }
+        for_each_record(&kept, |filtered_line, record| {
+            let line = line_numbers
+                .get(filtered_line - 1)
+                .copied()
+                .unwrap_or(filtered_line);
             let at = Location::line(path, line);
+            if let Some(long) = record
+                .iter()
+                .find(|f| f.len() > MAX_FIELD_CHARS && f.chars().count() > MAX_FIELD_CHARS)
+            {
+                return Err(InputError::new(
+                    Some(at.clone()),
+                    None,
+                    format!(
+                        "a field of {} characters is longer than the {MAX_FIELD_CHARS} Espressif's generator can read; \
+                         put large values in a file and use a `file` row",
+                        long.chars().count()
+                    ),
+                ));
+            }
             let Some(columns) = &columns else {
                 // The first record of each file is its header; a later column of the same
                 // name wins, as in Python's DictReader.
                 let mut found = [None; 4];
                 for (i, name) in record.iter().enumerate() {
-                    if let Some(c) = COLUMNS.iter().position(|&col| col == name) {
+                    if let Some(c) = COLUMNS.iter().position(|col| col == name) {
                         found[c] = Some(i);
                     }
                 }
                 columns = Some(found);
-                header = record.clone();
+                header = record.iter().map(|f| f.to_string()).collect();
                 header_line = line;
-                continue;
+                return Ok(());
             };
             if let Some(missing) = COLUMNS.iter().zip(columns).find(|(_, c)| c.is_none()) {
-                let found: Vec<&str> = header.iter().collect();
                 return Err(InputError::new(
                     Some(Location::line(path, header_line)),
                     None,
                     format!(
                         "the header has no `{}` column (it has: {}); the first line must be `key,type,encoding,value`",
                         missing.0,
-                        found.join(",")
+                        if header.is_empty() {
+                            "nothing: the line is blank".to_owned()
+                        } else {
+                            header.join(",")
+                        }
                     ),
                 ));
             }
-            let field = |c: usize| columns[c].and_then(|i| record.get(i));
-            self.add_row(at, [field(0), field(1), field(2), field(3)], files)?;
-        }
+            let field = |c: usize| columns[c].and_then(|i| record.get(i).copied());
+            self.add_row(&at, [field(0), field(1), field(2), field(3)], files)
+        })?;
         Ok(())
     }
 
     fn add_row(
         &mut self,
-        at: Location,
+        at: &Location,
         [key, ty, encoding, value]: [Option<&str>; 4],
         files: &FileBase,
     ) -> Result<(), InputError> {
@@ -167,7 +193,7 @@ impl ImageInput {
         if ty == "namespace" {
             if WIFI_KEYS.contains(&key) {
                 return Err(InputError::new(
-                    Some(at),
+                    Some(at.clone()),
                     Some(key),
                     "this Wi-Fi key name cannot be a namespace name (Espressif's generator treats it as a Wi-Fi value)",
                 ));
@@ -205,6 +231,12 @@ impl ImageInput {
 /// Decodes one value given its encoding cell and raw bytes (the cell, or a file's contents).
 fn decode_value(encoding: &str, raw: &[u8], from_file: bool) -> Result<Value, String> {
     if let Some(filled) = decode_fill(encoding, raw) {
+        if from_file && !raw.is_empty() {
+            // The reference fails on this (it expects the cell's text).
+            return Err(format!(
+                "`{encoding}` pads the value written in the CSV; it cannot take a `file` row"
+            ));
+        }
         return filled.map(Value::Blob);
     }
     let exact = Encoding::from_name(encoding);
@@ -238,5 +270,85 @@ fn decode_value(encoding: &str, raw: &[u8], from_file: bool) -> Result<Value, St
                 .into(),
         );
     }
-    enc.decode_bytes(raw)
+    if from_file {
+        return enc.decode_file(raw);
+    }
+    let text = std::str::from_utf8(raw).map_err(|_| "the value is not valid UTF-8".to_owned())?;
+    enc.decode(text)
+}
+
+thread_local! {
+    /// One csv-core reader per thread, reset for each file: building its DFA costs more than
+    /// parsing a typical NVS CSV.
+    static READER: RefCell<csv_core::Reader> = RefCell::new(csv_core::Reader::new());
+}
+
+/// Calls `f` with each record of `text` (Python's `excel` dialect: `,` and `"` with doubled
+/// quotes; `\n` line ends) and the 1-based line of `text` it starts on. Blank lines are skipped.
+fn for_each_record<E>(
+    text: &str,
+    mut f: impl FnMut(usize, &[&str]) -> Result<(), E>,
+) -> Result<(), E> {
+    READER.with(|reader| {
+        let mut reader = reader.borrow_mut();
+        reader.reset();
+        let bytes = text.as_bytes();
+        let (mut pos, mut line) = (0, 1);
+        let mut out = vec![0u8; 256.max(text.len())];
+        let mut ends = vec![0usize; 8];
+        loop {
+            // csv-core skips blank lines; skip them here so the line counted is the record's.
+            while bytes.get(pos) == Some(&b'\n') {
+                pos += 1;
+                line += 1;
+            }
+            let start_line = line;
+            let (mut nout, mut nend) = (0, 0);
+            loop {
+                // Empty input (at the end) tells csv-core the text is over.
+                let (result, nin, o, e) =
+                    reader.read_record(&bytes[pos..], &mut out[nout..], &mut ends[nend..]);
+                line += bytes[pos..pos + nin]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count();
+                pos += nin;
+                nout += o;
+                nend += e;
+                match result {
+                    ReadRecordResult::InputEmpty => {}
+                    ReadRecordResult::OutputFull => out.resize(out.len() * 2, 0),
+                    ReadRecordResult::OutputEndsFull => ends.resize(ends.len() * 2, 0),
+                    ReadRecordResult::Record => break,
+                    ReadRecordResult::End => return Ok(()),
+                }
+            }
+            // Fields split at ASCII bytes of valid UTF-8 text, so the record is valid UTF-8
+            // and every field boundary is a character boundary.
+            let record = std::str::from_utf8(&out[..nout]).unwrap_or_default();
+            let mut bounds = [(0usize, 0usize); 8];
+            let mut start = 0;
+            if nend <= bounds.len() {
+                for (bound, &end) in bounds.iter_mut().zip(&ends[..nend]) {
+                    *bound = (start, end);
+                    start = end;
+                }
+                let mut fields = [""; 8];
+                for (field, &(a, b)) in fields.iter_mut().zip(&bounds[..nend]) {
+                    *field = record.get(a..b).unwrap_or_default();
+                }
+                f(start_line, &fields[..nend])?;
+            } else {
+                let fields: Vec<&str> = ends[..nend]
+                    .iter()
+                    .map(|&end| {
+                        let field = record.get(start..end).unwrap_or_default();
+                        start = end;
+                        field
+                    })
+                    .collect();
+                f(start_line, &fields)?;
+            }
+        }
+    })
 }

@@ -50,27 +50,32 @@ impl Encoding {
         )
     }
 
-    /// Decodes a file's contents into a value of this encoding, as the reference does for
-    /// `file` rows: strings and integers must be UTF-8 text, hex and base64 are decoded, binary
-    /// is taken as is.
-    pub fn decode_bytes(self, raw: &[u8]) -> Result<Value, String> {
+    /// Decodes a file's contents, as the reference does for `file` rows (Python `bytes`
+    /// semantics): strings must be UTF-8; integers and hex take ASCII only, with ASCII
+    /// whitespace around them; base64 is decoded; binary is taken as is.
+    pub fn decode_file(self, raw: &[u8]) -> Result<Value, String> {
         match self {
             Encoding::Binary => Ok(Value::Blob(raw.to_vec())),
-            Encoding::Hex2bin => decode_hex(raw).map(Value::Blob),
+            Encoding::Hex2bin => decode_hex_digits(trim_bytes(raw)).map(Value::Blob),
             Encoding::Base64 => decode_base64(raw).map(Value::Blob),
-            text => std::str::from_utf8(raw)
-                .map_err(|_| {
-                    "the file is not valid UTF-8, so it cannot be read as text; use `binary` for raw bytes".to_owned()
-                })
-                .and_then(|t| text.decode(t)),
+            Encoding::String => std::str::from_utf8(raw)
+                .map(|t| Value::String(t.to_owned()))
+                .map_err(|_| "the file is not valid UTF-8, so it cannot be read as a string; use `binary` for raw bytes".to_owned()),
+            integer => {
+                let digits = std::str::from_utf8(trim_bytes(raw)).ok().filter(|t| t.is_ascii());
+                match digits {
+                    Some(text) => integer_value(integer, parse_python_int(text)?),
+                    None => Err("the file does not hold a base-10 integer in ASCII digits".to_owned()),
+                }
+            }
         }
     }
 
-    /// Decodes `text` into a value of this encoding.
+    /// Decodes `text` (a CSV cell or a metadata value: Python `str` semantics).
     pub fn decode(self, text: &str) -> Result<Value, String> {
         match self {
             Encoding::String => Ok(Value::String(text.to_owned())),
-            Encoding::Hex2bin => decode_hex(text.as_bytes()).map(Value::Blob),
+            Encoding::Hex2bin => decode_hex(text).map(Value::Blob),
             Encoding::Base64 => decode_base64(text.as_bytes()).map(Value::Blob),
             Encoding::Binary => Ok(Value::Blob(text.as_bytes().to_vec())),
             integer => integer_value(integer, parse_python_int(text)?),
@@ -97,10 +102,40 @@ pub fn integer_value(encoding: Encoding, n: i128) -> Result<Value, String> {
     })
 }
 
-/// Python's `str.strip()` / `int()` whitespace: Unicode White_Space plus the ASCII separators
-/// 0x1C..=0x1F.
-fn is_python_space(c: char) -> bool {
+/// Python's `str.strip()` whitespace: Unicode White_Space plus the separators 0x1C..=0x1F
+/// (which `int()`, unlike `strip()`, does not skip).
+fn is_python_strip_space(c: char) -> bool {
     c.is_whitespace() || ('\x1c'..='\x1f').contains(&c)
+}
+
+/// Python's `bytes.strip()`: ASCII whitespace including vertical tab.
+fn trim_bytes(raw: &[u8]) -> &[u8] {
+    let space = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b'\x0b' | b'\x0c');
+    let start = raw.iter().position(|b| !space(b)).unwrap_or(raw.len());
+    let end = raw.iter().rposition(|b| !space(b)).map_or(start, |i| i + 1);
+    &raw[start..end]
+}
+
+/// First code points of the Unicode decimal-digit runs (category Nd, Unicode 14 as in Python
+/// 3.11) other than ASCII: Python's `int()` reads digits from any of them.
+const DIGIT_ZEROS: [u32; 65] = [
+    0x660, 0x6f0, 0x7c0, 0x966, 0x9e6, 0xa66, 0xae6, 0xb66, 0xbe6, 0xc66, 0xce6, 0xd66, 0xde6,
+    0xe50, 0xed0, 0xf20, 0x1040, 0x1090, 0x17e0, 0x1810, 0x1946, 0x19d0, 0x1a80, 0x1a90, 0x1b50,
+    0x1bb0, 0x1c40, 0x1c50, 0xa620, 0xa8d0, 0xa900, 0xa9d0, 0xa9f0, 0xaa50, 0xabf0, 0xff10,
+    0x104a0, 0x10d30, 0x11066, 0x110f0, 0x11136, 0x111d0, 0x112f0, 0x11450, 0x114d0, 0x11650,
+    0x116c0, 0x11730, 0x118e0, 0x11950, 0x11c50, 0x11d50, 0x11da0, 0x16a60, 0x16ac0, 0x16b50,
+    0x1d7ce, 0x1d7d8, 0x1d7e2, 0x1d7ec, 0x1d7f6, 0x1e140, 0x1e2f0, 0x1e950, 0x1fbf0,
+];
+
+/// The value of a decimal digit as Python's `int()` sees it.
+fn python_digit(c: char) -> Option<u32> {
+    if let Some(d) = c.to_digit(10) {
+        return Some(d);
+    }
+    let c = c as u32;
+    let i = DIGIT_ZEROS.partition_point(|&zero| zero <= c);
+    let zero = *DIGIT_ZEROS.get(i.checked_sub(1)?)?;
+    (c - zero < 10).then_some(c - zero)
 }
 
 /// Parses an integer the way Python's `int(text)` does in base 10: surrounding whitespace, an
@@ -108,7 +143,7 @@ fn is_python_space(c: char) -> bool {
 pub fn parse_python_int(text: &str) -> Result<i128, String> {
     let invalid =
         || "the value is not a base-10 integer (write decimal digits, e.g. 42 or -7)".to_owned();
-    let trimmed = text.trim_matches(is_python_space);
+    let trimmed = text.trim_matches(char::is_whitespace);
     let (negative, digits) = match trimmed.as_bytes().first() {
         Some(b'-') => (true, &trimmed[1..]),
         Some(b'+') => (false, &trimmed[1..]),
@@ -123,7 +158,7 @@ pub fn parse_python_int(text: &str) -> Result<i128, String> {
     }
     let mut n: i128 = 0;
     for c in digits.chars().filter(|&c| c != '_') {
-        let d = c.to_digit(10).ok_or_else(invalid)?;
+        let d = python_digit(c).ok_or_else(invalid)?;
         // Saturate far beyond every NVS type; the range check reports it.
         n = n.saturating_mul(10).saturating_add(i128::from(d));
     }
@@ -131,32 +166,49 @@ pub fn parse_python_int(text: &str) -> Result<i128, String> {
 }
 
 /// `hex2bin`: outer whitespace stripped, then pairs of hex digits (either case, no `0x`).
-pub fn decode_hex(text: &[u8]) -> Result<Vec<u8>, String> {
-    let text = match std::str::from_utf8(text) {
-        Ok(s) => s.trim_matches(is_python_space).as_bytes(),
-        Err(_) => text.trim_ascii(),
-    };
+pub fn decode_hex(text: &str) -> Result<Vec<u8>, String> {
+    decode_hex_digits(text.trim_matches(is_python_strip_space).as_bytes())
+}
+
+/// Value of each byte as a hex digit, 0xFF for non-digits.
+const HEX_VALUES: [u8; 256] = {
+    let mut table = [0xFF; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        table[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
+
+fn decode_hex_digits(text: &[u8]) -> Result<Vec<u8>, String> {
     if text.len() % 2 != 0 {
         return Err(format!(
             "hex data has an odd number of digits ({}); hex2bin needs two digits per byte",
             text.len()
         ));
     }
-    let digit = |c: u8| -> Result<u8, String> {
-        (c as char)
-            .to_digit(16)
-            .map(|d| d as u8)
-            .filter(|_| c.is_ascii())
-            .ok_or_else(|| {
-                format!(
-                    "`{}` is not a hex digit (hex2bin takes 0-9, a-f, A-F)",
-                    (c as char).escape_debug()
-                )
-            })
+    // Positions, not characters, in errors: the value may be a secret.
+    let digit = |i: usize| -> Result<u8, String> {
+        match HEX_VALUES[usize::from(text[i])] {
+            0xFF => Err(format!(
+                "character {} of the hex data is not a hex digit (hex2bin takes 0-9, a-f, A-F)",
+                i + 1
+            )),
+            d => Ok(d),
+        }
     };
-    text.chunks_exact(2)
-        .map(|pair| Ok(digit(pair[0])? << 4 | digit(pair[1])?))
-        .collect()
+    let mut out = Vec::with_capacity(text.len() / 2);
+    for i in 0..text.len() / 2 {
+        out.push((digit(2 * i)? << 4) | digit(2 * i + 1)?);
+    }
+    Ok(out)
 }
 
 /// `base64`, as lenient as Python 3.11's `binascii.a2b_base64`: characters outside the
@@ -291,6 +343,12 @@ mod tests {
         assert_eq!(parse_python_int("-1_000"), Ok(-1000));
         assert_eq!(parse_python_int("007"), Ok(7));
         assert_eq!(parse_python_int("\t-0\n"), Ok(0));
+        assert_eq!(parse_python_int("\u{a0}\u{661}\u{662}"), Ok(12));
+        assert_eq!(parse_python_int("\u{1d7ce}\u{1d7d9}"), Ok(1));
+        assert!(parse_python_int("\x1c12").is_err());
+        assert_eq!(Encoding::U8.decode_file(b"\x0b12\n"), Ok(Value::U8(12)));
+        assert!(Encoding::U8.decode_file("\u{a0}12".as_bytes()).is_err());
+        assert!(Encoding::U8.decode_file("\u{661}".as_bytes()).is_err());
         for bad in [
             "", " ", "0x10", "1.0", "_1", "1_", "1__0", "+-1", "- 1", "1 2",
         ] {
@@ -311,10 +369,15 @@ mod tests {
 
     #[test]
     fn hex() {
-        assert_eq!(decode_hex(b" 00fF10\n"), Ok(vec![0, 0xff, 0x10]));
-        assert!(decode_hex(b"abc").is_err());
-        assert!(decode_hex(b"zz").is_err());
-        assert_eq!(decode_hex(b""), Ok(vec![]));
+        assert_eq!(decode_hex(" 00fF10\n\x1c"), Ok(vec![0, 0xff, 0x10]));
+        assert!(decode_hex("abc").is_err());
+        assert!(decode_hex("zz").is_err());
+        assert_eq!(decode_hex(""), Ok(vec![]));
+        assert_eq!(
+            Encoding::Hex2bin.decode_file(b"\x0b0102\n"),
+            Ok(Value::Blob(vec![1, 2]))
+        );
+        assert!(Encoding::Hex2bin.decode_file(b"\x1c0102").is_err());
     }
 
     #[test]

@@ -19,7 +19,8 @@ pub struct ImageInput {
 impl ImageInput {
     pub fn new(size: PartitionSize, version: Version) -> ImageInput {
         ImageInput {
-            builder: ImageBuilder::new(version),
+            // Partitions are small (KiBs to a few MiB); reserving them avoids regrowth.
+            builder: ImageBuilder::with_capacity(version, size.bytes().min(1 << 24) as usize),
             size,
             overflow: None,
             files_read: Vec::new(),
@@ -56,10 +57,10 @@ impl ImageInput {
     }
 
     /// Opens (or continues) a namespace.
-    pub fn namespace(&mut self, at: Option<Location>, name: &str) -> Result<(), InputError> {
+    pub fn namespace(&mut self, at: Option<&Location>, name: &str) -> Result<(), InputError> {
         self.builder
             .namespace(name)
-            .map_err(|e| InputError::from_format(at.clone(), Some(name), e))?;
+            .map_err(|e| InputError::from_format(at.cloned(), Some(name), e))?;
         self.track_overflow(at, name);
         Ok(())
     }
@@ -67,21 +68,21 @@ impl ImageInput {
     /// Adds an item to the current namespace; `source_text` is how the input spelled the value.
     pub fn add(
         &mut self,
-        at: Option<Location>,
+        at: Option<&Location>,
         key: &str,
         value: Value,
         source_text: &str,
     ) -> Result<(), InputError> {
         self.builder
             .add_with_source_text(key, value, source_text)
-            .map_err(|e| InputError::from_format(at.clone(), Some(key), e))?;
+            .map_err(|e| InputError::from_format(at.cloned(), Some(key), e))?;
         self.track_overflow(at, key);
         Ok(())
     }
 
-    fn track_overflow(&mut self, at: Option<Location>, key: &str) {
+    fn track_overflow(&mut self, at: Option<&Location>, key: &str) {
         if self.overflow.is_none() && self.builder.pages_used() > self.size.data_pages() {
-            self.overflow = Some((at, key.to_owned()));
+            self.overflow = Some((at.cloned(), key.to_owned()));
         }
     }
 

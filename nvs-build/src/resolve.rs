@@ -113,10 +113,10 @@ pub fn build_partition(
         image.add_csv_file(csv, &files)?;
     }
     for ns in &spec.namespaces {
-        image.namespace(Some(ns.at.clone()), &ns.name)?;
+        image.namespace(Some(&ns.at), &ns.name)?;
         for entry in &ns.entries {
             let (value, text) = resolve_value(entry, inputs)?;
-            image.add(Some(entry.at.clone()), &entry.key, value, &text)?;
+            image.add(Some(&entry.at), &entry.key, value, &text)?;
         }
     }
     for file in image.files_read() {
@@ -187,7 +187,7 @@ fn resolve_value(
             let bytes = std::fs::read(path)
                 .map_err(|e| fail(format!("cannot read file `{}`: {e}", path.display())))?;
             inputs.deps.file(path);
-            let value = entry.encoding.decode_bytes(&bytes).map_err(fail)?;
+            let value = entry.encoding.decode_file(&bytes).map_err(fail)?;
             return Ok((value, path.to_string_lossy().into_owned()));
         }
         ValueSource::Env { var, default } => {
@@ -213,6 +213,6 @@ fn resolve_value(
             }
         }
     };
-    let value = entry.encoding.decode_bytes(text.as_bytes()).map_err(fail)?;
+    let value = entry.encoding.decode(&text).map_err(fail)?;
     Ok((value, text))
 }

@@ -1,6 +1,7 @@
 //! The writer: lays items out on pages exactly as Espressif's generator does (spec §9).
 
 use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use super::crc::{entry_crc, nvs_crc32};
 use super::error::FormatError;
@@ -86,23 +87,58 @@ pub struct ImageBuilder {
     cursor: usize,
     /// Namespace names; index `i` is namespace number `i + 1`.
     namespaces: Vec<String>,
-    keys: HashSet<(u8, String)>,
+    /// Keys written so far, as namespace index + key bytes.
+    keys: HashSet<KeyId, BuildHasherDefault<KeyIdHasher>>,
     wifi: WifiState,
 }
 
-/// One item about to be written: its key and value.
-type Pending = (String, Value);
+/// A namespace index and a key (at most 15 bytes, zero-padded) in one number.
+type KeyId = u128;
+
+fn key_id(ns: u8, key: &str) -> KeyId {
+    let mut id = [0u8; 16];
+    id[0] = ns;
+    id[1..=key.len()].copy_from_slice(key.as_bytes());
+    u128::from_le_bytes(id)
+}
+
+/// A multiplicative hash of the 128-bit key ids: keys are short and not attacker-chosen, so
+/// SipHash's cost buys nothing here.
+#[derive(Default)]
+struct KeyIdHasher(u64);
+
+impl Hasher for KeyIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u128(&mut self, id: u128) {
+        let folded = (id as u64) ^ ((id >> 64) as u64).rotate_left(29);
+        self.0 = folded.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (folded >> 32);
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
 
 impl ImageBuilder {
     /// Starts an image. Page 0 exists from the start, as in the reference, even if nothing is
     /// ever added.
     pub fn new(version: Version) -> ImageBuilder {
+        ImageBuilder::with_capacity(version, 2 * PAGE_SIZE)
+    }
+
+    /// Like [`ImageBuilder::new`], reserving `bytes` up front (the partition size, typically).
+    pub fn with_capacity(version: Version, bytes: usize) -> ImageBuilder {
         let mut builder = ImageBuilder {
             version,
-            pages: Vec::with_capacity(2 * PAGE_SIZE),
+            pages: Vec::with_capacity(bytes.max(PAGE_SIZE)),
             cursor: 0,
             namespaces: Vec::new(),
-            keys: HashSet::new(),
+            keys: HashSet::with_capacity_and_hasher(64, BuildHasherDefault::default()),
             wifi: WifiState::default(),
         };
         builder.open_page();
@@ -190,38 +226,36 @@ impl ImageBuilder {
                 key: key.to_owned(),
             });
         }
-        let mut wifi = self.wifi.clone();
-        let mut items: Vec<Pending> = Vec::with_capacity(1);
-        match wifi_text.map(|text| wifi.extras_for(key, text)) {
-            Some(extras) => {
-                let blobs = |list: Vec<(&str, Vec<u8>)>| {
-                    list.into_iter()
-                        .map(|(k, v)| (k.to_owned(), Value::Blob(v)))
-                        .collect::<Vec<_>>()
-                };
-                items.extend(blobs(extras.before));
-                items.push((key.to_owned(), value));
-                items.extend(blobs(extras.after));
+        let extras = match wifi_text {
+            Some(text) if WifiState::is_trigger(key) => {
+                let mut wifi = self.wifi.clone();
+                let extras = wifi.extras_for(key, text);
+                Some((wifi, extras))
             }
-            None => items.push((key.to_owned(), value)),
-        }
-
+            _ => None,
+        };
+        let Some((wifi, extras)) = extras else {
+            self.check_size(key, &value)?;
+            if !self.keys.insert(key_id(ns, key)) {
+                return Err(self.duplicate(ns, key));
+            }
+            self.write_item(ns, key, &value);
+            return Ok(());
+        };
+        let mut items: Vec<(&str, Value)> = Vec::with_capacity(4);
+        items.extend(extras.before.into_iter().map(|(k, v)| (k, Value::Blob(v))));
+        items.push((key, value));
+        items.extend(extras.after.into_iter().map(|(k, v)| (k, Value::Blob(v))));
         // Check everything before writing anything, so an error leaves the image unchanged.
-        let mut new_keys = HashSet::new();
-        for (key, value) in &items {
-            let fresh = !self.keys.contains(&(ns, key.clone())) && new_keys.insert(key.as_str());
-            if !fresh {
-                return Err(FormatError::DuplicateKey {
-                    namespace: self.namespaces[ns as usize - 1].clone(),
-                    key: key.clone(),
-                });
-            }
+        for (i, (key, value)) in items.iter().enumerate() {
+            let earlier: Vec<&str> = items[..i].iter().map(|(k, _)| *k).collect();
+            self.check_fresh(ns, key, &earlier)?;
             self.check_size(key, value)?;
         }
         self.wifi = wifi;
         for (key, value) in items {
-            self.write_item(ns, &key, &value);
-            self.keys.insert((ns, key));
+            self.write_item(ns, key, &value);
+            self.keys.insert(key_id(ns, key));
         }
         Ok(())
     }
@@ -243,6 +277,21 @@ impl ImageBuilder {
             bytes.resize(size.bytes() as usize, 0xFF);
         }
         Ok(bytes)
+    }
+
+    /// Refuses a key already written in namespace `ns` (or about to be, in `pending`).
+    fn check_fresh(&self, ns: u8, key: &str, pending: &[&str]) -> Result<(), FormatError> {
+        if self.keys.contains(&key_id(ns, key)) || pending.contains(&key) {
+            return Err(self.duplicate(ns, key));
+        }
+        Ok(())
+    }
+
+    fn duplicate(&self, ns: u8, key: &str) -> FormatError {
+        FormatError::DuplicateKey {
+            namespace: self.namespaces[ns as usize - 1].clone(),
+            key: key.to_owned(),
+        }
     }
 
     fn check_size(&self, key: &str, value: &Value) -> Result<(), FormatError> {

@@ -24,6 +24,14 @@ pub(crate) struct WifiExtras {
 }
 
 impl WifiState {
+    /// Whether `key` is one of the names the reference reacts to.
+    pub(crate) fn is_trigger(key: &str) -> bool {
+        matches!(
+            key,
+            "ap.ssid" | "ap.passwd" | "ap.authmode" | "sta.ssid" | "sta.pswd"
+        )
+    }
+
     /// Updates the state for an item with `key` whose source text is `text`, and returns the
     /// blobs to write before and after it.
     pub(crate) fn extras_for(&mut self, key: &str, text: &str) -> WifiExtras {
