@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Layers, from the bottom up (each uses only the ones before it):
-//! - [`format`]: the image format itself, bytes in and bytes out (no I/O).
+//! - [`format`](mod@format): the image format itself, bytes in and bytes out (no I/O).
 //! - [`encoding`], [`csv_input`], [`image`], [`table`], [`metadata`], [`resolve`]: value
 //!   encodings, the Espressif CSV format, partition tables and Cargo metadata, turned into
 //!   located calls on the format core.

@@ -2,6 +2,7 @@
 
 mod bench;
 mod casegen;
+mod ci;
 mod diff_ref;
 mod flags;
 mod reference;
@@ -19,6 +20,8 @@ const HELP: &str = "\
 cargo xtask <command>
 
 commands:
+  ci          everything .ci/run checks: format, clippy, MSRV, tests, docs, diff-ref
+                --cases N          diff-ref plain cases (default 500)
   ref-venv    create target/ref-venv with Espressif's esp-idf-nvs-partition-gen 0.3.0
   diff-ref    compare cargo-nvs with the reference on random inputs
                 --cases N          plain cases (default 500)
@@ -66,6 +69,11 @@ fn run() -> Result<ExitCode> {
             bench::run(&sh, bin)
         }
         Some("bench-inner") => bench::inner(args),
+        Some("ci") => {
+            let cases = args.value("--cases")?.unwrap_or(500);
+            args.finish()?;
+            ci::run(&sh, cases)
+        }
         Some("help") | None => {
             print!("{HELP}");
             Ok(ExitCode::SUCCESS)

@@ -1,0 +1,111 @@
+//! `cargo xtask ci`: everything `.ci/run` checks, in the order a failure is cheapest to find.
+
+use std::process::ExitCode;
+
+use xshell::{Shell, cmd};
+
+use crate::Result;
+
+/// nvs-build's promise to users compiling it with older (ESP) toolchains.
+const NVS_BUILD_MSRV: (u32, u32) = (1, 85);
+
+const STEPS: usize = 6;
+
+pub fn run(sh: &Shell, diff_cases: usize) -> Result<ExitCode> {
+    let steps: [(&str, &dyn Fn() -> Result<()>); STEPS] = [
+        ("format", &|| {
+            Ok(cmd!(sh, "cargo fmt --all -- --check").run()?)
+        }),
+        ("clippy", &|| {
+            cmd!(sh, "cargo clippy --workspace --all-targets -- -D warnings").run()?;
+            // nvs-build as a plain build-dependency, without the encryption feature.
+            Ok(cmd!(
+                sh,
+                "cargo clippy -p nvs-build --no-default-features --all-targets -- -D warnings"
+            )
+            .run()?)
+        }),
+        ("msrv", &|| check_msrv(sh)),
+        ("test", &|| Ok(cmd!(sh, "cargo test --workspace").run()?)),
+        ("doc", &|| {
+            Ok(cmd!(sh, "cargo doc -p nvs-build --no-deps --all-features")
+                .env("RUSTDOCFLAGS", "-D warnings")
+                .run()?)
+        }),
+        ("diff-ref", &|| {
+            let cases = diff_cases.to_string();
+            Ok(cmd!(sh, "cargo xtask diff-ref --cases {cases}").run()?)
+        }),
+    ];
+    let mut failed = Vec::new();
+    for (name, step) in steps {
+        eprintln!("\n=== ci: {name}");
+        if let Err(e) = step() {
+            eprintln!("ci: {name} failed: {e}");
+            failed.push(name);
+        }
+    }
+    let passed = STEPS - failed.len();
+    if !failed.is_empty() {
+        eprintln!("\nci: failed steps: {}", failed.join(", "));
+    }
+    println!("ci: {passed} passed, {} failed", failed.len());
+    Ok(if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Only one Rust toolchain can be installed here, so the MSRV is checked two ways: clippy's
+/// `incompatible_msrv` lint (workspace lints, denied) catches std APIs newer than nvs-build's
+/// `rust-version`, and this check makes sure no crate in its normal dependency tree (every
+/// feature on) declares a newer `rust-version`.
+fn check_msrv(sh: &Shell) -> Result<()> {
+    // The default format is "name vVERSION" (plus markers), which is all this needs.
+    let tree = cmd!(
+        sh,
+        "cargo tree -p nvs-build -e normal --all-features --prefix none"
+    )
+    .read()?;
+    let metadata: serde_json::Value =
+        serde_json::from_str(&cmd!(sh, "cargo metadata --format-version 1").read()?)?;
+    let packages = metadata["packages"]
+        .as_array()
+        .ok_or("cargo metadata: no packages")?;
+    let mut too_new = Vec::new();
+    for line in tree.lines() {
+        let mut words = line.split_whitespace();
+        let (Some(name), Some(version)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let version = version.trim_start_matches('v');
+        let package = packages
+            .iter()
+            .find(|p| p["name"] == name && p["version"] == version);
+        let Some(rust) = package.and_then(|p| p["rust_version"].as_str()) else {
+            continue;
+        };
+        let mut parts = rust.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        if (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) > NVS_BUILD_MSRV {
+            too_new.push(format!("{name} {version} needs Rust {rust}"));
+        }
+    }
+    too_new.sort();
+    too_new.dedup();
+    if too_new.is_empty() {
+        eprintln!(
+            "msrv: every crate in nvs-build's tree builds with Rust {}.{}",
+            NVS_BUILD_MSRV.0, NVS_BUILD_MSRV.1
+        );
+        Ok(())
+    } else {
+        Err(format!(
+            "nvs-build promises Rust {}.{}, but {}",
+            NVS_BUILD_MSRV.0,
+            NVS_BUILD_MSRV.1,
+            too_new.join("; ")
+        )
+        .into())
+    }
+}
