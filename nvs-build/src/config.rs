@@ -229,18 +229,21 @@ pub fn generate_images(
     out_dir: &Path,
     inputs: &mut Inputs<'_>,
 ) -> Result<Vec<GeneratedImage>, InputError> {
-    let mut images = Vec::new();
+    // Build every image before writing any, so an error leaves the output folder as it was.
+    let mut built = Vec::new();
     for spec in &metadata.partitions {
-        images.push(
-            match build_partition(spec, &metadata.manifest_dir, inputs)? {
-                PartitionImage::Built(built) => {
-                    let path = out_dir.join(format!("{}.bin", spec.name));
-                    write_if_changed(&path, &built.bytes)?;
-                    generated(spec, Some(path), None, Some(built.percent_full()))
-                }
-                PartitionImage::Skipped { reason } => generated(spec, None, Some(reason), None),
-            },
-        );
+        built.push((spec, build_partition(spec, &metadata.manifest_dir, inputs)?));
+    }
+    let mut images = Vec::new();
+    for (spec, image) in built {
+        images.push(match image {
+            PartitionImage::Built(built) => {
+                let path = out_dir.join(format!("{}.bin", spec.name));
+                write_if_changed(&path, &built.bytes)?;
+                generated(spec, Some(path), None, Some(built.percent_full()))
+            }
+            PartitionImage::Skipped { reason } => generated(spec, None, Some(reason), None),
+        });
     }
     Ok(images)
 }
