@@ -1,6 +1,8 @@
 //! `cargo nvs`: ESP32 NVS partition images in the Cargo workflow.
 
+mod artifacts;
 mod cmd;
+mod flashing;
 mod fsutil;
 mod project;
 mod size;
@@ -33,6 +35,9 @@ enum Command {
     GenerateKey(cmd::generate_key::GenerateKeyArgs),
     Dump(cmd::dump::DumpArgs),
     Partitions(cmd::partitions::PartitionsArgs),
+    Flash(Box<cmd::flash::FlashArgs>),
+    Read(Box<cmd::read::ReadArgs>),
+    Dist(Box<cmd::dist::DistArgs>),
 }
 
 /// An error for the user: printed as `error: …`, exit code 1.
@@ -56,6 +61,9 @@ fn main() -> ExitCode {
         Command::GenerateKey(args) => cmd::generate_key::run(args),
         Command::Dump(args) => cmd::dump::run(args),
         Command::Partitions(args) => cmd::partitions::run(args),
+        Command::Flash(args) => cmd::flash::run(*args),
+        Command::Read(args) => cmd::read::run(*args),
+        Command::Dist(args) => cmd::dist::run(*args),
     };
     match result {
         Ok(code) => code,

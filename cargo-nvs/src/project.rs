@@ -20,6 +20,7 @@ pub struct PackageArgs {
 /// The selected package and the workspace's target directory.
 pub struct Project {
     pub name: String,
+    pub id: cargo_metadata::PackageId,
     pub manifest_path: PathBuf,
     pub target_dir: PathBuf,
 }
@@ -82,6 +83,7 @@ impl PackageArgs {
         };
         Ok(Project {
             name: package.name.to_string(),
+            id: package.id.clone(),
             manifest_path: package.manifest_path.clone().into_std_path_buf(),
             target_dir: metadata.target_directory.clone().into_std_path_buf(),
         })

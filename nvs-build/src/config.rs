@@ -94,6 +94,9 @@ pub struct GeneratedImage {
     pub encrypted: bool,
     /// The image file, unless the partition was skipped.
     pub path: Option<PathBuf>,
+    /// The nvs_keys file of a partition encrypted with the flash-encryption scheme (flashed
+    /// into the table's `nvs_keys` partition); `None` otherwise.
+    pub keys_file: Option<PathBuf>,
     pub skipped: Option<String>,
     pub percent_full: Option<u32>,
 }
@@ -260,6 +263,10 @@ fn generated(
         size: spec.size,
         factory: spec.factory,
         encrypted: spec.encryption.is_some(),
+        keys_file: match &spec.encryption {
+            Some((crate::metadata::EncryptionSpec::KeyFile(path), _)) => Some(path.clone()),
+            _ => None,
+        },
         path,
         skipped,
         percent_full,
@@ -345,12 +352,13 @@ fn render_manifest(metadata: &Metadata, images: &[GeneratedImage]) -> String {
     for (i, image) in images.iter().enumerate() {
         out.push_str(if i == 0 { "\n" } else { ",\n" });
         out.push_str(&format!(
-            "    {{\"name\": {}, \"offset\": {}, \"size\": {}, \"factory\": {}, \"encrypted\": {}, \"file\": {}, \"skipped\": {}}}",
+            "    {{\"name\": {}, \"offset\": {}, \"size\": {}, \"factory\": {}, \"encrypted\": {}, \"keys_file\": {}, \"file\": {}, \"skipped\": {}}}",
             json_string(&image.partition),
             image.offset,
             image.size,
             image.factory,
             image.encrypted,
+            json_opt_path(image.keys_file.as_deref()),
             json_opt_path(image.path.as_deref()),
             image.skipped.as_deref().map_or("null".to_owned(), json_string),
         ));

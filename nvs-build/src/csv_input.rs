@@ -120,12 +120,11 @@ impl ImageInput {
             // lacks its columns); csv-core would skip it.
             columns = Some([None; 4]);
         }
+        // One location, updated per row: rows allocate nothing unless they fail.
+        let mut at = Location::line(path, 1);
         for_each_record(&kept, |filtered_line, record| {
-            let line = line_numbers
-                .get(filtered_line - 1)
-                .copied()
-                .unwrap_or(filtered_line);
-            let at = Location::line(path, line);
+            let line = original_line(filtered_line);
+            at.line = Some(line);
             if let Some(long) = record
                 .iter()
                 .find(|f| f.len() > MAX_FIELD_CHARS && f.chars().count() > MAX_FIELD_CHARS)

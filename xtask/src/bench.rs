@@ -1,5 +1,8 @@
-//! `cargo xtask bench`: our generator against the reference, in-process and as whole processes.
-//! Prints figures only; timings are never asserted.
+//! `cargo xtask bench`: our generator against the reference, in-process (plain and encrypted
+//! images) and as whole processes, and the cold build cost of depending on nvs-build against
+//! `cc`'s (see `build_cost`). Prints figures only; timings are never asserted.
+
+mod build_cost;
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -15,13 +18,64 @@ use crate::reference::{self, MODULE};
 use crate::{Result, project_root, target_dir};
 
 const CSV: &str = "nvs-build/tests/vectors/in/perf50.csv";
+/// The encryption key: an nvs_keys image, as `--inputkey` takes it.
+const KEY: &str = "nvs-build/tests/vectors/in/keys_fixed.bin";
 const SIZE: u64 = 0x6000;
 const REF_ITERATIONS: usize = 200;
+/// The reference's encrypt() takes about twice as long as its generate().
+const REF_ENC_ITERATIONS: usize = 100;
 const PROCESS_RUNS: usize = 20;
 const BENCH_SCRIPT: &str = include_str!("ref_bench.py");
 
+/// `cargo xtask bench [build-cost] [--bin PATH] [--no-build-cost]`.
+pub struct Options {
+    /// A prebuilt `cargo-nvs` to time instead of the release build.
+    bin: Option<PathBuf>,
+    /// Time image generation (everything but the build cost).
+    runtime: bool,
+    build_cost: bool,
+}
+
+impl Options {
+    pub fn parse(args: &mut Args) -> Result<Options> {
+        let only_build_cost = match args.subcommand().as_deref() {
+            None => false,
+            Some("build-cost") => true,
+            Some(other) => return Err(format!("unknown bench `{other}`").into()),
+        };
+        let no_build_cost = args.flag("--no-build-cost");
+        let bin = args.value("--bin")?;
+        if only_build_cost && (no_build_cost || bin.is_some()) {
+            return Err("`bench build-cost` takes no --no-build-cost or --bin".into());
+        }
+        Ok(Options {
+            bin,
+            runtime: !only_build_cost,
+            build_cost: !no_build_cost,
+        })
+    }
+}
+
+pub fn run(sh: &Shell, opts: Options) -> Result<ExitCode> {
+    if opts.runtime {
+        run_runtime(sh, opts.bin)?;
+    }
+    if opts.build_cost {
+        if opts.runtime {
+            println!();
+        }
+        match build_cost::measure(sh) {
+            Ok(cost) => build_cost::print(&cost),
+            // The figures above stand on their own.
+            Err(e) if opts.runtime => println!("build cost: not measured: {e}"),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `bin`: a prebuilt `cargo-nvs` to time instead of the release build.
-pub fn run(sh: &Shell, bin: Option<PathBuf>) -> Result<ExitCode> {
+fn run_runtime(sh: &Shell, bin: Option<PathBuf>) -> Result<()> {
     let python = reference::ensure_venv(sh)?;
     // Timings only mean something for optimized code: the in-process loop runs in a release
     // build of xtask itself.
@@ -32,19 +86,37 @@ pub fn run(sh: &Shell, bin: Option<PathBuf>) -> Result<ExitCode> {
     }
     let release = target_dir().join("release");
     let csv = project_root().join(CSV);
+    let key = project_root().join(KEY);
     let dir = scratch_dir()?;
     let our_image = dir.join("ours.bin");
+    let our_encrypted = dir.join("ours_enc.bin");
 
     let inner = release.join("xtask");
-    let out = cmd!(sh, "{inner} bench-inner {csv} {our_image}").read()?;
-    let ours_in_process: f64 = out.trim().parse()?;
+    let out = cmd!(
+        sh,
+        "{inner} bench-inner {csv} {our_image} {key} {our_encrypted}"
+    )
+    .read()?;
+    let (ours_in_process, ours_encrypt) = match out.split_whitespace().collect::<Vec<_>>()[..] {
+        [plain, encrypted] => (plain.parse::<f64>()?, encrypted.parse::<f64>()?),
+        _ => return Err(format!("bench-inner printed {out:?}").into()),
+    };
 
     let script = dir.join("ref_bench.py");
     sh.write_file(&script, BENCH_SCRIPT)?;
     let iterations = REF_ITERATIONS.to_string();
-    let out = cmd!(sh, "{python} {script} {csv} {dir} {iterations}").read()?;
+    let out = cmd!(sh, "{python} {script} generate {csv} {dir} {iterations}").read()?;
     let ref_in_process: f64 = out.trim().parse()?;
+    let iterations = REF_ENC_ITERATIONS.to_string();
+    let out = cmd!(
+        sh,
+        "{python} {script} encrypt {csv} {dir} {iterations} {key}"
+    )
+    .read()?;
+    let ref_encrypt: f64 = out.trim().parse()?;
     let same = sh.read_binary_file(dir.join("ref.bin"))? == sh.read_binary_file(&our_image)?;
+    let same_encrypted =
+        sh.read_binary_file(dir.join("ref_enc.bin"))? == sh.read_binary_file(&our_encrypted)?;
 
     let our_bin = match bin {
         Some(bin) => std::path::absolute(bin)?,
@@ -59,7 +131,7 @@ pub fn run(sh: &Shell, bin: Option<PathBuf>) -> Result<ExitCode> {
         "ref_cli.bin",
     )?;
 
-    println!("bench: {CSV} into {SIZE:#x} (version 2)");
+    println!("bench: {CSV} into {SIZE:#x} (version 2; encrypted with {KEY})");
     println!(
         "  {:<32} {:>12} {:>12} {:>9}   target",
         "", "ours", "reference", "ratio"
@@ -72,6 +144,13 @@ pub fn run(sh: &Shell, bin: Option<PathBuf>) -> Result<ExitCode> {
         ref_in_process / ours_in_process
     );
     println!(
+        "  {:<32} {:>9.2} µs {:>9.0} µs {:>8.0}×   ≥ 100×",
+        "in-process, encrypted, per image",
+        ours_encrypt * 1e6,
+        ref_encrypt * 1e6,
+        ref_encrypt / ours_encrypt
+    );
+    println!(
         "  {:<32} {:>9.2} ms {:>9.1} ms {:>8.0}×   ≥ 40×",
         format!("whole process, mean of {PROCESS_RUNS} runs"),
         ours_process.as_secs_f64() * 1e3,
@@ -81,8 +160,11 @@ pub fn run(sh: &Shell, bin: Option<PathBuf>) -> Result<ExitCode> {
     if !same {
         println!("  warning: the two images differ; run `cargo xtask diff-ref`");
     }
+    if !same_encrypted {
+        println!("  warning: the two encrypted images differ; run `cargo xtask diff-ref`");
+    }
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// Outputs go to tmpfs when there is one, so that the disk does not time the reference.
@@ -132,33 +214,50 @@ fn mean_wall_time(
     Ok(total / PROCESS_RUNS as u32)
 }
 
-/// `xtask bench-inner CSV OUT`: the in-process loop (run from a release build). Prints the
-/// mean seconds per image and writes the image to OUT for comparison.
+/// `xtask bench-inner CSV OUT KEY ENC_OUT`: the in-process loops (run from a release build).
+/// Prints the seconds per image, plain then encrypted with the key file KEY, one a line, and
+/// writes the images to OUT and ENC_OUT for comparison.
 pub fn inner(mut args: Args) -> Result<ExitCode> {
-    let csv = PathBuf::from(args.subcommand().ok_or("bench-inner CSV OUT")?);
-    let out = PathBuf::from(args.subcommand().ok_or("bench-inner CSV OUT")?);
+    const USAGE: &str = "bench-inner CSV OUT KEY ENC_OUT";
+    let mut next = || args.subcommand().map(PathBuf::from).ok_or(USAGE);
+    let (csv, out, key_file, enc_out) = (next()?, next()?, next()?, next()?);
     args.finish()?;
     let bytes = std::fs::read(&csv)?;
+    let key = nvs_build::keys::load_key_file(&key_file)?.key;
     let size = PartitionSize::new(SIZE)?;
-    let build = || -> Result<Vec<u8>> {
+    let image = || -> Result<ImageInput> {
         let mut image = ImageInput::new(size, Version::V2);
         image.add_csv(black_box(&csv), black_box(&bytes), &FileBase::CurrentDir)?;
-        Ok(image.finish()?)
+        Ok(image)
     };
-    std::fs::write(&out, build()?)?;
-    for _ in 0..1000 {
-        black_box(build()?);
+    let plain = || -> Result<Vec<u8>> { Ok(image()?.finish()?) };
+    let encrypted = || -> Result<Vec<u8>> { Ok(image()?.finish_encrypted(black_box(&key))?) };
+    std::fs::write(&out, plain()?)?;
+    std::fs::write(&enc_out, encrypted()?)?;
+    println!("{}", best_per_call(plain)?);
+    println!("{}", best_per_call(encrypted)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Seconds per call of `f`: batches of calls until half a second has passed, after a warm-up;
+/// the fastest batch is the least disturbed.
+fn best_per_call(mut f: impl FnMut() -> Result<Vec<u8>>) -> Result<f64> {
+    // Batches of about 5 ms.
+    let warm_up = Instant::now();
+    let mut calls = 0u32;
+    while warm_up.elapsed() < Duration::from_millis(50) || calls < 10 {
+        black_box(f()?);
+        calls += 1;
     }
-    // Batches until half a second has passed; the fastest batch is the least disturbed.
+    let batch_len = (calls / 10).max(1);
     let mut best = f64::INFINITY;
     let start = Instant::now();
     while start.elapsed() < Duration::from_millis(500) {
         let batch = Instant::now();
-        for _ in 0..1000 {
-            black_box(build()?);
+        for _ in 0..batch_len {
+            black_box(f()?);
         }
-        best = best.min(batch.elapsed().as_secs_f64() / 1000.0);
+        best = best.min(batch.elapsed().as_secs_f64() / f64::from(batch_len));
     }
-    println!("{best}");
-    Ok(ExitCode::SUCCESS)
+    Ok(best)
 }

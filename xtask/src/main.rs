@@ -33,8 +33,13 @@ commands:
                                    `cargo-nvs encrypt` exists)
                 --keep             keep passing cases on disk too
                 --bin PATH         test this cargo-nvs binary instead of building one
-  bench       time cargo-nvs against the reference (builds release)
+  bench       time cargo-nvs against the reference (builds release): plain and encrypted
+              images in-process, whole processes; then the build cost (below)
                 --bin PATH         time this cargo-nvs binary instead of the release build
+                --no-build-cost    skip the build cost
+  bench build-cost
+              time cold debug builds of a crate using nvs-build in build.rs against one using
+              cc, side by side, and count their dependencies
 ";
 
 fn main() -> ExitCode {
@@ -64,9 +69,9 @@ fn run() -> Result<ExitCode> {
             diff_ref::run(&sh, opts)
         }
         Some("bench") => {
-            let bin = args.value("--bin")?;
+            let opts = bench::Options::parse(&mut args)?;
             args.finish()?;
-            bench::run(&sh, bin)
+            bench::run(&sh, opts)
         }
         Some("bench-inner") => bench::inner(args),
         Some("ci") => {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use nvs_build::format::{ItemValue, ParsedImage, Severity, Value, read_image};
 use serde_json::{Value as Json, json};
 
-use nvs_build::format::encryption::decrypt_image;
+use nvs_build::format::encryption::{XtsKey, decrypt_image};
 
 use super::OutputFormat;
 use super::keys::KeyInput;
@@ -31,24 +31,37 @@ pub fn run(args: DumpArgs) -> CliResult<ExitCode> {
     let bytes = std::fs::read(&args.image)
         .map_err(|e| CliError(format!("cannot read `{}`: {e}", args.image.display())))?;
     let key = args.key.load()?;
-    let mut bytes = bytes;
-    if let Some(key) = &key {
+    show(
+        bytes,
+        key.as_ref(),
+        args.format,
+        &format!("`{}`", args.image.display()),
+    )
+}
+
+/// Decrypts (with `key`), parses and prints an image; exit status 1 when it is damaged.
+/// `name` says where the image came from, in messages.
+pub fn show(
+    mut bytes: Vec<u8>,
+    key: Option<&XtsKey>,
+    format: OutputFormat,
+    name: &str,
+) -> CliResult<ExitCode> {
+    if let Some(key) = key {
         decrypt_image(&mut bytes, key);
     }
     let parsed = read_image(&bytes);
     if parsed.looks_encrypted {
         return Err(CliError(match key {
-            Some(_) => format!(
-                "wrong key? after decrypting `{}`, not one entry passes its CRC check",
-                args.image.display()
-            ),
+            Some(_) => {
+                format!("wrong key? after decrypting {name}, not one entry passes its CRC check")
+            }
             None => format!(
-                "`{}` looks encrypted (not one entry passes its CRC check): pass --keys KEYS.bin or --hmac-key FILE",
-                args.image.display()
+                "{name} looks encrypted (not one entry passes its CRC check): pass --keys KEYS.bin or --hmac-key FILE"
             ),
         }));
     }
-    match args.format {
+    match format {
         OutputFormat::Text => print!("{}", render_text(&parsed, bytes.len())),
         OutputFormat::Json => println!(
             "{}",
@@ -56,15 +69,12 @@ pub fn run(args: DumpArgs) -> CliResult<ExitCode> {
         ),
     }
     if parsed.is_damaged() {
-        eprintln!(
-            "error: `{}` is damaged: {} problem(s) found",
-            args.image.display(),
-            parsed
-                .problems
-                .iter()
-                .filter(|p| p.severity == Severity::Error)
-                .count()
-        );
+        let errors = parsed
+            .problems
+            .iter()
+            .filter(|p| p.severity == Severity::Error)
+            .count();
+        eprintln!("error: {name} is damaged: {errors} problem(s) found");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)

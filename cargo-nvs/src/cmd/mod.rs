@@ -1,10 +1,13 @@
 pub mod decrypt;
+pub mod dist;
 pub mod dump;
 pub mod encrypt;
+pub mod flash;
 pub mod generate;
 pub mod generate_key;
 pub mod keys;
 pub mod partitions;
+pub mod read;
 
 /// `--format text|json`, one spelling for every command that has machine-readable output.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

@@ -1,0 +1,169 @@
+//! Building the firmware with cargo and finding what the build produced: the ELF and the NVS
+//! images nvs-build wrote into the build script's OUT_DIR (with their manifest).
+
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use cargo_metadata::Message;
+use serde_json::Value as Json;
+
+use crate::project::Project;
+use crate::{CliError, CliResult};
+
+/// Options that select what cargo builds, as `cargo build` spells them.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct BuildArgs {
+    /// Build with the release profile.
+    #[arg(long)]
+    pub release: bool,
+    /// The binary to flash, when the package has several.
+    #[arg(long, value_name = "NAME")]
+    pub bin: Option<String>,
+    /// Target triple to build for [default: the package's .cargo/config.toml].
+    #[arg(long, value_name = "TRIPLE")]
+    pub target: Option<String>,
+    /// Space or comma separated features to activate.
+    #[arg(long, short = 'F', value_name = "FEATURES")]
+    pub features: Option<String>,
+}
+
+/// What one `cargo build` produced for the selected package.
+pub struct Built {
+    /// The app's ELF (`None` if the package has no binary).
+    pub elf: Option<PathBuf>,
+    /// The package build script's OUT_DIR, if it has a build script.
+    pub out_dir: Option<PathBuf>,
+}
+
+/// Runs `$CARGO build --message-format=json` for the package (cargo's own progress and errors
+/// go to the terminal) and collects the ELF and the build script's OUT_DIR.
+pub fn cargo_build(project: &Project, args: &BuildArgs) -> CliResult<Built> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--message-format=json-render-diagnostics",
+        "--manifest-path",
+    ])
+    .arg(&project.manifest_path);
+    if args.release {
+        cmd.arg("--release");
+    }
+    if let Some(bin) = &args.bin {
+        cmd.args(["--bin", bin]);
+    }
+    if let Some(target) = &args.target {
+        cmd.args(["--target", target]);
+    }
+    if let Some(features) = &args.features {
+        cmd.args(["--features", features]);
+    }
+    // Run from the package folder so its .cargo/config.toml (target, runner, linker) applies.
+    if let Some(dir) = project.manifest_path.parent() {
+        cmd.current_dir(dir);
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| CliError(format!("cannot run cargo: {e}")))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut elves = Vec::new();
+    let mut out_dir = None;
+    for message in Message::parse_stream(BufReader::new(stdout)) {
+        match message.map_err(|e| CliError(format!("cannot read cargo's output: {e}")))? {
+            Message::CompilerArtifact(artifact) if artifact.package_id == project.id => {
+                if let Some(exe) = artifact.executable {
+                    elves.push((artifact.target.name.clone(), exe.into_std_path_buf()));
+                }
+            }
+            Message::BuildScriptExecuted(script) if script.package_id == project.id => {
+                out_dir = Some(script.out_dir.into_std_path_buf());
+            }
+            _ => {}
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| CliError(format!("cargo did not finish: {e}")))?;
+    if !status.success() {
+        return Err(CliError(format!("cargo build failed ({status})")));
+    }
+    let elf = match elves.as_slice() {
+        [] => None,
+        [(_, elf)] => Some(elf.clone()),
+        many => {
+            return Err(CliError(format!(
+                "`{}` has several binaries ({}); pick one with --bin",
+                project.name,
+                many.iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    };
+    Ok(Built { elf, out_dir })
+}
+
+/// One partition of nvs-build's `manifest.json`.
+#[derive(Clone, Debug)]
+pub struct NvsImage {
+    pub name: String,
+    pub offset: u32,
+    pub size: u32,
+    pub factory: bool,
+    pub file: Option<PathBuf>,
+    pub keys_file: Option<PathBuf>,
+    pub skipped: Option<String>,
+}
+
+/// nvs-build's `manifest.json` in `$OUT_DIR/nvs`.
+#[derive(Clone, Debug)]
+pub struct NvsManifest {
+    pub partition_table: Option<PathBuf>,
+    pub images: Vec<NvsImage>,
+}
+
+impl NvsManifest {
+    pub fn read(out_dir: &Path) -> CliResult<NvsManifest> {
+        let path = out_dir.join("nvs").join("manifest.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            CliError(format!(
+                "cannot read `{}` ({e}); does the package's build.rs call nvs_build::generate()?",
+                path.display()
+            ))
+        })?;
+        let doc: Json = serde_json::from_str(&text)
+            .map_err(|e| CliError(format!("`{}`: {e}", path.display())))?;
+        if doc["schema"] != "nvs-build/manifest/v1" {
+            return Err(CliError(format!(
+                "`{}` is not an nvs-build manifest this cargo-nvs understands",
+                path.display()
+            )));
+        }
+        let path_of = |v: &Json| v.as_str().map(PathBuf::from);
+        let images = doc["partitions"]
+            .as_array()
+            .map(|parts| {
+                parts
+                    .iter()
+                    .map(|p| NvsImage {
+                        name: p["name"].as_str().unwrap_or_default().to_owned(),
+                        offset: p["offset"].as_u64().unwrap_or(0) as u32,
+                        size: p["size"].as_u64().unwrap_or(0) as u32,
+                        factory: p["factory"].as_bool().unwrap_or(false),
+                        file: path_of(&p["file"]),
+                        keys_file: path_of(&p["keys_file"]),
+                        skipped: p["skipped"].as_str().map(str::to_owned),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(NvsManifest {
+            partition_table: path_of(&doc["partition_table"]),
+            images,
+        })
+    }
+}

@@ -1,0 +1,421 @@
+//! `cargo nvs flash`: build the app, then write bootloader, partition table, app and every NVS
+//! image in one connection and one `write_bins_to_flash` call (the ROM loader reboots after
+//! each call).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use espflash::flasher::{FlashData, FlashFrequency, FlashMode, FlashSettings, FlashSize};
+use espflash::image_format::Segment;
+use espflash::image_format::idf::IdfBootloaderFormat;
+use espflash::target::{Chip, XtalFrequency};
+
+use crate::artifacts::{BuildArgs, NvsImage, NvsManifest, cargo_build};
+use crate::flashing::{ConnectArgs, Progress, blank_md5, connect};
+use crate::project::PackageArgs;
+use crate::{CliError, CliResult};
+
+/// Build the app and flash it together with its NVS partitions, in one pass.
+#[derive(clap::Args)]
+pub struct FlashArgs {
+    #[command(flatten)]
+    pub package: PackageArgs,
+    #[command(flatten)]
+    pub build: BuildArgs,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    #[command(flatten)]
+    pub image: ImageArgs,
+    /// Flash this ELF instead of building (for `runner = "cargo nvs flash --elf"` in
+    /// .cargo/config.toml: cargo appends the ELF's path).
+    #[arg(long, value_name = "ELF")]
+    pub elf: Option<PathBuf>,
+    /// Skip the MD5 check after writing.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Write segments even when the flash already holds the same bytes.
+    #[arg(long)]
+    pub no_skip: bool,
+    /// Flash only the NVS partitions, not bootloader, partition table and app.
+    #[arg(long)]
+    pub nvs_only: bool,
+    /// Flash only these NVS partitions [default: all of the package's].
+    #[arg(long = "partition", value_name = "NAME")]
+    pub partitions: Vec<String>,
+    /// Overwrite user-data partitions even when the device already holds data there.
+    #[arg(long)]
+    pub reset_user_data: bool,
+}
+
+/// Image options users know from espflash.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ImageArgs {
+    /// Second-stage bootloader [default: espflash's for the chip].
+    #[arg(long, value_name = "FILE")]
+    pub bootloader: Option<PathBuf>,
+    /// Partition table (CSV or binary) [default: the one of `[package.metadata.nvs]`].
+    #[arg(long, value_name = "FILE")]
+    pub partition_table: Option<PathBuf>,
+    /// Flash mode (qio, qout, dio, dout).
+    #[arg(long, value_name = "MODE", value_parser = parse_flash_mode)]
+    pub flash_mode: Option<FlashMode>,
+    /// Flash size (1MB, 2MB, 4MB, …).
+    #[arg(long, value_name = "SIZE", value_parser = parse_flash_size)]
+    pub flash_size: Option<FlashSize>,
+    /// Flash frequency (40MHz, 80MHz, …).
+    #[arg(long, value_name = "FREQ", value_parser = parse_flash_freq)]
+    pub flash_freq: Option<FlashFrequency>,
+}
+
+fn parse_flash_mode(text: &str) -> Result<FlashMode, String> {
+    match text.to_lowercase().as_str() {
+        "qio" => Ok(FlashMode::Qio),
+        "qout" => Ok(FlashMode::Qout),
+        "dio" => Ok(FlashMode::Dio),
+        "dout" => Ok(FlashMode::Dout),
+        _ => Err(format!(
+            "unknown flash mode `{text}` (qio, qout, dio, dout)"
+        )),
+    }
+}
+
+fn parse_flash_size(text: &str) -> Result<FlashSize, String> {
+    Ok(match text.to_uppercase().trim_end_matches('B') {
+        "256K" => FlashSize::_256Kb,
+        "512K" => FlashSize::_512Kb,
+        "1M" => FlashSize::_1Mb,
+        "2M" => FlashSize::_2Mb,
+        "4M" => FlashSize::_4Mb,
+        "8M" => FlashSize::_8Mb,
+        "16M" => FlashSize::_16Mb,
+        "32M" => FlashSize::_32Mb,
+        "64M" => FlashSize::_64Mb,
+        "128M" => FlashSize::_128Mb,
+        "256M" => FlashSize::_256Mb,
+        _ => {
+            return Err(format!(
+                "unknown flash size `{text}` (1MB, 2MB, 4MB, 8MB, 16MB, …)"
+            ));
+        }
+    })
+}
+
+fn parse_flash_freq(text: &str) -> Result<FlashFrequency, String> {
+    let mhz = text.to_lowercase();
+    Ok(match mhz.trim_end_matches("mhz").trim_end_matches('m') {
+        "12" => FlashFrequency::_12Mhz,
+        "15" => FlashFrequency::_15Mhz,
+        "16" => FlashFrequency::_16Mhz,
+        "20" => FlashFrequency::_20Mhz,
+        "24" => FlashFrequency::_24Mhz,
+        "26" => FlashFrequency::_26Mhz,
+        "30" => FlashFrequency::_30Mhz,
+        "40" => FlashFrequency::_40Mhz,
+        "48" => FlashFrequency::_48Mhz,
+        "60" => FlashFrequency::_60Mhz,
+        "80" => FlashFrequency::_80Mhz,
+        _ => {
+            return Err(format!(
+                "unknown flash frequency `{text}` (20MHz, 26MHz, 40MHz, 80MHz, …)"
+            ));
+        }
+    })
+}
+
+/// One piece of flash to write, with what it is.
+pub struct Planned {
+    pub name: String,
+    pub addr: u32,
+    pub data: Vec<u8>,
+    /// User data: written only to blank flash, unless asked.
+    pub user_data: bool,
+}
+
+/// The app image (bootloader, partition table, app) as espflash builds it, checked against
+/// the NVS partitions nvs-build placed: both must read the same table.
+pub fn app_segments(
+    elf: &Path,
+    chip: Chip,
+    xtal: XtalFrequency,
+    image: &ImageArgs,
+    table: Option<&Path>,
+    nvs: &[NvsImage],
+) -> CliResult<Vec<Planned>> {
+    let elf_data = std::fs::read(elf)
+        .map_err(|e| CliError(format!("cannot read the ELF `{}`: {e}", elf.display())))?;
+    let settings = FlashSettings::new(image.flash_mode, image.flash_size, image.flash_freq);
+    let flash_data = FlashData::new(settings, 0, None, chip, xtal);
+    let table_path = image.partition_table.as_deref().or(table);
+    let format = IdfBootloaderFormat::new(
+        &elf_data,
+        &flash_data,
+        table_path,
+        image.bootloader.as_deref(),
+        None,
+        None,
+    )
+    .map_err(|e| {
+        CliError(format!(
+            "cannot make an {chip} image of `{}`: {e}",
+            elf.display()
+        ))
+    })?;
+    check_tables(&format.partition_table(), nvs, table_path)?;
+    let names = ["bootloader", "partition table", "app"];
+    Ok(format
+        .flash_segments()
+        .zip(names)
+        .map(|(segment, name)| Planned {
+            name: name.to_owned(),
+            addr: segment.addr,
+            data: segment.data.into_owned(),
+            user_data: false,
+        })
+        .collect())
+}
+
+/// nvs-build's table parser places the NVS images; espflash flashes its own reading of the
+/// table. Refuse to flash if they disagree.
+fn check_tables(
+    espflash_table: &esp_idf_part::PartitionTable,
+    nvs: &[NvsImage],
+    path: Option<&Path>,
+) -> CliResult {
+    let table_name = path.map_or("the default partition table".to_owned(), |p| {
+        format!("`{}`", p.display())
+    });
+    for image in nvs {
+        let Some(part) = espflash_table.find(&image.name) else {
+            return Err(CliError(format!(
+                "NVS partition `{}` is not in the partition table espflash flashes ({table_name}); \
+                 use the same table for the metadata and --partition-table",
+                image.name
+            )));
+        };
+        if (part.offset(), part.size()) != (image.offset, image.size) {
+            return Err(CliError(format!(
+                "partition `{}`: the NVS image was made for offset {:#x}, size {:#x}, but the table espflash flashes \
+                 ({table_name}) says offset {:#x}, size {:#x}; use the same table for both",
+                image.name,
+                image.offset,
+                image.size,
+                part.offset(),
+                part.size()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The NVS images to write, each padded with 0xFF to its whole partition (so a smaller image
+/// leaves no stale data behind), plus the nvs_keys file where the flash-encryption scheme is
+/// used.
+pub fn nvs_segments(
+    images: &[NvsImage],
+    only: &[String],
+    keys_partition: Option<(u32, u32)>,
+) -> CliResult<Vec<Planned>> {
+    for name in only {
+        if !images.iter().any(|i| &i.name == name) {
+            return Err(CliError(format!(
+                "--partition {name}: the package has no NVS partition of that name (it has: {})",
+                images
+                    .iter()
+                    .map(|i| i.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    let mut planned = Vec::new();
+    let mut keys_file: Option<&Path> = None;
+    for image in images
+        .iter()
+        .filter(|i| only.is_empty() || only.contains(&i.name))
+    {
+        let Some(file) = &image.file else {
+            eprintln!(
+                "warning: partition `{}` has no image ({}); not flashed",
+                image.name,
+                image.skipped.as_deref().unwrap_or("skipped")
+            );
+            continue;
+        };
+        let mut data = std::fs::read(file)
+            .map_err(|e| CliError(format!("cannot read `{}`: {e}", file.display())))?;
+        if data.len() > image.size as usize {
+            return Err(CliError(format!(
+                "the image of `{}` is {} bytes, larger than its partition ({:#x})",
+                image.name,
+                data.len(),
+                image.size
+            )));
+        }
+        data.resize(image.size as usize, 0xFF);
+        planned.push(Planned {
+            name: format!("nvs `{}`", image.name),
+            addr: image.offset,
+            data,
+            user_data: !image.factory,
+        });
+        if let Some(keys) = &image.keys_file {
+            match keys_file {
+                Some(other) if other != keys.as_path() => {
+                    return Err(CliError(format!(
+                        "NVS partitions use different key files (`{}`, `{}`), but the chip has one nvs_keys partition",
+                        other.display(),
+                        keys.display()
+                    )));
+                }
+                _ => keys_file = Some(keys),
+            }
+        }
+    }
+    if let Some(keys) = keys_file {
+        let Some((offset, size)) = keys_partition else {
+            return Err(CliError(
+                "an NVS partition is encrypted with an nvs_keys file, but the partition table has no data/nvs_keys partition".into(),
+            ));
+        };
+        let data = std::fs::read(keys)
+            .map_err(|e| CliError(format!("cannot read `{}`: {e}", keys.display())))?;
+        if data.len() > size as usize {
+            return Err(CliError(format!(
+                "`{}` is larger than the nvs_keys partition",
+                keys.display()
+            )));
+        }
+        planned.push(Planned {
+            name: "nvs_keys".to_owned(),
+            addr: offset,
+            data,
+            // The key must match the encrypted images, which are rewritten with it.
+            user_data: false,
+        });
+    }
+    Ok(planned)
+}
+
+pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
+    let project = args.package.find()?;
+    let metadata = project.nvs_metadata()?;
+    let mut build = args.build.clone();
+    if let Some(elf) = &args.elf {
+        // As a cargo runner the app is built already; build again (a no-op) only to find the
+        // build script's OUT_DIR for the same profile.
+        build.release |= elf.components().any(|c| c.as_os_str() == "release");
+    }
+    let built = cargo_build(&project, &build)?;
+    let out_dir = built.out_dir.ok_or_else(|| {
+        CliError(format!(
+            "`{}` has no build script; add one that calls nvs_build::generate()",
+            project.name
+        ))
+    })?;
+    let manifest = NvsManifest::read(&out_dir)?;
+    let elf = match (&args.elf, built.elf) {
+        (Some(elf), _) => Some(elf.clone()),
+        (None, elf) => elf,
+    };
+    let keys_partition = metadata
+        .table
+        .partitions
+        .iter()
+        .find(|p| p.is_nvs_keys())
+        .map(|p| (p.offset, p.size));
+    let mut segments = nvs_segments(&manifest.images, &args.partitions, keys_partition)?;
+
+    let mut flasher = connect(&args.connect, !args.no_verify, !args.no_skip)?;
+    let chip = flasher.chip();
+    let info = flasher
+        .device_info()
+        .map_err(|e| CliError(format!("cannot read the chip's details: {e}")))?;
+    eprintln!(
+        "Connected: {chip}{}, {} flash{}",
+        info.revision
+            .map_or(String::new(), |(a, b)| format!(" rev v{a}.{b}")),
+        info.flash_size,
+        info.mac_address
+            .as_deref()
+            .map_or(String::new(), |m| format!(", MAC {m}"))
+    );
+    if !args.nvs_only {
+        let elf = elf.ok_or_else(|| {
+            CliError(format!(
+                "`{}` has no binary to flash (use --nvs-only)",
+                project.name
+            ))
+        })?;
+        let xtal = chip
+            .xtal_frequency(flasher.connection())
+            .map_err(|e| CliError(format!("cannot read the crystal frequency: {e}")))?;
+        let mut app = app_segments(
+            &elf,
+            chip,
+            xtal,
+            &args.image,
+            manifest.partition_table.as_deref(),
+            &manifest.images,
+        )?;
+        app.append(&mut segments);
+        segments = app;
+    }
+    let flash_size = args.image.flash_size.unwrap_or(info.flash_size).size();
+    if let Some(s) = segments
+        .iter()
+        .find(|s| u64::from(s.addr) + s.data.len() as u64 > u64::from(flash_size))
+    {
+        return Err(CliError(format!(
+            "{} ends at {:#x}, beyond the chip's {:#x} bytes of flash",
+            s.name,
+            u64::from(s.addr) + s.data.len() as u64,
+            flash_size
+        )));
+    }
+
+    // User data is written only where the flash is still blank, unless asked.
+    let mut kept = Vec::new();
+    for segment in segments.iter().filter(|s| s.user_data) {
+        let on_chip = flasher
+            .checksum_md5(segment.addr, segment.data.len() as u32)
+            .map_err(|e| CliError(format!("cannot check {}: {e}", segment.name)))?;
+        let blank = on_chip == blank_md5(segment.data.len() as u32);
+        if !blank && !args.reset_user_data {
+            eprintln!(
+                "Keeping the device's user data in {} (the partition is not blank; --reset-user-data replaces it)",
+                segment.name
+            );
+            kept.push(segment.addr);
+        } else if !blank {
+            eprintln!(
+                "Replacing the device's user data in {} (--reset-user-data)",
+                segment.name
+            );
+        }
+    }
+    segments.retain(|s| !kept.contains(&s.addr));
+
+    let list: Vec<(u32, usize, String)> = segments
+        .iter()
+        .map(|s| (s.addr, s.data.len(), s.name.clone()))
+        .collect();
+    let espflash_segments: Vec<Segment<'_>> = segments
+        .iter()
+        .map(|s| Segment::new(s.addr, &s.data))
+        .collect();
+    let mut progress = Progress::new(&list);
+    flasher
+        .write_bins_to_flash(&espflash_segments, &mut progress)
+        .map_err(|e| CliError(format!("flashing failed: {e}")))?;
+    eprintln!(
+        "Flashed {} segment(s), {} unchanged and skipped{}",
+        progress.written,
+        progress.skipped,
+        if kept.is_empty() {
+            String::new()
+        } else {
+            format!(", {} user-data partition(s) kept", kept.len())
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}

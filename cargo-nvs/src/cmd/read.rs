@@ -1,0 +1,88 @@
+//! `cargo nvs read --partition NAME`: read an NVS partition back from a device and show it
+//! like `cargo nvs dump` (for returned units and debugging).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use nvs_build::table::PartitionTable;
+
+use super::OutputFormat;
+use super::dump::show;
+use super::keys::KeyInput;
+use crate::flashing::{ConnectArgs, connect, read_flash};
+use crate::fsutil::write_atomic;
+use crate::project::PackageArgs;
+use crate::{CliError, CliResult};
+
+/// Read an NVS partition back from a device and dump it.
+#[derive(clap::Args)]
+pub struct ReadArgs {
+    /// The NVS partition to read (by name, from the partition table).
+    #[arg(long, value_name = "NAME")]
+    partition: String,
+    /// Partition table to find it in [default: the package's, from `[package.metadata.nvs]`].
+    #[arg(long, value_name = "FILE")]
+    partition_table: Option<PathBuf>,
+    /// Also save the raw partition contents here.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    key: KeyInput,
+    #[arg(long, value_enum, default_value_t)]
+    format: OutputFormat,
+    #[command(flatten)]
+    package: PackageArgs,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+pub fn run(args: ReadArgs) -> CliResult<ExitCode> {
+    let table = match &args.partition_table {
+        Some(path) => PartitionTable::load(path, PartitionTable::DEFAULT_OFFSET)?,
+        None => args.package.find()?.nvs_metadata()?.table,
+    };
+    let partition = table.find(&args.partition).ok_or_else(|| {
+        CliError(format!(
+            "no partition `{}` in the partition table (its NVS partitions: {})",
+            args.partition,
+            table
+                .nvs_partitions()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
+    if !partition.is_nvs() {
+        return Err(CliError(format!(
+            "partition `{}` is {}/{}, not data/nvs",
+            partition.name,
+            partition.type_name(),
+            partition.subtype_name()
+        )));
+    }
+    let key = args.key.load()?;
+    let mut flasher = connect(&args.connect, false, false)?;
+    let bytes = read_flash(
+        &mut flasher,
+        partition.offset,
+        partition.size,
+        !args.connect.no_stub,
+    )?;
+    eprintln!(
+        "Read {} bytes of `{}` at {:#x}",
+        bytes.len(),
+        partition.name,
+        partition.offset
+    );
+    if let Some(path) = &args.output {
+        write_atomic(path, &bytes, None)
+            .map_err(|e| CliError(format!("cannot write `{}`: {e}", path.display())))?;
+        eprintln!("Saved to `{}`", path.display());
+    }
+    show(
+        bytes,
+        key.as_ref(),
+        args.format,
+        &format!("partition `{}`", partition.name),
+    )
+}
