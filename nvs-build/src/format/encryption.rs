@@ -180,7 +180,7 @@ pub fn encrypt_image(image: &mut [u8], key: &XtsKey) {
         let t1 = mul_alpha(t0);
         for (half, (block, t)) in pair.iter().zip([t0, &t1]).enumerate() {
             let at = offset + 16 * half;
-            let mut out = block.clone();
+            let mut out = *block;
             xor_into(&mut out, t);
             image[at..at + 16].copy_from_slice(&out);
         }
