@@ -179,7 +179,7 @@ impl Config {
         if let Some(table) = metadata.table_source.path() {
             out.rerun_if_changed(table);
         }
-        if let TableSource::EspflashToml { config, .. } = &metadata.table_source {
+        if let Some(config) = &metadata.espflash_config {
             out.rerun_if_changed(config);
         }
         let mut inputs = Inputs::new(|var| std::env::var(var).ok());

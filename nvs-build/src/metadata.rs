@@ -26,6 +26,8 @@ pub struct Metadata {
     pub manifest_dir: PathBuf,
     pub table: PartitionTable,
     pub table_source: TableSource,
+    /// The espflash.toml that was consulted (beside the manifest or one folder up), if any.
+    pub espflash_config: Option<PathBuf>,
     pub partitions: Vec<PartitionSpec>,
 }
 
@@ -168,7 +170,8 @@ impl Metadata {
             Some((_, v)) => Some(manifest_dir.join(doc.string(v, "partition-table")?)),
             None => None,
         };
-        let (table, table_source) = load_table(&manifest_dir, configured, offset_override)?;
+        let (table, table_source, espflash_config) =
+            load_table(&manifest_dir, configured, offset_override)?;
 
         let mut partitions = Vec::new();
         if let Some((_, parts)) = lookup(nvs_table, "partitions") {
@@ -181,6 +184,7 @@ impl Metadata {
             manifest_dir,
             table,
             table_source,
+            espflash_config,
             partitions,
         }))
     }
@@ -192,25 +196,30 @@ fn load_table(
     manifest_dir: &Path,
     configured: Option<PathBuf>,
     offset_override: Option<u32>,
-) -> Result<(PartitionTable, TableSource), InputError> {
-    let mut offset = offset_override;
-    let source = if let Some(path) = configured {
-        TableSource::Metadata(path)
-    } else if let Some((config, table, config_offset)) = espflash_table(manifest_dir)? {
-        offset = offset.or(config_offset);
-        match table {
-            Some(table) => TableSource::EspflashToml { config, table },
-            None => conventional_or_default(manifest_dir),
-        }
-    } else {
-        conventional_or_default(manifest_dir)
+) -> Result<(PartitionTable, TableSource, Option<PathBuf>), InputError> {
+    // espflash.toml counts even when the metadata names the table: its table offset is the
+    // one espflash will flash the table at.
+    let espflash = espflash_table(manifest_dir)?;
+    let (config, espflash_path, espflash_offset) = match espflash {
+        Some((config, table, offset)) => (Some(config), table, offset),
+        None => (None, None, None),
     };
-    let offset = offset.unwrap_or(PartitionTable::DEFAULT_OFFSET);
+    let source = match (configured, espflash_path, &config) {
+        (Some(path), _, _) => TableSource::Metadata(path),
+        (None, Some(table), Some(config)) => TableSource::EspflashToml {
+            config: config.clone(),
+            table,
+        },
+        _ => conventional_or_default(manifest_dir),
+    };
+    let offset = offset_override
+        .or(espflash_offset)
+        .unwrap_or(PartitionTable::DEFAULT_OFFSET);
     let table = match source.path() {
         Some(path) => PartitionTable::load(path, offset)?,
-        None => PartitionTable::default_single_app(),
+        None => PartitionTable::default_single_app_at(offset)?,
     };
-    Ok((table, source))
+    Ok((table, source, config))
 }
 
 fn conventional_or_default(manifest_dir: &Path) -> TableSource {

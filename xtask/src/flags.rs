@@ -53,6 +53,11 @@ impl Args {
             .map_err(|e| format!("{name} {text}: {e}").into())
     }
 
+    /// Everything not consumed yet, to pass on to another command.
+    pub fn rest(self) -> Vec<String> {
+        self.args
+    }
+
     /// Fails on anything not consumed.
     pub fn finish(self) -> Result<()> {
         if self.args.is_empty() {

@@ -4,6 +4,7 @@ mod bench;
 mod casegen;
 mod ci;
 mod diff_ref;
+mod firmware;
 mod flags;
 mod reference;
 
@@ -22,6 +23,11 @@ cargo xtask <command>
 commands:
   ci          everything .ci/run checks: format, clippy, MSRV, tests, docs, diff-ref
                 --cases N          diff-ref plain cases (default 500)
+  flash       build the firmware example and flash it with its NVS images (cargo nvs flash)
+                --example NAME     default esp32c3-factory-data
+                --port P           serial port; other options go to `cargo nvs flash`
+  dist        release artifacts of the firmware example (cargo nvs dist)
+                --example NAME, --out-dir DIR
   ref-venv    create target/ref-venv with Espressif's esp-idf-nvs-partition-gen 0.3.0
   diff-ref    compare cargo-nvs with the reference on random inputs
                 --cases N          plain cases (default 500)
@@ -74,6 +80,8 @@ fn run() -> Result<ExitCode> {
             bench::run(&sh, opts)
         }
         Some("bench-inner") => bench::inner(args),
+        Some("flash") => firmware::flash(&sh, args),
+        Some("dist") => firmware::dist(&sh, args),
         Some("ci") => {
             let cases = args.value("--cases")?.unwrap_or(500);
             args.finish()?;
