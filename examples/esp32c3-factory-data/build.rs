@@ -1,0 +1,3 @@
+fn main() {
+    nvs_build::generate();
+}
