@@ -186,6 +186,9 @@ pub fn connect(args: &ConnectArgs, verify: bool, skip: bool) -> CliResult<Flashe
         115_200,
     );
     let flasher = Flasher::connect(connection, !args.no_stub, verify, skip, args.chip, args.baud).map_err(|e| {
+        if let espflash::Error::ChipMismatch(given, found) = &e {
+            return CliError(format!("the chip on `{port}` is an {found}, not the {given} given with --chip"));
+        }
         CliError(format!(
             "cannot connect to the chip on `{port}`: {e} (is it in download mode? hold BOOT while resetting, or check --before)"
         ))

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+pub mod fake_esp;
 
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cargo-nvs"))

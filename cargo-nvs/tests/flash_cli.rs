@@ -1,0 +1,286 @@
+//! `cargo nvs flash`, `read` and `dist` as users run them (the CLI binary with
+//! `--port /dev/pts/N`), flashing the firmware example's real ELF into the ROM-loader emulator.
+//! The example is built first (`cargo xtask ci` does it; otherwise the first test builds it).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use support::fake_esp::{Config, FakeEsp, Fault};
+use support::{bin, tempdir};
+
+fn firmware_manifest() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/esp32c3-factory-data/Cargo.toml")
+}
+
+/// `cargo nvs <cmd> --manifest-path <firmware> --release --port <pty> …` without DTR/RTS resets
+/// (a pty has none).
+fn run(esp: &FakeEsp, cmd: &str, extra: &[&str]) -> Output {
+    let out = bin()
+        .args(["nvs", cmd, "--manifest-path"])
+        .arg(firmware_manifest())
+        .args([
+            "--release",
+            "--port",
+            esp.path(),
+            "--before",
+            "no-reset",
+            "--after",
+            "no-reset",
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    esp.settle();
+    out
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_ok(out: &Output) {
+    assert!(out.status.success(), "command failed:\n{}", stderr(out));
+}
+
+fn assert_fails(out: &Output, needles: &[&str]) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "expected a failure:\n{err}");
+    for needle in needles {
+        assert!(err.contains(needle), "stderr lacks {needle:?}:\n{err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// The artifacts `cargo nvs dist` writes: (offset, file bytes) from flash_args.
+fn dist(dir: &Path) -> Vec<(u32, Vec<u8>)> {
+    let out = bin()
+        .args(["nvs", "dist", "--manifest-path"])
+        .arg(firmware_manifest())
+        .args(["--chip", "esp32c3", "--out-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let args = std::fs::read_to_string(dir.join("flash_args")).unwrap();
+    args.lines()
+        .skip(1)
+        .map(|line| {
+            let (offset, file) = line.split_once(' ').unwrap();
+            let offset = u32::from_str_radix(offset.trim_start_matches("0x"), 16).unwrap();
+            (offset, std::fs::read(dir.join(file)).unwrap())
+        })
+        .collect()
+}
+
+fn changed_outside(
+    esp: &FakeEsp,
+    before: &[u8],
+    allowed: &[(u32, usize)],
+) -> Vec<std::ops::Range<u32>> {
+    esp.changed_since(before)
+        .into_iter()
+        .filter(|r| {
+            !allowed
+                .iter()
+                .any(|&(a, len)| r.start >= a && r.end <= a + len as u32)
+        })
+        .collect()
+}
+
+#[test]
+fn flashes_everything_in_one_pass_and_skips_what_is_unchanged() {
+    let scratch = tempdir::Dir::new();
+    let artifacts = dist(scratch.path());
+    let esp = FakeEsp::esp32c3();
+    let blank = esp.flash();
+
+    let out = run(&esp, "flash", &["--no-stub"]);
+    assert_ok(&out);
+    // Bootloader, table, app and both NVS partitions, exactly where dist says, nothing else.
+    for (offset, bytes) in &artifacts {
+        assert_eq!(
+            &esp.read(*offset, bytes.len()),
+            bytes,
+            "flash at {offset:#x} differs from the dist artifact"
+        );
+    }
+    let allowed: Vec<(u32, usize)> = artifacts
+        .iter()
+        .map(|(o, b)| (*o, b.len().div_ceil(4096) * 4096))
+        .collect();
+    assert!(
+        changed_outside(&esp, &blank, &allowed).is_empty(),
+        "{:?}",
+        esp.changed_since(&blank)
+    );
+    // One write_bins_to_flash call: one FLASH_END (the ROM reboots after it).
+    assert_eq!(esp.flash_end_count(), 1);
+    // The factory image (4 KiB of a 2-page partition) is padded over the whole partition.
+    assert!(
+        artifacts
+            .iter()
+            .any(|(o, b)| *o == 0xf000 && b.len() == 0x2000)
+    );
+
+    // Nothing changed: a second flash writes no bytes at all.
+    let written = esp.bytes_written();
+    assert_ok(&run(&esp, "flash", &["--no-stub"]));
+    assert_eq!(
+        esp.bytes_written(),
+        written,
+        "a second flash with nothing changed wrote bytes"
+    );
+}
+
+#[test]
+fn user_data_survives_a_reflash_unless_reset() {
+    let esp = FakeEsp::esp32c3();
+    assert_ok(&run(&esp, "flash", &["--no-stub"]));
+    // The device wrote its own user data into `nvs` (0x9000).
+    let device_data = vec![0x5Au8; 64];
+    esp.write(0x9000 + 0x2000, &device_data);
+    let before = esp.flash();
+
+    let out = run(&esp, "flash", &["--no-stub"]);
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("Keeping the device's user data in nvs `nvs`"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(esp.read(0x9000, 0x6000), before[0x9000..0xf000].to_vec());
+
+    let out = run(&esp, "flash", &["--no-stub", "--reset-user-data"]);
+    assert_ok(&out);
+    assert!(stderr(&out).contains("Replacing"), "{}", stderr(&out));
+    assert_ne!(esp.read(0x9000 + 0x2000, 64), device_data);
+}
+
+#[test]
+fn stub_mode_and_nvs_only() {
+    let esp = FakeEsp::esp32c3();
+    let blank = esp.flash();
+    let out = run(&esp, "flash", &["--nvs-only", "--partition", "fctry"]);
+    assert_ok(&out);
+    let changed = esp.changed_since(&blank);
+    assert!(
+        !changed.is_empty()
+            && changed
+                .iter()
+                .all(|r| r.start >= 0xf000 && r.end <= 0x11000),
+        "{changed:?}"
+    );
+}
+
+#[test]
+fn read_back_and_dump() {
+    let esp = FakeEsp::esp32c3();
+    assert_ok(&run(&esp, "flash", &["--no-stub", "--nvs-only"]));
+    let scratch = tempdir::Dir::new();
+    let saved = scratch.path().join("fctry.bin");
+    let out = bin()
+        .args(["nvs", "read", "--partition", "fctry", "--manifest-path"])
+        .arg(firmware_manifest())
+        .args([
+            "--port",
+            esp.path(),
+            "--before",
+            "no-reset",
+            "--after",
+            "no-reset",
+            "--format",
+            "json",
+            "-o",
+        ])
+        .arg(&saved)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let keys: Vec<&str> = dump["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["key"].as_str().unwrap())
+        .collect();
+    assert!(
+        keys.contains(&"ProductID") && keys.contains(&"product_cert"),
+        "{keys:?}"
+    );
+    assert_eq!(std::fs::read(&saved).unwrap(), esp.read(0xf000, 0x2000));
+}
+
+#[test]
+fn faults_are_errors_never_success() {
+    for fault in [
+        Fault::CorruptBlock {
+            begin_offset: Some(0x9000),
+            seq: 2,
+        },
+        Fault::Md5Mismatch,
+        Fault::FlashBeginError(0x06),
+    ] {
+        let esp = Config::esp32c3().fault(fault.clone()).start();
+        let out = run(&esp, "flash", &["--no-stub", "--nvs-only"]);
+        assert_fails(&out, &["flashing failed"]);
+    }
+    let esp = Config::esp32c3()
+        .fault(Fault::DropReply {
+            op: Some(0x03),
+            nth: 3,
+        })
+        .start();
+    let out = run(&esp, "flash", &["--no-stub", "--nvs-only"]);
+    assert_fails(&out, &["flashing failed"]);
+}
+
+#[test]
+fn bad_ports_and_wrong_chips() {
+    let out = bin()
+        .args(["nvs", "flash", "--nvs-only", "--release", "--manifest-path"])
+        .arg(firmware_manifest())
+        .args(["--port", "/dev/does-not-exist", "--before", "no-reset"])
+        .output()
+        .unwrap();
+    assert_fails(&out, &["cannot open serial port `/dev/does-not-exist`"]);
+
+    let esp = FakeEsp::esp32c3();
+    let out = run(&esp, "flash", &["--no-stub", "--chip", "esp32"]);
+    assert_fails(&out, &["is an esp32c3, not the esp32 given with --chip"]);
+
+    // Port busy: the emulator's own client end holds it open exclusively.
+    let esp = FakeEsp::esp32c3();
+    let _held = esp.open_port();
+    let out = run(&esp, "flash", &["--no-stub"]);
+    assert_fails(&out, &["cannot open serial port"]);
+}
+
+#[test]
+fn refuses_disagreeing_tables_foreign_elves_and_small_flash() {
+    let scratch = tempdir::Dir::new();
+    let table = scratch.path().join("other.csv");
+    std::fs::write(&table, "nvs, data, nvs, 0xa000, 0x5000,\nfctry, data, nvs, 0xf000, 0x2000, readonly\nfactory, app, factory, 0x20000, 1M,\n").unwrap();
+    let esp = FakeEsp::esp32c3();
+    let out = run(
+        &esp,
+        "flash",
+        &["--no-stub", "--partition-table", table.to_str().unwrap()],
+    );
+    assert_fails(&out, &["partition `nvs`", "0x9000", "0xa000"]);
+
+    let esp = FakeEsp::esp32c3();
+    let host_elf = std::env::current_exe().unwrap();
+    let out = run(
+        &esp,
+        "flash",
+        &["--no-stub", "--elf", host_elf.to_str().unwrap()],
+    );
+    assert_fails(&out, &["cannot make an esp32c3 image"]);
+
+    // 256 KiB: the app at 0x20000 (about 180 KiB) does not fit.
+    let esp = Config::esp32c3().reported_flash_size(0x40000).start();
+    let out = run(&esp, "flash", &["--no-stub"]);
+    assert_fails(&out, &["beyond the chip's"]);
+}
