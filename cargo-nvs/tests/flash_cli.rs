@@ -284,3 +284,84 @@ fn refuses_disagreeing_tables_foreign_elves_and_small_flash() {
     let out = run(&esp, "flash", &["--no-stub"]);
     assert_fails(&out, &["beyond the chip's"]);
 }
+
+/// esptool, the factory's usual tool, flashes the `dist` artifacts (`write-flash @flash_args`)
+/// into a second emulator: the flash must equal what `cargo nvs flash` wrote. Needs esptool
+/// 5.6 (`cargo xtask ci` installs it and sets CARGO_NVS_ESPTOOL).
+#[test]
+fn esptool_flashes_dist_artifacts_to_the_same_bytes() {
+    let Some(esptool) = std::env::var_os("CARGO_NVS_ESPTOOL") else {
+        eprintln!(
+            "skipped: set CARGO_NVS_ESPTOOL to an esptool 5.6 executable (cargo xtask ci does)"
+        );
+        return;
+    };
+    let scratch = tempdir::Dir::new();
+    dist(scratch.path());
+    let ours = FakeEsp::esp32c3();
+    assert_ok(&run(&ours, "flash", &["--no-stub"]));
+
+    let theirs = FakeEsp::esp32c3();
+    let out = std::process::Command::new(esptool)
+        .args([
+            "--chip",
+            "esp32c3",
+            "--port",
+            theirs.path(),
+            "--before",
+            "no-reset",
+            "--after",
+            "no-reset",
+            "--no-stub",
+        ])
+        .args(["write-flash", "@flash_args"])
+        .current_dir(scratch.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "esptool failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+    theirs.settle();
+    let (a, b) = (ours.flash(), theirs.flash());
+    assert!(
+        a == b,
+        "flash differs at {:?}",
+        support::fake_esp::diff_ranges(&a, &b)
+    );
+}
+
+/// As a cargo runner (`runner = "cargo nvs flash --elf"`), cargo appends the ELF it built.
+#[test]
+fn runner_mode_flashes_the_given_elf() {
+    let elf = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/esp32c3-factory-data/target/riscv32imc-unknown-none-elf/release/esp32c3-factory-data");
+    let esp = FakeEsp::esp32c3();
+    // Build first (a no-op when `cargo xtask ci` built it), so the ELF exists.
+    assert_ok(&run(&esp, "flash", &["--no-stub", "--nvs-only"]));
+    let esp = FakeEsp::esp32c3();
+    let out = run(
+        &esp,
+        "flash",
+        &["--no-stub", "--elf", elf.to_str().unwrap()],
+    );
+    assert_ok(&out);
+    assert_ne!(
+        esp.read(0x20000, 32),
+        vec![0xFF; 32],
+        "the app was not written"
+    );
+}
+
+#[test]
+fn dist_is_reproducible() {
+    let (a, b) = (tempdir::Dir::new(), tempdir::Dir::new());
+    let (first, second) = (dist(a.path()), dist(b.path()));
+    assert_eq!(first, second);
+    assert_eq!(
+        std::fs::read(a.path().join("manifest.json")).unwrap(),
+        std::fs::read(b.path().join("manifest.json")).unwrap()
+    );
+}

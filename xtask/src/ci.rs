@@ -9,7 +9,7 @@ use crate::Result;
 /// nvs-build's promise to users compiling it with older (ESP) toolchains.
 const NVS_BUILD_MSRV: (u32, u32) = (1, 85);
 
-const STEPS: usize = 6;
+const STEPS: usize = 7;
 
 pub fn run(sh: &Shell, diff_cases: usize) -> Result<ExitCode> {
     let steps: [(&str, &dyn Fn() -> Result<()>); STEPS] = [
@@ -26,7 +26,13 @@ pub fn run(sh: &Shell, diff_cases: usize) -> Result<ExitCode> {
             .run()?)
         }),
         ("msrv", &|| check_msrv(sh)),
-        ("test", &|| Ok(cmd!(sh, "cargo test --workspace").run()?)),
+        // Before the tests: the flashing tests flash this firmware's real ELF.
+        ("firmware", &|| build_firmware(sh)),
+        ("test", &|| {
+            // The flashing tests check `cargo nvs dist` output with esptool too.
+            let esptool = crate::reference::ensure_esptool(sh)?;
+            Ok(cmd!(sh, "cargo test --workspace").env("CARGO_NVS_ESPTOOL", esptool).run()?)
+        }),
         ("doc", &|| {
             Ok(cmd!(sh, "cargo doc -p nvs-build --no-deps --all-features")
                 .env("RUSTDOCFLAGS", "-D warnings")
@@ -108,4 +114,12 @@ fn check_msrv(sh: &Shell) -> Result<()> {
         )
         .into())
     }
+}
+
+/// Builds the ESP32-C3 firmware example (its own workspace, target and lock file).
+pub fn build_firmware(sh: &Shell) -> Result<()> {
+    cmd!(sh, "rustup target add riscv32imc-unknown-none-elf").run()?;
+    let _dir = sh.push_dir("examples/esp32c3-factory-data");
+    cmd!(sh, "cargo build --release --locked").run()?;
+    Ok(())
 }

@@ -22,26 +22,30 @@ pub fn python() -> PathBuf {
 
 /// Creates `target/ref-venv` with the reference installed, unless a previous run finished that.
 pub fn ensure_venv(sh: &Shell) -> Result<PathBuf> {
-    let venv = venv_dir();
-    let python = python();
+    install_venv(sh, &venv_dir(), PACKAGE, "import esp_idf_nvs_partition_gen.nvs_partition_gen")
+}
+
+/// esptool 5.6.0 in `target/esptool-venv` (for the test that flashes `cargo nvs dist` output
+/// with it); returns the `esptool` executable.
+pub fn ensure_esptool(sh: &Shell) -> Result<PathBuf> {
+    let venv = crate::target_dir().join("esptool-venv");
+    install_venv(sh, &venv, "esptool==5.6.0", "import esptool")?;
+    Ok(venv.join("bin").join("esptool"))
+}
+
+/// A venv at `venv` with `package` installed (idempotent); returns its python.
+fn install_venv(sh: &Shell, venv: &std::path::Path, package: &str, check: &str) -> Result<PathBuf> {
+    let python = venv.join("bin").join("python");
     // Written last, so an interrupted install is redone.
     let marker = venv.join("xtask-installed.txt");
-    if python.exists() && sh.read_file(&marker).is_ok_and(|m| m.trim() == PACKAGE) {
+    if python.exists() && sh.read_file(&marker).is_ok_and(|m| m.trim() == package) {
         return Ok(python);
     }
-    eprintln!("xtask: installing {PACKAGE} into {}", venv.display());
+    eprintln!("xtask: installing {package} into {}", venv.display());
     cmd!(sh, "python3 -m venv {venv}").run()?;
-    cmd!(
-        sh,
-        "{python} -m pip install --quiet --disable-pip-version-check {PACKAGE}"
-    )
-    .run()?;
-    cmd!(
-        sh,
-        "{python} -c 'import esp_idf_nvs_partition_gen.nvs_partition_gen'"
-    )
-    .run()?;
-    sh.write_file(&marker, format!("{PACKAGE}\n"))?;
+    cmd!(sh, "{python} -m pip install --quiet --disable-pip-version-check {package}").run()?;
+    cmd!(sh, "{python} -c {check}").run()?;
+    sh.write_file(&marker, format!("{package}\n"))?;
     Ok(python)
 }
 
