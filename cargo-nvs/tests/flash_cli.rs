@@ -365,3 +365,114 @@ fn dist_is_reproducible() {
         std::fs::read(b.path().join("manifest.json")).unwrap()
     );
 }
+
+/// Not a test but a measurement, run by `cargo xtask bench flash`: app + 2 NVS images, our one
+/// connection against the two-step workflow it replaces (espflash for the app, then esptool
+/// for the NVS images at hand-copied addresses), on a first flash and on a re-flash with
+/// nothing changed. Counts connections and bytes written.
+#[test]
+#[ignore = "measurement; run with `cargo xtask bench flash`"]
+fn flash_workflow_comparison() {
+    let esptool = std::env::var_os("CARGO_NVS_ESPTOOL").expect("set CARGO_NVS_ESPTOOL");
+    let scratch = tempdir::Dir::new();
+    let artifacts = dist(scratch.path());
+
+    let ours = FakeEsp::esp32c3();
+    let mut our_runs = Vec::new();
+    for _ in 0..2 {
+        let (sessions, bytes) = (ours.sessions(), ours.bytes_written());
+        assert_ok(&run(&ours, "flash", &["--no-stub"]));
+        our_runs.push((ours.sessions() - sessions, ours.bytes_written() - bytes));
+    }
+
+    // Two steps: espflash writes bootloader, table and app (its default skips unchanged
+    // segments); esptool then writes each NVS image.
+    let theirs = FakeEsp::esp32c3();
+    let (app, nvs): (Vec<_>, Vec<_>) = artifacts
+        .iter()
+        .partition(|(offset, _)| *offset < 0x9000 || *offset >= 0x20000);
+    let mut their_runs = Vec::new();
+    for _ in 0..2 {
+        let (sessions, bytes) = (theirs.sessions(), theirs.bytes_written());
+        espflash_write(&theirs, &app);
+        let mut args: Vec<String> = Vec::new();
+        for (offset, data) in &nvs {
+            let file = scratch.path().join(format!("nvs-{offset:x}.bin"));
+            std::fs::write(&file, data).unwrap();
+            args.push(format!("{offset:#x}"));
+            args.push(file.display().to_string());
+        }
+        let out = std::process::Command::new(&esptool)
+            .args([
+                "--chip",
+                "esp32c3",
+                "--port",
+                theirs.path(),
+                "--before",
+                "no-reset",
+                "--after",
+                "no-reset",
+                "--no-stub",
+                "write-flash",
+            ])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        theirs.settle();
+        their_runs.push((theirs.sessions() - sessions, theirs.bytes_written() - bytes));
+    }
+    println!("flash: app + 2 NVS images into the emulator (ESP32-C3, ROM loader)");
+    println!(
+        "  {:<28} {:>22} {:>26}",
+        "", "cargo nvs flash", "espflash, then esptool"
+    );
+    for (i, label) in ["first flash", "re-flash, nothing changed"]
+        .iter()
+        .enumerate()
+    {
+        let ((oc, ob), (tc, tb)) = (our_runs[i], their_runs[i]);
+        println!("  {label:<28} {oc:>3} connection(s) {ob:>7} B {tc:>6} connection(s) {tb:>8} B");
+    }
+    let connections = |runs: &[(u32, u64)]| runs.iter().map(|r| r.0).sum::<u32>();
+    println!(
+        "  connections over both runs: {} vs {} ({:.1}x fewer); bytes written on the re-flash: {} vs {}",
+        connections(&our_runs),
+        connections(&their_runs),
+        f64::from(connections(&their_runs)) / f64::from(connections(&our_runs).max(1)),
+        our_runs[1].1,
+        their_runs[1].1
+    );
+}
+
+/// Writes segments the way `espflash write-bin`/`flash` would, through espflash's library.
+fn espflash_write(esp: &FakeEsp, segments: &[&(u32, Vec<u8>)]) {
+    use espflash::connection::{Connection, ResetAfterOperation, ResetBeforeOperation};
+    use espflash::flasher::Flasher;
+    use espflash::image_format::Segment;
+    use espflash::target::DefaultProgressCallback;
+    let info = serialport::UsbPortInfo {
+        vid: 0,
+        pid: 0,
+        serial_number: None,
+        manufacturer: None,
+        product: None,
+    };
+    let connection = Connection::new(
+        esp.open_port(),
+        info,
+        ResetAfterOperation::NoReset,
+        ResetBeforeOperation::NoReset,
+        115_200,
+    );
+    let mut flasher = Flasher::connect(connection, false, true, true, None, None).unwrap();
+    let segments: Vec<Segment<'_>> = segments
+        .iter()
+        .map(|(offset, data)| Segment::new(*offset, data))
+        .collect();
+    flasher
+        .write_bins_to_flash(&segments, &mut DefaultProgressCallback)
+        .unwrap();
+    drop(flasher);
+    esp.settle();
+}

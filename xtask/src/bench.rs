@@ -34,6 +34,8 @@ pub struct Options {
     /// Time image generation (everything but the build cost).
     runtime: bool,
     build_cost: bool,
+    /// Flashing: one connection against the espflash-then-esptool workflow (emulator).
+    flash: bool,
 }
 
 impl Options {
@@ -41,6 +43,14 @@ impl Options {
         let only_build_cost = match args.subcommand().as_deref() {
             None => false,
             Some("build-cost") => true,
+            Some("flash") => {
+                return Ok(Options {
+                    bin: None,
+                    runtime: false,
+                    build_cost: false,
+                    flash: true,
+                });
+            }
             Some(other) => return Err(format!("unknown bench `{other}`").into()),
         };
         let no_build_cost = args.flag("--no-build-cost");
@@ -52,11 +62,21 @@ impl Options {
             bin,
             runtime: !only_build_cost,
             build_cost: !no_build_cost,
+            flash: false,
         })
     }
 }
 
 pub fn run(sh: &Shell, opts: Options) -> Result<ExitCode> {
+    if opts.flash {
+        // The emulator lives in cargo-nvs's test support, so the measurement is an ignored test.
+        crate::ci::build_firmware(sh)?;
+        let esptool = crate::reference::ensure_esptool(sh)?;
+        cmd!(sh, "cargo test --quiet -p cargo-nvs --test flash_cli flash_workflow_comparison -- --ignored --nocapture")
+            .env("CARGO_NVS_ESPTOOL", esptool)
+            .run()?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if opts.runtime {
         run_runtime(sh, opts.bin)?;
     }

@@ -31,7 +31,9 @@ pub fn run(sh: &Shell, diff_cases: usize) -> Result<ExitCode> {
         ("test", &|| {
             // The flashing tests check `cargo nvs dist` output with esptool too.
             let esptool = crate::reference::ensure_esptool(sh)?;
-            Ok(cmd!(sh, "cargo test --workspace").env("CARGO_NVS_ESPTOOL", esptool).run()?)
+            Ok(cmd!(sh, "cargo test --workspace")
+                .env("CARGO_NVS_ESPTOOL", esptool)
+                .run()?)
         }),
         ("doc", &|| {
             Ok(cmd!(sh, "cargo doc -p nvs-build --no-deps --all-features")

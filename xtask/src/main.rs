@@ -43,6 +43,7 @@ commands:
               images in-process, whole processes; then the build cost (below)
                 --bin PATH         time this cargo-nvs binary instead of the release build
                 --no-build-cost    skip the build cost
+  bench flash  flashing app + 2 NVS images into the emulator: one connection vs espflash, then esptool
   bench build-cost
               time cold debug builds of a crate using nvs-build in build.rs against one using
               cc, side by side, and count their dependencies

@@ -22,7 +22,12 @@ pub fn python() -> PathBuf {
 
 /// Creates `target/ref-venv` with the reference installed, unless a previous run finished that.
 pub fn ensure_venv(sh: &Shell) -> Result<PathBuf> {
-    install_venv(sh, &venv_dir(), PACKAGE, "import esp_idf_nvs_partition_gen.nvs_partition_gen")
+    install_venv(
+        sh,
+        &venv_dir(),
+        PACKAGE,
+        "import esp_idf_nvs_partition_gen.nvs_partition_gen",
+    )
 }
 
 /// esptool 5.6.0 in `target/esptool-venv` (for the test that flashes `cargo nvs dist` output
@@ -43,7 +48,11 @@ fn install_venv(sh: &Shell, venv: &std::path::Path, package: &str, check: &str) 
     }
     eprintln!("xtask: installing {package} into {}", venv.display());
     cmd!(sh, "python3 -m venv {venv}").run()?;
-    cmd!(sh, "{python} -m pip install --quiet --disable-pip-version-check {package}").run()?;
+    cmd!(
+        sh,
+        "{python} -m pip install --quiet --disable-pip-version-check {package}"
+    )
+    .run()?;
     cmd!(sh, "{python} -c {check}").run()?;
     sh.write_file(&marker, format!("{package}\n"))?;
     Ok(python)
