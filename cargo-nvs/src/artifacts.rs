@@ -107,6 +107,22 @@ pub fn cargo_build(project: &Project, args: &BuildArgs) -> CliResult<Built> {
     Ok(Built { elf, out_dir })
 }
 
+/// Builds the package and reads the NVS manifest its build script wrote: the ELF (if any) and
+/// the images.
+pub fn build_with_nvs(
+    project: &Project,
+    args: &BuildArgs,
+) -> CliResult<(Option<PathBuf>, NvsManifest)> {
+    let built = cargo_build(project, args)?;
+    let out_dir = built.out_dir.ok_or_else(|| {
+        CliError(format!(
+            "`{}` has no build script; add one that calls nvs_build::generate()",
+            project.name
+        ))
+    })?;
+    Ok((built.elf, NvsManifest::read(&out_dir)?))
+}
+
 /// One partition of nvs-build's `manifest.json`.
 #[derive(Clone, Debug)]
 pub struct NvsImage {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use csv_core::ReadRecordResult;
 
 use crate::encoding::{Encoding, decode_fill};
-use crate::error::{InputError, Location};
+use crate::error::{InputError, Location, read_input};
 use crate::format::Value;
 use crate::image::ImageInput;
 
@@ -46,13 +46,7 @@ impl FileBase {
 impl ImageInput {
     /// Reads a CSV file and adds its rows.
     pub fn add_csv_file(&mut self, path: &Path, files: &FileBase) -> Result<(), InputError> {
-        let bytes = std::fs::read(path).map_err(|e| {
-            InputError::new(
-                Some(Location::file(path)),
-                None,
-                format!("cannot read the CSV file: {e}"),
-            )
-        })?;
+        let bytes = read_input(path, "CSV file")?;
         self.note_file_read(path);
         self.add_csv(path, &bytes, files)
     }

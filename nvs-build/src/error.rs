@@ -31,6 +31,28 @@ impl Location {
     }
 }
 
+/// Reads an input file; the error names the file and says which input it is (`what`).
+pub(crate) fn read_input(path: &Path, what: &str) -> Result<Vec<u8>, InputError> {
+    std::fs::read(path).map_err(|e| {
+        InputError::new(
+            Some(Location::file(path)),
+            None,
+            format!("cannot read the {what}: {e}"),
+        )
+    })
+}
+
+/// [`read_input`] for text files.
+pub(crate) fn read_input_text(path: &Path, what: &str) -> Result<String, InputError> {
+    String::from_utf8(read_input(path, what)?).map_err(|_| {
+        InputError::new(
+            Some(Location::file(path)),
+            None,
+            format!("the {what} is not valid UTF-8"),
+        )
+    })
+}
+
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.path.display())?;

@@ -14,15 +14,7 @@ pub struct LoadedKey {
     pub warning: Option<String>,
 }
 
-fn read(path: &Path, what: &str) -> Result<Vec<u8>, InputError> {
-    std::fs::read(path).map_err(|e| {
-        InputError::new(
-            Some(Location::file(path)),
-            None,
-            format!("cannot read the {what}: {e}"),
-        )
-    })
-}
+use crate::error::read_input as read;
 
 /// Reads an nvs_keys image (or any file whose first 64 bytes are the XTS key).
 pub fn load_key_file(path: &Path) -> Result<LoadedKey, InputError> {

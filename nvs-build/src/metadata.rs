@@ -11,7 +11,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::encoding::Encoding;
-use crate::error::{InputError, Location};
+use crate::error::{InputError, Location, read_input_text};
 use crate::format::Version;
 use crate::table::{Partition, PartitionTable};
 
@@ -120,13 +120,7 @@ impl Metadata {
     /// Reads `[package.metadata.nvs]` from a manifest. Returns `Ok(None)` when the package has
     /// no such table.
     pub fn from_manifest(manifest_path: &Path) -> Result<Option<Metadata>, InputError> {
-        let text = std::fs::read_to_string(manifest_path).map_err(|e| {
-            InputError::new(
-                Some(Location::file(manifest_path)),
-                None,
-                format!("cannot read the manifest: {e}"),
-            )
-        })?;
+        let text = read_input_text(manifest_path, "manifest")?;
         Metadata::parse(manifest_path, &text)
     }
 
@@ -247,13 +241,7 @@ fn espflash_table(
     else {
         return Ok(None);
     };
-    let text = std::fs::read_to_string(&config).map_err(|e| {
-        InputError::new(
-            Some(Location::file(&config)),
-            None,
-            format!("cannot read espflash.toml: {e}"),
-        )
-    })?;
+    let text = read_input_text(&config, "espflash.toml")?;
     let doc = Doc {
         path: &config,
         text: &text,

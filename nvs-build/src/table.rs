@@ -337,13 +337,7 @@ impl PartitionTable {
 
     /// [`Self::load`] with all of `gen_esp32part.py`'s settings.
     pub fn load_with(path: &Path, options: &CsvOptions) -> Result<Self, InputError> {
-        let bytes = std::fs::read(path).map_err(|e| {
-            InputError::new(
-                Some(Location::file(path)),
-                None,
-                format!("cannot read the partition table: {e}"),
-            )
-        })?;
+        let bytes = crate::error::read_input(path, "partition table")?;
         if bytes.starts_with(&binary::ENTRY_MAGIC) {
             return Self::parse_binary_at(path, &bytes, options.table_offset);
         }

@@ -11,7 +11,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::flash::{ImageArgs, app_segments, nvs_segments};
-use crate::artifacts::{BuildArgs, NvsManifest, cargo_build};
+use crate::artifacts::{BuildArgs, build_with_nvs};
 use crate::fsutil::write_atomic;
 use crate::project::PackageArgs;
 use crate::{CliError, CliResult};
@@ -51,7 +51,7 @@ pub fn run(args: DistArgs) -> CliResult<ExitCode> {
     let metadata = project.nvs_metadata()?;
     let mut build = args.build.clone();
     build.release = true;
-    let built = cargo_build(&project, &build)?;
+    let (elf, manifest) = build_with_nvs(&project, &build)?;
     let chip: Chip = match (
         &args.chip,
         args.build.target.as_deref().and_then(chip_of_target),
@@ -66,16 +66,7 @@ pub fn run(args: DistArgs) -> CliResult<ExitCode> {
             ));
         }
     };
-    let out_dir = built.out_dir.ok_or_else(|| {
-        CliError(format!(
-            "`{}` has no build script; add one that calls nvs_build::generate()",
-            project.name
-        ))
-    })?;
-    let manifest = NvsManifest::read(&out_dir)?;
-    let elf = built
-        .elf
-        .ok_or_else(|| CliError(format!("`{}` has no binary", project.name)))?;
+    let elf = elf.ok_or_else(|| CliError(format!("`{}` has no binary", project.name)))?;
     let mut segments = app_segments(
         &elf,
         chip,

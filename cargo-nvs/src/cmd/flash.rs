@@ -10,7 +10,7 @@ use espflash::image_format::Segment;
 use espflash::image_format::idf::IdfBootloaderFormat;
 use espflash::target::{Chip, XtalFrequency};
 
-use crate::artifacts::{BuildArgs, NvsImage, NvsManifest, cargo_build};
+use crate::artifacts::{BuildArgs, NvsImage, build_with_nvs};
 use crate::flashing::{ConnectArgs, Progress, blank_md5, connect};
 use crate::project::PackageArgs;
 use crate::{CliError, CliResult};
@@ -305,18 +305,8 @@ pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
         // build script's OUT_DIR for the same profile.
         build.release |= elf.components().any(|c| c.as_os_str() == "release");
     }
-    let built = cargo_build(&project, &build)?;
-    let out_dir = built.out_dir.ok_or_else(|| {
-        CliError(format!(
-            "`{}` has no build script; add one that calls nvs_build::generate()",
-            project.name
-        ))
-    })?;
-    let manifest = NvsManifest::read(&out_dir)?;
-    let elf = match (&args.elf, built.elf) {
-        (Some(elf), _) => Some(elf.clone()),
-        (None, elf) => elf,
-    };
+    let (built_elf, manifest) = build_with_nvs(&project, &build)?;
+    let elf = args.elf.clone().or(built_elf);
     let keys_partition = metadata
         .table
         .partitions
