@@ -409,3 +409,94 @@ pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
     );
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(
+        dir: &Path,
+        name: &str,
+        offset: u32,
+        size: u32,
+        len: usize,
+        keys: Option<&str>,
+    ) -> NvsImage {
+        let file = dir.join(format!("{name}.bin"));
+        std::fs::write(&file, vec![0xAB; len]).unwrap();
+        NvsImage {
+            name: name.to_owned(),
+            offset,
+            size,
+            factory: name == "fctry",
+            file: Some(file),
+            keys_file: keys.map(|k| dir.join(k)),
+            skipped: None,
+        }
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("cargo-nvs-flash-unit-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("keys.bin"), vec![0x11; 4096]).unwrap();
+        std::fs::write(dir.join("other.bin"), vec![0x22; 4096]).unwrap();
+        dir
+    }
+
+    #[test]
+    fn nvs_images_are_padded_and_keys_go_to_nvs_keys() {
+        let dir = scratch("keys");
+        let images = [
+            image(&dir, "fctry", 0xf000, 0x2000, 0x1000, Some("keys.bin")),
+            image(&dir, "nvs", 0x9000, 0x6000, 0x6000, None),
+        ];
+        let planned = nvs_segments(&images, &[], Some((0x11000, 0x1000))).unwrap();
+        let fctry = planned.iter().find(|p| p.addr == 0xf000).unwrap();
+        assert_eq!(fctry.data.len(), 0x2000);
+        assert!(fctry.data[0x1000..].iter().all(|&b| b == 0xFF));
+        assert!(!fctry.user_data && planned.iter().find(|p| p.addr == 0x9000).unwrap().user_data);
+        let keys = planned.iter().find(|p| p.name == "nvs_keys").unwrap();
+        assert_eq!((keys.addr, keys.data.len()), (0x11000, 4096));
+
+        let only = nvs_segments(&images, &["nvs".to_owned()], Some((0x11000, 0x1000))).unwrap();
+        assert_eq!(only.len(), 1);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn refusals() {
+        let dir = scratch("refuse");
+        let keyed = [image(
+            &dir,
+            "fctry",
+            0xf000,
+            0x2000,
+            0x1000,
+            Some("keys.bin"),
+        )];
+        let e = nvs_segments(&keyed, &[], None).err().unwrap().0;
+        assert!(e.contains("no data/nvs_keys partition"), "{e}");
+
+        let two_keys = [
+            image(&dir, "fctry", 0xf000, 0x2000, 0x1000, Some("keys.bin")),
+            image(&dir, "nvs", 0x9000, 0x6000, 0x1000, Some("other.bin")),
+        ];
+        let e = nvs_segments(&two_keys, &[], Some((0x11000, 0x1000)))
+            .err()
+            .unwrap()
+            .0;
+        assert!(e.contains("different key files"), "{e}");
+
+        let too_big = [image(&dir, "nvs", 0x9000, 0x3000, 0x4000, None)];
+        let e = nvs_segments(&too_big, &[], None).err().unwrap().0;
+        assert!(e.contains("larger than its partition"), "{e}");
+
+        let e = nvs_segments(&too_big, &["nope".to_owned()], None)
+            .err()
+            .unwrap()
+            .0;
+        assert!(e.contains("no NVS partition of that name"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
