@@ -38,6 +38,7 @@ enum Command {
     Flash(Box<cmd::flash::FlashArgs>),
     Read(Box<cmd::read::ReadArgs>),
     Dist(Box<cmd::dist::DistArgs>),
+    Mfg(cmd::mfg::MfgArgs),
 }
 
 /// An error for the user: printed as `error: …`, exit code 1.
@@ -64,6 +65,7 @@ fn main() -> ExitCode {
         Command::Flash(args) => cmd::flash::run(*args),
         Command::Read(args) => cmd::read::run(*args),
         Command::Dist(args) => cmd::dist::run(*args),
+        Command::Mfg(args) => cmd::mfg::run(args),
     };
     match result {
         Ok(code) => code,

@@ -3,6 +3,7 @@
 mod bench;
 mod casegen;
 mod ci;
+mod diff_mfg;
 mod diff_ref;
 mod firmware;
 mod flags;
@@ -39,6 +40,10 @@ commands:
                                    `cargo-nvs encrypt` exists)
                 --keep             keep passing cases on disk too
                 --bin PATH         test this cargo-nvs binary instead of building one
+  diff-mfg    compare `cargo nvs mfg generate` with mfg_gen's steps + the reference, per device
+                --cases N          random config/values pairs (default 8)
+                --devices N        devices per case (default 120, at least 100)
+                --seed S, --keep, --bin PATH   as for diff-ref
   bench       time cargo-nvs against the reference (builds release): plain and encrypted
               images in-process, whole processes; then the build cost (below)
                 --bin PATH         time this cargo-nvs binary instead of the release build
@@ -74,6 +79,11 @@ fn run() -> Result<ExitCode> {
             let opts = diff_ref::Options::parse(&mut args)?;
             args.finish()?;
             diff_ref::run(&sh, opts)
+        }
+        Some("diff-mfg") => {
+            let opts = diff_mfg::Options::parse(&mut args)?;
+            args.finish()?;
+            diff_mfg::run(&sh, opts)
         }
         Some("bench") => {
             let opts = bench::Options::parse(&mut args)?;

@@ -6,6 +6,7 @@ pub mod flash;
 pub mod generate;
 pub mod generate_key;
 pub mod keys;
+pub mod mfg;
 pub mod partitions;
 pub mod read;
 

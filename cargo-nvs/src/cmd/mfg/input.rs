@@ -1,0 +1,446 @@
+//! mfg_gen's inputs: the config CSV (`key,type,encoding[,REPEAT]`, no header), the values CSV
+//! (a header of key names, one row per device), and each device's equivalent generator CSV.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use crate::{CliError, CliResult};
+
+/// mfg_gen's encodings, plus `i16`, which mfg_gen forgets in its list (and so refuses) although
+/// the generator supports it.
+const ENCODINGS: [&str; 12] = [
+    "string", "binary", "hex2bin", "base64", "u8", "i8", "u16", "i16", "u32", "i32", "u64", "i64",
+];
+
+/// One config row, with the fields mfg_gen writes to the device CSV (REPEAT removed).
+#[derive(Debug)]
+pub struct ConfigRow {
+    pub line: usize,
+    pub key: String,
+    pub ty: String,
+    pub encoding: String,
+    /// The values column this data row takes its value from (`None` for namespaces).
+    pub column: Option<usize>,
+    pub repeat: bool,
+}
+
+impl ConfigRow {
+    pub fn is_namespace(&self) -> bool {
+        self.ty == "namespace"
+    }
+}
+
+fn refuse_bom(path: &Path, bytes: &[u8]) -> CliResult {
+    if bytes.starts_with(b"\xEF\xBB\xBF") {
+        return Err(CliError(format!(
+            "{}:1: the file starts with a UTF-8 byte-order mark (BOM), which mfg_gen reads as part \
+             of the first name; save it as UTF-8 without BOM",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Reads the next record; errors name the file line.
+fn read_record<R: BufRead>(
+    reader: &mut csv::Reader<LineFilter<R>>,
+    record: &mut csv::StringRecord,
+    path: &Path,
+) -> CliResult<bool> {
+    reader.read_record(record).map_err(|e| {
+        let offset = e.position().map_or(0, |p| p.byte());
+        csv_error(path, reader.get_mut().line_at(offset), &e)
+    })
+}
+
+fn csv_error(path: &Path, line: usize, e: &csv::Error) -> CliError {
+    match e.kind() {
+        csv::ErrorKind::Utf8 { .. } => CliError(format!(
+            "{}:{line}: the file is not valid UTF-8; save it as UTF-8",
+            path.display()
+        )),
+        _ => CliError(format!("{}:{line}: {e}", path.display())),
+    }
+}
+
+fn reader<R: Read>(input: R) -> csv::Reader<R> {
+    csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(input)
+}
+
+/// Reads and checks the config file.
+pub fn read_config(path: &Path) -> CliResult<Vec<ConfigRow>> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        CliError(format!(
+            "cannot read the config file `{}`: {e}",
+            path.display()
+        ))
+    })?;
+    refuse_bom(path, &bytes)?;
+    let mut rows = Vec::new();
+    let mut seen_namespace = false;
+    let mut input = reader(LineFilter::new(bytes.as_slice()));
+    let mut record = csv::StringRecord::new();
+    while read_record(&mut input, &mut record, path)? {
+        let offset = record.position().map_or(0, |p| p.byte());
+        let line = input.get_mut().line_at(offset);
+        let at = format!("{}:{line}", path.display());
+        let repeat = record.len() == 4 && &record[3] == "REPEAT";
+        if record.len() != 3 && !repeat {
+            return Err(CliError(format!(
+                "{at}: the row has {} field(s); config rows are `key,type,encoding` (data, optionally \
+                 followed by `,REPEAT`) or `name,namespace,`",
+                record.len()
+            )));
+        }
+        let (key, ty, encoding) = (&record[0], &record[1], &record[2]);
+        match ty {
+            "namespace" if repeat => {
+                return Err(CliError(format!(
+                    "{at}: namespace `{key}`: REPEAT applies to data rows only"
+                )));
+            }
+            "namespace" => seen_namespace = true,
+            "data" | "file" => {
+                if !ENCODINGS.contains(&encoding) {
+                    return Err(CliError(format!(
+                        "{at}: key `{key}`: invalid encoding `{encoding}`; use one of {}",
+                        ENCODINGS.join(", ")
+                    )));
+                }
+                if !seen_namespace {
+                    return Err(CliError(format!(
+                        "{at}: key `{key}` comes before any namespace row; start the file with \
+                         `name,namespace,`"
+                    )));
+                }
+            }
+            _ => {
+                return Err(CliError(format!(
+                    "{at}: key `{key}`: invalid type `{ty}`; use data, file or namespace"
+                )));
+            }
+        }
+        rows.push(ConfigRow {
+            line,
+            key: key.to_owned(),
+            ty: ty.to_owned(),
+            encoding: encoding.to_owned(),
+            column: None,
+            repeat,
+        });
+    }
+    if rows.is_empty() {
+        return Err(CliError(format!(
+            "{}: the config file is empty; it needs `name,namespace,` and `key,type,encoding` rows",
+            path.display()
+        )));
+    }
+    Ok(rows)
+}
+
+/// Matches config keys to header columns: every config key, in config order (as mfg_gen
+/// requires); other columns are metadata.
+pub fn bind_columns(
+    config_path: &Path,
+    rows: &mut [ConfigRow],
+    values_path: &Path,
+    header: &[String],
+) -> CliResult {
+    let mut next = 0;
+    for row in rows.iter_mut().filter(|r| !r.is_namespace()) {
+        let found = header[next..].iter().position(|h| *h == row.key);
+        let Some(offset) = found else {
+            let why = if header.contains(&row.key) {
+                "is in the header, but not in config order (config keys must appear in the same order)"
+            } else {
+                "is not a column of the values file's header"
+            };
+            return Err(CliError(format!(
+                "{}:{}: key `{}` {why} (header at {}:1)",
+                config_path.display(),
+                row.line,
+                row.key,
+                values_path.display()
+            )));
+        };
+        row.column = Some(next + offset);
+        next += offset + 1;
+    }
+    Ok(())
+}
+
+/// The values file, read one record at a time.
+pub struct Values {
+    pub path: PathBuf,
+    pub header: Vec<String>,
+    pub header_line: usize,
+    reader: csv::Reader<LineFilter<BufReader<File>>>,
+    record: csv::StringRecord,
+}
+
+/// Drops whitespace-only lines, as mfg_gen does before parsing (even inside a quoted field,
+/// where it shortens the value), and maps offsets in what it passes on back to the file's line
+/// numbers. Only the lines the csv reader has read ahead are remembered.
+pub struct LineFilter<R> {
+    inner: R,
+    line: Vec<u8>,
+    pos: usize,
+    emitted: u64,
+    lines_read: usize,
+    /// (offset in the filtered stream, 1-based line in the file) of lines passed on.
+    starts: VecDeque<(u64, usize)>,
+}
+
+impl<R: BufRead> LineFilter<R> {
+    pub fn new(inner: R) -> Self {
+        LineFilter {
+            inner,
+            line: Vec::new(),
+            pos: 0,
+            emitted: 0,
+            lines_read: 0,
+            starts: VecDeque::new(),
+        }
+    }
+
+    /// The file line of the byte at `offset` of the filtered stream; offsets must not decrease
+    /// between calls.
+    fn line_at(&mut self, offset: u64) -> usize {
+        while self.starts.len() > 1 && self.starts[1].0 <= offset {
+            self.starts.pop_front();
+        }
+        self.starts.front().map_or(self.lines_read.max(1), |s| s.1)
+    }
+}
+
+/// Python's `str.isspace()` for a line (with its line break); invalid UTF-8 is not blank.
+fn is_blank_line(line: &[u8]) -> bool {
+    std::str::from_utf8(line).is_ok_and(|text| {
+        text.chars()
+            .all(|c| c.is_whitespace() || ('\x1c'..='\x1f').contains(&c))
+    })
+}
+
+impl<R: BufRead> Read for LineFilter<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.line.len() {
+            self.line.clear();
+            self.pos = 0;
+            if self.inner.read_until(b'\n', &mut self.line)? == 0 {
+                return Ok(0);
+            }
+            self.lines_read += 1;
+            if is_blank_line(&self.line) {
+                self.line.clear();
+            } else {
+                self.starts.push_back((self.emitted, self.lines_read));
+            }
+        }
+        let n = buf.len().min(self.line.len() - self.pos);
+        buf[..n].copy_from_slice(&self.line[self.pos..self.pos + n]);
+        self.pos += n;
+        self.emitted += n as u64;
+        Ok(n)
+    }
+}
+
+/// One device row of the values file.
+pub struct DeviceRow {
+    pub line: usize,
+    pub fields: Vec<String>,
+}
+
+impl Values {
+    pub fn open(path: &Path) -> CliResult<Values> {
+        let file = File::open(path).map_err(|e| {
+            CliError(format!(
+                "cannot read the values file `{}`: {e}",
+                path.display()
+            ))
+        })?;
+        let mut input = BufReader::with_capacity(1 << 16, file);
+        let start = input
+            .fill_buf()
+            .map_err(|e| CliError(format!("cannot read `{}`: {e}", path.display())))?;
+        if start.is_empty() {
+            return Err(CliError(format!(
+                "{}: the values file is empty; it needs a header of key names and one row per device",
+                path.display()
+            )));
+        }
+        refuse_bom(path, start)?;
+        let mut values = Values {
+            path: path.to_owned(),
+            header: Vec::new(),
+            header_line: 1,
+            reader: reader(LineFilter::new(input)),
+            record: csv::StringRecord::new(),
+        };
+        let Some(header) = values.next_record()? else {
+            return Err(CliError(format!(
+                "{}: the values file has no header row",
+                path.display()
+            )));
+        };
+        values.header_line = header.line;
+        values.header = header.fields;
+        Ok(values)
+    }
+
+    fn next_record(&mut self) -> CliResult<Option<DeviceRow>> {
+        let more = read_record(&mut self.reader, &mut self.record, &self.path)?;
+        if !more {
+            return Ok(None);
+        }
+        let offset = self.record.position().map_or(0, |p| p.byte());
+        Ok(Some(DeviceRow {
+            line: self.reader.get_mut().line_at(offset),
+            fields: self.record.iter().map(str::to_owned).collect(),
+        }))
+    }
+
+    /// The next device row, checked to have one field per header column.
+    pub fn next_device(&mut self) -> CliResult<Option<DeviceRow>> {
+        let Some(row) = self.next_record()? else {
+            return Ok(None);
+        };
+        if row.fields.len() != self.header.len() {
+            let detail = if row.fields.len() < self.header.len() {
+                format!("column `{}` has no value", self.header[row.fields.len()])
+            } else {
+                format!(
+                    "{} field(s) after the last column `{}`",
+                    row.fields.len() - self.header.len(),
+                    self.header.last().map_or("", String::as_str)
+                )
+            };
+            return Err(CliError(format!(
+                "{}:{}: the row has {} field(s) but the header (line {}) has {}: {detail}",
+                self.path.display(),
+                row.line,
+                row.fields.len(),
+                self.header_line,
+                self.header.len()
+            )));
+        }
+        Ok(Some(row))
+    }
+}
+
+/// Appends `field` as Python's `csv.writer` does (quoted when it holds `,` `"` or a line
+/// break). Line breaks are normalised to `\n` first, as the generator's universal-newline read
+/// does, so that lines can be counted.
+fn push_field(out: &mut String, field: &str) {
+    let normalised;
+    let field = if field.contains('\r') {
+        normalised = field.replace("\r\n", "\n").replace('\r', "\n");
+        normalised.as_str()
+    } else {
+        field
+    };
+    if field.contains([',', '"', '\n']) {
+        out.push('"');
+        out.push_str(&field.replace('"', "\"\""));
+        out.push('"');
+    } else {
+        out.push_str(field);
+    }
+}
+
+/// The generator CSV mfg_gen writes for one device (`key,type,encoding,value`; namespace rows
+/// with an empty value), and the line each config row starts on in it.
+pub fn device_csv(
+    rows: &[ConfigRow],
+    value: impl Fn(&ConfigRow) -> String,
+    starts: &mut Vec<usize>,
+) -> String {
+    let mut out = String::with_capacity(256);
+    out.push_str("key,type,encoding,value\n");
+    starts.clear();
+    let mut line = 2;
+    for row in rows {
+        starts.push(line);
+        let begin = out.len();
+        push_field(&mut out, &row.key);
+        out.push(',');
+        push_field(&mut out, &row.ty);
+        out.push(',');
+        push_field(&mut out, &row.encoding);
+        out.push(',');
+        if !row.is_namespace() {
+            push_field(&mut out, &value(row));
+        }
+        out.push('\n');
+        line += out[begin..].matches('\n').count();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(key: &str, ty: &str, encoding: &str) -> ConfigRow {
+        ConfigRow {
+            line: 1,
+            key: key.into(),
+            ty: ty.into(),
+            encoding: encoding.into(),
+            column: None,
+            repeat: false,
+        }
+    }
+
+    #[test]
+    fn device_csv_quotes_like_python_and_counts_lines() {
+        let rows = [
+            row("app", "namespace", ""),
+            row("a", "data", "string"),
+            row("b", "data", "string"),
+        ];
+        let mut starts = Vec::new();
+        let csv = device_csv(
+            &rows,
+            |r| {
+                if r.key == "a" {
+                    "x,\"y\"\r\nz".into()
+                } else {
+                    "plain".into()
+                }
+            },
+            &mut starts,
+        );
+        assert_eq!(
+            csv,
+            "key,type,encoding,value\napp,namespace,,\na,data,string,\"x,\"\"y\"\"\nz\"\nb,data,string,plain\n"
+        );
+        assert_eq!(starts, [2, 3, 5]);
+    }
+
+    #[test]
+    fn blank_lines_are_dropped_even_in_quotes_and_lines_keep_their_numbers() {
+        let text = b"a,b\n\n  \r\n1,\"x\n\n \ny\"\n\n2,z\n";
+        let mut input = reader(LineFilter::new(&text[..]));
+        let mut record = csv::StringRecord::new();
+        let mut seen = Vec::new();
+        while read_record(&mut input, &mut record, Path::new("v.csv")).unwrap() {
+            let offset = record.position().unwrap().byte();
+            let line = input.get_mut().line_at(offset);
+            seen.push((line, record.iter().map(str::to_owned).collect::<Vec<_>>()));
+        }
+        let row = |line, fields: &[&str]| (line, fields.iter().map(|f| f.to_string()).collect());
+        assert_eq!(
+            seen,
+            [
+                row(1, &["a", "b"]),
+                row(4, &["1", "x\ny"]),
+                row(9, &["2", "z"])
+            ]
+        );
+    }
+}

@@ -1,0 +1,557 @@
+//! `cargo nvs mfg generate`: byte-identical to ESP-IDF's mfg_gen.py on the committed vectors,
+//! keys per device or shared, and every refusal naming the input and leaving nothing behind.
+
+mod support;
+
+use std::path::Path;
+use std::process::Output;
+
+use support::{Case, bin, tempdir, vectors};
+
+const CONFIG: &str = "app,namespace,\nserial,data,string\nnum,data,u8\nregion,data,string,REPEAT\n";
+const VALUES: &str = "id,serial,num,region\n1,SN1,1,EU\n2,SN2,2,\n3,SN3,3,\n";
+
+fn mfg_dir() -> std::path::PathBuf {
+    vectors().join("in/mfg")
+}
+
+/// Runs the command from `cwd`.
+fn run_in(cwd: &Path, args: &[&str]) -> Output {
+    bin().args(args).current_dir(cwd).output().unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_ok(out: &Output) {
+    assert!(out.status.success(), "failed: {}", stderr(out));
+}
+
+/// The run failed, its message names every needle, and the out-dir holds nothing.
+fn assert_refused(case: &Case, out: &Output, needles: &[&str]) {
+    let text = stderr(out);
+    assert!(!out.status.success(), "expected failure; stderr: {text}");
+    assert!(!text.contains("panicked"), "{text}");
+    for needle in needles {
+        assert!(text.contains(needle), "stderr lacks {needle:?}:\n{text}");
+    }
+    for left in [
+        "out/bin",
+        "out/keys",
+        "out/manifest.csv",
+        "out/manifest.json",
+    ] {
+        assert!(!case.exists(left), "`{left}` was left behind:\n{text}");
+    }
+    if let Ok(entries) = std::fs::read_dir(case.dir.path().join("out")) {
+        let names: Vec<_> = entries.map(|e| e.unwrap().file_name()).collect();
+        assert!(names.is_empty(), "out/ holds {names:?}");
+    }
+}
+
+fn mfg(case: &Case, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "mfg",
+        "generate",
+        "config.csv",
+        "values.csv",
+        "dev",
+        "0x3000",
+        "--out-dir",
+        "out",
+    ];
+    args.extend_from_slice(extra);
+    case.run(&args)
+}
+
+fn case(config: &str, values: &str) -> Case {
+    let case = Case::new();
+    case.file("config.csv", config).file("values.csv", values);
+    case
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn matches_mfg_gen_on_the_committed_vectors() {
+    let out = tempdir::Dir::new();
+    let dir = out.path().to_str().unwrap();
+    let result = run_in(
+        &mfg_dir(),
+        &[
+            "mfg",
+            "generate",
+            "mfg_config.csv",
+            "mfg_values_3.csv",
+            "dev",
+            "0x3000",
+            "--out-dir",
+            dir,
+        ],
+    );
+    assert_ok(&result);
+    for n in 1..=3 {
+        let name = format!("bin/dev-{n}.bin");
+        assert_eq!(
+            read(&out.path().join(&name)),
+            read(&vectors().join("out/mfg").join(&name)),
+            "{name}"
+        );
+    }
+    // Without --fileid the numbering repeats in every batch: warned.
+    assert!(stderr(&result).contains("--fileid"), "{}", stderr(&result));
+    assert!(stderr(&result).contains("devices/s"), "{}", stderr(&result));
+    let names: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let mut names = names;
+    names.sort();
+    assert_eq!(
+        names,
+        ["bin", "manifest.csv", "manifest.json"],
+        "no staging left"
+    );
+}
+
+#[test]
+fn matches_mfg_gen_with_fileid_and_prefix_num_in_both_spellings() {
+    let expected = vectors().join("out/mfg_named/bin");
+    for args in [
+        &[
+            "mfg",
+            "generate",
+            "mfg_config.csv",
+            "mfg_values_3.csv",
+            "dev",
+            "0x3000",
+            "--fileid",
+            "serial_no",
+            "--prefix_num",
+            "7",
+            "3",
+            "--outdir",
+        ][..],
+        &[
+            "mfg",
+            "generate",
+            "--config",
+            "mfg_config.csv",
+            "--values",
+            "mfg_values_3.csv",
+            "--prefix",
+            "dev",
+            "--size",
+            "0x3000",
+            "--fileid",
+            "serial_no",
+            "--prefix-num",
+            "7",
+            "3",
+            "--out-dir",
+        ][..],
+    ] {
+        let out = tempdir::Dir::new();
+        let mut args = args.to_vec();
+        args.push(out.path().to_str().unwrap());
+        let result = run_in(&mfg_dir(), &args);
+        assert_ok(&result);
+        assert!(!stderr(&result).contains("warning"), "{}", stderr(&result));
+        for entry in std::fs::read_dir(&expected).unwrap() {
+            let name = entry.unwrap().file_name();
+            assert_eq!(
+                read(&out.path().join("bin").join(&name)),
+                read(&expected.join(&name)),
+                "{name:?}"
+            );
+        }
+        let manifest = std::fs::read_to_string(out.path().join("manifest.csv")).unwrap();
+        let lines: Vec<_> = manifest.lines().collect();
+        assert_eq!(lines[0], "device,line,image,sha256,key_file");
+        assert!(
+            lines[1].starts_with("SN00000001,2,bin/dev-007-SN00000001.bin,"),
+            "{manifest}"
+        );
+        assert_eq!(lines.len(), 4);
+        let json: serde_json::Value =
+            serde_json::from_slice(&read(&out.path().join("manifest.json"))).unwrap();
+        assert_eq!(json["devices"][2]["image"], "bin/dev-009-SN00000003.bin");
+        assert_eq!(json["devices"][2]["sha256"].as_str().unwrap().len(), 64);
+    }
+}
+
+#[test]
+fn repeat_values_come_from_the_first_row_and_match_the_generator() {
+    let case = case(CONFIG, VALUES);
+    assert_ok(&mfg(&case, &["--fileid", "serial"]));
+    for n in 1..=3 {
+        let csv = format!(
+            "key,type,encoding,value\napp,namespace,,\nserial,data,string,SN{n}\nnum,data,u8,{n}\nregion,data,string,EU\n"
+        );
+        case.file(&format!("dev{n}.csv"), csv);
+        let out = case.run(&[
+            "generate",
+            &format!("dev{n}.csv"),
+            &format!("ref{n}.bin"),
+            "0x3000",
+        ]);
+        assert_ok(&out);
+        let dir = case.dir.path();
+        assert_eq!(
+            read(&dir.join(format!("out/bin/dev-SN{n}.bin"))),
+            read(&dir.join(format!("ref{n}.bin")))
+        );
+    }
+}
+
+#[test]
+fn i16_is_accepted_and_file_rows_resolve_against_the_current_directory() {
+    let case = case(
+        "app,namespace,\nt,data,i16\ncert,file,binary\n",
+        "t,cert\n-32768,a.der\n32767,b.der\n",
+    );
+    case.file("a.der", b"\x01\x02").file("b.der", b"\x03");
+    assert_ok(&mfg(&case, &[]));
+    case.file(
+        "one.csv",
+        "key,type,encoding,value\napp,namespace,,\nt,data,i16,-32768\ncert,file,binary,a.der\n",
+    );
+    assert_ok(&case.run(&["generate", "one.csv", "one.bin", "0x3000"]));
+    let dir = case.dir.path();
+    assert_eq!(
+        read(&dir.join("out/bin/dev-1.bin")),
+        read(&dir.join("one.bin"))
+    );
+}
+
+#[test]
+fn keygen_writes_one_private_key_per_device_and_never_prints_it() {
+    let case = case(CONFIG, VALUES);
+    let out = mfg(&case, &["--fileid", "serial", "--keygen"]);
+    assert_ok(&out);
+    let dir = case.dir.path();
+    let mut keys = Vec::new();
+    for n in 1..=3 {
+        let key_path = dir.join(format!("out/keys/keys-dev-SN{n}.bin"));
+        let key = read(&key_path);
+        assert_eq!(key.len(), 4096);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&key_path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let hex: String = key[..32].iter().map(|b| format!("{b:02x}")).collect();
+        assert!(!String::from_utf8_lossy(&out.stdout).contains(&hex));
+        assert!(!stderr(&out).contains(&hex));
+        keys.push(key);
+        // The image decrypts with its own key to the plain image.
+        let plain = case.run(&[
+            "decrypt",
+            &format!("out/bin/dev-SN{n}.bin"),
+            &format!("out/keys/keys-dev-SN{n}.bin"),
+            &format!("plain{n}.bin"),
+        ]);
+        assert_ok(&plain);
+    }
+    assert!(keys[0] != keys[1] && keys[1] != keys[2]);
+    let manifest = std::fs::read_to_string(dir.join("out/manifest.csv")).unwrap();
+    assert!(manifest.contains(",keys/keys-dev-SN2.bin\n"), "{manifest}");
+    // The decrypted images equal plain mfg output.
+    assert_ok(&case.run(&[
+        "mfg",
+        "generate",
+        "config.csv",
+        "values.csv",
+        "dev",
+        "0x3000",
+        "--fileid",
+        "serial",
+        "--out-dir",
+        "plain",
+    ]));
+    for n in 1..=3 {
+        assert_eq!(
+            read(&dir.join(format!("plain{n}.bin"))),
+            read(&dir.join(format!("plain/bin/dev-SN{n}.bin")))
+        );
+    }
+}
+
+#[test]
+fn inputkey_encrypts_every_device_with_the_same_key() {
+    let case = case(CONFIG, VALUES);
+    let key = vectors().join("in/keys_fixed.bin");
+    let out = mfg(&case, &["--inputkey", key.to_str().unwrap()]);
+    assert_ok(&out);
+    assert!(!case.exists("out/keys"));
+    for n in 1..=3 {
+        let csv = format!(
+            "key,type,encoding,value\napp,namespace,,\nserial,data,string,SN{n}\nnum,data,u8,{n}\nregion,data,string,EU\n"
+        );
+        case.file(&format!("dev{n}.csv"), csv);
+        assert_ok(&case.run(&[
+            "encrypt",
+            &format!("dev{n}.csv"),
+            &format!("ref{n}.bin"),
+            "0x3000",
+            "--inputkey",
+            key.to_str().unwrap(),
+        ]));
+        let dir = case.dir.path();
+        assert_eq!(
+            read(&dir.join(format!("out/bin/dev-{n}.bin"))),
+            read(&dir.join(format!("ref{n}.bin")))
+        );
+    }
+}
+
+#[test]
+fn refuses_a_config_key_missing_from_the_values_header() {
+    let case = case(CONFIG, "id,serial,region\n1,SN1,EU\n");
+    let out = mfg(&case, &[]);
+    assert_refused(
+        &case,
+        &out,
+        &["config.csv:3", "`num`", "not a column", "values.csv"],
+    );
+}
+
+#[test]
+fn refuses_keys_out_of_config_order() {
+    let case = case(CONFIG, "num,serial,region\n1,SN1,EU\n");
+    let out = mfg(&case, &[]);
+    assert_refused(&case, &out, &["config.csv:3", "`num`", "config order"]);
+}
+
+#[test]
+fn refuses_a_values_row_with_the_wrong_field_count() {
+    let case = case(CONFIG, "id,serial,num,region\n1,SN1,1,EU\n\n2,SN2,2\n");
+    let out = mfg(&case, &[]);
+    assert_refused(
+        &case,
+        &out,
+        &["values.csv:4", "3 field(s)", "has 4", "`region`"],
+    );
+    let case = self::case(CONFIG, "id,serial,num,region\n1,SN1,1,EU,extra\n");
+    let out = mfg(&case, &[]);
+    assert_refused(&case, &out, &["values.csv:2", "5 field(s)", "`region`"]);
+}
+
+#[test]
+fn refuses_invalid_types_encodings_and_rows() {
+    for (config, needles) in [
+        (
+            "app,namespace,\nk,blob,string\n",
+            &["config.csv:2", "invalid type `blob`"][..],
+        ),
+        (
+            "app,namespace,\nk,data,float\n",
+            &["config.csv:2", "invalid encoding `float`"],
+        ),
+        (
+            "app,namespace,\nk,data,STRING\n",
+            &["config.csv:2", "invalid encoding"],
+        ),
+        (
+            "app,namespace,\nk,data,blob_fill(4;0x00)\n",
+            &["config.csv:2", "invalid encoding"],
+        ),
+        ("app,namespace,\nk,data\n", &["config.csv:2", "2 field(s)"]),
+        (
+            "app,namespace,\nk,data,u8,ONCE\n",
+            &["config.csv:2", "4 field(s)"],
+        ),
+        ("k,data,u8\n", &["config.csv:1", "before any namespace"]),
+        (
+            "app,namespace,,REPEAT\nk,data,u8\n",
+            &["config.csv:1", "REPEAT"],
+        ),
+    ] {
+        let case = case(config, "k\n1\n");
+        let out = mfg(&case, &[]);
+        assert_refused(&case, &out, needles);
+    }
+}
+
+#[test]
+fn refuses_empty_files() {
+    let case = case("", VALUES);
+    assert_refused(&case, &mfg(&case, &[]), &["config.csv", "empty"]);
+    let case = self::case(CONFIG, "");
+    assert_refused(&case, &mfg(&case, &[]), &["values.csv", "empty"]);
+    let case = self::case(CONFIG, "id,serial,num,region\n\n");
+    assert_refused(&case, &mfg(&case, &[]), &["values.csv", "no device rows"]);
+    let case = self::case("\n  \n", VALUES);
+    assert_refused(&case, &mfg(&case, &[]), &["config.csv", "empty"]);
+}
+
+#[test]
+fn refuses_a_missing_fileid_column() {
+    let case = case(CONFIG, VALUES);
+    let out = mfg(&case, &["--fileid", "serial_no"]);
+    assert_refused(
+        &case,
+        &out,
+        &["values.csv:1", "--fileid column `serial_no`", "id,serial"],
+    );
+}
+
+#[test]
+fn refuses_a_value_out_of_range_naming_the_device_row() {
+    let case = case(
+        CONFIG,
+        "id,serial,num,region\n1,SN1,1,EU\n2,SN2,2,\n3,SN3,256,\n",
+    );
+    let out = mfg(&case, &["--fileid", "serial"]);
+    assert_refused(
+        &case,
+        &out,
+        &[
+            "values.csv:4",
+            "device `SN3`",
+            "column `num`",
+            "config.csv:3",
+            "out of range",
+        ],
+    );
+    assert!(!stderr(&out).contains("256"), "values are never echoed");
+    let case = self::case(CONFIG, "id,serial,num,region\n1,SN1,x,EU\n");
+    assert_refused(&case, &mfg(&case, &[]), &["values.csv:2", "column `num`"]);
+}
+
+#[test]
+fn refuses_a_value_too_long_for_the_partition_naming_the_device_row() {
+    let big = "00".repeat(9000);
+    let values = format!("id,blob\n1,00\n2,{big}\n");
+    let case = case("app,namespace,\nblob,data,hex2bin\n", &values);
+    let out = mfg(&case, &[]);
+    assert_refused(
+        &case,
+        &out,
+        &["values.csv:3", "device `2`", "column `blob`"],
+    );
+}
+
+#[test]
+fn refuses_an_out_dir_that_cannot_be_written() {
+    let case = case(CONFIG, VALUES);
+    case.file("taken", "a file, not a folder");
+    let out = case.run(&[
+        "mfg",
+        "generate",
+        "config.csv",
+        "values.csv",
+        "dev",
+        "0x3000",
+        "--out-dir",
+        "taken",
+    ]);
+    let text = stderr(&out);
+    assert!(!out.status.success());
+    assert!(text.contains("cannot write to out-dir `taken`"), "{text}");
+    assert_eq!(
+        read(&case.dir.path().join("taken")),
+        b"a file, not a folder"
+    );
+}
+
+#[test]
+fn refuses_duplicate_ids_naming_both_lines() {
+    let case = case(
+        CONFIG,
+        "id,serial,num,region\n1,SN1,1,EU\n2,SN2,2,\n\n3,SN1,3,\n",
+    );
+    let out = mfg(&case, &["--fileid", "serial"]);
+    assert_refused(
+        &case,
+        &out,
+        &["values.csv:5", "`SN1`", "line 2", "column `serial`"],
+    );
+}
+
+#[test]
+fn refuses_ids_that_are_not_file_names_and_existing_images() {
+    let case = case(CONFIG, "id,serial,num,region\n1,../x,1,EU\n");
+    let out = mfg(&case, &["--fileid", "serial"]);
+    assert_refused(
+        &case,
+        &out,
+        &["values.csv:2", "column `serial`", "file name"],
+    );
+
+    let case = self::case(CONFIG, VALUES);
+    assert_ok(&mfg(&case, &[]));
+    let before = read(&case.dir.path().join("out/bin/dev-2.bin"));
+    let again = mfg(&case, &[]);
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("already exists"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(read(&case.dir.path().join("out/bin/dev-2.bin")), before);
+}
+
+#[test]
+fn refuses_mixed_or_missing_positionals() {
+    let case = case(CONFIG, VALUES);
+    let out = case.run(&["mfg", "generate", "config.csv", "--config", "config.csv"]);
+    assert!(stderr(&out).contains("both"), "{}", stderr(&out));
+    let out = case.run(&["mfg", "generate", "config.csv", "values.csv", "dev"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("size is missing"), "{}", stderr(&out));
+    let out = case.run(&[
+        "mfg",
+        "generate",
+        "config.csv",
+        "values.csv",
+        "dev",
+        "0x3000",
+        "--keygen",
+        "--inputkey",
+        "k.bin",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
+#[test]
+fn warns_once_when_a_later_row_gives_a_repeat_key_another_value() {
+    let case = case(
+        CONFIG,
+        "id,serial,num,region\n1,SN1,1,EU\n2,SN2,2,US\n3,SN3,3,JP\n",
+    );
+    let out = mfg(&case, &["--fileid", "serial"]);
+    assert_ok(&out);
+    let text = stderr(&out);
+    assert_eq!(text.matches("REPEAT").count(), 1, "{text}");
+    assert!(text.contains("values.csv:3: column `region`"), "{text}");
+    assert!(
+        !text.contains("US") && !text.contains("JP"),
+        "values are never echoed: {text}"
+    );
+}
+
+#[test]
+fn blank_lines_are_skipped_and_errors_keep_the_file_line_numbers() {
+    // mfg_gen drops whitespace-only lines, even inside a quoted value.
+    let values = "id,serial,num,region\n\n1,\"S\n\n1\",1,EU\n  \n2,SN2,300,\n";
+    let case = case(CONFIG, values);
+    let out = mfg(&case, &[]);
+    assert_refused(&case, &out, &["values.csv:7", "device `2`", "column `num`"]);
+    let case = self::case(CONFIG, "id,serial,num,region\n1,\"S\n\n1\",1,EU\n");
+    assert_ok(&mfg(&case, &[]));
+    case.file(
+        "one.csv",
+        "key,type,encoding,value\napp,namespace,,\nserial,data,string,\"S\n1\"\nnum,data,u8,1\nregion,data,string,EU\n",
+    );
+    assert_ok(&case.run(&["generate", "one.csv", "one.bin", "0x3000"]));
+    let dir = case.dir.path();
+    assert_eq!(
+        read(&dir.join("out/bin/dev-1.bin")),
+        read(&dir.join("one.bin"))
+    );
+}
