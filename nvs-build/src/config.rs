@@ -174,6 +174,13 @@ impl Config {
                 "{}: no [package.metadata.nvs]; no NVS images to generate",
                 manifest_path.display()
             ));
+            // Images and a manifest from an earlier build would otherwise still be flashed.
+            match std::fs::remove_dir_all(&out_dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(InputError::new(None, None, format!("cannot remove `{}`: {e}", out_dir.display())));
+                }
+                _ => {}
+            }
             return Ok(Generated::default());
         };
         if let Some(table) = metadata.table_source.path() {
@@ -205,7 +212,7 @@ impl Config {
                     image.partition
                 ));
             }
-            if let Some(percent) = image.percent_full.filter(|&p| p > 90) {
+            if let Some(percent) = image.percent_full.filter(|&p| p > 90 && !image.factory) {
                 out.warning(&format!(
                     "NVS partition `{}` is {percent}% full; the device may run out of room when it writes (enlarge it in the partition table)",
                     image.partition

@@ -444,6 +444,19 @@ impl Doc<'_> {
             Some((_, v)) => Some((self.encryption(v, manifest_dir)?, self.at(v))),
             None => None,
         };
+        // The device mounts a partition under three pages only read-only, and only when the
+        // table says so: refuse to build user data it could never write.
+        if partition.size < 0x3000 && !partition.readonly {
+            return Err(self.error(
+                name,
+                Some(part_name),
+                format!(
+                    "partition `{part_name}` is {:#x} bytes, smaller than 0x3000: flag it `readonly` in the partition \
+                     table (the device mounts such partitions read-only), or make it at least 0x3000",
+                    partition.size
+                ),
+            ));
+        }
         Ok(PartitionSpec {
             name: part_name.to_owned(),
             at,

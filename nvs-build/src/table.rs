@@ -397,6 +397,11 @@ impl PartitionTable {
     }
 
     /// The `data/nvs` partitions, in table order.
+    /// The `data/nvs_keys` partition (the flash-encryption scheme's NVS keys), if any.
+    pub fn nvs_keys(&self) -> Option<&Partition> {
+        self.partitions.iter().find(|p| p.is_nvs_keys())
+    }
+
     pub fn nvs_partitions(&self) -> impl Iterator<Item = &Partition> {
         self.partitions.iter().filter(|p| p.is_nvs())
     }

@@ -23,6 +23,8 @@ pub fn describe_differences(a: &[u8], b: &[u8], max: usize) -> Vec<String> {
                 ENTRY_SIZE,
             ),
         };
+        // A trailing partial unit (an image that is not whole pages) is compared as it is.
+        let width = width.min(len - offset);
         let (x, y) = (&a[offset..offset + width], &b[offset..offset + width]);
         if x != y {
             let key = |e: &[u8]| {
@@ -30,7 +32,7 @@ pub fn describe_differences(a: &[u8], b: &[u8], max: usize) -> Vec<String> {
                 let end = k.iter().position(|&c| c == 0).unwrap_or(16);
                 String::from_utf8_lossy(&k[..end]).into_owned()
             };
-            let label = if in_page >= FIRST_ENTRY_OFFSET {
+            let label = if in_page >= FIRST_ENTRY_OFFSET && width == ENTRY_SIZE {
                 format!(" (key `{}` vs `{}`)", key(x), key(y))
             } else {
                 String::new()
@@ -52,4 +54,17 @@ fn hex(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe_differences;
+
+    #[test]
+    fn partial_units_and_lengths() {
+        assert!(describe_differences(&[0; 40], &[0; 40], 10).is_empty());
+        let d = describe_differences(&[0; 40], &[1; 40], 10);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(describe_differences(&[0; 100], &[0; 90], 10)[0].contains("lengths differ"));
+    }
 }
