@@ -160,23 +160,30 @@ impl NvsManifest {
             )));
         }
         let path_of = |v: &Json| v.as_str().map(PathBuf::from);
-        let images = doc["partitions"]
-            .as_array()
-            .map(|parts| {
-                parts
-                    .iter()
-                    .map(|p| NvsImage {
-                        name: p["name"].as_str().unwrap_or_default().to_owned(),
-                        offset: p["offset"].as_u64().unwrap_or(0) as u32,
-                        size: p["size"].as_u64().unwrap_or(0) as u32,
-                        factory: p["factory"].as_bool().unwrap_or(false),
-                        file: path_of(&p["file"]),
-                        keys_file: path_of(&p["keys_file"]),
-                        skipped: p["skipped"].as_str().map(str::to_owned),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        // Strict: a field missing or out of range would put an image at the wrong address.
+        let bad = || {
+            CliError(format!(
+                "`{}` is malformed; rebuild the package (cargo clean -p …) to rewrite it",
+                path.display()
+            ))
+        };
+        let u32_of = |v: &Json| {
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(bad)
+        };
+        let mut images = Vec::new();
+        for p in doc["partitions"].as_array().ok_or_else(bad)? {
+            images.push(NvsImage {
+                name: p["name"].as_str().ok_or_else(bad)?.to_owned(),
+                offset: u32_of(&p["offset"])?,
+                size: u32_of(&p["size"])?,
+                factory: p["factory"].as_bool().ok_or_else(bad)?,
+                file: path_of(&p["file"]),
+                keys_file: path_of(&p["keys_file"]),
+                skipped: p["skipped"].as_str().map(str::to_owned),
+            });
+        }
         Ok(NvsManifest {
             partition_table: path_of(&doc["partition_table"]),
             images,

@@ -285,8 +285,21 @@ pub fn read_flash(
     size: u32,
     use_stub: bool,
 ) -> CliResult<Vec<u8>> {
-    let dir = std::env::temp_dir().join(format!("cargo-nvs-read-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    // espflash reads into a file: a fresh private folder, since the data may be secret.
+    let mut tag = [0u8; 8];
+    getrandom::fill(&mut tag)
+        .map_err(|e| CliError(format!("the system random number generator failed: {e}")))?;
+    let dir = std::env::temp_dir().join(format!(
+        "cargo-nvs-read-{}-{}",
+        std::process::id(),
+        u64::from_le_bytes(tag)
+    ));
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(&dir)
+        .map_err(|e| CliError(format!("cannot create `{}`: {e}", dir.display())))?;
     let result = read_into(flasher, offset, size, use_stub, &dir.join("read.bin"));
     let _ = std::fs::remove_dir_all(&dir);
     result
@@ -308,14 +321,12 @@ fn read_into(
     }
     // espflash 4.7's ROM read gets addresses wrong past two 64-byte blocks: read 128 bytes per call.
     let mut data = Vec::with_capacity(size as usize);
-    let mut at = offset;
-    while at < offset + size {
-        let len = (offset + size - at).min(128);
+    for start in (0..size).step_by(128) {
+        let len = (size - start).min(128);
         flasher
-            .read_flash_rom(at, len, 64, 1, PathBuf::from(file))
+            .read_flash_rom(offset + start, len, 64, 1, PathBuf::from(file))
             .map_err(fail)?;
         data.extend_from_slice(&std::fs::read(file)?);
-        at += len;
     }
     Ok(data)
 }

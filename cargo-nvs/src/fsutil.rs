@@ -1,11 +1,23 @@
 //! Writing output files so that a failure never leaves a half-written file behind.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, creating
-/// missing parent folders. With `mode` (Unix), the file gets those permissions from the start.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Result<()> {
+/// A complete temporary file beside its destination; removed on drop unless moved into place.
+struct TempFile {
+    path: PathBuf,
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        // After a rename or hard link has put it in place, this finds nothing or a second link.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Writes `bytes` to a new, uniquely named file in `path`'s folder (created if missing). With
+/// `mode` (Unix), the file has those permissions from the start.
+fn write_temp(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Result<TempFile> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -16,8 +28,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Re
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let mut attempt = 0u32;
-    let (tmp_path, mut file) = loop {
-        let tmp = dir.join(format!(".{name}.{}.{attempt}.tmp", std::process::id()));
+    let (temp, mut file) = loop {
+        let mut tag = [0u8; 4];
+        let _ = getrandom::fill(&mut tag);
+        let tmp = dir.join(format!(
+            ".{name}.{}.{}.tmp",
+            std::process::id(),
+            u32::from_le_bytes(tag)
+        ));
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create_new(true);
         #[cfg(unix)]
@@ -28,22 +46,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Re
         #[cfg(not(unix))]
         let _ = mode;
         match options.open(&tmp) {
-            Ok(file) => break (tmp, file),
+            Ok(file) => break (TempFile { path: tmp }, file),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {
                 attempt += 1
             }
             Err(e) => return Err(e),
         }
     };
-    let result = file.write_all(bytes).and_then(|()| file.flush());
-    drop(file);
-    match result.and_then(|()| std::fs::rename(&tmp_path, path)) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp_path);
-            Err(e)
-        }
-    }
+    file.write_all(bytes)?;
+    file.flush()?;
+    Ok(temp)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, creating
+/// missing parent folders. With `mode` (Unix), the file gets those permissions from the start.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Result<()> {
+    let temp = write_temp(path, bytes, mode)?;
+    std::fs::rename(&temp.path, path)
 }
 
 /// Writes a secret file (mode 0600 from the start) without ever replacing an existing file,
@@ -52,29 +71,21 @@ pub fn write_secret(path: &Path, bytes: &[u8], force: bool) -> std::io::Result<(
     if force {
         return write_atomic(path, bytes, Some(0o600));
     }
-    if path.exists() {
-        return Err(std::io::Error::new(
+    let exists = || {
+        std::io::Error::new(
             std::io::ErrorKind::AlreadyExists,
             "the file exists and is never overwritten (pass --force to replace it)",
-        ));
+        )
+    };
+    if path.exists() {
+        return Err(exists());
     }
-    // Write beside the target, then hard-link into place: linking fails if the name was taken
-    // meanwhile, so an existing key file can never be replaced.
-    let staging = path.with_file_name(format!(
-        ".{}.staging",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default()
-    ));
-    write_atomic(&staging, bytes, Some(0o600))?;
-    let linked = std::fs::hard_link(&staging, path);
-    let _ = std::fs::remove_file(&staging);
-    linked.map_err(|e| {
+    // Hard-linking a complete, uniquely named file fails if the name was taken meanwhile, so an
+    // existing key file can never be replaced, and concurrent runs cannot mix their keys.
+    let temp = write_temp(path, bytes, Some(0o600))?;
+    std::fs::hard_link(&temp.path, path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
-            std::io::Error::new(
-                e.kind(),
-                "the file exists and is never overwritten (pass --force to replace it)",
-            )
+            exists()
         } else {
             e
         }

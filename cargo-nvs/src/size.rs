@@ -23,7 +23,14 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         }
         (lower.as_str(), 10)
     };
-    let digits = digits.strip_prefix('_').unwrap_or(digits);
+    // `0x_6000` is valid Python, `_6000` is not.
+    let digits = match radix {
+        10 => digits,
+        _ => digits.strip_prefix('_').unwrap_or(digits),
+    };
+    if digits.starts_with('_') {
+        return Err(err());
+    }
     if digits.is_empty() || digits.ends_with('_') || digits.contains("__") {
         return Err(err());
     }
@@ -45,6 +52,7 @@ mod tests {
         assert_eq!(parse_size(" +0x3000 "), Ok(0x3000));
         assert!(parse_size("-0x3000").is_err());
         assert!(parse_size("+-1").is_err());
+        assert!(parse_size("_12288").is_err());
         assert!(parse_size("012288").is_err());
         assert!(parse_size("6K").is_err());
         assert!(parse_size("").is_err());

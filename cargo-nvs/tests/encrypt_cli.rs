@@ -339,3 +339,27 @@ fn encrypted_image_dumped_without_key() {
     let out = case.run(&["dump", &image]);
     assert_fails_with(&out, &["looks encrypted", "--keys"]);
 }
+
+#[test]
+fn generated_keys_are_removed_when_the_image_cannot_be_written() {
+    let case = Case::new();
+    case.file(
+        "in.csv",
+        "key,type,encoding,value\nns,namespace,,\na,data,u8,1\n",
+    );
+    case.file("blocker", "a file, not a folder");
+    let out = case.run(&[
+        "encrypt",
+        "in.csv",
+        "blocker/e.bin",
+        "0x3000",
+        "--keygen",
+        "--keyfile",
+        "k.bin",
+    ]);
+    assert_fails_with(&out, &["cannot write `blocker/e.bin`"]);
+    assert!(
+        !case.exists("k.bin"),
+        "a key file for an image that was never written was left behind"
+    );
+}

@@ -336,8 +336,13 @@ fn esptool_flashes_dist_artifacts_to_the_same_bytes() {
 /// As a cargo runner (`runner = "cargo nvs flash --elf"`), cargo appends the ELF it built.
 #[test]
 fn runner_mode_flashes_the_given_elf() {
-    let elf = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/esp32c3-factory-data/target/riscv32imc-unknown-none-elf/release/esp32c3-factory-data");
+    // Where cargo puts the firmware: its own target folder, unless CARGO_TARGET_DIR moves it.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/esp32c3-factory-data/target")
+        });
+    let elf = target.join("riscv32imc-unknown-none-elf/release/esp32c3-factory-data");
     let esp = FakeEsp::esp32c3();
     // Build first (a no-op when `cargo xtask ci` built it), so the ELF exists.
     assert_ok(&run(&esp, "flash", &["--no-stub", "--nvs-only"]));

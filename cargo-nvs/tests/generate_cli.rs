@@ -344,3 +344,20 @@ fn dump_reports_truncated_and_corrupted_images() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read `missing.bin`"));
 }
+
+#[test]
+fn a_forgotten_output_never_overwrites_the_input() {
+    let case = Case::new();
+    let csv = format!("{HEAD}a,data,u8,1\n");
+    case.file("input.csv", &csv);
+    let out = case.run(&["generate", "input.csv", "0x3000"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least one INPUT"));
+    let out = case.run(&["generate", "input.csv", "input.csv", "0x3000"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("also an INPUT"));
+    assert_eq!(
+        std::fs::read_to_string(case.dir.path().join("input.csv")).unwrap(),
+        csv
+    );
+}

@@ -67,6 +67,7 @@ pub fn run(args: DistArgs) -> CliResult<ExitCode> {
         }
     };
     let elf = elf.ok_or_else(|| CliError(format!("`{}` has no binary", project.name)))?;
+    let keys = metadata.table.nvs_keys().map(|p| (p.offset, p.size));
     let mut segments = app_segments(
         &elf,
         chip,
@@ -74,13 +75,8 @@ pub fn run(args: DistArgs) -> CliResult<ExitCode> {
         &args.image,
         manifest.partition_table.as_deref(),
         &manifest.images,
+        keys,
     )?;
-    let keys = metadata
-        .table
-        .partitions
-        .iter()
-        .find(|p| p.is_nvs_keys())
-        .map(|p| (p.offset, p.size));
     segments.extend(nvs_segments(&manifest.images, &[], keys)?);
 
     let dist = args
@@ -101,10 +97,12 @@ pub fn run(args: DistArgs) -> CliResult<ExitCode> {
             .to_string()
             .to_lowercase()
             .replace("mhz", "m")),
-        settings.flash_size.map_or("keep".to_owned(), |s| format!(
-            "{}MB",
-            s.size() / (1024 * 1024)
-        ))
+        settings
+            .flash_size
+            .map_or("keep".to_owned(), |s| match s.size() {
+                size if size < 1024 * 1024 => format!("{}KB", size / 1024),
+                size => format!("{}MB", size / (1024 * 1024)),
+            })
     );
     let mut files = Vec::new();
     for segment in &segments {

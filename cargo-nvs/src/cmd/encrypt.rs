@@ -52,17 +52,35 @@ pub fn run(args: EncryptArgs) -> CliResult<ExitCode> {
     warn_if_read_only(p.size);
     // Build (and so validate) the image before any key file is written.
     let image = build_from_csv(p.inputs, p.size, args.version)?;
-    let key = match &args.inputkey {
-        Some(path) => load_key(path)?,
-        None => generate_keys(&args.keygen_options, args.out_dir.as_deref())?,
+    let (key, generated) = match &args.inputkey {
+        Some(path) => (load_key(path)?, None),
+        None => {
+            let generated = generate_keys(&args.keygen_options, args.out_dir.as_deref())?;
+            (generated.key.clone(), Some(generated))
+        }
     };
-    let bytes = image.finish_encrypted(&key)?;
-    write_atomic(&p.output, &bytes, None)
-        .map_err(|e| CliError(format!("cannot write `{}`: {e}", p.output.display())))?;
+    let written = image
+        .finish_encrypted(&key)
+        .map_err(CliError::from)
+        .and_then(|bytes| {
+            write_atomic(&p.output, &bytes, None)
+                .map(|()| bytes.len())
+                .map_err(|e| CliError(format!("cannot write `{}`: {e}", p.output.display())))
+        });
+    let len = match written {
+        Ok(len) => len,
+        Err(e) => {
+            // Keys for an image that was never written are of no use: leave nothing behind.
+            if let Some(generated) = generated {
+                generated.discard();
+            }
+            return Err(e);
+        }
+    };
     eprintln!(
         "Created encrypted NVS image `{}` ({} bytes, version {})",
         p.output.display(),
-        bytes.len(),
+        len,
         args.version.number()
     );
     Ok(ExitCode::SUCCESS)

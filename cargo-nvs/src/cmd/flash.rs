@@ -9,6 +9,7 @@ use espflash::flasher::{FlashData, FlashFrequency, FlashMode, FlashSettings, Fla
 use espflash::image_format::Segment;
 use espflash::image_format::idf::IdfBootloaderFormat;
 use espflash::target::{Chip, XtalFrequency};
+use md5::Digest;
 
 use crate::artifacts::{BuildArgs, NvsImage, build_with_nvs};
 use crate::flashing::{ConnectArgs, Progress, blank_md5, connect};
@@ -122,6 +123,31 @@ fn parse_flash_freq(text: &str) -> Result<FlashFrequency, String> {
     })
 }
 
+/// `cargo build` options that rebuild the ELF cargo handed to the runner.
+fn runner_build_args(elf: &Path, target_dir: &Path, build: &mut BuildArgs) {
+    let Ok(relative) = elf.strip_prefix(target_dir) else {
+        return;
+    };
+    let parts: Vec<String> = relative
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    // Target triples have dashes; anything else (e.g. a test's `deps/` folder) is not a
+    // cargo output path this can read.
+    let (triple, profile, bin) = match parts.as_slice() {
+        [triple, profile, bin] if triple.contains('-') => (Some(triple), profile, bin),
+        [profile, bin] => (None, profile, bin),
+        _ => return,
+    };
+    build.release |= profile == "release";
+    if build.target.is_none() {
+        build.target = triple.cloned();
+    }
+    if build.bin.is_none() {
+        build.bin = Some(bin.clone());
+    }
+}
+
 /// One piece of flash to write, with what it is.
 pub struct Planned {
     pub name: String,
@@ -129,6 +155,8 @@ pub struct Planned {
     pub data: Vec<u8>,
     /// User data: written only to blank flash, unless asked.
     pub user_data: bool,
+    /// Encrypted with the nvs_keys file (flash-encryption scheme).
+    pub keyed: bool,
 }
 
 /// The app image (bootloader, partition table, app) as espflash builds it, checked against
@@ -140,6 +168,7 @@ pub fn app_segments(
     image: &ImageArgs,
     table: Option<&Path>,
     nvs: &[NvsImage],
+    keys_partition: Option<(u32, u32)>,
 ) -> CliResult<Vec<Planned>> {
     let elf_data = std::fs::read(elf)
         .map_err(|e| CliError(format!("cannot read the ELF `{}`: {e}", elf.display())))?;
@@ -160,16 +189,19 @@ pub fn app_segments(
             elf.display()
         ))
     })?;
-    check_tables(&format.partition_table(), nvs, table_path)?;
+    check_tables(&format.partition_table(), nvs, keys_partition, table_path)?;
     let names = ["bootloader", "partition table", "app"];
     Ok(format
         .flash_segments()
-        .zip(names)
-        .map(|(segment, name)| Planned {
-            name: name.to_owned(),
+        .enumerate()
+        .map(|(i, segment)| Planned {
+            name: names
+                .get(i)
+                .map_or_else(|| format!("segment {i}"), |n| (*n).to_owned()),
             addr: segment.addr,
             data: segment.data.into_owned(),
             user_data: false,
+            keyed: false,
         })
         .collect())
 }
@@ -179,6 +211,7 @@ pub fn app_segments(
 fn check_tables(
     espflash_table: &esp_idf_part::PartitionTable,
     nvs: &[NvsImage],
+    keys_partition: Option<(u32, u32)>,
     path: Option<&Path>,
 ) -> CliResult {
     let table_name = path.map_or("the default partition table".to_owned(), |p| {
@@ -201,6 +234,20 @@ fn check_tables(
                 image.size,
                 part.offset(),
                 part.size()
+            )));
+        }
+    }
+    if let Some((offset, size)) =
+        keys_partition.filter(|_| nvs.iter().any(|i| i.keys_file.is_some()))
+    {
+        let found = espflash_table.partitions().iter().any(|p| {
+            (p.offset(), p.size()) == (offset, size)
+                && p.subtype() == esp_idf_part::SubType::Data(esp_idf_part::DataType::NvsKeys)
+        });
+        if !found {
+            return Err(CliError(format!(
+                "the table espflash flashes ({table_name}) has no data/nvs_keys partition at {offset:#x} (size {size:#x}), \
+                 where the metadata's table puts the NVS keys; use the same table for both"
             )));
         }
     }
@@ -234,10 +281,16 @@ pub fn nvs_segments(
         .filter(|i| only.is_empty() || only.contains(&i.name))
     {
         let Some(file) = &image.file else {
+            let reason = image.skipped.as_deref().unwrap_or("skipped");
+            if only.contains(&image.name) {
+                return Err(CliError(format!(
+                    "partition `{}` has no image to flash: {reason}",
+                    image.name
+                )));
+            }
             eprintln!(
-                "warning: partition `{}` has no image ({}); not flashed",
-                image.name,
-                image.skipped.as_deref().unwrap_or("skipped")
+                "warning: partition `{}` has no image ({reason}); not flashed",
+                image.name
             );
             continue;
         };
@@ -257,6 +310,7 @@ pub fn nvs_segments(
             addr: image.offset,
             data,
             user_data: !image.factory,
+            keyed: image.keys_file.is_some(),
         });
         if let Some(keys) = &image.keys_file {
             match keys_file {
@@ -289,8 +343,9 @@ pub fn nvs_segments(
             name: "nvs_keys".to_owned(),
             addr: offset,
             data,
-            // The key must match the encrypted images, which are rewritten with it.
+            // Checked against kept encrypted user data before writing (see `run`).
             user_data: false,
+            keyed: false,
         });
     }
     Ok(planned)
@@ -301,18 +356,14 @@ pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
     let metadata = project.nvs_metadata()?;
     let mut build = args.build.clone();
     if let Some(elf) = &args.elf {
-        // As a cargo runner the app is built already; build again (a no-op) only to find the
-        // build script's OUT_DIR for the same profile.
-        build.release |= elf.components().any(|c| c.as_os_str() == "release");
+        // As a cargo runner the app is built already; build it again (a no-op) only to find
+        // the build script's OUT_DIR, with the binary, target and profile the ELF's path
+        // names: <target-dir>/[<triple>/]<profile>/<bin>.
+        runner_build_args(elf, &project.target_dir, &mut build);
     }
     let (built_elf, manifest) = build_with_nvs(&project, &build)?;
     let elf = args.elf.clone().or(built_elf);
-    let keys_partition = metadata
-        .table
-        .partitions
-        .iter()
-        .find(|p| p.is_nvs_keys())
-        .map(|p| (p.offset, p.size));
+    let keys_partition = metadata.table.nvs_keys().map(|p| (p.offset, p.size));
     let mut segments = nvs_segments(&manifest.images, &args.partitions, keys_partition)?;
 
     let mut flasher = connect(&args.connect, !args.no_verify, !args.no_skip)?;
@@ -346,6 +397,7 @@ pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
             &args.image,
             manifest.partition_table.as_deref(),
             &manifest.images,
+            keys_partition,
         )?;
         app.append(&mut segments);
         segments = app;
@@ -381,6 +433,26 @@ pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
                 "Replacing the device's user data in {} (--reset-user-data)",
                 segment.name
             );
+        }
+    }
+    // Kept user data encrypted with the nvs_keys file must stay readable: new keys would
+    // orphan it. Writing the same keys is fine (and skipped as unchanged).
+    let kept_keyed = segments.iter().any(|s| s.keyed && kept.contains(&s.addr));
+    if let Some(keys) = segments
+        .iter()
+        .find(|s| s.name == "nvs_keys")
+        .filter(|_| kept_keyed)
+    {
+        let on_chip = flasher
+            .checksum_md5(keys.addr, keys.data.len() as u32)
+            .map_err(|e| CliError(format!("cannot check nvs_keys: {e}")))?;
+        let ours = u128::from_be_bytes(md5::Md5::digest(&keys.data).into());
+        if on_chip != ours {
+            return Err(CliError(
+                "the device keeps encrypted user data, and the nvs_keys file differs from the keys on the chip: \
+                 flashing it would make that data unreadable. Use the device's keys, or --reset-user-data"
+                    .into(),
+            ));
         }
     }
     segments.retain(|s| !kept.contains(&s.addr));

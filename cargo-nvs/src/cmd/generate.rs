@@ -27,9 +27,10 @@ pub struct GenerateArgs {
     args: Vec<PathBuf>,
     #[command(flatten)]
     package: PackageArgs,
-    /// NVS format version: 2 has multi-page blobs (default), 1 is the legacy format.
-    #[arg(long, value_name = "1|2", default_value = "2", value_parser = parse_version)]
-    version: Version,
+    /// NVS format version: 2 has multi-page blobs (default), 1 is the legacy format. (In
+    /// metadata mode each partition's `version` decides.)
+    #[arg(long, value_name = "1|2", value_parser = parse_version)]
+    version: Option<Version>,
     /// Folder the output path is relative to [metadata mode default: target/nvs/<package>].
     #[arg(long = "out-dir", alias = "outdir", value_name = "DIR")]
     out_dir: Option<PathBuf>,
@@ -57,6 +58,17 @@ pub fn split_positionals<'a>(
     let [inputs @ .., output, size] = args else {
         return Err(CliError("give INPUT... OUTPUT SIZE".into()));
     };
+    if inputs.is_empty() {
+        return Err(CliError(
+            "give at least one INPUT csv file before OUTPUT and SIZE".into(),
+        ));
+    }
+    if inputs.contains(output) {
+        return Err(CliError(format!(
+            "OUTPUT `{}` is also an INPUT; it would be overwritten",
+            output.display()
+        )));
+    }
     let size_text = size.to_string_lossy();
     let bytes = parse_size(&size_text)?;
     let size = PartitionSize::new(bytes).map_err(|e| CliError(format!("SIZE {size_text}: {e}")))?;
@@ -98,8 +110,14 @@ pub fn build_from_csv(
 
 pub fn run(args: GenerateArgs) -> CliResult<ExitCode> {
     if args.args.is_empty() {
+        if args.version.is_some() {
+            return Err(CliError(
+                "--version applies to CSV inputs; in Cargo metadata, set `version = 1` on the partition".into(),
+            ));
+        }
         return run_from_metadata(&args);
     }
+    let version = args.version.unwrap_or(Version::V2);
     if args.package.package.is_some() || args.package.manifest_path.is_some() {
         return Err(CliError(
             "-p/--manifest-path select Cargo metadata; leave out INPUT... OUTPUT SIZE to use it"
@@ -108,7 +126,7 @@ pub fn run(args: GenerateArgs) -> CliResult<ExitCode> {
     }
     let p = split_positionals(&args.args, args.out_dir.as_deref())?;
     warn_if_read_only(p.size);
-    let image = build_from_csv(p.inputs, p.size, args.version)?;
+    let image = build_from_csv(p.inputs, p.size, version)?;
     let pages = image.pages_used();
     let bytes = image.finish()?;
     write_atomic(&p.output, &bytes, None)
@@ -117,7 +135,7 @@ pub fn run(args: GenerateArgs) -> CliResult<ExitCode> {
         "Created NVS image `{}` ({} bytes, version {}, {} of {} data page(s) used)",
         p.output.display(),
         bytes.len(),
-        args.version.number(),
+        version.number(),
         pages,
         p.size.data_pages()
     );

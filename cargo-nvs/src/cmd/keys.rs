@@ -55,7 +55,22 @@ impl KeyGenOptions {
 
 /// Creates the key (random, or derived from an HMAC key) and writes the key files; prints
 /// where they went, never what they hold.
-pub fn generate_keys(opts: &KeyGenOptions, out_dir: Option<&Path>) -> CliResult<XtsKey> {
+/// Keys just generated, and the files written for them.
+pub struct GeneratedKeys {
+    pub key: XtsKey,
+    files: Vec<PathBuf>,
+}
+
+impl GeneratedKeys {
+    /// Removes the files written, when what the keys were for could not be completed.
+    pub fn discard(self) {
+        for file in self.files {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
+pub fn generate_keys(opts: &KeyGenOptions, out_dir: Option<&Path>) -> CliResult<GeneratedKeys> {
     let keyfile = match &opts.keyfile {
         Some(path) => path.clone(),
         None => default_key_path(out_dir)?,
@@ -78,12 +93,14 @@ pub fn generate_keys(opts: &KeyGenOptions, out_dir: Option<&Path>) -> CliResult<
             existing.display()
         )));
     }
+    let mut files = Vec::new();
     let key = if opts.key_protect_hmac {
         if opts.kp_hmac_keygen {
             let mut hmac_key = [0u8; 32];
             getrandom::fill(&mut hmac_key)
                 .map_err(|e| CliError(format!("the system random number generator failed: {e}")))?;
             write_key(&hmac_path, &hmac_key, opts.force, "HMAC key")?;
+            files.push(hmac_path.clone());
             XtsKey::derive_from_hmac(&hmac_key)?
         } else if let Some(path) = &opts.kp_hmac_inputkey {
             load_hmac_key(path)?
@@ -102,8 +119,20 @@ pub fn generate_keys(opts: &KeyGenOptions, out_dir: Option<&Path>) -> CliResult<
         }
         XtsKey::generate()?
     };
-    write_key(&keyfile, &key.to_key_file(), opts.force, "encryption keys")?;
-    Ok(key)
+    let generated = GeneratedKeys { key, files };
+    if let Err(e) = write_key(
+        &keyfile,
+        &generated.key.to_key_file(),
+        opts.force,
+        "encryption keys",
+    ) {
+        generated.discard();
+        return Err(e);
+    }
+    Ok(GeneratedKeys {
+        files: [generated.files, vec![keyfile]].concat(),
+        key: generated.key,
+    })
 }
 
 fn write_key(path: &Path, bytes: &[u8], force: bool, what: &str) -> CliResult {
