@@ -177,7 +177,11 @@ impl Config {
             // Images and a manifest from an earlier build would otherwise still be flashed.
             match std::fs::remove_dir_all(&out_dir) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(InputError::new(None, None, format!("cannot remove `{}`: {e}", out_dir.display())));
+                    return Err(InputError::new(
+                        None,
+                        None,
+                        format!("cannot remove `{}`: {e}", out_dir.display()),
+                    ));
                 }
                 _ => {}
             }

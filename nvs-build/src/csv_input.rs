@@ -13,14 +13,6 @@ use crate::error::{InputError, Location, read_input};
 use crate::format::Value;
 use crate::image::ImageInput;
 
-/// Key names that make the reference write extra Wi-Fi entries (quirk Q2).
-const WIFI_KEYS: [&str; 5] = [
-    "ap.ssid",
-    "ap.passwd",
-    "ap.authmode",
-    "sta.ssid",
-    "sta.pswd",
-];
 const COLUMNS: [&str; 4] = ["key", "type", "encoding", "value"];
 /// Python's csv module refuses longer fields (`csv.field_size_limit()`).
 const MAX_FIELD_CHARS: usize = 131_072;
@@ -184,7 +176,7 @@ impl ImageInput {
         let key = key.ok_or_else(|| short("key", None))?;
         let ty = ty.ok_or_else(|| short("type", Some(key)))?;
         if ty == "namespace" {
-            if WIFI_KEYS.contains(&key) {
+            if crate::format::is_wifi_key(key) {
                 return Err(InputError::new(
                     Some(at.clone()),
                     Some(key),

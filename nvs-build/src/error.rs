@@ -125,11 +125,9 @@ impl fmt::Display for InputError {
         if let Some(location) = &self.0.location {
             write!(f, "{location}: ")?;
         }
-        match &self.0.key {
-            // Format messages already name the key.
-            Some(key) if !self.0.message.contains(&format!("`{key}`")) => {
-                write!(f, "key `{key}`: {}", self.0.message)
-            }
+        match (&self.0.key, &self.0.format) {
+            // Format-core messages name the key themselves.
+            (Some(key), None) => write!(f, "key `{key}`: {}", self.0.message),
             _ => f.write_str(&self.0.message),
         }
     }

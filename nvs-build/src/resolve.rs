@@ -110,11 +110,15 @@ pub fn build_partition(
     let mut image = ImageInput::new(size, spec.version);
     let files = FileBase::Dir(manifest_dir.to_owned());
     for (csv, listed_at) in &spec.csv {
-        image.add_csv_file(csv, &files).map_err(|e| match e.location() {
-            // The file itself could not be read: point at where it is listed too.
-            Some(loc) if loc.line.is_none() => e.with_note(&format!(" (listed at {listed_at})")),
-            _ => e,
-        })?;
+        image
+            .add_csv_file(csv, &files)
+            .map_err(|e| match e.location() {
+                // The file itself could not be read: point at where it is listed too.
+                Some(loc) if loc.line.is_none() => {
+                    e.with_note(&format!(" (listed at {listed_at})"))
+                }
+                _ => e,
+            })?;
     }
     for ns in &spec.namespaces {
         image.namespace(Some(&ns.at), &ns.name)?;

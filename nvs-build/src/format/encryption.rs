@@ -146,9 +146,7 @@ impl XtsKey {
     }
 
     fn cipher(&self) -> Xts128<Aes256> {
-        let data = Aes256::new_from_slice(&self.0[..32]).expect("32-byte AES-256 key");
-        let tweak = Aes256::new_from_slice(&self.0[32..]).expect("32-byte AES-256 key");
-        Xts128::new(data, tweak)
+        Xts128::new(self.data_cipher(), self.tweak_cipher())
     }
 }
 

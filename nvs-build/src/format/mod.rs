@@ -33,3 +33,9 @@ pub use reader::{
     Blob, Item, ItemValue, NamespaceDef, PageSummary, ParsedImage, Problem, Severity, read_image,
 };
 pub use value::Value;
+
+/// Whether `key` is one of the Wi-Fi key names that make the reference write extra entries
+/// (quirk Q2).
+pub fn is_wifi_key(key: &str) -> bool {
+    wifi::WifiState::is_trigger(key)
+}
