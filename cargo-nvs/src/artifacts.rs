@@ -72,7 +72,16 @@ pub fn cargo_build(project: &Project, args: &BuildArgs) -> CliResult<Built> {
     let mut elves = Vec::new();
     let mut out_dir = None;
     for message in Message::parse_stream(BufReader::new(stdout)) {
-        match message.map_err(|e| CliError(format!("cannot read cargo's output: {e}")))? {
+        let message = match message {
+            Ok(message) => message,
+            Err(e) => {
+                // Don't leave cargo running behind an error.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(CliError(format!("cannot read cargo's output: {e}")));
+            }
+        };
+        match message {
             Message::CompilerArtifact(artifact) if artifact.package_id == project.id => {
                 if let Some(exe) = artifact.executable {
                     elves.push((artifact.target.name.clone(), exe.into_std_path_buf()));

@@ -133,7 +133,12 @@ pub fn run(args: DistArgs) -> CliResult<ExitCode> {
             "user_data": segment.user_data,
         }));
     }
-    write_atomic(&dist.join("flash_args"), flash_args.as_bytes(), None)?;
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dist.join(name);
+        write_atomic(&path, bytes, None)
+            .map_err(|e| CliError(format!("cannot write `{}`: {e}", path.display())))
+    };
+    write("flash_args", flash_args.as_bytes())?;
     let doc = json!({
         "schema": "cargo-nvs/dist/v1",
         "package": project.name,
@@ -141,10 +146,9 @@ pub fn run(args: DistArgs) -> CliResult<ExitCode> {
         "tools": {"cargo-nvs": env!("CARGO_PKG_VERSION"), "espflash": "4.7"},
         "segments": files,
     });
-    write_atomic(
-        &dist.join("manifest.json"),
+    write(
+        "manifest.json",
         format!("{}\n", serde_json::to_string_pretty(&doc)?).as_bytes(),
-        None,
     )?;
     eprintln!(
         "Wrote {} image(s), flash_args and manifest.json to `{}` (flash with: esptool --chip {chip} write-flash @flash_args, from that folder)",
