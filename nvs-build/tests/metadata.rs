@@ -231,15 +231,26 @@ fn per_device_keys_without_dev_value_skip_the_partition() {
 #[test]
 fn small_partitions_must_be_flagged_readonly() {
     let p = Project::new(&[]);
-    std::fs::write(p.dir.join("partitions.csv"), "nvs, data, nvs, 0x9000, 0x2000,\n").unwrap();
+    std::fs::write(
+        p.dir.join("partitions.csv"),
+        "nvs, data, nvs, 0x9000, 0x2000,\n",
+    )
+    .unwrap();
     let e = p.error("[package.metadata.nvs.partitions.nvs.namespaces.ns]\na = \"b\"\n");
-    assert!(e.contains("smaller than 0x3000") && e.contains("readonly"), "{e}");
+    assert!(
+        e.contains("smaller than 0x3000") && e.contains("readonly"),
+        "{e}"
+    );
 }
 
 #[test]
 fn a_missing_csv_file_names_where_it_is_listed() {
-    let e = Project::new(&[]).error("[package.metadata.nvs.partitions.nvs]\ncsv = [\"nope.csv\"]\n");
-    assert!(e.contains("nope.csv") && e.contains("listed at") && e.contains(&at(7, 8)), "{e}");
+    let e =
+        Project::new(&[]).error("[package.metadata.nvs.partitions.nvs]\ncsv = [\"nope.csv\"]\n");
+    assert!(
+        e.contains("nope.csv") && e.contains("listed at") && e.contains(&at(7, 8)),
+        "{e}"
+    );
 }
 
 #[test]
