@@ -112,7 +112,7 @@ fn matches_mfg_gen_on_the_committed_vectors() {
     names.sort();
     assert_eq!(
         names,
-        ["bin", "manifest.csv", "manifest.json"],
+        ["bin", "ledger.sqlite", "manifest.csv", "manifest.json"],
         "no staging left"
     );
 }
@@ -553,5 +553,316 @@ fn blank_lines_are_skipped_and_errors_keep_the_file_line_numbers() {
     assert_eq!(
         read(&dir.join("out/bin/dev-1.bin")),
         read(&dir.join("one.bin"))
+    );
+}
+
+/// The ledger's devices as (device, image, sha256, issues), by device.
+fn ledger_devices(path: &Path) -> Vec<(String, String, String, i64)> {
+    let db = rusqlite::Connection::open(path).unwrap();
+    let mut statement = db
+        .prepare("SELECT device, image, sha256, issues FROM devices ORDER BY device")
+        .unwrap();
+    statement
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// manifest.csv as device → sha256.
+fn manifest_shas(path: &Path) -> std::collections::HashMap<String, String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let cells: Vec<&str> = l.split(',').collect();
+            (cells[0].to_owned(), cells[3].to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn the_ledger_records_every_id_and_refuses_a_reissue_before_writing() {
+    let case = case(CONFIG, VALUES);
+    assert_ok(&mfg(&case, &["--fileid", "serial"]));
+    let dir = case.dir.path();
+    let rows = ledger_devices(&dir.join("out/ledger.sqlite"));
+    let shas = manifest_shas(&dir.join("out/manifest.csv"));
+    assert_eq!(rows.len(), 3);
+    for (device, image, sha, issues) in &rows {
+        assert_eq!(image, &format!("bin/dev-{device}.bin"));
+        assert_eq!(&shas[device], sha);
+        assert_eq!(*issues, 1);
+    }
+
+    // Another batch into another out dir, sharing the ledger, with one id of the first batch.
+    case.file("more.csv", "id,serial,num,region\n4,SN4,4,EU\n\n5,SN2,5,\n");
+    let more = |extra: &[&str]| {
+        let mut args = vec![
+            "mfg",
+            "generate",
+            "config.csv",
+            "more.csv",
+            "dev",
+            "0x3000",
+            "--fileid",
+            "serial",
+            "--out-dir",
+            "more",
+            "--ledger",
+            "out/ledger.sqlite",
+        ];
+        args.extend_from_slice(extra);
+        case.run(&args)
+    };
+    let out = more(&[]);
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    for needle in [
+        "more.csv:4",
+        "`SN2`",
+        "already issued at 20",
+        "--allow-reissue",
+    ] {
+        assert!(text.contains(needle), "stderr lacks {needle:?}:\n{text}");
+    }
+    assert!(!case.exists("more"), "nothing is written");
+    assert_eq!(ledger_devices(&dir.join("out/ledger.sqlite")).len(), 3);
+
+    assert_ok(&more(&["--allow-reissue"]));
+    let rows = ledger_devices(&dir.join("out/ledger.sqlite"));
+    assert_eq!(rows.len(), 4);
+    let sn2 = rows.iter().find(|r| r.0 == "SN2").unwrap();
+    assert_eq!(sn2.3, 2, "issued twice, as allowed");
+    assert_eq!(sn2.2, manifest_shas(&dir.join("more/manifest.csv"))["SN2"]);
+}
+
+#[test]
+fn row_numbered_ids_are_recorded_by_image_name() {
+    let case = case(CONFIG, VALUES);
+    let out = mfg(&case, &[]);
+    assert_ok(&out);
+    assert!(stderr(&out).contains("ledger"), "{}", stderr(&out));
+    let devices: Vec<String> = ledger_devices(&case.dir.path().join("out/ledger.sqlite"))
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(devices, ["dev-1", "dev-2", "dev-3"]);
+    // Another prefix does not clash.
+    let out = case.run(&[
+        "mfg",
+        "generate",
+        "config.csv",
+        "values.csv",
+        "other",
+        "0x3000",
+        "--out-dir",
+        "out",
+    ]);
+    assert_ok(&out);
+    assert_eq!(
+        ledger_devices(&case.dir.path().join("out/ledger.sqlite")).len(),
+        6
+    );
+}
+
+#[test]
+fn resume_keeps_recorded_images_and_replaces_unrecorded_leftovers() {
+    let case = case(CONFIG, VALUES);
+    assert_ok(&mfg(&case, &["--fileid", "serial"]));
+    let dir = case.dir.path();
+    let clean: Vec<Vec<u8>> = (1..=3)
+        .map(|n| read(&dir.join(format!("out/bin/dev-SN{n}.bin"))))
+        .collect();
+    let manifest = read(&dir.join("out/manifest.csv"));
+    // A finished run resumes to nothing new.
+    let out = mfg(&case, &["--fileid", "serial", "--resume"]);
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("3 device(s) were finished"),
+        "{}",
+        stderr(&out)
+    );
+    // SN2 written but not recorded (killed between the rename and the ledger), SN3 missing.
+    let db = rusqlite::Connection::open(dir.join("out/ledger.sqlite")).unwrap();
+    db.execute("DELETE FROM devices WHERE device IN ('SN2', 'SN3')", [])
+        .unwrap();
+    drop(db);
+    std::fs::write(dir.join("out/bin/dev-SN2.bin"), b"stale").unwrap();
+    std::fs::remove_file(dir.join("out/bin/dev-SN3.bin")).unwrap();
+    std::fs::remove_file(dir.join("out/manifest.csv")).unwrap();
+    // Without --resume the leftover is refused.
+    let out = mfg(&case, &["--fileid", "serial"]);
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+    let out = mfg(&case, &["--fileid", "serial", "--resume"]);
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("1 device(s) were finished"),
+        "{}",
+        stderr(&out)
+    );
+    for n in 1..=3 {
+        assert_eq!(
+            read(&dir.join(format!("out/bin/dev-SN{n}.bin"))),
+            clean[n - 1]
+        );
+    }
+    assert_eq!(read(&dir.join("out/manifest.csv")), manifest);
+    assert!(
+        ledger_devices(&dir.join("out/ledger.sqlite"))
+            .iter()
+            .all(|r| r.3 == 1)
+    );
+
+    // An image recorded with other bytes than the values give now: refused, nothing written.
+    case.file("values.csv", VALUES.replace("2,SN2,2,", "2,SN2,9,"));
+    let out = mfg(&case, &["--fileid", "serial", "--resume"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("values.csv:3") && stderr(&out).contains("other values"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(read(&dir.join("out/bin/dev-SN2.bin")), clean[1]);
+}
+
+#[test]
+fn a_killed_run_leaves_only_complete_images_and_resume_finishes_it() {
+    const DEVICES: usize = 3000;
+    let mut values = String::from("id,serial,num,region\n");
+    for n in 0..DEVICES {
+        values.push_str(&format!("{n},SN{n:06},{},EU\n", n % 200));
+    }
+    let case = case(CONFIG, &values);
+    let dir = case.dir.path();
+    let args = |out: &str| -> Vec<String> {
+        [
+            "mfg",
+            "generate",
+            "config.csv",
+            "values.csv",
+            "dev",
+            "0x3000",
+            "--fileid",
+            "serial",
+            "--out-dir",
+            out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    assert_ok(&case.run(&args("clean").iter().map(String::as_str).collect::<Vec<_>>()));
+    let clean_bin = dir.join("clean/bin");
+
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    let mut killed_mid_run = false;
+    for attempt in 0..4u64 {
+        let out = format!("out{attempt}");
+        let mut child = bin()
+            .args(args(&out))
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait for the writing pass (the ledger appears), then a random moment into it.
+        let started = std::time::Instant::now();
+        while !dir.join(&out).join("ledger.sqlite").exists()
+            && started.elapsed() < std::time::Duration::from_secs(60)
+            && child.try_wait().unwrap().is_none()
+        {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let delay = (seed.wrapping_mul(6364136223846793005).wrapping_add(attempt) >> 33) % 400
+            / (attempt + 1);
+        std::thread::sleep(std::time::Duration::from_millis(delay));
+        let finished = child.try_wait().unwrap().is_some();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let out_dir = dir.join(&out);
+        let bin_dir = out_dir.join("bin");
+
+        // Only complete images under final names, each equal to the clean run's.
+        let mut finals = 0;
+        if bin_dir.exists() {
+            for entry in std::fs::read_dir(&bin_dir).unwrap() {
+                let name = entry.unwrap().file_name().into_string().unwrap();
+                if name.starts_with('.') {
+                    assert!(name.ends_with(".tmp"), "unexpected file {name}");
+                    continue;
+                }
+                assert_eq!(
+                    read(&bin_dir.join(&name)),
+                    read(&clean_bin.join(&name)),
+                    "{name} differs from the clean run's (delay {delay} ms)"
+                );
+                finals += 1;
+            }
+        }
+        let recorded = if out_dir.join("ledger.sqlite").exists() {
+            ledger_devices(&out_dir.join("ledger.sqlite"))
+        } else {
+            Vec::new()
+        };
+        // Every recorded device has its complete image.
+        let clean_shas = manifest_shas(&dir.join("clean/manifest.csv"));
+        for (device, image, sha, _) in &recorded {
+            assert!(out_dir.join(image).exists(), "{image} recorded but missing");
+            assert_eq!(&clean_shas[device], sha);
+        }
+        assert!(recorded.len() <= finals);
+        eprintln!(
+            "attempt {attempt}: killed after {delay} ms: {finals} images, {} recorded{}",
+            recorded.len(),
+            if finished {
+                " (the run had finished)"
+            } else {
+                ""
+            }
+        );
+
+        // A plain rerun refuses; --resume completes it.
+        if finals > 0 {
+            let again = case.run(&args(&out).iter().map(String::as_str).collect::<Vec<_>>());
+            assert!(!again.status.success());
+        }
+        let mut resume = args(&out);
+        resume.push("--resume".into());
+        let resumed = case.run(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_ok(&resumed);
+        let mut names: Vec<_> = std::fs::read_dir(&bin_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), DEVICES);
+        for name in &names {
+            assert_eq!(
+                read(&bin_dir.join(name)),
+                read(&clean_bin.join(name)),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            read(&out_dir.join("manifest.csv")),
+            read(&dir.join("clean/manifest.csv"))
+        );
+        let ledger = ledger_devices(&out_dir.join("ledger.sqlite"));
+        assert_eq!(ledger.len(), DEVICES);
+        assert!(ledger.iter().all(|r| r.3 == 1), "an id was issued twice");
+        if !finished && finals < DEVICES {
+            killed_mid_run = true;
+            break;
+        }
+    }
+    assert!(
+        killed_mid_run,
+        "no attempt was killed in the middle of writing"
     );
 }

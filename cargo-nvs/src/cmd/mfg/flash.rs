@@ -1,0 +1,449 @@
+//! `cargo nvs mfg flash`: production flashing of the devices `mfg generate` issued, one device per
+//! port, ports in parallel, every flash in the production log; `cargo nvs mfg log` exports it.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use espflash::image_format::Segment;
+use espflash::target::{Chip, ProgressCallbacks};
+use nvs_build::table::PartitionTable;
+use sha2::{Digest, Sha256};
+
+use super::hex;
+use super::ledger::{FlashRecord, Issued, Ledger, SqliteLedger};
+use crate::flashing::{After, Before, ConnectArgs, connect};
+use crate::size::parse_size;
+use crate::{CliError, CliResult};
+
+/// Flash issued devices: the next unflashed one (or the one named) per port, ports in parallel.
+///
+/// Writes the device's image padded with 0xFF over its whole partition in one connection,
+/// checks it by MD5, reads the chip's MAC and appends `MAC, device, SHA-256, time, result` to the
+/// production log in the ledger (see `cargo nvs mfg log`). A device id is never put on a second
+/// chip, nor a second id on a chip already logged, unless --force. A failed flash is logged as
+/// `failed: …` and leaves the device unflashed; the exit code is then non-zero. A device made
+/// with --keygen also gets its key file written to the table's nvs_keys partition, in the same
+/// write (this needs --partition-table).
+#[derive(clap::Args)]
+pub struct MfgFlashArgs {
+    /// The `mfg generate` output folder (images and ledger) [default: the current directory].
+    #[arg(long = "out-dir", aliases = ["outdir", "out_dir"], value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// The ledger [default: <out-dir>/ledger.sqlite].
+    #[arg(long, value_name = "PATH")]
+    ledger: Option<PathBuf>,
+    /// Flash this device (its id in the ledger: the --fileid value, or the image name for
+    /// row-numbered batches); one port only.
+    #[arg(long, value_name = "ID", conflicts_with = "next")]
+    device: Option<String>,
+    /// Flash the next devices not flashed yet, one per port, in the ledger's order (default).
+    #[arg(long)]
+    next: bool,
+    /// Flash offset of the NVS partition (hex like 0x9000, or decimal).
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["partition_table", "partition"],
+          required_unless_present = "partition_table")]
+    offset: Option<String>,
+    /// Partition table (CSV or binary) to find the partition in.
+    #[arg(long, value_name = "FILE", requires = "partition")]
+    partition_table: Option<PathBuf>,
+    /// The NVS partition to flash (with --partition-table).
+    #[arg(long, value_name = "NAME", requires = "partition_table")]
+    partition: Option<String>,
+    /// Bytes to write (the image padded with 0xFF) [default: the partition's size from the
+    /// table, else the size the images were made for].
+    #[arg(long, value_name = "SIZE")]
+    size: Option<String>,
+    /// Flash even if the device id is logged on another chip or the chip holds another id.
+    #[arg(long)]
+    force: bool,
+    /// Serial port; repeat to flash several devices in parallel, one per port [default: as
+    /// `cargo nvs flash` finds it].
+    #[arg(long = "port", short = 'P', value_name = "PORT")]
+    ports: Vec<String>,
+    /// Baud rate to flash at, after connecting at 115200.
+    #[arg(long, short = 'B', value_name = "BAUD")]
+    baud: Option<u32>,
+    /// Chip (esp32, esp32c3, …) [default: detected].
+    #[arg(long, short = 'c', value_name = "CHIP", value_parser = parse_chip)]
+    chip: Option<Chip>,
+    /// How to put the chip into the ROM loader.
+    #[arg(long, value_enum, default_value_t = Before::DefaultReset)]
+    before: Before,
+    /// What to do after flashing.
+    #[arg(long, value_enum, default_value_t = After::HardReset)]
+    after: After,
+    /// Talk to the ROM loader directly instead of uploading espflash's flasher stub.
+    #[arg(long)]
+    no_stub: bool,
+}
+
+fn parse_chip(text: &str) -> Result<Chip, String> {
+    text.parse()
+        .map_err(|_| format!("unknown chip `{text}` (esp32, esp32c2, esp32c3, esp32c6, …)"))
+}
+
+/// Export the production log (every flash: MAC, device, SHA-256, time, result, port).
+#[derive(clap::Args)]
+pub struct MfgLogArgs {
+    /// The `mfg generate` output folder [default: the current directory].
+    #[arg(long = "out-dir", aliases = ["outdir", "out_dir"], value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// The ledger [default: <out-dir>/ledger.sqlite].
+    #[arg(long, value_name = "PATH")]
+    ledger: Option<PathBuf>,
+    /// Output format (to stdout).
+    #[arg(long, value_enum, default_value_t = LogFormat::Csv)]
+    format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Csv,
+    Json,
+}
+
+fn open_ledger(out_dir: &Option<PathBuf>, ledger: &Option<PathBuf>) -> CliResult<SqliteLedger> {
+    let out_dir = out_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    let path = ledger
+        .clone()
+        .unwrap_or_else(|| out_dir.join("ledger.sqlite"));
+    SqliteLedger::open_existing(&path)?.ok_or_else(|| {
+        CliError(format!(
+            "no ledger at `{}`: run `cargo nvs mfg generate` first (or give --ledger / --out-dir)",
+            path.display()
+        ))
+    })
+}
+
+pub fn log(args: MfgLogArgs) -> CliResult<ExitCode> {
+    let ledger = open_ledger(&args.out_dir, &args.ledger)?;
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        LogFormat::Csv => ledger.export_log_csv(&mut out)?,
+        LogFormat::Json => {
+            let rows: Vec<serde_json::Value> = ledger
+                .flash_log()?
+                .into_iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "mac": r.mac, "device": r.device, "sha256": r.sha256,
+                        "time": r.time, "result": r.result, "port": r.port,
+                    })
+                })
+                .collect();
+            let mut text = serde_json::to_string_pretty(&rows)?;
+            text.push('\n');
+            std::io::Write::write_all(&mut out, text.as_bytes())?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where the image goes.
+struct Target {
+    offset: u32,
+    /// Bytes to write; `None`: each device's own partition size.
+    size: Option<u32>,
+    /// The nvs_keys partition's offset and size, for devices with their own key.
+    keys: Option<(u32, u32)>,
+}
+
+fn target(args: &MfgFlashArgs) -> CliResult<Target> {
+    let size = match &args.size {
+        Some(text) => Some(
+            u32::try_from(parse_size(text).map_err(CliError)?)
+                .map_err(|_| CliError(format!("--size {text}: too large")))?,
+        ),
+        None => None,
+    };
+    if let Some(text) = &args.offset {
+        let offset = u32::try_from(parse_size(text).map_err(CliError)?)
+            .map_err(|_| CliError(format!("--offset {text}: too large")))?;
+        if offset % 0x1000 != 0 {
+            return Err(CliError(format!(
+                "--offset {text}: NVS partitions start on a 4 KiB boundary (0x1000)"
+            )));
+        }
+        return Ok(Target {
+            offset,
+            size,
+            keys: None,
+        });
+    }
+    let (Some(path), Some(name)) = (&args.partition_table, &args.partition) else {
+        return Err(CliError(
+            "give --offset, or --partition-table and --partition".into(),
+        ));
+    };
+    let table = PartitionTable::load(path, PartitionTable::DEFAULT_OFFSET)?;
+    let partition = table.find(name).ok_or_else(|| {
+        CliError(format!(
+            "no partition `{name}` in `{}` (its NVS partitions: {})",
+            path.display(),
+            table
+                .nvs_partitions()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
+    if !partition.is_nvs() {
+        return Err(CliError(format!(
+            "partition `{name}` is {}/{}, not data/nvs",
+            partition.type_name(),
+            partition.subtype_name()
+        )));
+    }
+    if let Some(size) = size
+        && size > partition.size
+    {
+        return Err(CliError(format!(
+            "--size {size:#x} is larger than partition `{name}` ({:#x})",
+            partition.size
+        )));
+    }
+    Ok(Target {
+        offset: partition.offset,
+        size: Some(size.unwrap_or(partition.size)),
+        keys: table
+            .partitions
+            .iter()
+            .find(|p| p.is_nvs_keys())
+            .map(|p| (p.offset, p.size)),
+    })
+}
+
+pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
+    let target = target(&args)?;
+    let ledger = open_ledger(&args.out_dir, &args.ledger)?;
+    let out_dir = args.out_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    let ports: Vec<Option<String>> = if args.ports.is_empty() {
+        vec![None]
+    } else {
+        args.ports.iter().cloned().map(Some).collect()
+    };
+    for (i, port) in args.ports.iter().enumerate() {
+        if args.ports[..i].contains(port) {
+            return Err(CliError(format!("--port {port} is given twice")));
+        }
+    }
+
+    // One device per port, chosen before any port is opened.
+    let mut chosen: Vec<Issued> = Vec::new();
+    if let Some(id) = &args.device {
+        if ports.len() > 1 {
+            return Err(CliError(
+                "--device names one device: give one --port (or use --next)".into(),
+            ));
+        }
+        let entry = ledger.issued(id)?.ok_or_else(|| {
+            CliError(format!(
+                "device `{id}` is not in the ledger (it was never issued)"
+            ))
+        })?;
+        chosen.push(entry);
+    } else {
+        let mut taken: Vec<String> = Vec::new();
+        for _ in &ports {
+            match ledger.next_unflashed(&taken)? {
+                Some(entry) => {
+                    taken.push(entry.device.clone());
+                    chosen.push(entry);
+                }
+                None => break,
+            }
+        }
+        if chosen.is_empty() {
+            return Err(CliError(
+                "every device in the ledger is flashed already; generate more with `cargo nvs \
+                 mfg generate`"
+                    .into(),
+            ));
+        }
+        if chosen.len() < ports.len() {
+            eprintln!(
+                "warning: only {} unflashed device(s) left; {} port(s) stay idle",
+                chosen.len(),
+                ports.len() - chosen.len()
+            );
+        }
+    }
+
+    let jobs: Vec<(Option<String>, Issued)> = ports.into_iter().zip(chosen).collect();
+    let results: Vec<CliResult<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|(port, device)| {
+                let (args, target, ledger, out_dir) = (&args, &target, &ledger, &out_dir);
+                scope.spawn(move || flash_device(args, target, ledger, out_dir, port, device))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(CliError("a flashing thread panicked".into())))
+            })
+            .collect()
+    });
+    let mut failed = 0;
+    for ((port, device), result) in jobs.iter().zip(results) {
+        if let Err(e) = result {
+            failed += 1;
+            eprintln!(
+                "error: [{}] device `{}`: {}",
+                port.as_deref().unwrap_or("default port"),
+                device.device,
+                e.0
+            );
+        }
+    }
+    if failed > 0 {
+        return Err(CliError(format!(
+            "{failed} of {} flash(es) failed",
+            jobs.len()
+        )));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Flashes one device through one port and logs it.
+fn flash_device(
+    args: &MfgFlashArgs,
+    target: &Target,
+    ledger: &dyn Ledger,
+    out_dir: &Path,
+    port: &Option<String>,
+    device: &Issued,
+) -> CliResult<()> {
+    let label = format!(
+        "[{}] {}",
+        port.as_deref().unwrap_or("default port"),
+        device.device
+    );
+    let path = out_dir.join(&device.image);
+    let mut data = std::fs::read(&path)
+        .map_err(|e| CliError(format!("cannot read `{}`: {e}", path.display())))?;
+    let sha256 = hex(&Sha256::digest(&data));
+    if sha256 != device.sha256 {
+        return Err(CliError(format!(
+            "`{}` is not the image the ledger recorded (SHA-256 {sha256}, ledger {}); not flashed",
+            path.display(),
+            device.sha256
+        )));
+    }
+    let size = target.size.unwrap_or(device.size);
+    if data.len() > size as usize {
+        return Err(CliError(format!(
+            "`{}` is {} bytes, larger than the {size:#x} bytes to write",
+            path.display(),
+            data.len()
+        )));
+    }
+    data.resize(size as usize, 0xFF);
+    let mut segments = vec![(target.offset, data, "nvs".to_owned())];
+    if let Some(key_file) = &device.key_file {
+        let Some((offset, keys_size)) = target.keys else {
+            return Err(CliError(format!(
+                "the image is encrypted with its own key ({key_file}): give --partition-table \
+                 with a data/nvs_keys partition so the key is flashed with it"
+            )));
+        };
+        let key_path = out_dir.join(key_file);
+        let key = std::fs::read(&key_path)
+            .map_err(|e| CliError(format!("cannot read `{}`: {e}", key_path.display())))?;
+        if key.len() > keys_size as usize {
+            return Err(CliError(format!(
+                "`{}` is larger than the nvs_keys partition",
+                key_path.display()
+            )));
+        }
+        segments.push((offset, key, "nvs_keys".to_owned()));
+    }
+
+    let connect_args = ConnectArgs {
+        port: port.clone(),
+        baud: args.baud,
+        chip: args.chip,
+        before: args.before,
+        after: args.after,
+        no_stub: args.no_stub,
+    };
+    let mut flasher = connect(&connect_args, true, false)?;
+    let info = flasher
+        .device_info()
+        .map_err(|e| CliError(format!("cannot read the chip's details: {e}")))?;
+    let mac = info.mac_address.clone().ok_or_else(|| {
+        CliError("the chip does not tell its MAC (secure download mode); not flashed".into())
+    })?;
+    if let Some(conflict) = ledger.flash_conflict(&mac, &device.device)? {
+        if !args.force {
+            return Err(CliError(format!(
+                "{conflict}; not flashed (--force flashes it anyway)"
+            )));
+        }
+        eprintln!("{label}: warning: {conflict}; flashing anyway (--force)");
+    }
+    let flash_size = info.flash_size.size();
+    if let Some((addr, data, name)) = segments
+        .iter()
+        .find(|(a, d, _)| u64::from(*a) + d.len() as u64 > u64::from(flash_size))
+    {
+        return Err(CliError(format!(
+            "{name} at {addr:#x} ({} bytes) ends beyond the chip's {flash_size:#x} bytes of \
+             flash; not flashed",
+            data.len()
+        )));
+    }
+    let espflash_segments: Vec<Segment<'_>> = segments
+        .iter()
+        .map(|(addr, data, _)| Segment::new(*addr, data))
+        .collect();
+    let mut progress = PortProgress {
+        label: label.clone(),
+    };
+    eprintln!("{label}: chip {} MAC {mac}", flasher.chip());
+    let written = flasher.write_bins_to_flash(&espflash_segments, &mut progress);
+    let record = |result: String| FlashRecord {
+        mac: mac.clone(),
+        device: device.device.clone(),
+        sha256: device.sha256.clone(),
+        port: port.clone().unwrap_or_default(),
+        result,
+        time: String::new(),
+    };
+    match written {
+        Ok(()) => {
+            ledger.record_flash(&record("ok".into()))?;
+            eprintln!(
+                "{label}: flashed and verified ({} bytes at {:#x}) on MAC {mac}",
+                size, target.offset
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let message = format!("failed: {e}");
+            ledger.record_flash(&record(message.clone()))?;
+            Err(CliError(format!("flashing {message} (logged)")))
+        }
+    }
+}
+
+/// One line per step and port (threads share stderr, so no bars).
+struct PortProgress {
+    label: String,
+}
+
+impl ProgressCallbacks for PortProgress {
+    fn init(&mut self, addr: u32, total: usize) {
+        eprintln!("{}: writing {total} bytes at {addr:#x}", self.label);
+    }
+
+    fn update(&mut self, _current: usize) {}
+
+    fn verifying(&mut self) {
+        eprintln!("{}: verifying", self.label);
+    }
+
+    fn finish(&mut self, _skipped: bool) {}
+}

@@ -1,0 +1,442 @@
+//! The device ledger and the production log of `cargo nvs mfg`: which device ids were issued
+//! (with their image's SHA-256), and which were flashed onto which chip (by MAC).
+//!
+//! Behind the [`Ledger`] trait so that a shared server database could later serve several
+//! stations; [`SqliteLedger`] keeps both in one SQLite file (default `<out-dir>/ledger.sqlite`).
+//! Every issue and every flash record is one transaction.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+
+use crate::{CliError, CliResult};
+
+/// One issued device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issued {
+    /// The device id: the `--fileid` value, or `<image name>` for row-numbered batches.
+    pub device: String,
+    /// The image, relative to the out dir (`bin/NAME.bin`).
+    pub image: String,
+    pub sha256: String,
+    /// The key file, relative to the out dir, for `--keygen` batches.
+    pub key_file: Option<String>,
+    /// The partition size the image was made for.
+    pub size: u32,
+    /// Where it came from: the values file and its line.
+    pub values: String,
+    pub line: usize,
+    /// Orders devices for `mfg flash --next`: the run's start (sortable text), then `line`.
+    pub batch: String,
+    /// Set by the ledger (UTC, ISO 8601).
+    pub issued_at: String,
+}
+
+/// One production-log row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlashRecord {
+    pub mac: String,
+    pub device: String,
+    pub sha256: String,
+    pub port: String,
+    /// `ok`, or `failed: …`.
+    pub result: String,
+    /// Set by the ledger (UTC, ISO 8601).
+    pub time: String,
+}
+
+/// The ledger and production log, shared by the parallel workers of one run.
+pub trait Ledger: Send + Sync {
+    /// The device's entry, if it was issued.
+    fn issued(&self, device: &str) -> CliResult<Option<Issued>>;
+    /// Records an issued device in one transaction; refuses an id issued before unless
+    /// `allow_reissue` (then the entry is replaced).
+    fn issue(&self, entry: &Issued, allow_reissue: bool) -> CliResult<()>;
+    /// Every issued device, oldest first.
+    fn devices(&self) -> CliResult<Vec<Issued>>;
+    /// The oldest issued device without a successful flash, other than `skip`.
+    fn next_unflashed(&self, skip: &[String]) -> CliResult<Option<Issued>>;
+    /// Appends a production-log row in one transaction.
+    fn record_flash(&self, record: &FlashRecord) -> CliResult<()>;
+    /// Why flashing `device` onto the chip `mac` would break the one-id-per-MAC rule: the id
+    /// already went to another MAC, or the MAC already holds another id (successful flashes).
+    fn flash_conflict(&self, mac: &str, device: &str) -> CliResult<Option<String>>;
+    /// The production log, oldest first.
+    fn flash_log(&self) -> CliResult<Vec<FlashRecord>>;
+    /// The production log as CSV: `mac,device,sha256,time,result,port`.
+    fn export_log_csv(&self, out: &mut dyn std::io::Write) -> CliResult<()> {
+        let mut writer = csv::Writer::from_writer(out);
+        writer.write_record(["mac", "device", "sha256", "time", "result", "port"])?;
+        for r in self.flash_log()? {
+            writer.write_record([&r.mac, &r.device, &r.sha256, &r.time, &r.result, &r.port])?;
+        }
+        writer.flush()?;
+        Ok(())
+    }
+}
+
+/// The ledger in one SQLite file (WAL mode, a busy timeout, one connection behind a mutex).
+pub struct SqliteLedger {
+    path: PathBuf,
+    connection: Mutex<Connection>,
+}
+
+/// Bumped when the tables change; a ledger of a newer version is refused.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS devices (
+    device    TEXT PRIMARY KEY NOT NULL,
+    image     TEXT NOT NULL,
+    sha256    TEXT NOT NULL,
+    key_file  TEXT,
+    size      INTEGER NOT NULL,
+    values_file TEXT NOT NULL,
+    line      INTEGER NOT NULL,
+    batch     TEXT NOT NULL,
+    issued_at TEXT NOT NULL,
+    issues    INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS flash_log (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    time   TEXT NOT NULL,
+    mac    TEXT NOT NULL,
+    device TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    port   TEXT NOT NULL,
+    result TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS flash_log_mac ON flash_log (mac);
+CREATE INDEX IF NOT EXISTS flash_log_device ON flash_log (device);
+";
+
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+impl SqliteLedger {
+    /// Opens the ledger, creating the file and its tables if needed.
+    pub fn open(path: &Path, sync: bool) -> CliResult<SqliteLedger> {
+        Self::open_with(path, OpenFlags::default(), sync)
+    }
+
+    /// Opens an existing ledger; `None` when there is none (nothing is created).
+    pub fn open_existing(path: &Path) -> CliResult<Option<SqliteLedger>> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        Self::open_with(path, flags, false).map(Some)
+    }
+
+    fn open_with(path: &Path, flags: OpenFlags, sync: bool) -> CliResult<SqliteLedger> {
+        let fail = |e: rusqlite::Error| {
+            CliError(format!("cannot open the ledger `{}`: {e}", path.display()))
+        };
+        let connection = Connection::open_with_flags(path, flags).map_err(fail)?;
+        connection
+            .busy_timeout(Duration::from_secs(30))
+            .map_err(fail)?;
+        connection
+            .pragma_update(None, "journal_mode", "WAL")
+            .map_err(fail)?;
+        // In WAL mode NORMAL survives a killed process; FULL also a power failure.
+        connection
+            .pragma_update(None, "synchronous", if sync { "FULL" } else { "NORMAL" })
+            .map_err(fail)?;
+        let version: i64 = connection
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(fail)?;
+        if version > SCHEMA_VERSION {
+            return Err(CliError(format!(
+                "the ledger `{}` was made by a newer cargo-nvs (schema {version}); update \
+                 cargo-nvs",
+                path.display()
+            )));
+        }
+        connection.execute_batch(SCHEMA).map_err(fail)?;
+        connection
+            .pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(fail)?;
+        Ok(SqliteLedger {
+            path: path.to_owned(),
+            connection: Mutex::new(connection),
+        })
+    }
+
+    fn error(&self, e: rusqlite::Error) -> CliError {
+        CliError(format!("ledger `{}`: {e}", self.path.display()))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> CliResult<T> {
+        let mut connection = self
+            .connection
+            .lock()
+            .map_err(|_| CliError("the ledger's lock is poisoned".into()))?;
+        f(&mut connection).map_err(|e| self.error(e))
+    }
+}
+
+fn issued_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Issued> {
+    Ok(Issued {
+        device: row.get(0)?,
+        image: row.get(1)?,
+        sha256: row.get(2)?,
+        key_file: row.get(3)?,
+        size: row.get(4)?,
+        values: row.get(5)?,
+        line: row.get::<_, i64>(6)? as usize,
+        batch: row.get(7)?,
+        issued_at: row.get(8)?,
+    })
+}
+
+const DEVICE_COLUMNS: &str =
+    "device, image, sha256, key_file, size, values_file, line, batch, issued_at";
+
+fn flash_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<FlashRecord> {
+    Ok(FlashRecord {
+        time: row.get(0)?,
+        mac: row.get(1)?,
+        device: row.get(2)?,
+        sha256: row.get(3)?,
+        port: row.get(4)?,
+        result: row.get(5)?,
+    })
+}
+
+impl Ledger for SqliteLedger {
+    fn issued(&self, device: &str) -> CliResult<Option<Issued>> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE device = ?1"),
+                [device],
+                issued_from_row,
+            )
+            .optional()
+        })
+    }
+
+    fn issue(&self, entry: &Issued, allow_reissue: bool) -> CliResult<()> {
+        let earlier = self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let earlier: Option<String> = tx
+                .query_row(
+                    "SELECT issued_at FROM devices WHERE device = ?1",
+                    [&entry.device],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if earlier.is_some() && !allow_reissue {
+                return Ok(earlier);
+            }
+            tx.execute(
+                &format!(
+                    "INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, {NOW})
+                     ON CONFLICT (device) DO UPDATE SET image = excluded.image,
+                       sha256 = excluded.sha256, key_file = excluded.key_file,
+                       size = excluded.size, values_file = excluded.values_file,
+                       line = excluded.line, batch = excluded.batch,
+                       issued_at = excluded.issued_at,
+                       issues = issues + 1"
+                ),
+                params![
+                    entry.device,
+                    entry.image,
+                    entry.sha256,
+                    entry.key_file,
+                    entry.size,
+                    entry.values,
+                    entry.line as i64,
+                    entry.batch
+                ],
+            )?;
+            tx.commit()?;
+            Ok(None)
+        })?;
+        match earlier {
+            Some(when) => Err(CliError(format!(
+                "device `{}` was already issued at {when} (ledger `{}`); pass --allow-reissue to \
+                 issue it again",
+                entry.device,
+                self.path.display()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn devices(&self) -> CliResult<Vec<Issued>> {
+        self.with(|c| {
+            let mut statement = c.prepare(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices ORDER BY batch, values_file, line"
+            ))?;
+            statement.query_map([], issued_from_row)?.collect()
+        })
+    }
+
+    fn next_unflashed(&self, skip: &[String]) -> CliResult<Option<Issued>> {
+        // Few rows are skipped (one per busy port): filter here rather than in SQL.
+        self.with(|c| {
+            let mut statement = c.prepare(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices d WHERE NOT EXISTS
+                   (SELECT 1 FROM flash_log f WHERE f.device = d.device AND f.result = 'ok')
+                 ORDER BY batch, values_file, line"
+            ))?;
+            let mut rows = statement.query_map([], issued_from_row)?;
+            for row in &mut rows {
+                let row = row?;
+                if !skip.contains(&row.device) {
+                    return Ok(Some(row));
+                }
+            }
+            Ok(None)
+        })
+    }
+
+    fn record_flash(&self, record: &FlashRecord) -> CliResult<()> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO flash_log (time, mac, device, sha256, port, result)
+                     VALUES ({NOW}, ?1, ?2, ?3, ?4, ?5)"
+                ),
+                params![
+                    record.mac,
+                    record.device,
+                    record.sha256,
+                    record.port,
+                    record.result
+                ],
+            )?;
+            tx.commit()
+        })
+    }
+
+    fn flash_conflict(&self, mac: &str, device: &str) -> CliResult<Option<String>> {
+        self.with(|c| {
+            let other_mac: Option<(String, String)> = c
+                .query_row(
+                    "SELECT mac, time FROM flash_log WHERE device = ?1 AND result = 'ok'
+                       AND mac <> ?2 ORDER BY id DESC LIMIT 1",
+                    [device, mac],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            if let Some((other, when)) = other_mac {
+                return Ok(Some(format!(
+                    "device `{device}` was already flashed onto another chip (MAC {other}) at {when}"
+                )));
+            }
+            let other_device: Option<(String, String)> = c
+                .query_row(
+                    "SELECT device, time FROM flash_log WHERE mac = ?1 AND result = 'ok'
+                       AND device <> ?2 ORDER BY id DESC LIMIT 1",
+                    [mac, device],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            Ok(other_device.map(|(other, when)| {
+                format!("the chip with MAC {mac} already holds device `{other}` (flashed at {when})")
+            }))
+        })
+    }
+
+    fn flash_log(&self) -> CliResult<Vec<FlashRecord>> {
+        self.with(|c| {
+            let mut statement = c.prepare(
+                "SELECT time, mac, device, sha256, port, result FROM flash_log ORDER BY id",
+            )?;
+            statement.query_map([], flash_from_row)?.collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("cargo-nvs-ledger-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn entry(device: &str, line: usize) -> Issued {
+        Issued {
+            device: device.into(),
+            image: format!("bin/dev-{device}.bin"),
+            sha256: "ab".repeat(32),
+            key_file: None,
+            size: 0x3000,
+            values: "values.csv".into(),
+            line,
+            batch: "1".into(),
+            issued_at: String::new(),
+        }
+    }
+
+    fn flash(mac: &str, device: &str, result: &str) -> FlashRecord {
+        FlashRecord {
+            mac: mac.into(),
+            device: device.into(),
+            sha256: "ab".repeat(32),
+            port: "/dev/x".into(),
+            result: result.into(),
+            time: String::new(),
+        }
+    }
+
+    #[test]
+    fn issue_refuses_a_second_issue_unless_allowed() {
+        let dir = scratch("issue");
+        let ledger = SqliteLedger::open(&dir.join("l.sqlite"), false).unwrap();
+        ledger.issue(&entry("A", 2), false).unwrap();
+        let e = ledger.issue(&entry("A", 3), false).unwrap_err().0;
+        assert!(
+            e.contains("already issued") && e.contains("--allow-reissue"),
+            "{e}"
+        );
+        ledger.issue(&entry("A", 3), true).unwrap();
+        assert_eq!(ledger.issued("A").unwrap().unwrap().line, 3);
+        assert_eq!(ledger.devices().unwrap().len(), 1);
+        assert!(ledger.issued("B").unwrap().is_none());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn flash_log_conflicts_and_next() {
+        let dir = scratch("flash");
+        let ledger = SqliteLedger::open(&dir.join("l.sqlite"), false).unwrap();
+        for (n, id) in ["A", "B", "C"].iter().enumerate() {
+            ledger.issue(&entry(id, n + 2), false).unwrap();
+        }
+        assert_eq!(ledger.next_unflashed(&[]).unwrap().unwrap().device, "A");
+        ledger.record_flash(&flash("m1", "A", "failed: x")).unwrap();
+        assert_eq!(ledger.next_unflashed(&[]).unwrap().unwrap().device, "A");
+        assert!(ledger.flash_conflict("m2", "A").unwrap().is_none());
+        ledger.record_flash(&flash("m1", "A", "ok")).unwrap();
+        assert_eq!(ledger.next_unflashed(&[]).unwrap().unwrap().device, "B");
+        let skip = ["B".to_owned()];
+        assert_eq!(ledger.next_unflashed(&skip).unwrap().unwrap().device, "C");
+        assert!(ledger.flash_conflict("m1", "A").unwrap().is_none());
+        let e = ledger.flash_conflict("m2", "A").unwrap().unwrap();
+        assert!(e.contains("MAC m1"), "{e}");
+        let e = ledger.flash_conflict("m1", "B").unwrap().unwrap();
+        assert!(e.contains("already holds device `A`"), "{e}");
+        let mut csv = Vec::new();
+        ledger.export_log_csv(&mut csv).unwrap();
+        let csv = String::from_utf8(csv).unwrap();
+        assert!(
+            csv.starts_with("mac,device,sha256,time,result,port\n"),
+            "{csv}"
+        );
+        assert!(csv.contains("m1,A,"), "{csv}");
+        assert_eq!(csv.lines().count(), 3);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

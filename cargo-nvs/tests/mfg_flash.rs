@@ -1,0 +1,379 @@
+//! `cargo nvs mfg flash` and `mfg log` against the ROM-loader emulator: the image and nothing
+//! else at the offset, the production log, `--next`, the one-id-per-chip refusals, a failed
+//! verification, and several ports in parallel.
+
+mod support;
+
+use std::process::Output;
+
+use support::fake_esp::{Config, FakeEsp, Fault};
+use support::{Case, bin};
+
+const CONFIG: &str = "app,namespace,\nserial,data,string\nnum,data,u8\n";
+const VALUES: &str = "id,serial,num\n1,SN1,1\n2,SN2,2\n3,SN3,3\n";
+const MAC_A: [u8; 6] = [0x7c, 0xdf, 0xa1, 0, 0, 0x0a];
+const MAC_B: [u8; 6] = [0x7c, 0xdf, 0xa1, 0, 0, 0x0b];
+const MAC_C: [u8; 6] = [0x7c, 0xdf, 0xa1, 0, 0, 0x0c];
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_ok(out: &Output) {
+    assert!(out.status.success(), "failed:\n{}", stderr(out));
+}
+
+fn assert_fails(out: &Output, needles: &[&str]) {
+    let text = stderr(out);
+    assert!(!out.status.success(), "expected a failure:\n{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    for needle in needles {
+        assert!(text.contains(needle), "stderr lacks {needle:?}:\n{text}");
+    }
+}
+
+/// Three devices (SN1..SN3) generated into `out/`, 0x3000-byte images.
+fn batch() -> Case {
+    let case = Case::new();
+    case.file("config.csv", CONFIG).file("values.csv", VALUES);
+    let out = case.run(&[
+        "mfg",
+        "generate",
+        "config.csv",
+        "values.csv",
+        "dev",
+        "0x3000",
+        "--fileid",
+        "serial",
+        "--out-dir",
+        "out",
+    ]);
+    assert_ok(&out);
+    case
+}
+
+fn image(case: &Case, id: &str) -> Vec<u8> {
+    std::fs::read(case.dir.path().join(format!("out/bin/dev-{id}.bin"))).unwrap()
+}
+
+/// `cargo nvs mfg flash --out-dir out --port … ` through the emulators, no resets, ROM loader.
+fn flash(case: &Case, esps: &[&FakeEsp], extra: &[&str]) -> Output {
+    let mut command = bin();
+    command.args(["mfg", "flash", "--out-dir", "out"]).args([
+        "--before",
+        "no-reset",
+        "--after",
+        "no-reset",
+        "--no-stub",
+    ]);
+    for esp in esps {
+        command.args(["--port", esp.path()]);
+    }
+    let out = command
+        .args(extra)
+        .current_dir(case.dir.path())
+        .output()
+        .unwrap();
+    for esp in esps {
+        esp.settle();
+    }
+    out
+}
+
+/// The production log as CSV rows (header dropped), split into cells.
+fn log(case: &Case) -> Vec<Vec<String>> {
+    let out = case.run(&["mfg", "log", "--out-dir", "out", "--format", "csv"]);
+    assert_ok(&out);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("mac,device,sha256,time,result,port"));
+    lines
+        .map(|l| l.split(',').map(str::to_owned).collect())
+        .collect()
+}
+
+fn sha256_of(case: &Case, id: &str) -> String {
+    let manifest = std::fs::read_to_string(case.dir.path().join("out/manifest.csv")).unwrap();
+    manifest
+        .lines()
+        .find(|l| l.starts_with(&format!("{id},")))
+        .unwrap()
+        .split(',')
+        .nth(3)
+        .unwrap()
+        .to_owned()
+}
+
+/// Compares flash contents without printing kilobytes on failure.
+fn same(actual: &[u8], expected: &[u8], what: &str) {
+    assert_eq!(actual.len(), expected.len(), "{what}: length");
+    if let Some(i) = actual.iter().zip(expected).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: first difference at byte {i:#x}: {:#04x} instead of {:#04x}",
+            actual[i], expected[i]
+        );
+    }
+}
+
+fn changed_outside(
+    esp: &FakeEsp,
+    before: &[u8],
+    start: u32,
+    len: u32,
+) -> Vec<std::ops::Range<u32>> {
+    esp.changed_since(before)
+        .into_iter()
+        .filter(|r| r.start < start || r.end > start + len)
+        .collect()
+}
+
+#[test]
+fn flashes_the_next_image_padded_over_its_partition_and_logs_it() {
+    let case = batch();
+    let esp = Config::esp32c3()
+        .mac(MAC_A)
+        .preset(0x9000, vec![0x55; 0x6000])
+        .start();
+    let before = esp.flash();
+    let out = flash(
+        &case,
+        &[&esp],
+        &["--next", "--offset", "0x9000", "--size", "0x6000"],
+    );
+    assert_ok(&out);
+    // The image, then 0xFF over the rest of the partition, and nothing else.
+    let mut expected = image(&case, "SN1");
+    expected.resize(0x6000, 0xFF);
+    same(&esp.read(0x9000, 0x6000), &expected, "esp");
+    assert!(changed_outside(&esp, &before, 0x9000, 0x6000).is_empty());
+    assert_eq!(esp.flash_end_count(), 1, "one write_bins_to_flash call");
+    assert!(stderr(&out).contains(&mac_text(MAC_A)), "{}", stderr(&out));
+
+    let rows = log(&case);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0][0], mac_text(MAC_A));
+    assert_eq!(rows[0][1], "SN1");
+    assert_eq!(rows[0][2], sha256_of(&case, "SN1"));
+    assert!(
+        rows[0][3].starts_with("20") && rows[0][3].ends_with('Z'),
+        "{:?}",
+        rows[0]
+    );
+    assert_eq!(rows[0][4], "ok");
+    assert_eq!(rows[0][5], esp.path());
+
+    // --next moves on to SN2 on the next chip; the partition table gives offset and size.
+    case.file("partitions.csv", "# Name, Type, SubType, Offset, Size\nnvs, data, nvs, 0x9000, 0x6000\nphy_init, data, phy, 0xf000, 0x1000\nfactory, app, factory, 0x10000, 1M\n");
+    let other = Config::esp32c3().mac(MAC_B).start();
+    let blank = other.flash();
+    let out = flash(
+        &case,
+        &[&other],
+        &["--partition-table", "partitions.csv", "--partition", "nvs"],
+    );
+    assert_ok(&out);
+    let mut expected = image(&case, "SN2");
+    expected.resize(0x6000, 0xFF);
+    same(&other.read(0x9000, 0x6000), &expected, "other");
+    assert!(changed_outside(&other, &blank, 0x9000, 0x6000).is_empty());
+    let rows = log(&case);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[1][0].as_str(), rows[1][1].as_str()),
+        (mac_text(MAC_B).as_str(), "SN2")
+    );
+
+    // JSON export.
+    let out = case.run(&["mfg", "log", "--out-dir", "out", "--format", "json"]);
+    assert_ok(&out);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json[1]["device"], "SN2");
+    assert_eq!(json[1]["mac"], mac_text(MAC_B));
+    assert_eq!(json[0]["sha256"], sha256_of(&case, "SN1"));
+}
+
+#[test]
+fn refuses_an_id_on_a_second_chip_and_a_second_id_on_a_chip_unless_forced() {
+    let case = batch();
+    let a = Config::esp32c3().mac(MAC_A).start();
+    let b = Config::esp32c3().mac(MAC_B).start();
+    assert_ok(&flash(
+        &case,
+        &[&a],
+        &["--device", "SN1", "--offset", "0x9000"],
+    ));
+
+    // SN1 onto another chip: refused, nothing written, nothing logged.
+    let blank = b.flash();
+    let out = flash(&case, &[&b], &["--device", "SN1", "--offset", "0x9000"]);
+    assert_fails(&out, &["SN1", "another chip", &mac_text(MAC_A), "--force"]);
+    assert!(b.changed_since(&blank).is_empty());
+    assert_eq!(log(&case).len(), 1);
+
+    // A second id onto chip A (--next would give SN2): refused.
+    let before = a.flash();
+    let out = flash(&case, &[&a], &["--next", "--offset", "0x9000"]);
+    assert_fails(&out, &[&mac_text(MAC_A), "already holds device `SN1`"]);
+    assert!(a.flash() == before, "chip A written");
+    assert_eq!(log(&case).len(), 1);
+
+    // The same id onto the same chip again is a reflash, not a conflict.
+    assert_ok(&flash(
+        &case,
+        &[&a],
+        &["--device", "SN1", "--offset", "0x9000"],
+    ));
+    // --force overrides.
+    let out = flash(
+        &case,
+        &[&b],
+        &["--device", "SN1", "--offset", "0x9000", "--force"],
+    );
+    assert_ok(&out);
+    assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
+    same(&b.read(0x9000, 0x3000), &image(&case, "SN1"), "b");
+    let rows = log(&case);
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|r| r[1] == "SN1" && r[4] == "ok"));
+
+    // An unknown id.
+    let out = flash(&case, &[&b], &["--device", "SN9", "--offset", "0x9000"]);
+    assert_fails(&out, &["`SN9`", "not in the ledger"]);
+}
+
+#[test]
+fn a_failed_verification_is_logged_and_leaves_the_device_unflashed() {
+    let case = batch();
+    let bad = Config::esp32c3()
+        .mac(MAC_A)
+        .fault(Fault::Md5Mismatch)
+        .start();
+    let out = flash(&case, &[&bad], &["--next", "--offset", "0x9000"]);
+    assert_fails(&out, &["SN1", "failed"]);
+    let rows = log(&case);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0][0], mac_text(MAC_A));
+    assert_eq!(rows[0][1], "SN1");
+    assert!(rows[0][4].starts_with("failed: "), "{:?}", rows[0]);
+    // SN1 is still the next device, and a failed flash does not tie it to that chip.
+    let good = Config::esp32c3().mac(MAC_B).start();
+    assert_ok(&flash(&case, &[&good], &["--offset", "0x9000"]));
+    same(&good.read(0x9000, 0x3000), &image(&case, "SN1"), "good");
+    let rows = log(&case);
+    assert_eq!((rows[1][1].as_str(), rows[1][4].as_str()), ("SN1", "ok"));
+}
+
+#[test]
+fn several_ports_flash_different_devices_in_parallel() {
+    let case = batch();
+    let esps: Vec<FakeEsp> = [MAC_A, MAC_B, MAC_C]
+        .into_iter()
+        .map(|mac| Config::esp32c3().mac(mac).start())
+        .collect();
+    let refs: Vec<&FakeEsp> = esps.iter().collect();
+    let out = flash(&case, &refs[..2], &["--next", "--offset", "0x9000"]);
+    assert_ok(&out);
+    let text = stderr(&out);
+    for esp in &refs[..2] {
+        assert!(text.contains(&format!("[{}]", esp.path())), "{text}");
+    }
+    same(
+        &esps[0].read(0x9000, 0x3000),
+        &image(&case, "SN1"),
+        "port 1",
+    );
+    same(
+        &esps[1].read(0x9000, 0x3000),
+        &image(&case, "SN2"),
+        "port 2",
+    );
+    let mut rows = log(&case);
+    rows.sort();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0][0].as_str(), rows[0][1].as_str()),
+        (mac_text(MAC_A).as_str(), "SN1")
+    );
+    assert_eq!(
+        (rows[1][0].as_str(), rows[1][1].as_str()),
+        (mac_text(MAC_B).as_str(), "SN2")
+    );
+
+    // Three ports, one device left: one flashes, the others stay idle.
+    let blank = esps[1].flash();
+    let out = flash(&case, &[&esps[2], &esps[1]], &["--offset", "0x9000"]);
+    assert_ok(&out);
+    assert!(stderr(&out).contains("idle"), "{}", stderr(&out));
+    same(
+        &esps[2].read(0x9000, 0x3000),
+        &image(&case, "SN3"),
+        "port 3",
+    );
+    assert!(esps[1].flash() == blank, "idle port written");
+    // None left.
+    let out = flash(&case, &[&esps[2]], &["--offset", "0x9000"]);
+    assert_fails(&out, &["every device", "flashed"]);
+}
+
+#[test]
+fn refuses_bad_targets_and_a_missing_ledger() {
+    let case = batch();
+    let esp = FakeEsp::esp32c3();
+    let out = flash(&case, &[&esp], &["--offset", "0x9001"]);
+    assert_fails(&out, &["4 KiB"]);
+    let out = flash(&case, &[&esp], &["--offset", "0x9000", "--size", "0x1000"]);
+    assert_fails(&out, &["larger than"]);
+    let out = flash(&case, &[&esp], &[]);
+    assert!(!out.status.success());
+    let out = case.run(&["mfg", "log", "--out-dir", "nowhere"]);
+    assert_fails(&out, &["no ledger"]);
+    assert_eq!(esp.sessions(), 0, "the chip was never opened");
+}
+
+#[test]
+fn a_device_with_its_own_key_gets_the_key_into_nvs_keys() {
+    let case = Case::new();
+    case.file("config.csv", CONFIG).file("values.csv", VALUES);
+    assert_ok(&case.run(&[
+        "mfg",
+        "generate",
+        "config.csv",
+        "values.csv",
+        "dev",
+        "0x3000",
+        "--fileid",
+        "serial",
+        "--keygen",
+        "--out-dir",
+        "out",
+    ]));
+    let esp = Config::esp32c3().mac(MAC_A).start();
+    // An offset alone has no place for the key: refused before connecting.
+    let out = flash(&case, &[&esp], &["--offset", "0x9000"]);
+    assert_fails(&out, &["keys/keys-dev-SN1.bin", "nvs_keys"]);
+    assert_eq!(esp.sessions(), 0);
+
+    case.file(
+        "partitions.csv",
+        "nvs, data, nvs, 0x9000, 0x3000\nnvs_keys, data, nvs_keys, 0xc000, 0x1000\nfactory, app, factory, 0x10000, 1M\n",
+    );
+    let blank = esp.flash();
+    let out = flash(
+        &case,
+        &[&esp],
+        &["--partition-table", "partitions.csv", "--partition", "nvs"],
+    );
+    assert_ok(&out);
+    same(&esp.read(0x9000, 0x3000), &image(&case, "SN1"), "nvs");
+    let key = std::fs::read(case.dir.path().join("out/keys/keys-dev-SN1.bin")).unwrap();
+    same(&esp.read(0xc000, key.len()), &key, "nvs_keys");
+    assert!(changed_outside(&esp, &blank, 0x9000, 0x4000).is_empty());
+    assert_eq!(esp.flash_end_count(), 1, "image and key in one write");
+}
