@@ -9,7 +9,7 @@ use crate::Result;
 /// nvs-build's promise to users compiling it with older (ESP) toolchains.
 const NVS_BUILD_MSRV: (u32, u32) = (1, 85);
 
-const STEPS: usize = 7;
+const STEPS: usize = 8;
 
 pub fn run(sh: &Shell, diff_cases: usize) -> Result<ExitCode> {
     let steps: [(&str, &dyn Fn() -> Result<()>); STEPS] = [
@@ -44,6 +44,8 @@ pub fn run(sh: &Shell, diff_cases: usize) -> Result<ExitCode> {
             let cases = diff_cases.to_string();
             Ok(cmd!(sh, "cargo xtask diff-ref --cases {cases}").run()?)
         }),
+        // Mass production: random configs and values files, every device against the reference.
+        ("diff-mfg", &|| Ok(cmd!(sh, "cargo xtask diff-mfg --cases 5 --devices 120").run()?)),
     ];
     let mut failed = Vec::new();
     for (name, step) in steps {

@@ -22,7 +22,7 @@ const HELP: &str = "\
 cargo xtask <command>
 
 commands:
-  ci          everything .ci/run checks: format, clippy, MSRV, firmware build, tests, docs, diff-ref
+  ci          everything .ci/run checks: format, clippy, MSRV, firmware build, tests, docs, diff-ref, diff-mfg
                 --cases N          diff-ref plain cases (default 500)
   flash       build the firmware example and flash it with its NVS images (cargo nvs flash)
                 --example NAME     default esp32c3-factory-data
