@@ -45,7 +45,9 @@ pub fn run(sh: &Shell, diff_cases: usize) -> Result<ExitCode> {
             Ok(cmd!(sh, "cargo xtask diff-ref --cases {cases}").run()?)
         }),
         // Mass production: random configs and values files, every device against the reference.
-        ("diff-mfg", &|| Ok(cmd!(sh, "cargo xtask diff-mfg --cases 5 --devices 120").run()?)),
+        ("diff-mfg", &|| {
+            Ok(cmd!(sh, "cargo xtask diff-mfg --cases 5 --devices 120").run()?)
+        }),
     ];
     let mut failed = Vec::new();
     for (name, step) in steps {

@@ -1,0 +1,770 @@
+//! `cargo nvs mfg generate --values devices.csv --id COLUMN`: mass production from the package's
+//! Cargo metadata (the ESP32-C3 firmware example), each device's image the one `cargo nvs
+//! generate` makes with the `per-device` keys set to that device's row.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use nvs_build::metadata::Metadata;
+use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
+use support::{Case, bin};
+
+/// The firmware's `DEVICE_NAME` env source, fixed so the images do not depend on the caller.
+const DEVICE_NAME: &str = "mfg-cargo-test";
+
+fn firmware() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/esp32c3-factory-data/Cargo.toml")
+}
+
+/// Runs `cargo nvs mfg generate --manifest-path <firmware> ARGS…` in the case's folder.
+fn mfg(case: &Case, args: &[&str]) -> Output {
+    let manifest = firmware();
+    bin()
+        .args(["nvs", "mfg", "generate", "--manifest-path"])
+        .arg(&manifest)
+        .args(args)
+        .env("DEVICE_NAME", DEVICE_NAME)
+        .current_dir(case.dir.path())
+        .output()
+        .unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_ok(out: &Output) {
+    assert!(out.status.success(), "failed: {}", stderr(out));
+}
+
+/// The run failed naming every needle, and `out_dir` holds nothing.
+fn assert_refused(case: &Case, out: &Output, out_dir: &str, needles: &[&str]) {
+    let text = stderr(out);
+    assert!(!out.status.success(), "expected failure; stderr: {text}");
+    assert!(!text.contains("panicked"), "{text}");
+    for needle in needles {
+        assert!(text.contains(needle), "stderr lacks {needle:?}:\n{text}");
+    }
+    if let Ok(entries) = std::fs::read_dir(case.dir.path().join(out_dir)) {
+        let names: Vec<_> = entries.map(|e| e.unwrap().file_name()).collect();
+        assert!(names.is_empty(), "{out_dir}/ holds {names:?}:\n{text}");
+    }
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn env(var: &str) -> Option<String> {
+    if var == "DEVICE_NAME" {
+        Some(DEVICE_NAME.into())
+    } else {
+        std::env::var(var).ok()
+    }
+}
+
+/// The image nvs-build's API makes of `partition` with the per-device columns set to `columns`
+/// (`None`: the `dev` values, as `cargo nvs generate` and build.rs use).
+fn expected(partition: &str, columns: Option<&HashMap<&str, &str>>) -> Vec<u8> {
+    let metadata = Metadata::from_manifest(&firmware()).unwrap().unwrap();
+    let spec = metadata
+        .partitions
+        .iter()
+        .find(|p| p.name == partition)
+        .unwrap();
+    let mut inputs = Inputs::new(env);
+    if let Some(columns) = columns {
+        inputs = inputs.with_per_device(|c| columns.get(c).map(|v| v.to_string()));
+    }
+    match build_partition(spec, &metadata.manifest_dir, &mut inputs).unwrap() {
+        PartitionImage::Built(built) => built.bytes,
+        PartitionImage::Skipped { reason } => panic!("skipped: {reason}"),
+    }
+}
+
+/// `cargo nvs dump --format json` of an image: `key → value`.
+fn dump(image: &Path) -> HashMap<String, serde_json::Value> {
+    let out = bin()
+        .args(["nvs", "dump", "--format", "json"])
+        .arg(image)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["damaged"], false);
+    json["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| {
+            (
+                format!(
+                    "{}/{}",
+                    item["namespace"].as_str().unwrap(),
+                    item["key"].as_str().unwrap()
+                ),
+                item["value"].clone(),
+            )
+        })
+        .collect()
+}
+
+const DEVICES: [(&str, &str); 4] = [
+    ("1001", "alpha-secret"),
+    ("1002", "be,ta \"quoted\""),
+    ("1003", ""),
+    ("4294967295", "max-serial"),
+];
+
+fn devices_csv() -> String {
+    let mut csv = String::from("batch,serial,secret\n");
+    for (serial, secret) in DEVICES {
+        csv.push_str(&format!(
+            "b1,{serial},\"{}\"\n",
+            secret.replace('"', "\"\"")
+        ));
+    }
+    csv
+}
+
+#[test]
+fn every_device_gets_the_metadata_image_with_its_own_values() {
+    let case = Case::new();
+    case.file("devices.csv", devices_csv());
+    let out = mfg(
+        &case,
+        &[
+            "--values",
+            "devices.csv",
+            "--id",
+            "serial",
+            "--out-dir",
+            "out",
+            "--all-partitions",
+        ],
+    );
+    assert_ok(&out);
+    let dir = case.dir.path().join("out");
+
+    // The expected images are built as `cargo nvs generate` builds them: with the dev values,
+    // that builder gives exactly its files.
+    let generated = case.dir.path().join("gen");
+    let out = bin()
+        .args(["nvs", "generate", "--manifest-path"])
+        .arg(firmware())
+        .arg("--out-dir")
+        .arg(&generated)
+        .env("DEVICE_NAME", DEVICE_NAME)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    assert_eq!(read(&generated.join("fctry.bin")), expected("fctry", None));
+    let dev_dump = dump(&generated.join("fctry.bin"));
+
+    for (line, (serial, secret)) in DEVICES.iter().enumerate() {
+        let columns = HashMap::from([("serial", *serial), ("secret", *secret), ("batch", "b1")]);
+        let image = dir.join(format!("bin/fctry-{serial}.bin"));
+        assert_eq!(
+            read(&image),
+            expected("fctry", Some(&columns)),
+            "device {serial} (line {})",
+            line + 2
+        );
+        // Read back: the per-device keys hold the row's values, every other key the dev build's.
+        let items = dump(&image);
+        assert_eq!(items["mass_prod/serial"], serial.parse::<u64>().unwrap());
+        assert_eq!(items["mass_prod/DeviceSecret"], *secret);
+        assert_eq!(items["mass_prod/DeviceName"], DEVICE_NAME);
+        assert_eq!(items.len(), dev_dump.len());
+        for (key, value) in &dev_dump {
+            if key != "mass_prod/serial" && key != "mass_prod/DeviceSecret" {
+                assert_eq!(&items[key], value, "{key}");
+            }
+        }
+    }
+    // The partition without per-device keys is the same for everyone: written once.
+    assert_eq!(
+        read(&dir.join("bin/nvs.bin")),
+        read(&generated.join("nvs.bin"))
+    );
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("bin"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "fctry-1001.bin",
+            "fctry-1002.bin",
+            "fctry-1003.bin",
+            "fctry-4294967295.bin",
+            "nvs.bin"
+        ]
+    );
+
+    // Manifests: one row per device image, with its SHA-256; the table's offsets and sizes.
+    let csv = String::from_utf8(read(&dir.join("manifest.csv"))).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "device,line,partition,image,sha256");
+    assert_eq!(lines.len(), 1 + DEVICES.len());
+    assert!(
+        lines[2].starts_with("1002,3,fctry,bin/fctry-1002.bin,"),
+        "{csv}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&read(&dir.join("manifest.json"))).unwrap();
+    assert_eq!(json["package"], "esp32c3-factory-data");
+    let fctry = &json["partitions"][0];
+    assert_eq!(
+        (
+            &fctry["name"],
+            &fctry["offset"],
+            &fctry["size"],
+            &fctry["per_device"]
+        ),
+        (
+            &"fctry".into(),
+            &0xf000.into(),
+            &0x2000.into(),
+            &true.into()
+        )
+    );
+    assert_eq!(json["shared"][0]["image"], "bin/nvs.bin");
+    assert_eq!(json["devices"].as_array().unwrap().len(), DEVICES.len());
+    assert_eq!(json["devices"][3]["device"], "4294967295");
+    assert_eq!(json["devices"][3]["line"], 5);
+
+    // The ledger records every device by its id, with the image's SHA-256.
+    let ledger = rusqlite::Connection::open(dir.join("ledger.sqlite")).unwrap();
+    let rows: Vec<(String, String, String, u32)> = ledger
+        .prepare("SELECT device, image, sha256, size FROM devices ORDER BY line")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), DEVICES.len());
+    for ((device, image, sha256, size), (serial, _)) in rows.iter().zip(DEVICES) {
+        assert_eq!(device, serial);
+        assert_eq!(image, &format!("bin/fctry-{serial}.bin"));
+        assert_eq!(*size, 0x2000);
+        assert!(csv.contains(sha256.as_str()), "{sha256} not in {csv}");
+    }
+}
+
+#[test]
+fn by_default_only_partitions_with_per_device_keys_are_built() {
+    let case = Case::new();
+    case.file("devices.csv", "serial,secret\n7,a\n8,b\n9,c\n");
+    let out = mfg(
+        &case,
+        &[
+            "--values",
+            "devices.csv",
+            "--id",
+            "serial",
+            "--out-dir",
+            "o",
+        ],
+    );
+    assert_ok(&out);
+    let mut names: Vec<String> = std::fs::read_dir(case.dir.path().join("o/bin"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["fctry-7.bin", "fctry-8.bin", "fctry-9.bin"]);
+
+    // A partition without per-device keys alone is not mass production.
+    let out = mfg(
+        &case,
+        &[
+            "--values",
+            "devices.csv",
+            "--id",
+            "serial",
+            "--out-dir",
+            "p",
+            "--partition",
+            "nvs",
+        ],
+    );
+    assert_refused(&case, &out, "p", &["has per-device keys", "nvs"]);
+    let out = mfg(
+        &case,
+        &[
+            "--values",
+            "devices.csv",
+            "--id",
+            "serial",
+            "--out-dir",
+            "p",
+            "--partition",
+            "nope",
+        ],
+    );
+    assert_refused(&case, &out, "p", &["--partition `nope`", "fctry, nvs"]);
+}
+
+#[test]
+fn a_missing_per_device_column_is_refused_naming_the_header_and_key() {
+    let case = Case::new();
+    case.file("devices.csv", "serial,secrets\n1,a\n2,b\n");
+    let out = mfg(
+        &case,
+        &[
+            "--values",
+            "devices.csv",
+            "--id",
+            "serial",
+            "--out-dir",
+            "out",
+        ],
+    );
+    assert_refused(
+        &case,
+        &out,
+        "out",
+        &[
+            "devices.csv:1",
+            "no column `secret`",
+            "`DeviceSecret`",
+            "`fctry`",
+            "Cargo.toml:",
+        ],
+    );
+    assert!(!case.exists("out"));
+}
+
+#[test]
+fn values_that_do_not_fit_are_refused_naming_the_row_device_and_column() {
+    let case = Case::new();
+    // Line 4 (after a blank line, which is skipped): out of range for u32.
+    case.file("devices.csv", "serial,secret\n1,a\n\n4294967296,b\n3,c\n");
+    let out = mfg(
+        &case,
+        &[
+            "--values",
+            "devices.csv",
+            "--id",
+            "serial",
+            "--out-dir",
+            "out",
+        ],
+    );
+    assert_refused(
+        &case,
+        &out,
+        "out",
+        &[
+            "devices.csv:4",
+            "device `4294967296`",
+            "column `serial`",
+            "key `serial`",
+            "out of range for u32",
+        ],
+    );
+    // Not a number at all.
+    case.file("devices.csv", "id,serial,secret\nA,1,a\nB,two,b\n");
+    let out = mfg(
+        &case,
+        &["--values", "devices.csv", "--id", "id", "--out-dir", "out"],
+    );
+    assert_refused(
+        &case,
+        &out,
+        "out",
+        &["devices.csv:3", "device `B`", "column `serial`"],
+    );
+    // Too long for the 0x2000 factory partition.
+    let long = "x".repeat(3960);
+    case.file("devices.csv", format!("serial,secret\n1,a\n2,{long}\n"));
+    let out = mfg(
+        &case,
+        &[
+            "--values",
+            "devices.csv",
+            "--id",
+            "serial",
+            "--out-dir",
+            "out",
+        ],
+    );
+    assert_refused(
+        &case,
+        &out,
+        "out",
+        &[
+            "devices.csv:3",
+            "device `2`",
+            "partition `fctry`",
+            "too small",
+            "`secret`",
+        ],
+    );
+    let long = "x".repeat(5000);
+    case.file("devices.csv", format!("serial,secret\n1,a\n2,{long}\n"));
+    let out = mfg(
+        &case,
+        &[
+            "--values",
+            "devices.csv",
+            "--id",
+            "serial",
+            "--out-dir",
+            "out",
+        ],
+    );
+    assert_refused(
+        &case,
+        &out,
+        "out",
+        &["devices.csv:3", "column `secret`", "5000 bytes"],
+    );
+    assert!(!case.exists("out"));
+}
+
+#[test]
+fn ids_are_required_present_and_unique() {
+    let case = Case::new();
+    case.file("devices.csv", "serial,secret\n1,a\n2,b\n");
+    let out = mfg(&case, &["--values", "devices.csv", "--out-dir", "out"]);
+    assert_refused(
+        &case,
+        &out,
+        "out",
+        &["--id COLUMN", "unique across batches"],
+    );
+    let out = mfg(
+        &case,
+        &["--values", "devices.csv", "--id", "sn", "--out-dir", "out"],
+    );
+    assert_refused(&case, &out, "out", &["devices.csv:1", "--id column `sn`"]);
+    case.file("devices.csv", "serial,secret\n1,a\n2,b\n1,c\n");
+    let out = mfg(
+        &case,
+        &[
+            "--values",
+            "devices.csv",
+            "--id",
+            "serial",
+            "--out-dir",
+            "out",
+        ],
+    );
+    assert_refused(
+        &case,
+        &out,
+        "out",
+        &["devices.csv:4", "`1` is already used at line 2"],
+    );
+    // mfg_gen's options do not mix with the metadata mode.
+    let out = mfg(
+        &case,
+        &[
+            "--values",
+            "devices.csv",
+            "--id",
+            "serial",
+            "--out-dir",
+            "out",
+            "--keygen",
+        ],
+    );
+    assert_refused(&case, &out, "out", &["--keygen", "metadata"]);
+    assert!(!case.exists("out"));
+}
+
+#[test]
+fn the_ledger_refuses_an_id_issued_by_an_earlier_batch() {
+    let case = Case::new();
+    case.file("batch1.csv", "serial,secret\n10,a\n11,b\n12,c\n");
+    case.file("batch2.csv", "serial,secret\n13,d\n11,e\n");
+    let out = mfg(
+        &case,
+        &[
+            "--values",
+            "batch1.csv",
+            "--id",
+            "serial",
+            "--out-dir",
+            "one",
+        ],
+    );
+    assert_ok(&out);
+    let shared = ["--ledger", "one/ledger.sqlite"];
+    let mut args = vec![
+        "--values",
+        "batch2.csv",
+        "--id",
+        "serial",
+        "--out-dir",
+        "two",
+    ];
+    args.extend(shared);
+    let out = mfg(&case, &args);
+    assert_refused(
+        &case,
+        &out,
+        "two",
+        &[
+            "batch2.csv:3",
+            "device `11` was already issued",
+            "batch1.csv:3",
+            "--allow-reissue",
+        ],
+    );
+    assert!(!case.exists("two"));
+    // Reissuing on purpose replaces the ledger entry.
+    args.push("--allow-reissue");
+    let out = mfg(&case, &args);
+    assert_ok(&out);
+    let ledger = rusqlite::Connection::open(case.dir.path().join("one/ledger.sqlite")).unwrap();
+    let (values, issues): (String, i64) = ledger
+        .query_row(
+            "SELECT values_file, issues FROM devices WHERE device = '11'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((values.as_str(), issues), ("batch2.csv", 2));
+    let count: i64 = ledger
+        .query_row("SELECT count(*) FROM devices", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(count, 4);
+}
+
+#[test]
+fn existing_images_are_kept_only_by_resume_with_the_same_values() {
+    let case = Case::new();
+    case.file("devices.csv", "serial,secret\n20,a\n21,b\n22,c\n");
+    let args = [
+        "--values",
+        "devices.csv",
+        "--id",
+        "serial",
+        "--out-dir",
+        "out",
+    ];
+    assert_ok(&mfg(&case, &args));
+    let before = read(&case.dir.path().join("out/bin/fctry-21.bin"));
+
+    // Simulate an interruption after device 21: its successor's image and the manifests are gone.
+    std::fs::remove_file(case.dir.path().join("out/bin/fctry-22.bin")).unwrap();
+    std::fs::remove_file(case.dir.path().join("out/manifest.csv")).unwrap();
+    let ledger = rusqlite::Connection::open(case.dir.path().join("out/ledger.sqlite")).unwrap();
+    ledger
+        .execute("DELETE FROM devices WHERE device = '22'", [])
+        .unwrap();
+    drop(ledger);
+
+    let out = mfg(&case, &args);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+
+    let mut resume = args.to_vec();
+    resume.push("--resume");
+    let out = mfg(&case, &resume);
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("2 device(s) were finished by an earlier run"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(read(&case.dir.path().join("out/bin/fctry-21.bin")), before);
+    let columns = HashMap::from([("serial", "22"), ("secret", "c")]);
+    assert_eq!(
+        read(&case.dir.path().join("out/bin/fctry-22.bin")),
+        expected("fctry", Some(&columns))
+    );
+    let csv = String::from_utf8(read(&case.dir.path().join("out/manifest.csv"))).unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+
+    // Other values than the kept image was made from: refused.
+    case.file("devices.csv", "serial,secret\n20,a\n21,CHANGED\n22,c\n");
+    let out = mfg(&case, &resume);
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    assert!(
+        text.contains("devices.csv:3") && text.contains("other values"),
+        "{text}"
+    );
+}
+
+#[test]
+fn mfg_flash_writes_the_ledgers_image_into_the_factory_partition() {
+    use support::fake_esp::Config;
+    let case = Case::new();
+    case.file("devices.csv", "serial,secret\n31,a\n32,b\n33,c\n");
+    assert_ok(&mfg(
+        &case,
+        &[
+            "--values",
+            "devices.csv",
+            "--id",
+            "serial",
+            "--out-dir",
+            "out",
+        ],
+    ));
+    let esp = Config::esp32c3()
+        .mac([0x7c, 0xdf, 0xa1, 0, 0, 0x31])
+        .start();
+    let before = esp.flash();
+    let table = firmware().with_file_name("partitions.csv");
+    let out = bin()
+        .args([
+            "mfg",
+            "flash",
+            "--out-dir",
+            "out",
+            "--next",
+            "--partition-table",
+        ])
+        .arg(&table)
+        .args(["--partition", "fctry", "--port", esp.path()])
+        .args(["--before", "no-reset", "--after", "no-reset", "--no-stub"])
+        .current_dir(case.dir.path())
+        .output()
+        .unwrap();
+    esp.settle();
+    assert_ok(&out);
+    // A read-only image holds only the pages it uses; the flash gets it padded with 0xFF.
+    let mut image = read(&case.dir.path().join("out/bin/fctry-31.bin"));
+    image.resize(0x2000, 0xFF);
+    assert!(
+        esp.read(0xf000, 0x2000) == image,
+        "fctry holds another image"
+    );
+    let changed: Vec<_> = esp
+        .changed_since(&before)
+        .into_iter()
+        .filter(|r| r.start < 0xf000 || r.end > 0xf000 + 0x2000)
+        .collect();
+    assert!(changed.is_empty(), "{changed:?}");
+}
+
+#[test]
+fn a_throwaway_crate_with_two_per_device_partitions() {
+    let case = Case::new();
+    std::fs::create_dir_all(case.dir.path().join("fw/src")).unwrap();
+    case.file("fw/src/main.rs", "fn main() {}\n");
+    case.file(
+        "fw/partitions.csv",
+        "nvs, data, nvs, 0x9000, 0x6000,\nfa, data, nvs, 0xf000, 0x3000,\nfb, data, nvs, 0x12000, 0x3000,\nfactory, app, factory, 0x20000, 1M,\n",
+    );
+    case.file(
+        "fw/Cargo.toml",
+        r#"[package]
+name = "fw"
+version = "0.1.0"
+edition = "2024"
+
+[workspace]
+
+[package.metadata.nvs.partitions.fa.namespaces.a]
+sn = { string = { per-device = "sn", dev = "dev" } }
+n = { i16 = { per-device = "n" } }
+
+[package.metadata.nvs.partitions.fb.namespaces.b]
+fixed = { u8 = 7 }
+sn = { string = { per-device = "sn", dev = "dev" } }
+
+[package.metadata.nvs.partitions.nvs.namespaces.user]
+ssid = ""
+"#,
+    );
+    case.file("devices.csv", "sn,n\nA1,-5\nA2,300\nA3,0\n");
+    let out = bin()
+        .args(["mfg", "generate", "--manifest-path", "fw/Cargo.toml"])
+        .args(["--values", "devices.csv", "--id", "sn", "--out-dir", "out"])
+        .current_dir(case.dir.path())
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let metadata = Metadata::from_manifest(&case.dir.path().join("fw/Cargo.toml"))
+        .unwrap()
+        .unwrap();
+    for (sn, n) in [("A1", "-5"), ("A2", "300"), ("A3", "0")] {
+        for part in ["fa", "fb"] {
+            let spec = metadata.partitions.iter().find(|p| p.name == part).unwrap();
+            let columns = HashMap::from([("sn", sn), ("n", n)]);
+            let mut inputs =
+                Inputs::new(|_| None).with_per_device(|c| columns.get(c).map(|v| v.to_string()));
+            let PartitionImage::Built(built) =
+                build_partition(spec, &metadata.manifest_dir, &mut inputs).unwrap()
+            else {
+                panic!("skipped")
+            };
+            let path = case.dir.path().join(format!("out/bin/{part}-{sn}.bin"));
+            assert_eq!(read(&path), built.bytes, "{part}-{sn}");
+        }
+    }
+    assert!(
+        !case.exists("out/bin/nvs.bin"),
+        "only per-device partitions by default"
+    );
+    let csv = String::from_utf8(read(&case.dir.path().join("out/manifest.csv"))).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 6, "{csv}");
+    assert!(csv.contains("\nA2,3,fb,bin/fb-A2.bin,"), "{csv}");
+    // The ledger records each device once, by its first per-device partition's image.
+    let ledger = rusqlite::Connection::open(case.dir.path().join("out/ledger.sqlite")).unwrap();
+    let image: String = ledger
+        .query_row("SELECT image FROM devices WHERE device = 'A2'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(image, "bin/fa-A2.bin");
+    // A second run with --resume keeps everything; a value changed since is caught.
+    let rerun = |values: &str| {
+        case.file("devices.csv", values);
+        bin()
+            .args(["mfg", "generate", "--manifest-path", "fw/Cargo.toml"])
+            .args([
+                "--values",
+                "devices.csv",
+                "--id",
+                "sn",
+                "--out-dir",
+                "out",
+                "--resume",
+            ])
+            .current_dir(case.dir.path())
+            .output()
+            .unwrap()
+    };
+    assert_ok(&rerun("sn,n\nA1,-5\nA2,300\nA3,0\n"));
+    let out = rerun("sn,n\nA1,-5\nA2,301\nA3,0\n");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("devices.csv:3"), "{}", stderr(&out));
+    // i16 range, named by row and column.
+    case.file("devices.csv", "sn,n\nB1,40000\n");
+    let out = bin()
+        .args(["mfg", "generate", "--manifest-path", "fw/Cargo.toml"])
+        .args([
+            "--values",
+            "devices.csv",
+            "--id",
+            "sn",
+            "--out-dir",
+            "other",
+        ])
+        .current_dir(case.dir.path())
+        .output()
+        .unwrap();
+    assert_refused(
+        &case,
+        &out,
+        "other",
+        &[
+            "devices.csv:2",
+            "device `B1`",
+            "column `n`",
+            "out of range for i16",
+        ],
+    );
+}
