@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use nvs_build::table::PartitionTable;
+use nvs_build::table::{Partition, PartitionTable};
 
 use super::OutputFormat;
 use super::dump::show;
@@ -36,30 +36,35 @@ pub struct ReadArgs {
     connect: ConnectArgs,
 }
 
+/// The data/nvs partition `name` of `table` (`table_name` says which table, in errors).
+pub fn nvs_partition<'t>(
+    table: &'t PartitionTable,
+    name: &str,
+    table_name: &str,
+) -> CliResult<&'t Partition> {
+    let partition = table.find(name).ok_or_else(|| {
+        let nvs: Vec<&str> = table.nvs_partitions().map(|p| p.name.as_str()).collect();
+        CliError(format!(
+            "no partition `{name}` in {table_name} (its NVS partitions: {})",
+            nvs.join(", ")
+        ))
+    })?;
+    if !partition.is_nvs() {
+        return Err(CliError(format!(
+            "partition `{name}` is {}/{}, not data/nvs",
+            partition.type_name(),
+            partition.subtype_name()
+        )));
+    }
+    Ok(partition)
+}
+
 pub fn run(args: ReadArgs) -> CliResult<ExitCode> {
     let table = match &args.partition_table {
         Some(path) => PartitionTable::load(path, PartitionTable::DEFAULT_OFFSET)?,
         None => args.package.find()?.nvs_metadata()?.table,
     };
-    let partition = table.find(&args.partition).ok_or_else(|| {
-        CliError(format!(
-            "no partition `{}` in the partition table (its NVS partitions: {})",
-            args.partition,
-            table
-                .nvs_partitions()
-                .map(|p| p.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-    })?;
-    if !partition.is_nvs() {
-        return Err(CliError(format!(
-            "partition `{}` is {}/{}, not data/nvs",
-            partition.name,
-            partition.type_name(),
-            partition.subtype_name()
-        )));
-    }
+    let partition = nvs_partition(&table, &args.partition, "the partition table")?;
     let key = args.key.load()?;
     let mut flasher = connect(&args.connect, false, false)?;
     let bytes = read_flash(

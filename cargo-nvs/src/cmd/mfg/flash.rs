@@ -176,24 +176,8 @@ fn target(args: &MfgFlashArgs) -> CliResult<Target> {
         ));
     };
     let table = PartitionTable::load(path, PartitionTable::DEFAULT_OFFSET)?;
-    let partition = table.find(name).ok_or_else(|| {
-        CliError(format!(
-            "no partition `{name}` in `{}` (its NVS partitions: {})",
-            path.display(),
-            table
-                .nvs_partitions()
-                .map(|p| p.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-    })?;
-    if !partition.is_nvs() {
-        return Err(CliError(format!(
-            "partition `{name}` is {}/{}, not data/nvs",
-            partition.type_name(),
-            partition.subtype_name()
-        )));
-    }
+    let partition =
+        crate::cmd::read::nvs_partition(&table, name, &format!("`{}`", path.display()))?;
     if let Some(size) = size
         && size > partition.size
     {
