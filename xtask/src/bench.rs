@@ -3,6 +3,7 @@
 //! `cc`'s (see `build_cost`). Prints figures only; timings are never asserted.
 
 mod build_cost;
+mod mfg;
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,8 @@ pub struct Options {
     build_cost: bool,
     /// Flashing: one connection against the espflash-then-esptool workflow (emulator).
     flash: bool,
+    /// `cargo nvs mfg generate` against mfg_gen's work (see `mfg`).
+    mfg: bool,
 }
 
 impl Options {
@@ -49,6 +52,16 @@ impl Options {
                     runtime: false,
                     build_cost: false,
                     flash: true,
+                    mfg: false,
+                });
+            }
+            Some("mfg") => {
+                return Ok(Options {
+                    bin: args.value("--bin")?,
+                    runtime: false,
+                    build_cost: false,
+                    flash: false,
+                    mfg: true,
                 });
             }
             Some(other) => return Err(format!("unknown bench `{other}`").into()),
@@ -63,11 +76,16 @@ impl Options {
             runtime: !only_build_cost,
             build_cost: !no_build_cost,
             flash: false,
+            mfg: false,
         })
     }
 }
 
 pub fn run(sh: &Shell, opts: Options) -> Result<ExitCode> {
+    if opts.mfg {
+        mfg::run(sh, opts.bin)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if opts.flash {
         // The emulator lives in cargo-nvs's test support, so the measurement is an ignored test.
         crate::ci::build_firmware(sh)?;

@@ -48,6 +48,9 @@ commands:
               images in-process, whole processes; then the build cost (below)
                 --bin PATH         time this cargo-nvs binary instead of the release build
                 --no-build-cost    skip the build cost
+  bench mfg   `mfg generate` of 10,000 devices against mfg_gen's work in one Python process
+              (plain, --keygen; tmpfs and disk), a write+rename baseline, 100,000 devices'
+              peak RSS and time; --bin PATH as above
   bench flash  flashing app + 2 NVS images into the emulator: one connection vs espflash, then esptool
   bench build-cost
               time cold debug builds of a crate using nvs-build in build.rs against one using
