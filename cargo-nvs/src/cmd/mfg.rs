@@ -11,8 +11,15 @@
 //!
 //! Both share the rest ([`Maker`] is what differs): nothing is written until every device's
 //! images have been built once in memory; then each device is built again, its files written to
-//! temporary files, renamed into place and recorded in the ledger (one transaction), so an
-//! interrupted run leaves only complete images under final names and `--resume` finishes it.
+//! temporary files and renamed into place, and each chunk of devices is recorded in the ledger
+//! (one transaction) right after its images are in place, so an interrupted run leaves only
+//! complete images under final names and `--resume` finishes it (images that were in place but
+//! not yet recorded are made again).
+//!
+//! Every pass reads the values file again as a stream, a chunk of rows at a time, and devices
+//! are named from their row and its number alone ([`Maker::device`]): what stays in memory for
+//! the whole run is the id of every device (for duplicates, in the first pass) and one byte per
+//! device for what to do with it. The manifests are written as the devices are recorded.
 //!
 //! `mfg flash` and `mfg log` (in `flash.rs`) flash issued devices and export the production log.
 
@@ -263,7 +270,7 @@ fn check_name_part(text: &str) -> Result<(), &'static str> {
 
 /// Device ids of one run: checked to be usable in file names and unique.
 struct Ids {
-    seen: HashMap<String, usize>,
+    seen: HashMap<Box<str>, u32>,
 }
 
 impl Ids {
@@ -281,7 +288,8 @@ impl Ids {
                 run.at(line)
             )));
         }
-        if let Some(previous) = self.seen.insert(id.to_owned(), line) {
+        let line32 = u32::try_from(line).unwrap_or(u32::MAX);
+        if let Some(previous) = self.seen.insert(id.into(), line32) {
             return Err(CliError(format!(
                 "{}: column `{column}`: device id `{id}` is already used at line {previous}; ids \
                  must be unique (nothing was written)",
@@ -332,6 +340,8 @@ struct SharedImage {
 
 /// What differs between the modes: how a device's images are built and described.
 trait Maker: Sync {
+    /// The device of the values file's `n`th row (from 0), as the first pass named it.
+    fn device(&self, n: usize, row: &DeviceRow) -> Device;
     /// Builds the device's images from its row. `writing` is false in the checking pass, where
     /// no fresh key need be made.
     fn build(&self, device: &Device, row: &DeviceRow, writing: bool) -> CliResult<Built>;
@@ -430,56 +440,43 @@ fn generate(args: MfgGenerateArgs) -> CliResult<ExitCode> {
     };
 
     // Pass 1: check every row, name every device and refuse duplicates before writing anything.
-    let mut devices = Vec::new();
-    let mut first_row: Option<Vec<String>> = None;
-    let mut ids = Ids::new();
-    let mut counter = plan.prefix_num.map_or(0, |(start, _)| start);
-    while let Some(row) = values.next_device()? {
-        let first = first_row.get_or_insert_with(|| row.fields.clone());
-        let id = match fileid_column {
-            // The id comes from the row as mfg_gen completes it (REPEAT values from row 1).
-            Some(c) if rows.iter().any(|r| r.repeat && r.column == Some(c)) => first[c].clone(),
-            Some(c) => row.fields[c].clone(),
-            None => (devices.len() + 1).to_string(),
-        };
-        ids.check(
-            &run,
-            row.line,
-            plan.fileid.as_deref().unwrap_or_default(),
-            &id,
-        )?;
-        let name = match plan.prefix_num {
-            Some((_, len)) => format!("{}-{counter:0len$}-{id}", plan.prefix),
-            None => format!("{}-{id}", plan.prefix),
-        };
-        counter = counter
-            .checked_add(1)
-            .ok_or_else(|| CliError("--prefix-num START: the counter overflows".into()))?;
-        let ledger_id = if fileid_column.is_some() {
-            id.clone()
-        } else {
-            name.clone()
-        };
-        devices.push(Device {
-            line: row.line,
-            id,
-            images: vec![name],
-            ledger_id,
-        });
-    }
-    let Some(first_row) = first_row else {
+    let Some(first) = values.next_device()? else {
         return Err(CliError(format!(
             "{}: the values file has a header but no device rows",
             plan.values.display()
         )));
     };
+    let first_row = first.fields.clone();
     let maker = MfgGen {
         plan: &plan,
         rows: &rows,
         first_row: &first_row,
         keys: &keys,
+        resume: run.resume,
+        fileid_column,
+        repeat_fileid: fileid_column
+            .is_some_and(|c| rows.iter().any(|r| r.repeat && r.column == Some(c))),
     };
-    produce(&run, &maker, &devices)
+    let mut ids = Ids::new();
+    let start = plan.prefix_num.map_or(0, |(start, _)| start);
+    let mut count = 0;
+    let mut next = Some(first);
+    while let Some(row) = next {
+        let device = maker.device(count, &row);
+        ids.check(
+            &run,
+            row.line,
+            plan.fileid.as_deref().unwrap_or_default(),
+            &device.id,
+        )?;
+        count += 1;
+        start
+            .checked_add(count as u64)
+            .ok_or_else(|| CliError("--prefix-num START: the counter overflows".into()))?;
+        next = values.next_device()?;
+    }
+    drop(ids);
+    produce(&run, &maker, count)
 }
 
 /// mfg_gen mode: each device's image from the generator CSV mfg_gen writes for it.
@@ -488,9 +485,43 @@ struct MfgGen<'a> {
     rows: &'a [ConfigRow],
     first_row: &'a [String],
     keys: &'a Keys,
+    /// --resume: the checking pass compares the images it builds with the files.
+    resume: bool,
+    /// The --fileid column.
+    fileid_column: Option<usize>,
+    /// The --fileid column is a REPEAT key: every device takes the first row's id.
+    repeat_fileid: bool,
 }
 
 impl Maker for MfgGen<'_> {
+    fn device(&self, n: usize, row: &DeviceRow) -> Device {
+        let plan = self.plan;
+        let id = match self.fileid_column {
+            // The id comes from the row as mfg_gen completes it (REPEAT values from row 1).
+            Some(c) if self.repeat_fileid => self.first_row[c].clone(),
+            Some(c) => row.fields[c].clone(),
+            None => (n + 1).to_string(),
+        };
+        let name = match plan.prefix_num {
+            Some((start, len)) => {
+                let counter = start.wrapping_add(n as u64);
+                format!("{}-{counter:0len$}-{id}", plan.prefix)
+            }
+            None => format!("{}-{id}", plan.prefix),
+        };
+        let ledger_id = if self.fileid_column.is_some() {
+            id.clone()
+        } else {
+            name.clone()
+        };
+        Device {
+            line: row.line,
+            id,
+            images: vec![name],
+            ledger_id,
+        }
+    }
+
     fn build(&self, device: &Device, row: &DeviceRow, writing: bool) -> CliResult<Built> {
         let (plan, rows) = (self.plan, self.rows);
         let mut starts = Vec::with_capacity(rows.len());
@@ -499,9 +530,9 @@ impl Maker for MfgGen<'_> {
             |config| {
                 let c = config.column.unwrap_or_default();
                 if config.repeat {
-                    self.first_row[c].clone()
+                    self.first_row[c].as_str()
                 } else {
-                    row.fields[c].clone()
+                    row.fields[c].as_str()
                 }
             },
             &mut starts,
@@ -517,8 +548,11 @@ impl Maker for MfgGen<'_> {
             Keys::PerDevice if writing => Some(XtsKey::generate()?),
             _ => None,
         };
+        // Encrypting cannot fail: checking needs the encrypted bytes only for their SHA-256,
+        // which only --resume compares.
         let bytes = match (self.keys, &key) {
-            (Keys::Shared(key), _) | (_, Some(key)) => image.finish_encrypted(key),
+            (Keys::Shared(key), _) if writing || self.resume => image.finish_encrypted(key),
+            (_, Some(key)) => image.finish_encrypted(key),
             _ => image.finish(),
         }
         .map_err(located)?;
@@ -554,22 +588,36 @@ impl Maker for MfgGen<'_> {
     }
 }
 
-/// Passes 2 to 4 and the manifests, for the devices of either mode.
-fn produce(run: &Run, maker: &dyn Maker, devices: &[Device]) -> CliResult<ExitCode> {
-    // Pass 2: build every image in memory (nothing is written) so that bad input writes nothing;
-    // keep the SHA-256 of the images that come out the same every time.
-    let expected = build_all(run, maker, devices, None)?;
+/// Devices are read, built, written and recorded this many at a time.
+const CHUNK: usize = 1024;
 
-    // Pass 3: what to do with each device, refusing existing files and issued ids.
-    let existing_ledger = SqliteLedger::open_existing(&run.ledger)?;
-    let mut actions = Vec::with_capacity(devices.len());
-    for (device, expected) in devices.iter().zip(&expected) {
-        let issued = match &existing_ledger {
-            Some(ledger) => ledger.issued(&device.ledger_id)?,
-            None => None,
-        };
-        actions.push(decide(run, maker, device, expected.as_deref(), issued)?);
+/// Reads the next `n` device rows of the values file (which had them in the first pass).
+/// The rows' strings are reused.
+fn next_chunk(run: &Run, values: &mut Values, n: usize, chunk: &mut Vec<DeviceRow>) -> CliResult {
+    chunk.truncate(n);
+    while chunk.len() < n {
+        chunk.push(DeviceRow {
+            line: 0,
+            fields: Vec::new(),
+        });
     }
+    for row in chunk.iter_mut() {
+        if !values.read_device_into(row)? {
+            return Err(CliError(format!(
+                "{} changed while it was being read",
+                run.values.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Passes 2 to 4 and the manifests, for the `count` devices of either mode. Every pass reads
+/// the values file again, a chunk at a time: memory does not grow with the device count.
+fn produce(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<ExitCode> {
+    // Passes 2 and 3: build every image in memory (nothing is written) so that bad input writes
+    // nothing, and decide what to do with each device, refusing existing files and issued ids.
+    let actions = check_all(run, maker, count)?;
     for shared in maker.shared() {
         let path = bin_path(&run.out_dir, &shared.name);
         if path.exists() && std::fs::read(&path).ok().as_deref() != Some(&shared.bytes[..]) {
@@ -597,16 +645,9 @@ fn produce(run: &Run, maker: &dyn Maker, devices: &[Device]) -> CliResult<ExitCo
                 ledger: &ledger,
                 actions: &actions,
                 batch: run_start(),
+                values: run.values.display().to_string(),
             };
-            let written = build_all(run, maker, devices, Some(&work))?;
-            for shared in maker.shared() {
-                let path = bin_path(&run.out_dir, &shared.name);
-                if !path.exists() {
-                    write_final(&path, &shared.bytes, run.sync)
-                        .map_err(|e| CliError(format!("cannot write `{}`: {e}", path.display())))?;
-                }
-            }
-            publish(run, maker, devices, &actions, &written, &expected, &ledger)
+            write_all(run, maker, &work)
         });
     if let Err(e) = result {
         if !out_dir_existed {
@@ -631,6 +672,717 @@ fn produce(run: &Run, maker: &dyn Maker, devices: &[Device]) -> CliResult<ExitCo
     Ok(ExitCode::SUCCESS)
 }
 
+/// Passes 2 and 3: builds every device in memory, a chunk at a time in parallel, and decides
+/// what to do with it. A device that does not build is refused before any device that the run
+/// may not write (in values order within each kind).
+fn check_all(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<Vec<Action>> {
+    let mut values = Values::open(&run.values)?;
+    let existing_ledger = SqliteLedger::open_existing(&run.ledger)?;
+    // The SHA-256 of the images that come out the same on every build are only needed to check
+    // kept images on --resume.
+    let hash = run.resume && !maker.fresh_keys();
+    // Without the folders of images and keys, no device has files yet: no need to look.
+    let on_disk = run.out_dir.join("bin").exists() || run.out_dir.join("keys").exists();
+    let checking = Checking {
+        run,
+        maker,
+        ledger: existing_ledger,
+        hash,
+        on_disk,
+    };
+    let started = Instant::now();
+    let terminal = std::io::stderr().is_terminal();
+    let mut checked_rows = false;
+    let header = values.header.clone();
+    // While a chunk is built, the next one is read.
+    let mut chunk: Vec<DeviceRow> = Vec::with_capacity(CHUNK);
+    let mut next: Vec<DeviceRow> = Vec::with_capacity(CHUNK);
+    let mut actions = Vec::with_capacity(count);
+    let mut refused: Option<CliError> = None;
+    let mut done = 0;
+    let mut n = CHUNK.min(count);
+    next_chunk(run, &mut values, n, &mut chunk)?;
+    while n > 0 {
+        if !checked_rows {
+            checked_rows = maker.check_rows(&chunk, &header);
+        }
+        let n_next = CHUNK.min(count - done - n);
+        let deciding = refused.is_none();
+        let (read, results) = rayon::join(
+            || next_chunk(run, &mut values, n_next, &mut next),
+            || check_chunk(&checking, &chunk, done, deciding),
+        );
+        for result in results {
+            match result? {
+                Some(Ok(action)) if refused.is_none() => actions.push(action),
+                Some(Err(e)) if refused.is_none() => refused = Some(e),
+                _ => {}
+            }
+        }
+        read?;
+        done += n;
+        if terminal {
+            eprint!("\r{}", progress(done, count, "checked", started));
+        }
+        std::mem::swap(&mut chunk, &mut next);
+        n = n_next;
+    }
+    if terminal {
+        eprint!("\r");
+    }
+    match refused {
+        Some(e) => Err(e),
+        None => Ok(actions),
+    }
+}
+
+/// What the checking pass needs to decide what to do with a device.
+struct Checking<'a> {
+    run: &'a Run,
+    maker: &'a dyn Maker,
+    /// The ledger of earlier runs, if there is one.
+    ledger: Option<SqliteLedger>,
+    /// Compute the SHA-256 of the images (--resume compares them with the files).
+    hash: bool,
+    /// The folder of images or keys exists (else no device has files yet).
+    on_disk: bool,
+}
+
+/// Builds the devices of a chunk (from device `first`) in parallel, and with `deciding`, decides
+/// what to do with each.
+fn check_chunk(
+    checking: &Checking<'_>,
+    chunk: &[DeviceRow],
+    first: usize,
+    deciding: bool,
+) -> Vec<CliResult<Option<CliResult<Action>>>> {
+    let (run, maker, hash, on_disk) = (
+        checking.run,
+        checking.maker,
+        checking.hash,
+        checking.on_disk,
+    );
+    let existing_ledger = &checking.ledger;
+    let done = first;
+    chunk
+        .par_iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let device = maker.device(done + i, row);
+            let built = maker.build(&device, row, false)?;
+            if !deciding {
+                return Ok(None);
+            }
+            let expected: Shas = hash.then(|| built.images.iter().map(|b| sha_hex(b)).collect());
+            let issued = match &existing_ledger {
+                Some(ledger) => ledger.issued(&device.ledger_id)?,
+                None => None,
+            };
+            Ok(Some(decide(
+                run,
+                maker,
+                &device,
+                expected.as_deref(),
+                issued,
+                on_disk,
+            )))
+        })
+        .collect()
+}
+
+/// The writing pass: where the ledger is and what to do with each device.
+struct Work<'a> {
+    ledger: &'a dyn Ledger,
+    actions: &'a [Action],
+    /// The run's start, as sortable text: orders the devices of the ledger by run, then line.
+    batch: String,
+    /// The values file, as the ledger records it.
+    values: String,
+}
+
+/// The SHA-256 of each of a device's images, when known.
+type Shas = Option<Vec<String>>;
+
+/// What the writing pass did with a device it built.
+struct Written {
+    shas: Vec<String>,
+    key_file: Option<String>,
+}
+
+/// Pass 4: reads the values again, builds the images in parallel a chunk at a time and writes
+/// them; each chunk's devices are then recorded in the ledger (one transaction, right after
+/// their images are in place) and listed in the manifests, while the next chunk is built.
+fn write_all(run: &Run, maker: &dyn Maker, work: &Work<'_>) -> CliResult {
+    let count = work.actions.len();
+    let mut values = Values::open(&run.values)?;
+    let kept = work.actions.iter().filter(|a| **a == Action::Keep).count();
+    if maker.fresh_keys() && kept < count {
+        let keys = run.out_dir.join("keys");
+        std::fs::create_dir_all(&keys)
+            .map_err(|e| CliError(format!("cannot write `{}`: {e}", keys.display())))?;
+    }
+    let mut recorder = Recorder {
+        run,
+        maker,
+        work,
+        manifests: Manifests::start(run, maker)?,
+        started: Instant::now(),
+        terminal: std::io::stderr().is_terminal(),
+        built: 0,
+        to_build: count - kept,
+        images_per_device: 1,
+        issued: Vec::with_capacity(CHUNK),
+    };
+    // While a chunk is built and written, the one before is recorded and the next one read.
+    let mut chunk: Vec<DeviceRow> = Vec::with_capacity(CHUNK);
+    let mut next: Vec<DeviceRow> = Vec::with_capacity(CHUNK);
+    let mut pending: Option<ChunkResults> = None;
+    let mut done = 0;
+    let mut failed = false;
+    let mut n = CHUNK.min(count);
+    next_chunk(run, &mut values, n, &mut chunk)?;
+    loop {
+        let building = !failed && n > 0;
+        let n_next = if building {
+            CHUNK.min(count - done - n)
+        } else {
+            0
+        };
+        if pending.is_none() && !building {
+            break;
+        }
+        let (recorded, built) = rayon::join(
+            || -> CliResult {
+                let recorded = pending
+                    .take()
+                    .map_or(Ok(()), |results| recorder.record(results));
+                recorded?;
+                next_chunk(run, &mut values, n_next, &mut next)
+            },
+            || building.then(|| write_chunk(run, maker, work, done, &chunk)),
+        );
+        if let Err(e) = recorded {
+            if let Some(results) = built {
+                // Record what was written meanwhile too; the first error is the one to tell.
+                let _ = recorder.record(results);
+            }
+            return Err(e);
+        }
+        if let Some(results) = built {
+            failed = results.iter().any(|(_, written)| written.is_err());
+            done += n;
+            pending = Some(results);
+        }
+        std::mem::swap(&mut chunk, &mut next);
+        n = n_next;
+    }
+    if recorder.terminal {
+        eprint!("\r");
+    }
+    if kept > 0 {
+        eprintln!("{kept} device(s) were finished by an earlier run and are kept (--resume)");
+    }
+    if kept < count {
+        eprintln!(
+            "{}",
+            progress(recorder.built, count - kept, "built", recorder.started)
+        );
+    }
+    for shared in maker.shared() {
+        let path = bin_path(&run.out_dir, &shared.name);
+        if !path.exists() {
+            write_final(&path, &shared.bytes, run.sync)
+                .map_err(|e| CliError(format!("cannot write `{}`: {e}", path.display())))?;
+        }
+    }
+    let Recorder {
+        manifests,
+        images_per_device,
+        ..
+    } = recorder;
+    let any_key = manifests.any_key;
+    manifests.finish(run)?;
+    summary(run, maker, count - kept, kept, images_per_device, any_key);
+    Ok(())
+}
+
+/// A chunk's devices, and what the writing pass did with each: `None` for a kept one.
+type ChunkResults = Vec<(Device, CliResult<Option<Written>>)>;
+
+/// Builds and writes the devices of a chunk (from device `first`) in parallel.
+fn write_chunk(
+    run: &Run,
+    maker: &dyn Maker,
+    work: &Work<'_>,
+    first: usize,
+    chunk: &[DeviceRow],
+) -> ChunkResults {
+    chunk
+        .par_iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let device = maker.device(first + i, row);
+            let written = if work.actions[first + i] == Action::Keep {
+                Ok(None)
+            } else {
+                write_device(run, maker, &device, row).map(Some)
+            };
+            (device, written)
+        })
+        .collect()
+}
+
+/// Records the written devices in the ledger and lists every device in the manifests, a chunk
+/// at a time.
+struct Recorder<'a> {
+    run: &'a Run,
+    maker: &'a dyn Maker,
+    work: &'a Work<'a>,
+    manifests: Manifests,
+    started: Instant,
+    terminal: bool,
+    built: usize,
+    to_build: usize,
+    images_per_device: usize,
+    issued: Vec<Issued>,
+}
+
+impl Recorder<'_> {
+    /// Records every device of the chunk whose images are in place, even when another one
+    /// failed (then returns the first failure).
+    fn record(&mut self, results: ChunkResults) -> CliResult {
+        let (run, maker, work) = (self.run, self.maker, self.work);
+        if self.built == 0
+            && let Some((device, _)) = results.first()
+        {
+            self.images_per_device = device.images.len();
+        }
+        self.issued.clear();
+        let mut failed = None;
+        for (device, written) in &results {
+            match written {
+                Ok(Some(written)) => self.issued.push(Issued {
+                    device: device.ledger_id.clone(),
+                    image: image_rel(device.name()),
+                    sha256: written.shas[0].clone(),
+                    key_file: written.key_file.clone(),
+                    size: maker.ledger_size(),
+                    values: work.values.clone(),
+                    line: device.line,
+                    batch: work.batch.clone(),
+                    issued_at: String::new(),
+                }),
+                Ok(None) => {}
+                Err(e) => {
+                    if failed.is_none() {
+                        failed = Some(CliError(e.0.clone()));
+                    }
+                }
+            }
+        }
+        let outcomes = work.ledger.issue_many(&self.issued, run.allow_reissue)?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let mut outcomes = outcomes.into_iter().zip(&self.issued);
+        for (device, written) in results {
+            let (entry, shas) = match written {
+                Ok(Some(written)) => {
+                    let Some((outcome, entry)) = outcomes.next() else {
+                        unreachable!("one outcome per issued device")
+                    };
+                    let issued_at = outcome
+                        .map_err(|why| CliError(format!("{}: {why}", run.at(device.line))))?;
+                    self.built += 1;
+                    let entry = Issued {
+                        issued_at,
+                        ..entry.clone()
+                    };
+                    (entry, Some(written.shas))
+                }
+                Ok(None) => {
+                    let entry = work.ledger.issued(&device.ledger_id)?.ok_or_else(|| {
+                        CliError(format!(
+                            "device `{}` is missing from the ledger `{}`",
+                            device.ledger_id,
+                            run.ledger.display()
+                        ))
+                    })?;
+                    (entry, None)
+                }
+                Err(e) => return Err(e),
+            };
+            self.manifests
+                .device(run, maker, &device, &entry, shas.as_deref())?;
+        }
+        if self.terminal {
+            eprint!(
+                "\r{}",
+                progress(self.built, self.to_build, "built", self.started)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Builds one device's images and writes them (and its fresh key) under the final names, each
+/// through a temporary file and a rename; the caller records it in the ledger.
+fn write_device(
+    run: &Run,
+    maker: &dyn Maker,
+    device: &Device,
+    row: &DeviceRow,
+) -> CliResult<Written> {
+    let built = maker.build(device, row, true)?;
+    let shas: Vec<String> = built.images.iter().map(|bytes| sha_hex(bytes)).collect();
+    let io = |path: &Path, e: std::io::Error| {
+        CliError(format!("cannot write `{}`: {e}", path.display()))
+    };
+    let key_file = match &built.key {
+        Some(key) => {
+            // The keys folder is made before the writing pass.
+            let path = key_path(&run.out_dir, device.name());
+            // A key file is replaced only when it is the unrecorded leftover of an
+            // interrupted run (--resume).
+            let written = if path.exists() {
+                write_secret(&path, &key.to_key_file(), true)
+            } else {
+                write_new_secret(&path, &key.to_key_file())
+            };
+            written.map_err(|e| io(&path, e))?;
+            if run.sync {
+                sync_file(&path).map_err(|e| io(&path, e))?;
+            }
+            Some(key_rel(device.name()))
+        }
+        None => None,
+    };
+    for (name, bytes) in device.images.iter().zip(&built.images) {
+        let bin = bin_path(&run.out_dir, name);
+        write_final(&bin, bytes, run.sync).map_err(|e| io(&bin, e))?;
+    }
+    Ok(Written { shas, key_file })
+}
+
+/// Writes a secret file (mode 0600 from the start) under a name that is not taken: a temporary
+/// file hard-linked to the final name (which fails if the name was taken meanwhile, so that a
+/// key is never replaced), then unlinked. When the temporary name is taken or the link fails,
+/// [`write_secret`] does it the careful way (and says why it fails).
+fn write_new_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let Ok(mut file) = options.open(&tmp) else {
+        return write_secret(path, bytes, false);
+    };
+    let result = file.write_all(bytes).and_then(|()| {
+        drop(file);
+        std::fs::hard_link(&tmp, path)
+    });
+    let _ = std::fs::remove_file(&tmp);
+    match result {
+        Ok(()) => Ok(()),
+        Err(_) => write_secret(path, bytes, false),
+    }
+}
+
+/// A file written bit by bit under a temporary name in its final folder, and renamed into place
+/// once complete; removed if it never is.
+struct Staged {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+impl Staged {
+    fn create(path: PathBuf) -> CliResult<Staged> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            path.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        let file = std::fs::File::create(&tmp)
+            .map_err(|e| CliError(format!("cannot write `{}`: {e}", path.display())))?;
+        Ok(Staged {
+            path,
+            tmp,
+            out: Some(std::io::BufWriter::with_capacity(1 << 16, file)),
+        })
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> CliResult {
+        if let Some(out) = &mut self.out {
+            out.write_all(bytes).map_err(|e| self.error(e))?;
+        }
+        Ok(())
+    }
+
+    fn error(&self, e: std::io::Error) -> CliError {
+        CliError(format!("cannot write `{}`: {e}", self.path.display()))
+    }
+
+    /// Renames the complete file into place (with `sync`, fsynced before the rename and the
+    /// folder after it).
+    fn commit(mut self, sync: bool) -> CliResult {
+        let Some(out) = self.out.take() else {
+            return Ok(());
+        };
+        let result = (|| {
+            let file = out.into_inner().map_err(|e| e.into_error())?;
+            if sync {
+                file.sync_all()?;
+            }
+            drop(file);
+            std::fs::rename(&self.tmp, &self.path)?;
+            if sync {
+                sync_file(self.path.parent().unwrap_or(Path::new(".")))?;
+            }
+            Ok(())
+        })();
+        result.map_err(|e| self.error(e))
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if self.out.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// `manifest.csv` and `manifest.json`, written a device at a time as the devices are recorded.
+struct Manifests {
+    csv: Staged,
+    json: Staged,
+    /// What follows the list of devices in manifest.json.
+    json_tail: String,
+    first: bool,
+    any_key: bool,
+    text: String,
+}
+
+impl Manifests {
+    fn start(run: &Run, maker: &dyn Maker) -> CliResult<Manifests> {
+        let mut csv = Staged::create(run.out_dir.join("manifest.csv"))?;
+        csv.write(match maker.labels() {
+            None => b"device,line,image,sha256,key_file\n",
+            Some(_) => b"device,line,partition,image,sha256\n",
+        })?;
+        let mut manifest = maker.manifest_fields();
+        manifest.insert("values".into(), run.values.display().to_string().into());
+        manifest.insert("ledger".into(), run.ledger.display().to_string().into());
+        if maker.labels().is_some() {
+            let shared: Vec<serde_json::Value> = maker
+                .shared()
+                .iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "partition": s.label,
+                        "image": image_rel(&s.name),
+                        "sha256": sha_hex(&s.bytes),
+                    })
+                })
+                .collect();
+            manifest.insert("shared".into(), shared.into());
+        }
+        // The devices' list goes where this placeholder is.
+        let placeholder = "\u{1}devices\u{1}";
+        manifest.insert("devices".into(), placeholder.into());
+        let text = serde_json::to_string_pretty(&manifest)?;
+        let quoted = serde_json::to_string(placeholder)?;
+        let at = text
+            .find(&quoted)
+            .ok_or_else(|| CliError("manifest.json: the device list has no place".into()))?;
+        let mut json = Staged::create(run.out_dir.join("manifest.json"))?;
+        json.write(&text.as_bytes()[..at])?;
+        json.write(b"[\n")?;
+        let mut json_tail = String::from("\n  ]");
+        json_tail.push_str(&text[at + quoted.len()..]);
+        json_tail.push('\n');
+        Ok(Manifests {
+            csv,
+            json,
+            json_tail,
+            first: true,
+            any_key: false,
+            text: String::new(),
+        })
+    }
+
+    /// Lists a device, with its ledger entry. A device's images other than the first (which
+    /// the ledger records) take their SHA-256 from this run's build (`shas`), else from the
+    /// file (a kept device, checked against the build).
+    fn device(
+        &mut self,
+        run: &Run,
+        maker: &dyn Maker,
+        device: &Device,
+        entry: &Issued,
+        shas: Option<&[String]>,
+    ) -> CliResult {
+        self.any_key |= entry.key_file.is_some();
+        let line = device.line.to_string();
+        self.text.clear();
+        let value = match maker.labels() {
+            None => {
+                let key_file = entry.key_file.as_deref().unwrap_or_default();
+                push_csv_row(
+                    &mut self.text,
+                    &[&device.id, &line, &entry.image, &entry.sha256, key_file],
+                );
+                serde_json::json!({
+                    "device": device.id,
+                    "line": device.line,
+                    "image": entry.image,
+                    "sha256": entry.sha256,
+                    "key_file": entry.key_file,
+                    "issued_at": entry.issued_at,
+                })
+            }
+            Some(labels) => {
+                let mut images = Vec::with_capacity(device.images.len());
+                for (i, (name, label)) in device.images.iter().zip(labels).enumerate() {
+                    let sha256 = match (i, shas) {
+                        (0, _) => entry.sha256.clone(),
+                        (_, Some(shas)) => shas[i].clone(),
+                        (_, None) => sha_of_file(&bin_path(&run.out_dir, name))?,
+                    };
+                    let image = image_rel(name);
+                    push_csv_row(&mut self.text, &[&device.id, &line, label, &image, &sha256]);
+                    images.push(serde_json::json!({
+                        "partition": label,
+                        "image": image,
+                        "sha256": sha256,
+                    }));
+                }
+                serde_json::json!({
+                    "device": device.id,
+                    "line": device.line,
+                    "images": images,
+                    "issued_at": entry.issued_at,
+                })
+            }
+        };
+        self.csv.write(self.text.as_bytes())?;
+        let pretty = serde_json::to_string_pretty(&value)?;
+        self.text.clear();
+        if !self.first {
+            self.text.push_str(",\n");
+        }
+        self.first = false;
+        self.text.push_str("    ");
+        self.text.push_str(&pretty.replace('\n', "\n    "));
+        self.json.write(self.text.as_bytes())?;
+        Ok(())
+    }
+
+    fn finish(mut self, run: &Run) -> CliResult {
+        let tail = std::mem::take(&mut self.json_tail);
+        self.json.write(tail.as_bytes())?;
+        self.csv.commit(run.sync)?;
+        self.json.commit(run.sync)?;
+        if run.sync {
+            let keys_dir = run.out_dir.join("keys");
+            for dir in [&keys_dir, &run.out_dir] {
+                if dir.exists() {
+                    sync_file(dir)
+                        .map_err(|e| CliError(format!("cannot write `{}`: {e}", dir.display())))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Appends one manifest.csv row.
+fn push_csv_row(out: &mut String, cells: &[&str]) {
+    for (i, cell) in cells.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&csv_cell(cell));
+    }
+    out.push('\n');
+}
+
+/// The message that ends a run.
+fn summary(
+    run: &Run,
+    maker: &dyn Maker,
+    built: usize,
+    kept: usize,
+    images_per_device: usize,
+    any_key: bool,
+) {
+    let bin_dir = run.out_dir.join("bin");
+    let keys_dir = run.out_dir.join("keys");
+    let shared = match maker.shared() {
+        [] => String::new(),
+        shared => format!(
+            " and {} the same for every device ({})",
+            shared.len(),
+            shared
+                .iter()
+                .map(|s| image_rel(&s.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    eprintln!(
+        "Created {} NVS image(s){}{}{shared} in `{}`{}, manifest.csv/.json, ledger `{}`",
+        built * images_per_device,
+        if images_per_device > 1 {
+            format!(" ({images_per_device} per device)")
+        } else {
+            String::new()
+        },
+        if kept > 0 {
+            format!(" ({kept} device(s) kept from the interrupted run)")
+        } else {
+            String::new()
+        },
+        bin_dir.display(),
+        if any_key {
+            format!(", their keys in `{}`", keys_dir.display())
+        } else {
+            String::new()
+        },
+        run.ledger.display()
+    );
+}
+
+/// The SHA-256 of `bytes`, in lowercase hex.
+fn sha_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// `bytes` in lowercase hex.
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(2 * bytes.len());
+    for &b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
+}
+
 /// Now, as text that sorts in time order (seconds and nanoseconds since 1970, zero-padded).
 fn run_start() -> String {
     let now = std::time::SystemTime::now()
@@ -642,7 +1394,7 @@ fn run_start() -> String {
 fn sha_of_file(path: &Path) -> CliResult<String> {
     let bytes = std::fs::read(path)
         .map_err(|e| CliError(format!("cannot read `{}`: {e}", path.display())))?;
-    Ok(hex(&Sha256::digest(&bytes)))
+    Ok(sha_hex(&bytes))
 }
 
 /// Refuses what the run may not do to `device`, else says what it does.
@@ -652,7 +1404,12 @@ fn decide(
     device: &Device,
     expected: Option<&[String]>,
     issued: Option<Issued>,
+    on_disk: bool,
 ) -> CliResult<Action> {
+    if !on_disk && issued.is_none() {
+        // Nothing of it exists, and it was never issued (the common case: checked cheaply).
+        return Ok(Action::Build);
+    }
     let at = run.at(device.line);
     let bins: Vec<PathBuf> = device
         .images
@@ -663,9 +1420,10 @@ fn decide(
     if maker.fresh_keys() {
         targets.push(key_path(&run.out_dir, device.name()));
     }
-    let existing = targets.iter().find(|p| p.exists());
+    let existing = targets.iter().find(|p| on_disk && p.exists());
     if run.resume {
         if let Some(issued) = &issued
+            && on_disk
             && bins.iter().all(|bin| bin.exists())
             && issued.image == image_rel(device.name())
             && issued
@@ -736,96 +1494,6 @@ fn key_rel(name: &str) -> String {
     format!("keys/keys-{name}.bin")
 }
 
-/// The writing pass: where the ledger is and what to do with each device.
-struct Work<'a> {
-    ledger: &'a dyn Ledger,
-    actions: &'a [Action],
-    /// The run's start, as sortable text: orders the devices of the ledger by run, then line.
-    batch: String,
-}
-
-/// The SHA-256 of each of a device's images, when known.
-type Shas = Option<Vec<String>>;
-
-/// Reads the values again, record by record, and builds the images in parallel, a chunk at a
-/// time. Without `work`, only checks that every device builds and returns the SHA-256 of the
-/// images that are the same on every build (not those with fresh keys); with it, writes and
-/// records every device that is not kept and returns the SHA-256 of what it wrote.
-fn build_all(
-    run: &Run,
-    maker: &dyn Maker,
-    devices: &[Device],
-    work: Option<&Work<'_>>,
-) -> CliResult<Vec<Shas>> {
-    const CHUNK: usize = 1024;
-    let mut values = Values::open(&run.values)?;
-    let mut shas = Vec::with_capacity(devices.len());
-    let started = Instant::now();
-    let terminal = std::io::stderr().is_terminal();
-    let mut checked_rows = work.is_some();
-    let mut chunk: Vec<DeviceRow> = Vec::with_capacity(CHUNK);
-    let verb = if work.is_some() { "built" } else { "checked" };
-    let mut kept = 0;
-    for (n, batch) in devices.chunks(CHUNK).enumerate() {
-        chunk.clear();
-        for _ in batch {
-            let row = values.next_device()?.ok_or_else(|| {
-                CliError(format!(
-                    "{} changed while it was being read",
-                    run.values.display()
-                ))
-            })?;
-            chunk.push(row);
-        }
-        if !checked_rows {
-            checked_rows = maker.check_rows(&chunk, &values.header);
-        }
-        let base = n * CHUNK;
-        let results: Vec<CliResult<Shas>> = batch
-            .par_iter()
-            .zip(chunk.par_iter())
-            .enumerate()
-            .map(|(i, (device, row))| {
-                let action = work.map(|w| w.actions[base + i]);
-                if action == Some(Action::Keep) {
-                    return Ok(None);
-                }
-                build_device(run, maker, device, row, work)
-            })
-            .collect();
-        for result in results {
-            shas.push(result?);
-        }
-        if let Some(work) = work {
-            kept += work.actions[base..base + batch.len()]
-                .iter()
-                .filter(|a| **a == Action::Keep)
-                .count();
-        }
-        if terminal {
-            eprint!(
-                "\r{}",
-                progress(shas.len() - kept, devices.len() - kept, verb, started)
-            );
-        }
-    }
-    if terminal {
-        eprint!("\r");
-    }
-    if work.is_some() {
-        if kept > 0 {
-            eprintln!("{kept} device(s) were finished by an earlier run and are kept (--resume)");
-        }
-        if kept < devices.len() {
-            eprintln!(
-                "{}",
-                progress(shas.len() - kept, devices.len() - kept, verb, started)
-            );
-        }
-    }
-    Ok(shas)
-}
-
 fn progress(done: usize, total: usize, verb: &str, started: Instant) -> String {
     let seconds = started.elapsed().as_secs_f64().max(1e-6);
     format!(
@@ -861,77 +1529,39 @@ fn warn_ignored_repeats(
     false
 }
 
-/// Builds one device's images. Without `work`, returns their SHA-256 when they are the same on
-/// every build (no fresh key), else `None`. With it, writes the images (and the key) under the
-/// final names, each through a temporary file and a rename, then records the device in the
-/// ledger.
-fn build_device(
-    run: &Run,
-    maker: &dyn Maker,
-    device: &Device,
-    row: &DeviceRow,
-    work: Option<&Work<'_>>,
-) -> CliResult<Shas> {
-    let built = maker.build(device, row, work.is_some())?;
-    let shas: Vec<String> = built
-        .images
-        .iter()
-        .map(|bytes| hex(&Sha256::digest(bytes)))
-        .collect();
-    let Some(work) = work else {
-        return Ok((!maker.fresh_keys()).then_some(shas));
-    };
-    let io = |path: &Path, e: std::io::Error| {
-        CliError(format!("cannot write `{}`: {e}", path.display()))
-    };
-    let key_file = match &built.key {
-        Some(key) => {
-            let path = key_path(&run.out_dir, device.name());
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-            }
-            // A key file is replaced only when it is the unrecorded leftover of an
-            // interrupted run (--resume).
-            let leftover = path.exists();
-            write_secret(&path, &key.to_key_file(), leftover).map_err(|e| io(&path, e))?;
-            if run.sync {
-                sync_file(&path).map_err(|e| io(&path, e))?;
-            }
-            Some(key_rel(device.name()))
-        }
-        None => None,
-    };
-    for (name, bytes) in device.images.iter().zip(&built.images) {
-        let bin = bin_path(&run.out_dir, name);
-        write_final(&bin, bytes, run.sync).map_err(|e| io(&bin, e))?;
-    }
-    work.ledger
-        .issue(
-            &Issued {
-                device: device.ledger_id.clone(),
-                image: image_rel(device.name()),
-                sha256: shas[0].clone(),
-                key_file,
-                size: maker.ledger_size(),
-                values: run.values.display().to_string(),
-                line: device.line,
-                batch: work.batch.clone(),
-                issued_at: String::new(),
-            },
-            run.allow_reissue,
-        )
-        .map_err(|e| CliError(format!("{}: {}", run.at(device.line), e.0)))?;
-    Ok(Some(shas))
-}
-
 /// Writes `bytes` to a temporary file beside `path` and renames it into place (with `sync`,
 /// fsynced before the rename and the folder after it): `path` holds the whole image or
 /// nothing new.
 fn write_final(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
-    if !sync {
-        return write_atomic(path, bytes, None);
-    }
     let dir = path.parent().unwrap_or(Path::new("."));
+    if !sync {
+        // The names of one run's files differ and the process id tells runs apart: a plain
+        // temporary name will do (no random tag, no folder check, nothing to remove after the
+        // rename). A name that is taken (a leftover of a killed run with the same process id)
+        // or a missing folder goes the careful way.
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            path.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        let Ok(mut file) = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        else {
+            return write_atomic(path, bytes, None);
+        };
+        let result = file.write_all(bytes).and_then(|()| {
+            drop(file);
+            std::fs::rename(&tmp, path)
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        return result;
+    }
     let tmp = dir.join(format!(
         ".{}.{}.sync.tmp",
         path.file_name()
@@ -955,10 +1585,6 @@ fn write_final(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
 
 fn sync_file(path: &Path) -> std::io::Result<()> {
     std::fs::File::open(path)?.sync_all()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Turns an error about the device's generator CSV into one about the inputs: the values row
@@ -995,156 +1621,6 @@ fn locate(
         )),
         None => CliError(format!("{device_at}: {message}")),
     }
-}
-
-/// Writes the manifests for every device of the values file, from the ledger (so a resumed
-/// run lists the devices of the earlier run too). A device's images other than the first (which
-/// the ledger records) take their SHA-256 from this run's build: `written`, else `expected`.
-fn publish(
-    run: &Run,
-    maker: &dyn Maker,
-    devices: &[Device],
-    actions: &[Action],
-    written: &[Shas],
-    expected: &[Shas],
-    ledger: &dyn Ledger,
-) -> CliResult<()> {
-    let io = |path: &Path, e: std::io::Error| {
-        CliError(format!("cannot write `{}`: {e}", path.display()))
-    };
-    let bin_dir = run.out_dir.join("bin");
-    let keys_dir = run.out_dir.join("keys");
-    let labels = maker.labels();
-    let mut csv = String::from(match labels {
-        None => "device,line,image,sha256,key_file\n",
-        Some(_) => "device,line,partition,image,sha256\n",
-    });
-    let mut json = Vec::with_capacity(devices.len());
-    let mut any_key = false;
-    let issued: HashMap<String, Issued> = ledger
-        .devices()?
-        .into_iter()
-        .map(|entry| (entry.device.clone(), entry))
-        .collect();
-    let mut push_row = |cells: &[&str]| {
-        let quoted: Vec<String> = cells.iter().map(|c| csv_cell(c)).collect();
-        csv.push_str(&quoted.join(","));
-        csv.push('\n');
-    };
-    for (n, device) in devices.iter().enumerate() {
-        let entry = issued.get(&device.ledger_id).ok_or_else(|| {
-            CliError(format!(
-                "device `{}` is missing from the ledger `{}`",
-                device.ledger_id,
-                run.ledger.display()
-            ))
-        })?;
-        any_key |= entry.key_file.is_some();
-        let line = device.line.to_string();
-        let Some(labels) = labels else {
-            let key_file = entry.key_file.clone().unwrap_or_default();
-            push_row(&[&device.id, &line, &entry.image, &entry.sha256, &key_file]);
-            json.push(serde_json::json!({
-                "device": device.id,
-                "line": device.line,
-                "image": entry.image,
-                "sha256": entry.sha256,
-                "key_file": entry.key_file,
-                "issued_at": entry.issued_at,
-            }));
-            continue;
-        };
-        let built = written[n].as_ref().or(expected[n].as_ref());
-        let mut images = Vec::with_capacity(device.images.len());
-        for (i, (name, label)) in device.images.iter().zip(labels).enumerate() {
-            let sha256 = match (i, built) {
-                (0, _) => entry.sha256.clone(),
-                (_, Some(shas)) => shas[i].clone(),
-                (_, None) => sha_of_file(&bin_path(&run.out_dir, name))?,
-            };
-            let image = image_rel(name);
-            push_row(&[&device.id, &line, label, &image, &sha256]);
-            images.push(serde_json::json!({
-                "partition": label,
-                "image": image,
-                "sha256": sha256,
-            }));
-        }
-        json.push(serde_json::json!({
-            "device": device.id,
-            "line": device.line,
-            "images": images,
-            "issued_at": entry.issued_at,
-        }));
-    }
-    let mut manifest = maker.manifest_fields();
-    manifest.insert("values".into(), run.values.display().to_string().into());
-    manifest.insert("ledger".into(), run.ledger.display().to_string().into());
-    if labels.is_some() {
-        let shared: Vec<serde_json::Value> = maker
-            .shared()
-            .iter()
-            .map(|s| {
-                serde_json::json!({
-                    "partition": s.label,
-                    "image": image_rel(&s.name),
-                    "sha256": hex(&Sha256::digest(&s.bytes)),
-                })
-            })
-            .collect();
-        manifest.insert("shared".into(), shared.into());
-    }
-    manifest.insert("devices".into(), json.into());
-    let csv_path = run.out_dir.join("manifest.csv");
-    write_final(&csv_path, csv.as_bytes(), run.sync).map_err(|e| io(&csv_path, e))?;
-    let json_path = run.out_dir.join("manifest.json");
-    let mut json_text = serde_json::to_string_pretty(&manifest)?;
-    json_text.push('\n');
-    write_final(&json_path, json_text.as_bytes(), run.sync).map_err(|e| io(&json_path, e))?;
-    if run.sync {
-        for dir in [&keys_dir, &run.out_dir] {
-            if dir.exists() {
-                sync_file(dir).map_err(|e| io(dir, e))?;
-            }
-        }
-    }
-    let kept = actions.iter().filter(|a| **a == Action::Keep).count();
-    let built = devices.len() - kept;
-    let images_per_device = devices.first().map_or(1, |d| d.images.len());
-    let shared = match maker.shared() {
-        [] => String::new(),
-        shared => format!(
-            " and {} the same for every device ({})",
-            shared.len(),
-            shared
-                .iter()
-                .map(|s| image_rel(&s.name))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
-    eprintln!(
-        "Created {} NVS image(s){}{}{shared} in `{}`{}, manifest.csv/.json, ledger `{}`",
-        built * images_per_device,
-        if images_per_device > 1 {
-            format!(" ({images_per_device} per device)")
-        } else {
-            String::new()
-        },
-        if kept > 0 {
-            format!(" ({kept} device(s) kept from the interrupted run)")
-        } else {
-            String::new()
-        },
-        bin_dir.display(),
-        if any_key {
-            format!(", their keys in `{}`", keys_dir.display())
-        } else {
-            String::new()
-        },
-        run.ledger.display()
-    );
-    Ok(())
 }
 
 fn csv_cell(text: &str) -> String {

@@ -126,28 +126,6 @@ pub(super) fn generate(args: &MfgGenerateArgs) -> CliResult<ExitCode> {
         }
     }
 
-    // Pass 1: every device's id, checked and unique, before anything is built.
-    let mut devices = Vec::new();
-    let mut ids = Ids::new();
-    while let Some(row) = values.next_device()? {
-        let id = row.fields[id_index].clone();
-        ids.check(&run, row.line, id_column, &id)?;
-        devices.push(Device {
-            line: row.line,
-            images: per_device
-                .iter()
-                .map(|spec| format!("{}-{id}", spec.name))
-                .collect(),
-            ledger_id: id.clone(),
-            id,
-        });
-    }
-    if devices.is_empty() {
-        return Err(CliError(format!(
-            "{}: the values file has a header but no device rows",
-            run.values.display()
-        )));
-    }
     let maker = CargoMaker {
         package: project.name.clone(),
         metadata: &metadata,
@@ -156,8 +134,24 @@ pub(super) fn generate(args: &MfgGenerateArgs) -> CliResult<ExitCode> {
         columns,
         shared,
         run: &run,
+        id_index,
     };
-    produce(&run, &maker, &devices)
+    // Pass 1: every device's id, checked and unique, before anything is built.
+    let mut ids = Ids::new();
+    let mut count = 0;
+    while let Some(row) = values.next_device()? {
+        let device = maker.device(count, &row);
+        ids.check(&run, row.line, id_column, &device.id)?;
+        count += 1;
+    }
+    drop(ids);
+    if count == 0 {
+        return Err(CliError(format!(
+            "{}: the values file has a header but no device rows",
+            run.values.display()
+        )));
+    }
+    produce(&run, &maker, count)
 }
 
 /// Whether a partition has keys filled in per device.
@@ -238,6 +232,8 @@ struct CargoMaker<'a> {
     columns: HashMap<String, usize>,
     shared: Vec<SharedImage>,
     run: &'a Run,
+    /// The --id column.
+    id_index: usize,
 }
 
 impl CargoMaker<'_> {
@@ -285,6 +281,20 @@ impl CargoMaker<'_> {
 }
 
 impl Maker for CargoMaker<'_> {
+    fn device(&self, _n: usize, row: &DeviceRow) -> Device {
+        let id = row.fields[self.id_index].clone();
+        Device {
+            line: row.line,
+            images: self
+                .per_device
+                .iter()
+                .map(|spec| format!("{}-{id}", spec.name))
+                .collect(),
+            ledger_id: id.clone(),
+            id,
+        }
+    }
+
     fn build(&self, device: &Device, row: &DeviceRow, _writing: bool) -> CliResult<Built> {
         let mut images = Vec::with_capacity(self.per_device.len());
         for spec in &self.per_device {

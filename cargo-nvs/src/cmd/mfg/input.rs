@@ -293,22 +293,49 @@ impl Values {
     }
 
     fn next_record(&mut self) -> CliResult<Option<DeviceRow>> {
+        let mut row = DeviceRow {
+            line: 0,
+            fields: Vec::new(),
+        };
+        Ok(self.read_record_into(&mut row)?.then_some(row))
+    }
+
+    /// Reads the next record into `row`, reusing its strings; false at the end.
+    fn read_record_into(&mut self, row: &mut DeviceRow) -> CliResult<bool> {
         let more = read_record(&mut self.reader, &mut self.record, &self.path)?;
         if !more {
-            return Ok(None);
+            return Ok(false);
         }
         let offset = self.record.position().map_or(0, |p| p.byte());
-        Ok(Some(DeviceRow {
-            line: self.reader.get_mut().line_at(offset),
-            fields: self.record.iter().map(str::to_owned).collect(),
-        }))
+        row.line = self.reader.get_mut().line_at(offset);
+        row.fields.truncate(self.record.len());
+        for (i, field) in self.record.iter().enumerate() {
+            match row.fields.get_mut(i) {
+                Some(old) => {
+                    old.clear();
+                    old.push_str(field);
+                }
+                None => row.fields.push(field.to_owned()),
+            }
+        }
+        Ok(true)
     }
 
     /// The next device row, checked to have one field per header column.
     pub fn next_device(&mut self) -> CliResult<Option<DeviceRow>> {
-        let Some(row) = self.next_record()? else {
-            return Ok(None);
+        let mut row = DeviceRow {
+            line: 0,
+            fields: Vec::new(),
         };
+        Ok(self.read_device_into(&mut row)?.then_some(row))
+    }
+
+    /// Reads the next device row into `row` (reusing its strings), checked to have one field per
+    /// header column; false at the end.
+    pub fn read_device_into(&mut self, row: &mut DeviceRow) -> CliResult<bool> {
+        if !self.read_record_into(row)? {
+            return Ok(false);
+        }
         if row.fields.len() != self.header.len() {
             let detail = if row.fields.len() < self.header.len() {
                 format!("column `{}` has no value", self.header[row.fields.len()])
@@ -328,7 +355,7 @@ impl Values {
                 self.header.len()
             )));
         }
-        Ok(Some(row))
+        Ok(true)
     }
 }
 
@@ -354,9 +381,9 @@ fn push_field(out: &mut String, field: &str) {
 
 /// The generator CSV mfg_gen writes for one device (`key,type,encoding,value`; namespace rows
 /// with an empty value), and the line each config row starts on in it.
-pub fn device_csv(
+pub fn device_csv<'v>(
     rows: &[ConfigRow],
-    value: impl Fn(&ConfigRow) -> String,
+    value: impl Fn(&ConfigRow) -> &'v str,
     starts: &mut Vec<usize>,
 ) -> String {
     let mut out = String::with_capacity(256);
@@ -373,7 +400,7 @@ pub fn device_csv(
         push_field(&mut out, &row.encoding);
         out.push(',');
         if !row.is_namespace() {
-            push_field(&mut out, &value(row));
+            push_field(&mut out, value(row));
         }
         out.push('\n');
         line += out[begin..].matches('\n').count();
@@ -408,9 +435,9 @@ mod tests {
             &rows,
             |r| {
                 if r.key == "a" {
-                    "x,\"y\"\r\nz".into()
+                    "x,\"y\"\r\nz"
                 } else {
-                    "plain".into()
+                    "plain"
                 }
             },
             &mut starts,

@@ -3,7 +3,7 @@
 //!
 //! Behind the [`Ledger`] trait so that a shared server database could later serve several
 //! stations; [`SqliteLedger`] keeps both in one SQLite file (default `<out-dir>/ledger.sqlite`).
-//! Every issue and every flash record is one transaction.
+//! Every flash record is one transaction; issued devices are recorded a batch per transaction.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -53,8 +53,26 @@ pub trait Ledger: Send + Sync {
     fn issued(&self, device: &str) -> CliResult<Option<Issued>>;
     /// Records an issued device in one transaction; refuses an id issued before unless
     /// `allow_reissue` (then the entry is replaced).
-    fn issue(&self, entry: &Issued, allow_reissue: bool) -> CliResult<()>;
+    #[cfg(test)]
+    fn issue(&self, entry: &Issued, allow_reissue: bool) -> CliResult<()> {
+        match self
+            .issue_many(std::slice::from_ref(entry), allow_reissue)?
+            .pop()
+        {
+            Some(Err(refused)) => Err(CliError(refused)),
+            _ => Ok(()),
+        }
+    }
+    /// Records issued devices in one transaction: each one's `issued_at`, or why it was refused
+    /// (an id issued before, unless `allow_reissue`: then the entry is replaced). The others
+    /// are recorded even when some are refused.
+    fn issue_many(
+        &self,
+        entries: &[Issued],
+        allow_reissue: bool,
+    ) -> CliResult<Vec<Result<String, String>>>;
     /// Every issued device, oldest first.
+    #[cfg(test)]
     fn devices(&self) -> CliResult<Vec<Issued>>;
     /// The oldest issued device without a successful flash, other than `skip`.
     fn next_unflashed(&self, skip: &[String]) -> CliResult<Option<Issued>>;
@@ -210,63 +228,84 @@ fn flash_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<FlashRecord> {
 impl Ledger for SqliteLedger {
     fn issued(&self, device: &str) -> CliResult<Option<Issued>> {
         self.with(|c| {
-            c.query_row(
-                &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE device = ?1"),
-                [device],
-                issued_from_row,
-            )
+            c.prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE device = ?1"
+            ))?
+            .query_row([device], issued_from_row)
             .optional()
         })
     }
 
-    fn issue(&self, entry: &Issued, allow_reissue: bool) -> CliResult<()> {
-        let earlier = self.with(|c| {
+    fn issue_many(
+        &self,
+        entries: &[Issued],
+        allow_reissue: bool,
+    ) -> CliResult<Vec<Result<String, String>>> {
+        let outcomes = self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let earlier: Option<String> = tx
-                .query_row(
-                    "SELECT issued_at FROM devices WHERE device = ?1",
-                    [&entry.device],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if earlier.is_some() && !allow_reissue {
-                return Ok(earlier);
-            }
-            tx.execute(
-                &format!(
-                    "INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, {NOW})
-                     ON CONFLICT (device) DO UPDATE SET image = excluded.image,
+            let mut outcomes = Vec::with_capacity(entries.len());
+            {
+                // A device issued before is replaced (--allow-reissue), or left alone and
+                // refused: then the insert returns no row.
+                let on_conflict = if allow_reissue {
+                    "DO UPDATE SET image = excluded.image,
                        sha256 = excluded.sha256, key_file = excluded.key_file,
                        size = excluded.size, values_file = excluded.values_file,
                        line = excluded.line, batch = excluded.batch,
                        issued_at = excluded.issued_at,
                        issues = issues + 1"
-                ),
-                params![
-                    entry.device,
-                    entry.image,
-                    entry.sha256,
-                    entry.key_file,
-                    entry.size,
-                    entry.values,
-                    entry.line as i64,
-                    entry.batch
-                ],
-            )?;
+                } else {
+                    "DO NOTHING"
+                };
+                let mut insert = tx.prepare_cached(&format!(
+                    "INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, {NOW})
+                     ON CONFLICT (device) {on_conflict}
+                     RETURNING issued_at"
+                ))?;
+                let mut earlier_of =
+                    tx.prepare_cached("SELECT issued_at FROM devices WHERE device = ?1")?;
+                for entry in entries {
+                    let issued_at: Option<String> = insert
+                        .query_row(
+                            params![
+                                entry.device,
+                                entry.image,
+                                entry.sha256,
+                                entry.key_file,
+                                entry.size,
+                                entry.values,
+                                entry.line as i64,
+                                entry.batch
+                            ],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    outcomes.push(match issued_at {
+                        Some(issued_at) => Ok(issued_at),
+                        None => Err(earlier_of.query_row([&entry.device], |r| r.get::<_, String>(0))?),
+                    });
+                }
+            }
             tx.commit()?;
-            Ok(None)
+            Ok(outcomes)
         })?;
-        match earlier {
-            Some(when) => Err(CliError(format!(
-                "device `{}` was already issued at {when} (ledger `{}`); pass --allow-reissue to \
-                 issue it again",
-                entry.device,
-                self.path.display()
-            ))),
-            None => Ok(()),
-        }
+        Ok(entries
+            .iter()
+            .zip(outcomes)
+            .map(|(entry, outcome)| {
+                outcome.map_err(|when| {
+                    format!(
+                        "device `{}` was already issued at {when} (ledger `{}`); pass \
+                         --allow-reissue to issue it again",
+                        entry.device,
+                        self.path.display()
+                    )
+                })
+            })
+            .collect())
     }
 
+    #[cfg(test)]
     fn devices(&self) -> CliResult<Vec<Issued>> {
         self.with(|c| {
             let mut statement = c.prepare(&format!(
