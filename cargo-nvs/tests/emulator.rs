@@ -5,7 +5,6 @@
 mod support;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use espflash::Error;
 use espflash::connection::{Connection, ResetAfterOperation, ResetBeforeOperation};
@@ -414,11 +413,10 @@ fn rom_reboot_makes_a_second_write_in_the_same_session_time_out() {
     flasher
         .write_bin_to_flash(0x10000, &[0xA5; 256], &mut DefaultProgressCallback)
         .unwrap();
-    let started = Instant::now();
+    // The ROM went silent after FLASH_END: espflash's own timeout ends the second write.
     let err = flasher
         .write_bin_to_flash(0x9000, &[0x5A; 256], &mut DefaultProgressCallback)
         .unwrap_err();
-    assert!(started.elapsed() >= Duration::from_secs(2), "{err:?}");
     assert!(format!("{err:?}").contains("Timeout"), "{err:?}");
     drop(flasher);
     assert!(
