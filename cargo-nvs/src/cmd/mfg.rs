@@ -44,7 +44,7 @@ use self::input::{ConfigRow, DeviceRow, Values, bind_columns, device_csv, read_c
 use self::ledger::{Issued, Ledger, SqliteLedger};
 use super::generate::{parse_version, warn_if_read_only};
 use super::keys::load_key;
-use crate::fsutil::{write_atomic, write_secret};
+use crate::fsutil::{write_atomic_with, write_secret};
 use crate::project::PackageArgs;
 use crate::size::parse_size;
 use crate::{CliError, CliResult};
@@ -891,7 +891,7 @@ fn write_all(run: &Run, maker: &dyn Maker, work: &Work<'_>) -> CliResult {
     for shared in maker.shared() {
         let path = bin_path(&run.out_dir, &shared.name);
         if !path.exists() {
-            write_final(&path, &shared.bytes, run.sync)
+            write_atomic_with(&path, &shared.bytes, None, run.sync)
                 .map_err(|e| CliError(format!("cannot write `{}`: {e}", path.display())))?;
         }
     }
@@ -1044,11 +1044,7 @@ fn write_device(
             let path = key_path(&run.out_dir, device.name());
             // A key file is replaced only when it is the unrecorded leftover of an
             // interrupted run (--resume).
-            let written = if path.exists() {
-                write_secret(&path, &key.to_key_file(), true)
-            } else {
-                write_new_secret(&path, &key.to_key_file())
-            };
+            let written = write_secret(&path, &key.to_key_file(), path.exists());
             written.map_err(|e| io(&path, e))?;
             if run.sync {
                 sync_file(&path).map_err(|e| io(&path, e))?;
@@ -1059,43 +1055,9 @@ fn write_device(
     };
     for (name, bytes) in device.images.iter().zip(&built.images) {
         let bin = bin_path(&run.out_dir, name);
-        write_final(&bin, bytes, run.sync).map_err(|e| io(&bin, e))?;
+        write_atomic_with(&bin, bytes, None, run.sync).map_err(|e| io(&bin, e))?;
     }
     Ok(Written { shas, key_file })
-}
-
-/// Writes a secret file (mode 0600 from the start) under a name that is not taken: a temporary
-/// file hard-linked to the final name (which fails if the name was taken meanwhile, so that a
-/// key is never replaced), then unlinked. When the temporary name is taken or the link fails,
-/// [`write_secret`] does it the careful way (and says why it fails).
-fn write_new_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let Ok(mut file) = options.open(&tmp) else {
-        return write_secret(path, bytes, false);
-    };
-    let result = file.write_all(bytes).and_then(|()| {
-        drop(file);
-        std::fs::hard_link(&tmp, path)
-    });
-    let _ = std::fs::remove_file(&tmp);
-    match result {
-        Ok(()) => Ok(()),
-        Err(_) => write_secret(path, bytes, false),
-    }
 }
 
 /// A file written bit by bit under a temporary name in its final folder, and renamed into place
@@ -1527,60 +1489,6 @@ fn warn_ignored_repeats(
         }
     }
     false
-}
-
-/// Writes `bytes` to a temporary file beside `path` and renames it into place (with `sync`,
-/// fsynced before the rename and the folder after it): `path` holds the whole image or
-/// nothing new.
-fn write_final(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    if !sync {
-        // The names of one run's files differ and the process id tells runs apart: a plain
-        // temporary name will do (no random tag, no folder check, nothing to remove after the
-        // rename). A name that is taken (a leftover of a killed run with the same process id)
-        // or a missing folder goes the careful way.
-        let tmp = dir.join(format!(
-            ".{}.{}.tmp",
-            path.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
-        let Ok(mut file) = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-        else {
-            return write_atomic(path, bytes, None);
-        };
-        let result = file.write_all(bytes).and_then(|()| {
-            drop(file);
-            std::fs::rename(&tmp, path)
-        });
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        return result;
-    }
-    let tmp = dir.join(format!(
-        ".{}.{}.sync.tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, path)?;
-        sync_file(dir)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 fn sync_file(path: &Path) -> std::io::Result<()> {
