@@ -303,7 +303,7 @@ const WIFI_KEYS: [&str; 5] = [
 ];
 const WIFI_EXTRAS: [&str; 4] = ["ap.pmk_info", "sta.apinfo", "sta.pmk", "sta.apsw"];
 
-const INT_TYPES: [(&str, i128, i128); 8] = [
+pub const INT_TYPES: [(&str, i128, i128); 8] = [
     ("u8", 0, u8::MAX as i128),
     ("i8", i8::MIN as i128, i8::MAX as i128),
     ("u16", 0, u16::MAX as i128),

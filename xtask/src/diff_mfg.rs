@@ -128,16 +128,6 @@ impl Options {
     }
 }
 
-const INTEGERS: [(&str, i128, i128); 8] = [
-    ("u8", 0, u8::MAX as i128),
-    ("i8", i8::MIN as i128, i8::MAX as i128),
-    ("u16", 0, u16::MAX as i128),
-    ("i16", i16::MIN as i128, i16::MAX as i128),
-    ("u32", 0, u32::MAX as i128),
-    ("i32", i32::MIN as i128, i32::MAX as i128),
-    ("u64", 0, u64::MAX as i128),
-    ("i64", i64::MIN as i128, i64::MAX as i128),
-];
 const TEXT_ENCODINGS: [&str; 4] = ["string", "binary", "hex2bin", "base64"];
 
 /// One generated case: its folder and the arguments of both sides.
@@ -195,24 +185,6 @@ fn hex(rng: &mut Rng, bytes: std::ops::Range<usize>) -> String {
         .collect()
 }
 
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = (u32::from(chunk[0]) << 16)
-            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*chunk.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 fn integer(rng: &mut Rng, lo: i128, hi: i128) -> String {
     let n = match rng.u8(0..6) {
         0 => lo,
@@ -228,7 +200,10 @@ fn integer(rng: &mut Rng, lo: i128, hi: i128) -> String {
 }
 
 fn value(rng: &mut Rng, key: &Key, big_blob: bool) -> String {
-    if let Some(&(_, lo, hi)) = INTEGERS.iter().find(|(e, _, _)| *e == key.encoding) {
+    if let Some(&(_, lo, hi)) = crate::casegen::INT_TYPES
+        .iter()
+        .find(|(e, _, _)| *e == key.encoding)
+    {
         return integer(rng, lo, hi);
     }
     match key.encoding {
@@ -238,7 +213,7 @@ fn value(rng: &mut Rng, key: &Key, big_blob: bool) -> String {
         "hex2bin" => hex(rng, 0..60),
         _ => {
             let bytes: Vec<u8> = (0..rng.usize(0..60)).map(|_| rng.u8(..)).collect();
-            base64(&bytes)
+            crate::casegen::base64_encode(&bytes)
         }
     }
 }
@@ -252,7 +227,7 @@ fn make_case(seed: u64, index: usize, work: &Path, devices: usize) -> Result<Cas
     let big_blob = version == 2 && rng.u8(0..3) == 0;
 
     // Every encoding in every case, plus `file` rows, shuffled over 1–3 namespaces.
-    let mut keys: Vec<Key> = INTEGERS
+    let mut keys: Vec<Key> = crate::casegen::INT_TYPES
         .iter()
         .map(|(e, _, _)| *e)
         .chain(TEXT_ENCODINGS)
@@ -328,7 +303,7 @@ fn make_case(seed: u64, index: usize, work: &Path, devices: usize) -> Result<Cas
                     "hex2bin" => hex(&mut rng, 0..80).into_bytes(),
                     "base64" => {
                         let raw: Vec<u8> = (0..rng.usize(0..80)).map(|_| rng.u8(..)).collect();
-                        base64(&raw).into_bytes()
+                        crate::casegen::base64_encode(&raw).into_bytes()
                     }
                     _ => (0..rng.usize(0..120)).map(|_| rng.u8(..)).collect(),
                 };
