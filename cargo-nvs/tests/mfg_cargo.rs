@@ -32,6 +32,21 @@ fn mfg(case: &Case, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// The common run: `devices.csv`, ids from `serial`, output in `out/`.
+fn mfg_devices(case: &Case) -> Output {
+    mfg(
+        case,
+        &[
+            "--values",
+            "devices.csv",
+            "--id",
+            "serial",
+            "--out-dir",
+            "out",
+        ],
+    )
+}
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -314,17 +329,7 @@ fn by_default_only_partitions_with_per_device_keys_are_built() {
 fn a_missing_per_device_column_is_refused_naming_the_header_and_key() {
     let case = Case::new();
     case.file("devices.csv", "serial,secrets\n1,a\n2,b\n");
-    let out = mfg(
-        &case,
-        &[
-            "--values",
-            "devices.csv",
-            "--id",
-            "serial",
-            "--out-dir",
-            "out",
-        ],
-    );
+    let out = mfg_devices(&case);
     assert_refused(
         &case,
         &out,
@@ -345,17 +350,7 @@ fn values_that_do_not_fit_are_refused_naming_the_row_device_and_column() {
     let case = Case::new();
     // Line 4 (after a blank line, which is skipped): out of range for u32.
     case.file("devices.csv", "serial,secret\n1,a\n\n4294967296,b\n3,c\n");
-    let out = mfg(
-        &case,
-        &[
-            "--values",
-            "devices.csv",
-            "--id",
-            "serial",
-            "--out-dir",
-            "out",
-        ],
-    );
+    let out = mfg_devices(&case);
     assert_refused(
         &case,
         &out,
@@ -383,17 +378,7 @@ fn values_that_do_not_fit_are_refused_naming_the_row_device_and_column() {
     // Too long for the 0x2000 factory partition.
     let long = "x".repeat(3960);
     case.file("devices.csv", format!("serial,secret\n1,a\n2,{long}\n"));
-    let out = mfg(
-        &case,
-        &[
-            "--values",
-            "devices.csv",
-            "--id",
-            "serial",
-            "--out-dir",
-            "out",
-        ],
-    );
+    let out = mfg_devices(&case);
     assert_refused(
         &case,
         &out,
@@ -408,17 +393,7 @@ fn values_that_do_not_fit_are_refused_naming_the_row_device_and_column() {
     );
     let long = "x".repeat(5000);
     case.file("devices.csv", format!("serial,secret\n1,a\n2,{long}\n"));
-    let out = mfg(
-        &case,
-        &[
-            "--values",
-            "devices.csv",
-            "--id",
-            "serial",
-            "--out-dir",
-            "out",
-        ],
-    );
+    let out = mfg_devices(&case);
     assert_refused(
         &case,
         &out,
@@ -445,17 +420,7 @@ fn ids_are_required_present_and_unique() {
     );
     assert_refused(&case, &out, "out", &["devices.csv:1", "--id column `sn`"]);
     case.file("devices.csv", "serial,secret\n1,a\n2,b\n1,c\n");
-    let out = mfg(
-        &case,
-        &[
-            "--values",
-            "devices.csv",
-            "--id",
-            "serial",
-            "--out-dir",
-            "out",
-        ],
-    );
+    let out = mfg_devices(&case);
     assert_refused(
         &case,
         &out,
@@ -600,17 +565,7 @@ fn mfg_flash_writes_the_ledgers_image_into_the_factory_partition() {
     use support::fake_esp::Config;
     let case = Case::new();
     case.file("devices.csv", "serial,secret\n31,a\n32,b\n33,c\n");
-    assert_ok(&mfg(
-        &case,
-        &[
-            "--values",
-            "devices.csv",
-            "--id",
-            "serial",
-            "--out-dir",
-            "out",
-        ],
-    ));
+    assert_ok(&mfg_devices(&case));
     let esp = Config::esp32c3()
         .mac([0x7c, 0xdf, 0xa1, 0, 0, 0x31])
         .start();
