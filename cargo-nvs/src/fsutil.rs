@@ -1,56 +1,72 @@
 //! Writing output files so that a failure never leaves a half-written file behind.
+//!
+//! A file is written completely before it gets its final name. On Linux it is first an unnamed
+//! file (`O_TMPFILE`) that is linked into place: a process killed before that leaves nothing at
+//! all. Elsewhere (and on file systems without `O_TMPFILE`) it is a uniquely named temporary file
+//! in the same folder, renamed or hard-linked into place; a kill can leave such a file behind,
+//! and [`remove_leftovers`] clears them.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A complete temporary file beside its destination; removed on drop unless moved into place.
+/// The suffix of this module's temporary file names (`.<name>.<pid>.<n>.tmp`).
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// A temporary file beside its destination; removed on drop unless it was moved into place.
 struct TempFile {
     path: PathBuf,
 }
 
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        // After a rename or hard link has put it in place, this finds nothing or a second link.
-        let _ = std::fs::remove_file(&self.path);
+impl TempFile {
+    /// The file was renamed into place: nothing is left to remove.
+    fn renamed(mut self) {
+        self.path = PathBuf::new();
     }
 }
 
-/// Writes `bytes` to a new, uniquely named file in `path`'s folder (created if missing). With
-/// `mode` (Unix), the file has those permissions from the start; with `sync`, its data is on
-/// disk before this returns.
-fn write_temp(
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A new file that has no final name yet: unnamed (Linux `O_TMPFILE`), or under a temporary
+/// name.
+struct Unnamed {
+    file: std::fs::File,
+    temp: Option<TempFile>,
+}
+
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Creates a new file under a fresh temporary name beside `path` with `create`, creating the
+/// folder when it is missing.
+fn create_temp<T>(
     path: &Path,
-    bytes: &[u8],
-    mode: Option<u32>,
-    sync: bool,
-) -> std::io::Result<TempFile> {
+    mut create: impl FnMut(&Path) -> std::io::Result<T>,
+) -> std::io::Result<(TempFile, T)> {
     // The process id tells concurrent runs apart and a counter this process's files: no random
     // tag and no folder check on the hot path of mass production.
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let dir = folder_of(path);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(mode.unwrap_or(0o666));
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
     let mut attempts = 0;
-    let (temp, mut file) = loop {
+    loop {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
-        match options.open(&tmp) {
-            Ok(file) => break (TempFile { path: tmp }, file),
+        let tmp = dir.join(format!(".{name}.{}.{n}{TEMP_SUFFIX}", std::process::id()));
+        match create(&tmp) {
+            Ok(made) => return Ok((TempFile { path: tmp }, made)),
             // A leftover of a killed run with the same process id: try the next name.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempts < 100 => {
                 attempts += 1
@@ -61,30 +77,131 @@ fn write_temp(
             }
             Err(e) => return Err(e),
         }
-    };
-    file.write_all(bytes)?;
-    if sync {
-        file.sync_all()?;
     }
-    Ok(temp)
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, creating
-/// missing parent folders. With `mode` (Unix), the file gets those permissions from the start.
+impl Unnamed {
+    /// A new, empty file for `path` (whose folder is created if missing). With `mode` (Unix),
+    /// the file has those permissions from the start.
+    fn create(path: &Path, mode: Option<u32>) -> std::io::Result<Unnamed> {
+        #[cfg(target_os = "linux")]
+        if let Some(file) = o_tmpfile::create(folder_of(path), mode)? {
+            return Ok(Unnamed { file, temp: None });
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(mode.unwrap_or(0o666));
+        }
+        #[cfg(not(unix))]
+        let _ = mode;
+        let (temp, file) = create_temp(path, |tmp| options.open(tmp))?;
+        Ok(Unnamed {
+            file,
+            temp: Some(temp),
+        })
+    }
+
+    /// A new file for `path` holding `bytes` (on disk, with `sync`).
+    fn write(path: &Path, bytes: &[u8], mode: Option<u32>, sync: bool) -> std::io::Result<Unnamed> {
+        let mut unnamed = Unnamed::create(path, mode)?;
+        unnamed.file.write_all(bytes)?;
+        if sync {
+            unnamed.file.sync_all()?;
+        }
+        Ok(unnamed)
+    }
+
+    /// Gives the file the name `path`; fails with `AlreadyExists` rather than replace a file.
+    fn link_new(&self, path: &Path) -> std::io::Result<()> {
+        match &self.temp {
+            Some(temp) => std::fs::hard_link(&temp.path, path),
+            #[cfg(target_os = "linux")]
+            None => o_tmpfile::link(&self.file, path),
+            #[cfg(not(target_os = "linux"))]
+            None => unreachable!("unnamed files exist only on Linux"),
+        }
+    }
+
+    /// Gives the file the name `path`, replacing any file of that name in one step.
+    fn replace(self, path: &Path) -> std::io::Result<()> {
+        let Unnamed { file, temp } = self;
+        let temp = match temp {
+            Some(temp) => temp,
+            #[cfg(target_os = "linux")]
+            None => match o_tmpfile::link(&file, path) {
+                Ok(()) => return Ok(()),
+                // The name is taken: name the file beside it, then rename it over.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    create_temp(path, |tmp| o_tmpfile::link(&file, tmp))?.0
+                }
+                Err(e) => return Err(e),
+            },
+            #[cfg(not(target_os = "linux"))]
+            None => unreachable!("unnamed files exist only on Linux"),
+        };
+        drop(file);
+        std::fs::rename(&temp.path, path)?;
+        temp.renamed();
+        Ok(())
+    }
+}
+
+/// A file written a piece at a time that appears under its name, complete, on
+/// [`commit`](Self::commit); nothing is left of it if it never is.
+pub struct StagedFile {
+    path: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+    temp: Option<TempFile>,
+}
+
+impl StagedFile {
+    pub fn create(path: &Path) -> std::io::Result<StagedFile> {
+        let Unnamed { file, temp } = Unnamed::create(path, None)?;
+        Ok(StagedFile {
+            path: path.to_owned(),
+            out: std::io::BufWriter::with_capacity(1 << 16, file),
+            temp,
+        })
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.out.write_all(bytes)
+    }
+
+    /// Puts the complete file in place, replacing any file of its name (with `sync`, on disk
+    /// first, and its folder after).
+    pub fn commit(self, sync: bool) -> std::io::Result<()> {
+        let StagedFile { path, out, temp } = self;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        if sync {
+            file.sync_all()?;
+        }
+        Unnamed { file, temp }.replace(&path)?;
+        if sync {
+            sync_folder(&path)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to `path` atomically (replacing any file there), creating missing parent
+/// folders. With `mode` (Unix), the file gets those permissions from the start.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Result<()> {
     write_atomic_with(path, bytes, mode, false)
 }
 
-/// [`write_atomic`]; with `sync`, the file is on disk before the rename and the rename before
-/// this returns (fsync of the file, then of its folder).
+/// [`write_atomic`]; with `sync`, the file is on disk before it gets its name and the name
+/// before this returns (fsync of the file, then of its folder).
 pub fn write_atomic_with(
     path: &Path,
     bytes: &[u8],
     mode: Option<u32>,
     sync: bool,
 ) -> std::io::Result<()> {
-    let temp = write_temp(path, bytes, mode, sync)?;
-    std::fs::rename(&temp.path, path)?;
+    Unnamed::write(path, bytes, mode, sync)?.replace(path)?;
     if sync {
         sync_folder(path)?;
     }
@@ -93,10 +210,7 @@ pub fn write_atomic_with(
 
 /// Flushes `path`'s folder entry to disk (after a rename or a link).
 pub fn sync_folder(path: &Path) -> std::io::Result<()> {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
-        _ => std::fs::File::open(".")?.sync_all(),
-    }
+    std::fs::File::open(folder_of(path))?.sync_all()
 }
 
 /// Writes a secret file (mode 0600 from the start) without ever replacing an existing file,
@@ -105,20 +219,196 @@ pub fn write_secret(path: &Path, bytes: &[u8], force: bool) -> std::io::Result<(
     if force {
         return write_atomic(path, bytes, Some(0o600));
     }
-    let exists = || {
-        std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            "the file exists and is never overwritten (pass --force to replace it)",
-        )
-    };
-    // Hard-linking a complete, uniquely named file fails if the name is taken, so an existing
-    // key file can never be replaced, and concurrent runs cannot mix their keys.
-    let temp = write_temp(path, bytes, Some(0o600), false)?;
-    std::fs::hard_link(&temp.path, path).map_err(|e| {
+    // Linking a complete file fails if the name is taken, so an existing key file can never be
+    // replaced, and concurrent runs cannot mix their keys.
+    let unnamed = Unnamed::write(path, bytes, Some(0o600), false)?;
+    unnamed.link_new(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
-            exists()
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the file exists and is never overwritten (pass --force to replace it)",
+            )
         } else {
             e
         }
     })
+}
+
+/// Removes the temporary files that a killed run of this program left in `dir`
+/// (`.<name>.<pid>.<n>.tmp`, from processes that are no longer running); returns how many.
+pub fn remove_leftovers(dir: &Path) -> std::io::Result<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(leftover_pid) else {
+            continue;
+        };
+        if pid != std::process::id() && !process_running(pid) {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// The process id in a temporary file name of this module.
+fn leftover_pid(name: &str) -> Option<u32> {
+    let stem = name.strip_prefix('.')?.strip_suffix(TEMP_SUFFIX)?;
+    let mut parts = stem.rsplitn(3, '.');
+    let counter = parts.next()?;
+    let pid = parts.next()?;
+    let _original = parts.next().filter(|n| !n.is_empty())?;
+    counter.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
+/// Whether a process with this id is running; where that cannot be told, it is assumed to be.
+fn process_running(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        true
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod o_tmpfile {
+    //! `O_TMPFILE` files: created without a name, linked into place once complete.
+
+    use std::path::Path;
+    use std::sync::OnceLock;
+
+    use nix::errno::Errno;
+    use nix::fcntl::{AT_FDCWD, AtFlags, OFlag, open};
+    use nix::sys::stat::Mode;
+
+    /// A new unnamed file in `dir`, or `None` where unnamed files cannot be made or linked
+    /// (older kernels, some file systems, no /proc).
+    pub fn create(dir: &Path, mode: Option<u32>) -> std::io::Result<Option<std::fs::File>> {
+        static PROC_FD: OnceLock<bool> = OnceLock::new();
+        if !*PROC_FD.get_or_init(|| Path::new("/proc/self/fd").is_dir()) {
+            return Ok(None);
+        }
+        let flags = OFlag::O_TMPFILE | OFlag::O_WRONLY | OFlag::O_CLOEXEC;
+        let mode = Mode::from_bits_truncate(mode.unwrap_or(0o666));
+        let mut created_dir = false;
+        loop {
+            match open(dir, flags, mode) {
+                Ok(fd) => return Ok(Some(fd.into())),
+                Err(Errno::ENOENT) if !created_dir => {
+                    std::fs::create_dir_all(dir)?;
+                    created_dir = true;
+                }
+                Err(Errno::EOPNOTSUPP | Errno::EISDIR | Errno::EINVAL) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Gives the unnamed `file` the name `path` (fails with `AlreadyExists` if it is taken).
+    pub fn link(file: &std::fs::File, path: &Path) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // Linking through /proc needs no privilege, unlike AT_EMPTY_PATH.
+        let source = format!("/proc/self/fd/{}", file.as_raw_fd());
+        nix::unistd::linkat(
+            AT_FDCWD,
+            source.as_str(),
+            AT_FDCWD,
+            path,
+            AtFlags::AT_SYMLINK_FOLLOW,
+        )
+        .map_err(std::io::Error::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("cargo-nvs-fsutil-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn atomic_writes_create_folders_replace_and_leave_only_the_file() {
+        let dir = scratch("atomic");
+        let path = dir.join("a/b/image.bin");
+        write_atomic(&path, b"first", None).unwrap();
+        write_atomic_with(&path, b"second", None, true).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        assert_eq!(names(&dir.join("a/b")), ["image.bin"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn secrets_are_0600_and_never_replaced_unless_forced() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("secret");
+        let path = dir.join("keys/k.bin");
+        write_secret(&path, b"one", false).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = write_secret(&path, b"two", false).unwrap_err();
+        assert_eq!(again.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&path).unwrap(), b"one");
+        write_secret(&path, b"three", true).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"three");
+        assert_eq!(names(&dir.join("keys")), ["k.bin"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn leftovers_of_dead_processes_are_removed_and_nothing_else() {
+        let dir = scratch("leftovers");
+        std::fs::create_dir_all(&dir).unwrap();
+        // Process ids above the kernel's limit (2^22) never run.
+        let dead = ".dev-1.bin.4194999.7.tmp";
+        let mine = format!(".dev-2.bin.{}.0.tmp", std::process::id());
+        for name in [dead, &mine, "dev-1.bin", ".hidden.tmp", ".x.notapid.1.tmp"] {
+            std::fs::write(dir.join(name), b"x").unwrap();
+        }
+        assert_eq!(remove_leftovers(&dir).unwrap(), 1);
+        let mut expected = vec![
+            ".hidden.tmp".to_string(),
+            ".x.notapid.1.tmp".into(),
+            mine,
+            "dev-1.bin".into(),
+        ];
+        expected.sort();
+        assert_eq!(names(&dir), expected);
+        assert_eq!(remove_leftovers(&dir.join("missing")).unwrap(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn leftover_names_are_parsed_strictly() {
+        assert_eq!(leftover_pid(".a.b.bin.12.3.tmp"), Some(12));
+        assert_eq!(leftover_pid(".a.12.3.tmp"), Some(12));
+        assert_eq!(leftover_pid("..12.3.tmp"), None);
+        assert_eq!(leftover_pid(".a.12.x.tmp"), None);
+        assert_eq!(leftover_pid("a.12.3.tmp"), None);
+        assert_eq!(leftover_pid(".a.12.3.bin"), None);
+    }
 }
