@@ -282,6 +282,145 @@ fn keygen_writes_one_private_key_per_device_and_never_prints_it() {
 }
 
 #[test]
+fn hmac_keygen_gives_every_device_its_own_hmac_key_and_derived_keys() {
+    let case = case(CONFIG, VALUES);
+    let out = mfg(
+        &case,
+        &[
+            "--fileid",
+            "serial",
+            "--keygen",
+            "--key_protect_hmac",
+            "--kp_hmac_keygen",
+        ],
+    );
+    assert_ok(&out);
+    let dir = case.dir.path();
+    let mut hmac_keys = Vec::new();
+    for n in 1..=3 {
+        let hmac_path = dir.join(format!("out/keys/hmac-keys-dev-SN{n}.bin"));
+        let hmac_key = read(&hmac_path);
+        assert_eq!(hmac_key.len(), 32);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&hmac_path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let hex: String = hmac_key.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(
+            !stderr(&out).contains(&hex) && !String::from_utf8_lossy(&out.stdout).contains(&hex)
+        );
+        // The key file is the one `generate-key` derives from that HMAC key (whose derivation
+        // the golden vectors pin to the reference's).
+        let derived = format!("derived{n}.bin");
+        assert_ok(&case.run(&[
+            "generate-key",
+            "--key-protect-hmac",
+            "--kp-hmac-inputkey",
+            hmac_path.to_str().unwrap(),
+            "--keyfile",
+            &derived,
+        ]));
+        assert_eq!(
+            read(&dir.join(format!("out/keys/keys-dev-SN{n}.bin"))),
+            read(&dir.join(&derived))
+        );
+        // The image reads back with the HMAC key alone.
+        let dump = case.run(&[
+            "dump",
+            &format!("out/bin/dev-SN{n}.bin"),
+            "--hmac-key",
+            hmac_path.to_str().unwrap(),
+        ]);
+        assert_ok(&dump);
+        assert!(String::from_utf8_lossy(&dump.stdout).contains(&format!("SN{n}")));
+        hmac_keys.push(hmac_key);
+    }
+    assert!(hmac_keys[0] != hmac_keys[1] && hmac_keys[1] != hmac_keys[2]);
+    let manifest = std::fs::read_to_string(dir.join("out/manifest.csv")).unwrap();
+    assert!(
+        manifest.starts_with("device,line,image,sha256,key_file,hmac_key_file\n")
+            && manifest.contains(",keys/keys-dev-SN2.bin,keys/hmac-keys-dev-SN2.bin\n"),
+        "{manifest}"
+    );
+}
+
+#[test]
+fn hmac_inputkey_derives_every_device_key_from_one_hmac_key() {
+    let case = case(CONFIG, VALUES);
+    let hmac = vectors().join("in/hmac_key_fixed.bin");
+    let out = mfg(
+        &case,
+        &[
+            "--keygen",
+            "--key-protect-hmac",
+            "--kp-hmac-inputkey",
+            hmac.to_str().unwrap(),
+        ],
+    );
+    assert_ok(&out);
+    let dir = case.dir.path();
+    assert!(!case.exists("out/keys/hmac-keys-dev-1.bin"));
+    for n in 1..=3 {
+        // The derived key file the reference makes from this HMAC key (a golden vector).
+        assert_eq!(
+            read(&dir.join(format!("out/keys/keys-dev-{n}.bin"))),
+            read(&vectors().join("out/keys/hmac_derived_keys.bin"))
+        );
+    }
+    // Deterministic: --resume compares the images and keeps them all.
+    let again = mfg(
+        &case,
+        &[
+            "--keygen",
+            "--key-protect-hmac",
+            "--kp-hmac-inputkey",
+            hmac.to_str().unwrap(),
+            "--resume",
+        ],
+    );
+    assert_ok(&again);
+    assert!(stderr(&again).contains("3 device(s) were finished by an earlier run"));
+}
+
+#[test]
+fn refuses_hmac_options_that_cannot_work_in_mass_production() {
+    let hmac = vectors().join("in/hmac_key_fixed.bin");
+    let hmac = hmac.to_str().unwrap();
+    let keys = vectors().join("in/keys_fixed.bin");
+    for (extra, needle) in [
+        (
+            vec![
+                "--keygen",
+                "--key-protect-hmac",
+                "--kp-hmac-keygen",
+                "--kp-hmac-keyfile",
+                "h.bin",
+            ],
+            "--kp-hmac-keyfile names one file",
+        ),
+        (
+            vec!["--key-protect-hmac", "--kp-hmac-keygen"],
+            "need --keygen",
+        ),
+        (
+            vec!["--inputkey", keys.to_str().unwrap(), "--key-protect-hmac"],
+            "need --keygen",
+        ),
+        (vec!["--keygen", "--key-protect-hmac"], "needs an HMAC key"),
+        (
+            vec!["--keygen", "--kp-hmac-inputkey", hmac],
+            "need --key-protect-hmac",
+        ),
+    ] {
+        let case = case(CONFIG, VALUES);
+        let out = mfg(&case, &extra);
+        assert_refused(&case, &out, &[needle]);
+    }
+}
+
+#[test]
 fn inputkey_encrypts_every_device_with_the_same_key() {
     let case = case(CONFIG, VALUES);
     let key = vectors().join("in/keys_fixed.bin");
@@ -793,7 +932,12 @@ fn a_killed_run_leaves_only_complete_images_and_resume_finishes_it() {
             for entry in std::fs::read_dir(&bin_dir).unwrap() {
                 let name = entry.unwrap().file_name().into_string().unwrap();
                 if name.starts_with('.') {
-                    assert!(name.ends_with(".tmp"), "unexpected file {name}");
+                    // On Linux an image has no name until it is complete (O_TMPFILE): a kill
+                    // leaves no temporary file at all.
+                    assert!(
+                        !cfg!(target_os = "linux") && name.ends_with(".tmp"),
+                        "unexpected file {name}"
+                    );
                     continue;
                 }
                 assert_eq!(
@@ -853,6 +997,16 @@ fn a_killed_run_leaves_only_complete_images_and_resume_finishes_it() {
             read(&out_dir.join("manifest.csv")),
             read(&dir.join("clean/manifest.csv"))
         );
+        for folder in [&out_dir, &bin_dir] {
+            for entry in std::fs::read_dir(folder).unwrap() {
+                let name = entry.unwrap().file_name().into_string().unwrap();
+                assert!(
+                    !name.starts_with('.'),
+                    "{name} was left in {}",
+                    folder.display()
+                );
+            }
+        }
         let ledger = ledger_devices(&out_dir.join("ledger.sqlite"));
         assert_eq!(ledger.len(), DEVICES);
         assert!(ledger.iter().all(|r| r.3 == 1), "an id was issued twice");
@@ -864,5 +1018,24 @@ fn a_killed_run_leaves_only_complete_images_and_resume_finishes_it() {
     assert!(
         killed_mid_run,
         "no attempt was killed in the middle of writing"
+    );
+}
+
+#[test]
+fn mfg_generate_key_is_generate_key() {
+    let case = Case::new();
+    let hmac = vectors().join("in/hmac_key_fixed.bin");
+    assert_ok(&case.run(&[
+        "mfg",
+        "generate-key",
+        "--key_protect_hmac",
+        "--kp_hmac_inputkey",
+        hmac.to_str().unwrap(),
+        "--keyfile",
+        "k.bin",
+    ]));
+    assert_eq!(
+        read(&case.dir.path().join("k.bin")),
+        read(&vectors().join("out/keys/hmac_derived_keys.bin"))
     );
 }

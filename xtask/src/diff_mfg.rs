@@ -76,7 +76,13 @@ def run_case(conf, values, prefix, size, version, fileid, prefix_num, key):
                 del pairs[0]
         args = SimpleNamespace(input=[path], output=os.path.join('bin', name + '.bin'),
                                size=size, version=int(version), outdir=os.path.abspath('ref'))
-        if key:
+        if key.startswith('hmac:'):
+            # mfg_gen --keygen --key_protect_hmac --kp_hmac_inputkey: a key file per device.
+            args.keygen, args.inputkey, args.keyfile = True, None, 'keys-' + name
+            args.key_protect_hmac, args.kp_hmac_keygen = True, False
+            args.kp_hmac_keyfile, args.kp_hmac_inputkey = None, key[len('hmac:'):]
+            nvs.encrypt(args)
+        elif key:
             args.keygen, args.inputkey, args.keyfile = False, key, None
             args.key_protect_hmac, args.kp_hmac_keygen = False, False
             args.kp_hmac_keyfile, args.kp_hmac_inputkey = None, None
@@ -138,7 +144,7 @@ struct Case {
     version: u8,
     fileid: Option<String>,
     prefix_num: Option<(u64, usize)>,
-    encrypted: bool,
+    encryption: Encryption,
     devices: usize,
 }
 
@@ -346,13 +352,22 @@ fn make_case(seed: u64, index: usize, work: &Path, devices: usize) -> Result<Cas
     }
     std::fs::write(dir.join("config.csv"), config)?;
     std::fs::write(dir.join("values.csv"), values)?;
-    let encrypted = rng.u8(0..4) == 0;
-    if encrypted {
-        let mut bytes = [0u8; 64];
-        bytes.iter_mut().for_each(|b| *b = rng.u8(..));
-        let key = XtsKey::from_bytes(bytes).map_err(|e| e.to_string())?;
-        std::fs::write(dir.join("keys.bin"), key.to_key_file())?;
-    }
+    let encryption = match rng.u8(0..8) {
+        0 | 1 => {
+            let mut bytes = [0u8; 64];
+            bytes.iter_mut().for_each(|b| *b = rng.u8(..));
+            let key = XtsKey::from_bytes(bytes).map_err(|e| e.to_string())?;
+            std::fs::write(dir.join("keys.bin"), key.to_key_file())?;
+            Encryption::InputKey
+        }
+        2 => {
+            let mut hmac_key = [0u8; 32];
+            hmac_key.iter_mut().for_each(|b| *b = rng.u8(..));
+            std::fs::write(dir.join("hmac.bin"), hmac_key)?;
+            Encryption::HmacInputKey
+        }
+        _ => Encryption::None,
+    };
     let size = if big_blob {
         0x10000
     } else {
@@ -365,7 +380,7 @@ fn make_case(seed: u64, index: usize, work: &Path, devices: usize) -> Result<Cas
         version,
         fileid,
         prefix_num: rng.bool().then(|| (rng.u64(0..50), rng.usize(1..5))),
-        encrypted,
+        encryption,
         devices,
     })
 }
@@ -382,8 +397,18 @@ fn our_args(case: &Case) -> Vec<String> {
     if let Some((start, len)) = case.prefix_num {
         args.extend(["--prefix_num".into(), start.to_string(), len.to_string()]);
     }
-    if case.encrypted {
-        args.extend(["--inputkey".into(), "keys.bin".into()]);
+    match case.encryption {
+        Encryption::None => {}
+        Encryption::InputKey => args.extend(["--inputkey".into(), "keys.bin".into()]),
+        Encryption::HmacInputKey => args.extend(
+            [
+                "--keygen",
+                "--key-protect-hmac",
+                "--kp-hmac-inputkey",
+                "hmac.bin",
+            ]
+            .map(String::from),
+        ),
     }
     args.extend(["--out-dir".into(), "ours".into()]);
     args
@@ -403,13 +428,23 @@ fn job_line(case: &Case) -> String {
         case.version.to_string(),
         case.fileid.clone().unwrap_or_default(),
         prefix_num,
-        if case.encrypted {
-            "keys.bin".into()
-        } else {
-            String::new()
+        match case.encryption {
+            Encryption::None => String::new(),
+            Encryption::InputKey => "keys.bin".into(),
+            Encryption::HmacInputKey => "hmac:hmac.bin".into(),
         },
     ]
     .join("\t")
+}
+
+/// How a case's images are encrypted.
+enum Encryption {
+    None,
+    /// `--inputkey keys.bin`: one key for every device.
+    InputKey,
+    /// `--keygen --key-protect-hmac --kp-hmac-inputkey hmac.bin`: a key file per device, each
+    /// derived from one HMAC key (so both sides' key files compare too).
+    HmacInputKey,
 }
 
 /// The `.bin` files of a folder, sorted.
@@ -450,6 +485,14 @@ pub fn run(sh: &Shell, opts: Options) -> Result<ExitCode> {
         .map(|i| make_case(opts.seed, i, &work, opts.devices.max(100)))
         .collect::<Result<Vec<_>>>()?;
 
+    let count =
+        |kind: fn(&Encryption) -> bool| cases.iter().filter(|c| kind(&c.encryption)).count();
+    println!(
+        "diff-mfg: {} case(s) with --inputkey, {} with --keygen --key-protect-hmac \
+         --kp-hmac-inputkey (key files compared too)",
+        count(|e| matches!(e, Encryption::InputKey)),
+        count(|e| matches!(e, Encryption::HmacInputKey)),
+    );
     let started = Instant::now();
     let mut ours_ok = Vec::new();
     for case in &cases {
@@ -513,16 +556,29 @@ pub fn run(sh: &Shell, opts: Options) -> Result<ExitCode> {
         }
         let ours = bins(&case.dir.join("ours/bin"));
         let theirs = bins(&case.dir.join("ref/bin"));
-        if ours != theirs {
+        let (our_keys, their_keys) = (
+            bins(&case.dir.join("ours/keys")),
+            bins(&case.dir.join("ref/keys")),
+        );
+        if ours != theirs || our_keys != their_keys {
             failed += case.devices;
-            println!("{}", why("the image file names differ"));
+            println!("{}", why("the image or key file names differ"));
             continue;
         }
         let mut case_failed = 0;
         for name in &ours {
+            // A device passes when its image and (HMAC-derived) key file are the same.
+            let keys_differ = match name.strip_suffix(".bin") {
+                Some(stem) if !our_keys.is_empty() => {
+                    let key = format!("keys-{stem}.bin");
+                    std::fs::read(case.dir.join("ours/keys").join(&key))?
+                        != std::fs::read(case.dir.join("ref/keys").join(&key))?
+                }
+                _ => false,
+            };
             let a = std::fs::read(case.dir.join("ours/bin").join(name))?;
             let b = std::fs::read(case.dir.join("ref/bin").join(name))?;
-            if a == b {
+            if a == b && !keys_differ {
                 passed += 1;
             } else {
                 case_failed += 1;

@@ -14,6 +14,23 @@ pub struct KeyGenOptions {
     /// Write the generated nvs_keys file exactly here [default: keys/keys-<random>.bin in --out-dir].
     #[arg(long, value_name = "FILE")]
     pub keyfile: Option<PathBuf>,
+    #[command(flatten)]
+    pub hmac: HmacOptions,
+    /// Where to write the generated HMAC key [default: hmac-<keyfile name> beside the key file].
+    #[arg(
+        long = "kp-hmac-keyfile",
+        alias = "kp_hmac_keyfile",
+        value_name = "FILE"
+    )]
+    pub kp_hmac_keyfile: Option<PathBuf>,
+    /// Replace existing key files (they are never overwritten otherwise).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// The HMAC-based key protection scheme (`encrypt`, `generate-key` and `mfg generate`).
+#[derive(clap::Args, Debug, Default)]
+pub struct HmacOptions {
     /// Use the HMAC-based key protection scheme: derive the keys from an HMAC key (the one
     /// burned into the chip's eFuse).
     #[arg(long = "key-protect-hmac", alias = "key_protect_hmac")]
@@ -25,13 +42,6 @@ pub struct KeyGenOptions {
         conflicts_with = "kp_hmac_inputkey"
     )]
     pub kp_hmac_keygen: bool,
-    /// Where to write the generated HMAC key [default: hmac-<keyfile name> beside the key file].
-    #[arg(
-        long = "kp-hmac-keyfile",
-        alias = "kp_hmac_keyfile",
-        value_name = "FILE"
-    )]
-    pub kp_hmac_keyfile: Option<PathBuf>,
     /// Derive the keys from this HMAC key file (HMAC scheme).
     #[arg(
         long = "kp-hmac-inputkey",
@@ -39,17 +49,43 @@ pub struct KeyGenOptions {
         value_name = "FILE"
     )]
     pub kp_hmac_inputkey: Option<PathBuf>,
-    /// Replace existing key files (they are never overwritten otherwise).
-    #[arg(long)]
-    pub force: bool,
+}
+
+impl HmacOptions {
+    pub fn any(&self) -> bool {
+        self.key_protect_hmac || self.kp_hmac_keygen || self.kp_hmac_inputkey.is_some()
+    }
+
+    /// Refuses --kp-hmac-* without --key-protect-hmac, and the scheme without an HMAC key.
+    pub fn check(&self) -> CliResult {
+        if !self.key_protect_hmac {
+            if self.any() {
+                return Err(CliError(
+                    "--kp-hmac-* options need --key-protect-hmac".into(),
+                ));
+            }
+        } else if !self.kp_hmac_keygen && self.kp_hmac_inputkey.is_none() {
+            return Err(CliError(
+                "the HMAC scheme (--key-protect-hmac) needs an HMAC key: pass --kp-hmac-inputkey \
+                 FILE, or --kp-hmac-keygen to create one"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A new random HMAC key (32 bytes, as the eFuse HMAC peripheral takes).
+pub fn random_hmac_key() -> CliResult<[u8; 32]> {
+    let mut hmac_key = [0u8; 32];
+    getrandom::fill(&mut hmac_key)
+        .map_err(|e| CliError(format!("the system random number generator failed: {e}")))?;
+    Ok(hmac_key)
 }
 
 impl KeyGenOptions {
     pub fn uses_hmac_options(&self) -> bool {
-        self.key_protect_hmac
-            || self.kp_hmac_keygen
-            || self.kp_hmac_keyfile.is_some()
-            || self.kp_hmac_inputkey.is_some()
+        self.hmac.any() || self.kp_hmac_keyfile.is_some()
     }
 }
 
@@ -84,7 +120,7 @@ pub fn generate_keys(opts: &KeyGenOptions, out_dir: Option<&Path>) -> CliResult<
     });
     // Refuse before writing anything, so no half of a key pair is left behind.
     let mut targets = vec![&keyfile];
-    if opts.key_protect_hmac && opts.kp_hmac_keygen {
+    if opts.hmac.key_protect_hmac && opts.hmac.kp_hmac_keygen {
         targets.push(&hmac_path);
     }
     if let Some(existing) = targets.iter().find(|p| p.exists()).filter(|_| !opts.force) {
@@ -93,30 +129,21 @@ pub fn generate_keys(opts: &KeyGenOptions, out_dir: Option<&Path>) -> CliResult<
             existing.display()
         )));
     }
+    if opts.kp_hmac_keyfile.is_some() && !opts.hmac.key_protect_hmac {
+        return Err(CliError(
+            "--kp-hmac-* options need --key-protect-hmac".into(),
+        ));
+    }
+    opts.hmac.check()?;
     let mut files = Vec::new();
-    let key = if opts.key_protect_hmac {
-        if opts.kp_hmac_keygen {
-            let mut hmac_key = [0u8; 32];
-            getrandom::fill(&mut hmac_key)
-                .map_err(|e| CliError(format!("the system random number generator failed: {e}")))?;
-            write_key(&hmac_path, &hmac_key, opts.force, "HMAC key")?;
-            files.push(hmac_path.clone());
-            XtsKey::derive_from_hmac(&hmac_key)?
-        } else if let Some(path) = &opts.kp_hmac_inputkey {
-            load_hmac_key(path)?
-        } else {
-            return Err(CliError(
-                "the HMAC scheme (--key-protect-hmac) needs an HMAC key: pass --kp-hmac-inputkey FILE, \
-                 or --kp-hmac-keygen to create one"
-                    .into(),
-            ));
-        }
+    let key = if opts.hmac.kp_hmac_keygen {
+        let hmac_key = random_hmac_key()?;
+        write_key(&hmac_path, &hmac_key, opts.force, "HMAC key")?;
+        files.push(hmac_path.clone());
+        XtsKey::derive_from_hmac(&hmac_key)?
+    } else if let Some(path) = &opts.hmac.kp_hmac_inputkey {
+        load_hmac_key(path)?
     } else {
-        if opts.uses_hmac_options() {
-            return Err(CliError(
-                "--kp-hmac-* options need --key-protect-hmac".into(),
-            ));
-        }
         XtsKey::generate()?
     };
     let generated = GeneratedKeys { key, files };

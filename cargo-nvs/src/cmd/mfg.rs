@@ -29,13 +29,14 @@ mod input;
 mod ledger;
 
 use std::collections::HashMap;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use nvs_build::format::encryption::XtsKey;
 use nvs_build::format::{PartitionSize, Version};
+use nvs_build::keys::load_hmac_key;
 use nvs_build::{FileBase, ImageInput, InputError};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -43,8 +44,8 @@ use sha2::{Digest, Sha256};
 use self::input::{ConfigRow, DeviceRow, Values, bind_columns, device_csv, read_config};
 use self::ledger::{Issued, Ledger, SqliteLedger};
 use super::generate::{parse_version, warn_if_read_only};
-use super::keys::load_key;
-use crate::fsutil::{write_atomic_with, write_secret};
+use super::keys::{HmacOptions, load_key, random_hmac_key};
+use crate::fsutil::{StagedFile, remove_leftovers, write_atomic_with, write_secret};
 use crate::project::PackageArgs;
 use crate::size::parse_size;
 use crate::{CliError, CliResult};
@@ -60,6 +61,8 @@ pub struct MfgArgs {
 #[derive(clap::Subcommand)]
 enum MfgCommand {
     Generate(Box<MfgGenerateArgs>),
+    /// mfg_gen's `generate-key`: the same as `cargo nvs generate-key`.
+    GenerateKey(super::generate_key::GenerateKeyArgs),
     Flash(Box<flash::MfgFlashArgs>),
     Log(flash::MfgLogArgs),
 }
@@ -117,13 +120,28 @@ pub struct MfgGenerateArgs {
     /// format. (In Cargo mode each partition's `version` decides.)
     #[arg(long, value_name = "1|2", value_parser = parse_version)]
     version: Option<Version>,
-    /// mfg_gen mode: encrypt every image with its own fresh key, written to
-    /// keys/keys-<name>.bin (0600).
+    /// mfg_gen mode: encrypt every image with its own key, written to keys/keys-<name>.bin
+    /// (0600): a fresh random one, or with --key-protect-hmac one derived from an HMAC key.
     #[arg(long, conflicts_with = "inputkey")]
     keygen: bool,
     /// mfg_gen mode: encrypt every image with the key in this nvs_keys file.
     #[arg(long, value_name = "KEYS.bin")]
     inputkey: Option<PathBuf>,
+    /// mfg_gen mode with --keygen: --key-protect-hmac with --kp-hmac-keygen gives every device
+    /// a fresh HMAC key (keys/hmac-keys-<name>.bin, 0600, for the chip's eFuse) and derives its
+    /// encryption key from it; with --kp-hmac-inputkey FILE every device's key is derived from
+    /// that one HMAC key.
+    #[command(flatten)]
+    hmac: HmacOptions,
+    /// Refused: mfg_gen writes every device's HMAC key to this one file, so all but the last
+    /// are lost. Every device gets its own keys/hmac-keys-<name>.bin instead.
+    #[arg(
+        long = "kp-hmac-keyfile",
+        alias = "kp_hmac_keyfile",
+        value_name = "FILE",
+        hide = true
+    )]
+    kp_hmac_keyfile: Option<PathBuf>,
     /// Cargo mode: the values column holding each device's id (required: the ledger records it,
     /// and it must be unique across batches). Images are named `<partition>-<ID>.bin`.
     #[arg(long, value_name = "COLUMN")]
@@ -165,6 +183,7 @@ pub struct MfgGenerateArgs {
 pub fn run(args: MfgArgs) -> CliResult<ExitCode> {
     match args.command {
         MfgCommand::Generate(args) => generate(*args),
+        MfgCommand::GenerateKey(args) => super::generate_key::run(args),
         MfgCommand::Flash(args) => flash::run(*args),
         MfgCommand::Log(args) => flash::log(args),
     }
@@ -303,8 +322,41 @@ impl Ids {
 /// How mfg_gen mode encrypts images.
 enum Keys {
     Plain,
+    /// --inputkey: one key for every image, no key files.
     Shared(XtsKey),
-    PerDevice,
+    /// --keygen: every device gets a key file.
+    PerDevice(KeySource),
+}
+
+/// Where a device's own key comes from.
+enum KeySource {
+    /// A fresh random key.
+    Random,
+    /// A fresh HMAC key (written beside the key file), the key derived from it.
+    FreshHmac,
+    /// Derived from one HMAC key (--kp-hmac-inputkey): the same for every device.
+    Hmac(XtsKey),
+}
+
+/// The key files each device gets, beside its image in the out dir.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeyFiles {
+    None,
+    /// keys/keys-<name>.bin.
+    Keys,
+    /// Also keys/hmac-keys-<name>.bin.
+    KeysAndHmac,
+}
+
+impl KeyFiles {
+    /// The files of the device `name`, relative to the out dir.
+    fn of(self, name: &str) -> Vec<String> {
+        match self {
+            KeyFiles::None => Vec::new(),
+            KeyFiles::Keys => vec![key_rel(name)],
+            KeyFiles::KeysAndHmac => vec![key_rel(name), hmac_key_rel(name)],
+        }
+    }
 }
 
 /// One device, as planned in the first pass.
@@ -327,8 +379,11 @@ impl Device {
 /// One device's images, as a mode builds them (in [`Device::images`] order).
 struct Built {
     images: Vec<Vec<u8>>,
-    /// The device's own fresh encryption key, written to `keys/keys-<name>.bin`.
+    /// The device's own encryption key, written to `keys/keys-<name>.bin`.
     key: Option<XtsKey>,
+    /// The HMAC key it was derived from when that is the device's own, written to
+    /// `keys/hmac-keys-<name>.bin`.
+    hmac_key: Option<[u8; 32]>,
 }
 
 /// An image that is the same for every device, written once as `bin/<name>.bin`.
@@ -348,6 +403,10 @@ trait Maker: Sync {
     /// Every device gets a fresh key: its images differ on every build.
     fn fresh_keys(&self) -> bool {
         false
+    }
+    /// The key files every device gets.
+    fn key_files(&self) -> KeyFiles {
+        KeyFiles::None
     }
     /// Looks at a chunk of rows in the checking pass (for warnings); returns true when it need
     /// not look at more.
@@ -404,11 +463,7 @@ fn generate(args: MfgGenerateArgs) -> CliResult<ExitCode> {
     }
     let plan = plan(&args)?;
     let run = Run::new(&args, plan.values.clone());
-    let keys = match (&args.inputkey, args.keygen) {
-        (Some(path), _) => Keys::Shared(load_key(path)?),
-        (None, true) => Keys::PerDevice,
-        (None, false) => Keys::Plain,
-    };
+    let keys = mfg_gen_keys(&args)?;
     warn_if_read_only(plan.size);
     let mut rows = read_config(&plan.config)?;
     let mut values = Values::open(&plan.values)?;
@@ -479,6 +534,36 @@ fn generate(args: MfgGenerateArgs) -> CliResult<ExitCode> {
     produce(&run, &maker, count)
 }
 
+/// How mfg_gen mode's options ask for images to be encrypted.
+fn mfg_gen_keys(args: &MfgGenerateArgs) -> CliResult<Keys> {
+    let hmac = &args.hmac;
+    if args.kp_hmac_keyfile.is_some() {
+        return Err(CliError(
+            "--kp-hmac-keyfile names one file, and mfg_gen writes every device's HMAC key to it, \
+             keeping only the last; here every device gets its own keys/hmac-keys-<name>.bin \
+             (drop the option)"
+                .into(),
+        ));
+    }
+    if hmac.any() && !args.keygen {
+        return Err(CliError(
+            "the HMAC options (--key-protect-hmac, --kp-hmac-*) make each device's key: they \
+             need --keygen (--inputkey already gives the key)"
+                .into(),
+        ));
+    }
+    hmac.check()?;
+    Ok(match (&args.inputkey, args.keygen) {
+        (Some(path), _) => Keys::Shared(load_key(path)?),
+        (None, true) if hmac.kp_hmac_keygen => Keys::PerDevice(KeySource::FreshHmac),
+        (None, true) => match &hmac.kp_hmac_inputkey {
+            Some(path) => Keys::PerDevice(KeySource::Hmac(load_hmac_key(path)?)),
+            None => Keys::PerDevice(KeySource::Random),
+        },
+        (None, false) => Keys::Plain,
+    })
+}
+
 /// mfg_gen mode: each device's image from the generator CSV mfg_gen writes for it.
 struct MfgGen<'a> {
     plan: &'a Plan,
@@ -544,26 +629,46 @@ impl Maker for MfgGen<'_> {
             .map_err(located)?;
         // Checking: a fresh key gives other bytes on every build; the plain image shows that
         // the device builds.
-        let key = match self.keys {
-            Keys::PerDevice if writing => Some(XtsKey::generate()?),
-            _ => None,
-        };
+        let (mut key, mut hmac_key) = (None, None);
+        match self.keys {
+            Keys::PerDevice(KeySource::Random) if writing => key = Some(XtsKey::generate()?),
+            Keys::PerDevice(KeySource::FreshHmac) if writing => {
+                let fresh = random_hmac_key()?;
+                key = Some(XtsKey::derive_from_hmac(&fresh)?);
+                hmac_key = Some(fresh);
+            }
+            Keys::PerDevice(KeySource::Hmac(derived)) => key = Some(derived.clone()),
+            _ => {}
+        }
         // Encrypting cannot fail: checking needs the encrypted bytes only for their SHA-256,
         // which only --resume compares.
         let bytes = match (self.keys, &key) {
-            (Keys::Shared(key), _) if writing || self.resume => image.finish_encrypted(key),
-            (_, Some(key)) => image.finish_encrypted(key),
+            (Keys::Shared(key), _) | (_, Some(key)) if writing || self.resume => {
+                image.finish_encrypted(key)
+            }
             _ => image.finish(),
         }
         .map_err(located)?;
         Ok(Built {
             images: vec![bytes],
             key,
+            hmac_key,
         })
     }
 
     fn fresh_keys(&self) -> bool {
-        matches!(self.keys, Keys::PerDevice)
+        matches!(
+            self.keys,
+            Keys::PerDevice(KeySource::Random | KeySource::FreshHmac)
+        )
+    }
+
+    fn key_files(&self) -> KeyFiles {
+        match self.keys {
+            Keys::PerDevice(KeySource::FreshHmac) => KeyFiles::KeysAndHmac,
+            Keys::PerDevice(_) => KeyFiles::Keys,
+            _ => KeyFiles::None,
+        }
     }
 
     fn check_rows(&self, rows: &[DeviceRow], header: &[String]) -> bool {
@@ -662,8 +767,8 @@ fn produce(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<ExitCode> {
             "{}{}",
             e.0,
             if any_image {
-                "; the images written so far are complete and in the ledger: run again with \
-                 --resume to finish"
+                "; every image in place is complete: run again with --resume to finish (it \
+                 keeps the devices the ledger recorded and rebuilds the others)"
             } else {
                 ""
             }
@@ -815,8 +920,21 @@ struct Written {
 fn write_all(run: &Run, maker: &dyn Maker, work: &Work<'_>) -> CliResult {
     let count = work.actions.len();
     let mut values = Values::open(&run.values)?;
+    // Where files cannot be made unnamed, a killed run leaves temporary files: clear them.
+    let mut leftovers = 0;
+    for dir in [
+        run.out_dir.clone(),
+        run.out_dir.join("bin"),
+        run.out_dir.join("keys"),
+    ] {
+        leftovers += remove_leftovers(&dir)
+            .map_err(|e| CliError(format!("cannot clean `{}`: {e}", dir.display())))?;
+    }
+    if leftovers > 0 {
+        eprintln!("removed {leftovers} temporary file(s) left by an interrupted run");
+    }
     let kept = work.actions.iter().filter(|a| **a == Action::Keep).count();
-    if maker.fresh_keys() && kept < count {
+    if maker.key_files() != KeyFiles::None && kept < count {
         let keys = run.out_dir.join("keys");
         std::fs::create_dir_all(&keys)
             .map_err(|e| CliError(format!("cannot write `{}`: {e}", keys.display())))?;
@@ -980,10 +1098,19 @@ impl Recorder<'_> {
                 }
             }
         }
-        let outcomes = work.ledger.issue_many(&self.issued, run.allow_reissue)?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
+        let outcomes = work.ledger.issue_many(&self.issued, run.allow_reissue);
+        // A failed write is the first error (a full disk fails the ledger too, afterwards).
+        let outcomes = match (failed, outcomes) {
+            (Some(e), Ok(_)) => return Err(e),
+            (Some(e), Err(ledger)) => {
+                return Err(CliError(format!(
+                    "{}; the ledger could not record the devices written meanwhile either \
+                     ({})",
+                    e.0, ledger.0
+                )));
+            }
+            (None, outcomes) => outcomes?,
+        };
         let mut outcomes = outcomes.into_iter().zip(&self.issued);
         for (device, written) in results {
             let (entry, shas) = match written {
@@ -1038,21 +1165,25 @@ fn write_device(
     let io = |path: &Path, e: std::io::Error| {
         CliError(format!("cannot write `{}`: {e}", path.display()))
     };
-    let key_file = match &built.key {
-        Some(key) => {
-            // The keys folder is made before the writing pass.
-            let path = key_path(&run.out_dir, device.name());
-            // A key file is replaced only when it is the unrecorded leftover of an
-            // interrupted run (--resume).
-            let written = write_secret(&path, &key.to_key_file(), path.exists());
-            written.map_err(|e| io(&path, e))?;
-            if run.sync {
-                sync_file(&path).map_err(|e| io(&path, e))?;
-            }
-            Some(key_rel(device.name()))
+    // Key files (the keys folder is made before the writing pass) are replaced only when they
+    // are the unrecorded leftovers of an interrupted run (--resume).
+    let secrets = [
+        built
+            .hmac_key
+            .map(|k| (hmac_key_rel(device.name()), k.to_vec())),
+        built
+            .key
+            .as_ref()
+            .map(|k| (key_rel(device.name()), k.to_key_file())),
+    ];
+    for (rel, bytes) in secrets.iter().flatten() {
+        let path = run.out_dir.join(rel);
+        write_secret(&path, bytes, path.exists()).map_err(|e| io(&path, e))?;
+        if run.sync {
+            sync_file(&path).map_err(|e| io(&path, e))?;
         }
-        None => None,
-    };
+    }
+    let key_file = built.key.is_some().then(|| key_rel(device.name()));
     for (name, bytes) in device.images.iter().zip(&built.images) {
         let bin = bin_path(&run.out_dir, name);
         write_atomic_with(&bin, bytes, None, run.sync).map_err(|e| io(&bin, e))?;
@@ -1060,71 +1191,33 @@ fn write_device(
     Ok(Written { shas, key_file })
 }
 
-/// A file written bit by bit under a temporary name in its final folder, and renamed into place
-/// once complete; removed if it never is.
+/// A manifest, written a piece at a time and put in place once complete (errors name it).
 struct Staged {
     path: PathBuf,
-    tmp: PathBuf,
-    out: Option<std::io::BufWriter<std::fs::File>>,
+    file: StagedFile,
 }
 
 impl Staged {
     fn create(path: PathBuf) -> CliResult<Staged> {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(
-            ".{}.{}.tmp",
-            path.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
-        let file = std::fs::File::create(&tmp)
-            .map_err(|e| CliError(format!("cannot write `{}`: {e}", path.display())))?;
-        Ok(Staged {
-            path,
-            tmp,
-            out: Some(std::io::BufWriter::with_capacity(1 << 16, file)),
-        })
+        match StagedFile::create(&path) {
+            Ok(file) => Ok(Staged { path, file }),
+            Err(e) => Err(CliError(format!("cannot write `{}`: {e}", path.display()))),
+        }
     }
 
     fn write(&mut self, bytes: &[u8]) -> CliResult {
-        if let Some(out) = &mut self.out {
-            out.write_all(bytes).map_err(|e| self.error(e))?;
-        }
-        Ok(())
+        self.file.write(bytes).map_err(|e| self.error(e))
     }
 
     fn error(&self, e: std::io::Error) -> CliError {
         CliError(format!("cannot write `{}`: {e}", self.path.display()))
     }
 
-    /// Renames the complete file into place (with `sync`, fsynced before the rename and the
-    /// folder after it).
-    fn commit(mut self, sync: bool) -> CliResult {
-        let Some(out) = self.out.take() else {
-            return Ok(());
-        };
-        let result = (|| {
-            let file = out.into_inner().map_err(|e| e.into_error())?;
-            if sync {
-                file.sync_all()?;
-            }
-            drop(file);
-            std::fs::rename(&self.tmp, &self.path)?;
-            if sync {
-                sync_file(self.path.parent().unwrap_or(Path::new(".")))?;
-            }
-            Ok(())
-        })();
-        result.map_err(|e| self.error(e))
-    }
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        if self.out.take().is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
+    /// Puts the complete file in place (with `sync`, on disk first and its folder after).
+    fn commit(self, sync: bool) -> CliResult {
+        let Staged { path, file } = self;
+        file.commit(sync)
+            .map_err(|e| CliError(format!("cannot write `{}`: {e}", path.display())))
     }
 }
 
@@ -1142,9 +1235,10 @@ struct Manifests {
 impl Manifests {
     fn start(run: &Run, maker: &dyn Maker) -> CliResult<Manifests> {
         let mut csv = Staged::create(run.out_dir.join("manifest.csv"))?;
-        csv.write(match maker.labels() {
-            None => b"device,line,image,sha256,key_file\n",
-            Some(_) => b"device,line,partition,image,sha256\n",
+        csv.write(match (maker.labels(), maker.key_files()) {
+            (None, KeyFiles::KeysAndHmac) => b"device,line,image,sha256,key_file,hmac_key_file\n",
+            (None, _) => b"device,line,image,sha256,key_file\n",
+            (Some(_), _) => b"device,line,partition,image,sha256\n",
         })?;
         let mut manifest = maker.manifest_fields();
         manifest.insert("values".into(), run.values.display().to_string().into());
@@ -1204,18 +1298,28 @@ impl Manifests {
         let value = match maker.labels() {
             None => {
                 let key_file = entry.key_file.as_deref().unwrap_or_default();
-                push_csv_row(
-                    &mut self.text,
-                    &[&device.id, &line, &entry.image, &entry.sha256, key_file],
-                );
-                serde_json::json!({
+                let mut row = vec![
+                    device.id.as_str(),
+                    &line,
+                    &entry.image,
+                    &entry.sha256,
+                    key_file,
+                ];
+                let mut value = serde_json::json!({
                     "device": device.id,
                     "line": device.line,
                     "image": entry.image,
                     "sha256": entry.sha256,
                     "key_file": entry.key_file,
                     "issued_at": entry.issued_at,
-                })
+                });
+                let hmac_key_file = hmac_key_rel(device.name());
+                if maker.key_files() == KeyFiles::KeysAndHmac {
+                    row.push(&hmac_key_file);
+                    value["hmac_key_file"] = hmac_key_file.as_str().into();
+                }
+                push_csv_row(&mut self.text, &row);
+                value
             }
             Some(labels) => {
                 let mut images = Vec::with_capacity(device.images.len());
@@ -1378,9 +1482,15 @@ fn decide(
         .iter()
         .map(|name| bin_path(&run.out_dir, name))
         .collect();
+    let key_files: Vec<PathBuf> = maker
+        .key_files()
+        .of(device.name())
+        .iter()
+        .map(|rel| run.out_dir.join(rel))
+        .collect();
     let mut targets = bins.clone();
     if maker.fresh_keys() {
-        targets.push(key_path(&run.out_dir, device.name()));
+        targets.extend(key_files.iter().cloned());
     }
     let existing = targets.iter().find(|p| on_disk && p.exists());
     if run.resume {
@@ -1388,10 +1498,7 @@ fn decide(
             && on_disk
             && bins.iter().all(|bin| bin.exists())
             && issued.image == image_rel(device.name())
-            && issued
-                .key_file
-                .as_ref()
-                .is_none_or(|key| run.out_dir.join(key).exists())
+            && key_files.iter().all(|key| key.exists())
         {
             let on_disk = sha_of_file(&bins[0])?;
             if on_disk == issued.sha256 {
@@ -1444,16 +1551,16 @@ fn bin_path(out_dir: &Path, name: &str) -> PathBuf {
     out_dir.join("bin").join(format!("{name}.bin"))
 }
 
-fn key_path(out_dir: &Path, name: &str) -> PathBuf {
-    out_dir.join("keys").join(format!("keys-{name}.bin"))
-}
-
 fn image_rel(name: &str) -> String {
     format!("bin/{name}.bin")
 }
 
 fn key_rel(name: &str) -> String {
     format!("keys/keys-{name}.bin")
+}
+
+fn hmac_key_rel(name: &str) -> String {
+    format!("keys/hmac-keys-{name}.bin")
 }
 
 fn progress(done: usize, total: usize, verb: &str, started: Instant) -> String {

@@ -317,7 +317,11 @@ impl Maker for CargoMaker<'_> {
                 }
             }
         }
-        Ok(Built { images, key: None })
+        Ok(Built {
+            images,
+            key: None,
+            hmac_key: None,
+        })
     }
 
     fn ledger_size(&self) -> u32 {
