@@ -666,7 +666,7 @@ ssid = ""
     let csv = String::from_utf8(read(&case.dir.path().join("out/manifest.csv"))).unwrap();
     assert_eq!(csv.lines().count(), 1 + 6, "{csv}");
     assert!(csv.contains("\nA2,3,fb,bin/fb-A2.bin,"), "{csv}");
-    // The ledger records each device once, by its first per-device partition's image.
+    // The ledger records each device once, with every image's SHA-256 (as in the manifest).
     let ledger = rusqlite::Connection::open(case.dir.path().join("out/ledger.sqlite")).unwrap();
     let image: String = ledger
         .query_row("SELECT image FROM devices WHERE device = 'A2'", [], |r| {
@@ -674,6 +674,40 @@ ssid = ""
         })
         .unwrap();
     assert_eq!(image, "bin/fa-A2.bin");
+    let (other, other_sha): (String, String) = ledger
+        .query_row(
+            "SELECT image, sha256 FROM device_images WHERE device = 'A2' AND idx = 0",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(other, "bin/fb-A2.bin");
+    assert!(
+        csv.contains(&format!("\nA2,3,fb,bin/fb-A2.bin,{other_sha}\n")),
+        "{csv}"
+    );
+    drop(ledger);
+    // --resume keeps a device only when every image is as recorded: a second image changed
+    // since is refused, not kept.
+    let fb = case.dir.path().join("out/bin/fb-A3.bin");
+    let original = read(&fb);
+    let mut tampered = original.clone();
+    tampered[100] ^= 1;
+    std::fs::write(&fb, &tampered).unwrap();
+    let out = bin()
+        .args(["mfg", "generate", "--manifest-path", "fw/Cargo.toml"])
+        .args(["--values", "devices.csv", "--id", "sn", "--out-dir", "out"])
+        .arg("--resume")
+        .current_dir(case.dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a changed image was kept");
+    assert!(
+        stderr(&out).contains("`A3` was already issued"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(&fb, &original).unwrap();
     // A second run with --resume keeps everything; a value changed since is caught.
     let rerun = |values: &str| {
         case.file("devices.csv", values);

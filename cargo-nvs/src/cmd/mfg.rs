@@ -1083,6 +1083,11 @@ impl Recorder<'_> {
                     device: device.ledger_id.clone(),
                     image: image_rel(device.name()),
                     sha256: written.shas[0].clone(),
+                    more_images: device.images[1..]
+                        .iter()
+                        .zip(&written.shas[1..])
+                        .map(|(name, sha)| (image_rel(name), sha.clone()))
+                        .collect(),
                     key_file: written.key_file.clone(),
                     size: maker.ledger_size(),
                     values: work.values.clone(),
@@ -1324,10 +1329,12 @@ impl Manifests {
             Some(labels) => {
                 let mut images = Vec::with_capacity(device.images.len());
                 for (i, (name, label)) in device.images.iter().zip(labels).enumerate() {
-                    let sha256 = match (i, shas) {
-                        (0, _) => entry.sha256.clone(),
-                        (_, Some(shas)) => shas[i].clone(),
-                        (_, None) => sha_of_file(&bin_path(&run.out_dir, name))?,
+                    let sha256 = match (i, shas, entry.more_images.get(i.wrapping_sub(1))) {
+                        (0, _, _) => entry.sha256.clone(),
+                        (_, Some(shas), _) => shas[i].clone(),
+                        (_, None, Some((_, recorded))) => recorded.clone(),
+                        // A ledger older than the list of a device's other images.
+                        (_, None, None) => sha_of_file(&bin_path(&run.out_dir, name))?,
                     };
                     let image = image_rel(name);
                     push_csv_row(&mut self.text, &[&device.id, &line, label, &image, &sha256]);
@@ -1500,8 +1507,14 @@ fn decide(
             && issued.image == image_rel(device.name())
             && key_files.iter().all(|key| key.exists())
         {
-            let on_disk = sha_of_file(&bins[0])?;
-            if on_disk == issued.sha256 {
+            // Every image as the ledger recorded it (older ledgers have only the first).
+            let mut recorded = vec![&issued.sha256];
+            recorded.extend(issued.more_images.iter().map(|(_, sha)| sha));
+            let mut as_recorded = true;
+            for (bin, sha) in bins.iter().zip(recorded) {
+                as_recorded &= sha_of_file(bin)? == *sha;
+            }
+            if as_recorded {
                 if let Some(expected) = expected {
                     for (bin, expected) in bins.iter().zip(expected) {
                         if sha_of_file(bin)? != *expected {

@@ -21,6 +21,9 @@ pub struct Issued {
     /// The image, relative to the out dir (`bin/NAME.bin`).
     pub image: String,
     pub sha256: String,
+    /// The device's other images with their SHA-256, in order (Cargo mode with several
+    /// per-device partitions).
+    pub more_images: Vec<(String, String)>,
     /// The key file, relative to the out dir, for `--keygen` batches.
     pub key_file: Option<String>,
     /// The partition size the image was made for.
@@ -101,8 +104,8 @@ pub struct SqliteLedger {
     connection: Mutex<Connection>,
 }
 
-/// Bumped when the tables change; a ledger of a newer version is refused.
-const SCHEMA_VERSION: i64 = 1;
+/// Bumped when the tables change; a ledger of a newer version is refused. 2: device_images.
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS devices (
@@ -117,6 +120,13 @@ CREATE TABLE IF NOT EXISTS devices (
     issued_at TEXT NOT NULL,
     issues    INTEGER NOT NULL DEFAULT 1
 );
+CREATE TABLE IF NOT EXISTS device_images (
+    device TEXT NOT NULL,
+    idx    INTEGER NOT NULL,
+    image  TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    PRIMARY KEY (device, idx)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS flash_log (
     id     INTEGER PRIMARY KEY AUTOINCREMENT,
     time   TEXT NOT NULL,
@@ -202,6 +212,7 @@ fn issued_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Issued> {
         device: row.get(0)?,
         image: row.get(1)?,
         sha256: row.get(2)?,
+        more_images: Vec::new(),
         key_file: row.get(3)?,
         size: row.get(4)?,
         values: row.get(5)?,
@@ -228,11 +239,22 @@ fn flash_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<FlashRecord> {
 impl Ledger for SqliteLedger {
     fn issued(&self, device: &str) -> CliResult<Option<Issued>> {
         self.with(|c| {
-            c.prepare_cached(&format!(
-                "SELECT {DEVICE_COLUMNS} FROM devices WHERE device = ?1"
-            ))?
-            .query_row([device], issued_from_row)
-            .optional()
+            let Some(mut issued) = c
+                .prepare_cached(&format!(
+                    "SELECT {DEVICE_COLUMNS} FROM devices WHERE device = ?1"
+                ))?
+                .query_row([device], issued_from_row)
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            issued.more_images = c
+                .prepare_cached(
+                    "SELECT image, sha256 FROM device_images WHERE device = ?1 ORDER BY idx",
+                )?
+                .query_map([device], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(Some(issued))
         })
     }
 
@@ -264,6 +286,11 @@ impl Ledger for SqliteLedger {
                 ))?;
                 let mut earlier_of =
                     tx.prepare_cached("SELECT issued_at FROM devices WHERE device = ?1")?;
+                let mut forget_images =
+                    tx.prepare_cached("DELETE FROM device_images WHERE device = ?1")?;
+                let mut add_image = tx.prepare_cached(
+                    "INSERT INTO device_images (device, idx, image, sha256) VALUES (?1, ?2, ?3, ?4)",
+                )?;
                 for entry in entries {
                     let issued_at: Option<String> = insert
                         .query_row(
@@ -280,6 +307,15 @@ impl Ledger for SqliteLedger {
                             |r| r.get(0),
                         )
                         .optional()?;
+                    if issued_at.is_some() {
+                        // A reissued device's images replace its earlier ones.
+                        if allow_reissue {
+                            forget_images.execute([&entry.device])?;
+                        }
+                        for (idx, (image, sha256)) in entry.more_images.iter().enumerate() {
+                            add_image.execute(params![entry.device, idx as i64, image, sha256])?;
+                        }
+                    }
                     outcomes.push(match issued_at {
                         Some(issued_at) => Ok(issued_at),
                         None => Err(earlier_of.query_row([&entry.device], |r| r.get::<_, String>(0))?),
@@ -410,6 +446,7 @@ mod tests {
             device: device.into(),
             image: format!("bin/dev-{device}.bin"),
             sha256: "ab".repeat(32),
+            more_images: Vec::new(),
             key_file: None,
             size: 0x3000,
             values: "values.csv".into(),
