@@ -323,6 +323,55 @@ fn several_ports_flash_different_devices_in_parallel() {
 }
 
 #[test]
+fn two_stations_sharing_the_ledger_flash_different_devices() {
+    let case = batch();
+    let esps: Vec<FakeEsp> = [MAC_A, MAC_B]
+        .into_iter()
+        .map(|mac| Config::esp32c3().mac(mac).start())
+        .collect();
+    // Two processes at once, one port each: both claim from the same ledger file.
+    let stations: Vec<std::process::Child> = esps
+        .iter()
+        .map(|esp| {
+            bin()
+                .args([
+                    "mfg",
+                    "flash",
+                    "--out-dir",
+                    "out",
+                    "--next",
+                    "--offset",
+                    "0x9000",
+                ])
+                .args(["--before", "no-reset", "--after", "no-reset", "--no-stub"])
+                .args(["--port", esp.path()])
+                .current_dir(case.dir.path())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for station in stations {
+        assert_ok(&station.wait_with_output().unwrap());
+    }
+    for esp in &esps {
+        esp.settle();
+    }
+    let mut flashed: Vec<String> = log(&case).into_iter().map(|r| r[1].clone()).collect();
+    flashed.sort();
+    assert_eq!(flashed, ["SN1", "SN2"], "a device went to both stations");
+    for esp in &esps {
+        let on_chip = esp.read(0x9000, 0x3000);
+        assert!(
+            on_chip == image(&case, "SN1") || on_chip == image(&case, "SN2"),
+            "{} holds neither image",
+            esp.path()
+        );
+    }
+    assert!(esps[0].read(0x9000, 0x3000) != esps[1].read(0x9000, 0x3000));
+}
+
+#[test]
 fn refuses_bad_targets_and_a_missing_ledger() {
     let case = batch();
     let esp = FakeEsp::esp32c3();

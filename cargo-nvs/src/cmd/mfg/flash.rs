@@ -212,7 +212,9 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
         }
     }
 
-    // One device per port, chosen before any port is opened.
+    // One device per port, claimed in the ledger before any port is opened: other stations
+    // sharing the ledger skip claimed devices.
+    let claimants: Vec<String> = ports.iter().map(|port| station(port.as_deref())).collect();
     let mut chosen: Vec<Issued> = Vec::new();
     if let Some(id) = &args.device {
         if ports.len() > 1 {
@@ -225,15 +227,19 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
                 "device `{id}` is not in the ledger (it was never issued)"
             ))
         })?;
+        if let Err(held) = ledger.claim(id, &claimants[0])? {
+            if !args.force {
+                return Err(CliError(format!(
+                    "{held}; not flashed (--force flashes it anyway)"
+                )));
+            }
+            eprintln!("warning: {held}; flashing anyway (--force)");
+        }
         chosen.push(entry);
     } else {
-        let mut taken: Vec<String> = Vec::new();
-        for _ in &ports {
-            match ledger.next_unflashed(&taken)? {
-                Some(entry) => {
-                    taken.push(entry.device.clone());
-                    chosen.push(entry);
-                }
+        for claimant in &claimants {
+            match ledger.claim_next(claimant)? {
+                Some(entry) => chosen.push(entry),
                 None => break,
             }
         }
@@ -257,9 +263,15 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
     let results: Vec<CliResult<()>> = std::thread::scope(|scope| {
         let handles: Vec<_> = jobs
             .iter()
-            .map(|(port, device)| {
+            .zip(&claimants)
+            .map(|((port, device), claimant)| {
                 let (args, target, ledger, out_dir) = (&args, &target, &ledger, &out_dir);
-                scope.spawn(move || flash_device(args, target, ledger, out_dir, port, device))
+                scope.spawn(move || {
+                    let flashed = flash_device(args, target, ledger, out_dir, port, device);
+                    // Logging a flash ends the claim; one that never got that far is given up.
+                    let released = ledger.release(&device.device, claimant);
+                    flashed.and(released)
+                })
             })
             .collect();
         handles
@@ -289,6 +301,22 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
         )));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Who claims devices in the ledger: this host, process and port (stations may share a ledger).
+fn station(port: Option<&str>) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| std::env::var("COMPUTERNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "station".into());
+    format!(
+        "{host} (process {}, port {})",
+        std::process::id(),
+        port.unwrap_or("default")
+    )
 }
 
 /// Flashes one device through one port and logs it.

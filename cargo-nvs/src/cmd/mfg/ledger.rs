@@ -77,9 +77,15 @@ pub trait Ledger: Send + Sync {
     /// Every issued device, oldest first.
     #[cfg(test)]
     fn devices(&self) -> CliResult<Vec<Issued>>;
-    /// The oldest issued device without a successful flash, other than `skip`.
-    fn next_unflashed(&self, skip: &[String]) -> CliResult<Option<Issued>>;
-    /// Appends a production-log row in one transaction.
+    /// Claims the oldest issued device that has no successful flash and no live claim, for
+    /// `claimant`, in one transaction: stations sharing the ledger never get the same device.
+    /// A claim older than [`CLAIM_LIFETIME`] is stale (its station died) and is taken over.
+    fn claim_next(&self, claimant: &str) -> CliResult<Option<Issued>>;
+    /// Claims the named device; `Err` names the station that holds a live claim on it.
+    fn claim(&self, device: &str, claimant: &str) -> CliResult<Result<(), String>>;
+    /// Gives up `claimant`'s claim on the device (when it was not flashed after all).
+    fn release(&self, device: &str, claimant: &str) -> CliResult<()>;
+    /// Appends a production-log row and ends the device's claim, in one transaction.
     fn record_flash(&self, record: &FlashRecord) -> CliResult<()>;
     /// Why flashing `device` onto the chip `mac` would break the one-id-per-MAC rule: the id
     /// already went to another MAC, or the MAC already holds another id (successful flashes).
@@ -102,10 +108,16 @@ pub trait Ledger: Send + Sync {
 pub struct SqliteLedger {
     path: PathBuf,
     connection: Mutex<Connection>,
+    claim_lifetime: Duration,
 }
 
-/// Bumped when the tables change; a ledger of a newer version is refused. 2: device_images.
+/// Bumped when the tables change; a ledger of a newer version is refused. 2: device_images and
+/// claims.
 const SCHEMA_VERSION: i64 = 2;
+
+/// How long a claim on a device holds: longer than any flash takes, so that a claim older than
+/// this belongs to a station that died.
+pub const CLAIM_LIFETIME: Duration = Duration::from_secs(15 * 60);
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS devices (
@@ -127,6 +139,11 @@ CREATE TABLE IF NOT EXISTS device_images (
     sha256 TEXT NOT NULL,
     PRIMARY KEY (device, idx)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS claims (
+    device     TEXT PRIMARY KEY NOT NULL,
+    claimant   TEXT NOT NULL,
+    claimed_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS flash_log (
     id     INTEGER PRIMARY KEY AUTOINCREMENT,
     time   TEXT NOT NULL,
@@ -191,7 +208,16 @@ impl SqliteLedger {
         Ok(SqliteLedger {
             path: path.to_owned(),
             connection: Mutex::new(connection),
+            claim_lifetime: CLAIM_LIFETIME,
         })
+    }
+
+    /// The condition on a `claims c` row that it still holds.
+    fn live_claim(&self) -> String {
+        format!(
+            "c.claimed_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-{} seconds')",
+            self.claim_lifetime.as_secs()
+        )
     }
 
     fn error(&self, e: rusqlite::Error) -> CliError {
@@ -351,22 +377,72 @@ impl Ledger for SqliteLedger {
         })
     }
 
-    fn next_unflashed(&self, skip: &[String]) -> CliResult<Option<Issued>> {
-        // Few rows are skipped (one per busy port): filter here rather than in SQL.
+    fn claim_next(&self, claimant: &str) -> CliResult<Option<Issued>> {
+        let live_claim = self.live_claim();
         self.with(|c| {
-            let mut statement = c.prepare(&format!(
-                "SELECT {DEVICE_COLUMNS} FROM devices d WHERE NOT EXISTS
-                   (SELECT 1 FROM flash_log f WHERE f.device = d.device AND f.result = 'ok')
-                 ORDER BY batch, values_file, line"
-            ))?;
-            let mut rows = statement.query_map([], issued_from_row)?;
-            for row in &mut rows {
-                let row = row?;
-                if !skip.contains(&row.device) {
-                    return Ok(Some(row));
-                }
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let next = tx
+                .prepare(&format!(
+                    "SELECT {DEVICE_COLUMNS} FROM devices d WHERE NOT EXISTS
+                       (SELECT 1 FROM flash_log f WHERE f.device = d.device AND f.result = 'ok')
+                     AND NOT EXISTS
+                       (SELECT 1 FROM claims c WHERE c.device = d.device AND {live_claim})
+                     ORDER BY batch, values_file, line LIMIT 1"
+                ))?
+                .query_row([], issued_from_row)
+                .optional()?;
+            if let Some(next) = &next {
+                tx.execute(
+                    &format!(
+                        "INSERT OR REPLACE INTO claims (device, claimant, claimed_at)
+                         VALUES (?1, ?2, {NOW})"
+                    ),
+                    [&next.device, claimant],
+                )?;
             }
-            Ok(None)
+            tx.commit()?;
+            Ok(next)
+        })
+    }
+
+    fn claim(&self, device: &str, claimant: &str) -> CliResult<Result<(), String>> {
+        let live_claim = self.live_claim();
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let holder: Option<(String, String)> = tx
+                .query_row(
+                    &format!(
+                        "SELECT claimant, claimed_at FROM claims c
+                         WHERE device = ?1 AND claimant <> ?2 AND {live_claim}"
+                    ),
+                    [device, claimant],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            if let Some((holder, since)) = holder {
+                return Ok(Err(format!(
+                    "device `{device}` is being flashed by {holder} (claimed at {since})"
+                )));
+            }
+            tx.execute(
+                &format!(
+                    "INSERT OR REPLACE INTO claims (device, claimant, claimed_at)
+                     VALUES (?1, ?2, {NOW})"
+                ),
+                [device, claimant],
+            )?;
+            tx.commit()?;
+            Ok(Ok(()))
+        })
+    }
+
+    fn release(&self, device: &str, claimant: &str) -> CliResult<()> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM claims WHERE device = ?1 AND claimant = ?2",
+                [device, claimant],
+            )
+            .map(drop)
         })
     }
 
@@ -386,6 +462,7 @@ impl Ledger for SqliteLedger {
                     record.result
                 ],
             )?;
+            tx.execute("DELETE FROM claims WHERE device = ?1", [&record.device])?;
             tx.commit()
         })
     }
@@ -491,14 +568,19 @@ mod tests {
         for (n, id) in ["A", "B", "C"].iter().enumerate() {
             ledger.issue(&entry(id, n + 2), false).unwrap();
         }
-        assert_eq!(ledger.next_unflashed(&[]).unwrap().unwrap().device, "A");
+        let next = |station: &str| ledger.claim_next(station).unwrap().map(|d| d.device);
+        assert_eq!(next("s1").as_deref(), Some("A"));
+        // A failed flash ends the claim; the device is offered again.
         ledger.record_flash(&flash("m1", "A", "failed: x")).unwrap();
-        assert_eq!(ledger.next_unflashed(&[]).unwrap().unwrap().device, "A");
+        assert_eq!(next("s1").as_deref(), Some("A"));
         assert!(ledger.flash_conflict("m2", "A").unwrap().is_none());
         ledger.record_flash(&flash("m1", "A", "ok")).unwrap();
-        assert_eq!(ledger.next_unflashed(&[]).unwrap().unwrap().device, "B");
-        let skip = ["B".to_owned()];
-        assert_eq!(ledger.next_unflashed(&skip).unwrap().unwrap().device, "C");
+        assert_eq!(next("s1").as_deref(), Some("B"));
+        // B is claimed: the next claim gets C, then nothing is left.
+        assert_eq!(next("s2").as_deref(), Some("C"));
+        assert_eq!(next("s3"), None);
+        ledger.release("C", "s2").unwrap();
+        assert_eq!(next("s3").as_deref(), Some("C"));
         assert!(ledger.flash_conflict("m1", "A").unwrap().is_none());
         let e = ledger.flash_conflict("m2", "A").unwrap().unwrap();
         assert!(e.contains("MAC m1"), "{e}");
@@ -513,6 +595,31 @@ mod tests {
         );
         assert!(csv.contains("m1,A,"), "{csv}");
         assert_eq!(csv.lines().count(), 3);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn stations_sharing_a_ledger_never_claim_the_same_device() {
+        let dir = scratch("claims");
+        let path = dir.join("l.sqlite");
+        let first = SqliteLedger::open(&path, false).unwrap();
+        for (n, id) in ["A", "B"].iter().enumerate() {
+            first.issue(&entry(id, n + 2), false).unwrap();
+        }
+        // A second station: its own connection to the same file.
+        let second = SqliteLedger::open(&path, false).unwrap();
+        let a = first.claim_next("station-1").unwrap().unwrap();
+        let b = second.claim_next("station-2").unwrap().unwrap();
+        assert_eq!((a.device.as_str(), b.device.as_str()), ("A", "B"));
+        assert!(second.claim_next("station-2").unwrap().is_none());
+        let held = second.claim("A", "station-2").unwrap().unwrap_err();
+        assert!(held.contains("station-1"), "{held}");
+        // A claim the station itself holds may be renewed.
+        first.claim("A", "station-1").unwrap().unwrap();
+        // A station that died: its claims lapse.
+        let mut lapsed = SqliteLedger::open(&path, false).unwrap();
+        lapsed.claim_lifetime = Duration::ZERO;
+        assert_eq!(lapsed.claim_next("station-3").unwrap().unwrap().device, "A");
         let _ = std::fs::remove_dir_all(dir);
     }
 }
