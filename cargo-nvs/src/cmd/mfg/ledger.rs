@@ -293,8 +293,10 @@ impl Ledger for SqliteLedger {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut outcomes = Vec::with_capacity(entries.len());
             {
+                // One time for the transaction's devices: they are recorded together.
+                let now: String = tx.query_row(&format!("SELECT {NOW}"), [], |r| r.get(0))?;
                 // A device issued before is replaced (--allow-reissue), or left alone and
-                // refused: then the insert returns no row.
+                // refused: then the insert changes no row.
                 let on_conflict = if allow_reissue {
                     "DO UPDATE SET image = excluded.image,
                        sha256 = excluded.sha256, key_file = excluded.key_file,
@@ -306,9 +308,8 @@ impl Ledger for SqliteLedger {
                     "DO NOTHING"
                 };
                 let mut insert = tx.prepare_cached(&format!(
-                    "INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, {NOW})
-                     ON CONFLICT (device) {on_conflict}
-                     RETURNING issued_at"
+                    "INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                     ON CONFLICT (device) {on_conflict}"
                 ))?;
                 let mut earlier_of =
                     tx.prepare_cached("SELECT issued_at FROM devices WHERE device = ?1")?;
@@ -318,34 +319,30 @@ impl Ledger for SqliteLedger {
                     "INSERT INTO device_images (device, idx, image, sha256) VALUES (?1, ?2, ?3, ?4)",
                 )?;
                 for entry in entries {
-                    let issued_at: Option<String> = insert
-                        .query_row(
-                            params![
-                                entry.device,
-                                entry.image,
-                                entry.sha256,
-                                entry.key_file,
-                                entry.size,
-                                entry.values,
-                                entry.line as i64,
-                                entry.batch
-                            ],
-                            |r| r.get(0),
-                        )
-                        .optional()?;
-                    if issued_at.is_some() {
-                        // A reissued device's images replace its earlier ones.
-                        if allow_reissue {
-                            forget_images.execute([&entry.device])?;
-                        }
-                        for (idx, (image, sha256)) in entry.more_images.iter().enumerate() {
-                            add_image.execute(params![entry.device, idx as i64, image, sha256])?;
-                        }
+                    let changed = insert.execute(params![
+                        entry.device,
+                        entry.image,
+                        entry.sha256,
+                        entry.key_file,
+                        entry.size,
+                        entry.values,
+                        entry.line as i64,
+                        entry.batch,
+                        now
+                    ])?;
+                    if changed == 0 {
+                        let earlier: String = earlier_of.query_row([&entry.device], |r| r.get(0))?;
+                        outcomes.push(Err(earlier));
+                        continue;
                     }
-                    outcomes.push(match issued_at {
-                        Some(issued_at) => Ok(issued_at),
-                        None => Err(earlier_of.query_row([&entry.device], |r| r.get::<_, String>(0))?),
-                    });
+                    // A reissued device's images replace its earlier ones.
+                    if allow_reissue {
+                        forget_images.execute([&entry.device])?;
+                    }
+                    for (idx, (image, sha256)) in entry.more_images.iter().enumerate() {
+                        add_image.execute(params![entry.device, idx as i64, image, sha256])?;
+                    }
+                    outcomes.push(Ok(now.clone()));
                 }
             }
             tx.commit()?;
