@@ -756,4 +756,60 @@ ssid = ""
             "out of range for i16",
         ],
     );
+
+    // Flashing with the package's table: both of the next device's images, each padded over
+    // its own partition, in one connection; nothing else changes.
+    use support::fake_esp::Config;
+    let esp = Config::esp32c3()
+        .mac([0x7c, 0xdf, 0xa1, 0, 0, 0x41])
+        .start();
+    let before = esp.flash();
+    let out = bin()
+        .args(["mfg", "flash", "--out-dir", "out", "--next"])
+        .args(["--manifest-path", "fw/Cargo.toml", "--port", esp.path()])
+        .args(["--before", "no-reset", "--after", "no-reset", "--no-stub"])
+        .current_dir(case.dir.path())
+        .output()
+        .unwrap();
+    esp.settle();
+    assert_ok(&out);
+    for (part, offset) in [("fa", 0xf000), ("fb", 0x12000)] {
+        let mut image = read(&case.dir.path().join(format!("out/bin/{part}-A1.bin")));
+        image.resize(0x3000, 0xFF);
+        assert!(
+            esp.read(offset, 0x3000) == image,
+            "{part} holds another image"
+        );
+    }
+    let changed: Vec<_> = esp
+        .changed_since(&before)
+        .into_iter()
+        .filter(|r| !(r.start >= 0xf000 && r.end <= 0xf000 + 0x6000))
+        .collect();
+    assert!(changed.is_empty(), "{changed:?}");
+    // A batch named by prefix (mfg_gen's form) has no partitions to go by.
+    case.file("conf.csv", "a,namespace,\nsn,data,string\n");
+    case.file("vals.csv", "sn\nZ1\n");
+    assert_ok(
+        &bin()
+            .args(["mfg", "generate", "conf.csv", "vals.csv", "dev", "0x3000"])
+            .args(["--fileid", "sn", "--out-dir", "plain"])
+            .current_dir(case.dir.path())
+            .output()
+            .unwrap(),
+    );
+    let out = bin()
+        .args(["mfg", "flash", "--out-dir", "plain", "--next"])
+        .args(["--manifest-path", "fw/Cargo.toml", "--port", esp.path()])
+        .args(["--before", "no-reset", "--after", "no-reset", "--no-stub"])
+        .current_dir(case.dir.path())
+        .output()
+        .unwrap();
+    esp.settle();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("give --offset, or --partition-table and --partition"),
+        "{}",
+        stderr(&out)
+    );
 }

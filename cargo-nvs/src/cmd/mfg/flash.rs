@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use super::hex;
 use super::ledger::{FlashRecord, Issued, Ledger, SqliteLedger};
 use crate::flashing::{After, Before, ConnectArgs, connect};
+use crate::project::PackageArgs;
 use crate::size::parse_size;
 use crate::{CliError, CliResult};
 
@@ -19,7 +20,10 @@ use crate::{CliError, CliResult};
 ///
 /// Writes the device's image padded with 0xFF over its whole partition in one connection,
 /// checks it by MD5, reads the chip's MAC and appends `MAC, device, SHA-256, time, result` to the
-/// production log in the ledger (see `cargo nvs mfg log`). A device id is never put on a second
+/// production log in the ledger (see `cargo nvs mfg log`). Where it goes: --offset; or
+/// --partition-table with --partition; or, by default, the Cargo package's partition table, which
+/// takes every image of a device made from the package's metadata (`<partition>-<id>.bin`) into
+/// its partition. A device id is never put on a second
 /// chip, nor a second id on a chip already logged, unless --force. A failed flash is logged as
 /// `failed: …` and leaves the device unflashed; the exit code is then non-zero. A device made
 /// with --keygen also gets its key file written to the table's nvs_keys partition, in the same
@@ -39,11 +43,12 @@ pub struct MfgFlashArgs {
     /// Flash the next devices not flashed yet, one per port, in the ledger's order (default).
     #[arg(long)]
     next: bool,
-    /// Flash offset of the NVS partition (hex like 0x9000, or decimal).
-    #[arg(long, value_name = "ADDR", conflicts_with_all = ["partition_table", "partition"],
-          required_unless_present = "partition_table")]
+    /// Flash offset of the NVS partition (hex like 0x9000, or decimal) [default: from the
+    /// partition table].
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["partition_table", "partition"])]
     offset: Option<String>,
-    /// Partition table (CSV or binary) to find the partition in.
+    /// Partition table (CSV or binary) to find the partition in [default: the Cargo package's,
+    /// whose partitions the images are named after].
     #[arg(long, value_name = "FILE", requires = "partition")]
     partition_table: Option<PathBuf>,
     /// The NVS partition to flash (with --partition-table).
@@ -75,6 +80,8 @@ pub struct MfgFlashArgs {
     /// Talk to the ROM loader directly instead of uploading espflash's flasher stub.
     #[arg(long)]
     no_stub: bool,
+    #[command(flatten)]
+    package: PackageArgs,
 }
 
 fn parse_chip(text: &str) -> Result<Chip, String> {
@@ -139,13 +146,16 @@ pub fn log(args: MfgLogArgs) -> CliResult<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Where the image goes.
+/// Where the images go.
 struct Target {
     offset: u32,
     /// Bytes to write; `None`: each device's own partition size.
     size: Option<u32>,
     /// The nvs_keys partition's offset and size, for devices with their own key.
     keys: Option<(u32, u32)>,
+    /// The Cargo package's table: every image of a device goes to the partition it is named
+    /// after (`offset` and `size` do not apply).
+    package_table: Option<PartitionTable>,
 }
 
 fn target(args: &MfgFlashArgs) -> CliResult<Target> {
@@ -168,12 +178,24 @@ fn target(args: &MfgFlashArgs) -> CliResult<Target> {
             offset,
             size,
             keys: None,
+            package_table: None,
         });
     }
     let (Some(path), Some(name)) = (&args.partition_table, &args.partition) else {
-        return Err(CliError(
-            "give --offset, or --partition-table and --partition".into(),
-        ));
+        if size.is_some() {
+            return Err(CliError(
+                "--size needs --offset, or --partition-table and --partition (with the \
+                 package's table every image fills its own partition)"
+                    .into(),
+            ));
+        }
+        let table = args.package.find()?.nvs_metadata()?.table;
+        return Ok(Target {
+            offset: 0,
+            size: None,
+            keys: nvs_keys_of(&table),
+            package_table: Some(table),
+        });
     };
     let table = PartitionTable::load(path, PartitionTable::DEFAULT_OFFSET)?;
     let partition =
@@ -189,12 +211,96 @@ fn target(args: &MfgFlashArgs) -> CliResult<Target> {
     Ok(Target {
         offset: partition.offset,
         size: Some(size.unwrap_or(partition.size)),
-        keys: table
-            .partitions
-            .iter()
-            .find(|p| p.is_nvs_keys())
-            .map(|p| (p.offset, p.size)),
+        keys: nvs_keys_of(&table),
+        package_table: None,
     })
+}
+
+/// The offset and size of the table's nvs_keys partition.
+fn nvs_keys_of(table: &PartitionTable) -> Option<(u32, u32)> {
+    table
+        .partitions
+        .iter()
+        .find(|p| p.is_nvs_keys())
+        .map(|p| (p.offset, p.size))
+}
+
+/// Reads a device's image and checks it is the one the ledger recorded.
+fn read_image(out_dir: &Path, image: &str, sha256: &str) -> CliResult<Vec<u8>> {
+    let path = out_dir.join(image);
+    let data = std::fs::read(&path)
+        .map_err(|e| CliError(format!("cannot read `{}`: {e}", path.display())))?;
+    let actual = hex(&Sha256::digest(&data));
+    if actual != sha256 {
+        return Err(CliError(format!(
+            "`{}` is not the image the ledger recorded (SHA-256 {actual}, ledger {sha256}); not \
+             flashed",
+            path.display()
+        )));
+    }
+    Ok(data)
+}
+
+/// The device's images, each padded with 0xFF over the partition it goes to: (offset, bytes,
+/// partition).
+fn image_segments(
+    target: &Target,
+    out_dir: &Path,
+    device: &Issued,
+) -> CliResult<Vec<(u32, Vec<u8>, String)>> {
+    let pad = |mut data: Vec<u8>, size: u32, image: &str| {
+        if data.len() > size as usize {
+            return Err(CliError(format!(
+                "`{}` is {} bytes, larger than the {size:#x} bytes to write",
+                out_dir.join(image).display(),
+                data.len()
+            )));
+        }
+        data.resize(size as usize, 0xFF);
+        Ok(data)
+    };
+    let Some(table) = &target.package_table else {
+        let data = read_image(out_dir, &device.image, &device.sha256)?;
+        let size = target.size.unwrap_or(device.size);
+        return Ok(vec![(
+            target.offset,
+            pad(data, size, &device.image)?,
+            "nvs".to_owned(),
+        )]);
+    };
+    let images = std::iter::once((&device.image, &device.sha256))
+        .chain(device.more_images.iter().map(|(image, sha)| (image, sha)));
+    let mut segments = Vec::new();
+    for (image, sha256) in images {
+        let suffix = format!("-{}.bin", device.device);
+        let Some(name) = image
+            .strip_prefix("bin/")
+            .and_then(|n| n.strip_suffix(&suffix))
+        else {
+            return Err(CliError(format!(
+                "`{image}` is not named <partition>-{}.bin: it was not made from the package's \
+                 metadata; give --offset, or --partition-table and --partition",
+                device.device
+            )));
+        };
+        let partition =
+            crate::cmd::read::nvs_partition(table, name, "the package's partition table").map_err(
+                |e| {
+                    CliError(format!(
+                        "`{image}`: {}; images of mfg_gen's form are named by their prefix: give \
+                     --offset, or --partition-table and --partition",
+                        e.0
+                    ))
+                },
+            )?;
+        let data = read_image(out_dir, image, sha256)?;
+        segments.push((
+            partition.offset,
+            pad(data, partition.size, image)?,
+            name.to_owned(),
+        ));
+    }
+    Ok(segments)
 }
 
 pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
@@ -333,27 +439,7 @@ fn flash_device(
         port.as_deref().unwrap_or("default port"),
         device.device
     );
-    let path = out_dir.join(&device.image);
-    let mut data = std::fs::read(&path)
-        .map_err(|e| CliError(format!("cannot read `{}`: {e}", path.display())))?;
-    let sha256 = hex(&Sha256::digest(&data));
-    if sha256 != device.sha256 {
-        return Err(CliError(format!(
-            "`{}` is not the image the ledger recorded (SHA-256 {sha256}, ledger {}); not flashed",
-            path.display(),
-            device.sha256
-        )));
-    }
-    let size = target.size.unwrap_or(device.size);
-    if data.len() > size as usize {
-        return Err(CliError(format!(
-            "`{}` is {} bytes, larger than the {size:#x} bytes to write",
-            path.display(),
-            data.len()
-        )));
-    }
-    data.resize(size as usize, 0xFF);
-    let mut segments = vec![(target.offset, data, "nvs".to_owned())];
+    let mut segments = image_segments(target, out_dir, device)?;
     if let Some(key_file) = &device.key_file {
         let Some((offset, keys_size)) = target.keys else {
             return Err(CliError(format!(
@@ -427,9 +513,13 @@ fn flash_device(
     match written {
         Ok(()) => {
             ledger.record_flash(&record("ok".into()))?;
+            let places: Vec<String> = segments
+                .iter()
+                .map(|(addr, data, name)| format!("{name}: {} bytes at {addr:#x}", data.len()))
+                .collect();
             eprintln!(
-                "{label}: flashed and verified ({} bytes at {:#x}) on MAC {mac}",
-                size, target.offset
+                "{label}: flashed and verified ({}) on MAC {mac}",
+                places.join(", ")
             );
             Ok(())
         }

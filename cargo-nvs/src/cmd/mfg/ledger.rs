@@ -248,6 +248,13 @@ fn issued_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Issued> {
     })
 }
 
+/// A device's images other than the first, in order.
+fn more_images(c: &Connection, device: &str) -> rusqlite::Result<Vec<(String, String)>> {
+    c.prepare_cached("SELECT image, sha256 FROM device_images WHERE device = ?1 ORDER BY idx")?
+        .query_map([device], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect()
+}
+
 const DEVICE_COLUMNS: &str =
     "device, image, sha256, key_file, size, values_file, line, batch, issued_at";
 
@@ -274,12 +281,7 @@ impl Ledger for SqliteLedger {
             else {
                 return Ok(None);
             };
-            issued.more_images = c
-                .prepare_cached(
-                    "SELECT image, sha256 FROM device_images WHERE device = ?1 ORDER BY idx",
-                )?
-                .query_map([device], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<rusqlite::Result<_>>()?;
+            issued.more_images = more_images(c, device)?;
             Ok(Some(issued))
         })
     }
@@ -378,7 +380,7 @@ impl Ledger for SqliteLedger {
         let live_claim = self.live_claim();
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let next = tx
+            let mut next = tx
                 .prepare(&format!(
                     "SELECT {DEVICE_COLUMNS} FROM devices d WHERE NOT EXISTS
                        (SELECT 1 FROM flash_log f WHERE f.device = d.device AND f.result = 'ok')
@@ -388,7 +390,8 @@ impl Ledger for SqliteLedger {
                 ))?
                 .query_row([], issued_from_row)
                 .optional()?;
-            if let Some(next) = &next {
+            if let Some(next) = &mut next {
+                next.more_images = more_images(&tx, &next.device)?;
                 tx.execute(
                     &format!(
                         "INSERT OR REPLACE INTO claims (device, claimant, claimed_at)
