@@ -1039,3 +1039,49 @@ fn mfg_generate_key_is_generate_key() {
         read(&vectors().join("out/keys/hmac_derived_keys.bin"))
     );
 }
+
+#[test]
+fn mfg_gens_hidden_per_device_options_are_accepted_and_ignored() {
+    let case = case(CONFIG, VALUES);
+    let out = mfg(
+        &case,
+        &[
+            "--fileid",
+            "serial",
+            "--keyfile",
+            "k",
+            "--input",
+            "i.csv",
+            "--output",
+            "o.bin",
+        ],
+    );
+    assert_ok(&out);
+    for option in ["--keyfile", "--input", "--output"] {
+        assert!(
+            stderr(&out).contains(&format!("warning: {option} is ignored")),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert!(!case.exists("o.bin") && !case.exists("k"));
+    assert_ok(&case.run(&[
+        "mfg",
+        "generate",
+        "config.csv",
+        "values.csv",
+        "dev",
+        "0x3000",
+        "--fileid",
+        "serial",
+        "--out-dir",
+        "plain",
+    ]));
+    for n in 1..=3 {
+        let name = format!("bin/dev-SN{n}.bin");
+        assert_eq!(
+            read(&case.dir.path().join("out").join(&name)),
+            read(&case.dir.path().join("plain").join(&name))
+        );
+    }
+}

@@ -142,6 +142,14 @@ pub struct MfgGenerateArgs {
         hide = true
     )]
     kp_hmac_keyfile: Option<PathBuf>,
+    /// mfg_gen's hidden --keyfile, --input and --output: it sets them anew for every device, so
+    /// they are accepted and ignored.
+    #[arg(long = "keyfile", value_name = "FILE", hide = true)]
+    mfg_gen_keyfile: Option<PathBuf>,
+    #[arg(long = "input", value_name = "FILE", hide = true)]
+    mfg_gen_input: Option<PathBuf>,
+    #[arg(long = "output", value_name = "FILE", hide = true)]
+    mfg_gen_output: Option<PathBuf>,
     /// Cargo mode: the values column holding each device's id (required: the ledger records it,
     /// and it must be unique across batches). Images are named `<partition>-<ID>.bin`.
     #[arg(long, value_name = "COLUMN")]
@@ -463,6 +471,18 @@ fn generate(args: MfgGenerateArgs) -> CliResult<ExitCode> {
     }
     let plan = plan(&args)?;
     let run = Run::new(&args, plan.values.clone());
+    for (given, option) in [
+        (args.mfg_gen_keyfile.is_some(), "--keyfile"),
+        (args.mfg_gen_input.is_some(), "--input"),
+        (args.mfg_gen_output.is_some(), "--output"),
+    ] {
+        if given {
+            eprintln!(
+                "warning: {option} is ignored: mfg_gen sets it anew for every device (images go \
+                 to <out-dir>/bin, keys to <out-dir>/keys)"
+            );
+        }
+    }
     let keys = mfg_gen_keys(&args)?;
     warn_if_read_only(plan.size);
     let mut rows = read_config(&plan.config)?;
