@@ -1085,3 +1085,35 @@ fn mfg_gens_hidden_per_device_options_are_accepted_and_ignored() {
         );
     }
 }
+
+#[test]
+fn resume_with_keygen_replaces_an_unrecorded_key_leftover_and_keeps_the_rest() {
+    let case = case(CONFIG, VALUES);
+    assert_ok(&mfg(&case, &["--fileid", "serial", "--keygen"]));
+    let dir = case.dir.path();
+    let key = |n: u32| read(&dir.join(format!("out/keys/keys-dev-SN{n}.bin")));
+    let before: Vec<Vec<u8>> = (1..=3).map(key).collect();
+    // As if killed after SN2's key file was written but before its image and ledger row.
+    let ledger = rusqlite::Connection::open(dir.join("out/ledger.sqlite")).unwrap();
+    ledger
+        .execute("DELETE FROM devices WHERE device = 'SN2'", [])
+        .unwrap();
+    drop(ledger);
+    std::fs::remove_file(dir.join("out/bin/dev-SN2.bin")).unwrap();
+    let again = mfg(&case, &["--fileid", "serial", "--keygen", "--resume"]);
+    assert_ok(&again);
+    assert!(stderr(&again).contains("2 device(s) were finished by an earlier run"));
+    assert_eq!(key(1), before[0]);
+    assert_eq!(key(3), before[2]);
+    assert_ne!(key(2), before[1], "the leftover key was not replaced");
+    // The new image goes with the new key.
+    assert_ok(&case.run(&[
+        "decrypt",
+        "out/bin/dev-SN2.bin",
+        "out/keys/keys-dev-SN2.bin",
+        "plain2.bin",
+    ]));
+    let dump = case.run(&["dump", "plain2.bin"]);
+    assert!(String::from_utf8_lossy(&dump.stdout).contains("SN2"));
+    assert_eq!(ledger_devices(&dir.join("out/ledger.sqlite")).len(), 3);
+}

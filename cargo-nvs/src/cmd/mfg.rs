@@ -1060,10 +1060,11 @@ fn write_chunk(
         .enumerate()
         .map(|(i, row)| {
             let device = maker.device(first + i, row);
-            let written = if work.actions[first + i] == Action::Keep {
-                Ok(None)
-            } else {
-                write_device(run, maker, &device, row).map(Some)
+            let written = match work.actions[first + i] {
+                Action::Keep => Ok(None),
+                action => {
+                    write_device(run, maker, &device, row, action == Action::Replace).map(Some)
+                }
             };
             (device, written)
         })
@@ -1184,6 +1185,7 @@ fn write_device(
     maker: &dyn Maker,
     device: &Device,
     row: &DeviceRow,
+    replace: bool,
 ) -> CliResult<Written> {
     let built = maker.build(device, row, true)?;
     let shas: Vec<String> = built.images.iter().map(|bytes| sha_hex(bytes)).collect();
@@ -1191,7 +1193,8 @@ fn write_device(
         CliError(format!("cannot write `{}`: {e}", path.display()))
     };
     // Key files (the keys folder is made before the writing pass) are replaced only when they
-    // are the unrecorded leftovers of an interrupted run (--resume).
+    // are the unrecorded leftovers of an interrupted run (--resume); a key derived the same way
+    // again may meet its identical leftover.
     let secrets = [
         built
             .hmac_key
@@ -1203,7 +1206,12 @@ fn write_device(
     ];
     for (rel, bytes) in secrets.iter().flatten() {
         let path = run.out_dir.join(rel);
-        write_secret(&path, bytes, path.exists()).map_err(|e| io(&path, e))?;
+        match write_secret(&path, bytes, replace) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AlreadyExists
+                    && std::fs::read(&path).is_ok_and(|existing| existing == *bytes) => {}
+            written => written.map_err(|e| io(&path, e))?,
+        }
         if run.sync {
             sync_file(&path).map_err(|e| io(&path, e))?;
         }
