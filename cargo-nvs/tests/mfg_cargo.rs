@@ -764,15 +764,18 @@ ssid = ""
         .mac([0x7c, 0xdf, 0xa1, 0, 0, 0x41])
         .start();
     let before = esp.flash();
-    let out = bin()
-        .args(["mfg", "flash", "--out-dir", "out", "--next"])
-        .args(["--manifest-path", "fw/Cargo.toml", "--port", esp.path()])
-        .args(["--before", "no-reset", "--after", "no-reset", "--no-stub"])
-        .current_dir(case.dir.path())
-        .output()
-        .unwrap();
-    esp.settle();
-    assert_ok(&out);
+    let flash_next = |out_dir: &str| {
+        let out = bin()
+            .args(["mfg", "flash", "--out-dir", out_dir, "--next"])
+            .args(["--manifest-path", "fw/Cargo.toml", "--port", esp.path()])
+            .args(["--before", "no-reset", "--after", "no-reset", "--no-stub"])
+            .current_dir(case.dir.path())
+            .output()
+            .unwrap();
+        esp.settle();
+        out
+    };
+    assert_ok(&flash_next("out"));
     for (part, offset) in [("fa", 0xf000), ("fb", 0x12000)] {
         let mut image = read(&case.dir.path().join(format!("out/bin/{part}-A1.bin")));
         image.resize(0x3000, 0xFF);
@@ -798,14 +801,7 @@ ssid = ""
             .output()
             .unwrap(),
     );
-    let out = bin()
-        .args(["mfg", "flash", "--out-dir", "plain", "--next"])
-        .args(["--manifest-path", "fw/Cargo.toml", "--port", esp.path()])
-        .args(["--before", "no-reset", "--after", "no-reset", "--no-stub"])
-        .current_dir(case.dir.path())
-        .output()
-        .unwrap();
-    esp.settle();
+    let out = flash_next("plain");
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("give --offset, or --partition-table and --partition"),

@@ -6,7 +6,7 @@ mod support;
 use std::path::Path;
 use std::process::Output;
 
-use support::{Case, bin, tempdir, vectors};
+use support::{Case, bin, ledger_devices, manifest_shas, tempdir, vectors};
 
 const CONFIG: &str = "app,namespace,\nserial,data,string\nnum,data,u8\nregion,data,string,REPEAT\n";
 const VALUES: &str = "id,serial,num,region\n1,SN1,1,EU\n2,SN2,2,\n3,SN3,3,\n";
@@ -73,6 +73,35 @@ fn case(config: &str, values: &str) -> Case {
 
 fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A key file is private (0600) and the run never printed `secret` (in hex).
+fn assert_secret(path: &Path, secret: &[u8], out: &Output) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+    }
+    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&hex));
+    assert!(!stderr(out).contains(&hex));
+}
+
+/// The same batch, plain, into `out_dir` (to compare with).
+fn plain_run(case: &Case, out_dir: &str) {
+    assert_ok(&case.run(&[
+        "mfg",
+        "generate",
+        "config.csv",
+        "values.csv",
+        "dev",
+        "0x3000",
+        "--fileid",
+        "serial",
+        "--out-dir",
+        out_dir,
+    ]));
 }
 
 #[test]
@@ -238,15 +267,7 @@ fn keygen_writes_one_private_key_per_device_and_never_prints_it() {
         let key_path = dir.join(format!("out/keys/keys-dev-SN{n}.bin"));
         let key = read(&key_path);
         assert_eq!(key.len(), 4096);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&key_path).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o600);
-        }
-        let hex: String = key[..32].iter().map(|b| format!("{b:02x}")).collect();
-        assert!(!String::from_utf8_lossy(&out.stdout).contains(&hex));
-        assert!(!stderr(&out).contains(&hex));
+        assert_secret(&key_path, &key[..32], &out);
         keys.push(key);
         // The image decrypts with its own key to the plain image.
         let plain = case.run(&[
@@ -261,18 +282,7 @@ fn keygen_writes_one_private_key_per_device_and_never_prints_it() {
     let manifest = std::fs::read_to_string(dir.join("out/manifest.csv")).unwrap();
     assert!(manifest.contains(",keys/keys-dev-SN2.bin\n"), "{manifest}");
     // The decrypted images equal plain mfg output.
-    assert_ok(&case.run(&[
-        "mfg",
-        "generate",
-        "config.csv",
-        "values.csv",
-        "dev",
-        "0x3000",
-        "--fileid",
-        "serial",
-        "--out-dir",
-        "plain",
-    ]));
+    plain_run(&case, "plain");
     for n in 1..=3 {
         assert_eq!(
             read(&dir.join(format!("plain{n}.bin"))),
@@ -301,16 +311,7 @@ fn hmac_keygen_gives_every_device_its_own_hmac_key_and_derived_keys() {
         let hmac_path = dir.join(format!("out/keys/hmac-keys-dev-SN{n}.bin"));
         let hmac_key = read(&hmac_path);
         assert_eq!(hmac_key.len(), 32);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&hmac_path).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o600);
-        }
-        let hex: String = hmac_key.iter().map(|b| format!("{b:02x}")).collect();
-        assert!(
-            !stderr(&out).contains(&hex) && !String::from_utf8_lossy(&out.stdout).contains(&hex)
-        );
+        assert_secret(&hmac_path, &hmac_key, &out);
         // The key file is the one `generate-key` derives from that HMAC key (whose derivation
         // the golden vectors pin to the reference's).
         let derived = format!("derived{n}.bin");
@@ -695,32 +696,6 @@ fn blank_lines_are_skipped_and_errors_keep_the_file_line_numbers() {
     );
 }
 
-/// The ledger's devices as (device, image, sha256, issues), by device.
-fn ledger_devices(path: &Path) -> Vec<(String, String, String, i64)> {
-    let db = rusqlite::Connection::open(path).unwrap();
-    let mut statement = db
-        .prepare("SELECT device, image, sha256, issues FROM devices ORDER BY device")
-        .unwrap();
-    statement
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
-}
-
-/// manifest.csv as device → sha256.
-fn manifest_shas(path: &Path) -> std::collections::HashMap<String, String> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let cells: Vec<&str> = l.split(',').collect();
-            (cells[0].to_owned(), cells[3].to_owned())
-        })
-        .collect()
-}
-
 #[test]
 fn the_ledger_records_every_id_and_refuses_a_reissue_before_writing() {
     let case = case(CONFIG, VALUES);
@@ -1065,18 +1040,7 @@ fn mfg_gens_hidden_per_device_options_are_accepted_and_ignored() {
         );
     }
     assert!(!case.exists("o.bin") && !case.exists("k"));
-    assert_ok(&case.run(&[
-        "mfg",
-        "generate",
-        "config.csv",
-        "values.csv",
-        "dev",
-        "0x3000",
-        "--fileid",
-        "serial",
-        "--out-dir",
-        "plain",
-    ]));
+    plain_run(&case, "plain");
     for n in 1..=3 {
         let name = format!("bin/dev-SN{n}.bin");
         assert_eq!(

@@ -9,11 +9,10 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
-use support::{Case, bin};
+use support::{Case, bin, ledger_devices, manifest_shas};
 
 /// 12 KiB per image: a few hundred images make a realistic budget of a few MiB.
 const SIZE: &str = "0x3000";
@@ -64,31 +63,6 @@ fn assert_same_image(got: &Path, want: &Path) {
             want_bytes.len()
         );
     }
-}
-
-/// The ledger's devices as (device, image, sha256, issues).
-fn ledger_devices(path: &Path) -> Vec<(String, String, String, i64)> {
-    let db = rusqlite::Connection::open(path).unwrap();
-    let mut statement = db
-        .prepare("SELECT device, image, sha256, issues FROM devices ORDER BY device")
-        .unwrap();
-    statement
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
-}
-
-/// manifest.csv as device → sha256.
-fn manifest_shas(path: &Path) -> HashMap<String, String> {
-    text(path)
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let cells: Vec<&str> = l.split(',').collect();
-            (cells[0].to_owned(), cells[3].to_owned())
-        })
-        .collect()
 }
 
 /// Every file under `dir` (recursively) whose name ends in `.tmp`.

@@ -93,3 +93,29 @@ impl Case {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// The `mfg` ledger's devices as (device, image, sha256, issues), by device.
+pub fn ledger_devices(path: &Path) -> Vec<(String, String, String, i64)> {
+    let db = rusqlite::Connection::open(path).unwrap();
+    let mut statement = db
+        .prepare("SELECT device, image, sha256, issues FROM devices ORDER BY device")
+        .unwrap();
+    statement
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// An `mfg` manifest.csv as device → sha256.
+pub fn manifest_shas(path: &Path) -> std::collections::HashMap<String, String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let cells: Vec<&str> = l.split(',').collect();
+            (cells[0].to_owned(), cells[3].to_owned())
+        })
+        .collect()
+}
