@@ -426,3 +426,51 @@ fn a_device_with_its_own_key_gets_the_key_into_nvs_keys() {
     assert!(changed_outside(&esp, &blank, 0x9000, 0x4000).is_empty());
     assert_eq!(esp.flash_end_count(), 1, "image and key in one write");
 }
+
+#[test]
+fn an_hmac_protected_device_gets_only_its_image_and_a_note_about_the_efuse() {
+    let case = Case::new();
+    case.file("config.csv", CONFIG).file("values.csv", VALUES);
+    assert_ok(&case.run(&[
+        "mfg",
+        "generate",
+        "config.csv",
+        "values.csv",
+        "dev",
+        "0x3000",
+        "--fileid",
+        "serial",
+        "--keygen",
+        "--key-protect-hmac",
+        "--kp-hmac-keygen",
+        "--out-dir",
+        "out",
+    ]));
+    // A table with nvs_keys: the derived key must still not be written there in plaintext.
+    case.file(
+        "partitions.csv",
+        "nvs, data, nvs, 0x9000, 0x3000\nnvs_keys, data, nvs_keys, 0xc000, 0x1000\nfactory, app, factory, 0x10000, 1M\n",
+    );
+    let esp = Config::esp32c3().mac(MAC_A).start();
+    let blank = esp.flash();
+    let out = flash(
+        &case,
+        &[&esp],
+        &["--partition-table", "partitions.csv", "--partition", "nvs"],
+    );
+    assert_ok(&out);
+    same(&esp.read(0x9000, 0x3000), &image(&case, "SN1"), "nvs");
+    assert!(
+        changed_outside(&esp, &blank, 0x9000, 0x3000).is_empty(),
+        "something besides the image was written (the derived key?)"
+    );
+    assert!(
+        stderr(&out).contains("hmac-keys-dev-SN1.bin") && stderr(&out).contains("HMAC_UP"),
+        "{}",
+        stderr(&out)
+    );
+    // Without nvs_keys in the table (the usual HMAC setup) it flashes too.
+    let esp = Config::esp32c3().mac(MAC_B).start();
+    assert_ok(&flash(&case, &[&esp], &["--offset", "0x9000"]));
+    same(&esp.read(0x9000, 0x3000), &image(&case, "SN2"), "nvs");
+}

@@ -342,8 +342,8 @@ enum KeySource {
     Random,
     /// A fresh HMAC key (written beside the key file), the key derived from it.
     FreshHmac,
-    /// Derived from one HMAC key (--kp-hmac-inputkey): the same for every device.
-    Hmac(XtsKey),
+    /// Derived from one HMAC key (--kp-hmac-inputkey, as given): the same for every device.
+    Hmac(XtsKey, String),
 }
 
 /// The key files each device gets, beside its image in the out dir.
@@ -415,6 +415,11 @@ trait Maker: Sync {
     /// The key files every device gets.
     fn key_files(&self) -> KeyFiles {
         KeyFiles::None
+    }
+    /// The HMAC key the device `name`'s key derives from (HMAC key protection), as the ledger
+    /// records it.
+    fn hmac_key_file(&self, _name: &str) -> Option<String> {
+        None
     }
     /// Looks at a chunk of rows in the checking pass (for warnings); returns true when it need
     /// not look at more.
@@ -577,7 +582,10 @@ fn mfg_gen_keys(args: &MfgGenerateArgs) -> CliResult<Keys> {
         (Some(path), _) => Keys::Shared(load_key(path)?),
         (None, true) if hmac.kp_hmac_keygen => Keys::PerDevice(KeySource::FreshHmac),
         (None, true) => match &hmac.kp_hmac_inputkey {
-            Some(path) => Keys::PerDevice(KeySource::Hmac(load_hmac_key(path)?)),
+            Some(path) => Keys::PerDevice(KeySource::Hmac(
+                load_hmac_key(path)?,
+                path.display().to_string(),
+            )),
             None => Keys::PerDevice(KeySource::Random),
         },
         (None, false) => Keys::Plain,
@@ -657,7 +665,7 @@ impl Maker for MfgGen<'_> {
                 key = Some(XtsKey::derive_from_hmac(&fresh)?);
                 hmac_key = Some(fresh);
             }
-            Keys::PerDevice(KeySource::Hmac(derived)) => key = Some(derived.clone()),
+            Keys::PerDevice(KeySource::Hmac(derived, _)) => key = Some(derived.clone()),
             _ => {}
         }
         // Encrypting cannot fail: checking needs the encrypted bytes only for their SHA-256,
@@ -681,6 +689,14 @@ impl Maker for MfgGen<'_> {
             self.keys,
             Keys::PerDevice(KeySource::Random | KeySource::FreshHmac)
         )
+    }
+
+    fn hmac_key_file(&self, name: &str) -> Option<String> {
+        match self.keys {
+            Keys::PerDevice(KeySource::FreshHmac) => Some(hmac_key_rel(name)),
+            Keys::PerDevice(KeySource::Hmac(_, path)) => Some(path.clone()),
+            _ => None,
+        }
     }
 
     fn key_files(&self) -> KeyFiles {
@@ -932,6 +948,7 @@ type Shas = Option<Vec<String>>;
 struct Written {
     shas: Vec<String>,
     key_file: Option<String>,
+    hmac_key_file: Option<String>,
 }
 
 /// Pass 4: reads the values again, builds the images in parallel a chunk at a time and writes
@@ -1110,6 +1127,7 @@ impl Recorder<'_> {
                         .map(|(name, sha)| (image_rel(name), sha.clone()))
                         .collect(),
                     key_file: written.key_file.clone(),
+                    hmac_key_file: written.hmac_key_file.clone(),
                     size: maker.ledger_size(),
                     values: work.values.clone(),
                     line: device.line,
@@ -1217,11 +1235,16 @@ fn write_device(
         }
     }
     let key_file = built.key.is_some().then(|| key_rel(device.name()));
+    let hmac_key_file = maker.hmac_key_file(device.name());
     for (name, bytes) in device.images.iter().zip(&built.images) {
         let bin = bin_path(&run.out_dir, name);
         write_atomic_with(&bin, bytes, None, run.sync).map_err(|e| io(&bin, e))?;
     }
-    Ok(Written { shas, key_file })
+    Ok(Written {
+        shas,
+        key_file,
+        hmac_key_file,
+    })
 }
 
 /// A manifest, written a piece at a time and put in place once complete (errors name it).
@@ -1346,10 +1369,11 @@ impl Manifests {
                     "key_file": entry.key_file,
                     "issued_at": entry.issued_at,
                 });
-                let hmac_key_file = hmac_key_rel(device.name());
-                if maker.key_files() == KeyFiles::KeysAndHmac {
-                    row.push(&hmac_key_file);
+                if let Some(hmac_key_file) = &entry.hmac_key_file {
                     value["hmac_key_file"] = hmac_key_file.as_str().into();
+                }
+                if maker.key_files() == KeyFiles::KeysAndHmac {
+                    row.push(entry.hmac_key_file.as_deref().unwrap_or_default());
                 }
                 push_csv_row(&mut self.text, &row);
                 value

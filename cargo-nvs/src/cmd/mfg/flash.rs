@@ -440,7 +440,20 @@ fn flash_device(
         device.device
     );
     let mut segments = image_segments(target, out_dir, device)?;
-    if let Some(key_file) = &device.key_file {
+    if let Some(hmac_key) = &device.hmac_key_file {
+        // HMAC key protection: the chip derives the key from its eFuse; nvs_keys stays unused.
+        let in_out_dir = out_dir.join(hmac_key);
+        let shown = if in_out_dir.exists() {
+            in_out_dir.display().to_string()
+        } else {
+            hmac_key.clone()
+        };
+        eprintln!(
+            "{label}: HMAC key protection: the chip needs the HMAC key `{shown}` in an eFuse key \
+             block (espefuse.py burn_key BLOCK_KEYn {shown} HMAC_UP); the derived key file is not \
+             flashed"
+        );
+    } else if let Some(key_file) = &device.key_file {
         let Some((offset, keys_size)) = target.keys else {
             return Err(CliError(format!(
                 "the image is encrypted with its own key ({key_file}): give --partition-table \

@@ -26,6 +26,10 @@ pub struct Issued {
     pub more_images: Vec<(String, String)>,
     /// The key file, relative to the out dir, for `--keygen` batches.
     pub key_file: Option<String>,
+    /// For the HMAC key protection scheme: the HMAC key the device's key derives from (its own
+    /// file relative to the out dir, or the one file every device shares). It goes into the
+    /// chip's eFuse, so the derived key file is not flashed.
+    pub hmac_key_file: Option<String>,
     /// The partition size the image was made for.
     pub size: u32,
     /// Where it came from: the values file and its line.
@@ -125,6 +129,7 @@ CREATE TABLE IF NOT EXISTS devices (
     image     TEXT NOT NULL,
     sha256    TEXT NOT NULL,
     key_file  TEXT,
+    hmac_key_file TEXT,
     size      INTEGER NOT NULL,
     values_file TEXT NOT NULL,
     line      INTEGER NOT NULL,
@@ -202,6 +207,16 @@ impl SqliteLedger {
             )));
         }
         connection.execute_batch(SCHEMA).map_err(fail)?;
+        // Schema 1 ledgers lack the column; the tables schema 2 added are created above.
+        let has_hmac_column = connection
+            .prepare("SELECT 1 FROM pragma_table_info('devices') WHERE name = 'hmac_key_file'")
+            .and_then(|mut s| s.exists([]))
+            .map_err(fail)?;
+        if !has_hmac_column {
+            connection
+                .execute_batch("ALTER TABLE devices ADD COLUMN hmac_key_file TEXT")
+                .map_err(fail)?;
+        }
         connection
             .pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(fail)?;
@@ -240,6 +255,7 @@ fn issued_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Issued> {
         sha256: row.get(2)?,
         more_images: Vec::new(),
         key_file: row.get(3)?,
+        hmac_key_file: row.get(9)?,
         size: row.get(4)?,
         values: row.get(5)?,
         line: row.get::<_, i64>(6)? as usize,
@@ -256,7 +272,7 @@ fn more_images(c: &Connection, device: &str) -> rusqlite::Result<Vec<(String, St
 }
 
 const DEVICE_COLUMNS: &str =
-    "device, image, sha256, key_file, size, values_file, line, batch, issued_at";
+    "device, image, sha256, key_file, size, values_file, line, batch, issued_at, hmac_key_file";
 
 fn flash_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<FlashRecord> {
     Ok(FlashRecord {
@@ -302,6 +318,7 @@ impl Ledger for SqliteLedger {
                 let on_conflict = if allow_reissue {
                     "DO UPDATE SET image = excluded.image,
                        sha256 = excluded.sha256, key_file = excluded.key_file,
+                       hmac_key_file = excluded.hmac_key_file,
                        size = excluded.size, values_file = excluded.values_file,
                        line = excluded.line, batch = excluded.batch,
                        issued_at = excluded.issued_at,
@@ -310,7 +327,7 @@ impl Ledger for SqliteLedger {
                     "DO NOTHING"
                 };
                 let mut insert = tx.prepare_cached(&format!(
-                    "INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                    "INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                      ON CONFLICT (device) {on_conflict}"
                 ))?;
                 let mut earlier_of =
@@ -330,7 +347,8 @@ impl Ledger for SqliteLedger {
                         entry.values,
                         entry.line as i64,
                         entry.batch,
-                        now
+                        now,
+                        entry.hmac_key_file
                     ])?;
                     if changed == 0 {
                         let earlier: String = earlier_of.query_row([&entry.device], |r| r.get(0))?;
@@ -525,6 +543,7 @@ mod tests {
             sha256: "ab".repeat(32),
             more_images: Vec::new(),
             key_file: None,
+            hmac_key_file: None,
             size: 0x3000,
             values: "values.csv".into(),
             line,
