@@ -4,7 +4,9 @@
 //! file (`O_TMPFILE`) that is linked into place: a process killed before that leaves nothing at
 //! all. Elsewhere (and on file systems without `O_TMPFILE`) it is a uniquely named temporary file
 //! in the same folder, renamed or hard-linked into place; a kill can leave such a file behind,
-//! and [`remove_leftovers`] clears them.
+//! and [`remove_leftovers`] clears them. Where an unnamed file cannot be linked after all (an
+//! unusual /proc), its bytes go to a named temporary file instead, and later files are named
+//! from the start.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -57,10 +59,18 @@ fn create_temp<T>(
     // tag and no folder check on the hot path of mass production.
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let dir = folder_of(path);
-    let name = path
+    let mut name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // Room for the tag within the usual 255-byte name limit.
+    if name.len() > 200 {
+        let mut end = 200;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
+    }
     let mut attempts = 0;
     loop {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -114,25 +124,63 @@ impl Unnamed {
         Ok(unnamed)
     }
 
+    /// Links an unnamed file to `path`; where that is impossible after all, copies it to a
+    /// named temporary file beside `path` and returns that (unnamed files are not used again).
+    #[cfg(target_os = "linux")]
+    fn link_or_name(file: &mut std::fs::File, path: &Path) -> std::io::Result<Option<TempFile>> {
+        match o_tmpfile::link(file, path) {
+            Ok(()) => Ok(None),
+            Err(e) if !o_tmpfile::cannot_link(&e) => Err(e),
+            Err(_) => {
+                o_tmpfile::give_up();
+                use std::io::{Seek, SeekFrom};
+                file.seek(SeekFrom::Start(0))?;
+                // The copy keeps the unnamed file's permissions (0600 for secrets).
+                let mode = {
+                    use std::os::unix::fs::PermissionsExt;
+                    file.metadata()?.permissions().mode() & 0o777
+                };
+                let (temp, mut named) = create_temp(path, |tmp| {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(mode)
+                        .open(tmp)
+                })?;
+                std::io::copy(file, &mut named)?;
+                named.sync_data()?;
+                Ok(Some(temp))
+            }
+        }
+    }
+
     /// Gives the file the name `path`; fails with `AlreadyExists` rather than replace a file.
-    fn link_new(&self, path: &Path) -> std::io::Result<()> {
-        match &self.temp {
-            Some(temp) => std::fs::hard_link(&temp.path, path),
+    fn link_new(self, path: &Path) -> std::io::Result<()> {
+        let Unnamed { mut file, temp } = self;
+        let temp = match temp {
+            Some(temp) => temp,
             #[cfg(target_os = "linux")]
-            None => o_tmpfile::link(&self.file, path),
+            None => match Self::link_or_name(&mut file, path)? {
+                None => return Ok(()),
+                Some(temp) => temp,
+            },
             #[cfg(not(target_os = "linux"))]
             None => unreachable!("unnamed files exist only on Linux"),
-        }
+        };
+        drop(file);
+        std::fs::hard_link(&temp.path, path)
     }
 
     /// Gives the file the name `path`, replacing any file of that name in one step.
     fn replace(self, path: &Path) -> std::io::Result<()> {
-        let Unnamed { file, temp } = self;
+        let Unnamed { mut file, temp } = self;
         let temp = match temp {
             Some(temp) => temp,
             #[cfg(target_os = "linux")]
-            None => match o_tmpfile::link(&file, path) {
-                Ok(()) => return Ok(()),
+            None => match Self::link_or_name(&mut file, path) {
+                Ok(None) => return Ok(()),
+                Ok(Some(temp)) => temp,
                 // The name is taken: name the file beside it, then rename it over.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     create_temp(path, |tmp| o_tmpfile::link(&file, tmp))?.0
@@ -234,8 +282,14 @@ pub fn write_secret(path: &Path, bytes: &[u8], force: bool) -> std::io::Result<(
     })
 }
 
+/// How old a temporary file of another process must be to count as left behind where its
+/// process cannot be looked up (a live run's files are written within moments, and the ones
+/// it streams, like manifests, are written to all along).
+const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(60 * 60);
+
 /// Removes the temporary files that a killed run of this program left in `dir`
-/// (`.<name>.<pid>.<n>.tmp`, from processes that are no longer running); returns how many.
+/// (`.<name>.<pid>.<n>.tmp` of another process that is no longer running, on Linux, or that
+/// was last written over an hour ago); returns how many.
 pub fn remove_leftovers(dir: &Path) -> std::io::Result<usize> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -249,7 +303,15 @@ pub fn remove_leftovers(dir: &Path) -> std::io::Result<usize> {
         let Some(pid) = name.to_str().and_then(leftover_pid) else {
             continue;
         };
-        if pid != std::process::id() && !process_running(pid) {
+        let stale = || {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > LEFTOVER_AGE)
+        };
+        if pid != std::process::id() && (!process_running(pid) || stale()) {
             match std::fs::remove_file(entry.path()) {
                 Ok(()) => removed += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -271,7 +333,8 @@ fn leftover_pid(name: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
-/// Whether a process with this id is running; where that cannot be told, it is assumed to be.
+/// Whether a process with this id is running (in this process's view); where that cannot be
+/// told, it is assumed to be.
 fn process_running(pid: u32) -> bool {
     if cfg!(target_os = "linux") {
         Path::new("/proc").join(pid.to_string()).exists()
@@ -286,6 +349,7 @@ mod o_tmpfile {
 
     use std::path::Path;
     use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     use nix::errno::Errno;
     use nix::fcntl::{AT_FDCWD, AtFlags, OFlag, open};
@@ -295,10 +359,13 @@ mod o_tmpfile {
     /// (older kernels, some file systems, no /proc).
     pub fn create(dir: &Path, mode: Option<u32>) -> std::io::Result<Option<std::fs::File>> {
         static PROC_FD: OnceLock<bool> = OnceLock::new();
-        if !*PROC_FD.get_or_init(|| Path::new("/proc/self/fd").is_dir()) {
+        if GAVE_UP.load(Ordering::Relaxed)
+            || !*PROC_FD.get_or_init(|| Path::new("/proc/self/fd").is_dir())
+        {
             return Ok(None);
         }
-        let flags = OFlag::O_TMPFILE | OFlag::O_WRONLY | OFlag::O_CLOEXEC;
+        // Readable too, so that its bytes can be copied if it cannot be linked.
+        let flags = OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_CLOEXEC;
         let mode = Mode::from_bits_truncate(mode.unwrap_or(0o666));
         let mut created_dir = false;
         loop {
@@ -312,6 +379,22 @@ mod o_tmpfile {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Set when an unnamed file could not be linked: later files are named from the start.
+    static GAVE_UP: AtomicBool = AtomicBool::new(false);
+
+    pub fn give_up() {
+        GAVE_UP.store(true, Ordering::Relaxed);
+    }
+
+    /// The link failed because linking through /proc does not work here (not because of the
+    /// target, like a taken name or a full disk).
+    pub fn cannot_link(e: &std::io::Error) -> bool {
+        matches!(
+            e.raw_os_error().map(Errno::from_raw),
+            Some(Errno::ENOENT | Errno::EPERM | Errno::EACCES | Errno::EINVAL | Errno::EOPNOTSUPP)
+        )
     }
 
     /// Gives the unnamed `file` the name `path` (fails with `AlreadyExists` if it is taken).
@@ -379,6 +462,53 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Named temporary files, as where unnamed files cannot be made or linked (this switches
+    /// the whole test process over; the other tests pass either way).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn without_unnamed_files_writes_are_still_atomic_and_leave_nothing() {
+        o_tmpfile::give_up();
+        let dir = scratch("named");
+        let path = dir.join("x/image.bin");
+        write_atomic(&path, b"first", None).unwrap();
+        write_atomic(&path, b"second", None).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        let key = dir.join("x/key.bin");
+        write_secret(&key, b"k", false).unwrap();
+        assert!(write_secret(&key, b"other", false).is_err());
+        assert_eq!(std::fs::read(&key).unwrap(), b"k");
+        let mut staged = StagedFile::create(&dir.join("x/manifest.csv")).unwrap();
+        staged.write(b"a,b\n").unwrap();
+        staged.commit(false).unwrap();
+        assert_eq!(
+            names(&dir.join("x")),
+            ["image.bin", "key.bin", "manifest.csv"]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn leftovers_written_long_ago_are_removed_on_every_platform() {
+        let dir = scratch("old-leftovers");
+        std::fs::create_dir_all(&dir).unwrap();
+        // Process 1 is always running; its file is removed only for its age.
+        let (old, fresh) = (".dev-1.bin.1.3.tmp", ".dev-2.bin.1.4.tmp");
+        for name in [old, fresh] {
+            std::fs::write(dir.join(name), b"x").unwrap();
+        }
+        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        std::fs::File::options()
+            .write(true)
+            .open(dir.join(old))
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+        assert_eq!(remove_leftovers(&dir).unwrap(), 1);
+        assert_eq!(names(&dir), [fresh]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(target_os = "linux")]
     #[test]
     fn leftovers_of_dead_processes_are_removed_and_nothing_else() {
         let dir = scratch("leftovers");
