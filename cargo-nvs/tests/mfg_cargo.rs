@@ -790,6 +790,20 @@ ssid = ""
         .filter(|r| !(r.start >= 0xf000 && r.end <= 0xf000 + 0x6000))
         .collect();
     assert!(changed.is_empty(), "{changed:?}");
+    // A ledger that lists only the first image (as before schema 2) is refused, not half
+    // flashed.
+    let ledger = rusqlite::Connection::open(case.dir.path().join("out/ledger.sqlite")).unwrap();
+    ledger
+        .execute("DELETE FROM device_images WHERE device = 'A2'", [])
+        .unwrap();
+    drop(ledger);
+    let out = flash_next("out");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("fb-A2.bin` exists but the ledger does not list it"),
+        "{}",
+        stderr(&out)
+    );
     // A batch named by prefix (mfg_gen's form) has no partitions to go by.
     case.file("conf.csv", "a,namespace,\nsn,data,string\n");
     case.file("vals.csv", "sn\nZ1\n");

@@ -379,8 +379,18 @@ fn refuses_bad_targets_and_a_missing_ledger() {
     assert_fails(&out, &["4 KiB"]);
     let out = flash(&case, &[&esp], &["--offset", "0x9000", "--size", "0x1000"]);
     assert_fails(&out, &["larger than"]);
+    // No place given, and the case folder is no firmware package.
     let out = flash(&case, &[&esp], &[]);
-    assert!(!out.status.success());
+    assert_fails(
+        &out,
+        &["give --offset, or --partition-table and --partition"],
+    );
+    let out = flash(
+        &case,
+        &[&esp],
+        &["--offset", "0x9000", "--manifest-path", "Cargo.toml"],
+    );
+    assert_fails(&out, &["give one or the other"]);
     let out = case.run(&["mfg", "log", "--out-dir", "nowhere"]);
     assert_fails(&out, &["no ledger"]);
     assert_eq!(esp.sessions(), 0, "the chip was never opened");

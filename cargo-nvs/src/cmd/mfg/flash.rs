@@ -159,6 +159,14 @@ struct Target {
 }
 
 fn target(args: &MfgFlashArgs) -> CliResult<Target> {
+    let package_given = args.package.package.is_some() || args.package.manifest_path.is_some();
+    if package_given && (args.offset.is_some() || args.partition_table.is_some()) {
+        return Err(CliError(
+            "-p/--manifest-path pick the package whose partition table places the images; \
+             --offset and --partition-table place them instead: give one or the other"
+                .into(),
+        ));
+    }
     let size = match &args.size {
         Some(text) => Some(
             u32::try_from(parse_size(text).map_err(CliError)?)
@@ -189,7 +197,19 @@ fn target(args: &MfgFlashArgs) -> CliResult<Target> {
                     .into(),
             ));
         }
-        let table = args.package.find()?.nvs_metadata()?.table;
+        let table = args
+            .package
+            .find()
+            .and_then(|project| project.nvs_metadata())
+            .map_err(|e| {
+                CliError(format!(
+                    "where do the images go? give --offset, or --partition-table and \
+                     --partition, or run in the firmware's Cargo package (or -p/--manifest-path) \
+                     to use its partition table ({})",
+                    e.0
+                ))
+            })?
+            .table;
         return Ok(Target {
             offset: 0,
             size: None,
@@ -268,8 +288,23 @@ fn image_segments(
             "nvs".to_owned(),
         )]);
     };
-    let images = std::iter::once((&device.image, &device.sha256))
-        .chain(device.more_images.iter().map(|(image, sha)| (image, sha)));
+    let images: Vec<(&String, &String)> = std::iter::once((&device.image, &device.sha256))
+        .chain(device.more_images.iter().map(|(image, sha)| (image, sha)))
+        .collect();
+    // An image of this device that the ledger does not list (ledgers before schema 2 list only
+    // the first) would be left out without a word.
+    for partition in table.nvs_partitions() {
+        let image = format!("bin/{}-{}.bin", partition.name, device.device);
+        if !images.iter().any(|(listed, _)| **listed == image) && out_dir.join(&image).exists() {
+            return Err(CliError(format!(
+                "`{}` exists but the ledger does not list it for device `{}` (a ledger from an \
+                 older cargo-nvs lists only a device's first image); flash each image with \
+                 --partition-table and --partition",
+                out_dir.join(&image).display(),
+                device.device
+            )));
+        }
+    }
     let mut segments = Vec::new();
     for (image, sha256) in images {
         let suffix = format!("-{}.bin", device.device);
@@ -293,6 +328,13 @@ fn image_segments(
                     ))
                 },
             )?;
+        if segments.is_empty() && partition.size != device.size {
+            return Err(CliError(format!(
+                "`{image}` was made for {:#x} bytes, but partition `{name}` of the package's \
+                 table has {:#x}; give --offset, or --partition-table and --partition",
+                device.size, partition.size
+            )));
+        }
         let data = read_image(out_dir, image, sha256)?;
         segments.push((
             partition.offset,
