@@ -107,6 +107,13 @@ impl GeneratedKeys {
 }
 
 pub fn generate_keys(opts: &KeyGenOptions, out_dir: Option<&Path>) -> CliResult<GeneratedKeys> {
+    // Usage errors before any file is looked at.
+    if opts.kp_hmac_keyfile.is_some() && !opts.hmac.key_protect_hmac {
+        return Err(CliError(
+            "--kp-hmac-* options need --key-protect-hmac".into(),
+        ));
+    }
+    opts.hmac.check()?;
     let keyfile = match &opts.keyfile {
         Some(path) => path.clone(),
         None => default_key_path(out_dir)?,
@@ -129,12 +136,6 @@ pub fn generate_keys(opts: &KeyGenOptions, out_dir: Option<&Path>) -> CliResult<
             existing.display()
         )));
     }
-    if opts.kp_hmac_keyfile.is_some() && !opts.hmac.key_protect_hmac {
-        return Err(CliError(
-            "--kp-hmac-* options need --key-protect-hmac".into(),
-        ));
-    }
-    opts.hmac.check()?;
     let mut files = Vec::new();
     let key = if opts.hmac.kp_hmac_keygen {
         let hmac_key = random_hmac_key()?;

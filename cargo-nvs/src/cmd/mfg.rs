@@ -45,7 +45,7 @@ use self::input::{ConfigRow, DeviceRow, Values, bind_columns, device_csv, read_c
 use self::ledger::{Issued, Ledger, SqliteLedger};
 use super::generate::{parse_version, warn_if_read_only};
 use super::keys::{HmacOptions, load_key, random_hmac_key};
-use crate::fsutil::{StagedFile, remove_leftovers, write_atomic_with, write_secret};
+use crate::fsutil::{StagedFile, remove_leftovers, sync_folder, write_atomic_with, write_secret};
 use crate::project::PackageArgs;
 use crate::size::parse_size;
 use crate::{CliError, CliResult};
@@ -1017,11 +1017,19 @@ fn write_all(run: &Run, maker: &dyn Maker, work: &Work<'_>) -> CliResult {
             || building.then(|| write_chunk(run, maker, work, done, &chunk)),
         );
         if let Err(e) = recorded {
-            if let Some(results) = built {
-                // Record what was written meanwhile too; the first error is the one to tell.
-                let _ = recorder.record(results);
-            }
-            return Err(e);
+            let Some(results) = built else {
+                return Err(e);
+            };
+            // A write that failed meanwhile names the file (a full disk fails both); record
+            // what was written too.
+            let write_error = results
+                .iter()
+                .find_map(|(_, written)| written.as_ref().err().map(|w| w.0.clone()));
+            let _ = recorder.record(results);
+            return Err(match write_error {
+                Some(w) => CliError(format!("{w}; and: {}", e.0)),
+                None => e,
+            });
         }
         if let Some(results) = built {
             failed = results.iter().any(|(_, written)| written.is_err());
@@ -1228,10 +1236,18 @@ fn write_device(
             Err(e)
                 if e.kind() == std::io::ErrorKind::AlreadyExists
                     && std::fs::read(&path).is_ok_and(|existing| existing == *bytes) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(CliError(format!(
+                    "`{}` exists with another key; key files are never overwritten (use a new \
+                     --out-dir, or remove it)",
+                    path.display()
+                )));
+            }
             written => written.map_err(|e| io(&path, e))?,
         }
         if run.sync {
             sync_file(&path).map_err(|e| io(&path, e))?;
+            sync_folder(&path).map_err(|e| io(&path, e))?;
         }
     }
     let key_file = built.key.is_some().then(|| key_rel(device.name()));

@@ -386,9 +386,16 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
         chosen.push(entry);
     } else {
         for claimant in &claimants {
-            match ledger.claim_next(claimant)? {
-                Some(entry) => chosen.push(entry),
-                None => break,
+            match ledger.claim_next(claimant) {
+                Ok(Some(entry)) => chosen.push(entry),
+                Ok(None) => break,
+                Err(e) => {
+                    // Give back what this run claimed so far.
+                    for (entry, claimant) in chosen.iter().zip(&claimants) {
+                        let _ = ledger.release(&entry.device, claimant);
+                    }
+                    return Err(e);
+                }
             }
         }
         if chosen.is_empty() {
@@ -415,10 +422,13 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
             .map(|((port, device), claimant)| {
                 let (args, target, ledger, out_dir) = (&args, &target, &ledger, &out_dir);
                 scope.spawn(move || {
-                    let flashed = flash_device(args, target, ledger, out_dir, port, device);
-                    // Logging a flash ends the claim; one that never got that far is given up.
-                    let released = ledger.release(&device.device, claimant);
-                    flashed.and(released)
+                    let mut claim = Claim {
+                        ledger,
+                        device: &device.device,
+                        claimant,
+                        keep: false,
+                    };
+                    flash_device(args, target, out_dir, port, device, &mut claim)
                 })
             })
             .collect();
@@ -451,7 +461,26 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Who claims devices in the ledger: this host, process and port (stations may share a ledger).
+/// A device this run claimed: given back when its flash ends without a log entry (a log entry
+/// ends the claim), unless `keep` (it was flashed, but the log failed: no other station may
+/// take it).
+struct Claim<'a> {
+    ledger: &'a dyn Ledger,
+    device: &'a str,
+    claimant: &'a str,
+    keep: bool,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = self.ledger.release(self.device, self.claimant);
+        }
+    }
+}
+
+/// Who claims devices in the ledger: this host and port (a port serves one run at a time, so
+/// a rerun on it takes back its claims), or this process for the default port.
 fn station(port: Option<&str>) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -460,22 +489,22 @@ fn station(port: Option<&str>) -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "station".into());
-    format!(
-        "{host} (process {}, port {})",
-        std::process::id(),
-        port.unwrap_or("default")
-    )
+    match port {
+        Some(port) => format!("{host} port {port}"),
+        None => format!("{host} process {} default port", std::process::id()),
+    }
 }
 
 /// Flashes one device through one port and logs it.
 fn flash_device(
     args: &MfgFlashArgs,
     target: &Target,
-    ledger: &dyn Ledger,
     out_dir: &Path,
     port: &Option<String>,
     device: &Issued,
+    claim: &mut Claim<'_>,
 ) -> CliResult<()> {
+    let ledger = claim.ledger;
     let label = format!(
         "[{}] {}",
         port.as_deref().unwrap_or("default port"),
@@ -567,7 +596,15 @@ fn flash_device(
     };
     match written {
         Ok(()) => {
-            ledger.record_flash(&record("ok".into()))?;
+            if let Err(e) = ledger.record_flash(&record("ok".into())) {
+                claim.keep = true;
+                return Err(CliError(format!(
+                    "flashed and verified on MAC {mac}, but the production log could not record \
+                     it ({}); the device stays claimed so that no other station takes it: log \
+                     it by hand",
+                    e.0
+                )));
+            }
             let places: Vec<String> = segments
                 .iter()
                 .map(|(addr, data, name)| format!("{name}: {} bytes at {addr:#x}", data.len()))

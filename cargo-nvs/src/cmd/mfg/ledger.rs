@@ -81,8 +81,9 @@ pub trait Ledger: Send + Sync {
     /// Every issued device, oldest first.
     #[cfg(test)]
     fn devices(&self) -> CliResult<Vec<Issued>>;
-    /// Claims the oldest issued device that has no successful flash and no live claim, for
-    /// `claimant`, in one transaction: stations sharing the ledger never get the same device.
+    /// Claims the oldest issued device that has no successful flash and no live claim of
+    /// another claimant, for `claimant`, in one transaction: stations sharing the ledger never
+    /// get the same device, and a station's rerun takes back its own claims.
     /// A claim older than [`CLAIM_LIFETIME`] is stale (its station died) and is taken over.
     fn claim_next(&self, claimant: &str) -> CliResult<Option<Issued>>;
     /// Claims the named device; `Err` names the station that holds a live claim on it.
@@ -335,7 +336,8 @@ impl Ledger for SqliteLedger {
                 let mut forget_images =
                     tx.prepare_cached("DELETE FROM device_images WHERE device = ?1")?;
                 let mut add_image = tx.prepare_cached(
-                    "INSERT INTO device_images (device, idx, image, sha256) VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT OR REPLACE INTO device_images (device, idx, image, sha256) \
+                     VALUES (?1, ?2, ?3, ?4)",
                 )?;
                 for entry in entries {
                     let changed = insert.execute(params![
@@ -403,10 +405,11 @@ impl Ledger for SqliteLedger {
                     "SELECT {DEVICE_COLUMNS} FROM devices d WHERE NOT EXISTS
                        (SELECT 1 FROM flash_log f WHERE f.device = d.device AND f.result = 'ok')
                      AND NOT EXISTS
-                       (SELECT 1 FROM claims c WHERE c.device = d.device AND {live_claim})
+                       (SELECT 1 FROM claims c WHERE c.device = d.device AND c.claimant <> ?1
+                          AND {live_claim})
                      ORDER BY batch, values_file, line LIMIT 1"
                 ))?
-                .query_row([], issued_from_row)
+                .query_row([claimant], issued_from_row)
                 .optional()?;
             if let Some(next) = &mut next {
                 next.more_images = more_images(&tx, &next.device)?;
@@ -630,7 +633,10 @@ mod tests {
         let a = first.claim_next("station-1").unwrap().unwrap();
         let b = second.claim_next("station-2").unwrap().unwrap();
         assert_eq!((a.device.as_str(), b.device.as_str()), ("A", "B"));
-        assert!(second.claim_next("station-2").unwrap().is_none());
+        assert!(second.claim_next("station-3").unwrap().is_none());
+        // A station's rerun (the same claimant) takes its own claim back.
+        let again = second.claim_next("station-2").unwrap().unwrap();
+        assert_eq!(again.device, "B");
         let held = second.claim("A", "station-2").unwrap().unwrap_err();
         assert!(held.contains("station-1"), "{held}");
         // A claim the station itself holds may be renewed.
