@@ -29,11 +29,11 @@ mod input;
 mod ledger;
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+use indicatif::{ProgressBar, ProgressStyle};
 use nvs_build::format::encryption::XtsKey;
 use nvs_build::format::{PartitionSize, Version};
 use nvs_build::keys::load_hmac_key;
@@ -831,8 +831,7 @@ fn check_all(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<Vec<Action
         hash,
         on_disk,
     };
-    let started = Instant::now();
-    let terminal = std::io::stderr().is_terminal();
+    let bar = device_bar(count, "checking");
     let mut checked_rows = false;
     let header = values.header.clone();
     // While a chunk is built, the next one is read.
@@ -862,15 +861,11 @@ fn check_all(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<Vec<Action
         }
         read?;
         done += n;
-        if terminal {
-            eprint!("\r{}", progress(done, count, "checked", started));
-        }
+        bar.set_position(done as u64);
         std::mem::swap(&mut chunk, &mut next);
         n = n_next;
     }
-    if terminal {
-        eprint!("\r");
-    }
+    bar.finish_and_clear();
     match refused {
         Some(e) => Err(e),
         None => Ok(actions),
@@ -982,9 +977,8 @@ fn write_all(run: &Run, maker: &dyn Maker, work: &Work<'_>) -> CliResult {
         work,
         manifests: Manifests::start(run, maker)?,
         started: Instant::now(),
-        terminal: std::io::stderr().is_terminal(),
+        bar: device_bar(count - kept, "writing"),
         built: 0,
-        to_build: count - kept,
         images_per_device: 1,
         issued: Vec::with_capacity(CHUNK),
     };
@@ -1039,9 +1033,7 @@ fn write_all(run: &Run, maker: &dyn Maker, work: &Work<'_>) -> CliResult {
         std::mem::swap(&mut chunk, &mut next);
         n = n_next;
     }
-    if recorder.terminal {
-        eprint!("\r");
-    }
+    recorder.bar.finish_and_clear();
     if kept > 0 {
         eprintln!("{kept} device(s) were finished by an earlier run and are kept (--resume)");
     }
@@ -1104,9 +1096,8 @@ struct Recorder<'a> {
     work: &'a Work<'a>,
     manifests: Manifests,
     started: Instant,
-    terminal: bool,
+    bar: ProgressBar,
     built: usize,
-    to_build: usize,
     images_per_device: usize,
     issued: Vec<Issued>,
 }
@@ -1194,12 +1185,7 @@ impl Recorder<'_> {
             self.manifests
                 .device(run, maker, &device, &entry, shas.as_deref())?;
         }
-        if self.terminal {
-            eprint!(
-                "\r{}",
-                progress(self.built, self.to_build, "built", self.started)
-            );
-        }
+        self.bar.set_position(self.built as u64);
         Ok(())
     }
 }
@@ -1642,6 +1628,23 @@ fn key_rel(name: &str) -> String {
 
 fn hmac_key_rel(name: &str) -> String {
     format!("keys/hmac-keys-{name}.bin")
+}
+
+/// A bar for a pass over the devices, with their rate and the time left; drawn only on a
+/// terminal.
+fn device_bar(total: usize, what: &'static str) -> ProgressBar {
+    let bar = ProgressBar::new(total as u64).with_message(what);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>8} [{bar:30}] {pos}/{len} devices, {rate}, {eta} left")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .with_key(
+                "rate",
+                |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.0} devices/s", state.per_sec());
+                },
+            ),
+    );
+    bar
 }
 
 fn progress(done: usize, total: usize, verb: &str, started: Instant) -> String {
