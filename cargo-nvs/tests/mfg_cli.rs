@@ -50,19 +50,29 @@ fn assert_refused(case: &Case, out: &Output, needles: &[&str]) {
     }
 }
 
-fn mfg(case: &Case, extra: &[&str]) -> Output {
-    let mut args = vec![
+/// `mfg generate config.csv values.csv dev 0x3000 --out-dir OUT_DIR EXTRA…`.
+fn mfg_args(out_dir: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
         "mfg",
         "generate",
         "config.csv",
         "values.csv",
         "dev",
         "0x3000",
-        "--out-dir",
-        "out",
-    ];
-    args.extend_from_slice(extra);
-    case.run(&args)
+    ]
+    .map(String::from)
+    .into();
+    args.extend(["--out-dir".to_owned(), out_dir.to_owned()]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+fn run_args(case: &Case, args: &[String]) -> Output {
+    case.run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn mfg(case: &Case, extra: &[&str]) -> Output {
+    run_args(case, &mfg_args("out", extra))
 }
 
 fn case(config: &str, values: &str) -> Case {
@@ -90,18 +100,7 @@ fn assert_secret(path: &Path, secret: &[u8], out: &Output) {
 
 /// The same batch, plain, into `out_dir` (to compare with).
 fn plain_run(case: &Case, out_dir: &str) {
-    assert_ok(&case.run(&[
-        "mfg",
-        "generate",
-        "config.csv",
-        "values.csv",
-        "dev",
-        "0x3000",
-        "--fileid",
-        "serial",
-        "--out-dir",
-        out_dir,
-    ]));
+    assert_ok(&run_args(case, &mfg_args(out_dir, &["--fileid", "serial"])));
 }
 
 #[test]
@@ -889,24 +888,8 @@ fn a_killed_run_leaves_only_complete_images_and_resume_finishes_it() {
     }
     let case = case(CONFIG, &values);
     let dir = case.dir.path();
-    let args = |out: &str| -> Vec<String> {
-        [
-            "mfg",
-            "generate",
-            "config.csv",
-            "values.csv",
-            "dev",
-            "0x3000",
-            "--fileid",
-            "serial",
-            "--out-dir",
-            out,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    assert_ok(&case.run(&args("clean").iter().map(String::as_str).collect::<Vec<_>>()));
+    let args = |out: &str| mfg_args(out, &["--fileid", "serial"]);
+    assert_ok(&run_args(&case, &args("clean")));
     let clean_bin = dir.join("clean/bin");
     // Where unnamed files cannot be made, a kill may leave a named temporary file.
     let unnamed_files = unnamed_files_work(dir);
@@ -985,7 +968,7 @@ fn a_killed_run_leaves_only_complete_images_and_resume_finishes_it() {
 
         // A plain rerun refuses; --resume completes it.
         if finals > 0 {
-            let again = case.run(&args(&out).iter().map(String::as_str).collect::<Vec<_>>());
+            let again = run_args(&case, &args(&out));
             assert!(!again.status.success());
         }
         let mut resume = args(&out);

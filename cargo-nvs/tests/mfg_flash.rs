@@ -41,21 +41,24 @@ fn assert_fails(out: &Output, needles: &[&str]) {
 
 /// Three devices (SN1..SN3) generated into `out/`, 0x3000-byte images.
 fn batch() -> Case {
+    batch_with(&[])
+}
+
+/// [`batch`] with more `mfg generate` options (keys).
+fn batch_with(extra: &[&str]) -> Case {
     let case = Case::new();
     case.file("config.csv", CONFIG).file("values.csv", VALUES);
-    let out = case.run(&[
+    let mut args = vec![
         "mfg",
         "generate",
         "config.csv",
         "values.csv",
         "dev",
         "0x3000",
-        "--fileid",
-        "serial",
-        "--out-dir",
-        "out",
-    ]);
-    assert_ok(&out);
+    ];
+    args.extend(["--fileid", "serial", "--out-dir", "out"]);
+    args.extend_from_slice(extra);
+    assert_ok(&case.run(&args));
     case
 }
 
@@ -398,21 +401,7 @@ fn refuses_bad_targets_and_a_missing_ledger() {
 
 #[test]
 fn a_device_with_its_own_key_gets_the_key_into_nvs_keys() {
-    let case = Case::new();
-    case.file("config.csv", CONFIG).file("values.csv", VALUES);
-    assert_ok(&case.run(&[
-        "mfg",
-        "generate",
-        "config.csv",
-        "values.csv",
-        "dev",
-        "0x3000",
-        "--fileid",
-        "serial",
-        "--keygen",
-        "--out-dir",
-        "out",
-    ]));
+    let case = batch_with(&["--keygen"]);
     let esp = Config::esp32c3().mac(MAC_A).start();
     // An offset alone has no place for the key: refused before connecting.
     let out = flash(&case, &[&esp], &["--offset", "0x9000"]);
@@ -439,23 +428,7 @@ fn a_device_with_its_own_key_gets_the_key_into_nvs_keys() {
 
 #[test]
 fn an_hmac_protected_device_gets_only_its_image_and_a_note_about_the_efuse() {
-    let case = Case::new();
-    case.file("config.csv", CONFIG).file("values.csv", VALUES);
-    assert_ok(&case.run(&[
-        "mfg",
-        "generate",
-        "config.csv",
-        "values.csv",
-        "dev",
-        "0x3000",
-        "--fileid",
-        "serial",
-        "--keygen",
-        "--key-protect-hmac",
-        "--kp-hmac-keygen",
-        "--out-dir",
-        "out",
-    ]));
+    let case = batch_with(&["--keygen", "--key-protect-hmac", "--kp-hmac-keygen"]);
     // A table with nvs_keys: the derived key must still not be written there in plaintext.
     case.file(
         "partitions.csv",
