@@ -157,6 +157,7 @@ impl Unnamed {
 
     /// Gives the file the name `path`; fails with `AlreadyExists` rather than replace a file.
     fn link_new(self, path: &Path) -> std::io::Result<()> {
+        #[cfg_attr(not(target_os = "linux"), allow(unused_mut))]
         let Unnamed { mut file, temp } = self;
         let temp = match temp {
             Some(temp) => temp,
@@ -174,6 +175,7 @@ impl Unnamed {
 
     /// Gives the file the name `path`, replacing any file of that name in one step.
     fn replace(self, path: &Path) -> std::io::Result<()> {
+        #[cfg_attr(not(target_os = "linux"), allow(unused_mut))]
         let Unnamed { mut file, temp } = self;
         let temp = match temp {
             Some(temp) => temp,
