@@ -21,13 +21,16 @@ use crate::{CliError, CliResult};
 /// Writes the device's image padded with 0xFF over its whole partition in one connection,
 /// checks it by MD5, reads the chip's MAC and appends `MAC, device, SHA-256, time, result` to the
 /// production log in the ledger (see `cargo nvs mfg log`). Where it goes: --offset; or
-/// --partition-table with --partition; or, by default, the Cargo package's partition table, which
-/// takes every image of a device made from the package's metadata (`<partition>-<id>.bin`) into
-/// its partition. A device id is never put on a second
-/// chip, nor a second id on a chip already logged, unless --force. A failed flash is logged as
-/// `failed: …` and leaves the device unflashed; the exit code is then non-zero. A device made
-/// with --keygen also gets its key file written to the table's nvs_keys partition, in the same
-/// write (this needs --partition-table).
+/// --partition-table with --partition; or, by default, the Cargo package's partition table,
+/// which takes every image of a device made from the package's metadata (`<partition>-<id>.bin`)
+/// into its partition. Each device is claimed in the ledger first, so runs sharing the ledger
+/// never take the same one.
+///
+/// A device id is never put on a second chip, nor a second id on a chip already logged, unless
+/// --force. A failed flash is logged as `failed: …` and leaves the device unflashed; the exit
+/// code is then non-zero. A device made with --keygen also gets its key file written to the
+/// table's nvs_keys partition, in the same write; one made with HMAC key protection does not
+/// (its chip derives the key from the HMAC key in its eFuse, which is named instead).
 #[derive(clap::Args)]
 pub struct MfgFlashArgs {
     /// The `mfg generate` output folder (images and ledger) [default: the current directory].

@@ -116,8 +116,8 @@ pub struct SqliteLedger {
     claim_lifetime: Duration,
 }
 
-/// Bumped when the tables change; a ledger of a newer version is refused. 2: device_images and
-/// claims.
+/// Bumped when the tables change; a ledger of a newer version is refused. 2: device_images,
+/// claims and devices.hmac_key_file (schema 1 ledgers are upgraded when opened).
 const SCHEMA_VERSION: i64 = 2;
 
 /// How long a claim on a device holds: longer than any flash takes, so that a claim older than
@@ -645,6 +645,34 @@ mod tests {
         let mut lapsed = SqliteLedger::open(&path, false).unwrap();
         lapsed.claim_lifetime = Duration::ZERO;
         assert_eq!(lapsed.claim_next("station-3").unwrap().unwrap().device, "A");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_schema_1_ledger_is_upgraded_and_keeps_its_devices() {
+        let dir = scratch("v1");
+        let path = dir.join("l.sqlite");
+        {
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE devices (device TEXT PRIMARY KEY NOT NULL, image TEXT NOT NULL,
+                   sha256 TEXT NOT NULL, key_file TEXT, size INTEGER NOT NULL,
+                   values_file TEXT NOT NULL, line INTEGER NOT NULL, batch TEXT NOT NULL,
+                   issued_at TEXT NOT NULL, issues INTEGER NOT NULL DEFAULT 1);
+                 INSERT INTO devices VALUES ('A', 'bin/dev-A.bin', 'ab', NULL, 12288, 'v.csv', 2,
+                   'b', 't', 1);
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let ledger = SqliteLedger::open(&path, false).unwrap();
+        let a = ledger.issued("A").unwrap().unwrap();
+        assert_eq!((a.image.as_str(), a.hmac_key_file), ("bin/dev-A.bin", None));
+        assert!(a.more_images.is_empty());
+        ledger.issue(&entry("B", 3), false).unwrap();
+        ledger.claim("A", "s").unwrap().unwrap();
+        let next = ledger.claim_next("t").unwrap().unwrap();
+        assert_eq!(next.device, "B");
         let _ = std::fs::remove_dir_all(dir);
     }
 }
