@@ -58,17 +58,8 @@ impl ImageInput {
                  save it as UTF-8 without BOM",
             ));
         }
-        let text = std::str::from_utf8(bytes).map_err(|e| {
-            let line = 1 + bytes[..e.valid_up_to()]
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count();
-            InputError::new(
-                Some(Location::line(path, line)),
-                None,
-                "the file is not valid UTF-8; save it as UTF-8",
-            )
-        })?;
+        let text =
+            crate::error::utf8_text(path, bytes, "the file is not valid UTF-8; save it as UTF-8")?;
         // Universal newlines, then drop lines starting with `#` before CSV parsing (as the
         // reference does, even inside a quoted multi-line field), remembering original numbers.
         let text: Cow<str> = if text.contains('\r') {

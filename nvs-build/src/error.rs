@@ -29,6 +29,29 @@ impl Location {
             column: None,
         }
     }
+
+    pub fn column(path: &Path, line: usize, column: usize) -> Location {
+        Location {
+            path: path.to_owned(),
+            line: Some(line),
+            column: Some(column),
+        }
+    }
+}
+
+/// `bytes` as UTF-8 text; the error (`message`) names the line of the first invalid byte.
+pub(crate) fn utf8_text<'a>(
+    path: &Path,
+    bytes: &'a [u8],
+    message: &str,
+) -> Result<&'a str, InputError> {
+    std::str::from_utf8(bytes).map_err(|e| {
+        let line = 1 + bytes[..e.valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
+        InputError::new(Some(Location::line(path, line)), None, message)
+    })
 }
 
 /// Reads an input file; the error names the file and says which input it is (`what`).

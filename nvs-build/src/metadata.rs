@@ -287,11 +287,7 @@ impl Doc<'_> {
         let before = &self.text[..offset.min(self.text.len())];
         let line = before.matches('\n').count() + 1;
         let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        Location {
-            path: self.path.to_owned(),
-            line: Some(line),
-            column: Some(column),
-        }
+        Location::column(self.path, line, column)
     }
 
     fn at<T>(&self, spanned: &Spanned<T>) -> Location {

@@ -341,18 +341,12 @@ impl PartitionTable {
         if bytes.starts_with(&binary::ENTRY_MAGIC) {
             return Self::parse_binary_at(path, &bytes, options.table_offset);
         }
-        let text = std::str::from_utf8(&bytes).map_err(|e| {
-            let line = 1 + bytes[..e.valid_up_to()]
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count();
-            InputError::new(
-                Some(Location::line(path, line)),
-                None,
-                "the partition table is neither a binary table (which starts with 0xAA 0x50) \
-                 nor UTF-8 text; save the CSV as UTF-8",
-            )
-        })?;
+        let text = crate::error::utf8_text(
+            path,
+            &bytes,
+            "the partition table is neither a binary table (which starts with 0xAA 0x50) nor \
+             UTF-8 text; save the CSV as UTF-8",
+        )?;
         Self::parse_csv_with(path, text, options)
     }
 

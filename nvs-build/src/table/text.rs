@@ -128,15 +128,7 @@ fn split_fields(raw: &str) -> Vec<Field<'_>> {
 
 fn parse_row(path: &Path, line: usize, raw: &str, options: &CsvOptions) -> Result<Row, InputError> {
     let at = |column: usize, message: String| {
-        InputError::new(
-            Some(Location {
-                path: path.to_owned(),
-                line: Some(line),
-                column: Some(column),
-            }),
-            None,
-            message,
-        )
+        InputError::new(Some(Location::column(path, line, column)), None, message)
     };
     let fields = split_fields(raw);
     let end_column = raw.chars().count() + 1;
@@ -415,15 +407,7 @@ fn place(path: &Path, rows: Vec<Row>, options: &CsvOptions) -> Result<PartitionT
         let mut partition = row.partition;
         let line = partition.line.unwrap_or(0);
         let at = |column: usize, message: String| {
-            InputError::new(
-                Some(Location {
-                    path: path.to_owned(),
-                    line: Some(line),
-                    column: Some(column),
-                }),
-                None,
-                message,
-            )
+            InputError::new(Some(Location::column(path, line, column)), None, message)
         };
         let label = partition_label(&partition);
 
