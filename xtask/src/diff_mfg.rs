@@ -20,60 +20,31 @@ use crate::{Result, target_dir};
 /// mfg_gen's steps for one case, in one Python process for all cases: blank lines dropped,
 /// config and values read with `csv.reader`, REPEAT values copied from the first row, each
 /// device's `key,type,encoding,value` CSV written with `csv.writer`, then the generator.
+/// (After [`crate::reference::MFG_GEN_STEPS`].)
 const DRIVER: &str = r#"
-import contextlib, csv, os, sys, traceback
-from itertools import zip_longest
-from types import SimpleNamespace
-from esp_idf_nvs_partition_gen import nvs_partition_gen as nvs
-
-def lines(path):
-    with open(path, 'r', encoding='utf-8') as f:
-        return [l for l in f if not l.isspace()]
+import contextlib, traceback
 
 def run_case(conf, values, prefix, size, version, fileid, prefix_num, key):
-    config = list(csv.reader(lines(conf)))
-    repeat = [r[0] for r in config if 'REPEAT' in r]
-    for r in config:
-        if 'REPEAT' in r:
-            r.remove('REPEAT')
+    config, repeat = read_config(conf)
     rows = list(csv.reader(lines(values)))
     header, first = rows[0], rows[1]
     devices = [first]
     for row in rows[2:]:
-        pending = repeat[:]
-        for index, (k, _) in enumerate(zip_longest(header, row)):
-            if pending and k == pending[0]:
-                row[index] = first[index]
-                del pending[0]
+        fill_repeats(header, first, row, repeat)
         devices.append(row)
     os.makedirs('ref/csv', exist_ok=True)
     fid = '0'
     counter = int(prefix_num.split(':')[0]) if prefix_num else None
     for row in devices:
         pairs = list(zip_longest(header, row))
-        found = False
-        for pair in pairs:
-            if fileid and not found and fileid in pair:
-                fid, found = pair[1], True
-        if not found:
-            fid = str(int(fid) + 1)
+        fid = file_id(pairs, fileid, fid)
         if prefix_num:
             name = '%s-%0*d-%s' % (prefix, int(prefix_num.split(':')[1]), counter, fid)
             counter += 1
         else:
             name = '%s-%s' % (prefix, fid)
         path = os.path.join('ref', 'csv', name + '.csv')
-        with open(path, 'w', newline='', encoding='utf-8') as out:
-            w = csv.writer(out, delimiter=',')
-            w.writerow(['key', 'type', 'encoding', 'value'])
-            for data in config:
-                if 'namespace' in data:
-                    w.writerow(data + [''])
-                    continue
-                while data[0] not in pairs[0]:
-                    del pairs[0]
-                w.writerow(data + [pairs[0][1]])
-                del pairs[0]
+        write_device_csv(path, config, pairs)
         args = SimpleNamespace(input=[path], output=os.path.join('bin', name + '.bin'),
                                size=size, version=int(version), outdir=os.path.abspath('ref'))
         if key.startswith('hmac:'):
@@ -513,7 +484,7 @@ pub fn run(sh: &Shell, opts: Options) -> Result<ExitCode> {
     let driver = work.join("mfg_driver.py");
     let jobs = work.join("jobs.tsv");
     let results = work.join("results.tsv");
-    std::fs::write(&driver, DRIVER)?;
+    std::fs::write(&driver, [crate::reference::MFG_GEN_STEPS, DRIVER].concat())?;
     let lines: Vec<String> = cases.iter().map(job_line).collect();
     std::fs::write(&jobs, lines.join("\n") + "\n")?;
     cmd!(sh, "{python} {driver} {jobs} {results}")

@@ -10,6 +10,10 @@ use crate::{Result, target_dir};
 
 pub const PACKAGE: &str = "esp-idf-nvs-partition-gen==0.3.0";
 pub const MODULE: &str = "esp_idf_nvs_partition_gen";
+
+/// mfg_gen.py's per-device steps in Python, for drivers that run them against the generator
+/// module in one process (diff-mfg, bench mfg).
+pub const MFG_GEN_STEPS: &str = include_str!("mfg_gen_steps.py");
 const DRIVER: &str = include_str!("ref_driver.py");
 
 pub fn venv_dir() -> PathBuf {

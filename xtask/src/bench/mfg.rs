@@ -40,24 +40,14 @@ const TARGET_RSS_MIB: f64 = 64.0;
 /// mfg_gen.py's per-device steps (its `create_intermediate_csv`), with the generator module
 /// called in-process. `python DRIVER CONF VALUES PREFIX SIZE FILEID OUTDIR plain|keygen`; prints
 /// the seconds spent (after the imports) to stderr.
+/// (After [`crate::reference::MFG_GEN_STEPS`].)
 const DRIVER: &str = r#"
-import csv, os, sys, time
-from itertools import zip_longest
-from types import SimpleNamespace
-from esp_idf_nvs_partition_gen import nvs_partition_gen as nvs
-
-def lines(path):
-    with open(path, 'r', encoding='utf-8') as f:
-        return [l for l in f if not l.isspace()]
+import time
 
 def main(conf, values, prefix, size, fileid, outdir, mode):
     start = time.perf_counter()
     keygen = mode == 'keygen'
-    config = list(csv.reader(lines(conf)))
-    repeat = [r[0] for r in config if 'REPEAT' in r]
-    for r in config:
-        if 'REPEAT' in r:
-            r.remove('REPEAT')
+    config, repeat = read_config(conf)
     rows = csv.reader(lines(values))
     header = next(rows)
     first = None
@@ -69,33 +59,14 @@ def main(conf, values, prefix, size, fileid, outdir, mode):
         if first is None:
             first = row
         else:
-            pending = repeat[:]
-            for index, (k, _) in enumerate(zip_longest(header, row)):
-                if pending and k == pending[0]:
-                    row[index] = first[index]
-                    del pending[0]
+            fill_repeats(header, first, row, repeat)
         pairs = list(zip_longest(header, row))
-        found = False
-        for pair in pairs:
-            if fileid and not found and fileid in pair:
-                fid, found = pair[1], True
-        if not found:
-            fid = str(int(fid) + 1)
+        fid = file_id(pairs, fileid, fid)
         name = prefix + '-' + fid
         path = os.path.join(csv_dir, name + '.csv')
         if os.path.isfile(path):
             raise SystemExit('Target csv file: %s already exists.' % path)
-        with open(path, 'w', newline='', encoding='utf-8') as out:
-            w = csv.writer(out, delimiter=',')
-            w.writerow(['key', 'type', 'encoding', 'value'])
-            for data in config:
-                if 'namespace' in data:
-                    w.writerow(data + [''])
-                    continue
-                while data[0] not in pairs[0]:
-                    del pairs[0]
-                w.writerow(data + [pairs[0][1]])
-                del pairs[0]
+        write_device_csv(path, config, pairs)
         bin_name = os.path.join('bin', name + '.bin')
         if os.path.isfile(os.path.join(outdir, bin_name)):
             raise SystemExit('Target binary file: %s already exists.' % bin_name)
@@ -242,7 +213,7 @@ fn measure_fs(
     values: &Path,
 ) -> Result<FsFigures> {
     let driver = dir.join("mfg_driver.py");
-    std::fs::write(&driver, DRIVER)?;
+    std::fs::write(&driver, [crate::reference::MFG_GEN_STEPS, DRIVER].concat())?;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let (mut plain, mut keygen) = (Times::new(), Times::new());
     let (mut ref_plain, mut ref_keygen) = (Times::new(), Times::new());
