@@ -34,17 +34,21 @@ fn mfg(case: &Case, args: &[&str]) -> Output {
 
 /// The common run: `devices.csv`, ids from `serial`, output in `out/`.
 fn mfg_devices(case: &Case) -> Output {
-    mfg(
-        case,
-        &[
-            "--values",
-            "devices.csv",
-            "--id",
-            "serial",
-            "--out-dir",
-            "out",
-        ],
-    )
+    mfg_devices_into(case, "out", &[])
+}
+
+/// `devices.csv`, ids from `serial`, output in `out_dir`, then `extra`.
+fn mfg_devices_into(case: &Case, out_dir: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "--values",
+        "devices.csv",
+        "--id",
+        "serial",
+        "--out-dir",
+        out_dir,
+    ];
+    args.extend_from_slice(extra);
+    mfg(case, &args)
 }
 
 fn stderr(out: &Output) -> String {
@@ -149,18 +153,7 @@ fn devices_csv() -> String {
 fn every_device_gets_the_metadata_image_with_its_own_values() {
     let case = Case::new();
     case.file("devices.csv", devices_csv());
-    let out = mfg(
-        &case,
-        &[
-            "--values",
-            "devices.csv",
-            "--id",
-            "serial",
-            "--out-dir",
-            "out",
-            "--all-partitions",
-        ],
-    );
+    let out = mfg_devices_into(&case, "out", &["--all-partitions"]);
     assert_ok(&out);
     let dir = case.dir.path().join("out");
 
@@ -275,17 +268,7 @@ fn every_device_gets_the_metadata_image_with_its_own_values() {
 fn by_default_only_partitions_with_per_device_keys_are_built() {
     let case = Case::new();
     case.file("devices.csv", "serial,secret\n7,a\n8,b\n9,c\n");
-    let out = mfg(
-        &case,
-        &[
-            "--values",
-            "devices.csv",
-            "--id",
-            "serial",
-            "--out-dir",
-            "o",
-        ],
-    );
+    let out = mfg_devices_into(&case, "o", &[]);
     assert_ok(&out);
     let mut names: Vec<String> = std::fs::read_dir(case.dir.path().join("o/bin"))
         .unwrap()
@@ -295,33 +278,9 @@ fn by_default_only_partitions_with_per_device_keys_are_built() {
     assert_eq!(names, ["fctry-7.bin", "fctry-8.bin", "fctry-9.bin"]);
 
     // A partition without per-device keys alone is not mass production.
-    let out = mfg(
-        &case,
-        &[
-            "--values",
-            "devices.csv",
-            "--id",
-            "serial",
-            "--out-dir",
-            "p",
-            "--partition",
-            "nvs",
-        ],
-    );
+    let out = mfg_devices_into(&case, "p", &["--partition", "nvs"]);
     assert_refused(&case, &out, "p", &["has per-device keys", "nvs"]);
-    let out = mfg(
-        &case,
-        &[
-            "--values",
-            "devices.csv",
-            "--id",
-            "serial",
-            "--out-dir",
-            "p",
-            "--partition",
-            "nope",
-        ],
-    );
+    let out = mfg_devices_into(&case, "p", &["--partition", "nope"]);
     assert_refused(&case, &out, "p", &["--partition `nope`", "fctry, nvs"]);
 }
 
@@ -428,18 +387,7 @@ fn ids_are_required_present_and_unique() {
         &["devices.csv:4", "`1` is already used at line 2"],
     );
     // mfg_gen's options do not mix with the metadata mode.
-    let out = mfg(
-        &case,
-        &[
-            "--values",
-            "devices.csv",
-            "--id",
-            "serial",
-            "--out-dir",
-            "out",
-            "--keygen",
-        ],
-    );
+    let out = mfg_devices_into(&case, "out", &["--keygen"]);
     assert_refused(&case, &out, "out", &["--keygen", "metadata"]);
     assert!(!case.exists("out"));
 }

@@ -98,6 +98,17 @@ fn assert_secret(path: &Path, secret: &[u8], out: &Output) {
     assert!(!stderr(out).contains(&hex));
 }
 
+/// out/bin/dev-1.bin is what the generator makes of `csv` (device 1's CSV, as mfg_gen writes it).
+fn assert_first_device_is_generators(case: &Case, csv: &str) {
+    case.file("one.csv", csv);
+    assert_ok(&case.run(&["generate", "one.csv", "one.bin", "0x3000"]));
+    let dir = case.dir.path();
+    assert_eq!(
+        read(&dir.join("out/bin/dev-1.bin")),
+        read(&dir.join("one.bin"))
+    );
+}
+
 /// The same batch, plain, into `out_dir` (to compare with).
 fn plain_run(case: &Case, out_dir: &str) {
     assert_ok(&run_args(case, &mfg_args(out_dir, &["--fileid", "serial"])));
@@ -243,15 +254,9 @@ fn i16_is_accepted_and_file_rows_resolve_against_the_current_directory() {
     );
     case.file("a.der", b"\x01\x02").file("b.der", b"\x03");
     assert_ok(&mfg(&case, &[]));
-    case.file(
-        "one.csv",
+    assert_first_device_is_generators(
+        &case,
         "key,type,encoding,value\napp,namespace,,\nt,data,i16,-32768\ncert,file,binary,a.der\n",
-    );
-    assert_ok(&case.run(&["generate", "one.csv", "one.bin", "0x3000"]));
-    let dir = case.dir.path();
-    assert_eq!(
-        read(&dir.join("out/bin/dev-1.bin")),
-        read(&dir.join("one.bin"))
     );
 }
 
@@ -683,15 +688,9 @@ fn blank_lines_are_skipped_and_errors_keep_the_file_line_numbers() {
     assert_refused(&case, &out, &["values.csv:7", "device `2`", "column `num`"]);
     let case = self::case(CONFIG, "id,serial,num,region\n1,\"S\n\n1\",1,EU\n");
     assert_ok(&mfg(&case, &[]));
-    case.file(
-        "one.csv",
+    assert_first_device_is_generators(
+        &case,
         "key,type,encoding,value\napp,namespace,,\nserial,data,string,\"S\n1\"\nnum,data,u8,1\nregion,data,string,EU\n",
-    );
-    assert_ok(&case.run(&["generate", "one.csv", "one.bin", "0x3000"]));
-    let dir = case.dir.path();
-    assert_eq!(
-        read(&dir.join("out/bin/dev-1.bin")),
-        read(&dir.join("one.bin"))
     );
 }
 

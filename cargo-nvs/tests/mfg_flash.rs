@@ -90,6 +90,15 @@ fn flash(case: &Case, esps: &[&FakeEsp], extra: &[&str]) -> Output {
     out
 }
 
+/// [`flash`] into the `nvs` partition of the case's `partitions.csv`.
+fn flash_table_nvs(case: &Case, esp: &FakeEsp) -> Output {
+    flash(
+        case,
+        &[esp],
+        &["--partition-table", "partitions.csv", "--partition", "nvs"],
+    )
+}
+
 /// The production log as CSV rows (header dropped), split into cells.
 fn log(case: &Case) -> Vec<Vec<String>> {
     let out = case.run(&["mfg", "log", "--out-dir", "out", "--format", "csv"]);
@@ -176,11 +185,7 @@ fn flashes_the_next_image_padded_over_its_partition_and_logs_it() {
     case.file("partitions.csv", "# Name, Type, SubType, Offset, Size\nnvs, data, nvs, 0x9000, 0x6000\nphy_init, data, phy, 0xf000, 0x1000\nfactory, app, factory, 0x10000, 1M\n");
     let other = Config::esp32c3().mac(MAC_B).start();
     let blank = other.flash();
-    let out = flash(
-        &case,
-        &[&other],
-        &["--partition-table", "partitions.csv", "--partition", "nvs"],
-    );
+    let out = flash_table_nvs(&case, &other);
     assert_ok(&out);
     let mut expected = image(&case, "SN2");
     expected.resize(0x6000, 0xFF);
@@ -413,11 +418,7 @@ fn a_device_with_its_own_key_gets_the_key_into_nvs_keys() {
         "nvs, data, nvs, 0x9000, 0x3000\nnvs_keys, data, nvs_keys, 0xc000, 0x1000\nfactory, app, factory, 0x10000, 1M\n",
     );
     let blank = esp.flash();
-    let out = flash(
-        &case,
-        &[&esp],
-        &["--partition-table", "partitions.csv", "--partition", "nvs"],
-    );
+    let out = flash_table_nvs(&case, &esp);
     assert_ok(&out);
     same(&esp.read(0x9000, 0x3000), &image(&case, "SN1"), "nvs");
     let key = std::fs::read(case.dir.path().join("out/keys/keys-dev-SN1.bin")).unwrap();
@@ -436,11 +437,7 @@ fn an_hmac_protected_device_gets_only_its_image_and_a_note_about_the_efuse() {
     );
     let esp = Config::esp32c3().mac(MAC_A).start();
     let blank = esp.flash();
-    let out = flash(
-        &case,
-        &[&esp],
-        &["--partition-table", "partitions.csv", "--partition", "nvs"],
-    );
+    let out = flash_table_nvs(&case, &esp);
     assert_ok(&out);
     same(&esp.read(0x9000, 0x3000), &image(&case, "SN1"), "nvs");
     assert!(
