@@ -4,6 +4,7 @@
 mod support;
 
 use std::path::Path;
+use std::process::Output;
 
 use support::{Case, bin, vectors};
 
@@ -201,44 +202,30 @@ fn generated_keys_are_private_never_collide_and_never_overwritten() {
     );
 }
 
-#[test]
-fn key_file_too_short() {
+/// `encrypt` of a one-key CSV with `--inputkey NAME`, the key file holding `bytes`.
+fn encrypt_with_key_file(name: &str, bytes: impl AsRef<[u8]>) -> (Case, Output) {
     let case = Case::new();
     case.file(
         "in.csv",
         "key,type,encoding,value\nns,namespace,,\na,data,u8,1\n",
     );
-    case.file("short.bin", [1u8; 40]);
-    let out = case.run(&[
-        "encrypt",
-        "in.csv",
-        "e.bin",
-        "0x3000",
-        "--inputkey",
-        "short.bin",
-    ]);
+    case.file(name, bytes);
+    let out = case.run(&["encrypt", "in.csv", "e.bin", "0x3000", "--inputkey", name]);
+    (case, out)
+}
+
+#[test]
+fn key_file_too_short() {
+    let (case, out) = encrypt_with_key_file("short.bin", [1u8; 40]);
     assert_fails_with(&out, &["short.bin", "40 bytes", "64 key bytes"]);
     assert!(!case.exists("e.bin"));
 }
 
 #[test]
 fn key_file_with_wrong_crc_warns() {
-    let case = Case::new();
-    case.file(
-        "in.csv",
-        "key,type,encoding,value\nns,namespace,,\na,data,u8,1\n",
-    );
     let mut keys = std::fs::read(vectors().join("in/keys_fixed.bin")).unwrap();
     keys[64] ^= 0xFF;
-    case.file("badcrc.bin", &keys);
-    let out = case.run(&[
-        "encrypt",
-        "in.csv",
-        "e.bin",
-        "0x3000",
-        "--inputkey",
-        "badcrc.bin",
-    ]);
+    let (_case, out) = encrypt_with_key_file("badcrc.bin", &keys);
     assert!(out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -249,20 +236,7 @@ fn key_file_with_wrong_crc_warns() {
 
 #[test]
 fn equal_xts_halves_are_refused() {
-    let case = Case::new();
-    case.file(
-        "in.csv",
-        "key,type,encoding,value\nns,namespace,,\na,data,u8,1\n",
-    );
-    case.file("same.bin", [0x5Au8; 64]);
-    let out = case.run(&[
-        "encrypt",
-        "in.csv",
-        "e.bin",
-        "0x3000",
-        "--inputkey",
-        "same.bin",
-    ]);
+    let (case, out) = encrypt_with_key_file("same.bin", [0x5Au8; 64]);
     assert_fails_with(&out, &["same.bin", "equal", "XTS forbids"]);
     assert!(!case.exists("e.bin"));
 }
