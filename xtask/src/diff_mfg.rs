@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use fastrand::Rng;
 use nvs_build::format::encryption::XtsKey;
@@ -89,12 +89,7 @@ pub struct Options {
 
 impl Options {
     pub fn parse(args: &mut Args) -> Result<Options> {
-        let seed = match args.value::<u64>("--seed")? {
-            Some(seed) => seed,
-            None => {
-                (SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() % 1_000_000_000) as u64
-            }
-        };
+        let seed = args.seed()?;
         Ok(Options {
             cases: args.value("--cases")?.unwrap_or(8),
             devices: args.value("--devices")?.unwrap_or(120),

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use fastrand::Rng;
 use xshell::{Shell, cmd};
@@ -31,14 +31,7 @@ pub struct Options {
 
 impl Options {
     pub fn parse(args: &mut Args) -> Result<Options> {
-        let seed = match args.value::<u64>("--seed")? {
-            Some(seed) => seed,
-            None => {
-                let now = SystemTime::now().duration_since(UNIX_EPOCH)?;
-                // Short enough to retype.
-                (now.as_nanos() % 1_000_000_000) as u64
-            }
-        };
+        let seed = args.seed()?;
         let encrypt = match (args.flag("--encrypt"), args.flag("--no-encrypt")) {
             (true, true) => return Err("--encrypt and --no-encrypt exclude each other".into()),
             (true, false) => Some(true),

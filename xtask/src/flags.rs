@@ -54,6 +54,17 @@ impl Args {
     }
 
     /// Everything not consumed yet, to pass on to another command.
+    /// `--seed N`, or a seed from the clock, short enough to retype.
+    pub fn seed(&mut self) -> Result<u64> {
+        match self.value::<u64>("--seed")? {
+            Some(seed) => Ok(seed),
+            None => {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+                Ok((now.as_nanos() % 1_000_000_000) as u64)
+            }
+        }
+    }
+
     pub fn rest(self) -> Vec<String> {
         self.args
     }
