@@ -302,19 +302,8 @@ fn esptool_flashes_dist_artifacts_to_the_same_bytes() {
     assert_ok(&run(&ours, "flash", &["--no-stub"]));
 
     let theirs = FakeEsp::esp32c3();
-    let out = std::process::Command::new(esptool)
-        .args([
-            "--chip",
-            "esp32c3",
-            "--port",
-            theirs.path(),
-            "--before",
-            "no-reset",
-            "--after",
-            "no-reset",
-            "--no-stub",
-        ])
-        .args(["write-flash", "@flash_args"])
+    let out = esptool_write_flash(&esptool, &theirs)
+        .arg("@flash_args")
         .current_dir(scratch.path())
         .output()
         .unwrap();
@@ -407,19 +396,7 @@ fn flash_workflow_comparison() {
             args.push(format!("{offset:#x}"));
             args.push(file.display().to_string());
         }
-        let out = std::process::Command::new(&esptool)
-            .args([
-                "--chip",
-                "esp32c3",
-                "--port",
-                theirs.path(),
-                "--before",
-                "no-reset",
-                "--after",
-                "no-reset",
-                "--no-stub",
-                "write-flash",
-            ])
+        let out = esptool_write_flash(&esptool, &theirs)
             .args(&args)
             .output()
             .unwrap();
@@ -480,4 +457,22 @@ fn espflash_write(esp: &FakeEsp, segments: &[&(u32, Vec<u8>)]) {
         .unwrap();
     drop(flasher);
     esp.settle();
+}
+
+/// esptool's `write-flash` into the emulator `esp` (ROM loader, no resets); the files follow.
+fn esptool_write_flash(
+    esptool: impl AsRef<std::ffi::OsStr>,
+    esp: &FakeEsp,
+) -> std::process::Command {
+    let mut command = std::process::Command::new(esptool);
+    command.args(["--chip", "esp32c3", "--port", esp.path()]);
+    command.args([
+        "--before",
+        "no-reset",
+        "--after",
+        "no-reset",
+        "--no-stub",
+        "write-flash",
+    ]);
+    command
 }
