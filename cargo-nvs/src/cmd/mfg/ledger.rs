@@ -265,6 +265,17 @@ fn issued_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Issued> {
     })
 }
 
+/// Claims `device` for `claimant` from now, replacing an older claim.
+fn put_claim(c: &Connection, device: &str, claimant: &str) -> rusqlite::Result<()> {
+    c.execute(
+        &format!(
+            "INSERT OR REPLACE INTO claims (device, claimant, claimed_at) VALUES (?1, ?2, {NOW})"
+        ),
+        [device, claimant],
+    )
+    .map(drop)
+}
+
 /// A device's images other than the first, in order.
 fn more_images(c: &Connection, device: &str) -> rusqlite::Result<Vec<(String, String)>> {
     c.prepare_cached("SELECT image, sha256 FROM device_images WHERE device = ?1 ORDER BY idx")?
@@ -413,13 +424,7 @@ impl Ledger for SqliteLedger {
                 .optional()?;
             if let Some(next) = &mut next {
                 next.more_images = more_images(&tx, &next.device)?;
-                tx.execute(
-                    &format!(
-                        "INSERT OR REPLACE INTO claims (device, claimant, claimed_at)
-                         VALUES (?1, ?2, {NOW})"
-                    ),
-                    [&next.device, claimant],
-                )?;
+                put_claim(&tx, &next.device, claimant)?;
             }
             tx.commit()?;
             Ok(next)
@@ -445,13 +450,7 @@ impl Ledger for SqliteLedger {
                     "device `{device}` is being flashed by {holder} (claimed at {since})"
                 )));
             }
-            tx.execute(
-                &format!(
-                    "INSERT OR REPLACE INTO claims (device, claimant, claimed_at)
-                     VALUES (?1, ?2, {NOW})"
-                ),
-                [device, claimant],
-            )?;
+            put_claim(&tx, device, claimant)?;
             tx.commit()?;
             Ok(Ok(()))
         })
