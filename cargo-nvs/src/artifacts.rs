@@ -147,11 +147,47 @@ pub struct NvsImage {
 /// nvs-build's `manifest.json` in `$OUT_DIR/nvs`.
 #[derive(Clone, Debug)]
 pub struct NvsManifest {
+    /// The package's Cargo.toml (its `[package.metadata.nvs]` made the images).
+    pub manifest_path: Option<PathBuf>,
     pub partition_table: Option<PathBuf>,
     pub images: Vec<NvsImage>,
 }
 
 impl NvsManifest {
+    /// As cargo's runner (`cargo run` with `runner = "cargo nvs flash --elf"`): the manifest of
+    /// the build cargo just made, from the `OUT_DIR` cargo sets for the runner of a package with
+    /// a build script. Never builds anything.
+    pub fn of_runner() -> CliResult<NvsManifest> {
+        match std::env::var_os("OUT_DIR") {
+            Some(out_dir) if !out_dir.is_empty() => NvsManifest::read(Path::new(&out_dir)),
+            _ => Err(CliError(
+                "--elf runs as cargo's runner: it flashes the ELF cargo built with the NVS images \
+                 of that same build, from $OUT_DIR/nvs/manifest.json, but OUT_DIR is not set. \
+                 Cargo sets it for `cargo run` when the package has a build script: add a \
+                 build.rs that calls nvs_build::generate(). Outside `cargo run`, use `cargo nvs \
+                 flash` without --elf (it builds the package)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// The package's NVS metadata, read from the Cargo.toml the images were made from.
+    pub fn metadata(&self) -> CliResult<nvs_build::metadata::Metadata> {
+        let path = self.manifest_path.as_deref().ok_or_else(|| {
+            CliError(
+                "the build's NVS manifest does not name its Cargo.toml (made by an older \
+                 nvs-build); rebuild the package"
+                    .into(),
+            )
+        })?;
+        nvs_build::metadata::Metadata::from_manifest(path)?.ok_or_else(|| {
+            CliError(format!(
+                "`{}` has no [package.metadata.nvs] any more; rebuild the package",
+                path.display()
+            ))
+        })
+    }
+
     pub fn read(out_dir: &Path) -> CliResult<NvsManifest> {
         let path = out_dir.join("nvs").join("manifest.json");
         let text = std::fs::read_to_string(&path).map_err(|e| {
@@ -194,6 +230,7 @@ impl NvsManifest {
             });
         }
         Ok(NvsManifest {
+            manifest_path: path_of(&doc["manifest_path"]),
             partition_table: path_of(&doc["partition_table"]),
             images,
         })

@@ -11,6 +11,7 @@ use espflash::target::{Chip, ProgressCallbacks};
 use indicatif::{ProgressBar, ProgressStyle};
 use serialport::{SerialPortType, UsbPortInfo};
 
+use crate::guard;
 use crate::{CliError, CliResult};
 
 /// How to reach the chip (espflash's option names).
@@ -329,6 +330,29 @@ fn read_into(
         data.extend_from_slice(&std::fs::read(file)?);
     }
     Ok(data)
+}
+
+/// What the chip holds where `planned` would go at `addr`: by MD5 first (blank or ours), read
+/// back and assessed only when it differs. Returns the bytes read, if any.
+pub fn inspect(
+    flasher: &mut Flasher,
+    addr: u32,
+    planned: &guard::Planned<'_>,
+    use_stub: bool,
+) -> CliResult<(guard::Finding, Option<Vec<u8>>)> {
+    use md5::{Digest, Md5};
+    let len = planned.ours.len() as u32;
+    let on_chip = flasher
+        .checksum_md5(addr, len)
+        .map_err(|e| CliError(format!("cannot check the flash at {addr:#x}: {e}")))?;
+    if on_chip == blank_md5(len) {
+        return Ok((guard::Finding::Blank, None));
+    }
+    if on_chip == u128::from_be_bytes(Md5::digest(planned.ours).into()) {
+        return Ok((guard::Finding::Same, None));
+    }
+    let chip = read_flash(flasher, addr, len, use_stub)?;
+    Ok((guard::assess(planned, &chip), Some(chip)))
 }
 
 /// MD5 of `len` bytes of erased flash (0xFF), to tell a blank partition by its checksum.

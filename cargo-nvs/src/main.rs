@@ -4,6 +4,7 @@ mod artifacts;
 mod cmd;
 mod flashing;
 mod fsutil;
+mod guard;
 mod project;
 mod size;
 

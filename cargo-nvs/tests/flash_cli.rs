@@ -7,6 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+use nvs_build::format::{ImageBuilder, PartitionSize, Value, Version};
 use support::fake_esp::{Config, FakeEsp, Fault};
 use support::{bin, tempdir};
 
@@ -32,6 +33,89 @@ fn run(esp: &FakeEsp, cmd: &str, extra: &[&str]) -> Output {
         .args(extra)
         .output()
         .unwrap();
+    esp.settle();
+    out
+}
+
+/// The firmware's release build-script OUT_DIR (a no-op build when `cargo xtask ci` built it).
+fn release_out_dir() -> PathBuf {
+    static OUT_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    OUT_DIR
+        .get_or_init(|| {
+            let out = cargo()
+                .args(["build", "--release", "--message-format=json"])
+                .current_dir(firmware_manifest().parent().unwrap())
+                .output()
+                .unwrap();
+            assert_ok(&out);
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|m| {
+                    m["reason"] == "build-script-executed"
+                        && m["package_id"]
+                            .as_str()
+                            .is_some_and(|id| id.contains("esp32c3-factory-data"))
+                })
+                .and_then(|m| m["out_dir"].as_str().map(PathBuf::from))
+                .expect("the firmware's build script ran")
+        })
+        .clone()
+}
+
+/// The release build's NVS image of `partition`, as nvs-build wrote it.
+fn release_image(partition: &str) -> Vec<u8> {
+    std::fs::read(release_out_dir().join(format!("nvs/{partition}.bin"))).unwrap()
+}
+
+fn padded(bytes: &[u8], size: usize) -> Vec<u8> {
+    let mut bytes = bytes.to_vec();
+    bytes.resize(size, 0xFF);
+    bytes
+}
+
+/// An NVS image of `size` bytes with one namespace, as a device or another tool would hold it.
+fn nvs_image(size: u64, namespace: &str, entries: &[(&str, Value)]) -> Vec<u8> {
+    let mut builder = ImageBuilder::new(Version::V2);
+    builder.namespace(namespace).unwrap();
+    for (key, value) in entries {
+        builder.add(key, value.clone()).unwrap();
+    }
+    let image = builder.finish(PartitionSize::new(size).unwrap()).unwrap();
+    padded(&image, size as usize)
+}
+
+/// Compares flash contents without printing them (they may be long, or secret).
+#[track_caller]
+fn same(actual: &[u8], expected: &[u8], what: &str) {
+    assert!(
+        actual == expected,
+        "{what}: differs at {:?}",
+        support::fake_esp::diff_ranges(actual, expected)
+    );
+}
+
+fn cargo() -> std::process::Command {
+    std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// `cargo run --release` of the firmware with `cargo nvs flash --elf` as its runner, into `esp`.
+fn cargo_run_with_runner(esp: &FakeEsp, env: &[(&str, &std::ffi::OsStr)]) -> Output {
+    // The environment beats the firmware's .cargo/config.toml (whose runner is espflash).
+    let runner = format!(
+        "{} nvs flash --port {} --before no-reset --after no-reset --no-stub --elf",
+        env!("CARGO_BIN_EXE_cargo-nvs"),
+        esp.path()
+    );
+    let mut command = cargo();
+    command
+        .args(["run", "--release"])
+        .env("CARGO_TARGET_RISCV32IMC_UNKNOWN_NONE_ELF_RUNNER", runner)
+        .current_dir(firmware_manifest().parent().unwrap());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let out = command.output().unwrap();
     esp.settle();
     out
 }
@@ -139,8 +223,12 @@ fn user_data_survives_a_reflash_unless_reset() {
     let esp = FakeEsp::esp32c3();
     assert_ok(&run(&esp, "flash", &["--no-stub"]));
     // The device wrote its own user data into `nvs` (0x9000).
-    let device_data = vec![0x5Au8; 64];
-    esp.write(0x9000 + 0x2000, &device_data);
+    let device_data = nvs_image(
+        0x6000,
+        "user_data",
+        &[("ssid", Value::String("home".into()))],
+    );
+    esp.write(0x9000, &device_data);
     let before = esp.flash();
 
     let out = run(&esp, "flash", &["--no-stub"]);
@@ -155,7 +243,11 @@ fn user_data_survives_a_reflash_unless_reset() {
     let out = run(&esp, "flash", &["--no-stub", "--reset-user-data"]);
     assert_ok(&out);
     assert!(stderr(&out).contains("Replacing"), "{}", stderr(&out));
-    assert_ne!(esp.read(0x9000 + 0x2000, 64), device_data);
+    same(
+        &esp.read(0x9000, 0x6000),
+        &padded(&release_image("nvs"), 0x6000),
+        "reset nvs",
+    );
 }
 
 #[test]
@@ -272,11 +364,13 @@ fn refuses_disagreeing_tables_foreign_elves_and_small_flash() {
 
     let esp = FakeEsp::esp32c3();
     let host_elf = std::env::current_exe().unwrap();
-    let out = run(
-        &esp,
-        "flash",
-        &["--no-stub", "--elf", host_elf.to_str().unwrap()],
-    );
+    let out = bin()
+        .args(["nvs", "flash", "--port", esp.path(), "--before", "no-reset"])
+        .args(["--after", "no-reset", "--no-stub", "--elf"])
+        .arg(&host_elf)
+        .env("OUT_DIR", release_out_dir())
+        .output()
+        .unwrap();
     assert_fails(&out, &["cannot make an esp32c3 image"]);
 
     // 256 KiB: the app at 0x20000 (about 180 KiB) does not fit.
@@ -322,31 +416,324 @@ fn esptool_flashes_dist_artifacts_to_the_same_bytes() {
     );
 }
 
-/// As a cargo runner (`runner = "cargo nvs flash --elf"`), cargo appends the ELF it built.
+/// As cargo's runner (`runner = "cargo nvs flash --elf"`), `cargo run --release` hands over the
+/// release ELF by a relative path, with the build script's OUT_DIR: the chip gets that build's
+/// NVS images, and cargo-nvs builds nothing itself.
 #[test]
-fn runner_mode_flashes_the_given_elf() {
-    // Where cargo puts the firmware: its own target folder, unless CARGO_TARGET_DIR moves it.
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/esp32c3-factory-data/target")
-        });
-    let elf = target.join("riscv32imc-unknown-none-elf/release/esp32c3-factory-data");
+fn runner_mode_flashes_what_cargo_built() {
     let esp = FakeEsp::esp32c3();
-    // Build first (a no-op when `cargo xtask ci` built it), so the ELF exists.
-    assert_ok(&run(&esp, "flash", &["--no-stub", "--nvs-only"]));
-    let esp = FakeEsp::esp32c3();
-    let out = run(
-        &esp,
-        "flash",
-        &["--no-stub", "--elf", elf.to_str().unwrap()],
-    );
+    let out = cargo_run_with_runner(&esp, &[]);
     assert_ok(&out);
+    assert!(
+        !stderr(&out).contains("`dev` profile"),
+        "the runner built the app again:\n{}",
+        stderr(&out)
+    );
     assert_ne!(
         esp.read(0x20000, 32),
         vec![0xFF; 32],
         "the app was not written"
     );
+    for (name, offset, size) in [("nvs", 0x9000, 0x6000), ("fctry", 0xf000, 0x2000)] {
+        same(
+            &esp.read(offset, size),
+            &padded(&release_image(name), size),
+            &format!("{name}: the release build's image"),
+        );
+    }
+    // Outside `cargo run` there is no OUT_DIR: say so, build nothing.
+    let out = bin()
+        .args(["nvs", "flash", "--port", esp.path(), "--elf", "x.elf"])
+        .env_remove("OUT_DIR")
+        .output()
+        .unwrap();
+    assert_fails(&out, &["OUT_DIR is not set", "cargo run"]);
+}
+
+/// A chip provisioned by `mfg flash` keeps its identity through every way of updating the app.
+#[test]
+fn a_provisioned_chip_keeps_its_factory_data() {
+    let scratch = tempdir::Dir::new();
+    let ledger = scratch.path().join("ledger.sqlite");
+    std::fs::write(
+        scratch.path().join("devices.csv"),
+        "serial,secret\n1000,per-device-secret-1000\n",
+    )
+    .unwrap();
+    let esp = FakeEsp::esp32c3();
+    let mfg = |args: &[&str]| {
+        let out = bin()
+            .args(["nvs", "mfg"])
+            .args(args)
+            .arg("--manifest-path")
+            .arg(firmware_manifest())
+            .arg("--ledger")
+            .arg(&ledger)
+            .current_dir(scratch.path())
+            .output()
+            .unwrap();
+        esp.settle();
+        assert_ok(&out);
+    };
+    mfg(&[
+        "generate",
+        "--values",
+        "devices.csv",
+        "--id",
+        "serial",
+        "--out-dir",
+        "batch",
+    ]);
+    mfg(&[
+        "flash",
+        "--out-dir",
+        "batch",
+        "--port",
+        esp.path(),
+        "--before",
+        "no-reset",
+        "--after",
+        "no-reset",
+        "--no-stub",
+    ]);
+    let identity = esp.read(0xf000, 0x2000);
+    same(
+        &identity,
+        &padded(
+            &std::fs::read(scratch.path().join("batch/bin/fctry-1000.bin")).unwrap(),
+            0x2000,
+        ),
+        "the provisioned factory data",
+    );
+    let with_ledger = |out: &[&str]| {
+        let out = bin()
+            .args(["nvs", "flash", "--manifest-path"])
+            .arg(firmware_manifest())
+            .args(["--release", "--port", esp.path(), "--before", "no-reset"])
+            .args(["--after", "no-reset", "--no-stub"])
+            .args(out)
+            .env("NVS_LEDGER", &ledger)
+            .output()
+            .unwrap();
+        esp.settle();
+        out
+    };
+    let updates: [(&str, Output); 3] = [
+        ("flash", with_ledger(&[])),
+        (
+            "flash --reset-user-data",
+            with_ledger(&["--reset-user-data"]),
+        ),
+        (
+            "runner",
+            cargo_run_with_runner(&esp, &[("NVS_LEDGER", ledger.as_os_str())]),
+        ),
+    ];
+    for (how, out) in updates {
+        assert_ok(&out);
+        let err = stderr(&out);
+        assert!(
+            err.contains("Keeping the factory data in nvs `fctry`")
+                && err.contains("device `1000`"),
+            "{how}:\n{err}"
+        );
+        assert!(
+            !err.contains("per-device-secret-1000"),
+            "{how} printed the secret:\n{err}"
+        );
+        assert_eq!(
+            esp.read(0xf000, 0x2000),
+            identity,
+            "{how} changed the factory data"
+        );
+        assert_ne!(esp.read(0x20000, 32), vec![0xFF; 32], "{how}: no app");
+    }
+    // Without the ledger the identity is still kept, as an unknown one.
+    let out = bin()
+        .args(["nvs", "flash", "--manifest-path"])
+        .arg(firmware_manifest())
+        .args([
+            "--release",
+            "--nvs-only",
+            "--port",
+            esp.path(),
+            "--before",
+            "no-reset",
+        ])
+        .args(["--after", "no-reset", "--no-stub"])
+        .env("NVS_LEDGER", scratch.path().join("none.sqlite"))
+        .output()
+        .unwrap();
+    esp.settle();
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("an unknown production identity"),
+        "{}",
+        stderr(&out)
+    );
+    same(
+        &esp.read(0xf000, 0x2000),
+        &identity,
+        "factory data without a ledger",
+    );
+    // The flag replaces it.
+    let out = with_ledger(&["--overwrite-factory-data"]);
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("Replacing the factory data"),
+        "{}",
+        stderr(&out)
+    );
+    same(
+        &esp.read(0xf000, 0x2000),
+        &padded(&release_image("fctry"), 0x2000),
+        "flash contents",
+    );
+}
+
+/// Development data is replaced (e.g. after DEVICE_NAME changed); data that is not ours is not.
+#[test]
+fn dev_factory_data_is_updated_and_foreign_data_kept() {
+    let scratch = tempdir::Dir::new();
+    let out = bin()
+        .args(["nvs", "generate", "--manifest-path"])
+        .arg(firmware_manifest())
+        .arg("--out-dir")
+        .arg(scratch.path())
+        .env("DEVICE_NAME", "an-older-name")
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let older = padded(
+        &std::fs::read(scratch.path().join("fctry.bin")).unwrap(),
+        0x2000,
+    );
+    let esp = Config::esp32c3().preset(0xf000, older.clone()).start();
+    let out = run(&esp, "flash", &["--no-stub", "--nvs-only"]);
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("Updating the development data in nvs `fctry`"),
+        "{}",
+        stderr(&out)
+    );
+    same(
+        &esp.read(0xf000, 0x2000),
+        &padded(&release_image("fctry"), 0x2000),
+        "flash contents",
+    );
+
+    // The dev values, plus a key the package does not define.
+    let foreign = nvs_image(
+        0x2000,
+        "mass_prod",
+        &[
+            (
+                "DeviceSecret",
+                Value::String("dev-secret-not-for-production".into()),
+            ),
+            ("serial", Value::U32(1)),
+            ("extra", Value::U8(7)),
+        ],
+    );
+    // No per-device key holds its dev value any more.
+    let identity = nvs_image(0x2000, "mass_prod", &[("serial", Value::U32(77))]);
+    for (chip, why) in [
+        (
+            foreign,
+            "keys this package does not define (mass_prod::extra)",
+        ),
+        (
+            identity,
+            "per-device keys (mass_prod::DeviceSecret, mass_prod::serial)",
+        ),
+    ] {
+        let esp = Config::esp32c3().preset(0xf000, chip.clone()).start();
+        let out = run(&esp, "flash", &["--no-stub", "--nvs-only"]);
+        assert_ok(&out);
+        let err = stderr(&out);
+        assert!(
+            err.contains(why) && err.contains("an unknown production identity"),
+            "{err}"
+        );
+        same(&esp.read(0xf000, 0x2000), &chip, why);
+        // The user data beside it was still written.
+        same(
+            &esp.read(0x9000, 0x6000),
+            &padded(&release_image("nvs"), 0x6000),
+            "flash contents",
+        );
+    }
+}
+
+/// A write cut off by a power loss is finished by the next flash; a corrupted one is named and
+/// refused until the user decides.
+#[test]
+fn interrupted_writes_are_finished_and_damage_is_refused() {
+    let nvs = padded(&release_image("nvs"), 0x6000);
+    // Power lost at the first block of `nvs` (after fctry's 8 blocks): erased, nothing written.
+    let esp = Config::esp32c3()
+        .fault(Fault::PowerLoss { op: 0x03, nth: 9 })
+        .start();
+    assert_fails(
+        &run(&esp, "flash", &["--no-stub", "--nvs-only"]),
+        &["flashing failed"],
+    );
+    esp.set_faults(Vec::new());
+    esp.reset();
+    same(&esp.read(0x9000, 0x6000), &[0xFF; 0x6000], "erased nvs");
+    assert_ok(&run(&esp, "flash", &["--no-stub", "--nvs-only"]));
+    same(&esp.read(0x9000, 0x6000), &nvs, "nvs");
+
+    // Cut off inside an entry (a stub writes and a power loss cuts finer than ROM blocks): the
+    // first bytes of our image, then erased flash.
+    let mut cut = vec![0xFF; 0x6000];
+    cut[..0x70].copy_from_slice(&nvs[..0x70]);
+    let esp = Config::esp32c3().preset(0x9000, cut).start();
+    let out = run(&esp, "flash", &["--no-stub", "--nvs-only"]);
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("Finishing an interrupted write of nvs `nvs`"),
+        "{}",
+        stderr(&out)
+    );
+    same(&esp.read(0x9000, 0x6000), &nvs, "nvs");
+
+    // A corrupted block: the flash fails, the next one names the partition and stops.
+    let esp = Config::esp32c3()
+        .fault(Fault::CorruptBlock {
+            begin_offset: Some(0x9000),
+            seq: 0,
+        })
+        .start();
+    assert_fails(
+        &run(&esp, "flash", &["--no-stub", "--nvs-only"]),
+        &["flashing failed"],
+    );
+    esp.set_faults(Vec::new());
+    let damaged = esp.read(0x9000, 0x6000);
+    let out = run(&esp, "flash", &["--no-stub", "--nvs-only"]);
+    assert_fails(
+        &out,
+        &[
+            "nvs `nvs` at 0x9000 holds damaged user data",
+            "--reset-user-data",
+            "--keep-user-data",
+        ],
+    );
+    same(&esp.read(0x9000, 0x6000), &damaged, "damaged nvs");
+    let out = run(
+        &esp,
+        "flash",
+        &["--no-stub", "--nvs-only", "--keep-user-data"],
+    );
+    assert_ok(&out);
+    same(&esp.read(0x9000, 0x6000), &damaged, "damaged nvs");
+    assert_ok(&run(
+        &esp,
+        "flash",
+        &["--no-stub", "--nvs-only", "--reset-user-data"],
+    ));
+    same(&esp.read(0x9000, 0x6000), &nvs, "nvs");
 }
 
 #[test]

@@ -11,8 +11,18 @@ use espflash::image_format::idf::IdfBootloaderFormat;
 use espflash::target::{Chip, XtalFrequency};
 use md5::Digest;
 
-use crate::artifacts::{BuildArgs, NvsImage, build_with_nvs};
-use crate::flashing::{ConnectArgs, Progress, blank_md5, connect};
+use std::collections::BTreeMap;
+
+use nvs_build::format::encryption::XtsKey;
+use nvs_build::metadata::{EncryptionSpec, Metadata, ValueSource};
+
+use super::mfg::ledger::{Ledger, SqliteLedger};
+use super::mfg::product_ledger_path;
+use crate::artifacts::{BuildArgs, NvsImage, NvsManifest, build_with_nvs};
+use crate::flashing::{ConnectArgs, Progress, connect, inspect};
+use crate::guard::{
+    Allow, Decision, Finding, Planned as GuardPlan, Role, candidate_sha256s, decide, for_factory,
+};
 use crate::project::PackageArgs;
 use crate::{CliError, CliResult};
 
@@ -44,8 +54,16 @@ pub struct FlashArgs {
     #[arg(long = "partition", value_name = "NAME")]
     pub partitions: Vec<String>,
     /// Overwrite user-data partitions even when the device already holds data there.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "keep_user_data")]
     pub reset_user_data: bool,
+    /// Keep user-data partitions that the device holds damaged, as they are (without this, a
+    /// damaged user-data partition stops the flash).
+    #[arg(long)]
+    pub keep_user_data: bool,
+    /// Replace factory data the device holds (a production identity, foreign or damaged data);
+    /// without this it is kept. Certificates and secrets cannot be recreated.
+    #[arg(long)]
+    pub overwrite_factory_data: bool,
 }
 
 /// Image options users know from espflash.
@@ -121,31 +139,6 @@ fn parse_flash_freq(text: &str) -> Result<FlashFrequency, String> {
             ));
         }
     })
-}
-
-/// `cargo build` options that rebuild the ELF cargo handed to the runner.
-fn runner_build_args(elf: &Path, target_dir: &Path, build: &mut BuildArgs) {
-    let Ok(relative) = elf.strip_prefix(target_dir) else {
-        return;
-    };
-    let parts: Vec<String> = relative
-        .components()
-        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-        .collect();
-    // Target triples have dashes; anything else (e.g. a test's `deps/` folder) is not a
-    // cargo output path this can read.
-    let (triple, profile, bin) = match parts.as_slice() {
-        [triple, profile, bin] if triple.contains('-') => (Some(triple), profile, bin),
-        [profile, bin] => (None, profile, bin),
-        _ => return,
-    };
-    build.release |= profile == "release";
-    if build.target.is_none() {
-        build.target = triple.cloned();
-    }
-    if build.bin.is_none() {
-        build.bin = Some(bin.clone());
-    }
 }
 
 /// One piece of flash to write, with what it is.
@@ -352,19 +345,29 @@ pub fn nvs_segments(
 }
 
 pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
-    let project = args.package.find()?;
-    let metadata = project.nvs_metadata()?;
-    let mut build = args.build.clone();
-    if let Some(elf) = &args.elf {
-        // As a cargo runner the app is built already; build it again (a no-op) only to find
-        // the build script's OUT_DIR, with the binary, target and profile the ELF's path
-        // names: <target-dir>/[<triple>/]<profile>/<bin>.
-        runner_build_args(elf, &project.target_dir, &mut build);
-    }
-    let (built_elf, manifest) = build_with_nvs(&project, &build)?;
-    let elf = args.elf.clone().or(built_elf);
+    let (elf, manifest, package_name) = match &args.elf {
+        // As cargo's runner the app is built already: flash it with that build's images.
+        Some(elf) => {
+            if args.build.release || args.build.features.is_some() || args.build.bin.is_some() {
+                eprintln!(
+                    "note: --release, --features and --bin do not apply with --elf: cargo built \
+                     the app already, and its build's NVS images are flashed"
+                );
+            }
+            let manifest = NvsManifest::of_runner()?;
+            (Some(elf.clone()), manifest, None)
+        }
+        None => {
+            let project = args.package.find()?;
+            let (elf, manifest) = build_with_nvs(&project, &args.build)?;
+            (elf, manifest, Some(project.name))
+        }
+    };
+    let metadata = manifest.metadata()?;
     let keys_partition = metadata.table.nvs_keys().map(|p| (p.offset, p.size));
     let mut segments = nvs_segments(&manifest.images, &args.partitions, keys_partition)?;
+    // Decide what may be written before anything is built for the chip or read from it.
+    let data = data_partitions(&metadata, &manifest.images)?;
 
     let mut flasher = connect(&args.connect, !args.no_verify, !args.no_skip)?;
     let chip = flasher.chip();
@@ -384,7 +387,7 @@ pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
         let elf = elf.ok_or_else(|| {
             CliError(format!(
                 "`{}` has no binary to flash (use --nvs-only)",
-                project.name
+                package_name.as_deref().unwrap_or("the package")
             ))
         })?;
         let xtal = chip
@@ -415,46 +418,20 @@ pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
         )));
     }
 
-    // User data is written only where the flash is still blank, unless asked.
-    let mut kept = Vec::new();
-    for segment in segments.iter().filter(|s| s.user_data) {
-        let on_chip = flasher
-            .checksum_md5(segment.addr, segment.data.len() as u32)
-            .map_err(|e| CliError(format!("cannot check {}: {e}", segment.name)))?;
-        let blank = on_chip == blank_md5(segment.data.len() as u32);
-        if !blank && !args.reset_user_data {
-            eprintln!(
-                "Keeping the device's user data in {} (the partition is not blank; --reset-user-data replaces it)",
-                segment.name
-            );
-            kept.push(segment.addr);
-        } else if !blank {
-            eprintln!(
-                "Replacing the device's user data in {} (--reset-user-data)",
-                segment.name
-            );
-        }
-    }
-    // Kept user data encrypted with the nvs_keys file must stay readable: new keys would
-    // orphan it. Writing the same keys is fine (and skipped as unchanged).
-    let kept_keyed = segments.iter().any(|s| s.keyed && kept.contains(&s.addr));
-    if let Some(keys) = segments
-        .iter()
-        .find(|s| s.name == "nvs_keys")
-        .filter(|_| kept_keyed)
-    {
-        let on_chip = flasher
-            .checksum_md5(keys.addr, keys.data.len() as u32)
-            .map_err(|e| CliError(format!("cannot check nvs_keys: {e}")))?;
-        let ours = u128::from_be_bytes(md5::Md5::digest(&keys.data).into());
-        if on_chip != ours {
-            return Err(CliError(
-                "the device keeps encrypted user data, and the nvs_keys file differs from the keys on the chip: \
-                 flashing it would make that data unreadable. Use the device's keys, or --reset-user-data"
-                    .into(),
-            ));
-        }
-    }
+    let allow = Allow {
+        overwrite_factory_data: args.overwrite_factory_data,
+        reset_user_data: args.reset_user_data,
+        keep_user_data: args.keep_user_data,
+    };
+    let identities = Identities::new(&metadata.manifest_path, info.mac_address.clone());
+    let kept = guard_segments(
+        &mut flasher,
+        &segments,
+        &data,
+        allow,
+        &identities,
+        !args.connect.no_stub,
+    )?;
     segments.retain(|s| !kept.contains(&s.addr));
 
     let list: Vec<(u32, usize, String)> = segments
@@ -476,10 +453,185 @@ pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
         if kept.is_empty() {
             String::new()
         } else {
-            format!(", {} user-data partition(s) kept", kept.len())
+            format!(", {} kept as the device holds them", kept.len())
         }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the guard needs to know of one NVS partition of the package.
+pub struct DataPartition {
+    pub role: Role,
+    /// `namespace::key` of its per-device keys.
+    pub per_device: Vec<String>,
+    /// Decrypts it (and what the chip holds there).
+    pub key: Option<XtsKey>,
+}
+
+/// The package's NVS partitions by offset: role, per-device keys and key.
+pub fn data_partitions(
+    metadata: &Metadata,
+    images: &[NvsImage],
+) -> CliResult<BTreeMap<u32, DataPartition>> {
+    let mut partitions = BTreeMap::new();
+    for image in images {
+        let spec = metadata.partitions.iter().find(|p| p.name == image.name);
+        let per_device = spec
+            .map(|spec| {
+                spec.namespaces
+                    .iter()
+                    .flat_map(|ns| {
+                        ns.entries
+                            .iter()
+                            .filter(|e| matches!(e.source, ValueSource::PerDevice { .. }))
+                            .map(move |e| format!("{}::{}", ns.name, e.key))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let key = match spec.and_then(|s| s.encryption.as_ref()) {
+            Some((EncryptionSpec::KeyFile(path), _)) => {
+                Some(nvs_build::keys::load_key_file(path)?.key)
+            }
+            Some((EncryptionSpec::HmacKey(path), _)) => Some(nvs_build::keys::load_hmac_key(path)?),
+            None => None,
+        };
+        partitions.insert(
+            image.offset,
+            DataPartition {
+                role: if image.factory {
+                    Role::Factory
+                } else {
+                    Role::UserData
+                },
+                per_device,
+                key,
+            },
+        );
+    }
+    Ok(partitions)
+}
+
+/// Names the device a partition belongs to, from the product's ledger: by the partition's
+/// SHA-256, else by the chip's MAC.
+pub struct Identities {
+    ledger: Option<(PathBuf, SqliteLedger)>,
+    mac: Option<String>,
+}
+
+impl Identities {
+    pub fn new(manifest_path: &Path, mac: Option<String>) -> Identities {
+        let ledger = product_ledger_path(manifest_path)
+            .ok()
+            .and_then(|path| Some((path.clone(), SqliteLedger::open_existing(&path).ok()??)));
+        Identities { ledger, mac }
+    }
+
+    /// ``device `ID` (ledger `PATH`, by …)``, when the ledger knows the partition or the chip.
+    pub fn name(&self, chip: Option<&[u8]>) -> Option<String> {
+        let (path, ledger) = self.ledger.as_ref()?;
+        let by_sha = chip
+            .into_iter()
+            .flat_map(candidate_sha256s)
+            .find_map(|sha| ledger.device_with_sha256(&sha).ok().flatten());
+        let (device, how) = match by_sha {
+            Some(device) => (device, "its SHA-256"),
+            None => (
+                ledger.device_on_mac(self.mac.as_deref()?).ok()??,
+                "the chip's MAC",
+            ),
+        };
+        Some(format!(
+            "device `{device}` (found by {how} in the ledger `{}`)",
+            path.display()
+        ))
+    }
+}
+
+/// Decides, for every NVS partition about to be written, from what the chip holds there,
+/// whether writing it is safe (see `guard`); says what is kept and why. Returns the addresses
+/// of the segments to leave out; refuses (before anything is written) when a partition needs
+/// the user's decision.
+pub fn guard_segments(
+    flasher: &mut espflash::flasher::Flasher,
+    segments: &[Planned],
+    data: &BTreeMap<u32, DataPartition>,
+    allow: Allow,
+    identities: &Identities,
+    use_stub: bool,
+) -> CliResult<Vec<u32>> {
+    let mut kept = Vec::new();
+    let mut refusals = Vec::new();
+    for segment in segments {
+        let Some(partition) = data.get(&segment.addr) else {
+            continue;
+        };
+        let planned = GuardPlan {
+            ours: &segment.data,
+            key: partition.key.as_ref(),
+            per_device: &partition.per_device,
+        };
+        let (mut finding, chip) = inspect(flasher, segment.addr, &planned, use_stub)?;
+        if partition.role == Role::Factory {
+            finding = for_factory(finding);
+        }
+        let identity = match &finding {
+            Finding::Blank | Finding::Same | Finding::Interrupted { .. } | Finding::DevData => None,
+            _ if partition.role == Role::Factory => identities.name(chip.as_deref()),
+            _ => None,
+        };
+        let label = format!("{} at {:#x}", segment.name, segment.addr);
+        match decide(partition.role, &finding, allow, &label, identity.as_deref()) {
+            Decision::Write(message) => {
+                if let Some(message) = message {
+                    eprintln!("{message}");
+                }
+            }
+            Decision::Keep(message) => {
+                eprintln!("{message}");
+                kept.push(segment.addr);
+            }
+            Decision::Refuse(message) => refusals.push(message),
+        }
+    }
+    if !refusals.is_empty() {
+        return Err(CliError(format!(
+            "{}; nothing was written",
+            refusals.join("; ")
+        )));
+    }
+    // Kept data encrypted with the nvs_keys file must stay readable: new keys would orphan it.
+    // Then the chip's keys stay, and so does every other keyed partition (ours would be
+    // unreadable under the chip's keys). Writing the same keys is fine (skipped as unchanged).
+    let kept_keyed = segments.iter().any(|s| s.keyed && kept.contains(&s.addr));
+    if let Some(keys) = segments
+        .iter()
+        .find(|s| s.name == "nvs_keys")
+        .filter(|_| kept_keyed)
+    {
+        let on_chip = flasher
+            .checksum_md5(keys.addr, keys.data.len() as u32)
+            .map_err(|e| CliError(format!("cannot check nvs_keys: {e}")))?;
+        let ours = u128::from_be_bytes(md5::Md5::digest(&keys.data).into());
+        if on_chip != ours {
+            eprintln!(
+                "Keeping the chip's nvs_keys at {:#x}: the data kept above is encrypted with them",
+                keys.addr
+            );
+            kept.push(keys.addr);
+            for segment in segments {
+                if segment.keyed && !kept.contains(&segment.addr) {
+                    eprintln!(
+                        "Not writing {} at {:#x}: it is encrypted with this package's nvs_keys, \
+                         which the chip does not have",
+                        segment.name, segment.addr
+                    );
+                    kept.push(segment.addr);
+                }
+            }
+        }
+    }
+    Ok(kept)
 }
 
 #[cfg(test)]

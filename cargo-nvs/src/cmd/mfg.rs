@@ -26,7 +26,18 @@
 mod cargo;
 mod flash;
 mod input;
-mod ledger;
+pub(crate) mod ledger;
+
+/// The product's ledger for a package: `$NVS_LEDGER`, else `<package dir>/nvs-ledger.sqlite`.
+pub fn product_ledger_path(manifest_path: &Path) -> CliResult<PathBuf> {
+    if let Some(path) = std::env::var_os("NVS_LEDGER").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    Ok(manifest_path
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("nvs-ledger.sqlite"))
+}
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -125,6 +125,10 @@ pub enum Fault {
     /// Answer every FLASH_BEGIN and FLASH_DEFL_BEGIN with status 1 and this
     /// error code (e.g. 0x06 "failed to act", 0xC4 "SPI operation failed").
     FlashBeginError(u8),
+    /// Lose power instead of executing the `nth` command with opcode `op`: what it
+    /// would have done and everything after it is lost, and the chip stays silent
+    /// until [`FakeEsp::reset`] (a flash cut off mid-write).
+    PowerLoss { op: u8, nth: u64 },
 }
 
 /// Emulator settings; build with [`Config::esp32c3`] or [`Config::esp32`],

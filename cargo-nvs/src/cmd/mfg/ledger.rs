@@ -97,6 +97,10 @@ pub trait Ledger: Send + Sync {
     fn flash_conflict(&self, mac: &str, device: &str) -> CliResult<Option<String>>;
     /// The production log, oldest first.
     fn flash_log(&self) -> CliResult<Vec<FlashRecord>>;
+    /// The device whose recorded image (any of its images) has this SHA-256 (lower-case hex).
+    fn device_with_sha256(&self, sha256: &str) -> CliResult<Option<String>>;
+    /// The device of the latest successful flash onto the chip with this MAC.
+    fn device_on_mac(&self, mac: &str) -> CliResult<Option<String>>;
     /// The production log as CSV: `mac,device,sha256,time,result,port`.
     fn export_log_csv(&self, out: &mut dyn std::io::Write) -> CliResult<()> {
         let mut writer = csv::Writer::from_writer(out);
@@ -513,6 +517,30 @@ impl Ledger for SqliteLedger {
             Ok(other_device.map(|(other, when)| {
                 format!("the chip with MAC {mac} already holds device `{other}` (flashed at {when})")
             }))
+        })
+    }
+
+    fn device_with_sha256(&self, sha256: &str) -> CliResult<Option<String>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT device FROM devices WHERE sha256 = ?1
+                 UNION SELECT device FROM device_images WHERE sha256 = ?1 LIMIT 1",
+                [sha256],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
+    fn device_on_mac(&self, mac: &str) -> CliResult<Option<String>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT device FROM flash_log WHERE mac = ?1 AND result = 'ok'
+                 ORDER BY id DESC LIMIT 1",
+                [mac],
+                |r| r.get(0),
+            )
+            .optional()
         })
     }
 

@@ -156,6 +156,8 @@ pub struct Device {
     regs: HashMap<u32, u32>,
     pub loader: Loader,
     pub online: bool,
+    /// Set by [`Fault::PowerLoss`]: silent until [`FakeEsp::reset`](super::FakeEsp::reset).
+    pub power_lost: bool,
     baud: u32,
     params_size: u64,
     transfer: Option<ActiveTransfer>,
@@ -187,6 +189,7 @@ impl Device {
             regs,
             loader: Loader::Rom,
             online: true,
+            power_lost: false,
             baud: 115_200,
             params_size,
             transfer: None,
@@ -207,6 +210,7 @@ impl Device {
     /// The chip comes out of reset into the ROM download mode.
     pub fn power_on(&mut self, why: Event) {
         self.online = true;
+        self.power_lost = false;
         self.loader = Loader::Rom;
         self.regs = initial_regs(&self.cfg);
         self.baud = 115_200;
@@ -246,7 +250,7 @@ impl Device {
             return;
         }
         if !self.online {
-            if is_sync && self.cfg.reboot == Reboot::OfflineUntilSync {
+            if is_sync && self.cfg.reboot == Reboot::OfflineUntilSync && !self.power_lost {
                 self.power_on(Event::Woke);
             } else {
                 self.stats.ignored_frames += 1;
@@ -273,6 +277,17 @@ impl Device {
             *n
         };
         let nth_any = self.stats.commands;
+        let power_loss = self.cfg.faults.iter().any(|f| match *f {
+            Fault::PowerLoss { op: o, nth } => o == op && nth == nth_op,
+            _ => false,
+        });
+        if power_loss {
+            self.online = false;
+            self.power_lost = true;
+            self.transfer = None;
+            self.events.push(Event::Ignored { op });
+            return;
+        }
         self.mute = self.cfg.faults.iter().any(|f| match *f {
             Fault::DropReply { op: Some(o), nth } => o == op && nth == nth_op,
             Fault::DropReply { op: None, nth } => nth == nth_any,
