@@ -41,6 +41,10 @@ pub enum Finding {
 pub struct Planned<'a> {
     /// The bytes we would write (padded to the partition; encrypted when `key` is set).
     pub ours: &'a [u8],
+    /// The package's development image of the partition (its per-device keys hold their `dev`
+    /// values): `ours` for a development flash; `None` when there is none (no `dev` values),
+    /// so nothing counts as development data.
+    pub dev: Option<&'a [u8]>,
     /// Decrypts both images (partitions encrypted with an nvs_keys file or an HMAC key).
     pub key: Option<&'a XtsKey>,
     /// `namespace::key` of every key mass production fills in per device (factory data).
@@ -82,7 +86,10 @@ pub fn assess(planned: &Planned<'_>, chip: &[u8]) -> Finding {
     if !problems.is_empty() {
         return Finding::Damaged { problems };
     }
-    let ours = parse(planned.ours, planned.key);
+    let Some(dev) = planned.dev else {
+        return Finding::Other;
+    };
+    let dev = parse(dev, planned.key);
     let values_of = |image: &ParsedImage| -> Vec<(String, ItemValue)> {
         image
             .live_items()
@@ -92,7 +99,7 @@ pub fn assess(planned: &Planned<'_>, chip: &[u8]) -> Finding {
             })
             .collect()
     };
-    let (chip_values, our_values) = (values_of(&on_chip), values_of(&ours));
+    let (chip_values, dev_values) = (values_of(&on_chip), values_of(&dev));
     let value_on = |values: &[(String, ItemValue)], name: &str| {
         values
             .iter()
@@ -104,14 +111,14 @@ pub fn assess(planned: &Planned<'_>, chip: &[u8]) -> Finding {
     }
     let mut foreign: Vec<String> = chip_values
         .iter()
-        .filter(|(name, _)| value_on(&our_values, name).is_none())
+        .filter(|(name, _)| value_on(&dev_values, name).is_none())
         .map(|(name, _)| name.clone())
         .collect();
     foreign.dedup();
     let identity: Vec<String> = planned
         .per_device
         .iter()
-        .filter(|name| value_on(&chip_values, name) != value_on(&our_values, name))
+        .filter(|name| value_on(&chip_values, name) != value_on(&dev_values, name))
         .cloned()
         .collect();
     if !identity.is_empty() {
@@ -332,6 +339,7 @@ mod tests {
         assess(
             &Planned {
                 ours: &ours,
+                dev: Some(&ours),
                 key: None,
                 per_device,
             },
@@ -425,6 +433,7 @@ mod tests {
         let per_device = per_device();
         let planned = Planned {
             ours: &ours,
+            dev: Some(&ours),
             key: Some(&ours_key),
             per_device: &per_device,
         };

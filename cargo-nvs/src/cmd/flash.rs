@@ -568,6 +568,8 @@ pub fn guard_segments(
         };
         let planned = GuardPlan {
             ours: &segment.data,
+            // A development flash: our image holds the dev values.
+            dev: Some(&segment.data),
             key: partition.key.as_ref(),
             per_device: &partition.per_device,
         };
