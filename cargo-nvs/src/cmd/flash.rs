@@ -148,13 +148,48 @@ fn runner_build_args(elf: &Path, target_dir: &Path, build: &mut BuildArgs) {
     }
 }
 
+/// What a piece of flash is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Bootloader,
+    PartitionTable,
+    App,
+    /// An NVS partition of factory data (read-only on the device).
+    FactoryData,
+    /// An NVS partition of user data: written only to blank flash, unless asked.
+    UserData,
+    /// The nvs_keys file, for the table's data/nvs_keys partition.
+    NvsKeys,
+}
+
+impl Role {
+    /// The name `dist`'s manifest.json gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Bootloader => "bootloader",
+            Role::PartitionTable => "partition-table",
+            Role::App => "app",
+            Role::FactoryData => "factory-data",
+            Role::UserData => "user-data",
+            Role::NvsKeys => "nvs-keys",
+        }
+    }
+
+    /// Data a device in the field already holds and cannot get back once overwritten: its
+    /// factory data, its user data, and the keys its encrypted NVS data is readable with.
+    pub fn is_device_data(self) -> bool {
+        matches!(self, Role::FactoryData | Role::UserData | Role::NvsKeys)
+    }
+}
+
 /// One piece of flash to write, with what it is.
 pub struct Planned {
     pub name: String,
     pub addr: u32,
     pub data: Vec<u8>,
-    /// User data: written only to blank flash, unless asked.
-    pub user_data: bool,
+    pub role: Role,
+    /// May hold secret values: an NVS image with env or per-device keys, or the nvs_keys file.
+    pub secret: bool,
     /// Encrypted with the nvs_keys file (flash-encryption scheme).
     pub keyed: bool,
 }
@@ -190,18 +225,27 @@ pub fn app_segments(
         ))
     })?;
     check_tables(&format.partition_table(), nvs, keys_partition, table_path)?;
-    let names = ["bootloader", "partition table", "app"];
+    let names = [
+        ("bootloader", Role::Bootloader),
+        ("partition table", Role::PartitionTable),
+        ("app", Role::App),
+    ];
     Ok(format
         .flash_segments()
         .enumerate()
-        .map(|(i, segment)| Planned {
-            name: names
-                .get(i)
-                .map_or_else(|| format!("segment {i}"), |n| (*n).to_owned()),
-            addr: segment.addr,
-            data: segment.data.into_owned(),
-            user_data: false,
-            keyed: false,
+        .map(|(i, segment)| {
+            let (name, role) = names.get(i).map_or_else(
+                || (format!("segment {i}"), Role::App),
+                |(n, r)| ((*n).to_owned(), *r),
+            );
+            Planned {
+                name,
+                addr: segment.addr,
+                data: segment.data.into_owned(),
+                role,
+                secret: false,
+                keyed: false,
+            }
         })
         .collect())
 }
@@ -309,7 +353,12 @@ pub fn nvs_segments(
             name: format!("nvs `{}`", image.name),
             addr: image.offset,
             data,
-            user_data: !image.factory,
+            role: if image.factory {
+                Role::FactoryData
+            } else {
+                Role::UserData
+            },
+            secret: image.secret,
             keyed: image.keys_file.is_some(),
         });
         if let Some(keys) = &image.keys_file {
@@ -344,7 +393,8 @@ pub fn nvs_segments(
             addr: offset,
             data,
             // Checked against kept encrypted user data before writing (see `run`).
-            user_data: false,
+            role: Role::NvsKeys,
+            secret: true,
             keyed: false,
         });
     }
@@ -417,7 +467,7 @@ pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
 
     // User data is written only where the flash is still blank, unless asked.
     let mut kept = Vec::new();
-    for segment in segments.iter().filter(|s| s.user_data) {
+    for segment in segments.iter().filter(|s| s.role == Role::UserData) {
         let on_chip = flasher
             .checksum_md5(segment.addr, segment.data.len() as u32)
             .map_err(|e| CliError(format!("cannot check {}: {e}", segment.name)))?;
@@ -440,7 +490,7 @@ pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
     let kept_keyed = segments.iter().any(|s| s.keyed && kept.contains(&s.addr));
     if let Some(keys) = segments
         .iter()
-        .find(|s| s.name == "nvs_keys")
+        .find(|s| s.role == Role::NvsKeys)
         .filter(|_| kept_keyed)
     {
         let on_chip = flasher
@@ -501,6 +551,7 @@ mod tests {
             offset,
             size,
             factory: name == "fctry",
+            secret: false,
             file: Some(file),
             keys_file: keys.map(|k| dir.join(k)),
             skipped: None,
@@ -527,8 +578,10 @@ mod tests {
         let fctry = planned.iter().find(|p| p.addr == 0xf000).unwrap();
         assert_eq!(fctry.data.len(), 0x2000);
         assert!(fctry.data[0x1000..].iter().all(|&b| b == 0xFF));
-        assert!(!fctry.user_data && planned.iter().find(|p| p.addr == 0x9000).unwrap().user_data);
-        let keys = planned.iter().find(|p| p.name == "nvs_keys").unwrap();
+        assert_eq!(fctry.role, Role::FactoryData);
+        let nvs = planned.iter().find(|p| p.addr == 0x9000).unwrap();
+        assert_eq!(nvs.role, Role::UserData);
+        let keys = planned.iter().find(|p| p.role == Role::NvsKeys).unwrap();
         assert_eq!((keys.addr, keys.data.len()), (0x11000, 4096));
 
         let only = nvs_segments(&images, &["nvs".to_owned()], Some((0x11000, 0x1000))).unwrap();
