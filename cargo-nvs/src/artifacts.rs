@@ -139,6 +139,9 @@ pub struct NvsImage {
     pub offset: u32,
     pub size: u32,
     pub factory: bool,
+    /// A key comes from the environment or per device (the image may hold secrets); false
+    /// in manifests of older nvs-build versions, which do not record it.
+    pub secret: bool,
     pub file: Option<PathBuf>,
     pub keys_file: Option<PathBuf>,
     pub skipped: Option<String>,
@@ -224,6 +227,7 @@ impl NvsManifest {
                 offset: u32_of(&p["offset"])?,
                 size: u32_of(&p["size"])?,
                 factory: p["factory"].as_bool().ok_or_else(bad)?,
+                secret: p["secret"].as_bool().unwrap_or(false),
                 file: path_of(&p["file"]),
                 keys_file: path_of(&p["keys_file"]),
                 skipped: p["skipped"].as_str().map(str::to_owned),

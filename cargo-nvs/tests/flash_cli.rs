@@ -137,16 +137,25 @@ fn assert_fails(out: &Output, needles: &[&str]) {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-/// The artifacts `cargo nvs dist` writes: (offset, file bytes) from flash_args.
-fn dist(dir: &Path) -> Vec<(u32, Vec<u8>)> {
-    let out = bin()
+/// `cargo nvs dist --chip esp32c3 --out-dir DIR EXTRA…` for the firmware.
+fn run_dist(dir: &Path, extra: &[&str]) -> Output {
+    bin()
         .args(["nvs", "dist", "--manifest-path"])
         .arg(firmware_manifest())
         .args(["--chip", "esp32c3", "--out-dir"])
         .arg(dir)
+        .args(extra)
         .output()
-        .unwrap();
-    assert_ok(&out);
+        .unwrap()
+}
+
+/// dist's option that puts the NVS images (development values) into flash_args, as
+/// `cargo nvs flash` writes them.
+const DEV_DATA: &[&str] = &["--with-dev-data"];
+
+/// The artifacts `cargo nvs dist` writes: (offset, file bytes) from flash_args.
+fn dist(dir: &Path, extra: &[&str]) -> Vec<(u32, Vec<u8>)> {
+    assert_ok(&run_dist(dir, extra));
     let args = std::fs::read_to_string(dir.join("flash_args")).unwrap();
     args.lines()
         .skip(1)
@@ -156,6 +165,13 @@ fn dist(dir: &Path) -> Vec<(u32, Vec<u8>)> {
             (offset, std::fs::read(dir.join(file)).unwrap())
         })
         .collect()
+}
+
+/// A file's permission bits.
+#[cfg(unix)]
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
 fn changed_outside(
@@ -176,7 +192,7 @@ fn changed_outside(
 #[test]
 fn flashes_everything_in_one_pass_and_skips_what_is_unchanged() {
     let scratch = tempdir::Dir::new();
-    let artifacts = dist(scratch.path());
+    let artifacts = dist(scratch.path(), DEV_DATA);
     let esp = FakeEsp::esp32c3();
     let blank = esp.flash();
 
@@ -272,6 +288,8 @@ fn read_back_and_dump() {
     assert_ok(&run(&esp, "flash", &["--no-stub", "--nvs-only"]));
     let scratch = tempdir::Dir::new();
     let saved = scratch.path().join("fctry.bin");
+    // An older file of that name, readable by all, is replaced by a private one.
+    std::fs::write(&saved, b"old").unwrap();
     let out = bin()
         .args(["nvs", "read", "--partition", "fctry", "--manifest-path"])
         .arg(firmware_manifest())
@@ -302,6 +320,9 @@ fn read_back_and_dump() {
         "{keys:?}"
     );
     assert_eq!(std::fs::read(&saved).unwrap(), esp.read(0xf000, 0x2000));
+    // The device's data may hold secrets.
+    #[cfg(unix)]
+    assert_eq!(mode(&saved), 0o600);
 }
 
 #[test]
@@ -391,7 +412,7 @@ fn esptool_flashes_dist_artifacts_to_the_same_bytes() {
         return;
     };
     let scratch = tempdir::Dir::new();
-    dist(scratch.path());
+    dist(scratch.path(), DEV_DATA);
     let ours = FakeEsp::esp32c3();
     assert_ok(&run(&ours, "flash", &["--no-stub"]));
 
@@ -738,13 +759,161 @@ fn interrupted_writes_are_finished_and_damage_is_refused() {
 
 #[test]
 fn dist_is_reproducible() {
-    let (a, b) = (tempdir::Dir::new(), tempdir::Dir::new());
-    let (first, second) = (dist(a.path()), dist(b.path()));
-    assert_eq!(first, second);
+    for extra in [&[][..], DEV_DATA] {
+        let (a, b) = (tempdir::Dir::new(), tempdir::Dir::new());
+        let (first, second) = (dist(a.path(), extra), dist(b.path(), extra));
+        assert_eq!(first, second);
+        assert_eq!(
+            std::fs::read(a.path().join("manifest.json")).unwrap(),
+            std::fs::read(b.path().join("manifest.json")).unwrap()
+        );
+    }
+}
+
+/// A release reaches devices that hold their own factory and user data: by default dist
+/// leaves the NVS images (and nvs_keys) out of flash_args and out of the folder, lists them in
+/// manifest.json with their roles, and says so. A folder of an earlier `--with-dev-data` run
+/// (images 0600) loses those images. esptool flashing the default flash_args onto a device
+/// updates the app and leaves its factory and user data byte-identical.
+#[test]
+fn default_dist_leaves_factory_and_user_data_alone() {
+    let scratch = tempdir::Dir::new();
+    let dir = scratch.path();
+    let bench = dist(dir, DEV_DATA);
+    assert!(bench.iter().any(|(offset, _)| *offset == 0xf000));
+    #[cfg(unix)]
+    for file in ["nvs-fctry.bin", "nvs-nvs.bin"] {
+        assert_eq!(mode(&dir.join(file)), 0o600, "{file}");
+    }
+
+    let out = run_dist(dir, &[]);
+    assert_ok(&out);
+    let err = stderr(&out);
+    for needle in [
+        "partition `fctry` at 0xf000 (factory data",
+        "partition `nvs` at 0x9000 (user data",
+        "--with-dev-data",
+        "Removed `nvs-fctry.bin`, `nvs-nvs.bin`",
+    ] {
+        assert!(err.contains(needle), "stderr lacks {needle:?}:\n{err}");
+    }
+    let flash_args = std::fs::read_to_string(dir.join("flash_args")).unwrap();
+    let files: Vec<&str> = flash_args
+        .lines()
+        .skip(1)
+        .map(|l| l.split_once(' ').unwrap().1)
+        .collect();
     assert_eq!(
-        std::fs::read(a.path().join("manifest.json")).unwrap(),
-        std::fs::read(b.path().join("manifest.json")).unwrap()
+        files,
+        [
+            "bootloader.bin",
+            "partition-table.bin",
+            "esp32c3-factory-data.bin"
+        ],
+        "{flash_args}"
     );
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "bootloader.bin",
+            "esp32c3-factory-data.bin",
+            "flash_args",
+            "manifest.json",
+            "partition-table.bin"
+        ]
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let segments: Vec<(u64, &str, bool, bool)> = manifest["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["offset"].as_u64().unwrap(),
+                s["role"].as_str().unwrap(),
+                s["in_flash_args"].as_bool().unwrap(),
+                s["file"].is_null(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        segments,
+        [
+            (0x0, "bootloader", true, false),
+            (0x8000, "partition-table", true, false),
+            (0x20000, "app", true, false),
+            (0xf000, "factory-data", false, true),
+            (0x9000, "user-data", false, true),
+        ]
+    );
+    assert_eq!(manifest["segments"][3]["size"], 0x2000);
+
+    let Some(esptool) = std::env::var_os("CARGO_NVS_ESPTOOL") else {
+        eprintln!(
+            "esptool part skipped: set CARGO_NVS_ESPTOOL to an esptool 5.6 executable (cargo xtask ci does)"
+        );
+        return;
+    };
+    // A device in the field: its own factory data, user data it wrote, an older app.
+    let factory: Vec<u8> = (0..0x2000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let user: Vec<u8> = (0..0x6000u32).map(|i| (i * 13 % 241) as u8).collect();
+    let device = Config::esp32c3()
+        .preset(0xf000, factory.clone())
+        .preset(0x9000, user.clone())
+        .preset(0x20000, vec![0xA5; 0x1000])
+        .start();
+    let before = device.flash();
+    let out = esptool_write_flash(&esptool, &device)
+        .arg("@flash_args")
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "esptool failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+    device.settle();
+    assert_eq!(device.read(0xf000, 0x2000), factory, "factory data changed");
+    assert_eq!(device.read(0x9000, 0x6000), user, "user data changed");
+    let app = std::fs::read(dir.join("esp32c3-factory-data.bin")).unwrap();
+    assert_eq!(
+        device.read(0x20000, app.len()),
+        app,
+        "the app was not updated"
+    );
+    let written: Vec<(u32, usize)> = dist_segments(&manifest)
+        .into_iter()
+        .map(|(offset, len)| (offset, len.div_ceil(4096) * 4096))
+        .collect();
+    assert!(
+        changed_outside(&device, &before, &written).is_empty(),
+        "{:?}",
+        device.changed_since(&before)
+    );
+}
+
+/// (offset, size) of the segments a dist manifest puts in flash_args.
+fn dist_segments(manifest: &serde_json::Value) -> Vec<(u32, usize)> {
+    manifest["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["in_flash_args"] == true)
+        .map(|s| {
+            (
+                s["offset"].as_u64().unwrap() as u32,
+                s["size"].as_u64().unwrap() as usize,
+            )
+        })
+        .collect()
 }
 
 /// Not a test but a measurement, run by `cargo xtask bench flash`: app + 2 NVS images, our one
@@ -756,7 +925,7 @@ fn dist_is_reproducible() {
 fn flash_workflow_comparison() {
     let esptool = std::env::var_os("CARGO_NVS_ESPTOOL").expect("set CARGO_NVS_ESPTOOL");
     let scratch = tempdir::Dir::new();
-    let artifacts = dist(scratch.path());
+    let artifacts = dist(scratch.path(), DEV_DATA);
 
     let ours = FakeEsp::esp32c3();
     let mut our_runs = Vec::new();

@@ -89,6 +89,20 @@ fn touch(path: &Path) {
     file.set_modified(later).unwrap();
 }
 
+/// In `dir`, fctry.bin (env and per-device keys) is 0600 and userdata.bin has the mode any
+/// new file gets.
+#[cfg(unix)]
+fn assert_private_only_where_secret(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.join("fctry.bin")), 0o600, "{}", dir.display());
+    let probe = dir.join("probe");
+    std::fs::write(&probe, b"x").unwrap();
+    let usual = mode(&probe);
+    std::fs::remove_file(&probe).unwrap();
+    assert_eq!(mode(&dir.join("userdata.bin")), usual, "{}", dir.display());
+}
+
 #[test]
 fn build_script_images_match_the_reference_and_rebuild_only_on_change() {
     let scratch = tempdir::Dir::new();
@@ -110,6 +124,11 @@ fn build_script_images_match_the_reference_and_rebuild_only_on_change() {
         serde_json::from_slice(&read(&images.join("manifest.json"))).unwrap();
     assert_eq!(manifest_json["partitions"][0]["name"], "fctry");
     assert_eq!(manifest_json["partitions"][0]["offset"], 0x9000);
+    // fctry has env and per-device keys (possibly secrets); userdata has neither.
+    assert_eq!(manifest_json["partitions"][0]["secret"], true);
+    assert_eq!(manifest_json["partitions"][1]["secret"], false);
+    #[cfg(unix)]
+    assert_private_only_where_secret(&images);
 
     let again = cargo_build(&manifest, &target_dir, "e2e-device");
     assert!(
@@ -154,6 +173,8 @@ fn build_script_images_match_the_reference_and_rebuild_only_on_change() {
             .status()
             .unwrap();
         assert!(status.success());
+        #[cfg(unix)]
+        assert_private_only_where_secret(&out_dir);
         for partition in ["fctry", "userdata"] {
             assert_eq!(
                 read(&out_dir.join(format!("{partition}.bin"))),

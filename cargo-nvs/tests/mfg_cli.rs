@@ -1104,3 +1104,17 @@ fn resume_with_keygen_replaces_an_unrecorded_key_leftover_and_keeps_the_rest() {
     assert!(String::from_utf8_lossy(&dump.stdout).contains("SN2"));
     assert_eq!(ledger_devices(&dir.join("out/ledger.sqlite")).len(), 3);
 }
+
+/// Device images hold each device's values (serials, secrets): private, like key files.
+#[cfg(unix)]
+#[test]
+fn device_images_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let case = case(CONFIG, VALUES);
+    assert_ok(&mfg(&case, &["--fileid", "serial"]));
+    for n in 1..=3 {
+        let path = case.dir.path().join(format!("out/bin/dev-SN{n}.bin"));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+    }
+}

@@ -92,6 +92,9 @@ pub struct GeneratedImage {
     pub size: u32,
     pub factory: bool,
     pub encrypted: bool,
+    /// A key takes its value from the environment or per device (possibly a secret): the
+    /// image file is created with mode 0600 on Unix.
+    pub secret: bool,
     /// The image file, unless the partition was skipped.
     pub path: Option<PathBuf>,
     /// The nvs_keys file of a partition encrypted with the flash-encryption scheme (flashed
@@ -237,7 +240,8 @@ impl Config {
 }
 
 /// Builds every partition of `metadata` into `out_dir/<partition>.bin` (written only when the
-/// bytes change). The pure path shared by build scripts and `cargo nvs generate`.
+/// bytes change; private, mode 0600 on Unix, when a key comes from the environment or per
+/// device). The pure path shared by build scripts and `cargo nvs generate`.
 pub fn generate_images(
     metadata: &Metadata,
     out_dir: &Path,
@@ -253,7 +257,11 @@ pub fn generate_images(
         images.push(match image {
             PartitionImage::Built(built) => {
                 let path = out_dir.join(format!("{}.bin", spec.name));
-                write_if_changed(&path, &built.bytes)?;
+                if spec.holds_secrets() {
+                    write_private_if_changed(&path, &built.bytes)?;
+                } else {
+                    write_if_changed(&path, &built.bytes)?;
+                }
                 generated(spec, Some(path), None, Some(built.percent_full()))
             }
             PartitionImage::Skipped { reason } => generated(spec, None, Some(reason), None),
@@ -274,6 +282,7 @@ fn generated(
         size: spec.size,
         factory: spec.factory,
         encrypted: spec.encryption.is_some(),
+        secret: spec.holds_secrets(),
         keys_file: match &spec.encryption {
             Some((crate::metadata::EncryptionSpec::KeyFile(path), _)) => Some(path.clone()),
             _ => None,
@@ -307,9 +316,17 @@ fn env_name(partition: &str) -> String {
 /// Writes through a temporary file and a rename, and only when the bytes differ, so cargo and
 /// tools watching the file see no change when there is none.
 pub fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<(), InputError> {
-    if std::fs::read(path).is_ok_and(|old| old == bytes) {
-        return Ok(());
-    }
+    write_file_if_changed(path, bytes, false)
+}
+
+/// [`write_if_changed`] for a file that may hold secrets: on Unix it is private (mode 0600)
+/// from its creation, before any byte is written, and an existing file with the same bytes
+/// but a wider mode is made private without being rewritten.
+pub fn write_private_if_changed(path: &Path, bytes: &[u8]) -> Result<(), InputError> {
+    write_file_if_changed(path, bytes, true)
+}
+
+fn write_file_if_changed(path: &Path, bytes: &[u8], private: bool) -> Result<(), InputError> {
     let fail = |e: std::io::Error| {
         InputError::new(
             None,
@@ -317,16 +334,57 @@ pub fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<(), InputError> {
             format!("cannot write `{}`: {e}", path.display()),
         )
     };
+    if std::fs::read(path).is_ok_and(|old| old == bytes) {
+        if private {
+            make_private(path).map_err(fail)?;
+        }
+        return Ok(());
+    }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(fail)?;
     }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)
+    write_new_file(&tmp, bytes, private)
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             fail(e)
         })
+}
+
+/// Creates `path` afresh (private: mode 0600 on Unix, from the start) and writes `bytes`.
+fn write_new_file(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    // A leftover of a killed build (with the same process id) would keep its own mode.
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    options.open(path)?.write_all(bytes)
+}
+
+/// Takes group and other permissions off an existing file (Unix; elsewhere nothing to do).
+fn make_private(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 fn json_string(s: &str) -> String {
@@ -363,12 +421,13 @@ fn render_manifest(metadata: &Metadata, images: &[GeneratedImage]) -> String {
     for (i, image) in images.iter().enumerate() {
         out.push_str(if i == 0 { "\n" } else { ",\n" });
         out.push_str(&format!(
-            "    {{\"name\": {}, \"offset\": {}, \"size\": {}, \"factory\": {}, \"encrypted\": {}, \"keys_file\": {}, \"file\": {}, \"skipped\": {}}}",
+            "    {{\"name\": {}, \"offset\": {}, \"size\": {}, \"factory\": {}, \"encrypted\": {}, \"secret\": {}, \"keys_file\": {}, \"file\": {}, \"skipped\": {}}}",
             json_string(&image.partition),
             image.offset,
             image.size,
             image.factory,
             image.encrypted,
+            image.secret,
             json_opt_path(image.keys_file.as_deref()),
             json_opt_path(image.path.as_deref()),
             image.skipped.as_deref().map_or("null".to_owned(), json_string),

@@ -72,6 +72,20 @@ pub struct PartitionSpec {
     pub encryption: Option<(EncryptionSpec, Location)>,
 }
 
+impl PartitionSpec {
+    /// Whether a key takes its value from the environment or per device: such values are
+    /// often secrets (passwords, device keys), so the image's file is kept private (mode 0600
+    /// on Unix). CSV rows have no such sources.
+    pub fn holds_secrets(&self) -> bool {
+        self.namespaces.iter().flat_map(|ns| &ns.entries).any(|e| {
+            matches!(
+                e.source,
+                ValueSource::Env { .. } | ValueSource::PerDevice { .. }
+            )
+        })
+    }
+}
+
 /// How a partition is encrypted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EncryptionSpec {

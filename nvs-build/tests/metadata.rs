@@ -282,6 +282,75 @@ fn no_table_uses_the_esp_idf_default() {
     );
 }
 
+/// Images with `env` or `per-device` keys may hold secrets: they are created 0600 (and an
+/// existing file with the same bytes but a wider mode is narrowed); others keep the usual mode.
+#[cfg(unix)]
+#[test]
+fn images_with_env_or_per_device_keys_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let p = Project::new(&[]);
+    std::fs::write(
+        p.manifest(),
+        "[package]\nname = \"p\"\nversion = \"0.1.0\"\n\n[package.metadata.nvs]\n\
+         [package.metadata.nvs.partitions.fctry.namespaces.mass_prod]\n\
+         serial = { u32 = { per-device = \"serial\", dev = 1 } }\n\
+         [package.metadata.nvs.partitions.nvs.namespaces.cfg]\n\
+         token = { string = { env = \"NVS_BUILD_TEST_UNSET_TOKEN\", default = \"t\" } }\n",
+    )
+    .unwrap();
+    let out = p.dir.join("out");
+    let generate = || {
+        nvs_build::Config::new()
+            .manifest_path(p.manifest())
+            .out_dir(&out)
+            .emit_rerun_if_changed(false)
+            .cargo_warnings(false)
+            .emit_rustc_env(false)
+            .try_generate()
+            .unwrap()
+    };
+    let generated = generate();
+    assert!(generated.images.iter().all(|i| i.secret));
+    let (fctry, nvs) = (out.join("nvs/fctry.bin"), out.join("nvs/nvs.bin"));
+    assert_eq!((mode(&fctry), mode(&nvs)), (0o600, 0o600));
+    let manifest = std::fs::read_to_string(out.join("nvs/manifest.json")).unwrap();
+    assert_eq!(
+        manifest.matches("\"secret\": true").count(),
+        2,
+        "{manifest}"
+    );
+
+    // Unchanged bytes are not rewritten, but a wider mode is narrowed.
+    std::fs::set_permissions(&fctry, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let inode =
+        |path: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap());
+    let before = inode(&fctry);
+    generate();
+    assert_eq!((mode(&fctry), inode(&fctry)), (0o600, before));
+    // Changed bytes replace a file of a wider mode with a private one.
+    std::fs::write(&nvs, b"stale").unwrap();
+    std::fs::set_permissions(&nvs, std::fs::Permissions::from_mode(0o666)).unwrap();
+    generate();
+    assert_eq!(mode(&nvs), 0o600);
+    assert_ne!(std::fs::read(&nvs).unwrap(), b"stale");
+
+    // Without such keys, the image gets the usual mode of a new file (not forced to 0600).
+    std::fs::write(
+        p.manifest(),
+        "[package]\nname = \"p\"\nversion = \"0.1.0\"\n\n[package.metadata.nvs]\n\
+         [package.metadata.nvs.partitions.nvs.namespaces.cfg]\nssid = \"lab\"\n",
+    )
+    .unwrap();
+    let generated = generate();
+    assert!(!generated.images[0].secret);
+    let probe = p.dir.join("probe");
+    std::fs::write(&probe, b"x").unwrap();
+    assert_eq!(mode(&nvs), mode(&probe));
+    let manifest = std::fs::read_to_string(out.join("nvs/manifest.json")).unwrap();
+    assert!(manifest.contains("\"secret\": false"), "{manifest}");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 

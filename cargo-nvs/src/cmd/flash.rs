@@ -21,7 +21,7 @@ use super::mfg::product_ledger_path;
 use crate::artifacts::{BuildArgs, NvsImage, NvsManifest, build_with_nvs};
 use crate::flashing::{ConnectArgs, Progress, connect, inspect};
 use crate::guard::{
-    Allow, Decision, Finding, Planned as GuardPlan, Role, candidate_sha256s, decide, for_factory,
+    self, Allow, Decision, Finding, Planned as GuardPlan, candidate_sha256s, decide, for_factory,
 };
 use crate::project::PackageArgs;
 use crate::{CliError, CliResult};
@@ -141,13 +141,48 @@ fn parse_flash_freq(text: &str) -> Result<FlashFrequency, String> {
     })
 }
 
+/// What a piece of flash is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Bootloader,
+    PartitionTable,
+    App,
+    /// An NVS partition of factory data (read-only on the device).
+    FactoryData,
+    /// An NVS partition of user data: written only to blank flash, unless asked.
+    UserData,
+    /// The nvs_keys file, for the table's data/nvs_keys partition.
+    NvsKeys,
+}
+
+impl Role {
+    /// The name `dist`'s manifest.json gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Bootloader => "bootloader",
+            Role::PartitionTable => "partition-table",
+            Role::App => "app",
+            Role::FactoryData => "factory-data",
+            Role::UserData => "user-data",
+            Role::NvsKeys => "nvs-keys",
+        }
+    }
+
+    /// Data a device in the field already holds and cannot get back once overwritten: its
+    /// factory data, its user data, and the keys its encrypted NVS data is readable with.
+    pub fn is_device_data(self) -> bool {
+        matches!(self, Role::FactoryData | Role::UserData | Role::NvsKeys)
+    }
+}
+
 /// One piece of flash to write, with what it is.
 pub struct Planned {
     pub name: String,
     pub addr: u32,
     pub data: Vec<u8>,
-    /// User data: written only to blank flash, unless asked.
-    pub user_data: bool,
+    pub role: Role,
+    /// May hold secret values: an NVS image with env or per-device keys, or the nvs_keys file.
+    pub secret: bool,
     /// Encrypted with the nvs_keys file (flash-encryption scheme).
     pub keyed: bool,
 }
@@ -183,18 +218,27 @@ pub fn app_segments(
         ))
     })?;
     check_tables(&format.partition_table(), nvs, keys_partition, table_path)?;
-    let names = ["bootloader", "partition table", "app"];
+    let names = [
+        ("bootloader", Role::Bootloader),
+        ("partition table", Role::PartitionTable),
+        ("app", Role::App),
+    ];
     Ok(format
         .flash_segments()
         .enumerate()
-        .map(|(i, segment)| Planned {
-            name: names
-                .get(i)
-                .map_or_else(|| format!("segment {i}"), |n| (*n).to_owned()),
-            addr: segment.addr,
-            data: segment.data.into_owned(),
-            user_data: false,
-            keyed: false,
+        .map(|(i, segment)| {
+            let (name, role) = names.get(i).map_or_else(
+                || (format!("segment {i}"), Role::App),
+                |(n, r)| ((*n).to_owned(), *r),
+            );
+            Planned {
+                name,
+                addr: segment.addr,
+                data: segment.data.into_owned(),
+                role,
+                secret: false,
+                keyed: false,
+            }
         })
         .collect())
 }
@@ -302,7 +346,12 @@ pub fn nvs_segments(
             name: format!("nvs `{}`", image.name),
             addr: image.offset,
             data,
-            user_data: !image.factory,
+            role: if image.factory {
+                Role::FactoryData
+            } else {
+                Role::UserData
+            },
+            secret: image.secret,
             keyed: image.keys_file.is_some(),
         });
         if let Some(keys) = &image.keys_file {
@@ -337,7 +386,8 @@ pub fn nvs_segments(
             addr: offset,
             data,
             // Checked against kept encrypted user data before writing (see `run`).
-            user_data: false,
+            role: Role::NvsKeys,
+            secret: true,
             keyed: false,
         });
     }
@@ -461,14 +511,13 @@ pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
 
 /// What the guard needs to know of one NVS partition of the package.
 pub struct DataPartition {
-    pub role: Role,
     /// `namespace::key` of its per-device keys.
     pub per_device: Vec<String>,
     /// Decrypts it (and what the chip holds there).
     pub key: Option<XtsKey>,
 }
 
-/// The package's NVS partitions by offset: role, per-device keys and key.
+/// The package's NVS partitions by offset: per-device keys and key.
 pub fn data_partitions(
     metadata: &Metadata,
     images: &[NvsImage],
@@ -496,18 +545,7 @@ pub fn data_partitions(
             Some((EncryptionSpec::HmacKey(path), _)) => Some(nvs_build::keys::load_hmac_key(path)?),
             None => None,
         };
-        partitions.insert(
-            image.offset,
-            DataPartition {
-                role: if image.factory {
-                    Role::Factory
-                } else {
-                    Role::UserData
-                },
-                per_device,
-                key,
-            },
-        );
+        partitions.insert(image.offset, DataPartition { per_device, key });
     }
     Ok(partitions)
 }
@@ -563,6 +601,11 @@ pub fn guard_segments(
     let mut kept = Vec::new();
     let mut refusals = Vec::new();
     for segment in segments {
+        let role = match segment.role {
+            Role::FactoryData => guard::Role::Factory,
+            Role::UserData => guard::Role::UserData,
+            _ => continue,
+        };
         let Some(partition) = data.get(&segment.addr) else {
             continue;
         };
@@ -574,16 +617,16 @@ pub fn guard_segments(
             per_device: &partition.per_device,
         };
         let (mut finding, chip) = inspect(flasher, segment.addr, &planned, use_stub)?;
-        if partition.role == Role::Factory {
+        if role == guard::Role::Factory {
             finding = for_factory(finding);
         }
         let identity = match &finding {
             Finding::Blank | Finding::Same | Finding::Interrupted { .. } | Finding::DevData => None,
-            _ if partition.role == Role::Factory => identities.name(chip.as_deref()),
+            _ if role == guard::Role::Factory => identities.name(chip.as_deref()),
             _ => None,
         };
         let label = format!("{} at {:#x}", segment.name, segment.addr);
-        match decide(partition.role, &finding, allow, &label, identity.as_deref()) {
+        match decide(role, &finding, allow, &label, identity.as_deref()) {
             Decision::Write(message) => {
                 if let Some(message) = message {
                     eprintln!("{message}");
@@ -608,7 +651,7 @@ pub fn guard_segments(
     let kept_keyed = segments.iter().any(|s| s.keyed && kept.contains(&s.addr));
     if let Some(keys) = segments
         .iter()
-        .find(|s| s.name == "nvs_keys")
+        .find(|s| s.role == Role::NvsKeys)
         .filter(|_| kept_keyed)
     {
         let on_chip = flasher
@@ -655,6 +698,7 @@ mod tests {
             offset,
             size,
             factory: name == "fctry",
+            secret: false,
             file: Some(file),
             keys_file: keys.map(|k| dir.join(k)),
             skipped: None,
@@ -681,8 +725,10 @@ mod tests {
         let fctry = planned.iter().find(|p| p.addr == 0xf000).unwrap();
         assert_eq!(fctry.data.len(), 0x2000);
         assert!(fctry.data[0x1000..].iter().all(|&b| b == 0xFF));
-        assert!(!fctry.user_data && planned.iter().find(|p| p.addr == 0x9000).unwrap().user_data);
-        let keys = planned.iter().find(|p| p.name == "nvs_keys").unwrap();
+        assert_eq!(fctry.role, Role::FactoryData);
+        let nvs = planned.iter().find(|p| p.addr == 0x9000).unwrap();
+        assert_eq!(nvs.role, Role::UserData);
+        let keys = planned.iter().find(|p| p.role == Role::NvsKeys).unwrap();
         assert_eq!((keys.addr, keys.data.len()), (0x11000, 4096));
 
         let only = nvs_segments(&images, &["nvs".to_owned()], Some((0x11000, 0x1000))).unwrap();

@@ -1057,7 +1057,7 @@ fn write_all(run: &Run, maker: &dyn Maker, work: &Work<'_>) -> CliResult {
     for shared in maker.shared() {
         let path = bin_path(&run.out_dir, &shared.name);
         if !path.exists() {
-            write_atomic_with(&path, &shared.bytes, None, run.sync)
+            write_atomic_with(&path, &shared.bytes, Some(0o600), run.sync)
                 .map_err(|e| CliError(format!("cannot write `{}`: {e}", path.display())))?;
         }
     }
@@ -1251,7 +1251,7 @@ fn write_device(
     let hmac_key_file = maker.hmac_key_file(device.name());
     for (name, bytes) in device.images.iter().zip(&built.images) {
         let bin = bin_path(&run.out_dir, name);
-        write_atomic_with(&bin, bytes, None, run.sync).map_err(|e| io(&bin, e))?;
+        write_atomic_with(&bin, bytes, Some(0o600), run.sync).map_err(|e| io(&bin, e))?;
     }
     Ok(Written {
         shas,

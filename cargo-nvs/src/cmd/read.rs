@@ -80,7 +80,8 @@ pub fn run(args: ReadArgs) -> CliResult<ExitCode> {
         partition.offset
     );
     if let Some(path) = &args.output {
-        write_atomic(path, &bytes, None)
+        // The device's data may hold secrets (keys, certificates, passwords).
+        write_atomic(path, &bytes, Some(0o600))
             .map_err(|e| CliError(format!("cannot write `{}`: {e}", path.display())))?;
         eprintln!("Saved to `{}`", path.display());
     }
