@@ -569,6 +569,28 @@ fn a_provisioned_chip_keeps_its_factory_data() {
         );
         assert_ne!(esp.read(0x20000, 32), vec![0xFF; 32], "{how}: no app");
     }
+    // A release through the factory's usual tool: esptool writes dist's flash_args.
+    if let Some(esptool) = std::env::var_os("CARGO_NVS_ESPTOOL") {
+        let release = scratch.path().join("dist");
+        dist(&release, &[]);
+        esp.write(0x20000, &[0u8; 64]); // an older app
+        let out = esptool_write_flash(&esptool, &esp)
+            .arg("@flash_args")
+            .current_dir(&release)
+            .output()
+            .unwrap();
+        esp.settle();
+        assert!(out.status.success(), "esptool: {}", stderr(&out));
+        same(
+            &esp.read(0xf000, 0x2000),
+            &identity,
+            "esptool: factory data",
+        );
+        assert_ne!(esp.read(0x20000, 64), vec![0u8; 64], "esptool: no app");
+        esp.reset();
+    } else {
+        eprintln!("esptool step skipped: set CARGO_NVS_ESPTOOL (cargo xtask ci does)");
+    }
     // Without the ledger the identity is still kept, as an unknown one.
     let out = bin()
         .args(["nvs", "flash", "--manifest-path"])
