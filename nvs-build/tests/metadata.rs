@@ -134,7 +134,7 @@ fn the_mfg_table_belongs_to_cargo_nvs_and_is_ignored() {
         )
         .unwrap();
     let without = p.build(partition, &[]).unwrap();
-    let bytes = |images: &[PartitionImage]| match &images[..] {
+    let bytes = |images: &[PartitionImage]| match images {
         [PartitionImage::Built(image)] => image.bytes.clone(),
         _ => panic!("one built image expected"),
     };
