@@ -19,7 +19,9 @@ fn firmware() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/esp32c3-factory-data/Cargo.toml")
 }
 
-/// Runs `cargo nvs mfg generate --manifest-path <firmware> ARGS…` in the case's folder.
+/// Runs `cargo nvs mfg generate --manifest-path <firmware> ARGS…` in the case's folder. The
+/// ledger is the case's `ledger.sqlite` (`NVS_LEDGER`), never the default beside the committed
+/// firmware's Cargo.toml.
 fn mfg(case: &Case, args: &[&str]) -> Output {
     let manifest = firmware();
     bin()
@@ -27,6 +29,7 @@ fn mfg(case: &Case, args: &[&str]) -> Output {
         .arg(&manifest)
         .args(args)
         .env("DEVICE_NAME", DEVICE_NAME)
+        .env("NVS_LEDGER", case.dir.path().join("ledger.sqlite"))
         .current_dir(case.dir.path())
         .output()
         .unwrap()
@@ -247,7 +250,8 @@ fn every_device_gets_the_metadata_image_with_its_own_values() {
     assert_eq!(json["devices"][3]["line"], 5);
 
     // The ledger records every device by its id, with the image's SHA-256.
-    let ledger = rusqlite::Connection::open(dir.join("ledger.sqlite")).unwrap();
+    assert!(!dir.join("ledger.sqlite").exists());
+    let ledger = rusqlite::Connection::open(case.dir.path().join("ledger.sqlite")).unwrap();
     let rows: Vec<(String, String, String, u32)> = ledger
         .prepare("SELECT device, image, sha256, size FROM devices ORDER BY line")
         .unwrap()
@@ -409,7 +413,7 @@ fn the_ledger_refuses_an_id_issued_by_an_earlier_batch() {
         ],
     );
     assert_ok(&out);
-    let shared = ["--ledger", "one/ledger.sqlite"];
+    // Another out dir, the same (product's) ledger.
     let mut args = vec![
         "--values",
         "batch2.csv",
@@ -418,7 +422,6 @@ fn the_ledger_refuses_an_id_issued_by_an_earlier_batch() {
         "--out-dir",
         "two",
     ];
-    args.extend(shared);
     let out = mfg(&case, &args);
     assert_refused(
         &case,
@@ -431,12 +434,13 @@ fn the_ledger_refuses_an_id_issued_by_an_earlier_batch() {
             "--allow-reissue",
         ],
     );
+    assert!(!stderr(&out).contains("`13`"), "{}", stderr(&out));
     assert!(!case.exists("two"));
     // Reissuing on purpose replaces the ledger entry.
     args.push("--allow-reissue");
     let out = mfg(&case, &args);
     assert_ok(&out);
-    let ledger = rusqlite::Connection::open(case.dir.path().join("one/ledger.sqlite")).unwrap();
+    let ledger = rusqlite::Connection::open(case.dir.path().join("ledger.sqlite")).unwrap();
     let (values, issues): (String, i64) = ledger
         .query_row(
             "SELECT values_file, issues FROM devices WHERE device = '11'",
@@ -469,7 +473,7 @@ fn existing_images_are_kept_only_by_resume_with_the_same_values() {
     // Simulate an interruption after device 21: its successor's image and the manifests are gone.
     std::fs::remove_file(case.dir.path().join("out/bin/fctry-22.bin")).unwrap();
     std::fs::remove_file(case.dir.path().join("out/manifest.csv")).unwrap();
-    let ledger = rusqlite::Connection::open(case.dir.path().join("out/ledger.sqlite")).unwrap();
+    let ledger = rusqlite::Connection::open(case.dir.path().join("ledger.sqlite")).unwrap();
     ledger
         .execute("DELETE FROM devices WHERE device = '22'", [])
         .unwrap();
@@ -614,8 +618,10 @@ ssid = ""
     let csv = String::from_utf8(read(&case.dir.path().join("out/manifest.csv"))).unwrap();
     assert_eq!(csv.lines().count(), 1 + 6, "{csv}");
     assert!(csv.contains("\nA2,3,fb,bin/fb-A2.bin,"), "{csv}");
-    // The ledger records each device once, with every image's SHA-256 (as in the manifest).
-    let ledger = rusqlite::Connection::open(case.dir.path().join("out/ledger.sqlite")).unwrap();
+    // The package's ledger, beside its Cargo.toml, records each device once, with every image's
+    // SHA-256 (as in the manifest).
+    assert!(!case.exists("out/ledger.sqlite"));
+    let ledger = rusqlite::Connection::open(case.dir.path().join("fw/nvs-ledger.sqlite")).unwrap();
     let image: String = ledger
         .query_row("SELECT image FROM devices WHERE device = 'A2'", [], |r| {
             r.get(0)
@@ -740,7 +746,7 @@ ssid = ""
     assert!(changed.is_empty(), "{changed:?}");
     // A ledger that lists only the first image (as before schema 2) is refused, not half
     // flashed.
-    let ledger = rusqlite::Connection::open(case.dir.path().join("out/ledger.sqlite")).unwrap();
+    let ledger = rusqlite::Connection::open(case.dir.path().join("fw/nvs-ledger.sqlite")).unwrap();
     ledger
         .execute("DELETE FROM device_images WHERE device = 'A2'", [])
         .unwrap();
@@ -769,5 +775,205 @@ ssid = ""
         stderr(&out).contains("give --offset, or --partition-table and --partition"),
         "{}",
         stderr(&out)
+    );
+}
+
+/// A throwaway firmware package `fw/` in the case's folder with one per-device partition
+/// (`fctry`, 0x3000 at 0xf000, key `sn` from the column `sn`), `mfg` after its [workspace].
+fn product_crate(case: &Case, mfg: &str) {
+    std::fs::create_dir_all(case.dir.path().join("fw/src")).unwrap();
+    case.file("fw/src/main.rs", "fn main() {}\n");
+    case.file(
+        "fw/partitions.csv",
+        "nvs, data, nvs, 0x9000, 0x6000,\nfctry, data, nvs, 0xf000, 0x3000,\nfactory, app, factory, 0x20000, 1M,\n",
+    );
+    case.file(
+        "fw/Cargo.toml",
+        format!(
+            "[package]\nname = \"fw\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n[workspace]\n{mfg}\n\
+             [package.metadata.nvs.partitions.fctry.namespaces.f]\n\
+             sn = {{ string = {{ per-device = \"sn\", dev = \"dev\" }} }}\n"
+        ),
+    );
+}
+
+/// `mfg generate --manifest-path fw/Cargo.toml --values VALUES --id sn --out-dir OUT EXTRA…`,
+/// with `NVS_LEDGER` set to `env` if given.
+fn fw_batch(case: &Case, values: &str, out_dir: &str, extra: &[&str], env: Option<&str>) -> Output {
+    let mut command = bin();
+    command
+        .args(["mfg", "generate", "--manifest-path", "fw/Cargo.toml"])
+        .args(["--values", values, "--id", "sn", "--out-dir", out_dir])
+        .args(extra)
+        .current_dir(case.dir.path());
+    if let Some(env) = env {
+        command.env("NVS_LEDGER", env);
+    }
+    command.output().unwrap()
+}
+
+fn ledger_ids(path: &Path) -> Vec<String> {
+    support::ledger_devices(path)
+        .into_iter()
+        .map(|r| r.0)
+        .collect()
+}
+
+#[test]
+fn the_package_ledger_is_beside_cargo_toml_unless_the_metadata_or_the_environment_moves_it() {
+    let case = Case::new();
+    product_crate(&case, "");
+    case.file("devices1.csv", "sn\nS1\nS2\n");
+    case.file("devices2.csv", "sn\nS3\nS2\n");
+    let dir = case.dir.path();
+
+    // The default: nvs-ledger.sqlite beside Cargo.toml (not in the out dir, not in target/).
+    assert_ok(&fw_batch(&case, "devices1.csv", "b1", &[], None));
+    let default = dir.join("fw/nvs-ledger.sqlite");
+    assert_eq!(ledger_ids(&default), ["S1", "S2"]);
+    assert!(!case.exists("b1/ledger.sqlite") && !case.exists("fw/target"));
+    let json: serde_json::Value =
+        serde_json::from_slice(&read(&dir.join("b1/manifest.json"))).unwrap();
+    assert_eq!(
+        Path::new(json["ledger"].as_str().unwrap()),
+        default.canonicalize().unwrap()
+    );
+
+    // A second batch into another out dir with an id of the first: refused, nothing written.
+    let out = fw_batch(&case, "devices2.csv", "b2", &[], None);
+    let b1 = dir.join("b1").canonicalize().unwrap();
+    assert_refused(
+        &case,
+        &out,
+        "b2",
+        &[
+            "devices2.csv:3: device `S2` was already issued",
+            &format!("into `{}`", b1.display()),
+            "devices1.csv:3",
+            "fw/nvs-ledger.sqlite",
+            "--allow-reissue",
+        ],
+    );
+    assert!(!stderr(&out).contains("`S3`"), "{}", stderr(&out));
+    assert!(!case.exists("b2"));
+    assert_eq!(ledger_ids(&default), ["S1", "S2"]);
+
+    // [package.metadata.nvs.mfg] ledger moves it (relative to Cargo.toml's folder).
+    std::fs::create_dir_all(dir.join("factory")).unwrap();
+    product_crate(
+        &case,
+        "\n[package.metadata.nvs.mfg]\nledger = \"../factory/ids.sqlite\"\n",
+    );
+    assert_ok(&fw_batch(&case, "devices2.csv", "b2", &[], None));
+    assert_eq!(ledger_ids(&dir.join("factory/ids.sqlite")), ["S2", "S3"]);
+    assert_eq!(ledger_ids(&default), ["S1", "S2"]);
+
+    // NVS_LEDGER beats the metadata, --ledger beats NVS_LEDGER.
+    assert_ok(&fw_batch(
+        &case,
+        "devices1.csv",
+        "b3",
+        &[],
+        Some("env.sqlite"),
+    ));
+    assert_eq!(ledger_ids(&dir.join("env.sqlite")), ["S1", "S2"]);
+    let flag = ["--ledger", "flag.sqlite"];
+    assert_ok(&fw_batch(
+        &case,
+        "devices1.csv",
+        "b4",
+        &flag,
+        Some("env.sqlite"),
+    ));
+    assert_eq!(ledger_ids(&dir.join("flag.sqlite")), ["S1", "S2"]);
+    assert_eq!(ledger_ids(&dir.join("factory/ids.sqlite")), ["S2", "S3"]);
+
+    // A setting that is not a path: refused naming Cargo.toml and the key.
+    product_crate(&case, "\n[package.metadata.nvs.mfg]\nledger = 5\n");
+    let out = fw_batch(&case, "devices1.csv", "b5", &[], None);
+    assert_refused(
+        &case,
+        &out,
+        "b5",
+        &[
+            "fw/Cargo.toml:9:10",
+            "`package.metadata.nvs.mfg.ledger` must be a string",
+        ],
+    );
+    assert!(!case.exists("b5"));
+    // And an unknown key (a typo would silently use the default).
+    product_crate(&case, "\n[package.metadata.nvs.mfg]\nleger = \"x\"\n");
+    let out = fw_batch(&case, "devices1.csv", "b5", &[], None);
+    assert_refused(
+        &case,
+        &out,
+        "b5",
+        &["fw/Cargo.toml:9:1", "unknown field `leger`"],
+    );
+}
+
+#[test]
+fn mfg_flash_and_log_in_the_package_use_its_ledger_and_every_batch_on_disk() {
+    use support::fake_esp::Config;
+    let case = Case::new();
+    product_crate(&case, "");
+    case.file("a.csv", "sn\nA1\n");
+    case.file("b.csv", "sn\nB1\nB2\n");
+    assert_ok(&fw_batch(&case, "a.csv", "a", &[], None));
+    assert_ok(&fw_batch(&case, "b.csv", "b", &[], None));
+    // Batch a's folder is gone: its device is skipped, b's first is next.
+    std::fs::rename(
+        case.dir.path().join("a"),
+        case.dir.path().join("a-elsewhere"),
+    )
+    .unwrap();
+    let esp = Config::esp32c3()
+        .mac([0x7c, 0xdf, 0xa1, 0, 0, 0x51])
+        .start();
+    let out = bin()
+        .args(["mfg", "flash", "--next", "--manifest-path", "fw/Cargo.toml"])
+        .args(["--port", esp.path()])
+        .args(["--before", "no-reset", "--after", "no-reset", "--no-stub"])
+        .current_dir(case.dir.path())
+        .output()
+        .unwrap();
+    esp.settle();
+    assert_ok(&out);
+    let text = stderr(&out);
+    assert!(
+        text.contains("batch folder") && text.contains("is missing") && text.contains("B1"),
+        "{text}"
+    );
+    let mut image = read(&case.dir.path().join("b/bin/fctry-B1.bin"));
+    image.resize(0x3000, 0xFF);
+    assert!(
+        esp.read(0xf000, 0x3000) == image,
+        "fctry holds another image"
+    );
+    // The log of the package's ledger.
+    let out = bin()
+        .args(["mfg", "log", "--manifest-path", "fw/Cargo.toml"])
+        .current_dir(case.dir.path())
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let log = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(log.lines().count(), 2, "{log}");
+    assert!(log.contains(",B1,"), "{log}");
+    // Outside any package (the case's folder is inside this workspace), with nothing naming a
+    // ledger: said how to name one.
+    let outside = std::env::temp_dir().join(format!("cargo-nvs-no-package-{}", std::process::id()));
+    std::fs::create_dir_all(&outside).unwrap();
+    let out = bin()
+        .args(["mfg", "log"])
+        .current_dir(&outside)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&outside);
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    assert!(
+        text.contains("--ledger") && text.contains("NVS_LEDGER") && text.contains("--out-dir"),
+        "{text}"
     );
 }

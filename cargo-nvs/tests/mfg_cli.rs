@@ -109,9 +109,12 @@ fn assert_first_device_is_generators(case: &Case, csv: &str) {
     );
 }
 
-/// The same batch, plain, into `out_dir` (to compare with).
+/// The same batch, plain, into `out_dir` (to compare with), recorded in a ledger of its own
+/// (the product's has its ids already).
 fn plain_run(case: &Case, out_dir: &str) {
-    assert_ok(&run_args(case, &mfg_args(out_dir, &["--fileid", "serial"])));
+    let ledger = format!("{out_dir}/ledger.sqlite");
+    let args = mfg_args(out_dir, &["--fileid", "serial", "--ledger", &ledger]);
+    assert_ok(&run_args(case, &args));
 }
 
 #[test]
@@ -129,6 +132,9 @@ fn matches_mfg_gen_on_the_committed_vectors() {
             "0x3000",
             "--out-dir",
             dir,
+            // Not beside the committed config (the default).
+            "--ledger",
+            &format!("{dir}/ledger.sqlite"),
         ],
     );
     assert_ok(&result);
@@ -196,6 +202,9 @@ fn matches_mfg_gen_with_fileid_and_prefix_num_in_both_spellings() {
         let out = tempdir::Dir::new();
         let mut args = args.to_vec();
         args.push(out.path().to_str().unwrap());
+        // Not beside the committed config (the default), and one per spelling.
+        let ledger = out.path().join("ledger.sqlite");
+        args.extend(["--ledger", ledger.to_str().unwrap()]);
         let result = run_in(&mfg_dir(), &args);
         assert_ok(&result);
         assert!(!stderr(&result).contains("warning"), "{}", stderr(&result));
@@ -699,7 +708,9 @@ fn the_ledger_records_every_id_and_refuses_a_reissue_before_writing() {
     let case = case(CONFIG, VALUES);
     assert_ok(&mfg(&case, &["--fileid", "serial"]));
     let dir = case.dir.path();
-    let rows = ledger_devices(&dir.join("out/ledger.sqlite"));
+    // The product's ledger: beside the config, not in the out dir.
+    assert!(!case.exists("out/ledger.sqlite"));
+    let rows = ledger_devices(&dir.join("ledger.sqlite"));
     let shas = manifest_shas(&dir.join("out/manifest.csv"));
     assert_eq!(rows.len(), 3);
     for (device, image, sha, issues) in &rows {
@@ -707,8 +718,14 @@ fn the_ledger_records_every_id_and_refuses_a_reissue_before_writing() {
         assert_eq!(&shas[device], sha);
         assert_eq!(*issues, 1);
     }
+    // The manifest names it by its absolute path (mfg flash --out-dir finds it so).
+    let json: serde_json::Value =
+        serde_json::from_slice(&read(&dir.join("out/manifest.json"))).unwrap();
+    let recorded = Path::new(json["ledger"].as_str().unwrap());
+    assert!(recorded.is_absolute(), "{recorded:?}");
+    assert_eq!(recorded, dir.join("ledger.sqlite").canonicalize().unwrap());
 
-    // Another batch into another out dir, sharing the ledger, with one id of the first batch.
+    // Another batch into another out dir, with one id of the first batch: refused by default.
     case.file("more.csv", "id,serial,num,region\n4,SN4,4,EU\n\n5,SN2,5,\n");
     let more = |extra: &[&str]| {
         let mut args = vec![
@@ -722,8 +739,6 @@ fn the_ledger_records_every_id_and_refuses_a_reissue_before_writing() {
             "serial",
             "--out-dir",
             "more",
-            "--ledger",
-            "out/ledger.sqlite",
         ];
         args.extend_from_slice(extra);
         case.run(&args)
@@ -731,23 +746,165 @@ fn the_ledger_records_every_id_and_refuses_a_reissue_before_writing() {
     let out = more(&[]);
     assert!(!out.status.success());
     let text = stderr(&out);
+    let first_batch = dir.join("out").canonicalize().unwrap();
     for needle in [
         "more.csv:4",
         "`SN2`",
         "already issued at 20",
+        &format!("into `{}`", first_batch.display()),
+        "values.csv:3",
         "--allow-reissue",
+        "nothing was written",
     ] {
         assert!(text.contains(needle), "stderr lacks {needle:?}:\n{text}");
     }
+    assert!(!text.contains("`SN4`"), "{text}");
     assert!(!case.exists("more"), "nothing is written");
-    assert_eq!(ledger_devices(&dir.join("out/ledger.sqlite")).len(), 3);
+    assert_eq!(ledger_devices(&dir.join("ledger.sqlite")).len(), 3);
 
     assert_ok(&more(&["--allow-reissue"]));
-    let rows = ledger_devices(&dir.join("out/ledger.sqlite"));
+    let rows = ledger_devices(&dir.join("ledger.sqlite"));
     assert_eq!(rows.len(), 4);
     let sn2 = rows.iter().find(|r| r.0 == "SN2").unwrap();
     assert_eq!(sn2.3, 2, "issued twice, as allowed");
     assert_eq!(sn2.2, manifest_shas(&dir.join("more/manifest.csv"))["SN2"]);
+}
+
+#[test]
+fn the_same_values_into_a_second_out_dir_are_refused_naming_every_id_and_the_first_batch() {
+    let mut values = String::from("id,serial,num,region\n");
+    for n in 0..20 {
+        values.push_str(&format!("{n},SN{},{n},EU\n", 1000 + n));
+    }
+    let case = case(CONFIG, &values);
+    let batch = |out_dir: &str| run_args(&case, &mfg_args(out_dir, &["--fileid", "serial"]));
+    assert_ok(&batch("batch1"));
+    let dir = case.dir.path();
+    let ledger = dir.join("ledger.sqlite");
+    let before = std::fs::read(&ledger).unwrap();
+    let out = batch("batch2");
+    let text = stderr(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    let batch1 = dir.join("batch1").canonicalize().unwrap();
+    for needle in [
+        "20 device id(s) of `values.csv` were already issued",
+        &ledger.canonicalize().unwrap().display().to_string(),
+        "values.csv:2: device `SN1000` was already issued",
+        &format!("into `{}`", batch1.display()),
+        "values.csv:11: device `SN1009`",
+        "… and 10 more",
+        "--allow-reissue",
+        "nothing was written",
+    ] {
+        assert!(text.contains(needle), "stderr lacks {needle:?}:\n{text}");
+    }
+    assert!(!case.exists("batch2"), "nothing is written");
+    assert_eq!(
+        std::fs::read(&ledger).unwrap(),
+        before,
+        "the ledger is unchanged"
+    );
+    assert!(ledger_devices(&ledger).iter().all(|r| r.3 == 1));
+}
+
+#[test]
+fn the_ledger_sits_beside_the_config_and_nvs_ledger_and_ledger_move_it() {
+    let case = Case::new();
+    std::fs::create_dir_all(case.dir.path().join("product")).unwrap();
+    case.file("product/config.csv", CONFIG);
+    case.file("values.csv", VALUES);
+    let dir = case.dir.path();
+    let run = |out_dir: &str, extra: &[&str], env: Option<&str>| {
+        let mut command = bin();
+        command
+            .args(["mfg", "generate", "product/config.csv", "values.csv", "dev"])
+            .args(["0x3000", "--fileid", "serial", "--out-dir", out_dir])
+            .args(extra)
+            .current_dir(dir);
+        if let Some(env) = env {
+            command.env("NVS_LEDGER", env);
+        }
+        command.output().unwrap()
+    };
+    assert_ok(&run("a", &[], None));
+    assert_eq!(ledger_devices(&dir.join("product/ledger.sqlite")).len(), 3);
+    // NVS_LEDGER names another ledger (relative to the current directory): the ids are new
+    // there.
+    assert_ok(&run("b", &[], Some("env.sqlite")));
+    assert_eq!(ledger_devices(&dir.join("env.sqlite")).len(), 3);
+    let json: serde_json::Value =
+        serde_json::from_slice(&read(&dir.join("b/manifest.json"))).unwrap();
+    assert_eq!(
+        Path::new(json["ledger"].as_str().unwrap()),
+        dir.join("env.sqlite").canonicalize().unwrap()
+    );
+    // An empty NVS_LEDGER is no setting: the product's ledger refuses the ids.
+    let out = run("c", &[], Some(""));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("product/ledger.sqlite"),
+        "{}",
+        stderr(&out)
+    );
+    // --ledger beats NVS_LEDGER.
+    assert_ok(&run("d", &["--ledger", "flag.sqlite"], Some("env.sqlite")));
+    assert_eq!(ledger_devices(&dir.join("flag.sqlite")).len(), 3);
+    assert_eq!(ledger_devices(&dir.join("env.sqlite")).len(), 3);
+    // A ledger whose folder does not exist is refused before anything is written.
+    let out = run("e", &["--ledger", "nowhere/l.sqlite"], None);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("nowhere") && stderr(&out).contains("does not exist"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!case.exists("e"));
+}
+
+#[test]
+fn an_out_dir_with_a_ledger_of_its_own_is_refused_unless_it_is_named() {
+    // As an older cargo-nvs left a batch: its ledger in the out dir.
+    let case = case(CONFIG, VALUES);
+    let old = mfg(
+        &case,
+        &["--fileid", "serial", "--ledger", "out/ledger.sqlite"],
+    );
+    assert_ok(&old);
+    let dir = case.dir.path();
+    std::fs::remove_file(dir.join("out/bin/dev-SN3.bin")).unwrap();
+    let db = rusqlite::Connection::open(dir.join("out/ledger.sqlite")).unwrap();
+    db.execute("DELETE FROM devices WHERE device = 'SN3'", [])
+        .unwrap();
+    drop(db);
+    // Resuming it with the product's ledger would not see its devices.
+    let out = mfg(&case, &["--fileid", "serial", "--resume"]);
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    assert!(
+        text.contains("out/ledger.sqlite` is this out dir's own ledger")
+            && text.contains("--ledger"),
+        "{text}"
+    );
+    assert!(!case.exists("ledger.sqlite"), "nothing is written");
+    assert!(!case.exists("out/bin/dev-SN3.bin"));
+    let out = mfg(
+        &case,
+        &[
+            "--fileid",
+            "serial",
+            "--resume",
+            "--ledger",
+            "out/ledger.sqlite",
+        ],
+    );
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("2 device(s) were finished"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(ledger_devices(&dir.join("out/ledger.sqlite")).len(), 3);
 }
 
 #[test]
@@ -756,7 +913,7 @@ fn row_numbered_ids_are_recorded_by_image_name() {
     let out = mfg(&case, &[]);
     assert_ok(&out);
     assert!(stderr(&out).contains("ledger"), "{}", stderr(&out));
-    let devices: Vec<String> = ledger_devices(&case.dir.path().join("out/ledger.sqlite"))
+    let devices: Vec<String> = ledger_devices(&case.dir.path().join("ledger.sqlite"))
         .into_iter()
         .map(|r| r.0)
         .collect();
@@ -774,7 +931,7 @@ fn row_numbered_ids_are_recorded_by_image_name() {
     ]);
     assert_ok(&out);
     assert_eq!(
-        ledger_devices(&case.dir.path().join("out/ledger.sqlite")).len(),
+        ledger_devices(&case.dir.path().join("ledger.sqlite")).len(),
         6
     );
 }
@@ -797,7 +954,7 @@ fn resume_keeps_recorded_images_and_replaces_unrecorded_leftovers() {
         stderr(&out)
     );
     // SN2 written but not recorded (killed between the rename and the ledger), SN3 missing.
-    let db = rusqlite::Connection::open(dir.join("out/ledger.sqlite")).unwrap();
+    let db = rusqlite::Connection::open(dir.join("ledger.sqlite")).unwrap();
     db.execute("DELETE FROM devices WHERE device IN ('SN2', 'SN3')", [])
         .unwrap();
     drop(db);
@@ -822,7 +979,7 @@ fn resume_keeps_recorded_images_and_replaces_unrecorded_leftovers() {
     }
     assert_eq!(read(&dir.join("out/manifest.csv")), manifest);
     assert!(
-        ledger_devices(&dir.join("out/ledger.sqlite"))
+        ledger_devices(&dir.join("ledger.sqlite"))
             .iter()
             .all(|r| r.3 == 1)
     );
@@ -887,7 +1044,12 @@ fn a_killed_run_leaves_only_complete_images_and_resume_finishes_it() {
     }
     let case = case(CONFIG, &values);
     let dir = case.dir.path();
-    let args = |out: &str| mfg_args(out, &["--fileid", "serial"]);
+    // Every attempt is a batch of its own (the same ids): each with its own ledger, in its out
+    // dir.
+    let args = |out: &str| {
+        let ledger = format!("{out}/ledger.sqlite");
+        mfg_args(out, &["--fileid", "serial", "--ledger", &ledger])
+    };
     assert_ok(&run_args(&case, &args("clean")));
     let clean_bin = dir.join("clean/bin");
     // Where unnamed files cannot be made, a kill may leave a named temporary file.
@@ -1081,7 +1243,7 @@ fn resume_with_keygen_replaces_an_unrecorded_key_leftover_and_keeps_the_rest() {
     let key = |n: u32| read(&dir.join(format!("out/keys/keys-dev-SN{n}.bin")));
     let before: Vec<Vec<u8>> = (1..=3).map(key).collect();
     // As if killed after SN2's key file was written but before its image and ledger row.
-    let ledger = rusqlite::Connection::open(dir.join("out/ledger.sqlite")).unwrap();
+    let ledger = rusqlite::Connection::open(dir.join("ledger.sqlite")).unwrap();
     ledger
         .execute("DELETE FROM devices WHERE device = 'SN2'", [])
         .unwrap();
@@ -1102,7 +1264,7 @@ fn resume_with_keygen_replaces_an_unrecorded_key_leftover_and_keeps_the_rest() {
     ]));
     let dump = case.run(&["dump", "plain2.bin"]);
     assert!(String::from_utf8_lossy(&dump.stdout).contains("SN2"));
-    assert_eq!(ledger_devices(&dir.join("out/ledger.sqlite")).len(), 3);
+    assert_eq!(ledger_devices(&dir.join("ledger.sqlite")).len(), 3);
 }
 
 /// Device images hold each device's values (serials, secrets): private, like key files.

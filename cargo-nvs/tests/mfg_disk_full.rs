@@ -22,17 +22,20 @@ const CONFIG: &str = "app,namespace,\nserial,data,string\nnum,data,u8\nregion,da
 /// Mounts the small tmpfs, runs the batch into it until the disk is full, copies what it left
 /// out (the tmpfs vanishes with the namespace), grows the tmpfs, resumes, and copies the result.
 /// Arguments: binary, mount point, host folder for the results, small size, big size, then the
-/// `mfg generate` arguments before `--out-dir`.
+/// `mfg generate` arguments before `--out-dir`. The ledger is in the out dir, on the full disk
+/// too (and apart from the clean run's).
 const SCRIPT: &str = r#"
 set -u
 bin=$1 mnt=$2 host=$3 small=$4 big=$5
 shift 5
 mount -t tmpfs -o "size=$small" tmpfs "$mnt" || exit 90
-"$bin" "$@" --out-dir "$mnt/out" >"$host/full.stdout" 2>"$host/full.stderr"
+"$bin" "$@" --out-dir "$mnt/out" --ledger "$mnt/out/ledger.sqlite" \
+    >"$host/full.stdout" 2>"$host/full.stderr"
 echo $? >"$host/full.rc"
 if [ -e "$mnt/out" ]; then cp -a "$mnt/out" "$host/after_full" || exit 91; fi
 mount -o "remount,size=$big" tmpfs "$mnt" || exit 92
-"$bin" "$@" --out-dir "$mnt/out" --resume >"$host/resume.stdout" 2>"$host/resume.stderr"
+"$bin" "$@" --out-dir "$mnt/out" --ledger "$mnt/out/ledger.sqlite" --resume \
+    >"$host/resume.stdout" 2>"$host/resume.stderr"
 echo $? >"$host/resume.rc"
 cp -a "$mnt/out" "$host/after_resume" || exit 93
 "#;
@@ -156,7 +159,7 @@ fn fill_the_disk_then_resume(devices: usize, small_kib: usize) -> Option<Outcome
 
     // The reference: the same batch with room to spare.
     let mut clean_args = generate.to_vec();
-    clean_args.extend(["--out-dir", "clean"]);
+    clean_args.extend(["--out-dir", "clean", "--ledger", "clean/ledger.sqlite"]);
     let clean = case.run(&clean_args);
     assert!(
         clean.status.success(),

@@ -68,14 +68,17 @@ fn image(case: &Case, id: &str) -> Vec<u8> {
 
 /// `cargo nvs mfg flash --out-dir out --port … ` through the emulators, no resets, ROM loader.
 fn flash(case: &Case, esps: &[&FakeEsp], extra: &[&str]) -> Output {
+    flash_from(case, Some("out"), esps, extra)
+}
+
+/// [`flash`] with another batch, or none (`--out-dir` left out).
+fn flash_from(case: &Case, out_dir: Option<&str>, esps: &[&FakeEsp], extra: &[&str]) -> Output {
     let mut command = bin();
-    command.args(["mfg", "flash", "--out-dir", "out"]).args([
-        "--before",
-        "no-reset",
-        "--after",
-        "no-reset",
-        "--no-stub",
-    ]);
+    command.args(["mfg", "flash"]);
+    if let Some(out_dir) = out_dir {
+        command.args(["--out-dir", out_dir]);
+    }
+    command.args(["--before", "no-reset", "--after", "no-reset", "--no-stub"]);
     for esp in esps {
         command.args(["--port", esp.path()]);
     }
@@ -399,8 +402,9 @@ fn refuses_bad_targets_and_a_missing_ledger() {
         &["--offset", "0x9000", "--manifest-path", "Cargo.toml"],
     );
     assert_fails(&out, &["give one or the other"]);
-    let out = case.run(&["mfg", "log", "--out-dir", "nowhere"]);
-    assert_fails(&out, &["no ledger"]);
+    let out = case.run(&["mfg", "log", "--ledger", "nowhere.sqlite"]);
+    assert_fails(&out, &["no ledger at", "nowhere.sqlite", "mfg generate"]);
+    assert!(!case.exists("nowhere.sqlite"), "a ledger was made");
     assert_eq!(esp.sessions(), 0, "the chip was never opened");
 }
 
@@ -453,4 +457,169 @@ fn an_hmac_protected_device_gets_only_its_image_and_a_note_about_the_efuse() {
     let esp = Config::esp32c3().mac(MAC_B).start();
     assert_ok(&flash(&case, &[&esp], &["--offset", "0x9000"]));
     same(&esp.read(0x9000, 0x3000), &image(&case, "SN2"), "nvs");
+}
+
+/// A second batch (SN4, SN5) into `out2`, the same product (config): the same ledger.
+fn second_batch(case: &Case) {
+    case.file("values2.csv", "id,serial,num\n4,SN4,4\n5,SN5,5\n");
+    let args = [
+        "mfg",
+        "generate",
+        "config.csv",
+        "values2.csv",
+        "dev",
+        "0x3000",
+        "--fileid",
+        "serial",
+        "--out-dir",
+        "out2",
+    ];
+    assert_ok(&case.run(&args));
+}
+
+#[test]
+fn out_dir_flashes_only_its_batch_and_without_it_every_batch_takes_part() {
+    let case = batch();
+    second_batch(&case);
+    let esp = Config::esp32c3().mac(MAC_A).start();
+    let other = Config::esp32c3().mac(MAC_B).start();
+    let third = Config::esp32c3().mac(MAC_C).start();
+    let batch2 = Some("out2");
+    for (esp, id) in [(&esp, "SN4"), (&other, "SN5")] {
+        let out = flash_from(&case, batch2, &[esp], &["--next", "--offset", "0x9000"]);
+        assert_ok(&out);
+        let image = std::fs::read(case.dir.path().join(format!("out2/bin/dev-{id}.bin"))).unwrap();
+        same(&esp.read(0x9000, 0x3000), &image, id);
+    }
+    // Batch 2 is done; batch 1's devices are never taken for it.
+    let blank = third.flash();
+    let out = flash_from(&case, batch2, &[&third], &["--next", "--offset", "0x9000"]);
+    assert_fails(
+        &out,
+        &["every device of the batch", "out2", "flashed already"],
+    );
+    let out = flash_from(
+        &case,
+        batch2,
+        &[&third],
+        &["--device", "SN1", "--offset", "0x9000"],
+    );
+    assert_fails(
+        &out,
+        &["`SN1` was issued into the batch", "/out`", "not flashed"],
+    );
+    // A ledger that never saw the batch (an empty one here) says so.
+    case.file("other.sqlite", "");
+    let out = flash_from(
+        &case,
+        batch2,
+        &[&third],
+        &["--next", "--offset", "0x9000", "--ledger", "other.sqlite"],
+    );
+    assert_fails(
+        &out,
+        &["other.sqlite", "has no devices issued into", "out2"],
+    );
+    assert!(third.flash() == blank, "a chip was written");
+    let flashed: Vec<String> = log(&case).into_iter().map(|r| r[1].clone()).collect();
+    assert_eq!(flashed, ["SN4", "SN5"]);
+
+    // Without --out-dir every batch takes part (the oldest first); the ledger comes from
+    // NVS_LEDGER, or --ledger.
+    let mut command = bin();
+    let out = command
+        .args([
+            "mfg",
+            "flash",
+            "--next",
+            "--offset",
+            "0x9000",
+            "--port",
+            third.path(),
+        ])
+        .args(["--before", "no-reset", "--after", "no-reset", "--no-stub"])
+        .env("NVS_LEDGER", case.dir.path().join("ledger.sqlite"))
+        .current_dir(case.dir.path())
+        .output()
+        .unwrap();
+    third.settle();
+    assert_ok(&out);
+    same(&third.read(0x9000, 0x3000), &image(&case, "SN1"), "SN1");
+    let fourth = Config::esp32c3()
+        .mac([0x7c, 0xdf, 0xa1, 0, 0, 0x0d])
+        .start();
+    let out = flash_from(
+        &case,
+        None,
+        &[&fourth],
+        &["--next", "--offset", "0x9000", "--ledger", "ledger.sqlite"],
+    );
+    assert_ok(&out);
+    same(&fourth.read(0x9000, 0x3000), &image(&case, "SN2"), "SN2");
+    let flashed: Vec<String> = log(&case).into_iter().map(|r| r[1].clone()).collect();
+    assert_eq!(flashed, ["SN4", "SN5", "SN1", "SN2"]);
+}
+
+#[test]
+fn a_batch_of_an_older_version_with_its_own_ledger_is_flashed_through_its_manifest() {
+    // As an older cargo-nvs left it: a schema 2 ledger in the out dir, named in manifest.json
+    // relative to where `mfg generate` ran.
+    let case = batch_with(&["--ledger", "out/ledger.sqlite"]);
+    let dir = case.dir.path();
+    let ledger = dir.join("out/ledger.sqlite");
+    let db = rusqlite::Connection::open(&ledger).unwrap();
+    db.execute_batch(
+        "ALTER TABLE devices DROP COLUMN batch_dir; DROP TABLE batches;
+         PRAGMA user_version = 2;",
+    )
+    .unwrap();
+    drop(db);
+    let manifest = dir.join("out/manifest.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    json["ledger"] = "out/ledger.sqlite".into();
+    std::fs::write(&manifest, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+
+    // Flashed from inside the out dir: the manifest's relative path is not from here.
+    let esp = Config::esp32c3().mac(MAC_A).start();
+    let out = bin()
+        .args([
+            "mfg",
+            "flash",
+            "--out-dir",
+            ".",
+            "--next",
+            "--offset",
+            "0x9000",
+        ])
+        .args(["--port", esp.path()])
+        .args(["--before", "no-reset", "--after", "no-reset", "--no-stub"])
+        .current_dir(dir.join("out"))
+        .output()
+        .unwrap();
+    esp.settle();
+    assert_ok(&out);
+    same(&esp.read(0x9000, 0x3000), &image(&case, "SN1"), "SN1");
+    // Upgraded in place: its devices belong to the out dir.
+    let db = rusqlite::Connection::open(&ledger).unwrap();
+    let version: i64 = db
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 3);
+    let dirs: Vec<String> = db
+        .prepare("SELECT DISTINCT batch_dir FROM devices")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        dirs,
+        [dir.join("out")
+            .canonicalize()
+            .unwrap()
+            .display()
+            .to_string()]
+    );
+    assert_eq!(log(&case).len(), 1);
 }

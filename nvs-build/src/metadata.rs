@@ -165,9 +165,16 @@ impl Metadata {
             .map(Path::to_owned)
             .unwrap_or_default();
         let nvs_table = doc.table(nvs.1, "package.metadata.nvs")?;
+        // `mfg` ([package.metadata.nvs.mfg]: the mass-production ledger) belongs to cargo-nvs,
+        // which reads and checks it; image building ignores it.
         doc.only_keys(
             nvs_table,
-            &["partition-table", "partition-table-offset", "partitions"],
+            &[
+                "partition-table",
+                "partition-table-offset",
+                "partitions",
+                "mfg",
+            ],
         )?;
 
         let offset_override = match lookup(nvs_table, "partition-table-offset") {

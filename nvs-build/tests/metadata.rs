@@ -124,6 +124,28 @@ fn unknown_field() {
 }
 
 #[test]
+fn the_mfg_table_belongs_to_cargo_nvs_and_is_ignored() {
+    let p = Project::new(&[]);
+    let partition = "[package.metadata.nvs.partitions.nvs.namespaces.user]\nssid = \"x\"\n";
+    let with_mfg = p
+        .build(
+            &format!("[package.metadata.nvs.mfg]\nledger = \"x\"\n{partition}"),
+            &[],
+        )
+        .unwrap();
+    let without = p.build(partition, &[]).unwrap();
+    let bytes = |images: &[PartitionImage]| match images {
+        [PartitionImage::Built(image)] => image.bytes.clone(),
+        _ => panic!("one built image expected"),
+    };
+    assert_eq!(bytes(&with_mfg), bytes(&without));
+    // Whatever it holds is cargo-nvs's to check, and a package may have nothing else.
+    let text = "[package]\nname = \"p\"\n[package.metadata.nvs.mfg]\nledger = 3\n";
+    let metadata = Metadata::parse(&p.manifest(), text).unwrap().unwrap();
+    assert!(metadata.partitions.is_empty());
+}
+
+#[test]
 fn wrong_value_type() {
     let p = Project::new(&[]);
     let e = p.error("[package.metadata.nvs.partitions.nvs]\nread-only = \"yes\"\n");

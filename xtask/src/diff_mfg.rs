@@ -378,6 +378,8 @@ fn our_args(case: &Case) -> Vec<String> {
         ),
     }
     args.extend(["--out-dir".into(), "ours".into()]);
+    // A ledger of the case's own (never the default beside the config, nor $NVS_LEDGER's).
+    args.extend(["--ledger".into(), "ours/ledger.sqlite".into()]);
     args
 }
 

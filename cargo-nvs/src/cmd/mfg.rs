@@ -21,23 +21,19 @@
 //! the whole run is the id of every device (for duplicates, in the first pass) and one byte per
 //! device for what to do with it. The manifests are written as the devices are recorded.
 //!
+//! Every command records into, or reads, the product's one ledger (`product.rs` says which file
+//! that is): an id issued into any batch (out dir) is refused in every later batch. The ledger
+//! records each device's batch folder, where `mfg flash` finds its images.
+//!
 //! `mfg flash` and `mfg log` (in `flash.rs`) flash issued devices and export the production log.
 
 mod cargo;
 mod flash;
 mod input;
 pub(crate) mod ledger;
+mod product;
 
-/// The product's ledger for a package: `$NVS_LEDGER`, else `<package dir>/nvs-ledger.sqlite`.
-pub fn product_ledger_path(manifest_path: &Path) -> CliResult<PathBuf> {
-    if let Some(path) = std::env::var_os("NVS_LEDGER").filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(path));
-    }
-    Ok(manifest_path
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("nvs-ledger.sqlite"))
-}
+pub use self::product::product_ledger_path;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,6 +50,7 @@ use sha2::{Digest, Sha256};
 
 use self::input::{ConfigRow, DeviceRow, Values, bind_columns, device_csv, read_config};
 use self::ledger::{Issued, Ledger, SqliteLedger};
+use self::product::{CONFIG_LEDGER, ChosenLedger, Scope, choose_ledger, same_file};
 use super::generate::{parse_version, warn_if_read_only};
 use super::keys::{HmacOptions, load_key, random_hmac_key};
 use crate::fsutil::{StagedFile, remove_leftovers, sync_folder, write_atomic_with, write_secret};
@@ -95,9 +92,9 @@ enum MfgCommand {
 ///
 /// Both modes write `manifest.csv` and `manifest.json` (device, values line, images, SHA-256,
 /// key file), never overwrite existing images and keys, and write nothing unless every device's
-/// images build. Every device id and its (first) image's SHA-256 go to the ledger
-/// (`<out-dir>/ledger.sqlite`, or --ledger) as the device is finalized; an id issued by an
-/// earlier run is refused (unless --allow-reissue). Each image appears complete under its final
+/// images build. Every device id, its images' SHA-256 and the batch folder (the out dir) go to
+/// the product's ledger as the device is finalized; an id issued by any earlier run, into any
+/// out dir, is refused (unless --allow-reissue). Each image appears complete under its final
 /// name or not at all, so a run that was interrupted is finished with --resume.
 #[derive(clap::Args)]
 #[command(disable_version_flag = true)]
@@ -185,8 +182,10 @@ pub struct MfgGenerateArgs {
     /// fsync every file written (slower; for when power may fail right after the run).
     #[arg(long)]
     sync: bool,
-    /// The ledger of issued device ids (SQLite; may be shared by several out dirs)
-    /// [default: <out-dir>/ledger.sqlite].
+    /// The product's ledger of issued device ids (SQLite, shared by all its batches)
+    /// [default: $NVS_LEDGER; else mfg_gen mode: ledger.sqlite beside the --config file; Cargo
+    /// mode: [package.metadata.nvs.mfg] ledger (relative to Cargo.toml), else
+    /// nvs-ledger.sqlite beside Cargo.toml].
     #[arg(long, value_name = "PATH")]
     ledger: Option<PathBuf>,
     /// Finish an interrupted run: devices whose images exist and are in the ledger with the same
@@ -212,20 +211,24 @@ pub fn run(args: MfgArgs) -> CliResult<ExitCode> {
 struct Run {
     values: PathBuf,
     out_dir: PathBuf,
+    /// The product's ledger (absolute).
     ledger: PathBuf,
+    /// How it was chosen (`--ledger`, `NVS_LEDGER`, a default), for messages.
+    ledger_from: String,
+    /// It was given with --ledger.
+    ledger_flag: bool,
     sync: bool,
     resume: bool,
     allow_reissue: bool,
 }
 
 impl Run {
-    fn new(args: &MfgGenerateArgs, values: PathBuf) -> Run {
+    fn new(args: &MfgGenerateArgs, values: PathBuf, ledger: ChosenLedger) -> Run {
         let out_dir = args.out_dir.clone().unwrap_or_else(|| PathBuf::from("."));
         Run {
-            ledger: args
-                .ledger
-                .clone()
-                .unwrap_or_else(|| out_dir.join("ledger.sqlite")),
+            ledger: ledger.path,
+            ledger_from: ledger.from,
+            ledger_flag: ledger.flag,
             values,
             out_dir,
             sync: args.sync,
@@ -486,7 +489,8 @@ fn generate(args: MfgGenerateArgs) -> CliResult<ExitCode> {
         )));
     }
     let plan = plan(&args)?;
-    let run = Run::new(&args, plan.values.clone());
+    let ledger = choose_ledger(args.ledger.as_deref(), Scope::Config(&plan.config))?;
+    let run = Run::new(&args, plan.values.clone(), ledger);
     for (given, option) in [
         (args.mfg_gen_keyfile.is_some(), "--keyfile"),
         (args.mfg_gen_input.is_some(), "--input"),
@@ -522,8 +526,8 @@ fn generate(args: MfgGenerateArgs) -> CliResult<ExitCode> {
             eprintln!(
                 "warning: without --fileid, images are numbered 1, 2, 3… by row, and the numbers \
                  start again in every batch; name them by a unique column (--fileid serial_no). \
-                 The ledger records them by image name (`{}-…1`) and so cannot tell them from \
-                 another batch's with the same names",
+                 The ledger records them by image name (`{}-…1`), so another batch with the same \
+                 names is refused as a reissue",
                 plan.prefix
             );
             None
@@ -767,6 +771,7 @@ fn next_chunk(run: &Run, values: &mut Values, n: usize, chunk: &mut Vec<DeviceRo
 /// Passes 2 to 4 and the manifests, for the `count` devices of either mode. Every pass reads
 /// the values file again, a chunk at a time: memory does not grow with the device count.
 fn produce(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<ExitCode> {
+    check_ledger_place(run)?;
     // Passes 2 and 3: build every image in memory (nothing is written) so that bad input writes
     // nothing, and decide what to do with each device, refusing existing files and issued ids.
     let actions = check_all(run, maker, count)?;
@@ -791,12 +796,14 @@ fn produce(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<ExitCode> {
                 run.out_dir.display()
             ))
         })
-        .and_then(|()| SqliteLedger::open(&run.ledger, run.sync))
-        .and_then(|ledger| {
+        .and_then(|()| batch_dir(&run.out_dir))
+        .and_then(|batch_dir| Ok((SqliteLedger::open(&run.ledger, run.sync)?, batch_dir)))
+        .and_then(|(ledger, batch_dir)| {
             let work = Work {
                 ledger: &ledger,
                 actions: &actions,
                 batch: run_start(),
+                batch_dir,
                 values: run.values.display().to_string(),
             };
             write_all(run, maker, &work)
@@ -824,9 +831,71 @@ fn produce(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The batch folder as the ledger records it: the out dir (which exists), absolute and
+/// canonical.
+fn batch_dir(out_dir: &Path) -> CliResult<PathBuf> {
+    let dir = std::fs::canonicalize(out_dir).map_err(|e| {
+        CliError(format!(
+            "cannot resolve out-dir `{}`: {e}",
+            out_dir.display()
+        ))
+    })?;
+    if dir.to_str().is_none() {
+        return Err(CliError(format!(
+            "out-dir `{}` is not valid UTF-8, and the ledger records batch folders as text: use \
+             another folder",
+            dir.display()
+        )));
+    }
+    Ok(dir)
+}
+
+/// Refuses a ledger that cannot be made where it was chosen, and a batch whose out dir has a
+/// ledger of its own (as older versions kept one per out dir) that this run would not check.
+fn check_ledger_place(run: &Run) -> CliResult {
+    let folder = match run.ledger.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() => folder,
+        _ => Path::new("."),
+    };
+    // The out dir is made by the run.
+    if !folder.is_dir() && !same_file(folder, &run.out_dir) {
+        return Err(CliError(format!(
+            "the ledger `{}` ({}) cannot be made: its folder `{}` does not exist; create it, or \
+             name the ledger with --ledger PATH or {} (nothing was written)",
+            run.ledger.display(),
+            run.ledger_from,
+            folder.display(),
+            product::LEDGER_ENV
+        )));
+    }
+    let own = run.out_dir.join(CONFIG_LEDGER);
+    if !own.is_file() || same_file(&own, &run.ledger) {
+        return Ok(());
+    }
+    if run.ledger_flag {
+        eprintln!(
+            "warning: `{}` is another ledger (an out dir's own, as older versions kept them); \
+             its devices are not checked by this run, which records into `{}` (--ledger)",
+            own.display(),
+            run.ledger.display()
+        );
+        return Ok(());
+    }
+    Err(CliError(format!(
+        "`{}` is this out dir's own ledger (older versions kept one per out dir), but this run \
+         records into the product's ledger `{}` ({}), which does not check the ids it holds; \
+         pass --ledger {} to go on with it (nothing was written)",
+        own.display(),
+        run.ledger.display(),
+        run.ledger_from,
+        own.display()
+    )))
+}
+
 /// Passes 2 and 3: builds every device in memory, a chunk at a time in parallel, and decides
 /// what to do with it. A device that does not build is refused before any device that the run
-/// may not write (in values order within each kind).
+/// may not write (in values order within each kind), and those before the ids the ledger has
+/// issued before (all named together).
 fn check_all(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<Vec<Action>> {
     let mut values = Values::open(&run.values)?;
     let existing_ledger = SqliteLedger::open_existing(&run.ledger)?;
@@ -841,6 +910,7 @@ fn check_all(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<Vec<Action
         ledger: existing_ledger,
         hash,
         on_disk,
+        batch_dir: std::fs::canonicalize(&run.out_dir).ok(),
     };
     let bar = device_bar(count, "checking");
     let mut checked_rows = false;
@@ -850,6 +920,7 @@ fn check_all(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<Vec<Action
     let mut next: Vec<DeviceRow> = Vec::with_capacity(CHUNK);
     let mut actions = Vec::with_capacity(count);
     let mut refused: Option<CliError> = None;
+    let mut reissues = Reissues::default();
     let mut done = 0;
     let mut n = CHUNK.min(count);
     next_chunk(run, &mut values, n, &mut chunk)?;
@@ -865,7 +936,8 @@ fn check_all(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<Vec<Action
         );
         for result in results {
             match result? {
-                Some(Ok(action)) if refused.is_none() => actions.push(action),
+                Some(Ok(Verdict::Do(action))) if refused.is_none() => actions.push(action),
+                Some(Ok(Verdict::Issued(reissue))) if refused.is_none() => reissues.add(*reissue),
                 Some(Err(e)) if refused.is_none() => refused = Some(e),
                 _ => {}
             }
@@ -879,7 +951,71 @@ fn check_all(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<Vec<Action
     bar.finish_and_clear();
     match refused {
         Some(e) => Err(e),
+        None if reissues.count > 0 => Err(reissues.error(run)),
         None => Ok(actions),
+    }
+}
+
+/// What the checking pass decided for a device.
+enum Verdict {
+    Do(Action),
+    /// Refused: the ledger has the id issued before (without --allow-reissue).
+    Issued(Box<Reissue>),
+}
+
+/// A device whose id the ledger has issued before.
+struct Reissue {
+    line: usize,
+    device: String,
+    issued: Issued,
+}
+
+/// The devices of the run that the ledger has issued before: the first few, and how many.
+#[derive(Default)]
+struct Reissues {
+    shown: Vec<Reissue>,
+    count: usize,
+}
+
+impl Reissues {
+    const SHOWN: usize = 10;
+
+    fn add(&mut self, reissue: Reissue) {
+        self.count += 1;
+        if self.shown.len() < Self::SHOWN {
+            self.shown.push(reissue);
+        }
+    }
+
+    fn error(&self, run: &Run) -> CliError {
+        let mut text = format!(
+            "{} device id(s) of `{}` were already issued according to the product's ledger \
+             `{}` ({}); an id is never issued twice:",
+            self.count,
+            run.values.display(),
+            run.ledger.display(),
+            run.ledger_from
+        );
+        for r in &self.shown {
+            text.push_str(&format!(
+                "\n  {}: device `{}` was already issued at {} into `{}` ({}:{}, image {})",
+                run.at(r.line),
+                r.device,
+                r.issued.issued_at,
+                r.issued.batch_dir.display(),
+                r.issued.values,
+                r.issued.line,
+                r.issued.image
+            ));
+        }
+        if self.count > self.shown.len() {
+            text.push_str(&format!("\n  … and {} more", self.count - self.shown.len()));
+        }
+        text.push_str(
+            "\ngive these devices new ids, or pass --allow-reissue to issue them again \
+             (nothing was written)",
+        );
+        CliError(text)
     }
 }
 
@@ -893,6 +1029,8 @@ struct Checking<'a> {
     hash: bool,
     /// The folder of images or keys exists (else no device has files yet).
     on_disk: bool,
+    /// The out dir as the ledger records batch folders, if it exists.
+    batch_dir: Option<PathBuf>,
 }
 
 /// Builds the devices of a chunk (from device `first`) in parallel, and with `deciding`, decides
@@ -902,7 +1040,7 @@ fn check_chunk(
     chunk: &[DeviceRow],
     first: usize,
     deciding: bool,
-) -> Vec<CliResult<Option<CliResult<Action>>>> {
+) -> Vec<CliResult<Option<CliResult<Verdict>>>> {
     let (run, maker, hash, on_disk) = (
         checking.run,
         checking.maker,
@@ -932,6 +1070,7 @@ fn check_chunk(
                 expected.as_deref(),
                 issued,
                 on_disk,
+                checking.batch_dir.as_deref(),
             )))
         })
         .collect()
@@ -943,6 +1082,8 @@ struct Work<'a> {
     actions: &'a [Action],
     /// The run's start, as sortable text: orders the devices of the ledger by run, then line.
     batch: String,
+    /// The out dir, as the ledger records it.
+    batch_dir: PathBuf,
     /// The values file, as the ledger records it.
     values: String,
 }
@@ -1142,6 +1283,7 @@ impl Recorder<'_> {
                     values: work.values.clone(),
                     line: device.line,
                     batch: work.batch.clone(),
+                    batch_dir: work.batch_dir.clone(),
                     issued_at: String::new(),
                 }),
                 Ok(None) => {}
@@ -1311,7 +1453,9 @@ impl Manifests {
         })?;
         let mut manifest = maker.manifest_fields();
         manifest.insert("values".into(), run.values.display().to_string().into());
-        manifest.insert("ledger".into(), run.ledger.display().to_string().into());
+        // Absolute: `mfg flash --out-dir` finds the ledger through it from anywhere.
+        let ledger = std::fs::canonicalize(&run.ledger).unwrap_or_else(|_| run.ledger.clone());
+        manifest.insert("ledger".into(), ledger.display().to_string().into());
         if maker.labels().is_some() {
             let shared: Vec<serde_json::Value> = maker
                 .shared()
@@ -1535,7 +1679,8 @@ fn sha_of_file(path: &Path) -> CliResult<String> {
     Ok(sha_hex(&bytes))
 }
 
-/// Refuses what the run may not do to `device`, else says what it does.
+/// Refuses what the run may not do to `device`, else says what it does. `batch_dir` is the out
+/// dir as the ledger records it (if it exists).
 fn decide(
     run: &Run,
     maker: &dyn Maker,
@@ -1543,10 +1688,11 @@ fn decide(
     expected: Option<&[String]>,
     issued: Option<Issued>,
     on_disk: bool,
-) -> CliResult<Action> {
+    batch_dir: Option<&Path>,
+) -> CliResult<Verdict> {
     if !on_disk && issued.is_none() {
         // Nothing of it exists, and it was never issued (the common case: checked cheaply).
-        return Ok(Action::Build);
+        return Ok(Verdict::Do(Action::Build));
     }
     let at = run.at(device.line);
     let bins: Vec<PathBuf> = device
@@ -1568,6 +1714,7 @@ fn decide(
     if run.resume {
         if let Some(issued) = &issued
             && on_disk
+            && batch_dir == Some(issued.batch_dir.as_path())
             && bins.iter().all(|bin| bin.exists())
             && issued.image == image_rel(device.name())
             && key_files.iter().all(|key| key.exists())
@@ -1593,7 +1740,7 @@ fn decide(
                         }
                     }
                 }
-                return Ok(Action::Keep);
+                return Ok(Verdict::Do(Action::Keep));
             }
         }
     } else if let Some(existing) = existing {
@@ -1607,22 +1754,17 @@ fn decide(
     if let Some(issued) = issued
         && !run.allow_reissue
     {
-        return Err(CliError(format!(
-            "{at}: device `{}` was already issued at {} ({}:{}, image {}) according to the \
-             ledger `{}`; pass --allow-reissue to issue it again (nothing was written)",
-            device.ledger_id,
-            issued.issued_at,
-            issued.values,
-            issued.line,
-            issued.image,
-            run.ledger.display()
-        )));
+        return Ok(Verdict::Issued(Box::new(Reissue {
+            line: device.line,
+            device: device.ledger_id.clone(),
+            issued,
+        })));
     }
-    Ok(if existing.is_some() {
+    Ok(Verdict::Do(if existing.is_some() {
         Action::Replace
     } else {
         Action::Build
-    })
+    }))
 }
 
 fn bin_path(out_dir: &Path, name: &str) -> PathBuf {

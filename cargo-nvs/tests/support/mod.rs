@@ -5,8 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 pub mod fake_esp;
 
+/// The binary, without the caller's `NVS_LEDGER` (which would name the ledger of every `mfg`
+/// run): tests that want one set it.
 pub fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_cargo-nvs"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cargo-nvs"));
+    command.env_remove("NVS_LEDGER");
+    command
 }
 
 pub fn vectors() -> PathBuf {

@@ -317,7 +317,11 @@ fn run_ours(
         .arg(config)
         .arg(values)
         .args([PREFIX, &size, "--fileid", FILEID, "--out-dir"])
-        .arg(&out_dir);
+        .arg(&out_dir)
+        // Every run issues the same ids: each gets a fresh ledger of its own, in its out dir
+        // (never the product default beside the config, nor $NVS_LEDGER's).
+        .arg("--ledger")
+        .arg(out_dir.join("ledger.sqlite"));
     if keygen {
         command.arg("--keygen");
     }

@@ -20,6 +20,7 @@ use nvs_build::metadata::{Metadata, PartitionSpec, TableSource, ValueSource};
 use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
 
 use super::input::{DeviceRow, Values};
+use super::product::{Scope, choose_ledger};
 use super::{Built, Device, Ids, Maker, MfgGenerateArgs, Run, SharedImage, produce};
 use crate::{CliError, CliResult};
 
@@ -54,8 +55,13 @@ pub(super) fn generate(args: &MfgGenerateArgs) -> CliResult<ExitCode> {
                 .into(),
         ));
     };
-    let run = Run::new(args, values_path);
     let project = args.package.find()?;
+    // The product's ledger: [package.metadata.nvs.mfg] ledger, else beside Cargo.toml.
+    let ledger = choose_ledger(
+        args.ledger.as_deref(),
+        Scope::Package(&project.manifest_path),
+    )?;
+    let run = Run::new(args, values_path, ledger);
     let metadata = project.nvs_metadata()?;
     if metadata.table_source == TableSource::BuiltInDefault {
         eprintln!(

@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 
 use super::hex;
 use super::ledger::{FlashRecord, Issued, Ledger, SqliteLedger};
+use super::product::{ChosenLedger, LEDGER_ENV, Scope, choose_ledger};
 use crate::flashing::{After, Before, ConnectArgs, connect};
 use crate::project::PackageArgs;
 use crate::size::parse_size;
@@ -26,6 +27,11 @@ use crate::{CliError, CliResult};
 /// into its partition. Each device is claimed in the ledger first, so runs sharing the ledger
 /// never take the same one.
 ///
+/// The ledger is the product's (--ledger, $NVS_LEDGER, the one --out-dir's manifest.json names,
+/// or the Cargo package's). Each device's images are read from the batch folder it was issued
+/// into; --out-dir flashes only that batch's devices, without it every batch whose folder is
+/// on disk takes part.
+///
 /// A device id is never put on a second chip, nor a second id on a chip already logged, unless
 /// --force. A failed flash is logged as `failed: …` and leaves the device unflashed; the exit
 /// code is then non-zero. A device made with --keygen also gets its key file written to the
@@ -33,10 +39,13 @@ use crate::{CliError, CliResult};
 /// (its chip derives the key from the HMAC key in its eFuse, which is named instead).
 #[derive(clap::Args)]
 pub struct MfgFlashArgs {
-    /// The `mfg generate` output folder (images and ledger) [default: the current directory].
+    /// Flash only the devices of this batch (an `mfg generate` out dir); its manifest.json names
+    /// the ledger [default: the devices of every batch in the ledger whose folder exists].
     #[arg(long = "out-dir", aliases = ["outdir", "out_dir"], value_name = "DIR")]
     out_dir: Option<PathBuf>,
-    /// The ledger [default: <out-dir>/ledger.sqlite].
+    /// The product's ledger [default: $NVS_LEDGER; else the one <out-dir>/manifest.json names;
+    /// else the Cargo package's: [package.metadata.nvs.mfg] ledger, or nvs-ledger.sqlite beside
+    /// Cargo.toml].
     #[arg(long, value_name = "PATH")]
     ledger: Option<PathBuf>,
     /// Flash this device (its id in the ledger: the --fileid value, or the image name for
@@ -92,18 +101,23 @@ fn parse_chip(text: &str) -> Result<Chip, String> {
         .map_err(|_| format!("unknown chip `{text}` (esp32, esp32c2, esp32c3, esp32c6, …)"))
 }
 
-/// Export the production log (every flash: MAC, device, SHA-256, time, result, port).
+/// Export the production log of the product's ledger (every flash of every batch: MAC,
+/// device, SHA-256, time, result, port).
 #[derive(clap::Args)]
 pub struct MfgLogArgs {
-    /// The `mfg generate` output folder [default: the current directory].
+    /// An `mfg generate` out dir whose manifest.json names the ledger.
     #[arg(long = "out-dir", aliases = ["outdir", "out_dir"], value_name = "DIR")]
     out_dir: Option<PathBuf>,
-    /// The ledger [default: <out-dir>/ledger.sqlite].
+    /// The product's ledger [default: $NVS_LEDGER; else the one <out-dir>/manifest.json names;
+    /// else the Cargo package's: [package.metadata.nvs.mfg] ledger, or nvs-ledger.sqlite beside
+    /// Cargo.toml].
     #[arg(long, value_name = "PATH")]
     ledger: Option<PathBuf>,
     /// Output format (to stdout).
     #[arg(long, value_enum, default_value_t = LogFormat::Csv)]
     format: LogFormat,
+    #[command(flatten)]
+    package: PackageArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -112,21 +126,30 @@ enum LogFormat {
     Json,
 }
 
-fn open_ledger(out_dir: &Option<PathBuf>, ledger: &Option<PathBuf>) -> CliResult<SqliteLedger> {
-    let out_dir = out_dir.clone().unwrap_or_else(|| PathBuf::from("."));
-    let path = ledger
-        .clone()
-        .unwrap_or_else(|| out_dir.join("ledger.sqlite"));
-    SqliteLedger::open_existing(&path)?.ok_or_else(|| {
-        CliError(format!(
-            "no ledger at `{}`: run `cargo nvs mfg generate` first (or give --ledger / --out-dir)",
-            path.display()
-        ))
-    })
+/// The product's ledger, which must exist, and how it was chosen.
+fn open_ledger(
+    out_dir: Option<&Path>,
+    ledger: Option<&Path>,
+    package: &PackageArgs,
+) -> CliResult<(SqliteLedger, ChosenLedger)> {
+    let chosen = choose_ledger(ledger, Scope::Batch { out_dir, package })?;
+    match SqliteLedger::open_existing(&chosen.path)? {
+        Some(ledger) => Ok((ledger, chosen)),
+        None => Err(CliError(format!(
+            "no ledger at `{}` ({}): run `cargo nvs mfg generate` first, or name the ledger with \
+             --ledger PATH or {LEDGER_ENV}",
+            chosen.path.display(),
+            chosen.from
+        ))),
+    }
 }
 
 pub fn log(args: MfgLogArgs) -> CliResult<ExitCode> {
-    let ledger = open_ledger(&args.out_dir, &args.ledger)?;
+    let (ledger, _) = open_ledger(
+        args.out_dir.as_deref(),
+        args.ledger.as_deref(),
+        &args.package,
+    )?;
     let mut out = std::io::stdout().lock();
     match args.format {
         LogFormat::Csv => ledger.export_log_csv(&mut out)?,
@@ -248,9 +271,10 @@ fn nvs_keys_of(table: &PartitionTable) -> Option<(u32, u32)> {
         .map(|p| (p.offset, p.size))
 }
 
-/// Reads a device's image and checks it is the one the ledger recorded.
-fn read_image(out_dir: &Path, image: &str, sha256: &str) -> CliResult<Vec<u8>> {
-    let path = out_dir.join(image);
+/// Reads a device's image (relative to its batch folder) and checks it is the one the ledger
+/// recorded.
+fn read_image(batch_dir: &Path, image: &str, sha256: &str) -> CliResult<Vec<u8>> {
+    let path = batch_dir.join(image);
     let data = std::fs::read(&path)
         .map_err(|e| CliError(format!("cannot read `{}`: {e}", path.display())))?;
     let actual = hex(&Sha256::digest(&data));
@@ -264,13 +288,10 @@ fn read_image(out_dir: &Path, image: &str, sha256: &str) -> CliResult<Vec<u8>> {
     Ok(data)
 }
 
-/// The device's images, each padded with 0xFF over the partition it goes to: (offset, bytes,
-/// partition).
-fn image_segments(
-    target: &Target,
-    out_dir: &Path,
-    device: &Issued,
-) -> CliResult<Vec<(u32, Vec<u8>, String)>> {
+/// The device's images (from its batch folder), each padded with 0xFF over the partition it
+/// goes to: (offset, bytes, partition).
+fn image_segments(target: &Target, device: &Issued) -> CliResult<Vec<(u32, Vec<u8>, String)>> {
+    let out_dir = device.batch_dir.as_path();
     let pad = |mut data: Vec<u8>, size: u32, image: &str| {
         if data.len() > size as usize {
             return Err(CliError(format!(
@@ -348,10 +369,60 @@ fn image_segments(
     Ok(segments)
 }
 
+/// The batch folders whose devices this run may flash: --out-dir's, else every batch folder of
+/// the ledger that is on disk.
+fn batches(
+    out_dir: Option<&Path>,
+    ledger: &dyn Ledger,
+    chosen: &ChosenLedger,
+) -> CliResult<Vec<PathBuf>> {
+    let known = ledger.batch_dirs()?;
+    if let Some(dir) = out_dir {
+        let dir = std::fs::canonicalize(dir).map_err(|e| {
+            CliError(format!(
+                "--out-dir `{}`: {e} (give the folder of an `mfg generate` batch)",
+                dir.display()
+            ))
+        })?;
+        if !known.contains(&dir) {
+            return Err(CliError(format!(
+                "the ledger `{}` ({}) has no devices issued into `{}`; give the ledger the \
+                 batch was made with (--ledger PATH, or {LEDGER_ENV})",
+                chosen.path.display(),
+                chosen.from,
+                dir.display()
+            )));
+        }
+        return Ok(vec![dir]);
+    }
+    let (present, missing): (Vec<PathBuf>, Vec<PathBuf>) =
+        known.into_iter().partition(|dir| dir.is_dir());
+    for dir in &missing {
+        eprintln!(
+            "note: the batch folder `{}` is missing: its devices are skipped",
+            dir.display()
+        );
+    }
+    if present.is_empty() {
+        return Err(CliError(if missing.is_empty() {
+            "the ledger has no devices: generate them with `cargo nvs mfg generate`".into()
+        } else {
+            "none of the ledger's batch folders is on disk (see above): give --out-dir with a \
+             batch's folder where it is now"
+                .into()
+        }));
+    }
+    Ok(present)
+}
+
 pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
     let target = target(&args)?;
-    let ledger = open_ledger(&args.out_dir, &args.ledger)?;
-    let out_dir = args.out_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    let (ledger, chosen) = open_ledger(
+        args.out_dir.as_deref(),
+        args.ledger.as_deref(),
+        &args.package,
+    )?;
+    let batches = batches(args.out_dir.as_deref(), &ledger, &chosen)?;
     let ports: Vec<Option<String>> = if args.ports.is_empty() {
         vec![None]
     } else {
@@ -378,6 +449,20 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
                 "device `{id}` is not in the ledger (it was never issued)"
             ))
         })?;
+        if args.out_dir.is_some() && !batches.contains(&entry.batch_dir) {
+            return Err(CliError(format!(
+                "device `{id}` was issued into the batch `{}`, not `{}`; not flashed (drop \
+                 --out-dir, or give that batch's)",
+                entry.batch_dir.display(),
+                batches[0].display()
+            )));
+        }
+        if !entry.batch_dir.is_dir() {
+            return Err(CliError(format!(
+                "device `{id}` was issued into the batch `{}`, which is missing; not flashed",
+                entry.batch_dir.display()
+            )));
+        }
         if let Err(held) = ledger.claim(id, &claimants[0])? {
             if !args.force {
                 return Err(CliError(format!(
@@ -389,7 +474,7 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
         chosen.push(entry);
     } else {
         for claimant in &claimants {
-            match ledger.claim_next(claimant) {
+            match ledger.claim_next(claimant, &batches) {
                 Ok(Some(entry)) => chosen.push(entry),
                 Ok(None) => break,
                 Err(e) => {
@@ -402,11 +487,14 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
             }
         }
         if chosen.is_empty() {
-            return Err(CliError(
-                "every device in the ledger is flashed already; generate more with `cargo nvs \
-                 mfg generate`"
-                    .into(),
-            ));
+            return Err(CliError(format!(
+                "every device of {} is flashed already (or taken by another station); generate \
+                 more with `cargo nvs mfg generate`",
+                match (&args.out_dir, batches.as_slice()) {
+                    (Some(_), [dir]) => format!("the batch `{}`", dir.display()),
+                    _ => "the ledger's batches".into(),
+                }
+            )));
         }
         if chosen.len() < ports.len() {
             eprintln!(
@@ -423,7 +511,7 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
             .iter()
             .zip(&claimants)
             .map(|((port, device), claimant)| {
-                let (args, target, ledger, out_dir) = (&args, &target, &ledger, &out_dir);
+                let (args, target, ledger) = (&args, &target, &ledger);
                 scope.spawn(move || {
                     let mut claim = Claim {
                         ledger,
@@ -431,7 +519,7 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
                         claimant,
                         keep: false,
                     };
-                    flash_device(args, target, out_dir, port, device, &mut claim)
+                    flash_device(args, target, port, device, &mut claim)
                 })
             })
             .collect();
@@ -498,22 +586,23 @@ fn station(port: Option<&str>) -> String {
     }
 }
 
-/// Flashes one device through one port and logs it.
+/// Flashes one device through one port and logs it. Its images and key files are in its batch
+/// folder (`device.batch_dir`).
 fn flash_device(
     args: &MfgFlashArgs,
     target: &Target,
-    out_dir: &Path,
     port: &Option<String>,
     device: &Issued,
     claim: &mut Claim<'_>,
 ) -> CliResult<()> {
     let ledger = claim.ledger;
+    let out_dir = device.batch_dir.as_path();
     let label = format!(
         "[{}] {}",
         port.as_deref().unwrap_or("default port"),
         device.device
     );
-    let mut segments = image_segments(target, out_dir, device)?;
+    let mut segments = image_segments(target, device)?;
     if let Some(hmac_key) = &device.hmac_key_file {
         // HMAC key protection: the chip derives the key from its eFuse; nvs_keys stays unused.
         let in_out_dir = out_dir.join(hmac_key);

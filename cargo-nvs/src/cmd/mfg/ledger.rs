@@ -2,8 +2,10 @@
 //! (with their image's SHA-256), and which were flashed onto which chip (by MAC).
 //!
 //! Behind the [`Ledger`] trait so that a shared server database could later serve several
-//! stations; [`SqliteLedger`] keeps both in one SQLite file (default `<out-dir>/ledger.sqlite`).
-//! Every flash record is one transaction; issued devices are recorded a batch per transaction.
+//! stations; [`SqliteLedger`] keeps both in one SQLite file. There is one ledger per product,
+//! shared by all its batches (where it is: `product.rs`); each device records the folder of the
+//! batch it was issued into, where its images are.
+//! Every flash record is one transaction; issued devices are recorded a chunk per transaction.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -18,16 +20,16 @@ use crate::{CliError, CliResult};
 pub struct Issued {
     /// The device id: the `--fileid` value, or `<image name>` for row-numbered batches.
     pub device: String,
-    /// The image, relative to the out dir (`bin/NAME.bin`).
+    /// The image, relative to the batch folder (`bin/NAME.bin`).
     pub image: String,
     pub sha256: String,
     /// The device's other images with their SHA-256, in order (Cargo mode with several
     /// per-device partitions).
     pub more_images: Vec<(String, String)>,
-    /// The key file, relative to the out dir, for `--keygen` batches.
+    /// The key file, relative to the batch folder, for `--keygen` batches.
     pub key_file: Option<String>,
     /// For the HMAC key protection scheme: the HMAC key the device's key derives from (its own
-    /// file relative to the out dir, or the one file every device shares). It goes into the
+    /// file relative to the batch folder, or the one file every device shares). It goes into the
     /// chip's eFuse, so the derived key file is not flashed.
     pub hmac_key_file: Option<String>,
     /// The partition size the image was made for.
@@ -37,6 +39,10 @@ pub struct Issued {
     pub line: usize,
     /// Orders devices for `mfg flash --next`: the run's start (sortable text), then `line`.
     pub batch: String,
+    /// The batch folder (the `mfg generate` out dir, absolute and canonical) that holds the
+    /// device's images and key files. Devices of ledgers before schema 3 have the ledger's own
+    /// folder (then every batch had its own ledger in its out dir).
+    pub batch_dir: PathBuf,
     /// Set by the ledger (UTC, ISO 8601).
     pub issued_at: String,
 }
@@ -81,11 +87,14 @@ pub trait Ledger: Send + Sync {
     /// Every issued device, oldest first.
     #[cfg(test)]
     fn devices(&self) -> CliResult<Vec<Issued>>;
-    /// Claims the oldest issued device that has no successful flash and no live claim of
-    /// another claimant, for `claimant`, in one transaction: stations sharing the ledger never
-    /// get the same device, and a station's rerun takes back its own claims.
-    /// A claim older than [`CLAIM_LIFETIME`] is stale (its station died) and is taken over.
-    fn claim_next(&self, claimant: &str) -> CliResult<Option<Issued>>;
+    /// Every batch folder devices were issued into, in the order they were first used.
+    fn batch_dirs(&self) -> CliResult<Vec<PathBuf>>;
+    /// Claims the oldest issued device of the batches in `batch_dirs` that has no successful
+    /// flash and no live claim of another claimant, for `claimant`, in one transaction:
+    /// stations sharing the ledger never get the same device, and a station's rerun takes back
+    /// its own claims. A claim older than [`CLAIM_LIFETIME`] is stale (its station died) and is
+    /// taken over.
+    fn claim_next(&self, claimant: &str, batch_dirs: &[PathBuf]) -> CliResult<Option<Issued>>;
     /// Claims the named device; `Err` names the station that holds a live claim on it.
     fn claim(&self, device: &str, claimant: &str) -> CliResult<Result<(), String>>;
     /// Gives up `claimant`'s claim on the device (when it was not flashed after all).
@@ -97,9 +106,11 @@ pub trait Ledger: Send + Sync {
     fn flash_conflict(&self, mac: &str, device: &str) -> CliResult<Option<String>>;
     /// The production log, oldest first.
     fn flash_log(&self) -> CliResult<Vec<FlashRecord>>;
-    /// The device whose recorded image (any of its images) has this SHA-256 (lower-case hex).
+    /// The device whose recorded image (its first, or any other) has this SHA-256 (lower-case
+    /// hex), if any.
     fn device_with_sha256(&self, sha256: &str) -> CliResult<Option<String>>;
-    /// The device of the latest successful flash onto the chip with this MAC.
+    /// The device of the latest successful flash onto the chip with this MAC (as espflash
+    /// prints it, as the production log records it), if any.
     fn device_on_mac(&self, mac: &str) -> CliResult<Option<String>>;
     /// The production log as CSV: `mac,device,sha256,time,result,port`.
     fn export_log_csv(&self, out: &mut dyn std::io::Write) -> CliResult<()> {
@@ -120,9 +131,10 @@ pub struct SqliteLedger {
     claim_lifetime: Duration,
 }
 
-/// Bumped when the tables change; a ledger of a newer version is refused. 2: device_images,
-/// claims and devices.hmac_key_file (schema 1 ledgers are upgraded when opened).
-const SCHEMA_VERSION: i64 = 2;
+/// Bumped when the tables change; a ledger of a newer version is refused, older ones are
+/// upgraded in place when opened. 2: device_images, claims and devices.hmac_key_file.
+/// 3: batches and devices.batch_dir (the ledger is one per product, no longer one per out dir).
+const SCHEMA_VERSION: i64 = 3;
 
 /// How long a claim on a device holds: longer than any flash takes, so that a claim older than
 /// this belongs to a station that died.
@@ -140,7 +152,12 @@ CREATE TABLE IF NOT EXISTS devices (
     line      INTEGER NOT NULL,
     batch     TEXT NOT NULL,
     issued_at TEXT NOT NULL,
-    issues    INTEGER NOT NULL DEFAULT 1
+    issues    INTEGER NOT NULL DEFAULT 1,
+    batch_dir TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS batches (
+    dir        TEXT PRIMARY KEY NOT NULL,
+    first_used TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS device_images (
     device TEXT NOT NULL,
@@ -190,7 +207,7 @@ impl SqliteLedger {
         let fail = |e: rusqlite::Error| {
             CliError(format!("cannot open the ledger `{}`: {e}", path.display()))
         };
-        let connection = Connection::open_with_flags(path, flags).map_err(fail)?;
+        let mut connection = Connection::open_with_flags(path, flags).map_err(fail)?;
         connection
             .busy_timeout(Duration::from_secs(30))
             .map_err(fail)?;
@@ -211,20 +228,20 @@ impl SqliteLedger {
                 path.display()
             )));
         }
-        connection.execute_batch(SCHEMA).map_err(fail)?;
-        // Schema 1 ledgers lack the column; the tables schema 2 added are created above.
-        let has_hmac_column = connection
-            .prepare("SELECT 1 FROM pragma_table_info('devices') WHERE name = 'hmac_key_file'")
-            .and_then(|mut s| s.exists([]))
-            .map_err(fail)?;
-        if !has_hmac_column {
-            connection
-                .execute_batch("ALTER TABLE devices ADD COLUMN hmac_key_file TEXT")
+        if version < SCHEMA_VERSION {
+            // One transaction that takes the write lock first: several processes opening an
+            // old ledger at once upgrade it once.
+            let tx = connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(fail)?;
+            let version: i64 = tx
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .map_err(fail)?;
+            if version < SCHEMA_VERSION {
+                upgrade(&tx, &ledger_folder(path)).map_err(fail)?;
+            }
+            tx.commit().map_err(fail)?;
         }
-        connection
-            .pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(fail)?;
         Ok(SqliteLedger {
             path: path.to_owned(),
             connection: Mutex::new(connection),
@@ -253,6 +270,48 @@ impl SqliteLedger {
     }
 }
 
+/// Creates the tables, or brings those of an older schema up to date (in `tx`, whose caller
+/// commits): devices of a schema 1 or 2 ledger were issued into the ledger's own folder, as
+/// every out dir then had its own ledger.
+fn upgrade(tx: &Connection, ledger_folder: &str) -> rusqlite::Result<()> {
+    tx.execute_batch(SCHEMA)?;
+    let has_column = |name: &str| {
+        tx.prepare("SELECT 1 FROM pragma_table_info('devices') WHERE name = ?1")
+            .and_then(|mut s| s.exists([name]))
+    };
+    // Schema 1 lacks it; the tables schema 2 added are created above.
+    if !has_column("hmac_key_file")? {
+        tx.execute_batch("ALTER TABLE devices ADD COLUMN hmac_key_file TEXT")?;
+    }
+    if !has_column("batch_dir")? {
+        tx.execute_batch("ALTER TABLE devices ADD COLUMN batch_dir TEXT NOT NULL DEFAULT ''")?;
+    }
+    let moved = tx.execute(
+        "UPDATE devices SET batch_dir = ?1 WHERE batch_dir = ''",
+        [ledger_folder],
+    )?;
+    if moved > 0 {
+        tx.execute(
+            &format!("INSERT OR IGNORE INTO batches (dir, first_used) VALUES (?1, {NOW})"),
+            [ledger_folder],
+        )?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+}
+
+/// The folder the ledger file is in, absolute and canonical where it can be.
+fn ledger_folder(path: &Path) -> String {
+    let folder = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    std::fs::canonicalize(folder)
+        .or_else(|_| std::path::absolute(folder))
+        .unwrap_or_else(|_| folder.to_owned())
+        .to_string_lossy()
+        .into_owned()
+}
+
 fn issued_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Issued> {
     Ok(Issued {
         device: row.get(0)?,
@@ -266,6 +325,7 @@ fn issued_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Issued> {
         line: row.get::<_, i64>(6)? as usize,
         batch: row.get(7)?,
         issued_at: row.get(8)?,
+        batch_dir: PathBuf::from(row.get::<_, String>(10)?),
     })
 }
 
@@ -287,8 +347,8 @@ fn more_images(c: &Connection, device: &str) -> rusqlite::Result<Vec<(String, St
         .collect()
 }
 
-const DEVICE_COLUMNS: &str =
-    "device, image, sha256, key_file, size, values_file, line, batch, issued_at, hmac_key_file";
+const DEVICE_COLUMNS: &str = "device, image, sha256, key_file, size, values_file, line, batch, \
+     issued_at, hmac_key_file, batch_dir";
 
 fn flash_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<FlashRecord> {
     Ok(FlashRecord {
@@ -337,17 +397,22 @@ impl Ledger for SqliteLedger {
                        hmac_key_file = excluded.hmac_key_file,
                        size = excluded.size, values_file = excluded.values_file,
                        line = excluded.line, batch = excluded.batch,
-                       issued_at = excluded.issued_at,
+                       issued_at = excluded.issued_at, batch_dir = excluded.batch_dir,
                        issues = issues + 1"
                 } else {
                     "DO NOTHING"
                 };
                 let mut insert = tx.prepare_cached(&format!(
-                    "INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                    "INSERT INTO devices ({DEVICE_COLUMNS})
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                      ON CONFLICT (device) {on_conflict}"
                 ))?;
-                let mut earlier_of =
-                    tx.prepare_cached("SELECT issued_at FROM devices WHERE device = ?1")?;
+                let mut earlier_of = tx
+                    .prepare_cached("SELECT issued_at, batch_dir FROM devices WHERE device = ?1")?;
+                let mut add_batch = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO batches (dir, first_used) VALUES (?1, ?2)",
+                )?;
+                let mut last_batch: Option<&Path> = None;
                 let mut forget_images =
                     tx.prepare_cached("DELETE FROM device_images WHERE device = ?1")?;
                 let mut add_image = tx.prepare_cached(
@@ -355,6 +420,11 @@ impl Ledger for SqliteLedger {
                      VALUES (?1, ?2, ?3, ?4)",
                 )?;
                 for entry in entries {
+                    let batch_dir = entry.batch_dir.to_string_lossy();
+                    if last_batch != Some(entry.batch_dir.as_path()) {
+                        add_batch.execute(params![batch_dir, now])?;
+                        last_batch = Some(&entry.batch_dir);
+                    }
                     let changed = insert.execute(params![
                         entry.device,
                         entry.image,
@@ -365,10 +435,12 @@ impl Ledger for SqliteLedger {
                         entry.line as i64,
                         entry.batch,
                         now,
-                        entry.hmac_key_file
+                        entry.hmac_key_file,
+                        batch_dir
                     ])?;
                     if changed == 0 {
-                        let earlier: String = earlier_of.query_row([&entry.device], |r| r.get(0))?;
+                        let earlier: (String, String) = earlier_of
+                            .query_row([&entry.device], |r| Ok((r.get(0)?, r.get(1)?)))?;
                         outcomes.push(Err(earlier));
                         continue;
                     }
@@ -389,10 +461,10 @@ impl Ledger for SqliteLedger {
             .iter()
             .zip(outcomes)
             .map(|(entry, outcome)| {
-                outcome.map_err(|when| {
+                outcome.map_err(|(when, batch_dir)| {
                     format!(
-                        "device `{}` was already issued at {when} (ledger `{}`); pass \
-                         --allow-reissue to issue it again",
+                        "device `{}` was already issued at {when} into `{batch_dir}` (ledger \
+                         `{}`); pass --allow-reissue to issue it again",
                         entry.device,
                         self.path.display()
                     )
@@ -411,8 +483,19 @@ impl Ledger for SqliteLedger {
         })
     }
 
-    fn claim_next(&self, claimant: &str) -> CliResult<Option<Issued>> {
+    fn batch_dirs(&self) -> CliResult<Vec<PathBuf>> {
+        self.with(|c| {
+            c.prepare("SELECT dir FROM batches ORDER BY first_used, dir")?
+                .query_map([], |r| Ok(PathBuf::from(r.get::<_, String>(0)?)))?
+                .collect()
+        })
+    }
+
+    fn claim_next(&self, claimant: &str, batch_dirs: &[PathBuf]) -> CliResult<Option<Issued>> {
         let live_claim = self.live_claim();
+        let dirs: Vec<std::borrow::Cow<'_, str>> =
+            batch_dirs.iter().map(|d| d.to_string_lossy()).collect();
+        let dirs = serde_json::to_string(&dirs)?;
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut next = tx
@@ -422,9 +505,10 @@ impl Ledger for SqliteLedger {
                      AND NOT EXISTS
                        (SELECT 1 FROM claims c WHERE c.device = d.device AND c.claimant <> ?1
                           AND {live_claim})
+                     AND d.batch_dir IN (SELECT value FROM json_each(?2))
                      ORDER BY batch, values_file, line LIMIT 1"
                 ))?
-                .query_row([claimant], issued_from_row)
+                .query_row([claimant, dirs.as_str()], issued_from_row)
                 .optional()?;
             if let Some(next) = &mut next {
                 next.more_images = more_images(&tx, &next.device)?;
@@ -520,12 +604,22 @@ impl Ledger for SqliteLedger {
         })
     }
 
+    fn flash_log(&self) -> CliResult<Vec<FlashRecord>> {
+        self.with(|c| {
+            let mut statement = c.prepare(
+                "SELECT time, mac, device, sha256, port, result FROM flash_log ORDER BY id",
+            )?;
+            statement.query_map([], flash_from_row)?.collect()
+        })
+    }
+
     fn device_with_sha256(&self, sha256: &str) -> CliResult<Option<String>> {
+        let sha256 = sha256.to_ascii_lowercase();
         self.with(|c| {
             c.query_row(
                 "SELECT device FROM devices WHERE sha256 = ?1
-                 UNION SELECT device FROM device_images WHERE sha256 = ?1 LIMIT 1",
-                [sha256],
+                 UNION ALL SELECT device FROM device_images WHERE sha256 = ?1 LIMIT 1",
+                [&sha256],
                 |r| r.get(0),
             )
             .optional()
@@ -541,15 +635,6 @@ impl Ledger for SqliteLedger {
                 |r| r.get(0),
             )
             .optional()
-        })
-    }
-
-    fn flash_log(&self) -> CliResult<Vec<FlashRecord>> {
-        self.with(|c| {
-            let mut statement = c.prepare(
-                "SELECT time, mac, device, sha256, port, result FROM flash_log ORDER BY id",
-            )?;
-            statement.query_map([], flash_from_row)?.collect()
         })
     }
 }
@@ -578,8 +663,21 @@ mod tests {
             values: "values.csv".into(),
             line,
             batch: "1".into(),
+            batch_dir: PathBuf::from("/batch/one"),
             issued_at: String::new(),
         }
+    }
+
+    /// [`entry`] issued into another batch folder.
+    fn entry_in(device: &str, line: usize, batch_dir: &str) -> Issued {
+        Issued {
+            batch_dir: PathBuf::from(batch_dir),
+            ..entry(device, line)
+        }
+    }
+
+    fn one() -> Vec<PathBuf> {
+        vec![PathBuf::from("/batch/one")]
     }
 
     fn flash(mac: &str, device: &str, result: &str) -> FlashRecord {
@@ -617,7 +715,12 @@ mod tests {
         for (n, id) in ["A", "B", "C"].iter().enumerate() {
             ledger.issue(&entry(id, n + 2), false).unwrap();
         }
-        let next = |station: &str| ledger.claim_next(station).unwrap().map(|d| d.device);
+        let next = |station: &str| {
+            ledger
+                .claim_next(station, &one())
+                .unwrap()
+                .map(|d| d.device)
+        };
         assert_eq!(next("s1").as_deref(), Some("A"));
         // A failed flash ends the claim; the device is offered again.
         ledger.record_flash(&flash("m1", "A", "failed: x")).unwrap();
@@ -657,12 +760,12 @@ mod tests {
         }
         // A second station: its own connection to the same file.
         let second = SqliteLedger::open(&path, false).unwrap();
-        let a = first.claim_next("station-1").unwrap().unwrap();
-        let b = second.claim_next("station-2").unwrap().unwrap();
+        let a = first.claim_next("station-1", &one()).unwrap().unwrap();
+        let b = second.claim_next("station-2", &one()).unwrap().unwrap();
         assert_eq!((a.device.as_str(), b.device.as_str()), ("A", "B"));
-        assert!(second.claim_next("station-3").unwrap().is_none());
+        assert!(second.claim_next("station-3", &one()).unwrap().is_none());
         // A station's rerun (the same claimant) takes its own claim back.
-        let again = second.claim_next("station-2").unwrap().unwrap();
+        let again = second.claim_next("station-2", &one()).unwrap().unwrap();
         assert_eq!(again.device, "B");
         let held = second.claim("A", "station-2").unwrap().unwrap_err();
         assert!(held.contains("station-1"), "{held}");
@@ -671,7 +774,14 @@ mod tests {
         // A station that died: its claims lapse.
         let mut lapsed = SqliteLedger::open(&path, false).unwrap();
         lapsed.claim_lifetime = Duration::ZERO;
-        assert_eq!(lapsed.claim_next("station-3").unwrap().unwrap().device, "A");
+        assert_eq!(
+            lapsed
+                .claim_next("station-3", &one())
+                .unwrap()
+                .unwrap()
+                .device,
+            "A"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -696,10 +806,170 @@ mod tests {
         let a = ledger.issued("A").unwrap().unwrap();
         assert_eq!((a.image.as_str(), a.hmac_key_file), ("bin/dev-A.bin", None));
         assert!(a.more_images.is_empty());
-        ledger.issue(&entry("B", 3), false).unwrap();
+        // Then every out dir had its own ledger: the device's batch is the ledger's folder.
+        let folder = std::fs::canonicalize(&dir).unwrap();
+        assert_eq!(a.batch_dir, folder);
+        ledger
+            .issue(&entry_in("B", 3, folder.to_str().unwrap()), false)
+            .unwrap();
         ledger.claim("A", "s").unwrap().unwrap();
-        let next = ledger.claim_next("t").unwrap().unwrap();
+        let next = ledger.claim_next("t", &[folder]).unwrap().unwrap();
         assert_eq!(next.device, "B");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_schema_2_ledger_is_upgraded_to_3_and_keeps_its_devices_images_and_log() {
+        let dir = scratch("v2");
+        let path = dir.join("l.sqlite");
+        {
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE devices (device TEXT PRIMARY KEY NOT NULL, image TEXT NOT NULL,
+                   sha256 TEXT NOT NULL, key_file TEXT, hmac_key_file TEXT,
+                   size INTEGER NOT NULL, values_file TEXT NOT NULL, line INTEGER NOT NULL,
+                   batch TEXT NOT NULL, issued_at TEXT NOT NULL,
+                   issues INTEGER NOT NULL DEFAULT 1);
+                 CREATE TABLE device_images (device TEXT NOT NULL, idx INTEGER NOT NULL,
+                   image TEXT NOT NULL, sha256 TEXT NOT NULL, PRIMARY KEY (device, idx))
+                   WITHOUT ROWID;
+                 CREATE TABLE claims (device TEXT PRIMARY KEY NOT NULL,
+                   claimant TEXT NOT NULL, claimed_at TEXT NOT NULL);
+                 CREATE TABLE flash_log (id INTEGER PRIMARY KEY AUTOINCREMENT,
+                   time TEXT NOT NULL, mac TEXT NOT NULL, device TEXT NOT NULL,
+                   sha256 TEXT NOT NULL, port TEXT NOT NULL, result TEXT NOT NULL);
+                 INSERT INTO devices VALUES ('A', 'bin/fa-A.bin', 'aa', NULL, NULL, 12288,
+                   'v.csv', 2, 'b', 't', 1);
+                 INSERT INTO devices VALUES ('B', 'bin/fa-B.bin', 'bb', NULL, NULL, 12288,
+                   'v.csv', 3, 'b', 't', 1);
+                 INSERT INTO device_images VALUES ('A', 0, 'bin/fb-A.bin', 'a2');
+                 INSERT INTO flash_log (time, mac, device, sha256, port, result)
+                   VALUES ('t', 'm1', 'A', 'aa', 'p', 'ok');
+                 PRAGMA user_version = 2;",
+            )
+            .unwrap();
+        }
+        let folder = std::fs::canonicalize(&dir).unwrap();
+        let ledger = SqliteLedger::open_existing(&path).unwrap().unwrap();
+        let devices = ledger.devices().unwrap();
+        assert_eq!(devices.len(), 2);
+        assert!(devices.iter().all(|d| d.batch_dir == folder), "{devices:?}");
+        let a = ledger.issued("A").unwrap().unwrap();
+        assert_eq!(a.more_images, [("bin/fb-A.bin".into(), "a2".into())]);
+        assert_eq!(ledger.batch_dirs().unwrap(), std::slice::from_ref(&folder));
+        assert_eq!(ledger.flash_log().unwrap().len(), 1);
+        // A flashed, so B is next, and only in its own folder's batch.
+        assert!(ledger.claim_next("s", &one()).unwrap().is_none());
+        let b = ledger.claim_next("s", &[folder]).unwrap().unwrap();
+        assert_eq!(b.device, "B");
+        drop(ledger);
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        // Opening again changes nothing.
+        let again = SqliteLedger::open(&path, false).unwrap();
+        assert_eq!(again.devices().unwrap(), devices);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_ledger_of_a_newer_schema_is_refused() {
+        let dir = scratch("v9");
+        let path = dir.join("l.sqlite");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let e = SqliteLedger::open(&path, false).err().unwrap().0;
+        assert!(
+            e.contains("newer cargo-nvs") && e.contains("l.sqlite"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn devices_are_claimed_only_from_the_batches_asked_for() {
+        let dir = scratch("batches");
+        let ledger = SqliteLedger::open(&dir.join("l.sqlite"), false).unwrap();
+        ledger
+            .issue(&entry_in("A", 2, "/batch/one"), false)
+            .unwrap();
+        ledger
+            .issue(&entry_in("B", 3, "/batch/two"), false)
+            .unwrap();
+        assert_eq!(
+            ledger.batch_dirs().unwrap(),
+            [PathBuf::from("/batch/one"), PathBuf::from("/batch/two")]
+        );
+        let two = [PathBuf::from("/batch/two")];
+        assert_eq!(ledger.claim_next("s", &two).unwrap().unwrap().device, "B");
+        assert!(ledger.claim_next("t", &two).unwrap().is_none());
+        assert!(ledger.claim_next("t", &[]).unwrap().is_none());
+        let a = ledger.claim_next("t", &one()).unwrap().unwrap();
+        assert_eq!(
+            (a.device.as_str(), a.batch_dir.as_path()),
+            ("A", Path::new("/batch/one"))
+        );
+        // An id of one batch is refused in another, naming where it went.
+        let e = ledger
+            .issue(&entry_in("A", 4, "/batch/two"), false)
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("`A` was already issued") && e.contains("/batch/one"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_device_of_an_image_and_the_device_on_a_chip() {
+        let dir = scratch("lookups");
+        let ledger = SqliteLedger::open(&dir.join("l.sqlite"), false).unwrap();
+        let mut a = entry("A", 2);
+        a.sha256 = "aa".repeat(32);
+        a.more_images = vec![("bin/fb-A.bin".into(), "a2".repeat(32))];
+        let mut b = entry("B", 3);
+        b.sha256 = "bb".repeat(32);
+        ledger.issue(&a, false).unwrap();
+        ledger.issue(&b, false).unwrap();
+        let of = |sha: &str| ledger.device_with_sha256(sha).unwrap();
+        assert_eq!(of(&"aa".repeat(32)).as_deref(), Some("A"));
+        assert_eq!(
+            of(&"a2".repeat(32)).as_deref(),
+            Some("A"),
+            "a device's other image"
+        );
+        assert_eq!(of(&"bb".repeat(32)).as_deref(), Some("B"));
+        assert_eq!(of(&"BB".repeat(32)).as_deref(), Some("B"));
+        assert_eq!(of(&"cc".repeat(32)), None);
+
+        let on = |mac: &str| ledger.device_on_mac(mac).unwrap();
+        assert_eq!(on("7c:df:a1:00:00:01"), None);
+        ledger
+            .record_flash(&flash("7c:df:a1:00:00:01", "A", "failed: x"))
+            .unwrap();
+        assert_eq!(
+            on("7c:df:a1:00:00:01"),
+            None,
+            "a failed flash puts nothing on the chip"
+        );
+        ledger
+            .record_flash(&flash("7c:df:a1:00:00:01", "A", "ok"))
+            .unwrap();
+        assert_eq!(on("7c:df:a1:00:00:01").as_deref(), Some("A"));
+        // The latest successful flash counts (a forced reflash with another device).
+        ledger
+            .record_flash(&flash("7c:df:a1:00:00:01", "B", "ok"))
+            .unwrap();
+        ledger
+            .record_flash(&flash("7c:df:a1:00:00:01", "A", "failed: y"))
+            .unwrap();
+        assert_eq!(on("7c:df:a1:00:00:01").as_deref(), Some("B"));
+        assert_eq!(on("7c:df:a1:00:00:02"), None);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -1,0 +1,487 @@
+//! Which ledger an `mfg` command uses: one per product, shared by all its batches, so that no
+//! device id is issued twice whatever out dir a batch goes to. [`choose_ledger`] decides for
+//! every `mfg` command, in this order:
+//!
+//! 1. `--ledger PATH`;
+//! 2. the environment variable `NVS_LEDGER` (when set and not empty);
+//! 3. `mfg generate`, mfg_gen mode: `ledger.sqlite` in the folder of the `--config` file (the
+//!    config defines the product);
+//! 4. `mfg generate`, Cargo mode: the package's `[package.metadata.nvs.mfg] ledger` (relative to
+//!    Cargo.toml's folder), else `nvs-ledger.sqlite` beside Cargo.toml (never under `target/`,
+//!    which `cargo clean` removes) — [`product_ledger_path`];
+//! 5. `mfg flash` and `mfg log`: with `--out-dir DIR`, the ledger `DIR/manifest.json` records
+//!    (`mfg generate` writes its absolute path there; batches of older versions, whose ledger
+//!    was `DIR/ledger.sqlite`, are found through it too); else, inside a Cargo package
+//!    (`-p`/`--manifest-path` respected), the package's ledger as in 4; else an error saying
+//!    how to name one.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::project::PackageArgs;
+use crate::{CliError, CliResult};
+
+/// The environment variable that names the ledger (after `--ledger`).
+pub const LEDGER_ENV: &str = "NVS_LEDGER";
+/// The ledger's file name beside a package's Cargo.toml.
+pub const PACKAGE_LEDGER: &str = "nvs-ledger.sqlite";
+/// The ledger's file name beside mfg_gen mode's config file.
+pub const CONFIG_LEDGER: &str = "ledger.sqlite";
+
+/// The ledger of the package whose manifest is `manifest_path`: `NVS_LEDGER` if set and not
+/// empty, else the package's `[package.metadata.nvs.mfg] ledger` (relative to the manifest's
+/// folder), else `nvs-ledger.sqlite` beside the manifest. Nothing is created or opened (open it
+/// with `SqliteLedger::open_existing`). Errors name Cargo.toml and the key when the setting is
+/// not a path.
+pub fn product_ledger_path(manifest_path: &Path) -> CliResult<PathBuf> {
+    if let Some(env) = env_ledger() {
+        return Ok(env.path);
+    }
+    let folder = match manifest_path.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() => folder,
+        _ => Path::new("."),
+    };
+    Ok(absolute(&match metadata_ledger(manifest_path)? {
+        Some(relative) => folder.join(relative),
+        None => folder.join(PACKAGE_LEDGER),
+    }))
+}
+
+/// The ledger a command uses, and how it was chosen.
+#[derive(Clone, Debug)]
+pub(crate) struct ChosenLedger {
+    /// Absolute.
+    pub path: PathBuf,
+    /// Where the choice came from, for messages: `--ledger`, `NVS_LEDGER`, ….
+    pub from: String,
+    /// Given with `--ledger` (not a default).
+    pub flag: bool,
+}
+
+/// What a command's default ledger depends on.
+pub(crate) enum Scope<'a> {
+    /// `mfg generate` in mfg_gen mode: the config file.
+    Config(&'a Path),
+    /// `mfg generate` in Cargo mode: the package's Cargo.toml.
+    Package(&'a Path),
+    /// `mfg flash` and `mfg log`: the batch's out dir if given, else the package if there is
+    /// one.
+    Batch {
+        out_dir: Option<&'a Path>,
+        package: &'a PackageArgs,
+    },
+}
+
+/// The ledger an `mfg` command uses (see the module's documentation for the order). Nothing is
+/// created.
+pub(crate) fn choose_ledger(flag: Option<&Path>, scope: Scope<'_>) -> CliResult<ChosenLedger> {
+    if let Some(path) = flag {
+        if path.as_os_str().is_empty() {
+            return Err(CliError("--ledger is empty: give the ledger's path".into()));
+        }
+        return Ok(ChosenLedger {
+            path: absolute(path),
+            from: "--ledger".into(),
+            flag: true,
+        });
+    }
+    if let Some(env) = env_ledger() {
+        return Ok(env);
+    }
+    match scope {
+        Scope::Config(config) => {
+            let folder = match config.parent() {
+                Some(folder) if !folder.as_os_str().is_empty() => folder,
+                _ => Path::new("."),
+            };
+            Ok(ChosenLedger {
+                path: absolute(&folder.join(CONFIG_LEDGER)),
+                from: format!("the default beside the config `{}`", config.display()),
+                flag: false,
+            })
+        }
+        Scope::Package(manifest_path) => package_ledger(manifest_path),
+        Scope::Batch { out_dir, package } => {
+            if let Some(out_dir) = out_dir
+                && let Some(recorded) = recorded_ledger(out_dir)?
+            {
+                return Ok(recorded);
+            }
+            let package_given = package.package.is_some() || package.manifest_path.is_some();
+            match package.find() {
+                Ok(project) => package_ledger(&project.manifest_path),
+                Err(e) if package_given => Err(e),
+                Err(e) => Err(CliError(format!(
+                    "which ledger? {}give --ledger PATH, set {LEDGER_ENV}, give --out-dir with \
+                     the folder of an `mfg generate` batch (its manifest.json names its ledger), \
+                     or run in the firmware's Cargo package or with -p/--manifest-path (its \
+                     ledger: [package.metadata.nvs.mfg] ledger, else {PACKAGE_LEDGER} beside \
+                     Cargo.toml) (no package here: {})",
+                    match out_dir {
+                        Some(dir) => format!("`{}` has no manifest.json; ", dir.display()),
+                        None => String::new(),
+                    },
+                    e.0
+                ))),
+            }
+        }
+    }
+}
+
+/// `NVS_LEDGER`, when set and not empty.
+fn env_ledger() -> Option<ChosenLedger> {
+    let value: OsString = std::env::var_os(LEDGER_ENV).filter(|v| !v.is_empty())?;
+    Some(ChosenLedger {
+        path: absolute(Path::new(&value)),
+        from: LEDGER_ENV.into(),
+        flag: false,
+    })
+}
+
+/// The package's ledger ([`product_ledger_path`]), and where it came from.
+fn package_ledger(manifest_path: &Path) -> CliResult<ChosenLedger> {
+    let path = product_ledger_path(manifest_path)?;
+    let default = manifest_path.with_file_name(PACKAGE_LEDGER);
+    let from = if let Some(env) = env_ledger() {
+        env.from
+    } else if same_file(&path, &default) {
+        format!("the default beside `{}`", manifest_path.display())
+    } else {
+        format!(
+            "[package.metadata.nvs.mfg] ledger in `{}`",
+            manifest_path.display()
+        )
+    };
+    Ok(ChosenLedger {
+        path,
+        from,
+        flag: false,
+    })
+}
+
+/// `[package.metadata.nvs.mfg] ledger` of the manifest, as written.
+fn metadata_ledger(manifest_path: &Path) -> CliResult<Option<String>> {
+    let text = std::fs::read_to_string(manifest_path)
+        .map_err(|e| CliError(format!("cannot read `{}`: {e}", manifest_path.display())))?;
+    let at = |offset: usize| {
+        let before = text.get(..offset).unwrap_or(&text);
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!("{}:{line}:{column}", manifest_path.display())
+    };
+    let root = DeTable::parse(&text).map_err(|e| {
+        let place = e
+            .span()
+            .map_or_else(|| manifest_path.display().to_string(), |s| at(s.start));
+        CliError(format!("{place}: invalid TOML: {}", e.message()))
+    })?;
+    let mut table = root.get_ref();
+    for name in ["package", "metadata", "nvs"] {
+        // Anything else than tables on the way is not ours to judge (cargo and nvs-build do).
+        let Some(next) = lookup(table, name).and_then(|(_, v)| v.get_ref().as_table()) else {
+            return Ok(None);
+        };
+        table = next;
+    }
+    let Some((_, mfg)) = lookup(table, "mfg") else {
+        return Ok(None);
+    };
+    let Some(mfg_table) = mfg.get_ref().as_table() else {
+        return Err(CliError(format!(
+            "{}: `package.metadata.nvs.mfg` must be a table (`[package.metadata.nvs.mfg]` with \
+             `ledger = \"path\"`), not {}",
+            at(mfg.span().start),
+            a_type(mfg.get_ref())
+        )));
+    };
+    if let Some((key, _)) = mfg_table.iter().find(|(k, _)| k.get_ref() != "ledger") {
+        return Err(CliError(format!(
+            "{}: unknown field `{}` in [package.metadata.nvs.mfg]; expected: ledger",
+            at(key.span().start),
+            key.get_ref()
+        )));
+    }
+    let Some((_, ledger)) = lookup(mfg_table, "ledger") else {
+        return Ok(None);
+    };
+    match ledger.get_ref().as_str() {
+        Some("") => Err(CliError(format!(
+            "{}: `package.metadata.nvs.mfg.ledger` is empty: give the ledger's path, relative to \
+             Cargo.toml's folder (or remove it for the default, {PACKAGE_LEDGER})",
+            at(ledger.span().start)
+        ))),
+        Some(path) => Ok(Some(path.to_owned())),
+        None => Err(CliError(format!(
+            "{}: `package.metadata.nvs.mfg.ledger` must be a string (the ledger's path, relative \
+             to Cargo.toml's folder), not {}",
+            at(ledger.span().start),
+            a_type(ledger.get_ref())
+        ))),
+    }
+}
+
+/// "a string", "an integer", ….
+fn a_type(value: &DeValue<'_>) -> String {
+    let name = value.type_str();
+    let article = if name.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {name}")
+}
+
+type Key<'i> = Spanned<std::borrow::Cow<'i, str>>;
+type Val<'i> = Spanned<DeValue<'i>>;
+
+fn lookup<'a, 'i>(table: &'a DeTable<'i>, name: &str) -> Option<(&'a Key<'i>, &'a Val<'i>)> {
+    table.iter().find(|(k, _)| k.get_ref() == name)
+}
+
+/// The ledger `out_dir/manifest.json` names, if it names one. Older batches had their ledger in
+/// the out dir, and their manifests name it relative to where `mfg generate` ran.
+fn recorded_ledger(out_dir: &Path) -> CliResult<Option<ChosenLedger>> {
+    let manifest = out_dir.join("manifest.json");
+    let own = out_dir.join(CONFIG_LEDGER);
+    let own_ledger = || {
+        own.exists().then(|| ChosenLedger {
+            path: absolute(&own),
+            from: format!("the out dir's own ledger (`{}`)", own.display()),
+            flag: false,
+        })
+    };
+    let text = match std::fs::read(&manifest) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(own_ledger()),
+        Err(e) => {
+            return Err(CliError(format!(
+                "cannot read `{}`: {e}",
+                manifest.display()
+            )));
+        }
+    };
+    let json: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
+        CliError(format!(
+            "`{}` is not the manifest `mfg generate` writes ({e}); give --ledger PATH",
+            manifest.display()
+        ))
+    })?;
+    let recorded = match json.get("ledger") {
+        None => return Ok(own_ledger()),
+        Some(serde_json::Value::String(path)) if !path.is_empty() => PathBuf::from(path),
+        Some(_) => {
+            return Err(CliError(format!(
+                "`{}`: `ledger` is not a path; give --ledger PATH",
+                manifest.display()
+            )));
+        }
+    };
+    let from = format!("`{}`", manifest.display());
+    if recorded.is_absolute() {
+        return Ok(Some(ChosenLedger {
+            path: recorded,
+            from,
+            flag: false,
+        }));
+    }
+    // Relative to the folder an older `mfg generate` ran in: its default was the out dir's own.
+    if recorded.file_name() == Some(CONFIG_LEDGER.as_ref())
+        && let Some(own) = own_ledger()
+    {
+        return Ok(Some(own));
+    }
+    if recorded.exists() {
+        return Ok(Some(ChosenLedger {
+            path: absolute(&recorded),
+            from,
+            flag: false,
+        }));
+    }
+    Err(CliError(format!(
+        "{from} names the ledger `{}`, relative to the folder `mfg generate` ran in, and it is \
+         not found from here: give --ledger PATH (or set {LEDGER_ENV})",
+        recorded.display()
+    )))
+}
+
+/// `path` made absolute (against the current directory), its existing part resolved.
+pub(crate) fn absolute(path: &Path) -> PathBuf {
+    if let Ok(path) = std::fs::canonicalize(path) {
+        return path;
+    }
+    // A file not made yet: its folder, resolved, and its name.
+    if let (Some(folder), Some(name)) = (path.parent(), path.file_name()) {
+        let folder = if folder.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            folder
+        };
+        if let Ok(folder) = std::fs::canonicalize(folder) {
+            return folder.join(name);
+        }
+    }
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+/// Whether `a` and `b` name the same file (that may not exist yet).
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
+    absolute(a) == absolute(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("cargo-nvs-product-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::canonicalize(dir).unwrap()
+    }
+
+    const PACKAGE: &str = "[package]\nname = \"fw\"\nversion = \"0.1.0\"\n";
+
+    /// `[package.metadata.nvs.mfg] ledger` of a manifest with `tail` after [package].
+    fn ledger_of(dir: &Path, tail: &str) -> CliResult<Option<String>> {
+        let manifest = dir.join("Cargo.toml");
+        std::fs::write(&manifest, format!("{PACKAGE}{tail}")).unwrap();
+        metadata_ledger(&manifest)
+    }
+
+    #[test]
+    fn the_metadata_names_the_ledger_relative_to_cargo_toml() {
+        let dir = scratch("metadata");
+        assert_eq!(ledger_of(&dir, "").unwrap(), None);
+        assert_eq!(
+            ledger_of(&dir, "[package.metadata.nvs.partitions.nvs]\n").unwrap(),
+            None
+        );
+        assert_eq!(
+            ledger_of(&dir, "[package.metadata.nvs.mfg]\n").unwrap(),
+            None
+        );
+        let tail = "[package.metadata.nvs.mfg]\nledger = \"../factory/ledger.sqlite\"\n";
+        assert_eq!(
+            ledger_of(&dir, tail).unwrap().as_deref(),
+            Some("../factory/ledger.sqlite")
+        );
+        // Inline spelling too.
+        let tail = "[package.metadata.nvs]\nmfg = { ledger = \"l.sqlite\" }\n";
+        assert_eq!(ledger_of(&dir, tail).unwrap().as_deref(), Some("l.sqlite"));
+        if std::env::var_os(LEDGER_ENV).is_none() {
+            let manifest = dir.join("Cargo.toml");
+            assert_eq!(
+                product_ledger_path(&manifest).unwrap(),
+                dir.join("l.sqlite")
+            );
+            std::fs::write(&manifest, PACKAGE).unwrap();
+            assert_eq!(
+                product_ledger_path(&manifest).unwrap(),
+                dir.join(PACKAGE_LEDGER)
+            );
+            assert!(!dir.join(PACKAGE_LEDGER).exists(), "nothing is created");
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_ledger_setting_that_is_not_a_path_is_refused_naming_cargo_toml_and_the_key() {
+        let dir = scratch("bad");
+        let manifest = dir.join("Cargo.toml").display().to_string();
+        for (tail, needles) in [
+            (
+                "[package.metadata.nvs.mfg]\nledger = 3\n",
+                &[
+                    ":5:10",
+                    "`package.metadata.nvs.mfg.ledger` must be a string",
+                    "integer",
+                ][..],
+            ),
+            (
+                "[package.metadata.nvs.mfg]\nledger = \"\"\n",
+                &[":5:10", "is empty"],
+            ),
+            (
+                "[package.metadata.nvs]\nmfg = \"x.sqlite\"\n",
+                &[":5:7", "`package.metadata.nvs.mfg` must be a table"],
+            ),
+            (
+                "[package.metadata.nvs.mfg]\nleger = \"x.sqlite\"\n",
+                &[":5:1", "unknown field `leger`", "expected: ledger"],
+            ),
+            ("[package.metadata.nvs.mfg\n", &[":4:", "invalid TOML"]),
+        ] {
+            let e = ledger_of(&dir, tail).unwrap_err().0;
+            assert!(e.contains(&manifest), "{e}");
+            for needle in needles {
+                assert!(e.contains(needle), "{e} lacks {needle}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn an_out_dir_names_its_ledger_in_its_manifest() {
+        let dir = scratch("recorded");
+        let out = dir.join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        // No manifest, no ledger of its own: nothing recorded.
+        assert!(recorded_ledger(&out).unwrap().is_none());
+        let manifest = out.join("manifest.json");
+        std::fs::write(&manifest, r#"{"ledger": "/factory/product.sqlite"}"#).unwrap();
+        let chosen = recorded_ledger(&out).unwrap().unwrap();
+        assert_eq!(chosen.path, Path::new("/factory/product.sqlite"));
+        assert!(chosen.from.contains("manifest.json"), "{}", chosen.from);
+        // An older batch: the ledger in the out dir, named relative to where it ran.
+        std::fs::write(out.join(CONFIG_LEDGER), b"").unwrap();
+        std::fs::write(&manifest, r#"{"ledger": "somewhere/out/ledger.sqlite"}"#).unwrap();
+        assert_eq!(
+            recorded_ledger(&out).unwrap().unwrap().path,
+            out.join(CONFIG_LEDGER)
+        );
+        std::fs::write(&manifest, r#"{"devices": []}"#).unwrap();
+        assert_eq!(
+            recorded_ledger(&out).unwrap().unwrap().path,
+            out.join(CONFIG_LEDGER)
+        );
+        std::fs::remove_file(out.join(CONFIG_LEDGER)).unwrap();
+        std::fs::write(&manifest, r#"{"ledger": "not/here.sqlite"}"#).unwrap();
+        let e = recorded_ledger(&out).unwrap_err().0;
+        assert!(
+            e.contains("not/here.sqlite") && e.contains("--ledger"),
+            "{e}"
+        );
+        std::fs::write(&manifest, r#"{"ledger": 1}"#).unwrap();
+        let e = recorded_ledger(&out).unwrap_err().0;
+        assert!(e.contains("manifest.json") && e.contains("--ledger"), "{e}");
+        std::fs::write(&manifest, "not json").unwrap();
+        let e = recorded_ledger(&out).unwrap_err().0;
+        assert!(e.contains("manifest.json") && e.contains("--ledger"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_flag_comes_first() {
+        let chosen = choose_ledger(
+            Some(Path::new("/a/b.sqlite")),
+            Scope::Config(Path::new("conf.csv")),
+        )
+        .unwrap();
+        assert_eq!(
+            (chosen.path.as_path(), chosen.flag),
+            (Path::new("/a/b.sqlite"), true)
+        );
+        assert!(choose_ledger(Some(Path::new("")), Scope::Config(Path::new("c"))).is_err());
+        if std::env::var_os(LEDGER_ENV).is_none() {
+            let dir = scratch("config");
+            let chosen = choose_ledger(None, Scope::Config(&dir.join("conf.csv"))).unwrap();
+            assert_eq!(chosen.path, dir.join(CONFIG_LEDGER));
+            assert!(!chosen.flag);
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
