@@ -267,7 +267,8 @@ pub fn decide(
     }
 }
 
-fn why_kept(finding: &Finding) -> String {
+/// Why data is kept (or refused), in words; never a value.
+pub fn why_kept(finding: &Finding) -> String {
     let list = |keys: &[String]| {
         let shown: Vec<&str> = keys.iter().take(4).map(String::as_str).collect();
         let more = keys.len().saturating_sub(shown.len());

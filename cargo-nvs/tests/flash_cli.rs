@@ -634,6 +634,87 @@ fn a_provisioned_chip_keeps_its_factory_data() {
     );
 }
 
+/// `mfg flash` provisions a development chip without a flag, and refuses a chip that holds
+/// another production identity unless --force.
+#[test]
+fn mfg_flash_replaces_dev_data_and_refuses_another_identity() {
+    let scratch = tempdir::Dir::new();
+    let ledger = scratch.path().join("ledger.sqlite");
+    std::fs::write(
+        scratch.path().join("devices.csv"),
+        "serial,secret\n1000,secret-1000\n1001,secret-1001\n",
+    )
+    .unwrap();
+    let mfg = |esp: &FakeEsp, args: &[&str]| {
+        let out = bin()
+            .args(["nvs", "mfg"])
+            .args(args)
+            .arg("--manifest-path")
+            .arg(firmware_manifest())
+            .arg("--ledger")
+            .arg(&ledger)
+            .current_dir(scratch.path())
+            .output()
+            .unwrap();
+        esp.settle();
+        out
+    };
+    let flash_next = |esp: &FakeEsp, extra: &[&str]| {
+        let mut args = vec!["flash", "--out-dir", "batch", "--port", esp.path()];
+        args.extend(["--before", "no-reset", "--after", "no-reset", "--no-stub"]);
+        args.extend_from_slice(extra);
+        mfg(esp, &args)
+    };
+    let dev_chip = FakeEsp::esp32c3();
+    assert_ok(&run(&dev_chip, "flash", &["--no-stub", "--nvs-only"]));
+    assert_ok(&mfg(
+        &dev_chip,
+        &[
+            "generate",
+            "--values",
+            "devices.csv",
+            "--id",
+            "serial",
+            "--out-dir",
+            "batch",
+        ],
+    ));
+    let image = |id: &str| {
+        padded(
+            &std::fs::read(scratch.path().join(format!("batch/bin/fctry-{id}.bin"))).unwrap(),
+            0x2000,
+        )
+    };
+    let out = flash_next(&dev_chip, &[]);
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("replacing the development data in `fctry`"),
+        "{}",
+        stderr(&out)
+    );
+    same(
+        &dev_chip.read(0xf000, 0x2000),
+        &image("1000"),
+        "device 1000",
+    );
+
+    // A second chip that already holds device 1000's identity (a cloned or returned unit).
+    let clone = Config::esp32c3()
+        .mac([0x7c, 0xdf, 0xa1, 0x00, 0x00, 0x42])
+        .preset(0xf000, image("1000"))
+        .start();
+    let out = flash_next(&clone, &[]);
+    assert_fails(
+        &out,
+        &["holds device `1000` (found by its SHA-256", "--force"],
+    );
+    assert!(!stderr(&out).contains("secret-10"), "{}", stderr(&out));
+    same(&clone.read(0xf000, 0x2000), &image("1000"), "refused chip");
+    let out = flash_next(&clone, &["--force"]);
+    assert_ok(&out);
+    same(&clone.read(0xf000, 0x2000), &image("1001"), "forced chip");
+}
+
 /// Development data is replaced (e.g. after DEVICE_NAME changed); data that is not ours is not.
 #[test]
 fn dev_factory_data_is_updated_and_foreign_data_kept() {

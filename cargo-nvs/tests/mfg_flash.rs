@@ -157,10 +157,28 @@ fn flashes_the_next_image_padded_over_its_partition_and_logs_it() {
         .preset(0x9000, vec![0x55; 0x6000])
         .start();
     let before = esp.flash();
+    // What the chip holds there is neither blank, nor this image, nor dev data: kept.
     let out = flash(
         &case,
         &[&esp],
         &["--next", "--offset", "0x9000", "--size", "0x6000"],
+    );
+    assert_fails(
+        &out,
+        &[
+            "`nvs` at 0x9000",
+            "an unknown production identity: dump reports it damaged",
+            "--force replaces it",
+        ],
+    );
+    same(&esp.flash(), &before, "a refused chip");
+    assert!(log(&case).is_empty(), "a refusal is not a flash");
+    let out = flash(
+        &case,
+        &[&esp],
+        &[
+            "--next", "--offset", "0x9000", "--size", "0x6000", "--force",
+        ],
     );
     assert_ok(&out);
     // The image, then 0xFF over the rest of the partition, and nothing else.

@@ -14,7 +14,7 @@ use md5::Digest;
 use std::collections::BTreeMap;
 
 use nvs_build::format::encryption::XtsKey;
-use nvs_build::metadata::{EncryptionSpec, Metadata, ValueSource};
+use nvs_build::metadata::{EncryptionSpec, Metadata, PartitionSpec, ValueSource};
 
 use super::mfg::ledger::{Ledger, SqliteLedger};
 use super::mfg::product_ledger_path;
@@ -522,9 +522,18 @@ pub fn data_partitions(
     metadata: &Metadata,
     images: &[NvsImage],
 ) -> CliResult<BTreeMap<u32, DataPartition>> {
-    let mut partitions = BTreeMap::new();
-    for image in images {
-        let spec = metadata.partitions.iter().find(|p| p.name == image.name);
+    images
+        .iter()
+        .map(|image| {
+            let spec = metadata.partitions.iter().find(|p| p.name == image.name);
+            Ok((image.offset, DataPartition::of(spec)?))
+        })
+        .collect()
+}
+
+impl DataPartition {
+    /// What the metadata says of a partition (nothing, for one it does not describe).
+    pub fn of(spec: Option<&PartitionSpec>) -> CliResult<DataPartition> {
         let per_device = spec
             .map(|spec| {
                 spec.namespaces
@@ -545,9 +554,29 @@ pub fn data_partitions(
             Some((EncryptionSpec::HmacKey(path), _)) => Some(nvs_build::keys::load_hmac_key(path)?),
             None => None,
         };
-        partitions.insert(image.offset, DataPartition { per_device, key });
+        Ok(DataPartition { per_device, key })
     }
-    Ok(partitions)
+}
+
+/// ``device `ID` (found by … in the ledger `NAME`)``: the device whose recorded image is what
+/// the chip holds (`chip`), else the one last flashed onto the chip's MAC.
+pub fn identify(
+    ledger: &dyn Ledger,
+    ledger_name: &str,
+    chip: Option<&[u8]>,
+    mac: Option<&str>,
+) -> Option<String> {
+    let by_sha = chip
+        .into_iter()
+        .flat_map(candidate_sha256s)
+        .find_map(|sha| ledger.device_with_sha256(&sha).ok().flatten());
+    let (device, how) = match by_sha {
+        Some(device) => (device, "its SHA-256"),
+        None => (ledger.device_on_mac(mac?).ok()??, "the chip's MAC"),
+    };
+    Some(format!(
+        "device `{device}` (found by {how} in the ledger `{ledger_name}`)"
+    ))
 }
 
 /// Names the device a partition belongs to, from the product's ledger: by the partition's
@@ -565,24 +594,15 @@ impl Identities {
         Identities { ledger, mac }
     }
 
-    /// ``device `ID` (ledger `PATH`, by …)``, when the ledger knows the partition or the chip.
+    /// Names the device, when the ledger knows the partition's contents or the chip.
     pub fn name(&self, chip: Option<&[u8]>) -> Option<String> {
         let (path, ledger) = self.ledger.as_ref()?;
-        let by_sha = chip
-            .into_iter()
-            .flat_map(candidate_sha256s)
-            .find_map(|sha| ledger.device_with_sha256(&sha).ok().flatten());
-        let (device, how) = match by_sha {
-            Some(device) => (device, "its SHA-256"),
-            None => (
-                ledger.device_on_mac(self.mac.as_deref()?).ok()??,
-                "the chip's MAC",
-            ),
-        };
-        Some(format!(
-            "device `{device}` (found by {how} in the ledger `{}`)",
-            path.display()
-        ))
+        identify(
+            ledger,
+            &path.display().to_string(),
+            chip,
+            self.mac.as_deref(),
+        )
     }
 }
 

@@ -10,9 +10,17 @@ use nvs_build::table::PartitionTable;
 use sha2::{Digest, Sha256};
 
 use super::hex;
+use std::collections::BTreeMap;
+
+use nvs_build::metadata::Metadata;
+use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
+
 use super::ledger::{FlashRecord, Issued, Ledger, SqliteLedger};
 use super::product::{ChosenLedger, LEDGER_ENV, Scope, choose_ledger};
+use crate::cmd::flash::{DataPartition, identify};
+use crate::flashing::inspect;
 use crate::flashing::{After, Before, ConnectArgs, connect};
+use crate::guard::{Finding, Planned as GuardPlan, for_factory, why_kept};
 use crate::project::PackageArgs;
 use crate::size::parse_size;
 use crate::{CliError, CliResult};
@@ -182,6 +190,34 @@ struct Target {
     /// The Cargo package's table: every image of a device goes to the partition it is named
     /// after (`offset` and `size` do not apply).
     package_table: Option<PartitionTable>,
+    /// Cargo mode: each partition's development image (`None` where a per-device key has no
+    /// `dev` value), per-device keys and key, to tell development data on a chip from a
+    /// production identity.
+    dev: BTreeMap<String, (Option<Vec<u8>>, DataPartition)>,
+    /// The ledger, as messages name it.
+    ledger_name: String,
+}
+
+/// The development image of every partition of the metadata, with what the guard needs.
+fn dev_images(
+    metadata: &Metadata,
+) -> CliResult<BTreeMap<String, (Option<Vec<u8>>, DataPartition)>> {
+    let mut inputs = Inputs::new(|var| std::env::var(var).ok());
+    let mut dev = BTreeMap::new();
+    for spec in &metadata.partitions {
+        // Without a dev value (or an env source) there is no development image: then only
+        // blank flash and this device's own image go unchallenged.
+        let image = match build_partition(spec, &metadata.manifest_dir, &mut inputs) {
+            Ok(PartitionImage::Built(built)) => {
+                let mut bytes = built.bytes;
+                bytes.resize(spec.size as usize, 0xFF);
+                Some(bytes)
+            }
+            _ => None,
+        };
+        dev.insert(spec.name.clone(), (image, DataPartition::of(Some(spec))?));
+    }
+    Ok(dev)
 }
 
 fn target(args: &MfgFlashArgs) -> CliResult<Target> {
@@ -213,6 +249,8 @@ fn target(args: &MfgFlashArgs) -> CliResult<Target> {
             size,
             keys: None,
             package_table: None,
+            dev: BTreeMap::new(),
+            ledger_name: String::new(),
         });
     }
     let (Some(path), Some(name)) = (&args.partition_table, &args.partition) else {
@@ -223,7 +261,7 @@ fn target(args: &MfgFlashArgs) -> CliResult<Target> {
                     .into(),
             ));
         }
-        let table = args
+        let metadata = args
             .package
             .find()
             .and_then(|project| project.nvs_metadata())
@@ -234,13 +272,14 @@ fn target(args: &MfgFlashArgs) -> CliResult<Target> {
                      to use its partition table ({})",
                     e.0
                 ))
-            })?
-            .table;
+            })?;
         return Ok(Target {
             offset: 0,
             size: None,
-            keys: nvs_keys_of(&table),
-            package_table: Some(table),
+            keys: nvs_keys_of(&metadata.table),
+            dev: dev_images(&metadata)?,
+            package_table: Some(metadata.table),
+            ledger_name: String::new(),
         });
     };
     let table = PartitionTable::load(path, PartitionTable::DEFAULT_OFFSET)?;
@@ -259,6 +298,8 @@ fn target(args: &MfgFlashArgs) -> CliResult<Target> {
         size: Some(size.unwrap_or(partition.size)),
         keys: nvs_keys_of(&table),
         package_table: None,
+        dev: BTreeMap::new(),
+        ledger_name: String::new(),
     })
 }
 
@@ -416,12 +457,13 @@ fn batches(
 }
 
 pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
-    let target = target(&args)?;
+    let mut target = target(&args)?;
     let (ledger, chosen) = open_ledger(
         args.out_dir.as_deref(),
         args.ledger.as_deref(),
         &args.package,
     )?;
+    target.ledger_name = chosen.path.display().to_string();
     let batches = batches(args.out_dir.as_deref(), &ledger, &chosen)?;
     let ports: Vec<Option<String>> = if args.ports.is_empty() {
         vec![None]
@@ -669,6 +711,7 @@ fn flash_device(
             data.len()
         )));
     }
+    guard_device_images(args, target, &mut flasher, &segments, &label, &mac, ledger)?;
     let espflash_segments: Vec<Segment<'_>> = segments
         .iter()
         .map(|(addr, data, _)| Segment::new(*addr, data))
@@ -713,6 +756,55 @@ fn flash_device(
             Err(CliError(format!("flashing {message} (logged)")))
         }
     }
+}
+
+/// A device's images go over blank flash, this very image, its own interrupted write, or the
+/// package's development data; anything else (another production identity, foreign or
+/// damaged data, data encrypted with other keys) is refused unless --force.
+fn guard_device_images(
+    args: &MfgFlashArgs,
+    target: &Target,
+    flasher: &mut espflash::flasher::Flasher,
+    segments: &[(u32, Vec<u8>, String)],
+    label: &str,
+    mac: &str,
+    ledger: &dyn Ledger,
+) -> CliResult<()> {
+    for (addr, data, name) in segments.iter().filter(|s| s.2 != "nvs_keys") {
+        let dev = target.dev.get(name);
+        let planned = GuardPlan {
+            ours: data,
+            dev: dev.and_then(|(image, _)| image.as_deref()),
+            key: dev.and_then(|(_, p)| p.key.as_ref()),
+            per_device: dev.map_or(&[][..], |(_, p)| p.per_device.as_slice()),
+        };
+        let (finding, chip) = inspect(flasher, *addr, &planned, !args.no_stub)?;
+        let what = match finding {
+            Finding::Blank | Finding::Same => continue,
+            Finding::Interrupted { .. } => {
+                eprintln!("{label}: finishing an interrupted write of `{name}` at {addr:#x}");
+                continue;
+            }
+            Finding::DevData => {
+                eprintln!("{label}: replacing the development data in `{name}` at {addr:#x}");
+                continue;
+            }
+            other => for_factory(other),
+        };
+        let holder = identify(ledger, &target.ledger_name, chip.as_deref(), Some(mac))
+            .unwrap_or_else(|| "an unknown production identity".to_owned());
+        let problem = format!(
+            "`{name}` at {addr:#x} on MAC {mac} holds {holder}: {}",
+            why_kept(&what)
+        );
+        if !args.force {
+            return Err(CliError(format!(
+                "{problem}; not flashed (--force replaces it)"
+            )));
+        }
+        eprintln!("{label}: warning: {problem}; replacing it (--force)");
+    }
+    Ok(())
 }
 
 /// One line per step and port (threads share stderr, so no bars).
