@@ -193,15 +193,16 @@ struct Target {
     /// Cargo mode: each partition's development image (`None` where a per-device key has no
     /// `dev` value), per-device keys and key, to tell development data on a chip from a
     /// production identity.
-    dev: BTreeMap<String, (Option<Vec<u8>>, DataPartition)>,
+    dev: BTreeMap<String, DevPartition>,
     /// The ledger, as messages name it.
     ledger_name: String,
 }
 
+/// A partition's development image (`None` without dev values) and what the guard needs.
+type DevPartition = (Option<Vec<u8>>, DataPartition);
+
 /// The development image of every partition of the metadata, with what the guard needs.
-fn dev_images(
-    metadata: &Metadata,
-) -> CliResult<BTreeMap<String, (Option<Vec<u8>>, DataPartition)>> {
+fn dev_images(metadata: &Metadata) -> CliResult<BTreeMap<String, DevPartition>> {
     let mut inputs = Inputs::new(|var| std::env::var(var).ok());
     let mut dev = BTreeMap::new();
     for spec in &metadata.partitions {
