@@ -70,10 +70,11 @@ pub fn assess(planned: &Planned<'_>, chip: &[u8]) -> Finding {
         };
     }
     let on_chip = parse(chip, planned.key);
-    if on_chip.looks_encrypted {
+    // Without a key of ours, entries that all fail their CRC are damage, not encryption.
+    if on_chip.looks_encrypted && planned.key.is_some() {
         return Finding::Unreadable;
     }
-    let problems: Vec<String> = on_chip
+    let mut problems: Vec<String> = on_chip
         .problems
         .iter()
         .filter(|p| p.severity == Severity::Error)
@@ -83,6 +84,9 @@ pub fn assess(planned: &Planned<'_>, chip: &[u8]) -> Finding {
             _ => p.message.clone(),
         })
         .collect();
+    if on_chip.looks_encrypted && problems.is_empty() {
+        problems.push("no entry passes its CRC".to_owned());
+    }
     if !problems.is_empty() {
         return Finding::Damaged { problems };
     }

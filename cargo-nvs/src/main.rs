@@ -6,6 +6,7 @@ mod flashing;
 mod fsutil;
 mod guard;
 mod project;
+mod protect;
 mod size;
 
 use std::ffi::OsString;

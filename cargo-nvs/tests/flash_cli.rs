@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use nvs_build::format::{ImageBuilder, PartitionSize, Value, Version};
-use support::fake_esp::{Config, FakeEsp, Fault};
+use support::fake_esp::{Config, Event, FakeEsp, Fault};
 use support::{bin, tempdir};
 
 fn firmware_manifest() -> PathBuf {
@@ -787,6 +787,100 @@ fn dev_factory_data_is_updated_and_foreign_data_kept() {
             "flash contents",
         );
     }
+}
+
+/// With the stub (espflash's default), data that is replaced is erased first: a write cut off
+/// later then leaves our image's start and erased flash, which the next flash finishes.
+#[test]
+fn stub_mode_erases_what_it_replaces_first() {
+    let scratch = tempdir::Dir::new();
+    let out = bin()
+        .args(["nvs", "generate", "--manifest-path"])
+        .arg(firmware_manifest())
+        .arg("--out-dir")
+        .arg(scratch.path())
+        .env("DEVICE_NAME", "an-older-name")
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let older = padded(
+        &std::fs::read(scratch.path().join("fctry.bin")).unwrap(),
+        0x2000,
+    );
+    let esp = Config::esp32c3().preset(0xf000, older).start();
+    let out = run(&esp, "flash", &["--nvs-only"]);
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("Updating the development data"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        esp.events().iter().any(|e| matches!(
+            e,
+            Event::EraseRegion {
+                offset: 0xf000,
+                size: 0x2000
+            }
+        )),
+        "{:?}",
+        esp.events()
+    );
+    same(
+        &esp.read(0xf000, 0x2000),
+        &padded(&release_image("fctry"), 0x2000),
+        "stub",
+    );
+    // Kept user data is read back through the stub too.
+    let device_data = nvs_image(0x6000, "user_data", &[("ssid", Value::String("x".into()))]);
+    esp.write(0x9000, &device_data);
+    let out = run(&esp, "flash", &["--nvs-only"]);
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("Keeping the device's user data"),
+        "{}",
+        stderr(&out)
+    );
+    same(
+        &esp.read(0x9000, 0x6000),
+        &device_data,
+        "kept through the stub",
+    );
+}
+
+/// A new partition table that moves NVS data: the app must not land on the old place of a
+/// production identity.
+#[test]
+fn a_changed_partition_table_does_not_overwrite_moved_factory_data() {
+    let old_table = esp_idf_part::PartitionTable::try_from_str(
+        "nvs, data, nvs, 0x9000, 0x6000,\nfctry, data, nvs, 0x20000, 0x2000, readonly\n\
+         factory, app, factory, 0x30000, 1M,\n",
+    )
+    .unwrap()
+    .to_bin()
+    .unwrap();
+    let identity = nvs_image(0x2000, "mass_prod", &[("serial", Value::U32(4242))]);
+    let esp = Config::esp32c3()
+        .preset(0x8000, old_table)
+        .preset(0x20000, identity.clone())
+        .start();
+    let before = esp.flash();
+    let out = run(&esp, "flash", &["--no-stub"]);
+    assert_fails(
+        &out,
+        &[
+            "the chip's partition table differs",
+            "factory data partition `fctry` at 0x20000",
+            "--overwrite-factory-data",
+        ],
+    );
+    same(&esp.flash(), &before, "a refused flash");
+    // --nvs-only leaves the table and app alone: nothing to fear.
+    assert_ok(&run(&esp, "flash", &["--no-stub", "--nvs-only"]));
+    same(&esp.read(0x20000, 0x2000), &identity, "the old place");
+    let out = run(&esp, "flash", &["--no-stub", "--overwrite-factory-data"]);
+    assert_ok(&out);
+    assert_ne!(esp.read(0x20000, 32), identity[..32].to_vec(), "no app");
 }
 
 /// A write cut off by a power loss is finished by the next flash; a corrupted one is named and

@@ -447,6 +447,27 @@ fn a_device_with_its_own_key_gets_the_key_into_nvs_keys() {
     same(&esp.read(0xc000, key.len()), &key, "nvs_keys");
     assert!(changed_outside(&esp, &blank, 0x9000, 0x4000).is_empty());
     assert_eq!(esp.flash_end_count(), 1, "image and key in one write");
+
+    // A chip whose nvs_keys hold other keys (its encrypted data needs them): refused.
+    let other = Config::esp32c3()
+        .mac([0x7c, 0xdf, 0xa1, 0, 0, 0x33])
+        .preset(0xc000, vec![0x42; 64])
+        .start();
+    let out = flash_table_nvs(&case, &other);
+    assert_fails(
+        &out,
+        &[
+            "nvs_keys partition at 0xc000",
+            "holds other keys",
+            "--force",
+        ],
+    );
+    same(&other.read(0xc000, 64), &[0x42; 64], "kept keys");
+    same(
+        &other.read(0x9000, 0x3000),
+        &[0xFF; 0x3000],
+        "nothing written",
+    );
 }
 
 #[test]

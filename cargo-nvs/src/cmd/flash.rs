@@ -9,21 +9,12 @@ use espflash::flasher::{FlashData, FlashFrequency, FlashMode, FlashSettings, Fla
 use espflash::image_format::Segment;
 use espflash::image_format::idf::IdfBootloaderFormat;
 use espflash::target::{Chip, XtalFrequency};
-use md5::Digest;
 
-use std::collections::BTreeMap;
-
-use nvs_build::format::encryption::XtsKey;
-use nvs_build::metadata::{EncryptionSpec, Metadata, PartitionSpec, ValueSource};
-
-use super::mfg::ledger::{Ledger, SqliteLedger};
-use super::mfg::product_ledger_path;
 use crate::artifacts::{BuildArgs, NvsImage, NvsManifest, build_with_nvs};
-use crate::flashing::{ConnectArgs, Progress, connect, inspect};
-use crate::guard::{
-    self, Allow, Decision, Finding, Planned as GuardPlan, candidate_sha256s, decide, for_factory,
-};
+use crate::flashing::{ConnectArgs, Progress, connect};
+use crate::guard::Allow;
 use crate::project::PackageArgs;
+use crate::protect::{Identities, data_partitions, guard_segments, guard_table_change};
 use crate::{CliError, CliResult};
 
 /// Build the app and flash it together with its NVS partitions, in one pass.
@@ -473,16 +464,12 @@ pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
         reset_user_data: args.reset_user_data,
         keep_user_data: args.keep_user_data,
     };
+    let use_stub = !args.connect.no_stub;
+    guard_table_change(&mut flasher, &segments, allow, use_stub)?;
     let identities = Identities::new(&metadata.manifest_path, info.mac_address.clone());
-    let kept = guard_segments(
-        &mut flasher,
-        &segments,
-        &data,
-        allow,
-        &identities,
-        !args.connect.no_stub,
-    )?;
-    segments.retain(|s| !kept.contains(&s.addr));
+    let guarded = guard_segments(&mut flasher, &segments, &data, allow, &identities, use_stub)?;
+    guarded.apply(&mut flasher, &mut segments, use_stub)?;
+    let kept = guarded.kept;
 
     let list: Vec<(u32, usize, String)> = segments
         .iter()
@@ -507,196 +494,6 @@ pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
         }
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// What the guard needs to know of one NVS partition of the package.
-pub struct DataPartition {
-    /// `namespace::key` of its per-device keys.
-    pub per_device: Vec<String>,
-    /// Decrypts it (and what the chip holds there).
-    pub key: Option<XtsKey>,
-}
-
-/// The package's NVS partitions by offset: per-device keys and key.
-pub fn data_partitions(
-    metadata: &Metadata,
-    images: &[NvsImage],
-) -> CliResult<BTreeMap<u32, DataPartition>> {
-    images
-        .iter()
-        .map(|image| {
-            let spec = metadata.partitions.iter().find(|p| p.name == image.name);
-            Ok((image.offset, DataPartition::of(spec)?))
-        })
-        .collect()
-}
-
-impl DataPartition {
-    /// What the metadata says of a partition (nothing, for one it does not describe).
-    pub fn of(spec: Option<&PartitionSpec>) -> CliResult<DataPartition> {
-        let per_device = spec
-            .map(|spec| {
-                spec.namespaces
-                    .iter()
-                    .flat_map(|ns| {
-                        ns.entries
-                            .iter()
-                            .filter(|e| matches!(e.source, ValueSource::PerDevice { .. }))
-                            .map(move |e| format!("{}::{}", ns.name, e.key))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let key = match spec.and_then(|s| s.encryption.as_ref()) {
-            Some((EncryptionSpec::KeyFile(path), _)) => {
-                Some(nvs_build::keys::load_key_file(path)?.key)
-            }
-            Some((EncryptionSpec::HmacKey(path), _)) => Some(nvs_build::keys::load_hmac_key(path)?),
-            None => None,
-        };
-        Ok(DataPartition { per_device, key })
-    }
-}
-
-/// ``device `ID` (found by … in the ledger `NAME`)``: the device whose recorded image is what
-/// the chip holds (`chip`), else the one last flashed onto the chip's MAC.
-pub fn identify(
-    ledger: &dyn Ledger,
-    ledger_name: &str,
-    chip: Option<&[u8]>,
-    mac: Option<&str>,
-) -> Option<String> {
-    let by_sha = chip
-        .into_iter()
-        .flat_map(candidate_sha256s)
-        .find_map(|sha| ledger.device_with_sha256(&sha).ok().flatten());
-    let (device, how) = match by_sha {
-        Some(device) => (device, "its SHA-256"),
-        None => (ledger.device_on_mac(mac?).ok()??, "the chip's MAC"),
-    };
-    Some(format!(
-        "device `{device}` (found by {how} in the ledger `{ledger_name}`)"
-    ))
-}
-
-/// Names the device a partition belongs to, from the product's ledger: by the partition's
-/// SHA-256, else by the chip's MAC.
-pub struct Identities {
-    ledger: Option<(PathBuf, SqliteLedger)>,
-    mac: Option<String>,
-}
-
-impl Identities {
-    pub fn new(manifest_path: &Path, mac: Option<String>) -> Identities {
-        let ledger = product_ledger_path(manifest_path)
-            .ok()
-            .and_then(|path| Some((path.clone(), SqliteLedger::open_existing(&path).ok()??)));
-        Identities { ledger, mac }
-    }
-
-    /// Names the device, when the ledger knows the partition's contents or the chip.
-    pub fn name(&self, chip: Option<&[u8]>) -> Option<String> {
-        let (path, ledger) = self.ledger.as_ref()?;
-        identify(
-            ledger,
-            &path.display().to_string(),
-            chip,
-            self.mac.as_deref(),
-        )
-    }
-}
-
-/// Decides, for every NVS partition about to be written, from what the chip holds there,
-/// whether writing it is safe (see `guard`); says what is kept and why. Returns the addresses
-/// of the segments to leave out; refuses (before anything is written) when a partition needs
-/// the user's decision.
-pub fn guard_segments(
-    flasher: &mut espflash::flasher::Flasher,
-    segments: &[Planned],
-    data: &BTreeMap<u32, DataPartition>,
-    allow: Allow,
-    identities: &Identities,
-    use_stub: bool,
-) -> CliResult<Vec<u32>> {
-    let mut kept = Vec::new();
-    let mut refusals = Vec::new();
-    for segment in segments {
-        let role = match segment.role {
-            Role::FactoryData => guard::Role::Factory,
-            Role::UserData => guard::Role::UserData,
-            _ => continue,
-        };
-        let Some(partition) = data.get(&segment.addr) else {
-            continue;
-        };
-        let planned = GuardPlan {
-            ours: &segment.data,
-            // A development flash: our image holds the dev values.
-            dev: Some(&segment.data),
-            key: partition.key.as_ref(),
-            per_device: &partition.per_device,
-        };
-        let (mut finding, chip) = inspect(flasher, segment.addr, &planned, use_stub)?;
-        if role == guard::Role::Factory {
-            finding = for_factory(finding);
-        }
-        let identity = match &finding {
-            Finding::Blank | Finding::Same | Finding::Interrupted { .. } | Finding::DevData => None,
-            _ if role == guard::Role::Factory => identities.name(chip.as_deref()),
-            _ => None,
-        };
-        let label = format!("{} at {:#x}", segment.name, segment.addr);
-        match decide(role, &finding, allow, &label, identity.as_deref()) {
-            Decision::Write(message) => {
-                if let Some(message) = message {
-                    eprintln!("{message}");
-                }
-            }
-            Decision::Keep(message) => {
-                eprintln!("{message}");
-                kept.push(segment.addr);
-            }
-            Decision::Refuse(message) => refusals.push(message),
-        }
-    }
-    if !refusals.is_empty() {
-        return Err(CliError(format!(
-            "{}; nothing was written",
-            refusals.join("; ")
-        )));
-    }
-    // Kept data encrypted with the nvs_keys file must stay readable: new keys would orphan it.
-    // Then the chip's keys stay, and so does every other keyed partition (ours would be
-    // unreadable under the chip's keys). Writing the same keys is fine (skipped as unchanged).
-    let kept_keyed = segments.iter().any(|s| s.keyed && kept.contains(&s.addr));
-    if let Some(keys) = segments
-        .iter()
-        .find(|s| s.role == Role::NvsKeys)
-        .filter(|_| kept_keyed)
-    {
-        let on_chip = flasher
-            .checksum_md5(keys.addr, keys.data.len() as u32)
-            .map_err(|e| CliError(format!("cannot check nvs_keys: {e}")))?;
-        let ours = u128::from_be_bytes(md5::Md5::digest(&keys.data).into());
-        if on_chip != ours {
-            eprintln!(
-                "Keeping the chip's nvs_keys at {:#x}: the data kept above is encrypted with them",
-                keys.addr
-            );
-            kept.push(keys.addr);
-            for segment in segments {
-                if segment.keyed && !kept.contains(&segment.addr) {
-                    eprintln!(
-                        "Not writing {} at {:#x}: it is encrypted with this package's nvs_keys, \
-                         which the chip does not have",
-                        segment.name, segment.addr
-                    );
-                    kept.push(segment.addr);
-                }
-            }
-        }
-    }
-    Ok(kept)
 }
 
 #[cfg(test)]

@@ -17,11 +17,11 @@ use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
 
 use super::ledger::{FlashRecord, Issued, Ledger, SqliteLedger};
 use super::product::{ChosenLedger, LEDGER_ENV, Scope, choose_ledger};
-use crate::cmd::flash::{DataPartition, identify};
 use crate::flashing::inspect;
 use crate::flashing::{After, Before, ConnectArgs, connect};
 use crate::guard::{Finding, Planned as GuardPlan, for_factory, why_kept};
 use crate::project::PackageArgs;
+use crate::protect::{DataPartition, identify};
 use crate::size::parse_size;
 use crate::{CliError, CliResult};
 
@@ -712,7 +712,17 @@ fn flash_device(
             data.len()
         )));
     }
-    guard_device_images(args, target, &mut flasher, &segments, &label, &mac, ledger)?;
+    let erase_first =
+        guard_device_images(args, target, &mut flasher, &segments, &label, &mac, ledger)?;
+    if !args.no_stub {
+        // What is replaced is erased first, so a write cut off later leaves the start of the
+        // image and erased flash, which the next run finishes (the ROM loader does this itself).
+        for &(addr, len) in &erase_first {
+            flasher
+                .erase_region(addr, len)
+                .map_err(|e| CliError(format!("cannot erase flash at {addr:#x}: {e}")))?;
+        }
+    }
     let espflash_segments: Vec<Segment<'_>> = segments
         .iter()
         .map(|(addr, data, _)| Segment::new(*addr, data))
@@ -760,8 +770,9 @@ fn flash_device(
 }
 
 /// A device's images go over blank flash, this very image, its own interrupted write, or the
-/// package's development data; anything else (another production identity, foreign or
-/// damaged data, data encrypted with other keys) is refused unless --force.
+/// package's development data; its key over blank flash or the same key. Anything else
+/// (another production identity, foreign or damaged data, data encrypted with other keys,
+/// other keys) is refused unless --force. Returns the regions that are replaced.
 fn guard_device_images(
     args: &MfgFlashArgs,
     target: &Target,
@@ -770,9 +781,11 @@ fn guard_device_images(
     label: &str,
     mac: &str,
     ledger: &dyn Ledger,
-) -> CliResult<()> {
-    for (addr, data, name) in segments.iter().filter(|s| s.2 != "nvs_keys") {
-        let dev = target.dev.get(name);
+) -> CliResult<Vec<(u32, u32)>> {
+    let mut replaced = Vec::new();
+    for (addr, data, name) in segments {
+        let len = data.len() as u32;
+        let dev = target.dev.get(name).filter(|_| name != "nvs_keys");
         let planned = GuardPlan {
             ours: data,
             dev: dev.and_then(|(image, _)| image.as_deref()),
@@ -780,32 +793,40 @@ fn guard_device_images(
             per_device: dev.map_or(&[][..], |(_, p)| p.per_device.as_slice()),
         };
         let (finding, chip) = inspect(flasher, *addr, &planned, !args.no_stub)?;
-        let what = match finding {
+        let problem = match finding {
             Finding::Blank | Finding::Same => continue,
+            _ if name == "nvs_keys" => format!(
+                "the nvs_keys partition at {addr:#x} on MAC {mac} holds other keys (the chip's \
+                 encrypted NVS data is readable only with them)"
+            ),
             Finding::Interrupted { .. } => {
                 eprintln!("{label}: finishing an interrupted write of `{name}` at {addr:#x}");
+                replaced.push((*addr, len));
                 continue;
             }
             Finding::DevData => {
                 eprintln!("{label}: replacing the development data in `{name}` at {addr:#x}");
+                replaced.push((*addr, len));
                 continue;
             }
-            other => for_factory(other),
+            other => {
+                let holder = identify(ledger, &target.ledger_name, chip.as_deref(), Some(mac))
+                    .unwrap_or_else(|| "an unknown production identity".to_owned());
+                format!(
+                    "`{name}` at {addr:#x} on MAC {mac} holds {holder}: {}",
+                    why_kept(&for_factory(other))
+                )
+            }
         };
-        let holder = identify(ledger, &target.ledger_name, chip.as_deref(), Some(mac))
-            .unwrap_or_else(|| "an unknown production identity".to_owned());
-        let problem = format!(
-            "`{name}` at {addr:#x} on MAC {mac} holds {holder}: {}",
-            why_kept(&what)
-        );
         if !args.force {
             return Err(CliError(format!(
                 "{problem}; not flashed (--force replaces it)"
             )));
         }
         eprintln!("{label}: warning: {problem}; replacing it (--force)");
+        replaced.push((*addr, len));
     }
-    Ok(())
+    Ok(replaced)
 }
 
 /// One line per step and port (threads share stderr, so no bars).

@@ -203,6 +203,25 @@ impl SqliteLedger {
         Self::open_with(path, flags, false).map(Some)
     }
 
+    /// Opens an existing ledger only to look things up: nothing is written (no journal mode,
+    /// no schema upgrade); `None` when there is none.
+    pub fn open_read_only(path: &Path) -> CliResult<Option<SqliteLedger>> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let connection = Connection::open_with_flags(path, flags)
+            .and_then(|c| c.busy_timeout(Duration::from_secs(5)).map(|()| c))
+            .map_err(|e| CliError(format!("cannot open the ledger `{}`: {e}", path.display())))?;
+        Ok(Some(SqliteLedger {
+            path: path.to_owned(),
+            connection: Mutex::new(connection),
+            claim_lifetime: CLAIM_LIFETIME,
+        }))
+    }
+
     fn open_with(path: &Path, flags: OpenFlags, sync: bool) -> CliResult<SqliteLedger> {
         let fail = |e: rusqlite::Error| {
             CliError(format!("cannot open the ledger `{}`: {e}", path.display()))
