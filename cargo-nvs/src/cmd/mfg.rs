@@ -788,6 +788,15 @@ fn produce(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<ExitCode> {
     }
 
     // Pass 4: build again, and write and record each device's files.
+    if !run.ledger.exists() {
+        // The ledger knows only the ids issued into it: say where it starts, once.
+        eprintln!(
+            "note: starting the product ledger `{}`; it refuses every id issued into it from now \
+             on. Batches made by cargo-nvs before the product ledger kept their own \
+             `<out-dir>/ledger.sqlite`, whose ids it does not know",
+            run.ledger.display()
+        );
+    }
     let out_dir_existed = run.out_dir.exists();
     let result = std::fs::create_dir_all(run.out_dir.join("bin"))
         .map_err(|e| {
