@@ -277,6 +277,61 @@ fn refuses_an_id_on_a_second_chip_and_a_second_id_on_a_chip_unless_forced() {
     assert_fails(&out, &["`SN9`", "not in the ledger"]);
 }
 
+/// A station that died while writing (or could not log): the chip may hold the device, so it
+/// goes to no other chip until that chip is verified and logged.
+#[test]
+fn a_device_written_but_never_logged_goes_to_no_other_chip() {
+    let case = batch();
+    let db = rusqlite::Connection::open(case.dir.path().join("ledger.sqlite")).unwrap();
+    db.execute(
+        "INSERT INTO claims (device, claimant, claimed_at, written_to)
+         VALUES ('SN1', 'a station that died', '2000-01-01T00:00:00.000Z', ?1)",
+        [mac_text(MAC_A)],
+    )
+    .unwrap();
+    drop(db);
+    let b = Config::esp32c3().mac(MAC_B).start();
+    let out = flash(&case, &[&b], &["--next", "--offset", "0x9000"]);
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("never logged (e.g. `SN1` on MAC"),
+        "{}",
+        stderr(&out)
+    );
+    same(
+        &b.read(0x9000, 0x3000),
+        &image(&case, "SN2"),
+        "the next device",
+    );
+
+    let c = Config::esp32c3().mac(MAC_C).start();
+    let blank = c.flash();
+    let out = flash(&case, &[&c], &["--device", "SN1", "--offset", "0x9000"]);
+    assert_fails(
+        &out,
+        &[
+            "was written to the chip with MAC",
+            &mac_text(MAC_A),
+            "--device SN1",
+        ],
+    );
+    assert!(c.flash() == blank, "written onto a third chip");
+
+    // The chip it went to: verified and logged; then it is an ordinary flashed device.
+    let a = Config::esp32c3().mac(MAC_A).start();
+    assert_ok(&flash(
+        &case,
+        &[&a],
+        &["--device", "SN1", "--offset", "0x9000"],
+    ));
+    let rows = log(&case);
+    assert_eq!(rows.len(), 2);
+    assert!(
+        rows.iter()
+            .any(|r| r[1] == "SN1" && r[0] == mac_text(MAC_A) && r[4] == "ok")
+    );
+}
+
 #[test]
 fn a_failed_verification_is_logged_and_leaves_the_device_unflashed() {
     let case = batch();

@@ -465,6 +465,16 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
         &args.package,
     )?;
     target.ledger_name = chosen.path.display().to_string();
+    // Devices written to a chip whose flash was never logged are given to no other chip.
+    let unlogged = ledger.written_unlogged()?;
+    if let Some((device, mac)) = unlogged.first() {
+        eprintln!(
+            "note: {} device(s) were written to a chip but never logged (e.g. `{device}` on MAC \
+             {mac}): they go to no other chip. Connect that chip and run `cargo nvs mfg flash \
+             --device {device}` to verify and log it",
+            unlogged.len()
+        );
+    }
     let batches = batches(args.out_dir.as_deref(), &ledger, &chosen)?;
     let ports: Vec<Option<String>> = if args.ports.is_empty() {
         vec![None]
@@ -701,6 +711,19 @@ fn flash_device(
         }
         eprintln!("{label}: warning: {conflict}; flashing anyway (--force)");
     }
+    if let Some(other) = ledger.written_to(&device.device)?.filter(|m| *m != mac) {
+        let problem = format!(
+            "device `{}` was written to the chip with MAC {other}, and how that ended was never \
+             logged: that chip may hold it. Connect it and run `cargo nvs mfg flash --device {}`",
+            device.device, device.device
+        );
+        if !args.force {
+            return Err(CliError(format!(
+                "{problem}; not flashed (--force flashes it here anyway)"
+            )));
+        }
+        eprintln!("{label}: warning: {problem}; flashing it here anyway (--force)");
+    }
     let flash_size = info.flash_size.size();
     if let Some((addr, data, name)) = segments
         .iter()
@@ -731,6 +754,8 @@ fn flash_device(
         label: label.clone(),
     };
     eprintln!("{label}: chip {} MAC {mac}", flasher.chip());
+    // From here the chip may hold the device even if this process dies.
+    ledger.mark_written(&device.device, claim.claimant, &mac)?;
     let written = flasher.write_bins_to_flash(&espflash_segments, &mut progress);
     let record = |result: String| FlashRecord {
         mac: mac.clone(),

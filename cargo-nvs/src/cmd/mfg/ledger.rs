@@ -97,8 +97,17 @@ pub trait Ledger: Send + Sync {
     fn claim_next(&self, claimant: &str, batch_dirs: &[PathBuf]) -> CliResult<Option<Issued>>;
     /// Claims the named device; `Err` names the station that holds a live claim on it.
     fn claim(&self, device: &str, claimant: &str) -> CliResult<Result<(), String>>;
-    /// Gives up `claimant`'s claim on the device (when it was not flashed after all).
+    /// Gives up `claimant`'s claim on the device (when it was not flashed after all); a claim
+    /// whose device was written to a chip stays.
     fn release(&self, device: &str, claimant: &str) -> CliResult<()>;
+    /// Records, just before writing, that the claimed device goes onto the chip `mac`. Until
+    /// the flash is logged the device is given to no other chip: if the station dies (or the
+    /// log cannot be written) the chip may hold it, so it is never claimed automatically again.
+    fn mark_written(&self, device: &str, claimant: &str, mac: &str) -> CliResult<()>;
+    /// The chip an unlogged write of `device` went to, if any.
+    fn written_to(&self, device: &str) -> CliResult<Option<String>>;
+    /// Every device written to a chip without a log entry: (device, MAC).
+    fn written_unlogged(&self) -> CliResult<Vec<(String, String)>>;
     /// Appends a production-log row and ends the device's claim, in one transaction.
     fn record_flash(&self, record: &FlashRecord) -> CliResult<()>;
     /// Why flashing `device` onto the chip `mac` would break the one-id-per-MAC rule: the id
@@ -169,7 +178,8 @@ CREATE TABLE IF NOT EXISTS device_images (
 CREATE TABLE IF NOT EXISTS claims (
     device     TEXT PRIMARY KEY NOT NULL,
     claimant   TEXT NOT NULL,
-    claimed_at TEXT NOT NULL
+    claimed_at TEXT NOT NULL,
+    written_to TEXT
 );
 CREATE TABLE IF NOT EXISTS flash_log (
     id     INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -302,6 +312,12 @@ fn upgrade(tx: &Connection, ledger_folder: &str) -> rusqlite::Result<()> {
     if !has_column("hmac_key_file")? {
         tx.execute_batch("ALTER TABLE devices ADD COLUMN hmac_key_file TEXT")?;
     }
+    let claims_have_written_to = tx
+        .prepare("SELECT 1 FROM pragma_table_info('claims') WHERE name = 'written_to'")
+        .and_then(|mut s| s.exists([]))?;
+    if !claims_have_written_to {
+        tx.execute_batch("ALTER TABLE claims ADD COLUMN written_to TEXT")?;
+    }
     if !has_column("batch_dir")? {
         tx.execute_batch("ALTER TABLE devices ADD COLUMN batch_dir TEXT NOT NULL DEFAULT ''")?;
     }
@@ -348,11 +364,14 @@ fn issued_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Issued> {
     })
 }
 
-/// Claims `device` for `claimant` from now, replacing an older claim.
+/// Claims `device` for `claimant` from now, replacing an older claim (but not its record of a
+/// chip the device was written to).
 fn put_claim(c: &Connection, device: &str, claimant: &str) -> rusqlite::Result<()> {
     c.execute(
         &format!(
-            "INSERT OR REPLACE INTO claims (device, claimant, claimed_at) VALUES (?1, ?2, {NOW})"
+            "INSERT INTO claims (device, claimant, claimed_at) VALUES (?1, ?2, {NOW})
+             ON CONFLICT (device) DO UPDATE SET claimant = excluded.claimant,
+               claimed_at = excluded.claimed_at"
         ),
         [device, claimant],
     )
@@ -524,6 +543,9 @@ impl Ledger for SqliteLedger {
                      AND NOT EXISTS
                        (SELECT 1 FROM claims c WHERE c.device = d.device AND c.claimant <> ?1
                           AND {live_claim})
+                     AND NOT EXISTS
+                       (SELECT 1 FROM claims w WHERE w.device = d.device
+                          AND w.written_to IS NOT NULL)
                      AND d.batch_dir IN (SELECT value FROM json_each(?2))
                      ORDER BY batch, values_file, line LIMIT 1"
                 ))?
@@ -566,10 +588,48 @@ impl Ledger for SqliteLedger {
     fn release(&self, device: &str, claimant: &str) -> CliResult<()> {
         self.with(|c| {
             c.execute(
-                "DELETE FROM claims WHERE device = ?1 AND claimant = ?2",
+                "DELETE FROM claims WHERE device = ?1 AND claimant = ?2 AND written_to IS NULL",
+                [device, claimant],
+            )?;
+            // The station lets go, the record of the chip stays.
+            c.execute(
+                "UPDATE claims SET claimed_at = '0000-00-00T00:00:00.000Z'
+                 WHERE device = ?1 AND claimant = ?2",
                 [device, claimant],
             )
             .map(drop)
+        })
+    }
+
+    fn mark_written(&self, device: &str, claimant: &str, mac: &str) -> CliResult<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE claims SET written_to = ?3 WHERE device = ?1 AND claimant = ?2",
+                [device, claimant, mac],
+            )
+            .map(drop)
+        })
+    }
+
+    fn written_to(&self, device: &str) -> CliResult<Option<String>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT written_to FROM claims WHERE device = ?1 AND written_to IS NOT NULL",
+                [device],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
+    fn written_unlogged(&self) -> CliResult<Vec<(String, String)>> {
+        self.with(|c| {
+            c.prepare(
+                "SELECT device, written_to FROM claims WHERE written_to IS NOT NULL
+                 ORDER BY claimed_at",
+            )?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect()
         })
     }
 
@@ -766,6 +826,36 @@ mod tests {
         );
         assert!(csv.contains("m1,A,"), "{csv}");
         assert_eq!(csv.lines().count(), 3);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_device_written_without_a_log_entry_is_claimed_by_no_one() {
+        let dir = scratch("written");
+        let ledger = SqliteLedger::open(&dir.join("l.sqlite"), false).unwrap();
+        for (n, id) in ["A", "B"].iter().enumerate() {
+            ledger.issue(&entry(id, n + 2), false).unwrap();
+        }
+        let a = ledger.claim_next("s1", &one()).unwrap().unwrap();
+        ledger.mark_written(&a.device, "s1", "m1").unwrap();
+        // Released (the station's flash ended without a log entry): the mark stays.
+        ledger.release(&a.device, "s1").unwrap();
+        assert_eq!(ledger.written_to("A").unwrap().as_deref(), Some("m1"));
+        assert_eq!(
+            ledger.written_unlogged().unwrap(),
+            vec![("A".to_owned(), "m1".to_owned())]
+        );
+        // Not even the same station takes it back automatically.
+        assert_eq!(
+            ledger.claim_next("s1", &one()).unwrap().unwrap().device,
+            "B"
+        );
+        // Claiming it by name (any station: the one that wrote it let go) keeps the mark;
+        // logging ends it.
+        ledger.claim("A", "s2").unwrap().unwrap();
+        assert_eq!(ledger.written_to("A").unwrap().as_deref(), Some("m1"));
+        ledger.record_flash(&flash("m1", "A", "ok")).unwrap();
+        assert!(ledger.written_unlogged().unwrap().is_empty());
         let _ = std::fs::remove_dir_all(dir);
     }
 
