@@ -63,6 +63,25 @@ fn release_out_dir() -> PathBuf {
         .clone()
 }
 
+/// The firmware's development factory data as an earlier build made it (another
+/// `DEVICE_NAME`), padded over the partition.
+fn older_dev_fctry() -> Vec<u8> {
+    let scratch = tempdir::Dir::new();
+    let out = bin()
+        .args(["nvs", "generate", "--manifest-path"])
+        .arg(firmware_manifest())
+        .arg("--out-dir")
+        .arg(scratch.path())
+        .env("DEVICE_NAME", "an-older-name")
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    padded(
+        &std::fs::read(scratch.path().join("fctry.bin")).unwrap(),
+        0x2000,
+    )
+}
+
 /// The release build's NVS image of `partition`, as nvs-build wrote it.
 fn release_image(partition: &str) -> Vec<u8> {
     std::fs::read(release_out_dir().join(format!("nvs/{partition}.bin"))).unwrap()
@@ -83,6 +102,55 @@ fn nvs_image(size: u64, namespace: &str, entries: &[(&str, Value)]) -> Vec<u8> {
     }
     let image = builder.finish(PartitionSize::new(size).unwrap()).unwrap();
     padded(&image, size as usize)
+}
+
+/// A product of the firmware: devices issued by `mfg generate` (Cargo mode) into `batch/` of a
+/// scratch folder, with their own ledger.
+struct Product {
+    dir: tempdir::Dir,
+    ledger: PathBuf,
+}
+
+impl Product {
+    fn new(devices_csv: &str) -> Product {
+        let dir = tempdir::Dir::new();
+        let ledger = dir.path().join("ledger.sqlite");
+        std::fs::write(dir.path().join("devices.csv"), devices_csv).unwrap();
+        let product = Product { dir, ledger };
+        let out = product.mfg(&["generate", "--values", "devices.csv", "--id", "serial"]);
+        assert_ok(&out);
+        product
+    }
+
+    /// `cargo nvs mfg ARGS… --out-dir batch` with the firmware and this product's ledger.
+    fn mfg(&self, args: &[&str]) -> Output {
+        bin()
+            .args(["nvs", "mfg"])
+            .args(args)
+            .args(["--out-dir", "batch", "--manifest-path"])
+            .arg(firmware_manifest())
+            .arg("--ledger")
+            .arg(&self.ledger)
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap()
+    }
+
+    /// `mfg flash` of the next device onto `esp` (ROM loader, no resets).
+    fn flash_next(&self, esp: &FakeEsp, extra: &[&str]) -> Output {
+        let mut args = vec!["flash", "--port", esp.path(), "--before", "no-reset"];
+        args.extend(["--after", "no-reset", "--no-stub"]);
+        args.extend_from_slice(extra);
+        let out = self.mfg(&args);
+        esp.settle();
+        out
+    }
+
+    /// Device `id`'s factory image, padded over its partition.
+    fn image(&self, id: &str) -> Vec<u8> {
+        let file = self.dir.path().join(format!("batch/bin/fctry-{id}.bin"));
+        padded(&std::fs::read(file).unwrap(), 0x2000)
+    }
 }
 
 /// Compares flash contents without printing them (they may be long, or secret).
@@ -474,56 +542,14 @@ fn runner_mode_flashes_what_cargo_built() {
 /// A chip provisioned by `mfg flash` keeps its identity through every way of updating the app.
 #[test]
 fn a_provisioned_chip_keeps_its_factory_data() {
-    let scratch = tempdir::Dir::new();
-    let ledger = scratch.path().join("ledger.sqlite");
-    std::fs::write(
-        scratch.path().join("devices.csv"),
-        "serial,secret\n1000,per-device-secret-1000\n",
-    )
-    .unwrap();
+    let product = Product::new("serial,secret\n1000,per-device-secret-1000\n");
+    let (scratch, ledger) = (&product.dir, &product.ledger);
     let esp = FakeEsp::esp32c3();
-    let mfg = |args: &[&str]| {
-        let out = bin()
-            .args(["nvs", "mfg"])
-            .args(args)
-            .arg("--manifest-path")
-            .arg(firmware_manifest())
-            .arg("--ledger")
-            .arg(&ledger)
-            .current_dir(scratch.path())
-            .output()
-            .unwrap();
-        esp.settle();
-        assert_ok(&out);
-    };
-    mfg(&[
-        "generate",
-        "--values",
-        "devices.csv",
-        "--id",
-        "serial",
-        "--out-dir",
-        "batch",
-    ]);
-    mfg(&[
-        "flash",
-        "--out-dir",
-        "batch",
-        "--port",
-        esp.path(),
-        "--before",
-        "no-reset",
-        "--after",
-        "no-reset",
-        "--no-stub",
-    ]);
+    assert_ok(&product.flash_next(&esp, &[]));
     let identity = esp.read(0xf000, 0x2000);
     same(
         &identity,
-        &padded(
-            &std::fs::read(scratch.path().join("batch/bin/fctry-1000.bin")).unwrap(),
-            0x2000,
-        ),
+        &product.image("1000"),
         "the provisioned factory data",
     );
     let with_ledger = |out: &[&str]| {
@@ -533,7 +559,7 @@ fn a_provisioned_chip_keeps_its_factory_data() {
             .args(["--release", "--port", esp.path(), "--before", "no-reset"])
             .args(["--after", "no-reset", "--no-stub"])
             .args(out)
-            .env("NVS_LEDGER", &ledger)
+            .env("NVS_LEDGER", ledger)
             .output()
             .unwrap();
         esp.settle();
@@ -638,53 +664,11 @@ fn a_provisioned_chip_keeps_its_factory_data() {
 /// another production identity unless --force.
 #[test]
 fn mfg_flash_replaces_dev_data_and_refuses_another_identity() {
-    let scratch = tempdir::Dir::new();
-    let ledger = scratch.path().join("ledger.sqlite");
-    std::fs::write(
-        scratch.path().join("devices.csv"),
-        "serial,secret\n1000,secret-1000\n1001,secret-1001\n",
-    )
-    .unwrap();
-    let mfg = |esp: &FakeEsp, args: &[&str]| {
-        let out = bin()
-            .args(["nvs", "mfg"])
-            .args(args)
-            .arg("--manifest-path")
-            .arg(firmware_manifest())
-            .arg("--ledger")
-            .arg(&ledger)
-            .current_dir(scratch.path())
-            .output()
-            .unwrap();
-        esp.settle();
-        out
-    };
-    let flash_next = |esp: &FakeEsp, extra: &[&str]| {
-        let mut args = vec!["flash", "--out-dir", "batch", "--port", esp.path()];
-        args.extend(["--before", "no-reset", "--after", "no-reset", "--no-stub"]);
-        args.extend_from_slice(extra);
-        mfg(esp, &args)
-    };
     let dev_chip = FakeEsp::esp32c3();
     assert_ok(&run(&dev_chip, "flash", &["--no-stub", "--nvs-only"]));
-    assert_ok(&mfg(
-        &dev_chip,
-        &[
-            "generate",
-            "--values",
-            "devices.csv",
-            "--id",
-            "serial",
-            "--out-dir",
-            "batch",
-        ],
-    ));
-    let image = |id: &str| {
-        padded(
-            &std::fs::read(scratch.path().join(format!("batch/bin/fctry-{id}.bin"))).unwrap(),
-            0x2000,
-        )
-    };
+    let product = Product::new("serial,secret\n1000,secret-1000\n1001,secret-1001\n");
+    let flash_next = |esp: &FakeEsp, extra: &[&str]| product.flash_next(esp, extra);
+    let image = |id: &str| product.image(id);
     let out = flash_next(&dev_chip, &[]);
     assert_ok(&out);
     assert!(
@@ -718,20 +702,7 @@ fn mfg_flash_replaces_dev_data_and_refuses_another_identity() {
 /// Development data is replaced (e.g. after DEVICE_NAME changed); data that is not ours is not.
 #[test]
 fn dev_factory_data_is_updated_and_foreign_data_kept() {
-    let scratch = tempdir::Dir::new();
-    let out = bin()
-        .args(["nvs", "generate", "--manifest-path"])
-        .arg(firmware_manifest())
-        .arg("--out-dir")
-        .arg(scratch.path())
-        .env("DEVICE_NAME", "an-older-name")
-        .output()
-        .unwrap();
-    assert_ok(&out);
-    let older = padded(
-        &std::fs::read(scratch.path().join("fctry.bin")).unwrap(),
-        0x2000,
-    );
+    let older = older_dev_fctry();
     let esp = Config::esp32c3().preset(0xf000, older.clone()).start();
     let out = run(&esp, "flash", &["--no-stub", "--nvs-only"]);
     assert_ok(&out);
@@ -793,20 +764,7 @@ fn dev_factory_data_is_updated_and_foreign_data_kept() {
 /// later then leaves our image's start and erased flash, which the next flash finishes.
 #[test]
 fn stub_mode_erases_what_it_replaces_first() {
-    let scratch = tempdir::Dir::new();
-    let out = bin()
-        .args(["nvs", "generate", "--manifest-path"])
-        .arg(firmware_manifest())
-        .arg("--out-dir")
-        .arg(scratch.path())
-        .env("DEVICE_NAME", "an-older-name")
-        .output()
-        .unwrap();
-    assert_ok(&out);
-    let older = padded(
-        &std::fs::read(scratch.path().join("fctry.bin")).unwrap(),
-        0x2000,
-    );
+    let older = older_dev_fctry();
     let esp = Config::esp32c3().preset(0xf000, older).start();
     let out = run(&esp, "flash", &["--nvs-only"]);
     assert_ok(&out);
