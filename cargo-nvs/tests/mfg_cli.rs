@@ -1280,3 +1280,77 @@ fn device_images_are_private() {
         assert_eq!(mode & 0o777, 0o600, "{}", path.display());
     }
 }
+
+/// Two runs issuing overlapping ids at the same moment (into one out dir, or two): exactly one
+/// gets each id; the other writes nothing and names the ids; every SHA-256 the ledger recorded
+/// is its file's. Before ids were reserved ahead of writing, both could pass their checks and
+/// rename images over each other.
+#[test]
+fn two_runs_issuing_the_same_ids_at_once_never_both_get_one() {
+    let mut values = String::from("id,serial,num,region\n");
+    for n in 1..=300 {
+        values.push_str(&format!("{n},SN{n},{},EU\n", n % 200));
+    }
+    for trial in 0..20 {
+        let case = case(CONFIG, &values);
+        let (dir_a, dir_b) = if trial % 2 == 0 {
+            ("out", "out")
+        } else {
+            ("out", "out2")
+        };
+        let spawn = |out_dir: &str| {
+            let args = mfg_args(out_dir, &["--fileid", "serial"]);
+            bin()
+                .args(&args)
+                .current_dir(case.dir.path())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (a, b) = (spawn(dir_a), spawn(dir_b));
+        let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+        let won: Vec<&Output> = [&a, &b]
+            .into_iter()
+            .filter(|o| o.status.success())
+            .collect();
+        assert_eq!(
+            won.len(),
+            1,
+            "trial {trial}: {}\n---\n{}",
+            stderr(&a),
+            stderr(&b)
+        );
+        let lost = if a.status.success() { &b } else { &a };
+        let text = stderr(lost);
+        assert!(
+            (text.contains("SN") && text.contains("never issued twice"))
+                || text.contains("already exists"),
+            "trial {trial}: {text}"
+        );
+        assert!(!text.contains("panicked"), "{text}");
+        let ledger = case.dir.path().join("ledger.sqlite");
+        let devices = ledger_devices(&ledger);
+        assert_eq!(devices.len(), 300, "trial {trial}");
+        let winner_dir = if a.status.success() { dir_a } else { dir_b };
+        for (device, image, sha256, _) in devices {
+            let bytes = std::fs::read(case.dir.path().join(winner_dir).join(&image)).unwrap();
+            assert_eq!(
+                support::sha256_hex(&bytes),
+                sha256,
+                "trial {trial}: {device}"
+            );
+        }
+        if dir_a != dir_b {
+            let loser_dir = if a.status.success() { dir_b } else { dir_a };
+            assert!(
+                !case.dir.path().join(loser_dir).join("bin").exists()
+                    || std::fs::read_dir(case.dir.path().join(loser_dir).join("bin"))
+                        .unwrap()
+                        .next()
+                        .is_none(),
+                "trial {trial}: the losing run wrote images"
+            );
+        }
+    }
+}

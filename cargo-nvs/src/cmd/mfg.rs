@@ -49,7 +49,7 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use self::input::{ConfigRow, DeviceRow, Values, bind_columns, device_csv, read_config};
-use self::ledger::{Issued, Ledger, SqliteLedger};
+use self::ledger::{Issued, Ledger, Reservation, SqliteLedger};
 use self::product::{CONFIG_LEDGER, ChosenLedger, Scope, choose_ledger, same_file};
 use super::generate::{parse_version, warn_if_read_only};
 use super::keys::{HmacOptions, load_key, random_hmac_key};
@@ -774,7 +774,7 @@ fn produce(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<ExitCode> {
     check_ledger_place(run)?;
     // Passes 2 and 3: build every image in memory (nothing is written) so that bad input writes
     // nothing, and decide what to do with each device, refusing existing files and issued ids.
-    let actions = check_all(run, maker, count)?;
+    let Checked { actions, to_issue } = check_all(run, maker, count)?;
     for shared in maker.shared() {
         let path = bin_path(&run.out_dir, &shared.name);
         if path.exists() && std::fs::read(&path).ok().as_deref() != Some(&shared.bytes[..]) {
@@ -815,6 +815,7 @@ fn produce(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<ExitCode> {
                 batch_dir,
                 values: run.values.display().to_string(),
             };
+            reserve(run, &work, &to_issue)?;
             write_all(run, maker, &work)
         });
     if let Err(e) = result {
@@ -838,6 +839,44 @@ fn produce(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<ExitCode> {
         )));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reserves the run's ids in the ledger before any file is written, so that a run issuing the
+/// same ids at the same time (another process, another station) cannot also write them: the
+/// run that comes second writes nothing and names the ids.
+fn reserve(run: &Run, work: &Work<'_>, to_issue: &[(String, usize)]) -> CliResult {
+    let refused = work.ledger.reserve(
+        to_issue,
+        &Reservation {
+            batch: &work.batch,
+            batch_dir: &work.batch_dir,
+            values: &work.values,
+            allow_reissue: run.allow_reissue,
+            resume: run.resume,
+        },
+    )?;
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let lines: HashMap<&str, usize> = to_issue.iter().map(|(id, l)| (id.as_str(), *l)).collect();
+    let mut text = format!(
+        "{} device id(s) were issued by another run meanwhile (product ledger `{}`); an id is \
+         never issued twice:",
+        refused.len(),
+        run.ledger.display()
+    );
+    for (device, when) in refused.iter().take(10) {
+        let line = lines.get(device.as_str()).copied().unwrap_or(0);
+        text.push_str(&format!(
+            "\n  {}: device `{device}` was {when}",
+            run.at(line)
+        ));
+    }
+    if refused.len() > 10 {
+        text.push_str(&format!("\n  … and {} more", refused.len() - 10));
+    }
+    text.push_str("\nnothing was written");
+    Err(CliError(text))
 }
 
 /// The batch folder as the ledger records it: the out dir (which exists), absolute and
@@ -905,7 +944,14 @@ fn check_ledger_place(run: &Run) -> CliResult {
 /// what to do with it. A device that does not build is refused before any device that the run
 /// may not write (in values order within each kind), and those before the ids the ledger has
 /// issued before (all named together).
-fn check_all(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<Vec<Action>> {
+/// What the checking pass decided: an action per device, and the ids (with their values line)
+/// to reserve in the ledger before anything is written.
+struct Checked {
+    actions: Vec<Action>,
+    to_issue: Vec<(String, usize)>,
+}
+
+fn check_all(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<Checked> {
     let mut values = Values::open(&run.values)?;
     let existing_ledger = SqliteLedger::open_existing(&run.ledger)?;
     // The SHA-256 of the images that come out the same on every build are only needed to check
@@ -928,6 +974,7 @@ fn check_all(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<Vec<Action
     let mut chunk: Vec<DeviceRow> = Vec::with_capacity(CHUNK);
     let mut next: Vec<DeviceRow> = Vec::with_capacity(CHUNK);
     let mut actions = Vec::with_capacity(count);
+    let mut to_issue = Vec::new();
     let mut refused: Option<CliError> = None;
     let mut reissues = Reissues::default();
     let mut done = 0;
@@ -943,9 +990,15 @@ fn check_all(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<Vec<Action
             || next_chunk(run, &mut values, n_next, &mut next),
             || check_chunk(&checking, &chunk, done, deciding),
         );
-        for result in results {
+        for (i, result) in results.into_iter().enumerate() {
             match result? {
-                Some(Ok(Verdict::Do(action))) if refused.is_none() => actions.push(action),
+                Some(Ok(Verdict::Do(action))) if refused.is_none() => {
+                    if action != Action::Keep {
+                        let device = maker.device(done + i, &chunk[i]);
+                        to_issue.push((device.ledger_id, device.line));
+                    }
+                    actions.push(action);
+                }
                 Some(Ok(Verdict::Issued(reissue))) if refused.is_none() => reissues.add(*reissue),
                 Some(Err(e)) if refused.is_none() => refused = Some(e),
                 _ => {}
@@ -961,7 +1014,7 @@ fn check_all(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<Vec<Action
     match refused {
         Some(e) => Err(e),
         None if reissues.count > 0 => Err(reissues.error(run)),
-        None => Ok(actions),
+        None => Ok(Checked { actions, to_issue }),
     }
 }
 
@@ -1006,6 +1059,19 @@ impl Reissues {
             run.ledger_from
         );
         for r in &self.shown {
+            if r.issued.sha256.is_empty() {
+                text.push_str(&format!(
+                    "\n  {}: device `{}` was reserved at {} for `{}` ({}:{}) by a run that has \
+                     not finished (--resume in that out dir finishes it)",
+                    run.at(r.line),
+                    r.device,
+                    r.issued.issued_at,
+                    r.issued.batch_dir.display(),
+                    r.issued.values,
+                    r.issued.line,
+                ));
+                continue;
+            }
             text.push_str(&format!(
                 "\n  {}: device `{}` was already issued at {} into `{}` ({}:{}, image {})",
                 run.at(r.line),
@@ -1760,8 +1826,13 @@ fn decide(
             device.id,
         )));
     }
+    // A device this batch reserved in a run that did not finish: --resume takes it over.
+    let unfinished = issued.as_ref().is_some_and(|issued| {
+        run.resume && issued.sha256.is_empty() && batch_dir == Some(issued.batch_dir.as_path())
+    });
     if let Some(issued) = issued
         && !run.allow_reissue
+        && !unfinished
     {
         return Ok(Verdict::Issued(Box::new(Reissue {
             line: device.line,

@@ -98,11 +98,14 @@ impl Case {
     }
 }
 
-/// The `mfg` ledger's devices as (device, image, sha256, issues), by device.
+/// The `mfg` ledger's recorded devices as (device, image, sha256, issues), by device (ids a
+/// run only reserved have no SHA-256 yet).
 pub fn ledger_devices(path: &Path) -> Vec<(String, String, String, i64)> {
     let db = rusqlite::Connection::open(path).unwrap();
     let mut statement = db
-        .prepare("SELECT device, image, sha256, issues FROM devices ORDER BY device")
+        .prepare(
+            "SELECT device, image, sha256, issues FROM devices WHERE sha256 <> '' ORDER BY device",
+        )
         .unwrap();
     statement
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
@@ -121,5 +124,14 @@ pub fn manifest_shas(path: &Path) -> std::collections::HashMap<String, String> {
             let cells: Vec<&str> = l.split(',').collect();
             (cells[0].to_owned(), cells[3].to_owned())
         })
+        .collect()
+}
+
+/// Lower-case hex SHA-256, as the ledger and manifests record images.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
         .collect()
 }

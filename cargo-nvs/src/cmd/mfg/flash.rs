@@ -502,6 +502,13 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
                 "device `{id}` is not in the ledger (it was never issued)"
             ))
         })?;
+        if entry.sha256.is_empty() {
+            return Err(CliError(format!(
+                "device `{id}` is reserved by a `mfg generate` run into `{}` that has not \
+                 finished: finish it with --resume first",
+                entry.batch_dir.display()
+            )));
+        }
         if args.out_dir.is_some() && !batches.contains(&entry.batch_dir) {
             return Err(CliError(format!(
                 "device `{id}` was issued into the batch `{}`, not `{}`; not flashed (drop \

@@ -47,6 +47,19 @@ pub struct Issued {
     pub issued_at: String,
 }
 
+/// The run that reserves ids, as its devices will be recorded: an id is reserved while its row
+/// has no SHA-256 yet; `issue_many` fills in the rows of the same run (`batch`).
+pub struct Reservation<'a> {
+    /// The run's start (sortable text), as `Issued::batch`.
+    pub batch: &'a str,
+    pub batch_dir: &'a Path,
+    pub values: &'a str,
+    /// `--allow-reissue`: ids issued before are taken.
+    pub allow_reissue: bool,
+    /// `--resume`: ids reserved by an unfinished run into the same batch folder are taken.
+    pub resume: bool,
+}
+
 /// One production-log row.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlashRecord {
@@ -84,6 +97,15 @@ pub trait Ledger: Send + Sync {
         entries: &[Issued],
         allow_reissue: bool,
     ) -> CliResult<Vec<Result<String, String>>>;
+    /// Reserves the ids a run is about to issue, all in one transaction, before any of their
+    /// files is written: two runs issuing overlapping ids at once cannot both get one. Returns
+    /// the refused ids with when they were issued (or reserved); when any is refused, nothing
+    /// is reserved. See [`Reservation`].
+    fn reserve(
+        &self,
+        devices: &[(String, usize)],
+        run: &Reservation<'_>,
+    ) -> CliResult<Vec<(String, String)>>;
     /// Every issued device, oldest first.
     #[cfg(test)]
     fn devices(&self) -> CliResult<Vec<Issued>>;
@@ -240,9 +262,22 @@ impl SqliteLedger {
         connection
             .busy_timeout(Duration::from_secs(30))
             .map_err(fail)?;
-        connection
-            .pragma_update(None, "journal_mode", "WAL")
-            .map_err(fail)?;
+        // Switching to WAL needs a moment alone with the file: another process creating or
+        // upgrading the same ledger right now answers "locked" at once, whatever the timeout.
+        let started = std::time::Instant::now();
+        loop {
+            match connection.pragma_update(None, "journal_mode", "WAL") {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if matches!(
+                        e.code,
+                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                    ) && started.elapsed() < Duration::from_secs(30) =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => break other.map_err(fail)?,
+            }
+        }
         // In WAL mode NORMAL survives a killed process; FULL also a power failure.
         connection
             .pragma_update(None, "synchronous", if sync { "FULL" } else { "NORMAL" })
@@ -438,7 +473,15 @@ impl Ledger for SqliteLedger {
                        issued_at = excluded.issued_at, batch_dir = excluded.batch_dir,
                        issues = issues + 1"
                 } else {
-                    "DO NOTHING"
+                    // This run's own reservation (see `reserve`) is filled in; anything else
+                    // is left alone and refused.
+                    "DO UPDATE SET image = excluded.image,
+                       sha256 = excluded.sha256, key_file = excluded.key_file,
+                       hmac_key_file = excluded.hmac_key_file,
+                       size = excluded.size, values_file = excluded.values_file,
+                       line = excluded.line, issued_at = excluded.issued_at
+                     WHERE devices.sha256 = '' AND devices.batch = excluded.batch
+                       AND devices.batch_dir = excluded.batch_dir"
                 };
                 let mut insert = tx.prepare_cached(&format!(
                     "INSERT INTO devices ({DEVICE_COLUMNS})
@@ -511,6 +554,64 @@ impl Ledger for SqliteLedger {
             .collect())
     }
 
+    fn reserve(
+        &self,
+        devices: &[(String, usize)],
+        run: &Reservation<'_>,
+    ) -> CliResult<Vec<(String, String)>> {
+        let take = if run.allow_reissue {
+            "1"
+        } else if run.resume {
+            "devices.sha256 = '' AND devices.batch_dir = excluded.batch_dir"
+        } else {
+            "0"
+        };
+        let batch_dir = run.batch_dir.to_string_lossy();
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut refused = Vec::new();
+            {
+                let now: String = tx.query_row(&format!("SELECT {NOW}"), [], |r| r.get(0))?;
+                let mut insert = tx.prepare(&format!(
+                    "INSERT INTO devices (device, image, sha256, size, values_file, line, batch,
+                       issued_at, batch_dir)
+                     VALUES (?1, '', '', 0, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (device) DO UPDATE SET image = '', sha256 = '', size = 0,
+                       values_file = excluded.values_file, line = excluded.line,
+                       batch = excluded.batch, issued_at = excluded.issued_at,
+                       batch_dir = excluded.batch_dir
+                     WHERE {take}"
+                ))?;
+                let mut earlier_of =
+                    tx.prepare("SELECT issued_at, sha256 = '' FROM devices WHERE device = ?1")?;
+                for (device, line) in devices {
+                    let changed = insert.execute(params![
+                        device,
+                        run.values,
+                        *line as i64,
+                        run.batch,
+                        now,
+                        batch_dir
+                    ])?;
+                    if changed == 0 {
+                        let (when, reserved): (String, bool) =
+                            earlier_of.query_row([device], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                        let when = if reserved {
+                            format!("reserved at {when} by a run that has not finished")
+                        } else {
+                            format!("issued at {when}")
+                        };
+                        refused.push((device.clone(), when));
+                    }
+                }
+            }
+            if refused.is_empty() {
+                tx.commit()?;
+            }
+            Ok(refused)
+        })
+    }
+
     #[cfg(test)]
     fn devices(&self) -> CliResult<Vec<Issued>> {
         self.with(|c| {
@@ -538,7 +639,7 @@ impl Ledger for SqliteLedger {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut next = tx
                 .prepare(&format!(
-                    "SELECT {DEVICE_COLUMNS} FROM devices d WHERE NOT EXISTS
+                    "SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.sha256 <> '' AND NOT EXISTS
                        (SELECT 1 FROM flash_log f WHERE f.device = d.device AND f.result = 'ok')
                      AND NOT EXISTS
                        (SELECT 1 FROM claims c WHERE c.device = d.device AND c.claimant <> ?1
@@ -826,6 +927,63 @@ mod tests {
         );
         assert!(csv.contains("m1,A,"), "{csv}");
         assert_eq!(csv.lines().count(), 3);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn ids_are_reserved_before_writing_and_one_run_gets_each() {
+        let dir = scratch("reserve");
+        let path = dir.join("l.sqlite");
+        let (first, second) = (
+            SqliteLedger::open(&path, false).unwrap(),
+            SqliteLedger::open(&path, false).unwrap(),
+        );
+        let run = |batch: &'static str| Reservation {
+            batch,
+            batch_dir: Path::new("/batch"),
+            values: "values.csv",
+            allow_reissue: false,
+            resume: false,
+        };
+        let ids = |names: &[&str]| -> Vec<(String, usize)> {
+            names.iter().map(|n| (n.to_string(), 2)).collect()
+        };
+        assert!(
+            first
+                .reserve(&ids(&["A", "B"]), &run("1"))
+                .unwrap()
+                .is_empty()
+        );
+        // The second run overlaps on B: refused, and nothing of it is reserved (C stays free).
+        let refused = second.reserve(&ids(&["B", "C"]), &run("2")).unwrap();
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].0, "B");
+        assert!(refused[0].1.contains("reserved"), "{refused:?}");
+        assert!(first.issued("C").unwrap().is_none());
+        // A reserved device is not flashable yet.
+        assert!(
+            first
+                .claim_next("s", &[PathBuf::from("/batch")])
+                .unwrap()
+                .is_none()
+        );
+        // The first run records its own reservations; another run's record of them is refused.
+        let mut a = entry("A", 2);
+        a.batch = "1".into();
+        a.batch_dir = PathBuf::from("/batch");
+        let mut b2 = entry("B", 2);
+        b2.batch = "2".into();
+        b2.batch_dir = PathBuf::from("/batch");
+        assert!(second.issue_many(&[b2], false).unwrap()[0].is_err());
+        assert!(first.issue_many(&[a], false).unwrap()[0].is_ok());
+        assert_eq!(first.issued("A").unwrap().unwrap().sha256, "ab".repeat(32));
+        // --resume into the same batch takes over an unfinished reservation (B), not A.
+        let resume = Reservation {
+            resume: true,
+            ..run("3")
+        };
+        assert!(second.reserve(&ids(&["B"]), &resume).unwrap().is_empty());
+        assert_eq!(second.reserve(&ids(&["A"]), &resume).unwrap().len(), 1);
         let _ = std::fs::remove_dir_all(dir);
     }
 
