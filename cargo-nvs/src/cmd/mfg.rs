@@ -73,6 +73,7 @@ enum MfgCommand {
     GenerateKey(super::generate_key::GenerateKeyArgs),
     Flash(Box<flash::MfgFlashArgs>),
     Log(flash::MfgLogArgs),
+    Status(flash::MfgStatusArgs),
 }
 
 /// Generate NVS images for every device row of the values file.
@@ -204,6 +205,7 @@ pub fn run(args: MfgArgs) -> CliResult<ExitCode> {
         MfgCommand::GenerateKey(args) => super::generate_key::run(args),
         MfgCommand::Flash(args) => flash::run(*args),
         MfgCommand::Log(args) => flash::log(args),
+        MfgCommand::Status(args) => flash::status(args),
     }
 }
 

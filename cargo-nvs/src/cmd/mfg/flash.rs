@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use nvs_build::metadata::Metadata;
 use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
 
-use super::ledger::{FlashRecord, Issued, Ledger, SqliteLedger};
+use super::ledger::{BatchStatus, FlashRecord, Issued, Ledger, SqliteLedger};
 use super::product::{ChosenLedger, LEDGER_ENV, Scope, choose_ledger};
 use crate::flashing::inspect;
 use crate::flashing::{After, Before, ConnectArgs, connect};
@@ -107,6 +107,107 @@ pub struct MfgFlashArgs {
 fn parse_chip(text: &str) -> Result<Chip, String> {
     text.parse()
         .map_err(|_| format!("unknown chip `{text}` (esp32, esp32c2, esp32c3, esp32c6, …)"))
+}
+
+/// The exit code of `mfg flash` when every device is flashed (or claimed by other stations):
+/// scripts loop until they see it.
+pub const NOTHING_LEFT: u8 = 3;
+
+/// Show where each batch of the product's ledger stands: issued, reserved, flashed, failed,
+/// claimed, written without a log entry, remaining.
+///
+/// Example: `cargo nvs mfg status --format json`
+#[derive(clap::Args)]
+pub struct MfgStatusArgs {
+    /// Only this batch (an `mfg generate` out dir; its manifest.json also names the ledger).
+    #[arg(long = "out-dir", aliases = ["outdir", "out_dir"], value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// The product's ledger [default: as `cargo nvs mfg log` finds it].
+    #[arg(long, value_name = "PATH")]
+    ledger: Option<PathBuf>,
+    /// Output format (to stdout).
+    #[arg(long, value_enum, default_value_t = StatusFormat::Text)]
+    format: StatusFormat,
+    #[command(flatten)]
+    package: PackageArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum StatusFormat {
+    Text,
+    Json,
+}
+
+pub fn status(args: MfgStatusArgs) -> CliResult<ExitCode> {
+    let (ledger, chosen) = open_ledger(
+        args.out_dir.as_deref(),
+        args.ledger.as_deref(),
+        &args.package,
+    )?;
+    let mut batches = ledger.status()?;
+    if let Some(dir) = &args.out_dir {
+        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
+        batches.retain(|b| Path::new(&b.batch) == dir);
+    }
+    let mut total = BatchStatus {
+        batch: "total".into(),
+        ..BatchStatus::default()
+    };
+    for b in &batches {
+        total.issued += b.issued;
+        total.reserved += b.reserved;
+        total.flashed += b.flashed;
+        total.failed += b.failed;
+        total.claimed += b.claimed;
+        total.unlogged += b.unlogged;
+        total.remaining += b.remaining;
+    }
+    let mut out = std::io::stdout().lock();
+    let text = match args.format {
+        StatusFormat::Json => {
+            let row = |b: &BatchStatus| {
+                serde_json::json!({
+                    "batch": b.batch, "issued": b.issued, "reserved": b.reserved,
+                    "flashed": b.flashed, "failed": b.failed, "claimed": b.claimed,
+                    "unlogged": b.unlogged, "remaining": b.remaining,
+                })
+            };
+            let mut total_row = row(&total);
+            if let Some(t) = total_row.as_object_mut() {
+                t.remove("batch");
+            }
+            let doc = serde_json::json!({
+                "schema": "cargo-nvs/mfg-status/v1",
+                "ledger": chosen.path.display().to_string(),
+                "batches": batches.iter().map(row).collect::<Vec<_>>(),
+                "total": total_row,
+            });
+            format!("{}\n", serde_json::to_string_pretty(&doc)?)
+        }
+        StatusFormat::Text => {
+            let mut text = format!("ledger {}\n", chosen.path.display());
+            text.push_str(&format!(
+                "{:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}  batch\n",
+                "issued", "reserved", "flashed", "failed", "claimed", "unlogged", "remaining"
+            ));
+            for b in batches.iter().chain(std::iter::once(&total)) {
+                text.push_str(&format!(
+                    "{:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}  {}\n",
+                    b.issued,
+                    b.reserved,
+                    b.flashed,
+                    b.failed,
+                    b.claimed,
+                    b.unlogged,
+                    b.remaining,
+                    b.batch
+                ));
+            }
+            text
+        }
+    };
+    std::io::Write::write_all(&mut out, text.as_bytes())?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Export the production log of the product's ledger (every flash of every batch: MAC,
@@ -547,14 +648,15 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
             }
         }
         if chosen.is_empty() {
-            return Err(CliError(format!(
-                "every device of {} is flashed already (or taken by another station); generate \
-                 more with `cargo nvs mfg generate`",
+            eprintln!(
+                "nothing left to flash: every device of {} is flashed already (or taken by \
+                 another station); generate more with `cargo nvs mfg generate`",
                 match (&args.out_dir, batches.as_slice()) {
                     (Some(_), [dir]) => format!("the batch `{}`", dir.display()),
                     _ => "the ledger's batches".into(),
                 }
-            )));
+            );
+            return Ok(ExitCode::from(NOTHING_LEFT));
         }
         if chosen.len() < ports.len() {
             eprintln!(

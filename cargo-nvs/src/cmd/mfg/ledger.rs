@@ -60,6 +60,27 @@ pub struct Reservation<'a> {
     pub resume: bool,
 }
 
+/// Where a batch stands (`cargo nvs mfg status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchStatus {
+    /// The batch folder.
+    pub batch: String,
+    /// Devices issued (recorded with their images).
+    pub issued: u64,
+    /// Ids reserved by a run that has not finished (no images recorded).
+    pub reserved: u64,
+    /// Devices with a successful flash.
+    pub flashed: u64,
+    /// Devices not flashed whose last attempt failed.
+    pub failed: u64,
+    /// Devices not flashed that a station holds now.
+    pub claimed: u64,
+    /// Devices written to a chip without a log entry (they go to no other chip).
+    pub unlogged: u64,
+    /// Issued devices not flashed yet.
+    pub remaining: u64,
+}
+
 /// One production-log row.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlashRecord {
@@ -137,6 +158,8 @@ pub trait Ledger: Send + Sync {
     fn flash_conflict(&self, mac: &str, device: &str) -> CliResult<Option<String>>;
     /// The production log, oldest first.
     fn flash_log(&self) -> CliResult<Vec<FlashRecord>>;
+    /// Where each batch stands, oldest batch first.
+    fn status(&self) -> CliResult<Vec<BatchStatus>>;
     /// The device whose recorded image (its first, or any other) has this SHA-256 (lower-case
     /// hex), if any.
     fn device_with_sha256(&self, sha256: &str) -> CliResult<Option<String>>;
@@ -781,6 +804,45 @@ impl Ledger for SqliteLedger {
             Ok(other_device.map(|(other, when)| {
                 format!("the chip with MAC {mac} already holds device `{other}` (flashed at {when})")
             }))
+        })
+    }
+
+    fn status(&self) -> CliResult<Vec<BatchStatus>> {
+        let live_claim = self.live_claim();
+        self.with(|c| {
+            let mut statement = c.prepare(&format!(
+                "SELECT batch_dir, SUM(sha256 <> ''), SUM(sha256 = ''), SUM(ok),
+                   SUM(NOT ok AND failed), SUM(NOT ok AND claimed), SUM(NOT ok AND unlogged)
+                 FROM (SELECT d.batch_dir, d.batch, d.sha256,
+                   EXISTS (SELECT 1 FROM flash_log f WHERE f.device = d.device
+                     AND f.result = 'ok') AS ok,
+                   EXISTS (SELECT 1 FROM flash_log f WHERE f.device = d.device
+                     AND f.result <> 'ok') AS failed,
+                   EXISTS (SELECT 1 FROM claims c WHERE c.device = d.device
+                     AND {live_claim}) AS claimed,
+                   EXISTS (SELECT 1 FROM claims w WHERE w.device = d.device
+                     AND w.written_to IS NOT NULL) AS unlogged
+                 FROM devices d)
+                 GROUP BY batch_dir ORDER BY MIN(batch), batch_dir"
+            ))?;
+            statement
+                .query_map([], |r| {
+                    let n = |i: usize| -> rusqlite::Result<u64> {
+                        Ok(r.get::<_, Option<i64>>(i)?.unwrap_or(0).max(0) as u64)
+                    };
+                    let (issued, flashed) = (n(1)?, n(3)?);
+                    Ok(BatchStatus {
+                        batch: r.get(0)?,
+                        issued,
+                        reserved: n(2)?,
+                        flashed,
+                        failed: n(4)?,
+                        claimed: n(5)?,
+                        unlogged: n(6)?,
+                        remaining: issued.saturating_sub(flashed),
+                    })
+                })?
+                .collect()
         })
     }
 
