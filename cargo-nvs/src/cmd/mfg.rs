@@ -867,11 +867,19 @@ fn reserve(run: &Run, work: &Work<'_>, to_issue: &[(String, usize)]) -> CliResul
         refused.len(),
         run.ledger.display()
     );
-    for (device, when) in refused.iter().take(10) {
-        let line = lines.get(device.as_str()).copied().unwrap_or(0);
+    for refused in refused.iter().take(10) {
+        let line = lines.get(refused.device.as_str()).copied().unwrap_or(0);
+        let what = if refused.reserved {
+            "reserved by a run that has not finished"
+        } else {
+            "issued"
+        };
         text.push_str(&format!(
-            "\n  {}: device `{device}` was {when}",
-            run.at(line)
+            "\n  {}: device `{}` was {what} at {} into `{}`",
+            run.at(line),
+            refused.device,
+            refused.when,
+            refused.batch_dir
         ));
     }
     if refused.len() > 10 {
@@ -1378,8 +1386,8 @@ impl Recorder<'_> {
             (Some(e), Err(ledger)) => {
                 return Err(CliError(format!(
                     "{}; the ledger could not record the devices written meanwhile either \
-                     ({})",
-                    e.0, ledger.0
+                     ({ledger})",
+                    e.0
                 )));
             }
             (None, outcomes) => outcomes?,

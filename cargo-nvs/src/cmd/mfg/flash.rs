@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use nvs_build::metadata::Metadata;
 use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
 
-use super::ledger::{BatchStatus, FlashRecord, Issued, Ledger, SqliteLedger};
+use super::ledger::{BatchStatus, ClaimOutcome, FlashRecord, Issued, Ledger, SqliteLedger};
 use super::product::{ChosenLedger, LEDGER_ENV, Scope, choose_ledger};
 use crate::flashing::inspect;
 use crate::flashing::{After, Before, ConnectArgs, connect};
@@ -624,7 +624,8 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
                 entry.batch_dir.display()
             )));
         }
-        if let Err(held) = ledger.claim(id, &claimants[0])? {
+        if let ClaimOutcome::HeldBy { claimant, since } = ledger.claim(id, &claimants[0])? {
+            let held = format!("device `{id}` is being flashed by {claimant} (claimed at {since})");
             if !args.force {
                 return Err(CliError(format!(
                     "{held}; not flashed (--force flashes it anyway)"
@@ -643,7 +644,7 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
                     for (entry, claimant) in chosen.iter().zip(&claimants) {
                         let _ = ledger.release(&entry.device, claimant);
                     }
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
         }
@@ -880,9 +881,8 @@ fn flash_device(
                 claim.keep = true;
                 return Err(CliError(format!(
                     "flashed and verified on MAC {mac}, but the production log could not record \
-                     it ({}); the device stays claimed so that no other station takes it: log \
-                     it by hand",
-                    e.0
+                     it ({e}); the device stays claimed so that no other station takes it: log \
+                     it by hand"
                 )));
             }
             let places: Vec<String> = segments

@@ -13,7 +13,136 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
-use crate::{CliError, CliResult};
+/// What can go wrong with a ledger; every case names it.
+#[derive(Debug)]
+pub enum LedgerError {
+    /// The database refused or failed.
+    Database {
+        ledger: PathBuf,
+        source: rusqlite::Error,
+    },
+    /// The ledger was made by a newer cargo-nvs.
+    NewerSchema { ledger: PathBuf, version: i64 },
+    /// A thread of this process panicked while it held the ledger.
+    Poisoned { ledger: PathBuf },
+    /// Writing the production log out failed.
+    Export(csv::Error),
+}
+
+impl std::fmt::Display for LedgerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LedgerError::Database { ledger, source } => {
+                write!(f, "ledger `{}`: {source}", ledger.display())
+            }
+            LedgerError::NewerSchema { ledger, version } => write!(
+                f,
+                "the ledger `{}` was made by a newer cargo-nvs (schema {version}); update \
+                 cargo-nvs",
+                ledger.display()
+            ),
+            LedgerError::Poisoned { ledger } => write!(
+                f,
+                "ledger `{}`: a worker failed while it held the ledger",
+                ledger.display()
+            ),
+            LedgerError::Export(e) => write!(f, "cannot write the production log: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for LedgerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LedgerError::Database { source, .. } => Some(source),
+            LedgerError::Export(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<csv::Error> for LedgerError {
+    fn from(e: csv::Error) -> Self {
+        LedgerError::Export(e)
+    }
+}
+
+pub type LedgerResult<T> = Result<T, LedgerError>;
+
+/// An id the ledger refused to issue: it was issued (or reserved) before.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub device: String,
+    /// When it was issued or reserved (UTC, ISO 8601).
+    pub when: String,
+    /// Only reserved, by a run that has not finished.
+    pub reserved: bool,
+    /// The batch folder it was issued into.
+    pub batch_dir: String,
+    pub ledger: PathBuf,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = if self.reserved {
+            "reserved by a run that has not finished"
+        } else {
+            "already issued"
+        };
+        write!(
+            f,
+            "device `{}` was {what} at {} into `{}` (ledger `{}`); pass --allow-reissue to \
+             issue it again",
+            self.device,
+            self.when,
+            self.batch_dir,
+            self.ledger.display()
+        )
+    }
+}
+
+/// The outcome of claiming a device by name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    Claimed,
+    /// Another station holds a live claim on it.
+    HeldBy {
+        claimant: String,
+        since: String,
+    },
+}
+
+/// Why flashing a device onto a chip would break the one-id-per-chip rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Conflict {
+    /// The device was flashed onto another chip.
+    OnAnotherChip {
+        device: String,
+        mac: String,
+        when: String,
+    },
+    /// The chip holds another device.
+    ChipHoldsAnother {
+        mac: String,
+        device: String,
+        when: String,
+    },
+}
+
+impl std::fmt::Display for Conflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Conflict::OnAnotherChip { device, mac, when } => write!(
+                f,
+                "device `{device}` was already flashed onto another chip (MAC {mac}) at {when}"
+            ),
+            Conflict::ChipHoldsAnother { mac, device, when } => write!(
+                f,
+                "the chip with MAC {mac} already holds device `{device}` (flashed at {when})"
+            ),
+        }
+    }
+}
 
 /// One issued device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,16 +226,17 @@ pub struct FlashRecord {
 /// The ledger and production log, shared by the parallel workers of one run.
 pub trait Ledger: Send + Sync {
     /// The device's entry, if it was issued.
-    fn issued(&self, device: &str) -> CliResult<Option<Issued>>;
+    fn issued(&self, device: &str) -> LedgerResult<Option<Issued>>;
     /// Records an issued device in one transaction; refuses an id issued before unless
     /// `allow_reissue` (then the entry is replaced).
     #[cfg(test)]
-    fn issue(&self, entry: &Issued, allow_reissue: bool) -> CliResult<()> {
+    fn issue(&self, entry: &Issued, allow_reissue: bool) -> Result<(), String> {
         match self
-            .issue_many(std::slice::from_ref(entry), allow_reissue)?
+            .issue_many(std::slice::from_ref(entry), allow_reissue)
+            .map_err(|e| e.to_string())?
             .pop()
         {
-            Some(Err(refused)) => Err(CliError(refused)),
+            Some(Err(refused)) => Err(refused.to_string()),
             _ => Ok(()),
         }
     }
@@ -117,7 +247,7 @@ pub trait Ledger: Send + Sync {
         &self,
         entries: &[Issued],
         allow_reissue: bool,
-    ) -> CliResult<Vec<Result<String, String>>>;
+    ) -> LedgerResult<Vec<Result<String, Refused>>>;
     /// Reserves the ids a run is about to issue, all in one transaction, before any of their
     /// files is written: two runs issuing overlapping ids at once cannot both get one. Returns
     /// the refused ids with when they were issued (or reserved); when any is refused, nothing
@@ -126,54 +256,54 @@ pub trait Ledger: Send + Sync {
         &self,
         devices: &[(String, usize)],
         run: &Reservation<'_>,
-    ) -> CliResult<Vec<(String, String)>>;
+    ) -> LedgerResult<Vec<Refused>>;
     /// Every issued device, oldest first.
     #[cfg(test)]
-    fn devices(&self) -> CliResult<Vec<Issued>>;
+    fn devices(&self) -> LedgerResult<Vec<Issued>>;
     /// Every batch folder devices were issued into, in the order they were first used.
-    fn batch_dirs(&self) -> CliResult<Vec<PathBuf>>;
+    fn batch_dirs(&self) -> LedgerResult<Vec<PathBuf>>;
     /// Claims the oldest issued device of the batches in `batch_dirs` that has no successful
     /// flash and no live claim of another claimant, for `claimant`, in one transaction:
     /// stations sharing the ledger never get the same device, and a station's rerun takes back
     /// its own claims. A claim older than [`CLAIM_LIFETIME`] is stale (its station died) and is
     /// taken over.
-    fn claim_next(&self, claimant: &str, batch_dirs: &[PathBuf]) -> CliResult<Option<Issued>>;
+    fn claim_next(&self, claimant: &str, batch_dirs: &[PathBuf]) -> LedgerResult<Option<Issued>>;
     /// Claims the named device; `Err` names the station that holds a live claim on it.
-    fn claim(&self, device: &str, claimant: &str) -> CliResult<Result<(), String>>;
+    fn claim(&self, device: &str, claimant: &str) -> LedgerResult<ClaimOutcome>;
     /// Gives up `claimant`'s claim on the device (when it was not flashed after all); a claim
     /// whose device was written to a chip stays.
-    fn release(&self, device: &str, claimant: &str) -> CliResult<()>;
+    fn release(&self, device: &str, claimant: &str) -> LedgerResult<()>;
     /// Records, just before writing, that the claimed device goes onto the chip `mac`. Until
     /// the flash is logged the device is given to no other chip: if the station dies (or the
     /// log cannot be written) the chip may hold it, so it is never claimed automatically again.
-    fn mark_written(&self, device: &str, claimant: &str, mac: &str) -> CliResult<()>;
+    fn mark_written(&self, device: &str, claimant: &str, mac: &str) -> LedgerResult<()>;
     /// The chip an unlogged write of `device` went to, if any.
-    fn written_to(&self, device: &str) -> CliResult<Option<String>>;
+    fn written_to(&self, device: &str) -> LedgerResult<Option<String>>;
     /// Every device written to a chip without a log entry: (device, MAC).
-    fn written_unlogged(&self) -> CliResult<Vec<(String, String)>>;
+    fn written_unlogged(&self) -> LedgerResult<Vec<(String, String)>>;
     /// Appends a production-log row and ends the device's claim, in one transaction.
-    fn record_flash(&self, record: &FlashRecord) -> CliResult<()>;
+    fn record_flash(&self, record: &FlashRecord) -> LedgerResult<()>;
     /// Why flashing `device` onto the chip `mac` would break the one-id-per-MAC rule: the id
     /// already went to another MAC, or the MAC already holds another id (successful flashes).
-    fn flash_conflict(&self, mac: &str, device: &str) -> CliResult<Option<String>>;
+    fn flash_conflict(&self, mac: &str, device: &str) -> LedgerResult<Option<Conflict>>;
     /// The production log, oldest first.
-    fn flash_log(&self) -> CliResult<Vec<FlashRecord>>;
+    fn flash_log(&self) -> LedgerResult<Vec<FlashRecord>>;
     /// Where each batch stands, oldest batch first.
-    fn status(&self) -> CliResult<Vec<BatchStatus>>;
+    fn status(&self) -> LedgerResult<Vec<BatchStatus>>;
     /// The device whose recorded image (its first, or any other) has this SHA-256 (lower-case
     /// hex), if any.
-    fn device_with_sha256(&self, sha256: &str) -> CliResult<Option<String>>;
+    fn device_with_sha256(&self, sha256: &str) -> LedgerResult<Option<String>>;
     /// The device of the latest successful flash onto the chip with this MAC (as espflash
     /// prints it, as the production log records it), if any.
-    fn device_on_mac(&self, mac: &str) -> CliResult<Option<String>>;
+    fn device_on_mac(&self, mac: &str) -> LedgerResult<Option<String>>;
     /// The production log as CSV: `mac,device,sha256,time,result,port`.
-    fn export_log_csv(&self, out: &mut dyn std::io::Write) -> CliResult<()> {
+    fn export_log_csv(&self, out: &mut dyn std::io::Write) -> LedgerResult<()> {
         let mut writer = csv::Writer::from_writer(out);
         writer.write_record(["mac", "device", "sha256", "time", "result", "port"])?;
         for r in self.flash_log()? {
             writer.write_record([&r.mac, &r.device, &r.sha256, &r.time, &r.result, &r.port])?;
         }
-        writer.flush()?;
+        writer.flush().map_err(csv::Error::from)?;
         Ok(())
     }
 }
@@ -243,12 +373,12 @@ const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
 impl SqliteLedger {
     /// Opens the ledger, creating the file and its tables if needed.
-    pub fn open(path: &Path, sync: bool) -> CliResult<SqliteLedger> {
+    pub fn open(path: &Path, sync: bool) -> LedgerResult<SqliteLedger> {
         Self::open_with(path, OpenFlags::default(), sync)
     }
 
     /// Opens an existing ledger; `None` when there is none (nothing is created).
-    pub fn open_existing(path: &Path) -> CliResult<Option<SqliteLedger>> {
+    pub fn open_existing(path: &Path) -> LedgerResult<Option<SqliteLedger>> {
         if !path.exists() {
             return Ok(None);
         }
@@ -260,7 +390,7 @@ impl SqliteLedger {
 
     /// Opens an existing ledger only to look things up: nothing is written (no journal mode,
     /// no schema upgrade); `None` when there is none.
-    pub fn open_read_only(path: &Path) -> CliResult<Option<SqliteLedger>> {
+    pub fn open_read_only(path: &Path) -> LedgerResult<Option<SqliteLedger>> {
         if !path.exists() {
             return Ok(None);
         }
@@ -269,7 +399,10 @@ impl SqliteLedger {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let connection = Connection::open_with_flags(path, flags)
             .and_then(|c| c.busy_timeout(Duration::from_secs(5)).map(|()| c))
-            .map_err(|e| CliError(format!("cannot open the ledger `{}`: {e}", path.display())))?;
+            .map_err(|source| LedgerError::Database {
+                ledger: path.to_owned(),
+                source,
+            })?;
         Ok(Some(SqliteLedger {
             path: path.to_owned(),
             connection: Mutex::new(connection),
@@ -277,9 +410,10 @@ impl SqliteLedger {
         }))
     }
 
-    fn open_with(path: &Path, flags: OpenFlags, sync: bool) -> CliResult<SqliteLedger> {
-        let fail = |e: rusqlite::Error| {
-            CliError(format!("cannot open the ledger `{}`: {e}", path.display()))
+    fn open_with(path: &Path, flags: OpenFlags, sync: bool) -> LedgerResult<SqliteLedger> {
+        let fail = |source: rusqlite::Error| LedgerError::Database {
+            ledger: path.to_owned(),
+            source,
         };
         let mut connection = Connection::open_with_flags(path, flags).map_err(fail)?;
         connection
@@ -309,11 +443,10 @@ impl SqliteLedger {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(fail)?;
         if version > SCHEMA_VERSION {
-            return Err(CliError(format!(
-                "the ledger `{}` was made by a newer cargo-nvs (schema {version}); update \
-                 cargo-nvs",
-                path.display()
-            )));
+            return Err(LedgerError::NewerSchema {
+                ledger: path.to_owned(),
+                version,
+            });
         }
         if version < SCHEMA_VERSION {
             // One transaction that takes the write lock first: several processes opening an
@@ -344,15 +477,17 @@ impl SqliteLedger {
         )
     }
 
-    fn error(&self, e: rusqlite::Error) -> CliError {
-        CliError(format!("ledger `{}`: {e}", self.path.display()))
+    fn error(&self, source: rusqlite::Error) -> LedgerError {
+        LedgerError::Database {
+            ledger: self.path.clone(),
+            source,
+        }
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> CliResult<T> {
-        let mut connection = self
-            .connection
-            .lock()
-            .map_err(|_| CliError("the ledger's lock is poisoned".into()))?;
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> LedgerResult<T> {
+        let mut connection = self.connection.lock().map_err(|_| LedgerError::Poisoned {
+            ledger: self.path.clone(),
+        })?;
         f(&mut connection).map_err(|e| self.error(e))
     }
 }
@@ -458,7 +593,7 @@ fn flash_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<FlashRecord> {
 }
 
 impl Ledger for SqliteLedger {
-    fn issued(&self, device: &str) -> CliResult<Option<Issued>> {
+    fn issued(&self, device: &str) -> LedgerResult<Option<Issued>> {
         self.with(|c| {
             let Some(mut issued) = c
                 .prepare_cached(&format!(
@@ -478,7 +613,7 @@ impl Ledger for SqliteLedger {
         &self,
         entries: &[Issued],
         allow_reissue: bool,
-    ) -> CliResult<Vec<Result<String, String>>> {
+    ) -> LedgerResult<Vec<Result<String, Refused>>> {
         let outcomes = self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut outcomes = Vec::with_capacity(entries.len());
@@ -565,13 +700,12 @@ impl Ledger for SqliteLedger {
             .iter()
             .zip(outcomes)
             .map(|(entry, outcome)| {
-                outcome.map_err(|(when, batch_dir)| {
-                    format!(
-                        "device `{}` was already issued at {when} into `{batch_dir}` (ledger \
-                         `{}`); pass --allow-reissue to issue it again",
-                        entry.device,
-                        self.path.display()
-                    )
+                outcome.map_err(|(when, batch_dir)| Refused {
+                    device: entry.device.clone(),
+                    when,
+                    reserved: false,
+                    batch_dir,
+                    ledger: self.path.clone(),
                 })
             })
             .collect())
@@ -581,7 +715,7 @@ impl Ledger for SqliteLedger {
         &self,
         devices: &[(String, usize)],
         run: &Reservation<'_>,
-    ) -> CliResult<Vec<(String, String)>> {
+    ) -> LedgerResult<Vec<Refused>> {
         let take = if run.allow_reissue {
             "1"
         } else if run.resume {
@@ -605,8 +739,9 @@ impl Ledger for SqliteLedger {
                        batch_dir = excluded.batch_dir
                      WHERE {take}"
                 ))?;
-                let mut earlier_of =
-                    tx.prepare("SELECT issued_at, sha256 = '' FROM devices WHERE device = ?1")?;
+                let mut earlier_of = tx.prepare(
+                    "SELECT issued_at, sha256 = '', batch_dir FROM devices WHERE device = ?1",
+                )?;
                 for (device, line) in devices {
                     let changed = insert.execute(params![
                         device,
@@ -617,14 +752,15 @@ impl Ledger for SqliteLedger {
                         batch_dir
                     ])?;
                     if changed == 0 {
-                        let (when, reserved): (String, bool) =
-                            earlier_of.query_row([device], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                        let when = if reserved {
-                            format!("reserved at {when} by a run that has not finished")
-                        } else {
-                            format!("issued at {when}")
-                        };
-                        refused.push((device.clone(), when));
+                        let (when, reserved, batch_dir) = earlier_of
+                            .query_row([device], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                        refused.push(Refused {
+                            device: device.clone(),
+                            when,
+                            reserved,
+                            batch_dir,
+                            ledger: self.path.clone(),
+                        });
                     }
                 }
             }
@@ -636,7 +772,7 @@ impl Ledger for SqliteLedger {
     }
 
     #[cfg(test)]
-    fn devices(&self) -> CliResult<Vec<Issued>> {
+    fn devices(&self) -> LedgerResult<Vec<Issued>> {
         self.with(|c| {
             let mut statement = c.prepare(&format!(
                 "SELECT {DEVICE_COLUMNS} FROM devices ORDER BY batch, values_file, line"
@@ -645,7 +781,7 @@ impl Ledger for SqliteLedger {
         })
     }
 
-    fn batch_dirs(&self) -> CliResult<Vec<PathBuf>> {
+    fn batch_dirs(&self) -> LedgerResult<Vec<PathBuf>> {
         self.with(|c| {
             c.prepare("SELECT dir FROM batches ORDER BY first_used, dir")?
                 .query_map([], |r| Ok(PathBuf::from(r.get::<_, String>(0)?)))?
@@ -653,11 +789,13 @@ impl Ledger for SqliteLedger {
         })
     }
 
-    fn claim_next(&self, claimant: &str, batch_dirs: &[PathBuf]) -> CliResult<Option<Issued>> {
+    fn claim_next(&self, claimant: &str, batch_dirs: &[PathBuf]) -> LedgerResult<Option<Issued>> {
         let live_claim = self.live_claim();
         let dirs: Vec<std::borrow::Cow<'_, str>> =
             batch_dirs.iter().map(|d| d.to_string_lossy()).collect();
-        let dirs = serde_json::to_string(&dirs)?;
+        // Batch folders as one JSON array parameter (`json_each`): serializing strings
+        // cannot fail.
+        let dirs = serde_json::to_string(&dirs).unwrap_or_else(|_| "[]".to_owned());
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut next = tx
@@ -684,7 +822,7 @@ impl Ledger for SqliteLedger {
         })
     }
 
-    fn claim(&self, device: &str, claimant: &str) -> CliResult<Result<(), String>> {
+    fn claim(&self, device: &str, claimant: &str) -> LedgerResult<ClaimOutcome> {
         let live_claim = self.live_claim();
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -698,18 +836,16 @@ impl Ledger for SqliteLedger {
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
-            if let Some((holder, since)) = holder {
-                return Ok(Err(format!(
-                    "device `{device}` is being flashed by {holder} (claimed at {since})"
-                )));
+            if let Some((claimant, since)) = holder {
+                return Ok(ClaimOutcome::HeldBy { claimant, since });
             }
             put_claim(&tx, device, claimant)?;
             tx.commit()?;
-            Ok(Ok(()))
+            Ok(ClaimOutcome::Claimed)
         })
     }
 
-    fn release(&self, device: &str, claimant: &str) -> CliResult<()> {
+    fn release(&self, device: &str, claimant: &str) -> LedgerResult<()> {
         self.with(|c| {
             c.execute(
                 "DELETE FROM claims WHERE device = ?1 AND claimant = ?2 AND written_to IS NULL",
@@ -725,7 +861,7 @@ impl Ledger for SqliteLedger {
         })
     }
 
-    fn mark_written(&self, device: &str, claimant: &str, mac: &str) -> CliResult<()> {
+    fn mark_written(&self, device: &str, claimant: &str, mac: &str) -> LedgerResult<()> {
         self.with(|c| {
             c.execute(
                 "UPDATE claims SET written_to = ?3 WHERE device = ?1 AND claimant = ?2",
@@ -735,7 +871,7 @@ impl Ledger for SqliteLedger {
         })
     }
 
-    fn written_to(&self, device: &str) -> CliResult<Option<String>> {
+    fn written_to(&self, device: &str) -> LedgerResult<Option<String>> {
         self.with(|c| {
             c.query_row(
                 "SELECT written_to FROM claims WHERE device = ?1 AND written_to IS NOT NULL",
@@ -746,7 +882,7 @@ impl Ledger for SqliteLedger {
         })
     }
 
-    fn written_unlogged(&self) -> CliResult<Vec<(String, String)>> {
+    fn written_unlogged(&self) -> LedgerResult<Vec<(String, String)>> {
         self.with(|c| {
             c.prepare(
                 "SELECT device, written_to FROM claims WHERE written_to IS NOT NULL
@@ -757,7 +893,7 @@ impl Ledger for SqliteLedger {
         })
     }
 
-    fn record_flash(&self, record: &FlashRecord) -> CliResult<()> {
+    fn record_flash(&self, record: &FlashRecord) -> LedgerResult<()> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute(
@@ -778,7 +914,7 @@ impl Ledger for SqliteLedger {
         })
     }
 
-    fn flash_conflict(&self, mac: &str, device: &str) -> CliResult<Option<String>> {
+    fn flash_conflict(&self, mac: &str, device: &str) -> LedgerResult<Option<Conflict>> {
         self.with(|c| {
             let other_mac: Option<(String, String)> = c
                 .query_row(
@@ -789,9 +925,11 @@ impl Ledger for SqliteLedger {
                 )
                 .optional()?;
             if let Some((other, when)) = other_mac {
-                return Ok(Some(format!(
-                    "device `{device}` was already flashed onto another chip (MAC {other}) at {when}"
-                )));
+                return Ok(Some(Conflict::OnAnotherChip {
+                    device: device.to_owned(),
+                    mac: other,
+                    when,
+                }));
             }
             let other_device: Option<(String, String)> = c
                 .query_row(
@@ -801,13 +939,17 @@ impl Ledger for SqliteLedger {
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
-            Ok(other_device.map(|(other, when)| {
-                format!("the chip with MAC {mac} already holds device `{other}` (flashed at {when})")
-            }))
+            Ok(
+                other_device.map(|(other, when)| Conflict::ChipHoldsAnother {
+                    mac: mac.to_owned(),
+                    device: other,
+                    when,
+                }),
+            )
         })
     }
 
-    fn status(&self) -> CliResult<Vec<BatchStatus>> {
+    fn status(&self) -> LedgerResult<Vec<BatchStatus>> {
         let live_claim = self.live_claim();
         self.with(|c| {
             let mut statement = c.prepare(&format!(
@@ -846,7 +988,7 @@ impl Ledger for SqliteLedger {
         })
     }
 
-    fn flash_log(&self) -> CliResult<Vec<FlashRecord>> {
+    fn flash_log(&self) -> LedgerResult<Vec<FlashRecord>> {
         self.with(|c| {
             let mut statement = c.prepare(
                 "SELECT time, mac, device, sha256, port, result FROM flash_log ORDER BY id",
@@ -855,7 +997,7 @@ impl Ledger for SqliteLedger {
         })
     }
 
-    fn device_with_sha256(&self, sha256: &str) -> CliResult<Option<String>> {
+    fn device_with_sha256(&self, sha256: &str) -> LedgerResult<Option<String>> {
         let sha256 = sha256.to_ascii_lowercase();
         self.with(|c| {
             c.query_row(
@@ -868,7 +1010,7 @@ impl Ledger for SqliteLedger {
         })
     }
 
-    fn device_on_mac(&self, mac: &str) -> CliResult<Option<String>> {
+    fn device_on_mac(&self, mac: &str) -> LedgerResult<Option<String>> {
         self.with(|c| {
             c.query_row(
                 "SELECT device FROM flash_log WHERE mac = ?1 AND result = 'ok'
@@ -938,7 +1080,7 @@ mod tests {
         let dir = scratch("issue");
         let ledger = SqliteLedger::open(&dir.join("l.sqlite"), false).unwrap();
         ledger.issue(&entry("A", 2), false).unwrap();
-        let e = ledger.issue(&entry("A", 3), false).unwrap_err().0;
+        let e = ledger.issue(&entry("A", 3), false).unwrap_err();
         assert!(
             e.contains("already issued") && e.contains("--allow-reissue"),
             "{e}"
@@ -977,9 +1119,9 @@ mod tests {
         assert_eq!(next("s3").as_deref(), Some("C"));
         assert!(ledger.flash_conflict("m1", "A").unwrap().is_none());
         let e = ledger.flash_conflict("m2", "A").unwrap().unwrap();
-        assert!(e.contains("MAC m1"), "{e}");
+        assert!(e.to_string().contains("MAC m1"), "{e}");
         let e = ledger.flash_conflict("m1", "B").unwrap().unwrap();
-        assert!(e.contains("already holds device `A`"), "{e}");
+        assert!(e.to_string().contains("already holds device `A`"), "{e}");
         let mut csv = Vec::new();
         ledger.export_log_csv(&mut csv).unwrap();
         let csv = String::from_utf8(csv).unwrap();
@@ -1019,8 +1161,8 @@ mod tests {
         // The second run overlaps on B: refused, and nothing of it is reserved (C stays free).
         let refused = second.reserve(&ids(&["B", "C"]), &run("2")).unwrap();
         assert_eq!(refused.len(), 1);
-        assert_eq!(refused[0].0, "B");
-        assert!(refused[0].1.contains("reserved"), "{refused:?}");
+        assert_eq!(refused[0].device, "B");
+        assert!(refused[0].reserved, "{refused:?}");
         assert!(first.issued("C").unwrap().is_none());
         // A reserved device is not flashable yet.
         assert!(
@@ -1072,7 +1214,7 @@ mod tests {
         );
         // Claiming it by name (any station: the one that wrote it let go) keeps the mark;
         // logging ends it.
-        ledger.claim("A", "s2").unwrap().unwrap();
+        assert_eq!(ledger.claim("A", "s2").unwrap(), ClaimOutcome::Claimed);
         assert_eq!(ledger.written_to("A").unwrap().as_deref(), Some("m1"));
         ledger.record_flash(&flash("m1", "A", "ok")).unwrap();
         assert!(ledger.written_unlogged().unwrap().is_empty());
@@ -1096,10 +1238,16 @@ mod tests {
         // A station's rerun (the same claimant) takes its own claim back.
         let again = second.claim_next("station-2", &one()).unwrap().unwrap();
         assert_eq!(again.device, "B");
-        let held = second.claim("A", "station-2").unwrap().unwrap_err();
+        let ClaimOutcome::HeldBy { claimant: held, .. } = second.claim("A", "station-2").unwrap()
+        else {
+            panic!("a live claim of another station")
+        };
         assert!(held.contains("station-1"), "{held}");
         // A claim the station itself holds may be renewed.
-        first.claim("A", "station-1").unwrap().unwrap();
+        assert_eq!(
+            first.claim("A", "station-1").unwrap(),
+            ClaimOutcome::Claimed
+        );
         // A station that died: its claims lapse.
         let mut lapsed = SqliteLedger::open(&path, false).unwrap();
         lapsed.claim_lifetime = Duration::ZERO;
@@ -1141,7 +1289,7 @@ mod tests {
         ledger
             .issue(&entry_in("B", 3, folder.to_str().unwrap()), false)
             .unwrap();
-        ledger.claim("A", "s").unwrap().unwrap();
+        assert_eq!(ledger.claim("A", "s").unwrap(), ClaimOutcome::Claimed);
         let next = ledger.claim_next("t", &[folder]).unwrap().unwrap();
         assert_eq!(next.device, "B");
         let _ = std::fs::remove_dir_all(dir);
@@ -1211,7 +1359,7 @@ mod tests {
             .unwrap()
             .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
             .unwrap();
-        let e = SqliteLedger::open(&path, false).err().unwrap().0;
+        let e = SqliteLedger::open(&path, false).err().unwrap().to_string();
         assert!(
             e.contains("newer cargo-nvs") && e.contains("l.sqlite"),
             "{e}"
@@ -1245,8 +1393,7 @@ mod tests {
         // An id of one batch is refused in another, naming where it went.
         let e = ledger
             .issue(&entry_in("A", 4, "/batch/two"), false)
-            .unwrap_err()
-            .0;
+            .unwrap_err();
         assert!(
             e.contains("`A` was already issued") && e.contains("/batch/one"),
             "{e}"
