@@ -3,7 +3,7 @@
 //! decide what may be written. Used by `flash` (and its runner mode) and by `mfg flash`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use espflash::flasher::Flasher;
 use md5::{Digest, Md5};
@@ -13,8 +13,8 @@ use nvs_build::table::PartitionTable;
 
 use crate::artifacts::NvsImage;
 use crate::cmd::flash::{Planned, Role};
-use crate::cmd::mfg::ledger::{Ledger, SqliteLedger};
-use crate::cmd::mfg::product_ledger_path;
+use crate::cmd::mfg::ledger::Ledger;
+use crate::cmd::mfg::product_ledger;
 use crate::flashing::{blank_md5, inspect, read_flash};
 use crate::guard::{
     self, Allow, Decision, Finding, Planned as GuardPlan, candidate_sha256s, decide, for_factory,
@@ -94,27 +94,22 @@ pub fn identify(
 /// Names the device a partition belongs to, from the product's ledger (opened read-only: a
 /// development flash never changes it).
 pub struct Identities {
-    ledger: Option<(PathBuf, SqliteLedger)>,
+    ledger: Option<(String, Box<dyn Ledger>)>,
     mac: Option<String>,
 }
 
 impl Identities {
     pub fn new(manifest_path: &Path, mac: Option<String>) -> Identities {
-        let ledger = product_ledger_path(manifest_path)
+        let ledger = product_ledger(manifest_path)
             .ok()
-            .and_then(|path| Some((path.clone(), SqliteLedger::open_read_only(&path).ok()??)));
+            .and_then(|chosen| Some((chosen.shown(), chosen.open_read_only().ok()??)));
         Identities { ledger, mac }
     }
 
     /// Names the device, when the ledger knows the partition's contents or the chip.
     pub fn name(&self, chip: Option<&[u8]>) -> Option<String> {
-        let (path, ledger) = self.ledger.as_ref()?;
-        identify(
-            ledger,
-            &path.display().to_string(),
-            chip,
-            self.mac.as_deref(),
-        )
+        let (name, ledger) = self.ledger.as_ref()?;
+        identify(&**ledger, name, chip, self.mac.as_deref())
     }
 }
 

@@ -29,10 +29,13 @@ pub fn run(sh: &Shell, diff_cases: usize) -> Result<ExitCode> {
         // Before the tests: the flashing tests flash this firmware's real ELF.
         ("firmware", &|| build_firmware(sh)),
         ("test", &|| {
-            // The flashing tests check `cargo nvs dist` output with esptool too.
+            // The flashing tests check `cargo nvs dist` output with esptool too, and the ledger
+            // tests need a PostgreSQL server (they fail, not skip, under CI=true without one).
             let esptool = crate::reference::ensure_esptool(sh)?;
+            let postgres = crate::postgres::Server::start(sh)?;
             Ok(cmd!(sh, "cargo test --workspace")
                 .env("CARGO_NVS_ESPTOOL", esptool)
+                .env("NVS_TEST_POSTGRES", postgres.url())
                 .run()?)
         }),
         ("doc", &|| {

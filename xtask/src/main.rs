@@ -7,6 +7,7 @@ mod diff_mfg;
 mod diff_ref;
 mod firmware;
 mod flags;
+mod postgres;
 mod reference;
 
 use std::path::PathBuf;
@@ -29,6 +30,7 @@ commands:
                 --port P           serial port; other options go to `cargo nvs flash`
   dist        release artifacts of the firmware example (cargo nvs dist)
                 --example NAME, --out-dir DIR
+  postgres    run a throwaway PostgreSQL server for the ledger tests; prints NVS_TEST_POSTGRES
   ref-venv    create target/ref-venv with Espressif's esp-idf-nvs-partition-gen 0.3.0
   diff-ref    compare cargo-nvs with the reference on random inputs
                 --cases N          plain cases (default 500)
@@ -72,6 +74,10 @@ fn run() -> Result<ExitCode> {
     let sh = Shell::new()?;
     sh.change_dir(project_root());
     match args.subcommand().as_deref() {
+        Some("postgres") => {
+            args.finish()?;
+            postgres::serve(&sh)
+        }
         Some("ref-venv") => {
             args.finish()?;
             let python = reference::ensure_venv(&sh)?;

@@ -31,9 +31,10 @@ mod cargo;
 mod flash;
 mod input;
 pub(crate) mod ledger;
+pub(crate) mod postgres;
 mod product;
 
-pub use self::product::product_ledger_path;
+pub use self::product::product_ledger;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -49,7 +50,7 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use self::input::{ConfigRow, DeviceRow, Values, bind_columns, device_csv, read_config};
-use self::ledger::{Issued, Ledger, Reservation, SqliteLedger};
+use self::ledger::{Issued, Ledger, Reservation};
 use self::product::{CONFIG_LEDGER, ChosenLedger, Scope, choose_ledger, same_file};
 use super::generate::{parse_version, warn_if_read_only};
 use super::keys::{HmacOptions, load_key, random_hmac_key};
@@ -219,6 +220,8 @@ struct Run {
     ledger_from: String,
     /// It was given with --ledger.
     ledger_flag: bool,
+    /// The ledger as chosen (a file, or a PostgreSQL server), to open it.
+    chosen_ledger: ChosenLedger,
     sync: bool,
     resume: bool,
     allow_reissue: bool,
@@ -228,9 +231,10 @@ impl Run {
     fn new(args: &MfgGenerateArgs, values: PathBuf, ledger: ChosenLedger) -> Run {
         let out_dir = args.out_dir.clone().unwrap_or_else(|| PathBuf::from("."));
         Run {
-            ledger: ledger.path,
-            ledger_from: ledger.from,
+            ledger: ledger.path.clone(),
+            ledger_from: ledger.from.clone(),
             ledger_flag: ledger.flag,
+            chosen_ledger: ledger,
             values,
             out_dir,
             sync: args.sync,
@@ -790,7 +794,7 @@ fn produce(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<ExitCode> {
     }
 
     // Pass 4: build again, and write and record each device's files.
-    if !run.ledger.exists() {
+    if !run.chosen_ledger.exists() {
         // The ledger knows only the ids issued into it: say where it starts, once.
         eprintln!(
             "note: starting the product ledger `{}`; it refuses every id issued into it from now \
@@ -808,10 +812,10 @@ fn produce(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<ExitCode> {
             ))
         })
         .and_then(|()| batch_dir(&run.out_dir))
-        .and_then(|batch_dir| Ok((SqliteLedger::open(&run.ledger, run.sync)?, batch_dir)))
+        .and_then(|batch_dir| Ok((run.chosen_ledger.open(run.sync)?, batch_dir)))
         .and_then(|(ledger, batch_dir)| {
             let work = Work {
-                ledger: &ledger,
+                ledger: &*ledger,
                 actions: &actions,
                 batch: run_start(),
                 batch_dir,
@@ -911,6 +915,9 @@ fn batch_dir(out_dir: &Path) -> CliResult<PathBuf> {
 /// Refuses a ledger that cannot be made where it was chosen, and a batch whose out dir has a
 /// ledger of its own (as older versions kept one per out dir) that this run would not check.
 fn check_ledger_place(run: &Run) -> CliResult {
+    if run.chosen_ledger.server.is_some() {
+        return Ok(());
+    }
     let folder = match run.ledger.parent() {
         Some(folder) if !folder.as_os_str().is_empty() => folder,
         _ => Path::new("."),
@@ -963,7 +970,7 @@ struct Checked {
 
 fn check_all(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<Checked> {
     let mut values = Values::open(&run.values)?;
-    let existing_ledger = SqliteLedger::open_existing(&run.ledger)?;
+    let existing_ledger = run.chosen_ledger.open_existing()?;
     // The SHA-256 of the images that come out the same on every build are only needed to check
     // kept images on --resume.
     let hash = run.resume && !maker.fresh_keys();
@@ -1109,7 +1116,7 @@ struct Checking<'a> {
     run: &'a Run,
     maker: &'a dyn Maker,
     /// The ledger of earlier runs, if there is one.
-    ledger: Option<SqliteLedger>,
+    ledger: Option<Box<dyn Ledger>>,
     /// Compute the SHA-256 of the images (--resume compares them with the files).
     hash: bool,
     /// The folder of images or keys exists (else no device has files yet).
@@ -1539,8 +1546,15 @@ impl Manifests {
         let mut manifest = maker.manifest_fields();
         manifest.insert("values".into(), run.values.display().to_string().into());
         // Absolute: `mfg flash --out-dir` finds the ledger through it from anywhere.
-        let ledger = std::fs::canonicalize(&run.ledger).unwrap_or_else(|_| run.ledger.clone());
-        manifest.insert("ledger".into(), ledger.display().to_string().into());
+        let ledger = match &run.chosen_ledger.server {
+            // Without the password: the station supplies it.
+            Some(url) => url.without_password(),
+            None => std::fs::canonicalize(&run.ledger)
+                .unwrap_or_else(|_| run.ledger.clone())
+                .display()
+                .to_string(),
+        };
+        manifest.insert("ledger".into(), ledger.into());
         if maker.labels().is_some() {
             let shared: Vec<serde_json::Value> = maker
                 .shared()

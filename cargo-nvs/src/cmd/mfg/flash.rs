@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use nvs_build::metadata::Metadata;
 use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
 
-use super::ledger::{BatchStatus, ClaimOutcome, FlashRecord, Issued, Ledger, SqliteLedger};
+use super::ledger::{BatchStatus, ClaimOutcome, FlashRecord, Issued, Ledger};
 use super::product::{ChosenLedger, LEDGER_ENV, Scope, choose_ledger};
 use crate::flashing::inspect;
 use crate::flashing::{After, Before, ConnectArgs, connect};
@@ -178,14 +178,14 @@ pub fn status(args: MfgStatusArgs) -> CliResult<ExitCode> {
             }
             let doc = serde_json::json!({
                 "schema": "cargo-nvs/mfg-status/v1",
-                "ledger": chosen.path.display().to_string(),
+                "ledger": chosen.shown(),
                 "batches": batches.iter().map(row).collect::<Vec<_>>(),
                 "total": total_row,
             });
             format!("{}\n", serde_json::to_string_pretty(&doc)?)
         }
         StatusFormat::Text => {
-            let mut text = format!("ledger {}\n", chosen.path.display());
+            let mut text = format!("ledger {}\n", chosen.shown());
             text.push_str(&format!(
                 "{:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}  batch\n",
                 "issued", "reserved", "flashed", "failed", "claimed", "unlogged", "remaining"
@@ -240,9 +240,9 @@ fn open_ledger(
     out_dir: Option<&Path>,
     ledger: Option<&Path>,
     package: &PackageArgs,
-) -> CliResult<(SqliteLedger, ChosenLedger)> {
+) -> CliResult<(Box<dyn Ledger>, ChosenLedger)> {
     let chosen = choose_ledger(ledger, Scope::Batch { out_dir, package })?;
-    match SqliteLedger::open_existing(&chosen.path)? {
+    match chosen.open_existing()? {
         Some(ledger) => Ok((ledger, chosen)),
         None => Err(CliError(format!(
             "no ledger at `{}` ({}): run `cargo nvs mfg generate` first, or name the ledger with \
@@ -565,7 +565,7 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
         args.ledger.as_deref(),
         &args.package,
     )?;
-    target.ledger_name = chosen.path.display().to_string();
+    target.ledger_name = chosen.shown();
     // Devices written to a chip whose flash was never logged are given to no other chip.
     let unlogged = ledger.written_unlogged()?;
     if let Some((device, mac)) = unlogged.first() {
@@ -576,7 +576,8 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
             unlogged.len()
         );
     }
-    let batches = batches(args.out_dir.as_deref(), &ledger, &chosen)?;
+    let ledger: &dyn Ledger = &*ledger;
+    let batches = batches(args.out_dir.as_deref(), ledger, &chosen)?;
     let ports: Vec<Option<String>> = if args.ports.is_empty() {
         vec![None]
     } else {
@@ -674,7 +675,7 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
             .iter()
             .zip(&claimants)
             .map(|((port, device), claimant)| {
-                let (args, target, ledger) = (&args, &target, &ledger);
+                let (args, target) = (&args, &target);
                 scope.spawn(move || {
                     let mut claim = Claim {
                         ledger,

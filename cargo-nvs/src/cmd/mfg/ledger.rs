@@ -23,6 +23,13 @@ pub enum LedgerError {
     },
     /// The ledger was made by a newer cargo-nvs.
     NewerSchema { ledger: PathBuf, version: i64 },
+    /// The database server refused or failed (`ledger`: host:port/database).
+    Server {
+        ledger: String,
+        source: postgres::Error,
+    },
+    /// The ledger's URL or TLS settings cannot work (`ledger`: the URL, password masked).
+    Setup { ledger: String, message: String },
     /// A thread of this process panicked while it held the ledger.
     Poisoned { ledger: PathBuf },
     /// Writing the production log out failed.
@@ -47,6 +54,14 @@ impl std::fmt::Display for LedgerError {
                 ledger.display()
             ),
             LedgerError::Export(e) => write!(f, "cannot write the production log: {e}"),
+            LedgerError::Server { ledger, source } => {
+                write!(f, "ledger server {ledger}: {source}")?;
+                if let Some(inner) = std::error::Error::source(source) {
+                    write!(f, " ({inner})")?;
+                }
+                Ok(())
+            }
+            LedgerError::Setup { ledger, message } => write!(f, "ledger `{ledger}`: {message}"),
         }
     }
 }
@@ -55,6 +70,7 @@ impl std::error::Error for LedgerError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             LedgerError::Database { source, .. } => Some(source),
+            LedgerError::Server { source, .. } => Some(source),
             LedgerError::Export(e) => Some(e),
             _ => None,
         }
@@ -1024,10 +1040,10 @@ impl Ledger for SqliteLedger {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn scratch(tag: &str) -> PathBuf {
+    pub(crate) fn scratch(tag: &str) -> PathBuf {
         let dir =
             std::env::temp_dir().join(format!("cargo-nvs-ledger-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -1073,6 +1089,133 @@ mod tests {
             result: result.into(),
             time: String::new(),
         }
+    }
+
+    /// What every backend must do, on two connections ("stations") to one ledger: issue and
+    /// refuse reissues, reserve ids so that one run gets each, claim each device for one
+    /// station only, log flashes and their conflicts, keep devices written without a log
+    /// entry away from other chips, and tell where batches stand.
+    pub(crate) fn semantics(first: &dyn Ledger, second: &dyn Ledger) {
+        let one = one();
+        let run = |batch: &'static str| Reservation {
+            batch,
+            batch_dir: Path::new("/batch/one"),
+            values: "values.csv",
+            allow_reissue: false,
+            resume: false,
+        };
+        let ids = |names: &[&str]| -> Vec<(String, usize)> {
+            names.iter().map(|n| (n.to_string(), 2)).collect()
+        };
+        // Reservation: the second run overlaps and gets nothing.
+        assert!(
+            first
+                .reserve(&ids(&["A", "B", "C"]), &run("1"))
+                .unwrap()
+                .is_empty()
+        );
+        let refused = second.reserve(&ids(&["C", "D"]), &run("2")).unwrap();
+        assert_eq!(refused.len(), 1);
+        assert!(refused[0].reserved && refused[0].device == "C");
+        assert!(first.issued("D").unwrap().is_none());
+        assert!(
+            first.claim_next("s1", &one).unwrap().is_none(),
+            "reserved only"
+        );
+        // Recording fills in the run's own reservations; another run's record is refused.
+        let entries: Vec<Issued> = ["A", "B", "C"]
+            .iter()
+            .enumerate()
+            .map(|(n, id)| Issued {
+                sha256: format!("{:064x}", n + 1),
+                more_images: vec![(format!("bin/x-{id}.bin"), format!("{:064x}", n + 100))],
+                ..entry(id, n + 2)
+            })
+            .collect();
+        let outcomes = first.issue_many(&entries, false).unwrap();
+        assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+        let again = second.issue_many(&entries[..1], false).unwrap();
+        assert!(
+            again[0]
+                .as_ref()
+                .is_err_and(|r| !r.reserved && r.device == "A")
+        );
+        assert_eq!(first.issued("B").unwrap().unwrap().more_images.len(), 1);
+        assert_eq!(second.batch_dirs().unwrap(), one);
+        // Each station gets its own device; a rerun takes its own back.
+        let a = first.claim_next("s1", &one).unwrap().unwrap();
+        let b = second.claim_next("s2", &one).unwrap().unwrap();
+        assert_eq!((a.device.as_str(), b.device.as_str()), ("A", "B"));
+        assert_eq!(second.claim_next("s2", &one).unwrap().unwrap().device, "B");
+        assert!(matches!(
+            second.claim("A", "s2").unwrap(),
+            ClaimOutcome::HeldBy { claimant, .. } if claimant == "s1"
+        ));
+        // Flashing and its log.
+        first.mark_written("A", "s1", "m1").unwrap();
+        assert_eq!(second.written_to("A").unwrap().as_deref(), Some("m1"));
+        first.record_flash(&flash("m1", "A", "ok")).unwrap();
+        assert!(second.written_unlogged().unwrap().is_empty());
+        assert!(matches!(
+            second.flash_conflict("m2", "A").unwrap(),
+            Some(Conflict::OnAnotherChip { .. })
+        ));
+        assert!(matches!(
+            second.flash_conflict("m1", "B").unwrap(),
+            Some(Conflict::ChipHoldsAnother { .. })
+        ));
+        assert!(second.flash_conflict("m1", "A").unwrap().is_none());
+        assert_eq!(second.device_on_mac("m1").unwrap().as_deref(), Some("A"));
+        assert_eq!(
+            second
+                .device_with_sha256(&format!("{:064x}", 101))
+                .unwrap()
+                .as_deref(),
+            Some("B"),
+            "found by the SHA-256 of a device's other image"
+        );
+        // A device written without a log entry goes to no other chip, even when released.
+        second.mark_written("B", "s2", "m2").unwrap();
+        second.release("B", "s2").unwrap();
+        assert_eq!(first.claim_next("s3", &one).unwrap().unwrap().device, "C");
+        assert_eq!(
+            first.written_unlogged().unwrap(),
+            vec![("B".into(), "m2".into())]
+        );
+        second.record_flash(&flash("m3", "C", "failed: x")).unwrap();
+        let status = first.status().unwrap();
+        assert_eq!(status.len(), 1);
+        let s = &status[0];
+        assert_eq!(
+            (
+                s.issued,
+                s.reserved,
+                s.flashed,
+                s.failed,
+                s.unlogged,
+                s.remaining
+            ),
+            (3, 0, 1, 1, 1, 2),
+            "{s:?}"
+        );
+        let log = second.flash_log().unwrap();
+        assert_eq!(log.len(), 2);
+        assert_eq!(
+            (log[0].device.as_str(), log[0].result.as_str()),
+            ("A", "ok")
+        );
+    }
+
+    #[test]
+    fn sqlite_semantics() {
+        let dir = scratch("semantics");
+        let path = dir.join("l.sqlite");
+        let (first, second) = (
+            SqliteLedger::open(&path, false).unwrap(),
+            SqliteLedger::open(&path, false).unwrap(),
+        );
+        semantics(&first, &second);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

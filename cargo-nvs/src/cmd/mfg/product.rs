@@ -8,19 +8,21 @@
 //!    config defines the product);
 //! 4. `mfg generate`, Cargo mode: the package's `[package.metadata.nvs.mfg] ledger` (relative to
 //!    Cargo.toml's folder), else `nvs-ledger.sqlite` beside Cargo.toml (never under `target/`,
-//!    which `cargo clean` removes) — [`product_ledger_path`];
+//!    which `cargo clean` removes) — [`product_ledger`];
 //! 5. `mfg flash` and `mfg log`: with `--out-dir DIR`, the ledger `DIR/manifest.json` records
 //!    (`mfg generate` writes its absolute path there; batches of older versions, whose ledger
 //!    was `DIR/ledger.sqlite`, are found through it too); else, inside a Cargo package
 //!    (`-p`/`--manifest-path` respected), the package's ledger as in 4; else an error saying
 //!    how to name one.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+use super::ledger::{Ledger, LedgerResult, SqliteLedger};
+use super::postgres::{PostgresLedger, ServerUrl};
 use crate::project::PackageArgs;
 use crate::{CliError, CliResult};
 
@@ -32,33 +34,100 @@ pub const PACKAGE_LEDGER: &str = "nvs-ledger.sqlite";
 pub const CONFIG_LEDGER: &str = "ledger.sqlite";
 
 /// The ledger of the package whose manifest is `manifest_path`: `NVS_LEDGER` if set and not
-/// empty, else the package's `[package.metadata.nvs.mfg] ledger` (relative to the manifest's
-/// folder), else `nvs-ledger.sqlite` beside the manifest. Nothing is created or opened (open it
-/// with `SqliteLedger::open_existing`). Errors name Cargo.toml and the key when the setting is
-/// not a path.
-pub fn product_ledger_path(manifest_path: &Path) -> CliResult<PathBuf> {
-    if let Some(env) = env_ledger() {
-        return Ok(env.path);
+/// empty, else the package's `[package.metadata.nvs.mfg] ledger` (a path relative to the
+/// manifest's folder, or a `postgres://` URL without password), else `nvs-ledger.sqlite`
+/// beside the manifest. Nothing is created or opened. Errors name Cargo.toml and the key when
+/// the setting is not a path.
+pub fn product_ledger(manifest_path: &Path) -> CliResult<ChosenLedger> {
+    if let Some(env) = env_ledger()? {
+        return Ok(env);
     }
     let folder = match manifest_path.parent() {
         Some(folder) if !folder.as_os_str().is_empty() => folder,
         _ => Path::new("."),
     };
-    Ok(absolute(&match metadata_ledger(manifest_path)? {
-        Some(relative) => folder.join(relative),
-        None => folder.join(PACKAGE_LEDGER),
-    }))
+    match metadata_ledger(manifest_path)? {
+        Some(text) if ServerUrl::parse(&text).is_some() => {
+            chosen(text.as_ref(), String::new(), false)
+        }
+        Some(relative) => chosen(folder.join(relative).as_os_str(), String::new(), false),
+        None => chosen(
+            folder.join(PACKAGE_LEDGER).as_os_str(),
+            String::new(),
+            false,
+        ),
+    }
+}
+
+/// A ledger given as text: a `postgres://` URL, or a file (made absolute).
+fn chosen(text: &OsStr, from: String, flag: bool) -> CliResult<ChosenLedger> {
+    if let Some(url) = text.to_str().and_then(ServerUrl::parse) {
+        return Ok(ChosenLedger {
+            path: PathBuf::from(url.to_string()),
+            server: Some(url),
+            from,
+            flag,
+        });
+    }
+    Ok(ChosenLedger {
+        path: absolute(Path::new(text)),
+        server: None,
+        from,
+        flag,
+    })
 }
 
 /// The ledger a command uses, and how it was chosen.
 #[derive(Clone, Debug)]
-pub(crate) struct ChosenLedger {
-    /// Absolute.
+pub struct ChosenLedger {
+    /// Absolute; for a server, its URL with the password masked (for messages only).
     pub path: PathBuf,
+    /// The PostgreSQL server, when the ledger is one.
+    pub server: Option<ServerUrl>,
     /// Where the choice came from, for messages: `--ledger`, `NVS_LEDGER`, ….
     pub from: String,
     /// Given with `--ledger` (not a default).
     pub flag: bool,
+}
+
+impl ChosenLedger {
+    /// The ledger as messages and manifests name it: the file, or the server's URL without
+    /// its password.
+    pub fn shown(&self) -> String {
+        match &self.server {
+            Some(url) => url.without_password(),
+            None => self.path.display().to_string(),
+        }
+    }
+
+    /// Opens the ledger, creating the file (or the server's tables) if needed.
+    pub fn open(&self, sync: bool) -> LedgerResult<Box<dyn Ledger>> {
+        Ok(match &self.server {
+            Some(url) => Box::new(PostgresLedger::open(url)?),
+            None => Box::new(SqliteLedger::open(&self.path, sync)?),
+        })
+    }
+
+    /// Opens an existing ledger (a server's always exists once it answers).
+    pub fn open_existing(&self) -> LedgerResult<Option<Box<dyn Ledger>>> {
+        Ok(match &self.server {
+            Some(url) => Some(Box::new(PostgresLedger::open(url)?)),
+            None => SqliteLedger::open_existing(&self.path)?.map(|l| Box::new(l) as _),
+        })
+    }
+
+    /// Opens an existing ledger only to look things up (a file is not changed at all).
+    pub fn open_read_only(&self) -> LedgerResult<Option<Box<dyn Ledger>>> {
+        Ok(match &self.server {
+            Some(url) => Some(Box::new(PostgresLedger::open(url)?)),
+            None => SqliteLedger::open_read_only(&self.path)?.map(|l| Box::new(l) as _),
+        })
+    }
+
+    /// Whether the ledger holds anything yet (a server is asked when opened).
+    pub fn exists(&self) -> bool {
+        self.server.is_some() || self.path.exists()
+    }
 }
 
 /// What a command's default ledger depends on.
@@ -82,13 +151,9 @@ pub(crate) fn choose_ledger(flag: Option<&Path>, scope: Scope<'_>) -> CliResult<
         if path.as_os_str().is_empty() {
             return Err(CliError("--ledger is empty: give the ledger's path".into()));
         }
-        return Ok(ChosenLedger {
-            path: absolute(path),
-            from: "--ledger".into(),
-            flag: true,
-        });
+        return chosen(path.as_os_str(), "--ledger".into(), true);
     }
-    if let Some(env) = env_ledger() {
+    if let Some(env) = env_ledger()? {
         return Ok(env);
     }
     match scope {
@@ -97,11 +162,11 @@ pub(crate) fn choose_ledger(flag: Option<&Path>, scope: Scope<'_>) -> CliResult<
                 Some(folder) if !folder.as_os_str().is_empty() => folder,
                 _ => Path::new("."),
             };
-            Ok(ChosenLedger {
-                path: absolute(&folder.join(CONFIG_LEDGER)),
-                from: format!("the default beside the config `{}`", config.display()),
-                flag: false,
-            })
+            chosen(
+                folder.join(CONFIG_LEDGER).as_os_str(),
+                format!("the default beside the config `{}`", config.display()),
+                false,
+            )
         }
         Scope::Package(manifest_path) => package_ledger(manifest_path),
         Scope::Batch { out_dir, package } => {
@@ -132,22 +197,22 @@ pub(crate) fn choose_ledger(flag: Option<&Path>, scope: Scope<'_>) -> CliResult<
 }
 
 /// `NVS_LEDGER`, when set and not empty.
-fn env_ledger() -> Option<ChosenLedger> {
-    let value: OsString = std::env::var_os(LEDGER_ENV).filter(|v| !v.is_empty())?;
-    Some(ChosenLedger {
-        path: absolute(Path::new(&value)),
-        from: LEDGER_ENV.into(),
-        flag: false,
-    })
+fn env_ledger() -> CliResult<Option<ChosenLedger>> {
+    let Some(value) = std::env::var_os(LEDGER_ENV).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let value: OsString = value;
+    chosen(&value, LEDGER_ENV.into(), false).map(Some)
 }
 
-/// The package's ledger ([`product_ledger_path`]), and where it came from.
+/// The package's ledger ([`product_ledger`]), and where it came from.
 fn package_ledger(manifest_path: &Path) -> CliResult<ChosenLedger> {
-    let path = product_ledger_path(manifest_path)?;
+    let ledger = product_ledger(manifest_path)?;
+    let path = ledger.path.clone();
     let default = manifest_path.with_file_name(PACKAGE_LEDGER);
-    let from = if let Some(env) = env_ledger() {
+    let from = if let Some(env) = env_ledger()? {
         env.from
-    } else if same_file(&path, &default) {
+    } else if ledger.server.is_none() && same_file(&path, &default) {
         format!("the default beside `{}`", manifest_path.display())
     } else {
         format!(
@@ -155,11 +220,7 @@ fn package_ledger(manifest_path: &Path) -> CliResult<ChosenLedger> {
             manifest_path.display()
         )
     };
-    Ok(ChosenLedger {
-        path,
-        from,
-        flag: false,
-    })
+    Ok(ChosenLedger { from, ..ledger })
 }
 
 /// `[package.metadata.nvs.mfg] ledger` of the manifest, as written.
@@ -213,6 +274,13 @@ fn metadata_ledger(manifest_path: &Path) -> CliResult<Option<String>> {
              Cargo.toml's folder (or remove it for the default, {PACKAGE_LEDGER})",
             at(ledger.span().start)
         ))),
+        Some(url) if ServerUrl::parse(url).is_some_and(|u| u.has_password()) => {
+            Err(CliError(format!(
+                "{}: `package.metadata.nvs.mfg.ledger` holds a password: passwords never go in \
+                 Cargo.toml. Give the URL without it and set PGPASSWORD on the station",
+                at(ledger.span().start)
+            )))
+        }
         Some(path) => Ok(Some(path.to_owned())),
         None => Err(CliError(format!(
             "{}: `package.metadata.nvs.mfg.ledger` must be a string (the ledger's path, relative \
@@ -249,6 +317,7 @@ fn recorded_ledger(out_dir: &Path) -> CliResult<Option<ChosenLedger>> {
     let own_ledger = || {
         own.exists().then(|| ChosenLedger {
             path: absolute(&own),
+            server: None,
             from: format!("the out dir's own ledger (`{}`)", own.display()),
             flag: false,
         })
@@ -271,6 +340,10 @@ fn recorded_ledger(out_dir: &Path) -> CliResult<Option<ChosenLedger>> {
     })?;
     let recorded = match json.get("ledger") {
         None => return Ok(own_ledger()),
+        Some(serde_json::Value::String(url)) if ServerUrl::parse(url).is_some() => {
+            let from = format!("`{}`", manifest.display());
+            return chosen(url.as_ref(), from, false).map(Some);
+        }
         Some(serde_json::Value::String(path)) if !path.is_empty() => PathBuf::from(path),
         Some(_) => {
             return Err(CliError(format!(
@@ -283,6 +356,7 @@ fn recorded_ledger(out_dir: &Path) -> CliResult<Option<ChosenLedger>> {
     if recorded.is_absolute() {
         return Ok(Some(ChosenLedger {
             path: recorded,
+            server: None,
             from,
             flag: false,
         }));
@@ -296,6 +370,7 @@ fn recorded_ledger(out_dir: &Path) -> CliResult<Option<ChosenLedger>> {
     if recorded.exists() {
         return Ok(Some(ChosenLedger {
             path: absolute(&recorded),
+            server: None,
             from,
             flag: false,
         }));
@@ -375,12 +450,12 @@ mod tests {
         if std::env::var_os(LEDGER_ENV).is_none() {
             let manifest = dir.join("Cargo.toml");
             assert_eq!(
-                product_ledger_path(&manifest).unwrap(),
+                product_ledger(&manifest).unwrap().path,
                 dir.join("l.sqlite")
             );
             std::fs::write(&manifest, PACKAGE).unwrap();
             assert_eq!(
-                product_ledger_path(&manifest).unwrap(),
+                product_ledger(&manifest).unwrap().path,
                 dir.join(PACKAGE_LEDGER)
             );
             assert!(!dir.join(PACKAGE_LEDGER).exists(), "nothing is created");

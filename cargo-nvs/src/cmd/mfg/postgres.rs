@@ -1,0 +1,1088 @@
+//! The ledger in a PostgreSQL database, for production lines whose stations run on several PCs:
+//! the same semantics as [`SqliteLedger`](super::ledger::SqliteLedger), with claims taken by
+//! `SELECT … FOR UPDATE SKIP LOCKED` so that stations never wait on each other's device. A
+//! device's claim and whether it was flashed live in its own row: a station that locks a row
+//! another one has just claimed re-reads that row and passes it by (state kept in other tables
+//! would be judged by the statement's older snapshot, and two stations could take one device).
+//!
+//! Selected by a `postgres://` or `postgresql://` URL wherever a ledger path is accepted. TLS as
+//! libpq does it: `sslmode=prefer` by default (TLS when the server offers it, certificate not
+//! checked), `disable`, `require` (TLS, not checked), `verify-ca` (chain checked) and
+//! `verify-full` (chain and host name checked), with `sslrootcert=FILE` (PEM) or, without it,
+//! the Mozilla roots. The password comes from the URL or `$PGPASSWORD` and is never shown.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use postgres::{Client, NoTls, Row, Transaction};
+
+use super::ledger::{
+    BatchStatus, CLAIM_LIFETIME, ClaimOutcome, Conflict, FlashRecord, Issued, Ledger, LedgerError,
+    LedgerResult, Refused, Reservation,
+};
+
+/// Bumped when the tables change (as SQLite's); a database of a newer version is refused.
+const SCHEMA_VERSION: i64 = 3;
+
+/// UTC now, as the SQLite ledger writes times (sortable text).
+const NOW: &str =
+    "to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS nvs_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS nvs_batches (dir TEXT PRIMARY KEY, first_used TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS nvs_devices (
+    device TEXT PRIMARY KEY, image TEXT NOT NULL, sha256 TEXT NOT NULL, key_file TEXT,
+    hmac_key_file TEXT, size BIGINT NOT NULL, values_file TEXT NOT NULL, line BIGINT NOT NULL,
+    batch TEXT NOT NULL, issued_at TEXT NOT NULL, issues BIGINT NOT NULL DEFAULT 1,
+    batch_dir TEXT NOT NULL, claimant TEXT, claimed_at TEXT, written_to TEXT,
+    flashed BOOLEAN NOT NULL DEFAULT FALSE);
+CREATE INDEX IF NOT EXISTS nvs_devices_order ON nvs_devices (batch, values_file, line);
+CREATE INDEX IF NOT EXISTS nvs_devices_sha256 ON nvs_devices (sha256);
+CREATE TABLE IF NOT EXISTS nvs_device_images (
+    device TEXT NOT NULL, idx BIGINT NOT NULL, image TEXT NOT NULL, sha256 TEXT NOT NULL,
+    PRIMARY KEY (device, idx));
+CREATE TABLE IF NOT EXISTS nvs_flash_log (
+    id BIGSERIAL PRIMARY KEY, time TEXT NOT NULL, mac TEXT NOT NULL, device TEXT NOT NULL,
+    sha256 TEXT NOT NULL, port TEXT NOT NULL, result TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS nvs_flash_log_mac ON nvs_flash_log (mac);
+CREATE INDEX IF NOT EXISTS nvs_flash_log_device ON nvs_flash_log (device);
+";
+
+const DEVICE_COLUMNS: &str = "device, image, sha256, key_file, size, values_file, line, batch, \
+     issued_at, hmac_key_file, batch_dir";
+
+/// A ledger URL, with the password kept out of everything that is shown.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServerUrl {
+    /// As given (with the password, if any).
+    url: String,
+}
+
+impl std::fmt::Debug for ServerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServerUrl({self})")
+    }
+}
+
+impl ServerUrl {
+    /// `Some` for a `postgres://` or `postgresql://` URL.
+    pub fn parse(text: &str) -> Option<ServerUrl> {
+        (text.starts_with("postgres://") || text.starts_with("postgresql://")).then(|| ServerUrl {
+            url: text.to_owned(),
+        })
+    }
+
+    /// Whether the URL itself holds a password (not allowed in Cargo.toml).
+    pub fn has_password(&self) -> bool {
+        self.userinfo().is_some_and(|u| u.contains(':'))
+    }
+
+    fn userinfo(&self) -> Option<&str> {
+        let rest = self.url.split_once("://")?.1;
+        let authority = rest.split(['/', '?']).next()?;
+        authority.rsplit_once('@').map(|(userinfo, _)| userinfo)
+    }
+
+    /// The URL without its password (as manifests record it; the station supplies the
+    /// password from `PGPASSWORD`).
+    pub fn without_password(&self) -> String {
+        match self.userinfo().filter(|u| u.contains(':')) {
+            Some(userinfo) => {
+                let user = userinfo.split(':').next().unwrap_or("");
+                self.url.replacen(userinfo, user, 1)
+            }
+            None => self.url.clone(),
+        }
+    }
+
+    /// `host:port/database` as messages name the ledger.
+    fn place(&self) -> String {
+        let rest = self.url.split_once("://").map_or("", |(_, r)| r);
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let host = if host.is_empty() { "localhost" } else { host };
+        let has_port = match host.rfind(']') {
+            Some(end) => host[end..].contains(':'),
+            None => host.contains(':'),
+        };
+        let host = if has_port {
+            host.to_owned()
+        } else {
+            format!("{host}:5432")
+        };
+        let database = path.split('?').next().unwrap_or("");
+        format!("{host}/{database}")
+    }
+}
+
+impl std::fmt::Display for ServerUrl {
+    /// The URL with the password masked.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Some(userinfo) = self.userinfo().filter(|u| u.contains(':')) else {
+            return f.write_str(&self.url);
+        };
+        let user = userinfo.split(':').next().unwrap_or("");
+        let masked = format!("{user}:***");
+        f.write_str(&self.url.replacen(userinfo, &masked, 1))
+    }
+}
+
+/// How the connection is protected, libpq's `sslmode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TlsMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+/// The ledger in PostgreSQL: one connection per process, shared by its ports' threads.
+pub struct PostgresLedger {
+    url: ServerUrl,
+    client: Mutex<Client>,
+    claim_lifetime: Duration,
+}
+
+impl PostgresLedger {
+    /// Connects, and creates or upgrades the tables (once, whichever station comes first).
+    pub fn open(url: &ServerUrl) -> LedgerResult<PostgresLedger> {
+        let fail = |message: String| LedgerError::Setup {
+            ledger: url.to_string(),
+            message,
+        };
+        let (config_text, mode, root_cert) = split_tls_options(&url.url).map_err(fail)?;
+        let mut config: postgres::Config = config_text
+            .parse()
+            .map_err(|e: postgres::Error| fail(format!("not a valid PostgreSQL URL: {e}")))?;
+        if config.get_password().is_none()
+            && let Ok(password) = std::env::var("PGPASSWORD")
+        {
+            config.password(password);
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        let server = |source: postgres::Error| LedgerError::Server {
+            ledger: url.place(),
+            source,
+        };
+        let client = match mode {
+            TlsMode::Disable => config
+                .ssl_mode(postgres::config::SslMode::Disable)
+                .connect(NoTls)
+                .map_err(server)?,
+            mode => {
+                let tls = tls_connector(mode, root_cert.as_deref()).map_err(fail)?;
+                config.ssl_mode(if mode == TlsMode::Prefer {
+                    postgres::config::SslMode::Prefer
+                } else {
+                    postgres::config::SslMode::Require
+                });
+                config.connect(tls).map_err(server)?
+            }
+        };
+        let ledger = PostgresLedger {
+            url: url.clone(),
+            client: Mutex::new(client),
+            claim_lifetime: CLAIM_LIFETIME,
+        };
+        ledger
+            .with(|tx| {
+                // The tables exist and are current: nothing to do (DDL would take table
+                // locks that other stations' claims wait on).
+                let current = |tx: &mut Transaction<'_>| -> Result<Option<i64>, postgres::Error> {
+                    let exists: bool = tx
+                        .query_one("SELECT to_regclass('nvs_meta') IS NOT NULL", &[])?
+                        .get(0);
+                    if !exists {
+                        return Ok(None);
+                    }
+                    Ok(tx
+                        .query_opt("SELECT value FROM nvs_meta WHERE key = 'schema'", &[])?
+                        .and_then(|r| r.get::<_, String>(0).parse::<i64>().ok()))
+                };
+                match current(tx)? {
+                    Some(version) if version > SCHEMA_VERSION => return Ok(Err(version)),
+                    Some(SCHEMA_VERSION) => return Ok(Ok(())),
+                    _ => {}
+                }
+                // Stations starting together create the tables once.
+                tx.execute("SELECT pg_advisory_xact_lock(7155437241)", &[])?;
+                if let Some(version) = current(tx)?.filter(|v| *v > SCHEMA_VERSION) {
+                    return Ok(Err(version));
+                }
+                tx.batch_execute(SCHEMA)?;
+                tx.execute(
+                    "INSERT INTO nvs_meta (key, value) VALUES ('schema', $1)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    &[&SCHEMA_VERSION.to_string()],
+                )?;
+                Ok(Ok(()))
+            })?
+            .map_err(|version| LedgerError::NewerSchema {
+                ledger: PathBuf::from(url.to_string()),
+                version,
+            })?;
+        Ok(ledger)
+    }
+
+    /// Runs `f` in one transaction (committed when it returns `Ok`).
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, postgres::Error>,
+    ) -> LedgerResult<T> {
+        let mut client = self.client.lock().map_err(|_| LedgerError::Poisoned {
+            ledger: PathBuf::from(self.url.to_string()),
+        })?;
+        let server = |source| LedgerError::Server {
+            ledger: self.url.place(),
+            source,
+        };
+        let mut tx = client.transaction().map_err(server)?;
+        let value = f(&mut tx).map_err(server)?;
+        tx.commit().map_err(server)?;
+        Ok(value)
+    }
+
+    fn live_claim(&self) -> String {
+        format!(
+            "d.claimed_at > to_char((clock_timestamp() - interval '{} seconds') AT TIME ZONE \
+             'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')",
+            self.claim_lifetime.as_secs()
+        )
+    }
+}
+
+/// Takes libpq's `sslmode` and `sslrootcert` out of the URL (the client library knows only
+/// part of them).
+fn split_tls_options(url: &str) -> Result<(String, TlsMode, Option<PathBuf>), String> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), TlsMode::Prefer, None));
+    };
+    let mut mode = TlsMode::Prefer;
+    let mut root_cert = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "sslmode" => {
+                mode = match value {
+                    "disable" => TlsMode::Disable,
+                    "allow" | "prefer" => TlsMode::Prefer,
+                    "require" => TlsMode::Require,
+                    "verify-ca" => TlsMode::VerifyCa,
+                    "verify-full" => TlsMode::VerifyFull,
+                    other => {
+                        return Err(format!(
+                            "sslmode={other}: use disable, prefer, require, verify-ca or \
+                             verify-full"
+                        ));
+                    }
+                }
+            }
+            "sslrootcert" => root_cert = Some(PathBuf::from(value)),
+            _ => kept.push(pair),
+        }
+    }
+    let text = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((text, mode, root_cert))
+}
+
+/// A rustls connector (ring provider) that checks as much as `mode` asks.
+fn tls_connector(
+    mode: TlsMode,
+    root_cert: Option<&std::path::Path>,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    #[allow(
+        deprecated,
+        reason = "ring is the provider that builds everywhere (also for Windows with mingw); its \
+                  lack of post-quantum key exchange is accepted for a ledger connection"
+    )]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    match root_cert {
+        Some(path) => {
+            for cert in CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("sslrootcert `{}`: {e}", path.display()))?
+            {
+                let cert = cert.map_err(|e| format!("sslrootcert `{}`: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("sslrootcert `{}`: {e}", path.display()))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let roots = Arc::new(roots);
+    let config = match mode {
+        TlsMode::VerifyFull => builder.with_root_certificates(roots).with_no_client_auth(),
+        TlsMode::VerifyCa | TlsMode::Prefer | TlsMode::Require | TlsMode::Disable => {
+            let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                roots,
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| format!("TLS: {e}"))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(LibpqVerifier {
+                    inner: verifier,
+                    provider,
+                    check_chain: mode == TlsMode::VerifyCa,
+                }))
+                .with_no_client_auth()
+        }
+    };
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// libpq's weaker modes: `prefer`/`require` encrypt without checking the certificate;
+/// `verify-ca` checks the chain but not the host name.
+#[derive(Debug)]
+struct LibpqVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    check_chain: bool,
+}
+
+impl rustls::client::danger::ServerCertVerifier for LibpqVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if !self.check_chain {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        }
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn issued_from_row(row: &Row) -> Issued {
+    Issued {
+        device: row.get(0),
+        image: row.get(1),
+        sha256: row.get(2),
+        more_images: Vec::new(),
+        key_file: row.get(3),
+        hmac_key_file: row.get(9),
+        size: u32::try_from(row.get::<_, i64>(4)).unwrap_or(0),
+        values: row.get(5),
+        line: usize::try_from(row.get::<_, i64>(6)).unwrap_or(0),
+        batch: row.get(7),
+        issued_at: row.get(8),
+        batch_dir: PathBuf::from(row.get::<_, String>(10)),
+    }
+}
+
+fn more_images(
+    tx: &mut Transaction<'_>,
+    device: &str,
+) -> Result<Vec<(String, String)>, postgres::Error> {
+    Ok(tx
+        .query(
+            "SELECT image, sha256 FROM nvs_device_images WHERE device = $1 ORDER BY idx",
+            &[&device],
+        )?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+fn put_claim(
+    tx: &mut Transaction<'_>,
+    device: &str,
+    claimant: &str,
+) -> Result<(), postgres::Error> {
+    tx.execute(
+        &format!("UPDATE nvs_devices SET claimant = $2, claimed_at = {NOW} WHERE device = $1"),
+        &[&device, &claimant],
+    )
+    .map(drop)
+}
+
+impl Ledger for PostgresLedger {
+    fn issued(&self, device: &str) -> LedgerResult<Option<Issued>> {
+        self.with(|tx| {
+            let Some(row) = tx.query_opt(
+                &format!("SELECT {DEVICE_COLUMNS} FROM nvs_devices WHERE device = $1"),
+                &[&device],
+            )?
+            else {
+                return Ok(None);
+            };
+            let mut issued = issued_from_row(&row);
+            issued.more_images = more_images(tx, device)?;
+            Ok(Some(issued))
+        })
+    }
+
+    fn issue_many(
+        &self,
+        entries: &[Issued],
+        allow_reissue: bool,
+    ) -> LedgerResult<Vec<Result<String, Refused>>> {
+        let take = if allow_reissue {
+            "TRUE"
+        } else {
+            "nvs_devices.sha256 = '' AND nvs_devices.batch = excluded.batch
+             AND nvs_devices.batch_dir = excluded.batch_dir"
+        };
+        let issues = if allow_reissue {
+            ", issues = nvs_devices.issues + 1"
+        } else {
+            ""
+        };
+        let outcomes = self.with(|tx| {
+            let now: String = tx.query_one(&format!("SELECT {NOW}"), &[])?.get(0);
+            let insert = tx.prepare(&format!(
+                "INSERT INTO nvs_devices ({DEVICE_COLUMNS})
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                 ON CONFLICT (device) DO UPDATE SET image = excluded.image,
+                   sha256 = excluded.sha256, key_file = excluded.key_file,
+                   hmac_key_file = excluded.hmac_key_file, size = excluded.size,
+                   values_file = excluded.values_file, line = excluded.line,
+                   batch = excluded.batch, issued_at = excluded.issued_at,
+                   batch_dir = excluded.batch_dir{issues}
+                 WHERE {take}"
+            ))?;
+            let mut outcomes = Vec::with_capacity(entries.len());
+            for entry in entries {
+                let batch_dir = entry.batch_dir.to_string_lossy().into_owned();
+                tx.execute(
+                    "INSERT INTO nvs_batches (dir, first_used) VALUES ($1, $2)
+                     ON CONFLICT (dir) DO NOTHING",
+                    &[&batch_dir, &now],
+                )?;
+                let changed = tx.execute(
+                    &insert,
+                    &[
+                        &entry.device,
+                        &entry.image,
+                        &entry.sha256,
+                        &entry.key_file,
+                        &i64::from(entry.size),
+                        &entry.values,
+                        &(entry.line as i64),
+                        &entry.batch,
+                        &now,
+                        &entry.hmac_key_file,
+                        &batch_dir,
+                    ],
+                )?;
+                if changed == 0 {
+                    let row = tx.query_one(
+                        "SELECT issued_at, batch_dir FROM nvs_devices WHERE device = $1",
+                        &[&entry.device],
+                    )?;
+                    outcomes.push(Err((row.get::<_, String>(0), row.get::<_, String>(1))));
+                    continue;
+                }
+                tx.execute(
+                    "DELETE FROM nvs_device_images WHERE device = $1",
+                    &[&entry.device],
+                )?;
+                for (idx, (image, sha256)) in entry.more_images.iter().enumerate() {
+                    tx.execute(
+                        "INSERT INTO nvs_device_images (device, idx, image, sha256)
+                         VALUES ($1, $2, $3, $4)",
+                        &[&entry.device, &(idx as i64), image, sha256],
+                    )?;
+                }
+                outcomes.push(Ok(now.clone()));
+            }
+            Ok(outcomes)
+        })?;
+        Ok(entries
+            .iter()
+            .zip(outcomes)
+            .map(|(entry, outcome)| {
+                outcome.map_err(|(when, batch_dir)| Refused {
+                    device: entry.device.clone(),
+                    when,
+                    reserved: false,
+                    batch_dir,
+                    ledger: PathBuf::from(self.url.to_string()),
+                })
+            })
+            .collect())
+    }
+
+    fn reserve(
+        &self,
+        devices: &[(String, usize)],
+        run: &Reservation<'_>,
+    ) -> LedgerResult<Vec<Refused>> {
+        let take = if run.allow_reissue {
+            "TRUE"
+        } else if run.resume {
+            "nvs_devices.sha256 = '' AND nvs_devices.batch_dir = excluded.batch_dir"
+        } else {
+            "FALSE"
+        };
+        let batch_dir = run.batch_dir.to_string_lossy().into_owned();
+        let mut client = self.client.lock().map_err(|_| LedgerError::Poisoned {
+            ledger: PathBuf::from(self.url.to_string()),
+        })?;
+        let server = |source| LedgerError::Server {
+            ledger: self.url.place(),
+            source,
+        };
+        let mut tx = client.transaction().map_err(server)?;
+        let mut refused = Vec::new();
+        let result = (|| -> Result<(), postgres::Error> {
+            let now: String = tx.query_one(&format!("SELECT {NOW}"), &[])?.get(0);
+            let insert = tx.prepare(&format!(
+                "INSERT INTO nvs_devices (device, image, sha256, size, values_file, line, batch,
+                   issued_at, batch_dir)
+                 VALUES ($1, '', '', 0, $2, $3, $4, $5, $6)
+                 ON CONFLICT (device) DO UPDATE SET image = '', sha256 = '', size = 0,
+                   values_file = excluded.values_file, line = excluded.line,
+                   batch = excluded.batch, issued_at = excluded.issued_at,
+                   batch_dir = excluded.batch_dir
+                 WHERE {take}"
+            ))?;
+            for (device, line) in devices {
+                let changed = tx.execute(
+                    &insert,
+                    &[
+                        device,
+                        &run.values,
+                        &(*line as i64),
+                        &run.batch,
+                        &now,
+                        &batch_dir,
+                    ],
+                )?;
+                if changed == 0 {
+                    let row = tx.query_one(
+                        "SELECT issued_at, sha256 = '', batch_dir FROM nvs_devices
+                         WHERE device = $1",
+                        &[device],
+                    )?;
+                    refused.push(Refused {
+                        device: device.clone(),
+                        when: row.get(0),
+                        reserved: row.get(1),
+                        batch_dir: row.get(2),
+                        ledger: PathBuf::from(self.url.to_string()),
+                    });
+                }
+            }
+            Ok(())
+        })();
+        result.map_err(server)?;
+        if refused.is_empty() {
+            tx.commit().map_err(server)?;
+        } else {
+            tx.rollback().map_err(server)?;
+        }
+        Ok(refused)
+    }
+
+    #[cfg(test)]
+    fn devices(&self) -> LedgerResult<Vec<Issued>> {
+        self.with(|tx| {
+            Ok(tx
+                .query(
+                    &format!(
+                        "SELECT {DEVICE_COLUMNS} FROM nvs_devices ORDER BY batch, values_file, line"
+                    ),
+                    &[],
+                )?
+                .iter()
+                .map(issued_from_row)
+                .collect())
+        })
+    }
+
+    fn batch_dirs(&self) -> LedgerResult<Vec<PathBuf>> {
+        self.with(|tx| {
+            Ok(tx
+                .query("SELECT dir FROM nvs_batches ORDER BY first_used, dir", &[])?
+                .iter()
+                .map(|r| PathBuf::from(r.get::<_, String>(0)))
+                .collect())
+        })
+    }
+
+    fn claim_next(&self, claimant: &str, batch_dirs: &[PathBuf]) -> LedgerResult<Option<Issued>> {
+        let live_claim = self.live_claim();
+        let dirs: Vec<String> = batch_dirs
+            .iter()
+            .map(|d| d.to_string_lossy().into_owned())
+            .collect();
+        self.with(|tx| {
+            // SKIP LOCKED: a device another station is claiming right now is passed over,
+            // not waited for.
+            let Some(row) = tx.query_opt(
+                &format!(
+                    "SELECT {DEVICE_COLUMNS} FROM nvs_devices d WHERE d.sha256 <> ''
+                     AND NOT d.flashed AND d.written_to IS NULL
+                     AND (d.claimant IS NULL OR d.claimant = $1 OR NOT ({live_claim}))
+                     AND d.batch_dir = ANY($2)
+                     ORDER BY batch, values_file, line LIMIT 1
+                     FOR UPDATE OF d SKIP LOCKED"
+                ),
+                &[&claimant, &dirs],
+            )?
+            else {
+                return Ok(None);
+            };
+            let mut next = issued_from_row(&row);
+            next.more_images = more_images(tx, &next.device)?;
+            put_claim(tx, &next.device, claimant)?;
+            Ok(Some(next))
+        })
+    }
+
+    fn claim(&self, device: &str, claimant: &str) -> LedgerResult<ClaimOutcome> {
+        let live_claim = self.live_claim();
+        self.with(|tx| {
+            // The row lock makes two stations claiming it by name take turns.
+            if let Some(row) = tx.query_opt(
+                &format!(
+                    "SELECT claimant, claimed_at FROM nvs_devices d
+                     WHERE device = $1 AND claimant <> $2 AND {live_claim} FOR UPDATE"
+                ),
+                &[&device, &claimant],
+            )? {
+                return Ok(ClaimOutcome::HeldBy {
+                    claimant: row.get(0),
+                    since: row.get(1),
+                });
+            }
+            put_claim(tx, device, claimant)?;
+            Ok(ClaimOutcome::Claimed)
+        })
+    }
+
+    fn release(&self, device: &str, claimant: &str) -> LedgerResult<()> {
+        self.with(|tx| {
+            // The station lets go; a record of the chip the device went to stays.
+            tx.execute(
+                "UPDATE nvs_devices SET claimant = NULL, claimed_at = NULL
+                 WHERE device = $1 AND claimant = $2 AND written_to IS NULL",
+                &[&device, &claimant],
+            )?;
+            tx.execute(
+                "UPDATE nvs_devices SET claimed_at = '0000-00-00T00:00:00.000Z'
+                 WHERE device = $1 AND claimant = $2",
+                &[&device, &claimant],
+            )
+            .map(drop)
+        })
+    }
+
+    fn mark_written(&self, device: &str, claimant: &str, mac: &str) -> LedgerResult<()> {
+        self.with(|tx| {
+            tx.execute(
+                "UPDATE nvs_devices SET written_to = $3 WHERE device = $1 AND claimant = $2",
+                &[&device, &claimant, &mac],
+            )
+            .map(drop)
+        })
+    }
+
+    fn written_to(&self, device: &str) -> LedgerResult<Option<String>> {
+        self.with(|tx| {
+            Ok(tx
+                .query_opt(
+                    "SELECT written_to FROM nvs_devices WHERE device = $1
+                     AND written_to IS NOT NULL",
+                    &[&device],
+                )?
+                .map(|r| r.get(0)))
+        })
+    }
+
+    fn written_unlogged(&self) -> LedgerResult<Vec<(String, String)>> {
+        self.with(|tx| {
+            Ok(tx
+                .query(
+                    "SELECT device, written_to FROM nvs_devices WHERE written_to IS NOT NULL
+                     ORDER BY claimed_at",
+                    &[],
+                )?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect())
+        })
+    }
+
+    fn record_flash(&self, record: &FlashRecord) -> LedgerResult<()> {
+        self.with(|tx| {
+            tx.execute(
+                &format!(
+                    "INSERT INTO nvs_flash_log (time, mac, device, sha256, port, result)
+                     VALUES ({NOW}, $1, $2, $3, $4, $5)"
+                ),
+                &[
+                    &record.mac,
+                    &record.device,
+                    &record.sha256,
+                    &record.port,
+                    &record.result,
+                ],
+            )?;
+            tx.execute(
+                "UPDATE nvs_devices SET claimant = NULL, claimed_at = NULL, written_to = NULL,
+                   flashed = flashed OR $2
+                 WHERE device = $1",
+                &[&record.device, &(record.result == "ok")],
+            )
+            .map(drop)
+        })
+    }
+
+    fn flash_conflict(&self, mac: &str, device: &str) -> LedgerResult<Option<Conflict>> {
+        self.with(|tx| {
+            if let Some(row) = tx.query_opt(
+                "SELECT mac, time FROM nvs_flash_log WHERE device = $1 AND result = 'ok'
+                   AND mac <> $2 ORDER BY id DESC LIMIT 1",
+                &[&device, &mac],
+            )? {
+                return Ok(Some(Conflict::OnAnotherChip {
+                    device: device.to_owned(),
+                    mac: row.get(0),
+                    when: row.get(1),
+                }));
+            }
+            Ok(tx
+                .query_opt(
+                    "SELECT device, time FROM nvs_flash_log WHERE mac = $1 AND result = 'ok'
+                       AND device <> $2 ORDER BY id DESC LIMIT 1",
+                    &[&mac, &device],
+                )?
+                .map(|row| Conflict::ChipHoldsAnother {
+                    mac: mac.to_owned(),
+                    device: row.get(0),
+                    when: row.get(1),
+                }))
+        })
+    }
+
+    fn flash_log(&self) -> LedgerResult<Vec<FlashRecord>> {
+        self.with(|tx| {
+            Ok(tx
+                .query(
+                    "SELECT time, mac, device, sha256, port, result FROM nvs_flash_log
+                     ORDER BY id",
+                    &[],
+                )?
+                .iter()
+                .map(|r| FlashRecord {
+                    time: r.get(0),
+                    mac: r.get(1),
+                    device: r.get(2),
+                    sha256: r.get(3),
+                    port: r.get(4),
+                    result: r.get(5),
+                })
+                .collect())
+        })
+    }
+
+    fn status(&self) -> LedgerResult<Vec<BatchStatus>> {
+        let live_claim = self.live_claim();
+        self.with(|tx| {
+            let rows = tx.query(
+                &format!(
+                    "SELECT batch_dir,
+                       SUM(CASE WHEN sha256 <> '' THEN 1 ELSE 0 END),
+                       SUM(CASE WHEN sha256 = '' THEN 1 ELSE 0 END),
+                       SUM(CASE WHEN ok THEN 1 ELSE 0 END),
+                       SUM(CASE WHEN NOT ok AND failed THEN 1 ELSE 0 END),
+                       SUM(CASE WHEN NOT ok AND claimed THEN 1 ELSE 0 END),
+                       SUM(CASE WHEN NOT ok AND unlogged THEN 1 ELSE 0 END)
+                     FROM (SELECT d.batch_dir, d.batch, d.sha256, d.flashed AS ok,
+                       EXISTS (SELECT 1 FROM nvs_flash_log f WHERE f.device = d.device
+                         AND f.result <> 'ok') AS failed,
+                       COALESCE(d.claimant IS NOT NULL AND {live_claim}, FALSE) AS claimed,
+                       d.written_to IS NOT NULL AS unlogged
+                     FROM nvs_devices d) s
+                     GROUP BY batch_dir ORDER BY MIN(batch), batch_dir"
+                ),
+                &[],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    let n = |i: usize| u64::try_from(r.get::<_, i64>(i)).unwrap_or(0);
+                    let (issued, flashed) = (n(1), n(3));
+                    BatchStatus {
+                        batch: r.get(0),
+                        issued,
+                        reserved: n(2),
+                        flashed,
+                        failed: n(4),
+                        claimed: n(5),
+                        unlogged: n(6),
+                        remaining: issued.saturating_sub(flashed),
+                    }
+                })
+                .collect())
+        })
+    }
+
+    fn device_with_sha256(&self, sha256: &str) -> LedgerResult<Option<String>> {
+        let sha256 = sha256.to_ascii_lowercase();
+        self.with(|tx| {
+            Ok(tx
+                .query_opt(
+                    "SELECT device FROM nvs_devices WHERE sha256 = $1
+                     UNION ALL SELECT device FROM nvs_device_images WHERE sha256 = $1 LIMIT 1",
+                    &[&sha256],
+                )?
+                .map(|r| r.get(0)))
+        })
+    }
+
+    fn device_on_mac(&self, mac: &str) -> LedgerResult<Option<String>> {
+        self.with(|tx| {
+            Ok(tx
+                .query_opt(
+                    "SELECT device FROM nvs_flash_log WHERE mac = $1 AND result = 'ok'
+                     ORDER BY id DESC LIMIT 1",
+                    &[&mac],
+                )?
+                .map(|r| r.get(0)))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// A fresh database on the test server (`NVS_TEST_POSTGRES`: a URL whose user may create
+    /// databases; `cargo xtask ci` starts a throwaway server and sets it). Without it the test
+    /// is skipped, except in CI, where it fails.
+    fn fresh_database(tag: &str) -> Option<ServerUrl> {
+        let Some(admin) = std::env::var("NVS_TEST_POSTGRES")
+            .ok()
+            .filter(|u| !u.is_empty())
+        else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "NVS_TEST_POSTGRES is not set: CI must test the PostgreSQL ledger"
+            );
+            eprintln!("skipped: set NVS_TEST_POSTGRES to a PostgreSQL URL (cargo xtask ci does)");
+            return None;
+        };
+        let name = format!("nvs_test_{tag}_{}", std::process::id());
+        let mut client = postgres::Client::connect(&admin, NoTls).expect("the test server");
+        // One statement each: neither may run inside a transaction block.
+        for statement in [
+            format!("DROP DATABASE IF EXISTS {name}"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            client.batch_execute(&statement).unwrap();
+        }
+        let (base, query) = admin.split_once('?').unwrap_or((&admin, ""));
+        let base = base.rsplit_once('/').map_or(base, |(b, _)| b);
+        let query = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{query}")
+        };
+        ServerUrl::parse(&format!("{base}/{name}{query}"))
+    }
+
+    #[test]
+    fn postgres_semantics() {
+        let Some(url) = fresh_database("semantics") else {
+            return;
+        };
+        let (first, second) = (
+            PostgresLedger::open(&url).unwrap(),
+            PostgresLedger::open(&url).unwrap(),
+        );
+        crate::cmd::mfg::ledger::tests::semantics(&first, &second);
+    }
+
+    #[test]
+    fn stations_claiming_at_once_never_get_the_same_device() {
+        let Some(url) = fresh_database("claims") else {
+            return;
+        };
+        let setup = PostgresLedger::open(&url).unwrap();
+        let batch = Path::new("/batch");
+        let ids: Vec<(String, usize)> = (0..200).map(|n| (format!("D{n:03}"), n + 2)).collect();
+        let run = Reservation {
+            batch: "1",
+            batch_dir: batch,
+            values: "v.csv",
+            allow_reissue: false,
+            resume: false,
+        };
+        assert!(setup.reserve(&ids, &run).unwrap().is_empty());
+        let entries: Vec<Issued> = ids
+            .iter()
+            .map(|(id, line)| Issued {
+                device: id.clone(),
+                image: format!("bin/{id}.bin"),
+                sha256: "ab".repeat(32),
+                more_images: Vec::new(),
+                key_file: None,
+                hmac_key_file: None,
+                size: 0x3000,
+                values: "v.csv".into(),
+                line: *line,
+                batch: "1".into(),
+                batch_dir: batch.to_owned(),
+                issued_at: String::new(),
+            })
+            .collect();
+        assert!(
+            setup
+                .issue_many(&entries, false)
+                .unwrap()
+                .iter()
+                .all(Result::is_ok)
+        );
+        // Four stations, each its own connection, claim and log until nothing is left.
+        let taken: Vec<Vec<String>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|station| {
+                    let url = url.clone();
+                    scope.spawn(move || {
+                        let ledger = PostgresLedger::open(&url).unwrap();
+                        let claimant = format!("station-{station}");
+                        let mut mine = Vec::new();
+                        while let Some(device) = ledger
+                            .claim_next(&claimant, &[PathBuf::from("/batch")])
+                            .unwrap()
+                        {
+                            ledger
+                                .record_flash(&FlashRecord {
+                                    mac: format!("{station}-{}", device.device),
+                                    device: device.device.clone(),
+                                    sha256: device.sha256.clone(),
+                                    port: claimant.clone(),
+                                    result: "ok".into(),
+                                    time: String::new(),
+                                })
+                                .unwrap();
+                            mine.push(device.device);
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut all: Vec<String> = taken.concat();
+        assert_eq!(
+            all.len(),
+            200,
+            "{:?}",
+            taken.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 200, "a device was flashed twice");
+        assert_eq!(setup.flash_log().unwrap().len(), 200);
+    }
+
+    #[test]
+    fn urls_hide_their_password_and_name_host_port_and_database() {
+        let url = ServerUrl::parse("postgres://nvs:s3cret@db.factory:6543/line1?sslmode=require")
+            .unwrap();
+        assert!(url.has_password());
+        let shown = url.to_string();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert_eq!(
+            shown,
+            "postgres://nvs:***@db.factory:6543/line1?sslmode=require"
+        );
+        assert_eq!(url.place(), "db.factory:6543/line1");
+        assert!(!format!("{url:?}").contains("s3cret"));
+        let plain = ServerUrl::parse("postgresql://station@localhost/nvs").unwrap();
+        assert!(!plain.has_password());
+        assert_eq!(plain.place(), "localhost:5432/nvs");
+        assert!(ServerUrl::parse("ledger.sqlite").is_none());
+    }
+
+    #[test]
+    fn libpq_tls_options_are_taken_out_of_the_url() {
+        let (text, mode, root) =
+            split_tls_options("postgres://u@h/d?sslmode=verify-full&sslrootcert=ca.pem&x=1")
+                .unwrap();
+        assert_eq!(
+            (text.as_str(), mode, root),
+            (
+                "postgres://u@h/d?x=1",
+                TlsMode::VerifyFull,
+                Some(PathBuf::from("ca.pem"))
+            )
+        );
+        assert_eq!(
+            split_tls_options("postgres://u@h/d").unwrap().1,
+            TlsMode::Prefer
+        );
+        assert!(split_tls_options("postgres://u@h/d?sslmode=maybe").is_err());
+    }
+}

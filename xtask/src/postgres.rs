@@ -1,0 +1,169 @@
+//! A throwaway PostgreSQL server for the ledger tests: installed from the distribution's
+//! packages when missing, initialised in a temporary folder, run as an unprivileged user on
+//! 127.0.0.1 at a free port, and stopped (and removed) when dropped.
+
+use std::path::PathBuf;
+
+use xshell::{Shell, cmd};
+
+use crate::Result;
+
+/// A running server; `url()` is a superuser URL that may create databases.
+pub struct Server {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    /// `Some(user)` when commands run as that user (we are root).
+    run_as: Option<String>,
+}
+
+/// The unprivileged user the server runs as when xtask runs as root (initdb refuses root).
+const USER: &str = "nobody";
+
+impl Server {
+    pub fn start(sh: &Shell) -> Result<Server> {
+        let bin = match find_bin() {
+            Some(bin) => bin,
+            None => {
+                install(sh)?;
+                find_bin().ok_or("PostgreSQL was installed, but its initdb was not found")?
+            }
+        };
+        let root = cmd!(sh, "id -u").read()?.trim() == "0";
+        let run_as = root.then(|| USER.to_owned());
+        let dir = std::env::temp_dir().join(format!("nvs-postgres-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        if let Some(user) = &run_as {
+            cmd!(sh, "chown {user} {dir}").run()?;
+        }
+        let port = free_port()?;
+        let server = Server {
+            bin,
+            dir,
+            port,
+            run_as,
+        };
+        let data = server.dir.join("data");
+        server.run(
+            sh,
+            "initdb",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-U".as_ref(),
+                "postgres".as_ref(),
+                "--auth=trust".as_ref(),
+                "-E".as_ref(),
+                "UTF8".as_ref(),
+                "--no-sync".as_ref(),
+            ],
+        )?;
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=60",
+            server.dir.display()
+        );
+        let log = server.dir.join("server.log");
+        server.run(
+            sh,
+            "pg_ctl",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-o".as_ref(),
+                options.as_ref(),
+                "-l".as_ref(),
+                log.as_os_str(),
+                "-w".as_ref(),
+                "start".as_ref(),
+            ],
+        )?;
+        eprintln!("postgres: a throwaway server on 127.0.0.1:{port}");
+        Ok(server)
+    }
+
+    /// A URL for the superuser (trusted on 127.0.0.1), database `postgres`.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            self.port
+        )
+    }
+
+    fn run(&self, sh: &Shell, tool: &str, args: &[&std::ffi::OsStr]) -> Result<()> {
+        let program = self.bin.join(tool);
+        match &self.run_as {
+            Some(user) => cmd!(sh, "runuser -u {user} -- {program} {args...}")
+                .quiet()
+                .run()?,
+            None => cmd!(sh, "{program} {args...}").quiet().run()?,
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let sh = match Shell::new() {
+            Ok(sh) => sh,
+            Err(_) => return,
+        };
+        let data = self.dir.join("data");
+        let _ = self.run(
+            &sh,
+            "pg_ctl",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-m".as_ref(),
+                "fast".as_ref(),
+                "-w".as_ref(),
+                "stop".as_ref(),
+            ],
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The newest `/usr/lib/postgresql/<version>/bin` (Debian's layout).
+fn find_bin() -> Option<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
+}
+
+fn install(sh: &Shell) -> Result<()> {
+    eprintln!("postgres: installing the distribution's postgresql package");
+    cmd!(sh, "apt-get update -qq").run()?;
+    cmd!(sh, "apt-get install -y -qq postgresql")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .run()?;
+    Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// `cargo xtask postgres`: a server for running the ledger tests by hand; prints the variable
+/// to set and stops when standard input ends (Ctrl-D) or on Ctrl-C.
+pub fn serve(sh: &Shell) -> Result<std::process::ExitCode> {
+    let server = Server::start(sh)?;
+    println!("export NVS_TEST_POSTGRES='{}'", server.url());
+    eprintln!("postgres: running; Ctrl-D stops it");
+    let mut line = String::new();
+    while std::io::stdin().read_line(&mut line)? > 0 {
+        line.clear();
+    }
+    drop(server);
+    Ok(std::process::ExitCode::SUCCESS)
+}
