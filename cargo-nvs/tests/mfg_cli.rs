@@ -1284,22 +1284,73 @@ fn device_images_are_private() {
 /// Two runs issuing overlapping ids at the same moment (into one out dir, or two): exactly one
 /// gets each id; the other writes nothing and names the ids; every SHA-256 the ledger recorded
 /// is its file's. Before ids were reserved ahead of writing, both could pass their checks and
-/// rename images over each other.
+/// rename images over each other. SQLite (the default ledger) and PostgreSQL, 20 trials each.
 #[test]
 fn two_runs_issuing_the_same_ids_at_once_never_both_get_one() {
+    two_runs_race(None);
+}
+
+#[test]
+fn two_runs_issuing_the_same_ids_at_once_on_postgres_never_both_get_one() {
+    if let Some(url) = support::postgres_database("race") {
+        two_runs_race(Some(&url));
+    }
+}
+
+/// The devices a ledger recorded (with images), as (device, image, sha256).
+fn recorded(case: &Case, server: Option<&str>) -> Vec<(String, String, String)> {
+    match server {
+        None => ledger_devices(&case.dir.path().join("ledger.sqlite"))
+            .into_iter()
+            .map(|(d, i, s, _)| (d, i, s))
+            .collect(),
+        Some(url) => {
+            let url = url.replace("?sslmode=disable", "");
+            let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            client
+                .query(
+                    "SELECT device, image, sha256 FROM nvs_devices WHERE sha256 <> ''
+                     ORDER BY device",
+                    &[],
+                )
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect()
+        }
+    }
+}
+
+fn two_runs_race(server: Option<&str>) {
     let mut values = String::from("id,serial,num,region\n");
     for n in 1..=300 {
         values.push_str(&format!("{n},SN{n},{},EU\n", n % 200));
     }
     for trial in 0..20 {
         let case = case(CONFIG, &values);
+        if let Some(url) = server {
+            // A fresh product each trial: empty the tables.
+            let plain = url.replace("?sslmode=disable", "");
+            let mut client = postgres::Client::connect(&plain, postgres::NoTls).unwrap();
+            client
+                .batch_execute(
+                    "DO $$ BEGIN IF to_regclass('nvs_devices') IS NOT NULL THEN
+                       TRUNCATE nvs_devices, nvs_device_images, nvs_batches, nvs_flash_log;
+                     END IF; END $$",
+                )
+                .unwrap();
+        }
         let (dir_a, dir_b) = if trial % 2 == 0 {
             ("out", "out")
         } else {
             ("out", "out2")
         };
         let spawn = |out_dir: &str| {
-            let args = mfg_args(out_dir, &["--fileid", "serial"]);
+            let mut extra = vec!["--fileid", "serial"];
+            if let Some(url) = server {
+                extra.extend(["--ledger", url]);
+            }
+            let args = mfg_args(out_dir, &extra);
             bin()
                 .args(&args)
                 .current_dir(case.dir.path())
@@ -1329,11 +1380,10 @@ fn two_runs_issuing_the_same_ids_at_once_never_both_get_one() {
             "trial {trial}: {text}"
         );
         assert!(!text.contains("panicked"), "{text}");
-        let ledger = case.dir.path().join("ledger.sqlite");
-        let devices = ledger_devices(&ledger);
+        let devices = recorded(&case, server);
         assert_eq!(devices.len(), 300, "trial {trial}");
         let winner_dir = if a.status.success() { dir_a } else { dir_b };
-        for (device, image, sha256, _) in devices {
+        for (device, image, sha256) in devices {
             let bytes = std::fs::read(case.dir.path().join(winner_dir).join(&image)).unwrap();
             assert_eq!(
                 support::sha256_hex(&bytes),
@@ -1343,14 +1393,9 @@ fn two_runs_issuing_the_same_ids_at_once_never_both_get_one() {
         }
         if dir_a != dir_b {
             let loser_dir = if a.status.success() { dir_b } else { dir_a };
-            assert!(
-                !case.dir.path().join(loser_dir).join("bin").exists()
-                    || std::fs::read_dir(case.dir.path().join(loser_dir).join("bin"))
-                        .unwrap()
-                        .next()
-                        .is_none(),
-                "trial {trial}: the losing run wrote images"
-            );
+            let images = std::fs::read_dir(case.dir.path().join(loser_dir).join("bin"))
+                .map_or(0, |entries| entries.count());
+            assert_eq!(images, 0, "trial {trial}: the losing run wrote images");
         }
     }
 }

@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::process::Output;
 
 use support::fake_esp::{Config, FakeEsp, Fault};
@@ -749,4 +750,121 @@ fn a_batch_of_an_older_version_with_its_own_ledger_is_flashed_through_its_manife
             .to_string()]
     );
     assert_eq!(log(&case).len(), 1);
+}
+
+/// A line of four stations (separate processes, two boards each) sharing one PostgreSQL ledger
+/// flashes a 400-device batch, boards swapped after every pass: every device once, every chip
+/// holding its device's image, 400 `ok` rows, no MAC or id twice, then "nothing left" (exit 3).
+#[test]
+fn four_stations_sharing_a_postgres_ledger_flash_every_device_once() {
+    let Some(url) = support::postgres_database("stations") else {
+        return;
+    };
+    let case = Case::new();
+    let mut values = String::from("id,serial,num\n");
+    for n in 1..=400 {
+        values.push_str(&format!("{n},SN{n},{}\n", n % 200));
+    }
+    case.file("config.csv", CONFIG).file("values.csv", values);
+    let generate = [
+        "mfg",
+        "generate",
+        "config.csv",
+        "values.csv",
+        "dev",
+        "0x3000",
+        "--fileid",
+        "serial",
+        "--out-dir",
+        "out",
+        "--ledger",
+    ];
+    let mut args: Vec<&str> = generate.to_vec();
+    args.push(&url);
+    assert_ok(&case.run(&args));
+
+    let mut chips: HashMap<String, Vec<u8>> = HashMap::new();
+    for round in 0u8.. {
+        assert!(round < 80, "the line never finished");
+        let boards: Vec<FakeEsp> = (0..8u8)
+            .map(|i| {
+                Config::esp32c3()
+                    .mac([0x7c, 0xdf, 0xa1, 0x40, round, i])
+                    .start()
+            })
+            .collect();
+        let stations: Vec<std::process::Child> = boards
+            .chunks(2)
+            .map(|pair| {
+                bin()
+                    .args(["mfg", "flash", "--out-dir", "out", "--offset", "0x9000"])
+                    .args(["--before", "no-reset", "--after", "no-reset", "--no-stub"])
+                    .args([
+                        "--ledger",
+                        &url,
+                        "--port",
+                        pair[0].path(),
+                        "--port",
+                        pair[1].path(),
+                    ])
+                    .current_dir(case.dir.path())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let outs: Vec<Output> = stations
+            .into_iter()
+            .map(|s| s.wait_with_output().unwrap())
+            .collect();
+        for out in &outs {
+            assert!(
+                matches!(out.status.code(), Some(0 | 3)),
+                "round {round}: {}",
+                stderr(out)
+            );
+        }
+        for (index, board) in boards.iter().enumerate() {
+            board.settle();
+            let nvs = board.read(0x9000, 0x3000);
+            if nvs.iter().any(|&b| b != 0xFF) {
+                let mac = mac_text([0x7c, 0xdf, 0xa1, 0x40, round, index as u8]);
+                chips.insert(mac, nvs);
+            }
+        }
+        if outs.iter().all(|o| o.status.code() == Some(3)) {
+            break;
+        }
+    }
+    let rows = log_of(&url);
+    assert_eq!(rows.len(), 400, "one ok row per device");
+    let (mut macs, mut ids): (Vec<&str>, Vec<&str>) =
+        rows.iter().map(|(m, d)| (m.as_str(), d.as_str())).unzip();
+    macs.sort();
+    macs.dedup();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((macs.len(), ids.len()), (400, 400), "a MAC or an id twice");
+    assert_eq!(chips.len(), 400);
+    for (mac, device) in &rows {
+        let expected =
+            std::fs::read(case.dir.path().join(format!("out/bin/dev-{device}.bin"))).unwrap();
+        same(&chips[mac], &expected, &format!("{device} on {mac}"));
+    }
+}
+
+/// The production log in a PostgreSQL ledger: (MAC, device) of every `ok` row.
+fn log_of(url: &str) -> Vec<(String, String)> {
+    let url = url.replace("?sslmode=disable", "");
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    client
+        .query(
+            "SELECT mac, device FROM nvs_flash_log WHERE result = 'ok' ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
 }

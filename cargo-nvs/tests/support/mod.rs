@@ -135,3 +135,36 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// A fresh, empty database on the test server as a `postgres://` URL: `NVS_TEST_POSTGRES` names
+/// a server whose user may create databases (`cargo xtask ci` starts a throwaway one and sets
+/// it; `cargo xtask postgres` runs one by hand). Without it the caller skips, except under CI,
+/// where the PostgreSQL ledger must be tested: then this fails.
+pub fn postgres_database(tag: &str) -> Option<String> {
+    let Some(admin) = std::env::var("NVS_TEST_POSTGRES")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "NVS_TEST_POSTGRES is not set: CI must test the PostgreSQL ledger"
+        );
+        eprintln!("skipped: set NVS_TEST_POSTGRES to a PostgreSQL URL (cargo xtask ci does)");
+        return None;
+    };
+    let name = format!("nvs_it_{tag}_{}", std::process::id());
+    let mut client = postgres::Client::connect(&admin, postgres::NoTls).expect("the test server");
+    for statement in [
+        format!("DROP DATABASE IF EXISTS {name}"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        client.batch_execute(&statement).unwrap();
+    }
+    let (base, query) = admin.split_once('?').unwrap_or((&admin, ""));
+    let base = base.rsplit_once('/').map_or(base, |(b, _)| b);
+    Some(if query.is_empty() {
+        format!("{base}/{name}")
+    } else {
+        format!("{base}/{name}?{query}")
+    })
+}
