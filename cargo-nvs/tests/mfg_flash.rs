@@ -868,3 +868,142 @@ fn log_of(url: &str) -> Vec<(String, String)> {
         .map(|r| (r.get(0), r.get(1)))
         .collect()
 }
+
+/// Runs `mfg generate` of the three-device batch into `out/` with the ledger `url`.
+fn postgres_batch(url: &str) -> Case {
+    let case = Case::new();
+    case.file("config.csv", CONFIG).file("values.csv", VALUES);
+    let mut args = vec![
+        "mfg",
+        "generate",
+        "config.csv",
+        "values.csv",
+        "dev",
+        "0x3000",
+    ];
+    args.extend(["--fileid", "serial", "--out-dir", "out", "--ledger", url]);
+    assert_ok(&case.run(&args));
+    case
+}
+
+/// `mfg flash` of the batch with the ledger `url` onto `esp`, with `extra` options.
+fn flash_postgres(case: &Case, url: &str, esp: &FakeEsp, extra: &[&str]) -> std::process::Command {
+    let mut command = bin();
+    command
+        .args([
+            "mfg",
+            "flash",
+            "--out-dir",
+            "out",
+            "--offset",
+            "0x9000",
+            "--ledger",
+            url,
+        ])
+        .args(["--before", "no-reset", "--after", "no-reset", "--no-stub"])
+        .args(["--port", esp.path()])
+        .args(extra)
+        .current_dir(case.dir.path());
+    command
+}
+
+/// A station killed in the middle of writing: the chip may hold the device, so no other chip
+/// gets it; the operator finishes it on that chip and it ends up flashed once.
+#[test]
+fn a_station_killed_mid_flash_leaves_its_device_to_its_chip() {
+    let Some(url) = support::postgres_database("killed") else {
+        return;
+    };
+    let case = postgres_batch(&url);
+    // The chip stops answering in the middle of the image: the station waits for it.
+    let a = Config::esp32c3()
+        .mac(MAC_A)
+        .fault(Fault::DropReply {
+            op: Some(0x03),
+            nth: 4,
+        })
+        .start();
+    let mut station = flash_postgres(&case, &url, &a, &[])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while a.count(0x03) < 4 && started.elapsed() < std::time::Duration::from_secs(20) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    station.kill().unwrap();
+    station.wait().unwrap();
+    a.set_faults(Vec::new());
+    a.reset();
+
+    // The next station takes the next device, and says which one waits for its chip.
+    let b = Config::esp32c3().mac(MAC_B).start();
+    let out = flash_postgres(&case, &url, &b, &[]).output().unwrap();
+    b.settle();
+    assert_ok(&out);
+    assert!(stderr(&out).contains("`SN1` on MAC"), "{}", stderr(&out));
+    same(&b.read(0x9000, 0x3000), &image(&case, "SN2"), "b");
+    // Back on its own chip, SN1 is written, verified and logged.
+    let out = flash_postgres(&case, &url, &a, &["--device", "SN1"])
+        .output()
+        .unwrap();
+    a.settle();
+    assert_ok(&out);
+    same(&a.read(0x9000, 0x3000), &image(&case, "SN1"), "a");
+    let rows = log_of(&url);
+    assert_eq!(
+        rows,
+        vec![
+            (mac_text(MAC_B), "SN2".to_owned()),
+            (mac_text(MAC_A), "SN1".to_owned())
+        ]
+    );
+}
+
+/// The ledger server goes away: the station stops with an error naming the ledger and records
+/// nothing; once the server is back the batch completes, every device once.
+#[test]
+fn a_station_without_its_ledger_server_stops_and_the_batch_completes_later() {
+    let Some(url) = support::postgres_database("outage") else {
+        return;
+    };
+    let case = postgres_batch(&url);
+    let database = url
+        .rsplit_once('/')
+        .map(|(_, db)| db.split('?').next().unwrap_or(db).to_owned())
+        .unwrap();
+    let admin = std::env::var("NVS_TEST_POSTGRES").unwrap();
+    let mut admin = postgres::Client::connect(&admin, postgres::NoTls).unwrap();
+    let outage = |admin: &mut postgres::Client, down: bool| {
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {database} ALLOW_CONNECTIONS {}",
+                !down
+            ))
+            .unwrap();
+        if down {
+            admin
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                    &[&database],
+                )
+                .unwrap();
+        }
+    };
+    outage(&mut admin, true);
+    let a = Config::esp32c3().mac(MAC_A).start();
+    let blank = a.flash();
+    let out = flash_postgres(&case, &url, &a, &[]).output().unwrap();
+    a.settle();
+    assert_fails(&out, &["ledger server 127.0.0.1:", &database]);
+    assert!(a.flash() == blank, "written without a ledger");
+    outage(&mut admin, false);
+    for (mac, id) in [(MAC_A, "SN1"), (MAC_B, "SN2"), (MAC_C, "SN3")] {
+        let esp = Config::esp32c3().mac(mac).start();
+        let out = flash_postgres(&case, &url, &esp, &[]).output().unwrap();
+        esp.settle();
+        assert_ok(&out);
+        same(&esp.read(0x9000, 0x3000), &image(&case, id), id);
+    }
+    assert_eq!(log_of(&url).len(), 3);
+}
