@@ -3,6 +3,7 @@
 //! `cc`'s (see `build_cost`). Prints figures only; timings are never asserted.
 
 mod build_cost;
+mod ledger;
 mod mfg;
 
 use std::hint::black_box;
@@ -39,6 +40,8 @@ pub struct Options {
     flash: bool,
     /// `cargo nvs mfg generate` against mfg_gen's work (see `mfg`).
     mfg: bool,
+    /// The PostgreSQL ledger against SQLite (see `ledger`).
+    ledger: bool,
 }
 
 impl Options {
@@ -53,6 +56,7 @@ impl Options {
                     build_cost: false,
                     flash: true,
                     mfg: false,
+                    ledger: false,
                 });
             }
             Some("mfg") => {
@@ -62,6 +66,17 @@ impl Options {
                     build_cost: false,
                     flash: false,
                     mfg: true,
+                    ledger: false,
+                });
+            }
+            Some("ledger") => {
+                return Ok(Options {
+                    bin: None,
+                    runtime: false,
+                    build_cost: false,
+                    flash: false,
+                    mfg: false,
+                    ledger: true,
                 });
             }
             Some(other) => return Err(format!("unknown bench `{other}`").into()),
@@ -77,11 +92,16 @@ impl Options {
             build_cost: !no_build_cost,
             flash: false,
             mfg: false,
+            ledger: false,
         })
     }
 }
 
 pub fn run(sh: &Shell, opts: Options) -> Result<ExitCode> {
+    if opts.ledger {
+        ledger::run(sh)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if opts.mfg {
         mfg::run(sh, opts.bin)?;
         return Ok(ExitCode::SUCCESS);

@@ -53,6 +53,8 @@ commands:
   bench mfg   `mfg generate` of 10,000 devices against mfg_gen's work in one Python process
               (plain, --keygen; tmpfs and disk), a write+rename baseline, 100,000 devices'
               peak RSS and time; --bin PATH as above
+  bench ledger the PostgreSQL ledger against SQLite (a throwaway local server): claim + log per
+              device, mfg generate of 10,000 devices, the share of one device's flashing time
   bench flash  flashing app + 2 NVS images into the emulator: one connection vs espflash, then esptool
   bench build-cost
               time cold debug builds of a crate using nvs-build in build.rs against one using

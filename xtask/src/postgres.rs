@@ -90,6 +90,23 @@ impl Server {
         )
     }
 
+    /// A fresh database on the server, as a URL.
+    pub fn create_database(&self, sh: &Shell, name: &str) -> Result<String> {
+        let psql = self.bin.join("psql");
+        let port = self.port.to_string();
+        let create = format!("CREATE DATABASE {name}");
+        cmd!(
+            sh,
+            "{psql} -q -h 127.0.0.1 -p {port} -U postgres -d postgres -c {create}"
+        )
+        .quiet()
+        .run()?;
+        Ok(format!(
+            "postgres://postgres@127.0.0.1:{}/{name}?sslmode=disable",
+            self.port
+        ))
+    }
+
     fn run(&self, sh: &Shell, tool: &str, args: &[&std::ffi::OsStr]) -> Result<()> {
         let program = self.bin.join(tool);
         match &self.run_as {

@@ -20,7 +20,7 @@ use xshell::{Shell, cmd};
 
 use crate::{Result, project_root, reference, target_dir};
 
-const CONFIG: &str = "nvs-build/tests/vectors/in/mfg/mfg_config.csv";
+pub(super) const CONFIG: &str = "nvs-build/tests/vectors/in/mfg/mfg_config.csv";
 /// The values file whose pattern is extended (checked to be the first 1,000 rows).
 const VALUES_1000: &str = "nvs-build/tests/vectors/in/mfg/mfg_values_1000.csv";
 const FILEID: &str = "serial_no";
@@ -282,7 +282,7 @@ fn remove(dir: &Path) -> Result<()> {
 }
 
 /// The values file: `mfg_values_1000.csv`'s rows, continued to `devices` rows.
-fn values_csv(devices: usize) -> String {
+pub(super) fn values_csv(devices: usize) -> String {
     let mut out = String::from("id,serial_no,device_no,fw_key,region,calib\n");
     for i in 1..=devices {
         let calib: Vec<u8> = (0..24).map(|j| ((i + j) % 256) as u8).collect();

@@ -1086,3 +1086,88 @@ mod tests {
         assert!(split_tls_options("postgres://u@h/d?sslmode=maybe").is_err());
     }
 }
+
+/// Not a test but a measurement, run by `cargo xtask bench ledger` (release build, its own
+/// server): claiming a device, marking it written and logging its flash, per device, on
+/// SQLite and on PostgreSQL. Prints `bench-ledger BACKEND MEDIAN_US P90_US`.
+#[cfg(test)]
+mod bench {
+    use super::*;
+    use crate::cmd::mfg::ledger::SqliteLedger;
+    use std::path::Path;
+
+    const DEVICES: usize = 2000;
+
+    fn measure(name: &str, ledger: &dyn Ledger) {
+        let batch = Path::new("/bench");
+        let ids: Vec<(String, usize)> = (0..DEVICES).map(|n| (format!("D{n:05}"), n + 2)).collect();
+        let run = Reservation {
+            batch: "1",
+            batch_dir: batch,
+            values: "v.csv",
+            allow_reissue: false,
+            resume: false,
+        };
+        assert!(ledger.reserve(&ids, &run).unwrap().is_empty());
+        let entries: Vec<Issued> = ids
+            .iter()
+            .map(|(id, line)| Issued {
+                device: id.clone(),
+                image: format!("bin/{id}.bin"),
+                sha256: format!("{:064x}", line),
+                more_images: Vec::new(),
+                key_file: None,
+                hmac_key_file: None,
+                size: 0x6000,
+                values: "v.csv".into(),
+                line: *line,
+                batch: "1".into(),
+                batch_dir: batch.to_owned(),
+                issued_at: String::new(),
+            })
+            .collect();
+        for chunk in entries.chunks(1024) {
+            ledger.issue_many(chunk, false).unwrap();
+        }
+        let dirs = [batch.to_owned()];
+        let mut times = Vec::with_capacity(DEVICES);
+        for n in 0..DEVICES {
+            let start = std::time::Instant::now();
+            let device = ledger.claim_next("station", &dirs).unwrap().unwrap();
+            let mac = format!("mac-{n}");
+            ledger
+                .mark_written(&device.device, "station", &mac)
+                .unwrap();
+            ledger
+                .record_flash(&FlashRecord {
+                    mac,
+                    device: device.device.clone(),
+                    sha256: device.sha256.clone(),
+                    port: "p".into(),
+                    result: "ok".into(),
+                    time: String::new(),
+                })
+                .unwrap();
+            times.push(start.elapsed().as_micros() as u64);
+        }
+        times.sort_unstable();
+        println!(
+            "bench-ledger {name} {} {}",
+            times[times.len() / 2],
+            times[times.len() * 9 / 10]
+        );
+    }
+
+    #[test]
+    #[ignore = "measurement; run with `cargo xtask bench ledger`"]
+    fn ledger_claim_and_record_cost() {
+        let dir = crate::cmd::mfg::ledger::tests::scratch("bench");
+        let sqlite = SqliteLedger::open(&dir.join("l.sqlite"), false).unwrap();
+        measure("sqlite", &sqlite);
+        let url = std::env::var("NVS_TEST_POSTGRES").expect("cargo xtask bench ledger sets it");
+        let url = ServerUrl::parse(&url).unwrap();
+        let postgres = PostgresLedger::open(&url).unwrap();
+        measure("postgres", &postgres);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
