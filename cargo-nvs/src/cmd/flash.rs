@@ -483,6 +483,7 @@ pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
     flasher
         .write_bins_to_flash(&espflash_segments, &mut progress)
         .map_err(|e| CliError(format!("flashing failed: {e}")))?;
+    flasher.ended();
     eprintln!(
         "Flashed {} segment(s), {} unchanged and skipped{}",
         progress.written,

@@ -1,4 +1,5 @@
 pub mod decrypt;
+pub mod device;
 pub mod dist;
 pub mod dump;
 pub mod encrypt;

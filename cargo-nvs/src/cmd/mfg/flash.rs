@@ -757,6 +757,7 @@ fn flash_device(
     // From here the chip may hold the device even if this process dies.
     ledger.mark_written(&device.device, claim.claimant, &mac)?;
     let written = flasher.write_bins_to_flash(&espflash_segments, &mut progress);
+    flasher.ended();
     let record = |result: String| FlashRecord {
         mac: mac.clone(),
         device: device.device.clone(),

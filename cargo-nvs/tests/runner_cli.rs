@@ -1,0 +1,278 @@
+//! The everyday runner (issue 14): `board-info`, `list-ports`, `erase*`, `read` outside a
+//! package, espflash's `--after` at the end of every command, connection errors, and the
+//! serial monitor — the CLI binary against the ROM-loader emulator on a pty.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use support::fake_esp::{Config, Event, FakeEsp, Fault, Loader};
+use support::{bin, tempdir};
+
+fn firmware_manifest() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/esp32c3-factory-data/Cargo.toml")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_ok(out: &Output) {
+    assert!(out.status.success(), "failed:\n{}", stderr(out));
+}
+
+fn assert_fails(out: &Output, needles: &[&str]) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "unexpected success:\n{err}");
+    for needle in needles {
+        assert!(err.contains(needle), "`{needle}` not in:\n{err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// `cargo nvs ARGS… --port <pty> --before no-reset --after no-reset`, run in `dir` (outside any
+/// package unless ARGS name one).
+fn device(esp: &FakeEsp, dir: &Path, args: &[&str]) -> Output {
+    let out = bin()
+        .arg("nvs")
+        .args(args)
+        .args([
+            "--port",
+            esp.path(),
+            "--before",
+            "no-reset",
+            "--after",
+            "no-reset",
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    esp.settle();
+    out
+}
+
+/// `cargo nvs flash` of the firmware example (release, ROM loader).
+fn flash_firmware(esp: &FakeEsp, extra: &[&str]) -> Output {
+    let out = bin()
+        .args(["nvs", "flash", "--release", "--manifest-path"])
+        .arg(firmware_manifest())
+        .args([
+            "--port",
+            esp.path(),
+            "--before",
+            "no-reset",
+            "--after",
+            "no-reset",
+            "--no-stub",
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    esp.settle();
+    out
+}
+
+/// A folder outside every Cargo package (under the target dir, which has no Cargo.toml).
+fn outside() -> tempdir::Dir {
+    tempdir::Dir::new()
+}
+
+#[test]
+fn connect_chain_flash_board_info_read_erase_user_data() {
+    let esp = FakeEsp::esp32c3();
+    assert_ok(&flash_firmware(&esp, &[]));
+    let fctry = esp.read(0xf000, 0x2000);
+    let dir = outside();
+
+    // board-info as espflash prints it, outside a package.
+    let out = device(&esp, dir.path(), &["board-info", "--no-stub"]);
+    assert_ok(&out);
+    let info = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        info.contains("Chip type:         esp32c3 (revision v0.4)"),
+        "{info}"
+    );
+    assert!(info.contains("Crystal frequency: 40 MHz"), "{info}");
+    assert!(info.contains("Flash size:        4MB"), "{info}");
+    assert!(
+        info.contains("MAC address:       7c:df:a1:12:34:56"),
+        "{info}"
+    );
+
+    // read outside a package: the partition comes from the chip's own table. With the stub
+    // and --after no-reset it leaves the stub: the ROM loader answers the next session.
+    let out = device(
+        &esp,
+        dir.path(),
+        &["read", "--partition", "nvs", "--format", "json"],
+    );
+    assert_ok(&out);
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(dump["items"].as_array().is_some_and(|a| !a.is_empty()));
+    assert!(
+        esp.events().contains(&Event::StubExited),
+        "read did not end the stub session (--after no-reset)"
+    );
+    assert_eq!(esp.loader(), Some(Loader::Rom));
+
+    // erase --user-data: nvs is erased, the readonly fctry kept (stub and ROM loader).
+    for loader in [&[][..], &["--no-stub"][..]] {
+        let mut args = vec!["erase", "--user-data"];
+        args.extend_from_slice(loader);
+        let out = device(&esp, dir.path(), &args);
+        assert_ok(&out);
+        let err = stderr(&out);
+        assert!(err.contains("Keeping factory data `fctry`"), "{err}");
+        assert!(err.contains("Erased user data `nvs`"), "{err}");
+        assert!(esp.read(0x9000, 0x6000).iter().all(|&b| b == 0xFF));
+        assert_eq!(esp.read(0xf000, 0x2000), fctry, "factory data changed");
+    }
+
+    // The next command with --before no-reset still connects.
+    assert_ok(&device(&esp, dir.path(), &["board-info"]));
+}
+
+#[test]
+fn erase_parts_and_region_keep_factory_data_unless_asked() {
+    let esp = FakeEsp::esp32c3();
+    assert_ok(&flash_firmware(&esp, &[]));
+    let fctry = esp.read(0xf000, 0x2000);
+    let dir = outside();
+
+    let out = device(&esp, dir.path(), &["erase-parts", "fctry"]);
+    assert_fails(
+        &out,
+        &[
+            "factory data `fctry` at 0xf000 is not blank",
+            "--overwrite-factory-data",
+            "nothing was erased",
+        ],
+    );
+    assert_eq!(esp.read(0xf000, 0x2000), fctry);
+    let out = device(&esp, dir.path(), &["erase-region", "0x8000", "0x10000"]);
+    assert_fails(&out, &["factory data `fctry`", "nothing was erased"]);
+    assert_eq!(esp.read(0xf000, 0x2000), fctry);
+
+    let out = device(&esp, dir.path(), &["erase-region", "0x9001", "0x1000"]);
+    assert_fails(&out, &["multiples of 4096"]);
+    let out = device(&esp, dir.path(), &["erase-parts", "nope"]);
+    assert_fails(&out, &["no partition `nope`", "fctry"]);
+
+    // User data may be erased by name; phy_init too.
+    assert_ok(&device(&esp, dir.path(), &["erase-parts", "nvs,phy_init"]));
+    assert!(esp.read(0x9000, 0x6000).iter().all(|&b| b == 0xFF));
+    assert!(esp.read(0x11000, 0x1000).iter().all(|&b| b == 0xFF));
+    assert_eq!(esp.read(0xf000, 0x2000), fctry);
+
+    let out = device(
+        &esp,
+        dir.path(),
+        &["erase-parts", "fctry", "--overwrite-factory-data"],
+    );
+    assert_ok(&out);
+    assert!(esp.read(0xf000, 0x2000).iter().all(|&b| b == 0xFF));
+
+    // In the firmware's package, its metadata says what factory data is.
+    assert_ok(&flash_firmware(&esp, &["--nvs-only"]));
+    let out = bin()
+        .args(["nvs", "erase-parts", "fctry", "--manifest-path"])
+        .arg(firmware_manifest())
+        .args([
+            "--port",
+            esp.path(),
+            "--before",
+            "no-reset",
+            "--after",
+            "no-reset",
+        ])
+        .output()
+        .unwrap();
+    assert_fails(&out, &["factory data `fctry`", "per-device keys"]);
+}
+
+#[test]
+fn list_ports_runs_without_a_package() {
+    let dir = outside();
+    let out = bin()
+        .args(["nvs", "list-ports", "--name-only"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let out = bin()
+        .args(["nvs", "list-ports", "--list-all-ports"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_ok(&out);
+}
+
+#[test]
+fn connection_errors_say_what_happened() {
+    let dir = outside();
+    let esp = FakeEsp::esp32c3();
+
+    let mut missing = bin();
+    missing
+        .args(["nvs", "board-info", "--port", "/dev/does-not-exist"])
+        .current_dir(dir.path());
+    assert_fails(
+        &missing.output().unwrap(),
+        &["`/dev/does-not-exist` does not exist", "list-ports"],
+    );
+
+    let not_tty = dir.path().join("not-a-port");
+    std::fs::write(&not_tty, b"").unwrap();
+    let out = bin()
+        .args(["nvs", "board-info", "--port"])
+        .arg(&not_tty)
+        .output()
+        .unwrap();
+    assert_fails(&out, &["is not a serial port"]);
+
+    // Busy: another program holds the port (exclusively, as serial programs do).
+    let held = esp.open_port();
+    let out = device(&esp, dir.path(), &["board-info"]);
+    assert_fails(&out, &["is busy", "another program"]);
+    drop(held);
+
+    // No reply: the chip lost power at the first SYNC and stays silent.
+    let quiet = Config::esp32c3()
+        .fault(Fault::PowerLoss { op: 0x08, nth: 1 })
+        .start();
+    let out = device(&quiet, dir.path(), &["board-info"]);
+    assert_fails(&out, &["no reply from", "download mode"]);
+
+    // Wrong reply: the chip runs its application, which keeps printing.
+    let chatty = Config::esp32c3()
+        .fault(Fault::PowerLoss { op: 0x08, nth: 1 })
+        .chatter(b"I (312) app: hello from the application\r\n")
+        .start();
+    let out = device(&chatty, dir.path(), &["board-info"]);
+    assert_fails(
+        &out,
+        &["not as an ESP ROM loader", "hello from the application"],
+    );
+}
+
+#[test]
+fn a_port_that_loses_bytes_ends_in_a_clear_error() {
+    let dir = outside();
+    let esp = Config::esp32c3()
+        .fault(Fault::LoseOutput { every: 97 })
+        .start();
+    let started = Instant::now();
+    let out = flash_firmware(&esp, &[]);
+    assert_fails(&out, &["another program"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    let out = device(&esp, dir.path(), &["read", "--partition", "nvs"]);
+    assert_fails(&out, &["another program"]);
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
