@@ -281,7 +281,6 @@ impl Session {
 
     /// The flasher, for the serial port after the session (the monitor); the session must have
     /// ended.
-    #[allow(dead_code)]
     pub fn into_flasher(mut self) -> Option<Flasher> {
         self.ended = true;
         self.flasher.take()

@@ -47,6 +47,7 @@ enum Command {
     EraseParts(Box<cmd::device::ErasePartsArgs>),
     EraseRegion(Box<cmd::device::EraseRegionArgs>),
     Erase(Box<cmd::device::EraseArgs>),
+    Monitor(Box<cmd::monitor::MonitorArgs>),
 }
 
 /// An error for the user: printed as `error: …`, exit code 1.
@@ -116,6 +117,7 @@ fn run(cli: NvsCli) -> ExitCode {
         Command::EraseParts(args) => cmd::device::erase_parts(*args),
         Command::EraseRegion(args) => cmd::device::erase_region(*args),
         Command::Erase(args) => cmd::device::erase(*args),
+        Command::Monitor(args) => cmd::monitor::run(*args),
     };
     match result {
         Ok(code) => code,

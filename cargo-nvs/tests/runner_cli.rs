@@ -276,3 +276,205 @@ fn a_port_that_loses_bytes_ends_in_a_clear_error() {
     assert_fails(&out, &["another program"]);
     assert!(started.elapsed() < Duration::from_secs(60));
 }
+
+/// A running `cargo nvs` with piped stdin (keys) and stdout collected on a thread.
+struct Running {
+    child: std::process::Child,
+    stdout: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Running {
+    fn start(cmd: &mut std::process::Command) -> Running {
+        use std::io::Read;
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut pipe = child.stdout.take().unwrap();
+        let sink = std::sync::Arc::clone(&stdout);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Running { child, stdout }
+    }
+
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until stdout shows every needle (60 s at most).
+    fn wait_for(&mut self, needles: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let out = self.stdout();
+            if needles.iter().all(|n| out.contains(n)) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let mut err = String::new();
+                use std::io::Read;
+                let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
+                panic!("exited ({status}) before showing {needles:?}:\n{out}\n{err}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{needles:?} not shown within 60 s:\n{}", self.stdout());
+    }
+
+    /// Sends keys as a terminal would (0x12 Ctrl-R, 0x03 Ctrl-C).
+    fn keys(&mut self, keys: &[u8]) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(keys).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn wait(mut self) -> Output {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the monitor did not exit on Ctrl-C"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut out = self.child.wait_with_output().unwrap();
+        out.stdout = self.stdout.lock().unwrap().clone();
+        out
+    }
+}
+
+#[test]
+fn flash_then_monitor_shows_the_boot_log() {
+    let esp = Config::esp32c3()
+        .boot_log(support::defmt_elf::boot_log())
+        .start();
+    let mut cmd = bin();
+    cmd.args(["nvs", "flash", "--release", "--manifest-path"])
+        .arg(firmware_manifest())
+        .args([
+            "--port",
+            esp.path(),
+            "--before",
+            "no-reset",
+            "--after",
+            "no-reset",
+            "--no-stub",
+            "--monitor",
+        ]);
+    let mut running = Running::start(&mut cmd);
+    // The firmware's ELF has no defmt table: the output is shown as it arrives.
+    running.wait_for(&[
+        "ESP-ROM:esp32c3",
+        "I (42) app: factory data read",
+        "plain text after",
+    ]);
+    running.keys(&[0x12]);
+    std::thread::sleep(Duration::from_millis(300));
+    running.keys(&[0x03]);
+    let out = running.wait();
+    assert_ok(&out);
+    let err = stderr(&out);
+    assert!(err.contains("Flashed"), "{err}");
+    assert!(
+        err.contains("Ctrl-R resets the chip, Ctrl-C exits"),
+        "{err}"
+    );
+    assert!(err.contains("Resetting the chip"), "{err}");
+    assert!(err.contains("no DTR/RTS lines"), "{err}");
+}
+
+#[test]
+fn monitor_decodes_defmt_frames_with_the_elf() {
+    let dir = outside();
+    let elf = dir.path().join("app.elf");
+    std::fs::write(&elf, support::defmt_elf::elf()).unwrap();
+    let esp = FakeEsp::esp32c3();
+    let mut cmd = bin();
+    cmd.args(["nvs", "monitor", "--port", esp.path(), "--elf"])
+        .arg(&elf)
+        .current_dir(dir.path());
+    let mut running = Running::start(&mut cmd);
+    std::thread::sleep(Duration::from_millis(300));
+    esp.print(&support::defmt_elf::boot_log());
+    running.wait_for(&[
+        "I (42) app: factory data read",
+        "[INFO ] app booted: serial 4242, hw_rev 3",
+        "[WARN ] user data is empty",
+        "plain text after the frames",
+    ]);
+    running.keys(&[0x03]);
+    let out = running.wait();
+    assert_ok(&out);
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        !shown.contains('\u{FFFD}'),
+        "raw frame bytes shown:\n{shown}"
+    );
+    let err = stderr(&out);
+    assert!(err.contains("(defmt)"), "{err}");
+
+    // defmt asked for without a table, or without an ELF: a clear error.
+    let out = bin()
+        .args([
+            "nvs",
+            "monitor",
+            "--port",
+            esp.path(),
+            "--log-format",
+            "defmt",
+        ])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_fails(&out, &["needs the application's ELF", "--elf"]);
+}
+
+#[test]
+fn runner_mode_elf_then_monitor_as_the_firmware_example_configures_it() {
+    let esp = Config::esp32c3()
+        .boot_log(support::defmt_elf::boot_log())
+        .start();
+    // As examples/esp32c3-factory-data/.cargo/config.toml says, with the emulator's port.
+    let runner = format!(
+        "{} nvs flash --port {} --before no-reset --after no-reset --no-stub --elf --monitor",
+        env!("CARGO_BIN_EXE_cargo-nvs"),
+        esp.path()
+    );
+    let config = std::fs::read_to_string(
+        firmware_manifest()
+            .parent()
+            .unwrap()
+            .join(".cargo/config.toml"),
+    )
+    .unwrap();
+    assert!(
+        config.contains("runner = \"cargo nvs flash --elf --monitor"),
+        "{config}"
+    );
+    let mut cmd =
+        std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(["run", "--release"])
+        .env("CARGO_TARGET_RISCV32IMC_UNKNOWN_NONE_ELF_RUNNER", runner)
+        .current_dir(firmware_manifest().parent().unwrap());
+    let mut running = Running::start(&mut cmd);
+    running.wait_for(&["I (42) app: factory data read"]);
+    running.keys(&[0x03]);
+    let out = running.wait();
+    assert_ok(&out);
+    assert_ne!(
+        esp.read(0x20000, 32),
+        vec![0xFF; 32],
+        "the app was not written"
+    );
+}

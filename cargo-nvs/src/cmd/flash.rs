@@ -10,6 +10,7 @@ use espflash::image_format::Segment;
 use espflash::image_format::idf::IdfBootloaderFormat;
 use espflash::target::{Chip, XtalFrequency};
 
+use super::monitor::{MonitorOptions, monitor};
 use crate::artifacts::{BuildArgs, NvsImage, NvsManifest, build_with_nvs};
 use crate::flashing::{ConnectArgs, Progress, connect};
 use crate::guard::Allow;
@@ -28,10 +29,18 @@ pub struct FlashArgs {
     pub connect: ConnectArgs,
     #[command(flatten)]
     pub image: ImageArgs,
-    /// Flash this ELF instead of building (for `runner = "cargo nvs flash --elf"` in
-    /// .cargo/config.toml: cargo appends the ELF's path).
-    #[arg(long, value_name = "ELF")]
+    /// Flash this ELF instead of building (for `runner = "cargo nvs flash --elf --monitor"` in
+    /// .cargo/config.toml: cargo appends the ELF's path, which may follow other options).
+    #[arg(long, value_name = "ELF", num_args = 0..=1, default_missing_value = "-")]
     pub elf: Option<PathBuf>,
+    /// The ELF, as cargo appends it after `--elf --monitor` (runner mode).
+    #[arg(value_name = "ELF_PATH", hide = true)]
+    pub elf_path: Option<PathBuf>,
+    /// Show the application's serial output after flashing (Ctrl-R resets, Ctrl-C exits).
+    #[arg(long, short = 'M')]
+    pub monitor: bool,
+    #[command(flatten)]
+    pub monitor_options: MonitorOptions,
     /// Skip the MD5 check after writing.
     #[arg(long)]
     pub no_verify: bool,
@@ -385,7 +394,26 @@ pub fn nvs_segments(
     Ok(planned)
 }
 
-pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
+pub fn run(mut args: FlashArgs) -> CliResult<ExitCode> {
+    // `--elf PATH`, `--elf --monitor PATH` (cargo's runner), or `flash PATH`.
+    args.elf = match (args.elf.take(), args.elf_path.take()) {
+        (Some(elf), None) if elf.as_os_str() == "-" => {
+            return Err(CliError(
+                "--elf needs the ELF's path (cargo appends it when `cargo nvs flash --elf` is the \
+                 runner in .cargo/config.toml)"
+                    .into(),
+            ));
+        }
+        (Some(elf), Some(image)) if elf.as_os_str() != "-" => {
+            return Err(CliError(format!(
+                "two ELFs given: `{}` and `{}`; flash one",
+                elf.display(),
+                image.display()
+            )));
+        }
+        (Some(_), Some(image)) | (None, Some(image)) => Some(image),
+        (elf, None) => elf,
+    };
     let (elf, manifest, package_name) = match &args.elf {
         // As cargo's runner the app is built already: flash it with that build's images.
         Some(elf) => {
@@ -411,6 +439,7 @@ pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
     let data = data_partitions(&metadata, &manifest.images)?;
 
     let mut flasher = connect(&args.connect, !args.no_verify, !args.no_skip)?;
+    let elf_for_monitor = elf.clone();
     let chip = flasher.chip();
     let info = flasher
         .device_info()
@@ -494,7 +523,23 @@ pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
             format!(", {} kept as the device holds them", kept.len())
         }
     );
-    Ok(ExitCode::SUCCESS)
+    if !args.monitor {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(flasher) = flasher.into_flasher() else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let serial = flasher.into_connection().into_serial();
+    let port = serialport::SerialPort::name(&serial).unwrap_or_else(|| "the port".to_owned());
+    let elf = match &elf_for_monitor {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| CliError(format!("cannot read the ELF `{}`: {e}", path.display())))?,
+        ),
+        None => None,
+    };
+    // espflash's `--after` reset (or the ROM loader's reboot) started the application.
+    monitor(serial, &port, elf.as_deref(), &args.monitor_options, false)
 }
 
 #[cfg(test)]

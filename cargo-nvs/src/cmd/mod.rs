@@ -8,6 +8,7 @@ pub mod generate;
 pub mod generate_key;
 pub mod keys;
 pub mod mfg;
+pub mod monitor;
 pub mod partitions;
 pub mod read;
 
