@@ -478,3 +478,86 @@ fn runner_mode_elf_then_monitor_as_the_firmware_example_configures_it() {
         "the app was not written"
     );
 }
+
+#[test]
+fn settings_as_espflash_reads_them() {
+    let esp = FakeEsp::esp32c3();
+    let dir = outside();
+    std::fs::write(
+        dir.path().join("espflash_ports.toml"),
+        format!("[connection]\nserial = \"{}\"\n", esp.path()),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("espflash.toml"), "baudrate = 460800\n").unwrap();
+    let out = bin()
+        .args([
+            "nvs",
+            "board-info",
+            "--before",
+            "no-reset",
+            "--after",
+            "no-reset",
+        ])
+        .env_remove("ESPFLASH_PORT")
+        .env_remove("ESPFLASH_BAUD")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    assert!(
+        esp.events().contains(&Event::ChangeBaud {
+            new: 460_800,
+            prior: 115_200
+        }),
+        "espflash.toml's baudrate was not used"
+    );
+
+    // The environment beats the files.
+    let other = FakeEsp::esp32c3();
+    let out = bin()
+        .args([
+            "nvs",
+            "board-info",
+            "--before",
+            "no-reset",
+            "--after",
+            "no-reset",
+        ])
+        .env("ESPFLASH_PORT", other.path())
+        .env("ESPFLASH_BAUD", "230400")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    assert!(other.events().contains(&Event::ChangeBaud {
+        new: 230_400,
+        prior: 115_200
+    }));
+
+    // A broken file is named.
+    std::fs::write(dir.path().join("espflash.toml"), "baudrate = [\n").unwrap();
+    let out = bin()
+        .args(["nvs", "flash", "--manifest-path"])
+        .arg(firmware_manifest())
+        .args(["--release", "--port", esp.path(), "--before", "no-reset"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_fails(&out, &["espflash.toml", "not valid TOML"]);
+}
+
+#[test]
+fn dist_detects_the_chip_from_esp_hal() {
+    let dir = outside();
+    let out = bin()
+        .args(["nvs", "dist", "--manifest-path"])
+        .arg(firmware_manifest())
+        .arg("--out-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["chip"], "esp32c3");
+}

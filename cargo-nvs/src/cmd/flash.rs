@@ -86,6 +86,38 @@ pub struct ImageArgs {
     pub flash_freq: Option<FlashFrequency>,
 }
 
+impl ImageArgs {
+    /// Fills what the command line left open from espflash.toml (`[flash]` mode, size,
+    /// frequency; `[idf]` bootloader and partition table), as espflash does.
+    pub fn with_espflash_settings(mut self) -> CliResult<ImageArgs> {
+        let settings = crate::settings::load()?;
+        let bad = |what: &str, e: String| CliError(format!("espflash.toml: {what}: {e}"));
+        if self.flash_mode.is_none()
+            && let Some(mode) = &settings.flash_mode
+        {
+            self.flash_mode = Some(parse_flash_mode(mode).map_err(|e| bad("[flash] mode", e))?);
+        }
+        if self.flash_size.is_none()
+            && let Some(size) = &settings.flash_size
+        {
+            self.flash_size = Some(parse_flash_size(size).map_err(|e| bad("[flash] size", e))?);
+        }
+        if self.flash_freq.is_none()
+            && let Some(freq) = &settings.flash_frequency
+        {
+            self.flash_freq =
+                Some(parse_flash_freq(freq).map_err(|e| bad("[flash] frequency", e))?);
+        }
+        if self.bootloader.is_none() {
+            self.bootloader = settings.bootloader;
+        }
+        if self.partition_table.is_none() {
+            self.partition_table = settings.partition_table;
+        }
+        Ok(self)
+    }
+}
+
 fn parse_flash_mode(text: &str) -> Result<FlashMode, String> {
     match text.to_lowercase().as_str() {
         "qio" => Ok(FlashMode::Qio),
@@ -433,6 +465,7 @@ pub fn run(mut args: FlashArgs) -> CliResult<ExitCode> {
         }
     };
     let metadata = manifest.metadata()?;
+    args.image = args.image.clone().with_espflash_settings()?;
     let keys_partition = metadata.table.nvs_keys().map(|p| (p.offset, p.size));
     let mut segments = nvs_segments(&manifest.images, &args.partitions, keys_partition)?;
     // Decide what may be written before anything is built for the chip or read from it.
