@@ -513,7 +513,8 @@ pub fn is_no_modem_lines(text: &str) -> bool {
         || text.contains("ENOTTY")
 }
 
-/// Progress per segment: bars on a terminal, one line per segment otherwise.
+/// Progress per segment, in bytes: bars with speed and time left on a terminal, one line per
+/// segment otherwise.
 pub struct Progress {
     names: BTreeMap<u32, String>,
     /// Segments still to come, in write order: espflash reports a skipped segment with
@@ -521,6 +522,9 @@ pub struct Progress {
     pending: VecDeque<(u32, usize)>,
     bar: Option<ProgressBar>,
     terminal: bool,
+    /// Blocks of the segment being written (espflash counts blocks, not bytes).
+    blocks: usize,
+    started: Option<std::time::Instant>,
     pub written: usize,
     pub skipped: usize,
 }
@@ -533,6 +537,8 @@ impl Progress {
             pending: segments.iter().map(|(a, l, _)| (*a, *l)).collect(),
             bar: None,
             terminal: std::io::stderr().is_terminal(),
+            blocks: 0,
+            started: None,
             written: 0,
             skipped: 0,
         }
@@ -546,14 +552,29 @@ impl Progress {
     }
 }
 
+/// `12.3 KiB/s`.
+pub fn rate(bytes: usize, elapsed: std::time::Duration) -> String {
+    let per_second = bytes as f64 / elapsed.as_secs_f64().max(0.001);
+    if per_second >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB/s", per_second / (1024.0 * 1024.0))
+    } else {
+        format!("{:.1} KiB/s", per_second / 1024.0)
+    }
+}
+
 impl ProgressCallbacks for Progress {
     fn init(&mut self, addr: u32, total: usize) {
+        self.blocks = total.max(1);
+        self.started = Some(std::time::Instant::now());
+        let bytes = self.pending.front().map_or(total, |&(_, len)| len);
         if self.terminal {
-            let bar = ProgressBar::new(total as u64).with_message(self.label(addr));
+            let bar = ProgressBar::new(bytes as u64).with_message(self.label(addr));
             bar.set_style(
-                ProgressStyle::with_template("{msg:>28} [{bar:30}] {pos}/{len}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{msg:>28} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec}, {eta} left",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             self.bar = Some(bar);
         }
@@ -561,7 +582,8 @@ impl ProgressCallbacks for Progress {
 
     fn update(&mut self, current: usize) {
         if let Some(bar) = &self.bar {
-            bar.set_position(current as u64);
+            let bytes = bar.length().unwrap_or(0);
+            bar.set_position(bytes * current.min(self.blocks) as u64 / self.blocks as u64);
         }
     }
 
@@ -573,12 +595,16 @@ impl ProgressCallbacks for Progress {
 
     fn finish(&mut self, skipped: bool) {
         let (addr, total) = self.pending.pop_front().unwrap_or((0, 0));
+        let elapsed = self.started.take().map(|s| s.elapsed());
         let outcome = if skipped {
             self.skipped += 1;
-            "unchanged, skipped"
+            "unchanged, skipped".to_owned()
         } else {
             self.written += 1;
-            "written"
+            match elapsed {
+                Some(t) => format!("written in {:.1} s ({})", t.as_secs_f64(), rate(total, t)),
+                None => "written".to_owned(),
+            }
         };
         match self.bar.take() {
             Some(bar) => bar.finish_with_message(format!("{}: {outcome}", self.label(addr))),

@@ -82,7 +82,14 @@ fn outside() -> tempdir::Dir {
 #[test]
 fn connect_chain_flash_board_info_read_erase_user_data() {
     let esp = FakeEsp::esp32c3();
-    assert_ok(&flash_firmware(&esp, &[]));
+    let out = flash_firmware(&esp, &[]);
+    assert_ok(&out);
+    // Progress in bytes, with the speed (one line per segment when stderr is no terminal).
+    let err = stderr(&out);
+    assert!(
+        err.contains("nvs `fctry` at 0xf000: 8192 bytes written in") && err.contains("iB/s)"),
+        "{err}"
+    );
     let fctry = esp.read(0xf000, 0x2000);
     let dir = outside();
 
@@ -560,4 +567,139 @@ fn dist_detects_the_chip_from_esp_hal() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["chip"], "esp32c3");
+}
+
+/// A scratch package with two NVS partitions: `nvs` takes a value from an environment
+/// variable, `other` (when `with_other`) from a file that does not exist.
+fn package_with_env_secret(dir: &Path, with_other: bool) {
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    std::fs::write(dir.join("src/lib.rs"), "").unwrap();
+    std::fs::write(
+        dir.join("partitions.csv"),
+        "nvs, data, nvs, 0x9000, 0x6000,\nother, data, nvs, 0xf000, 0x3000,\nfactory, app, factory, 0x20000, 1M,\n",
+    )
+    .unwrap();
+    let other = if with_other {
+        "[package.metadata.nvs.partitions.other.namespaces.app]\ncert = { file = \"missing.der\" }\n"
+    } else {
+        ""
+    };
+    std::fs::write(
+        dir.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"envy\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n[workspace]\n\n\
+             [package.metadata.nvs]\npartition-table = \"partitions.csv\"\n\
+             [package.metadata.nvs.partitions.nvs.namespaces.app]\n\
+             token = {{ string = {{ env = \"ENVY_SECRET_TOKEN\" }} }}\n{other}"
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn partitions_needs_no_secrets_and_errors_go_to_stderr() {
+    let dir = outside();
+    package_with_env_secret(dir.path(), true);
+    let out = bin()
+        .args(["nvs", "partitions"])
+        .env_remove("ENVY_SECRET_TOKEN")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    // `other` cannot be built (its file is missing): an error, on stderr.
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("error: NVS partition `other`"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!shown.contains("error"), "{shown}");
+    assert!(
+        shown.contains("(estimated: $ENVY_SECRET_TOKEN not set)"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let dir = outside();
+    package_with_env_secret(dir.path(), false);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cargo-nvs"))
+        .args(["nvs", "partitions", "--format", "json"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Like `| head -c0`: the reader is gone before anything is printed.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{err}"
+    );
+}
+
+#[test]
+fn every_command_has_an_example_and_clean_usage() {
+    for cmd in [
+        "generate",
+        "encrypt",
+        "decrypt",
+        "generate-key",
+        "dump",
+        "partitions",
+        "flash",
+        "read",
+        "dist",
+        "mfg",
+        "board-info",
+        "list-ports",
+        "erase-parts",
+        "erase-region",
+        "erase",
+        "monitor",
+    ] {
+        let out = bin().args(["nvs", cmd, "--help"]).output().unwrap();
+        assert_ok(&out);
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            help.contains("Example"),
+            "`{cmd} --help` has no example:\n{help}"
+        );
+        assert!(
+            !help.contains("SIZE> <INPUT"),
+            "`{cmd} --help` usage repeats:\n{help}"
+        );
+    }
+    let help = bin().args(["nvs", "encrypt", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("Either --keygen or --inputkey is required"),
+        "{help}"
+    );
+    let help = bin().args(["nvs", "read", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(!help.to_lowercase().contains("flash at"), "{help}");
+}
+
+#[test]
+fn generate_removes_images_of_partitions_gone_from_the_metadata() {
+    let dir = outside();
+    package_with_env_secret(dir.path(), false);
+    let out_dir = dir.path().join("target/nvs/envy");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    std::fs::write(out_dir.join("other.bin"), b"stale").unwrap();
+    let out = bin()
+        .args(["nvs", "generate"])
+        .env("ENVY_SECRET_TOKEN", "t")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    assert!(out_dir.join("nvs.bin").exists());
+    assert!(!out_dir.join("other.bin").exists(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("other.bin"), "{}", stderr(&out));
 }

@@ -26,6 +26,9 @@ use crate::{CliError, CliResult};
 /// Build release artifacts: bootloader, partition table and app, `flash_args` and
 /// `manifest.json`. The NVS images and nvs_keys are left out unless --with-dev-data.
 #[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  cargo nvs dist\n  cargo nvs dist --chip esp32c3 --out-dir release/"
+)]
 pub struct DistArgs {
     #[command(flatten)]
     package: PackageArgs,

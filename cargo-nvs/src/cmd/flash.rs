@@ -20,6 +20,9 @@ use crate::{CliError, CliResult};
 
 /// Build the app and flash it together with its NVS partitions, in one pass.
 #[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  cargo nvs flash --release --monitor\n  cargo nvs flash --nvs-only --port /dev/ttyUSB0\n  runner = \"cargo nvs flash --elf --monitor\"   (in .cargo/config.toml: `cargo run` flashes and monitors)"
+)]
 pub struct FlashArgs {
     #[command(flatten)]
     pub package: PackageArgs,
