@@ -29,11 +29,11 @@ pub struct ConnectArgs {
     #[arg(long, short = 'c', value_name = "CHIP", value_parser = parse_chip)]
     pub chip: Option<Chip>,
     /// How to put the chip into the ROM loader.
-    #[arg(long, value_enum, default_value_t = Before::DefaultReset)]
+    #[arg(long, short = 'b', value_enum, default_value_t = Before::DefaultReset)]
     pub before: Before,
     /// What to leave the chip in at the end (hard-reset: run the app; no-reset: stay in the
     /// ROM loader, for a next `--before no-reset`).
-    #[arg(long, value_enum, default_value_t = After::HardReset)]
+    #[arg(long, short = 'a', value_enum, default_value_t = After::HardReset)]
     pub after: After,
     /// Talk to the ROM loader directly instead of uploading espflash's flasher stub.
     #[arg(long)]
