@@ -495,14 +495,35 @@ pub fn finish(flasher: &mut Flasher, args: &ConnectArgs) -> CliResult {
     let chip = flasher.chip();
     match flasher.connection().reset_after(!args.no_stub, chip) {
         Ok(()) => Ok(()),
-        Err(e) if is_no_modem_lines(&e.to_string()) => {
+        Err(e) if is_no_modem_lines(&error_chain(&e)) => {
             eprintln!(
-                "note: the chip was not reset: the port has no DTR/RTS lines ({e}); press RESET \
-                 to start the application"
+                "note: the chip was not reset: the port has no DTR/RTS lines ({}); press RESET \
+                 to start the application",
+                error_chain(&e)
             );
             Ok(())
         }
-        Err(e) => Err(CliError(format!("cannot reset the chip (--after): {e}"))),
+        Err(e) => Err(CliError(format!(
+            "cannot reset the chip (--after): {}",
+            error_chain(&e)
+        ))),
+    }
+}
+
+/// The outcome of espflash's `write_bins_to_flash`, whose last step is `reset_after`: when only
+/// that reset failed for want of DTR/RTS lines, the data was written and verified; say so and
+/// succeed.
+pub fn written(result: Result<(), espflash::Error>) -> Result<(), espflash::Error> {
+    match result {
+        Err(e) if is_no_modem_lines(&error_chain(&e)) => {
+            eprintln!(
+                "note: written, but the chip was not reset: the port has no DTR/RTS lines ({}); \
+                 press RESET to start the application",
+                error_chain(&e)
+            );
+            Ok(())
+        }
+        other => other,
     }
 }
 

@@ -95,12 +95,9 @@ fn string(table: &DeTable<'_>, key: &str) -> Option<String> {
 fn integer(table: &DeTable<'_>, key: &str) -> Option<u32> {
     match table.get(key).map(|v| v.get_ref()) {
         Some(DeValue::Integer(i)) => {
-            let text = i.as_str();
-            let (digits, radix) = match text.strip_prefix("0x") {
-                Some(hex) => (hex, 16),
-                None => (text, 10),
-            };
-            u32::from_str_radix(&digits.replace('_', ""), radix).ok()
+            let digits = i.as_str().replace('_', "");
+            let digits = digits.trim_start_matches("0x").trim_start_matches("+");
+            u32::from_str_radix(digits, i.radix()).ok()
         }
         Some(DeValue::String(s)) => parse_u32(s),
         _ => None,

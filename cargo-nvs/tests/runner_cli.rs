@@ -139,6 +139,48 @@ fn connect_chain_flash_board_info_read_erase_user_data() {
 
     // The next command with --before no-reset still connects.
     assert_ok(&device(&esp, dir.path(), &["board-info"]));
+
+    // --after hard-reset (the default) on a port without DTR/RTS: the data is written, a note
+    // says the chip was not reset, exit 0 (flash and board-info alike).
+    let out = bin()
+        .args([
+            "nvs",
+            "flash",
+            "--release",
+            "--nvs-only",
+            "--no-stub",
+            "--reset-user-data",
+            "--manifest-path",
+        ])
+        .arg(firmware_manifest())
+        .args(["--port", esp.path(), "--before", "no-reset"])
+        .output()
+        .unwrap();
+    esp.settle();
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("no DTR/RTS lines"),
+        "{}",
+        stderr(&out)
+    );
+    let out = bin()
+        .args([
+            "nvs",
+            "board-info",
+            "--port",
+            esp.path(),
+            "--before",
+            "no-reset",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("no DTR/RTS lines"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

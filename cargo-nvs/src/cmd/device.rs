@@ -387,8 +387,7 @@ fn erase_regions(flasher: &mut Flasher, regions: &[(u32, u32)], use_stub: bool) 
         .zip(&blanks)
         .map(|(&(addr, _), data)| Segment::new(addr, data))
         .collect();
-    flasher
-        .write_bins_to_flash(&segments, &mut DefaultProgressCallback)
+    crate::flashing::written(flasher.write_bins_to_flash(&segments, &mut DefaultProgressCallback))
         .map_err(|e| CliError(format!("erasing failed: {e}")))
 }
 

@@ -545,8 +545,7 @@ pub fn run(mut args: FlashArgs) -> CliResult<ExitCode> {
         .map(|s| Segment::new(s.addr, &s.data))
         .collect();
     let mut progress = Progress::new(&list);
-    flasher
-        .write_bins_to_flash(&espflash_segments, &mut progress)
+    crate::flashing::written(flasher.write_bins_to_flash(&espflash_segments, &mut progress))
         .map_err(|e| CliError(format!("flashing failed: {e}")))?;
     flasher.ended();
     eprintln!(
