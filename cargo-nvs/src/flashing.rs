@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serialport::{SerialPortType, UsbPortInfo};
 
 use crate::guard;
+use crate::settings;
 use crate::{CliError, CliResult};
 
 /// How to reach the chip (espflash's option names).
@@ -20,17 +21,19 @@ pub struct ConnectArgs {
     /// Serial port [default: $ESPFLASH_PORT, then espflash_ports.toml, then the only USB serial port].
     #[arg(long, short = 'P', value_name = "PORT")]
     pub port: Option<String>,
-    /// Baud rate to flash at, after connecting at 115200.
+    /// Baud rate to talk to the chip at, after connecting at 115200 [default: $ESPFLASH_BAUD,
+    /// then espflash.toml's `baudrate`].
     #[arg(long, short = 'B', value_name = "BAUD")]
     pub baud: Option<u32>,
     /// Chip (esp32, esp32c3, …) [default: detected].
     #[arg(long, short = 'c', value_name = "CHIP", value_parser = parse_chip)]
     pub chip: Option<Chip>,
     /// How to put the chip into the ROM loader.
-    #[arg(long, value_enum, default_value_t = Before::DefaultReset)]
+    #[arg(long, short = 'b', value_enum, default_value_t = Before::DefaultReset)]
     pub before: Before,
-    /// What to do after flashing.
-    #[arg(long, value_enum, default_value_t = After::HardReset)]
+    /// What to leave the chip in at the end (hard-reset: run the app; no-reset: stay in the
+    /// ROM loader, for a next `--before no-reset`).
+    #[arg(long, short = 'a', value_enum, default_value_t = After::HardReset)]
     pub after: After,
     /// Talk to the ROM loader directly instead of uploading espflash's flasher stub.
     #[arg(long)]
@@ -92,7 +95,8 @@ impl After {
 }
 
 /// The port to use: `--port`, `$ESPFLASH_PORT`, espflash_ports.toml's `[connection] serial`,
-/// else the only USB serial port. A given path is opened as is (ptys included).
+/// else the USB serial ports (those of `[[usb_device]]` when it lists any): the only one, or
+/// one picked on a terminal. A given path is opened as is (ptys included).
 pub fn resolve_port(explicit: Option<&str>) -> CliResult<(String, UsbPortInfo)> {
     let unknown = UsbPortInfo {
         vid: 0,
@@ -110,75 +114,211 @@ pub fn resolve_port(explicit: Option<&str>) -> CliResult<(String, UsbPortInfo)> 
     {
         return Ok((port, unknown));
     }
-    if let Some(port) = espflash_ports_toml()? {
+    let settings = settings::load_or_warn();
+    if let Some(port) = settings.serial {
         return Ok((port, unknown));
     }
-    let ports = serialport::available_ports().unwrap_or_default();
-    let usb: Vec<(String, UsbPortInfo)> = ports
+    let mut usb = usb_ports();
+    if !settings.usb_devices.is_empty() {
+        usb.retain(|(_, info)| settings.usb_devices.contains(&(info.vid, info.pid)));
+    }
+    match usb.as_slice() {
+        [only] => Ok(only.clone()),
+        [] => Err(CliError(
+            "no serial port found: connect the board, or name the port with --port (or \
+             $ESPFLASH_PORT, or `[connection] serial` in espflash_ports.toml)"
+                .into(),
+        )),
+        several if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() => {
+            pick_port(several)
+        }
+        several => Err(CliError(format!(
+            "several USB serial ports found ({}); pick one with --port (or $ESPFLASH_PORT)",
+            several
+                .iter()
+                .map(|(name, info)| format!("{name} {}", describe_usb(info)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// The USB serial ports, sorted by name.
+pub fn usb_ports() -> Vec<(String, UsbPortInfo)> {
+    let mut usb: Vec<(String, UsbPortInfo)> = serialport::available_ports()
+        .unwrap_or_default()
         .into_iter()
         .filter_map(|p| match p.port_type {
             SerialPortType::UsbPort(info) => Some((p.port_name, info)),
             _ => None,
         })
         .collect();
-    match usb.as_slice() {
-        [only] => Ok(only.clone()),
-        [] => Err(CliError(
-            "no serial port found: connect the board, or name the port with --port (or $ESPFLASH_PORT)".into(),
-        )),
-        several => Err(CliError(format!(
-            "several USB serial ports found ({}); pick one with --port",
-            several.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(", ")
-        ))),
-    }
+    usb.sort_by(|a, b| a.0.cmp(&b.0));
+    usb
 }
 
-/// `[connection] serial = "…"` in espflash_ports.toml, in the current folder or its parent
-/// (where espflash looks).
-fn espflash_ports_toml() -> CliResult<Option<String>> {
-    let Ok(cwd) = std::env::current_dir() else {
-        return Ok(None);
-    };
-    let candidates = [Some(cwd.as_path()), cwd.parent()];
-    let Some(path) = candidates
-        .iter()
+/// `(VID:PID product, manufacturer)`.
+pub fn describe_usb(info: &UsbPortInfo) -> String {
+    let names: Vec<&str> = [info.product.as_deref(), info.manufacturer.as_deref()]
+        .into_iter()
         .flatten()
-        .map(|d| d.join("espflash_ports.toml"))
-        .find(|p| p.is_file())
-    else {
-        return Ok(None);
-    };
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| CliError(format!("cannot read `{}`: {e}", path.display())))?;
-    let doc = toml_serial(&text);
-    Ok(doc)
+        .collect();
+    format!(
+        "({:04x}:{:04x}{}{})",
+        info.vid,
+        info.pid,
+        if names.is_empty() { "" } else { " " },
+        names.join(", ")
+    )
 }
 
-/// Finds `serial = "…"` under `[connection]` (a tiny line scan: the file has no other nesting).
-fn toml_serial(text: &str) -> Option<String> {
-    let mut in_connection = false;
-    for line in text.lines().map(str::trim) {
-        if line.starts_with('[') {
-            in_connection = line == "[connection]";
-        } else if in_connection
-            && let Some(value) = line
-                .strip_prefix("serial")
-                .map(str::trim)
-                .and_then(|l| l.strip_prefix('='))
+/// Asks on the terminal which of several ports to use.
+fn pick_port(ports: &[(String, UsbPortInfo)]) -> CliResult<(String, UsbPortInfo)> {
+    eprintln!("Several USB serial ports found:");
+    for (i, (name, info)) in ports.iter().enumerate() {
+        eprintln!("  {}) {name} {}", i + 1, describe_usb(info));
+    }
+    eprint!("Which one (1-{})? ", ports.len());
+    let mut answer = String::new();
+    std::io::stdin()
+        .read_line(&mut answer)
+        .map_err(|e| CliError(format!("cannot read the answer: {e}")))?;
+    answer
+        .trim()
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_sub(1))
+        .and_then(|i| ports.get(i))
+        .cloned()
+        .ok_or_else(|| {
+            CliError(format!(
+                "`{}` is not one of 1-{}; pick the port with --port",
+                answer.trim(),
+                ports.len()
+            ))
+        })
+}
+
+/// Opens `port` at 115200 baud for espflash, saying what is wrong when it cannot: missing, not
+/// a serial port, in use, no permission.
+pub fn open_port(port: &str) -> CliResult<serialport::TTYPort> {
+    let path = Path::new(port);
+    if !path.exists() {
+        return Err(CliError(format!(
+            "serial port `{port}` does not exist: is the board plugged in? `cargo nvs list-ports` \
+             lists the ports"
+        )));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if path
+            .metadata()
+            .is_ok_and(|m| !m.file_type().is_char_device())
         {
-            return Some(value.trim().trim_matches('"').to_owned()).filter(|v| !v.is_empty());
+            return Err(CliError(format!(
+                "`{port}` is not a serial port (not a terminal device); `cargo nvs list-ports` \
+                 lists the ports"
+            )));
         }
     }
-    None
+    serialport::new(port, 115_200)
+        .flow_control(serialport::FlowControl::None)
+        .open_native()
+        .map_err(|e| CliError(open_error(port, &e)))
+}
+
+fn open_error(port: &str, e: &serialport::Error) -> String {
+    let io = match e.kind() {
+        serialport::ErrorKind::Io(kind) => Some(kind),
+        _ => None,
+    };
+    let text = e.to_string();
+    if io == Some(std::io::ErrorKind::PermissionDenied) || text.contains("ermission denied") {
+        format!(
+            "no permission to open `{port}` ({text}): add your user to the port's group (often \
+             `dialout` or `uucp`) and log in again"
+        )
+    } else if text.contains("busy")
+        || text.contains("exclusive lock")
+        || text.contains("Resource temporarily unavailable")
+        || text.contains("EWOULDBLOCK")
+        || text.contains("EBUSY")
+    {
+        format!(
+            "`{port}` is busy: another program has it open (a serial monitor, another flash); \
+             close it and try again"
+        )
+    } else if text.contains("Inappropriate ioctl") || text.contains("Not a typewriter") {
+        format!("`{port}` is not a serial port ({text})")
+    } else {
+        format!("cannot open serial port `{port}`: {text}")
+    }
+}
+
+/// A connected chip. Every session ends with espflash's `reset_after` (`--after`): explicitly
+/// with [`Session::finish`], or when dropped on an error path (then quietly), unless a write
+/// through espflash did it already ([`Session::ended`]).
+pub struct Session {
+    /// `Some` until [`Session::into_flasher`].
+    flasher: Option<Flasher>,
+    args: ConnectArgs,
+    ended: bool,
+}
+
+impl Session {
+    /// espflash's `write_bins_to_flash` ends with `reset_after` itself.
+    pub fn ended(&mut self) {
+        self.ended = true;
+    }
+
+    /// Ends the session as `--after` says.
+    pub fn finish(mut self) -> CliResult {
+        self.ended = true;
+        let args = self.args.clone();
+        finish(&mut self, &args)
+    }
+
+    /// The flasher, for the serial port after the session (the monitor); the session must have
+    /// ended.
+    pub fn into_flasher(mut self) -> Option<Flasher> {
+        self.ended = true;
+        self.flasher.take()
+    }
+}
+
+impl std::ops::Deref for Session {
+    type Target = Flasher;
+    fn deref(&self) -> &Flasher {
+        self.flasher
+            .as_ref()
+            .expect("a session has its flasher until into_flasher")
+    }
+}
+
+impl std::ops::DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut Flasher {
+        self.flasher
+            .as_mut()
+            .expect("a session has its flasher until into_flasher")
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if !self.ended
+            && let Some(flasher) = self.flasher.as_mut()
+        {
+            let chip = flasher.chip();
+            let _ = flasher.connection().reset_after(!self.args.no_stub, chip);
+        }
+    }
 }
 
 /// Opens the port and connects to the ROM loader (or the stub).
-pub fn connect(args: &ConnectArgs, verify: bool, skip: bool) -> CliResult<Flasher> {
+pub fn connect(args: &ConnectArgs, verify: bool, skip: bool) -> CliResult<Session> {
     let (port, info) = resolve_port(args.port.as_deref())?;
-    let serial = serialport::new(&port, 115_200)
-        .flow_control(serialport::FlowControl::None)
-        .open_native()
-        .map_err(|e| CliError(format!("cannot open serial port `{port}`: {e} (is it in use by another program, e.g. a monitor?)")))?;
+    let serial = open_port(&port)?;
     let connection = Connection::new(
         serial,
         info,
@@ -186,26 +326,216 @@ pub fn connect(args: &ConnectArgs, verify: bool, skip: bool) -> CliResult<Flashe
         args.before.espflash(),
         115_200,
     );
-    let flasher = Flasher::connect(connection, !args.no_stub, verify, skip, args.chip, args.baud).map_err(|e| {
-        if let espflash::Error::ChipMismatch(given, found) = &e {
-            return CliError(format!("the chip on `{port}` is an {found}, not the {given} given with --chip"));
-        }
-        CliError(format!(
-            "cannot connect to the chip on `{port}`: {e} (is it in download mode? hold BOOT while resetting, or check --before)"
-        ))
-    })?;
+    let baud = args.baud.or_else(settings::baud);
+    let flasher = Flasher::try_connect(connection, !args.no_stub, verify, skip, args.chip, baud)
+        .map_err(|failed| {
+            let (e, connection) = *failed;
+            connect_error(&port, e, connection, args.before)
+        })?;
+    let session = Session {
+        flasher: Some(flasher),
+        args: args.clone(),
+        ended: false,
+    };
     if let Some(expected) = args.chip
-        && flasher.chip() != expected
+        && session.chip() != expected
     {
         return Err(CliError(format!(
             "`{port}` has an {}, not the {expected} given with --chip",
-            flasher.chip()
+            session.chip()
         )));
     }
-    Ok(flasher)
+    Ok(session)
 }
 
-/// Progress per segment: bars on a terminal, one line per segment otherwise.
+/// What went wrong while connecting: espflash says "connection failed" for every kind of
+/// silence, so ask the port once more and look at what comes back.
+fn connect_error(
+    port: &str,
+    e: espflash::Error,
+    connection: Connection,
+    before: Before,
+) -> CliError {
+    if let espflash::Error::ChipMismatch(given, found) = &e {
+        return CliError(format!(
+            "the chip on `{port}` is an {found}, not the {given} given with --chip"
+        ));
+    }
+    let reset_hint = match before {
+        Before::NoReset | Before::NoResetNoSync => {
+            "put it into download mode (hold BOOT and press RESET), or let cargo nvs reset it \
+             (--before default-reset)"
+        }
+        _ => {
+            "hold BOOT and press RESET to enter download mode (boards without the auto-reset \
+             circuit need this)"
+        }
+    };
+    let failed_to_connect = matches!(&e, espflash::Error::Connection(_))
+        && error_chain(&e).contains("Failed to connect");
+    let mut serial = connection.into_serial();
+    if !failed_to_connect {
+        // It answered at first and then stopped or garbled: bytes go missing.
+        let e = error_chain(&e);
+        return CliError(format!(
+            "the chip on `{port}` stopped answering while connecting ({e}): replies went \
+             missing. Is another program (a serial monitor, ModemManager, brltty) reading \
+             `{port}`? Close it and try again"
+        ));
+    }
+    match probe(&mut serial) {
+        Probe::Silent => CliError(format!(
+            "no reply from `{port}`: nothing answers there. Check that it is the board's port \
+             (`cargo nvs list-ports`) and {reset_hint}"
+        )),
+        Probe::Loader => CliError(format!(
+            "the ROM loader on `{port}` answers, but connecting failed: replies went \
+             missing. Is another program reading `{port}`? Close it and try again"
+        )),
+        Probe::Other(sample) => CliError(format!(
+            "`{port}` answers, but not as an ESP ROM loader (it sent {sample}): the chip runs its \
+             application or is at another baud rate, or this is another device. {}",
+            capitalise(reset_hint)
+        )),
+    }
+}
+
+/// The error and its sources, `: `-separated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
+fn capitalise(text: &str) -> String {
+    let mut chars = text.chars();
+    chars
+        .next()
+        .map(|c| c.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
+}
+
+enum Probe {
+    Silent,
+    Loader,
+    /// What arrived, shown safely (printable ASCII, else hex), at most 64 bytes.
+    Other(String),
+}
+
+/// Sends one SYNC and listens for 300 ms.
+fn probe(serial: &mut serialport::TTYPort) -> Probe {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let _ = serialport::SerialPort::clear(serial, serialport::ClearBuffer::All);
+    let mut body = vec![0x07, 0x07, 0x12, 0x20];
+    body.extend([0x55; 32]);
+    let mut frame = vec![0x00, 0x08];
+    frame.extend((body.len() as u16).to_le_bytes());
+    frame.extend([0; 4]);
+    frame.extend(&body);
+    let mut slip = vec![0xC0];
+    for b in frame {
+        match b {
+            0xC0 => slip.extend([0xDB, 0xDC]),
+            0xDB => slip.extend([0xDB, 0xDD]),
+            b => slip.push(b),
+        }
+    }
+    slip.push(0xC0);
+    if serial.write_all(&slip).is_err() {
+        return Probe::Silent;
+    }
+    let _ = serialport::SerialPort::set_timeout(serial, Duration::from_millis(50));
+    let deadline = Instant::now() + Duration::from_millis(300);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while Instant::now() < deadline && got.len() < 4096 {
+        if let Ok(n) = serial.read(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    if got.is_empty() {
+        Probe::Silent
+    } else if got.windows(3).any(|w| w == [0xC0, 0x01, 0x08]) {
+        Probe::Loader
+    } else {
+        let sample: &[u8] = &got[..got.len().min(64)];
+        let shown = if sample
+            .iter()
+            .all(|b| b.is_ascii_graphic() || b" \r\n\t".contains(b))
+        {
+            format!("{:?}", String::from_utf8_lossy(sample))
+        } else {
+            sample
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        Probe::Other(format!(
+            "{} bytes{}: {shown}",
+            got.len(),
+            if got.len() > 64 { ", first 64" } else { "" }
+        ))
+    }
+}
+
+/// Ends a session as `--after` says (espflash's `reset_after`): `hard-reset` restarts the app,
+/// `no-reset` leaves the ROM loader for the next `--before no-reset`, `no-reset-no-stub` the
+/// stub. A port without DTR/RTS lines (a pty, some adapters) cannot reset: say so and go on.
+pub fn finish(flasher: &mut Flasher, args: &ConnectArgs) -> CliResult {
+    let chip = flasher.chip();
+    match flasher.connection().reset_after(!args.no_stub, chip) {
+        Ok(()) => Ok(()),
+        Err(e) if is_no_modem_lines(&error_chain(&e)) => {
+            eprintln!(
+                "note: the chip was not reset: the port has no DTR/RTS lines ({}); press RESET \
+                 to start the application",
+                error_chain(&e)
+            );
+            Ok(())
+        }
+        Err(e) => Err(CliError(format!(
+            "cannot reset the chip (--after): {}",
+            error_chain(&e)
+        ))),
+    }
+}
+
+/// The outcome of espflash's `write_bins_to_flash`, whose last step is `reset_after`: when only
+/// that reset failed for want of DTR/RTS lines, the data was written and verified; say so and
+/// succeed.
+pub fn written(result: Result<(), espflash::Error>) -> Result<(), espflash::Error> {
+    match result {
+        Err(e) if is_no_modem_lines(&error_chain(&e)) => {
+            eprintln!(
+                "note: written, but the chip was not reset: the port has no DTR/RTS lines ({}); \
+                 press RESET to start the application",
+                error_chain(&e)
+            );
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// An error from toggling DTR/RTS on a port that has none.
+pub fn is_no_modem_lines(text: &str) -> bool {
+    text.contains("Not a typewriter")
+        || text.contains("Inappropriate ioctl")
+        || text.contains("ENOTTY")
+}
+
+/// Progress per segment, in bytes: bars with speed and time left on a terminal, one line per
+/// segment otherwise.
 pub struct Progress {
     names: BTreeMap<u32, String>,
     /// Segments still to come, in write order: espflash reports a skipped segment with
@@ -213,6 +543,9 @@ pub struct Progress {
     pending: VecDeque<(u32, usize)>,
     bar: Option<ProgressBar>,
     terminal: bool,
+    /// Blocks of the segment being written (espflash counts blocks, not bytes).
+    blocks: usize,
+    started: Option<std::time::Instant>,
     pub written: usize,
     pub skipped: usize,
 }
@@ -225,6 +558,8 @@ impl Progress {
             pending: segments.iter().map(|(a, l, _)| (*a, *l)).collect(),
             bar: None,
             terminal: std::io::stderr().is_terminal(),
+            blocks: 0,
+            started: None,
             written: 0,
             skipped: 0,
         }
@@ -238,14 +573,29 @@ impl Progress {
     }
 }
 
+/// `12.3 KiB/s`.
+pub fn rate(bytes: usize, elapsed: std::time::Duration) -> String {
+    let per_second = bytes as f64 / elapsed.as_secs_f64().max(0.001);
+    if per_second >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB/s", per_second / (1024.0 * 1024.0))
+    } else {
+        format!("{:.1} KiB/s", per_second / 1024.0)
+    }
+}
+
 impl ProgressCallbacks for Progress {
     fn init(&mut self, addr: u32, total: usize) {
+        self.blocks = total.max(1);
+        self.started = Some(std::time::Instant::now());
+        let bytes = self.pending.front().map_or(total, |&(_, len)| len);
         if self.terminal {
-            let bar = ProgressBar::new(total as u64).with_message(self.label(addr));
+            let bar = ProgressBar::new(bytes as u64).with_message(self.label(addr));
             bar.set_style(
-                ProgressStyle::with_template("{msg:>28} [{bar:30}] {pos}/{len}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{msg:>28} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec}, {eta} left",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             self.bar = Some(bar);
         }
@@ -253,7 +603,8 @@ impl ProgressCallbacks for Progress {
 
     fn update(&mut self, current: usize) {
         if let Some(bar) = &self.bar {
-            bar.set_position(current as u64);
+            let bytes = bar.length().unwrap_or(0);
+            bar.set_position(bytes * current.min(self.blocks) as u64 / self.blocks as u64);
         }
     }
 
@@ -265,12 +616,16 @@ impl ProgressCallbacks for Progress {
 
     fn finish(&mut self, skipped: bool) {
         let (addr, total) = self.pending.pop_front().unwrap_or((0, 0));
+        let elapsed = self.started.take().map(|s| s.elapsed());
         let outcome = if skipped {
             self.skipped += 1;
-            "unchanged, skipped"
+            "unchanged, skipped".to_owned()
         } else {
             self.written += 1;
-            "written"
+            match elapsed {
+                Some(t) => format!("written in {:.1} s ({})", t.as_secs_f64(), rate(total, t)),
+                None => "written".to_owned(),
+            }
         };
         match self.bar.take() {
             Some(bar) => bar.finish_with_message(format!("{}: {outcome}", self.label(addr))),
@@ -372,15 +727,6 @@ pub fn blank_md5(len: u32) -> u128 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn espflash_ports_toml_serial() {
-        assert_eq!(
-            toml_serial("[connection]\nserial = \"/dev/ttyUSB1\"\n"),
-            Some("/dev/ttyUSB1".into())
-        );
-        assert_eq!(toml_serial("[usb_device]\nserial = \"x\"\n"), None);
-    }
 
     #[test]
     fn blank_md5_matches_known_value() {

@@ -7,6 +7,7 @@ mod fsutil;
 mod guard;
 mod project;
 mod protect;
+mod settings;
 mod size;
 
 use std::ffi::OsString;
@@ -41,6 +42,12 @@ enum Command {
     Read(Box<cmd::read::ReadArgs>),
     Dist(Box<cmd::dist::DistArgs>),
     Mfg(cmd::mfg::MfgArgs),
+    BoardInfo(cmd::device::BoardInfoArgs),
+    ListPorts(cmd::device::ListPortsArgs),
+    EraseParts(Box<cmd::device::ErasePartsArgs>),
+    EraseRegion(Box<cmd::device::EraseRegionArgs>),
+    Erase(Box<cmd::device::EraseArgs>),
+    Monitor(Box<cmd::monitor::MonitorArgs>),
 }
 
 /// An error for the user: printed as `error: …`, exit code 1.
@@ -56,7 +63,44 @@ impl<E: std::fmt::Display> From<E> for CliError {
 pub type CliResult<T = ()> = Result<T, CliError>;
 
 fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(panic_message));
     let CargoCli::Nvs(cli) = CargoCli::parse_from(cargo_args(std::env::args_os()));
+    // A panic (a broken pipe, a library that trips over a garbled reply) has printed its
+    // message in `panic_message`: exit with failure, not a backtrace.
+    std::panic::catch_unwind(move || run(cli)).unwrap_or(ExitCode::FAILURE)
+}
+
+/// What a panic says to the user: nothing for a closed stdout (`| head`), a clear error for
+/// espflash tripping over a reply that lost bytes, else an internal error.
+fn panic_message(info: &std::panic::PanicHookInfo<'_>) {
+    let message = info
+        .payload()
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| info.payload().downcast_ref::<&str>().copied())
+        .unwrap_or("");
+    if message.contains("Broken pipe") || message.contains("os error 32") {
+        // The reader went away (`cargo nvs dump … | head`): stop quietly.
+        std::process::exit(0);
+    }
+    let location = info
+        .location()
+        .map(|l| format!("{}:{}", l.file(), l.line()))
+        .unwrap_or_default();
+    if location.contains("espflash") {
+        eprintln!(
+            "error: the reply from the chip was garbled or cut short (espflash: {message}): bytes \
+             went missing on the serial line. Is another program (a serial monitor, \
+             ModemManager, brltty) reading the port? Close it and try again"
+        );
+    } else {
+        eprintln!(
+            "error: internal error (a bug in cargo nvs, please report it): {message} at {location}"
+        );
+    }
+}
+
+fn run(cli: NvsCli) -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Encrypt(args) => cmd::encrypt::run(args),
@@ -68,6 +112,12 @@ fn main() -> ExitCode {
         Command::Read(args) => cmd::read::run(*args),
         Command::Dist(args) => cmd::dist::run(*args),
         Command::Mfg(args) => cmd::mfg::run(args),
+        Command::BoardInfo(args) => cmd::device::board_info(args),
+        Command::ListPorts(args) => cmd::device::list_ports(args),
+        Command::EraseParts(args) => cmd::device::erase_parts(*args),
+        Command::EraseRegion(args) => cmd::device::erase_region(*args),
+        Command::Erase(args) => cmd::device::erase(*args),
+        Command::Monitor(args) => cmd::monitor::run(*args),
     };
     match result {
         Ok(code) => code,

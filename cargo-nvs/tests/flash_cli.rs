@@ -425,7 +425,7 @@ fn bad_ports_and_wrong_chips() {
         .args(["--port", "/dev/does-not-exist", "--before", "no-reset"])
         .output()
         .unwrap();
-    assert_fails(&out, &["cannot open serial port `/dev/does-not-exist`"]);
+    assert_fails(&out, &["serial port `/dev/does-not-exist` does not exist"]);
 
     let esp = FakeEsp::esp32c3();
     let out = run(&esp, "flash", &["--no-stub", "--chip", "esp32"]);
@@ -435,7 +435,7 @@ fn bad_ports_and_wrong_chips() {
     let esp = FakeEsp::esp32c3();
     let _held = esp.open_port();
     let out = run(&esp, "flash", &["--no-stub"]);
-    assert_fails(&out, &["cannot open serial port"]);
+    assert_fails(&out, &["is busy: another program has it open"]);
 }
 
 #[test]

@@ -1482,3 +1482,10 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_space_separated_row_asks_for_commas() {
+    let e = csv_error("nvs data nvs 0x9000 0x6000\n").to_string();
+    assert!(e.contains("fields must be separated by commas"), "{e}");
+    assert!(!e.contains("bytes long"), "{e}");
+}

@@ -12,6 +12,7 @@ use crate::{CliError, CliResult};
 
 /// Decrypt an encrypted NVS partition image.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  cargo nvs decrypt nvs_encr.bin keys/keys.bin nvs.bin")]
 pub struct DecryptArgs {
     /// The encrypted image.
     input: PathBuf,

@@ -26,6 +26,9 @@ use crate::{CliError, CliResult};
 /// Build release artifacts: bootloader, partition table and app, `flash_args` and
 /// `manifest.json`. The NVS images and nvs_keys are left out unless --with-dev-data.
 #[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  cargo nvs dist\n  cargo nvs dist --chip esp32c3 --out-dir release/"
+)]
 pub struct DistArgs {
     #[command(flatten)]
     package: PackageArgs,
@@ -33,7 +36,8 @@ pub struct DistArgs {
     build: BuildArgs,
     #[command(flatten)]
     image: ImageArgs,
-    /// The chip the firmware is for [default: from the target triple, where it names one].
+    /// The chip the firmware is for [default: the chip feature of the package's esp-hal (or
+    /// other esp-* dependency), else the target triple, where it names one].
     #[arg(long, short = 'c', value_name = "CHIP")]
     chip: Option<String>,
     /// Where to put the artifacts [default: target/nvs-dist/<package>].
@@ -44,6 +48,35 @@ pub struct DistArgs {
     /// replaces a device's factory data, user data and keys.
     #[arg(long)]
     with_dev_data: bool,
+}
+
+/// The chip named by a feature of the package's `esp-hal` dependency (else of another `esp-*`
+/// dependency), e.g. `esp-hal = { features = ["esp32c3"] }`.
+fn chip_of_manifest(manifest: &std::path::Path) -> Option<Chip> {
+    use toml::de::{DeTable, DeValue};
+    let text = std::fs::read_to_string(manifest).ok()?;
+    let root = DeTable::parse(&text).ok()?.into_inner();
+    let DeValue::Table(deps) = root.get("dependencies")?.get_ref() else {
+        return None;
+    };
+    let chip_of = |name: &str| -> Option<Chip> {
+        let DeValue::Table(dep) = deps.get(name)?.get_ref() else {
+            return None;
+        };
+        let DeValue::Array(features) = dep.get("features")?.get_ref() else {
+            return None;
+        };
+        features.iter().find_map(|f| match f.get_ref() {
+            DeValue::String(s) => s.parse::<Chip>().ok(),
+            _ => None,
+        })
+    };
+    chip_of("esp-hal").or_else(|| {
+        deps.iter()
+            .map(|(k, _)| k.get_ref().to_string())
+            .filter(|k| k.starts_with("esp-"))
+            .find_map(|k| chip_of(&k))
+    })
 }
 
 /// The chip a target triple names, where it names exactly one.
@@ -173,18 +206,22 @@ pub fn run(args: DistArgs) -> CliResult<ExitCode> {
     let mut build = args.build.clone();
     build.release = true;
     let (elf, manifest) = build_with_nvs(&project, &build)?;
-    let chip: Chip = match (
-        &args.chip,
-        args.build.target.as_deref().and_then(chip_of_target),
-    ) {
-        (Some(name), _) => name
-            .parse()
-            .map_err(|_| CliError(format!("unknown chip `{name}`")))?,
+    let image = args.image.clone().with_espflash_settings()?;
+    let detected = chip_of_manifest(&project.manifest_path)
+        .or_else(|| args.build.target.as_deref().and_then(chip_of_target));
+    let chip: Chip = match (&args.chip, detected) {
+        (Some(name), _) => name.parse().map_err(|_| {
+            CliError(format!(
+                "unknown chip `{name}` (esp32, esp32c2, esp32c3, esp32c6, esp32h2, esp32s2, esp32s3, …)"
+            ))
+        })?,
         (None, Some(chip)) => chip,
         (None, None) => {
-            return Err(CliError(
-                "give the chip with --chip (esp32c3, esp32, …)".into(),
-            ));
+            return Err(CliError(format!(
+                "cannot tell the chip of `{}` (no esp-hal chip feature, no chip in the target \
+                 triple): give it with --chip (esp32c3, esp32, …)",
+                project.manifest_path.display()
+            )));
         }
     };
     let elf = elf.ok_or_else(|| CliError(format!("`{}` has no binary", project.name)))?;
@@ -194,7 +231,7 @@ pub fn run(args: DistArgs) -> CliResult<ExitCode> {
         &elf,
         chip,
         chip.default_xtal_frequency(),
-        &args.image,
+        &image,
         manifest.partition_table.as_deref(),
         &manifest.images,
         keys,
@@ -228,7 +265,7 @@ pub fn run(args: DistArgs) -> CliResult<ExitCode> {
         write_atomic(&path, bytes, None)
             .map_err(|e| CliError(format!("cannot write `{}`: {e}", path.display())))
     };
-    write("flash_args", flash_args(&args.image, &artifacts).as_bytes())?;
+    write("flash_args", flash_args(&image, &artifacts).as_bytes())?;
     let doc = json!({
         "schema": "cargo-nvs/dist/v2",
         "package": project.name,

@@ -17,6 +17,9 @@ use crate::{CliError, CliResult};
 ///
 /// Exits with status 1 when the image is damaged (an error-level problem was found).
 #[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  cargo nvs dump target/nvs/my-app/nvs.bin\n  cargo nvs dump nvs_encr.bin --keys keys/keys.bin --format json"
+)]
 pub struct DumpArgs {
     /// The image file (generated, or read back from a device).
     image: PathBuf,

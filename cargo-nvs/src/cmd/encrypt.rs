@@ -12,10 +12,16 @@ use crate::{CliError, CliResult};
 
 /// Generate an encrypted NVS partition image (XTS-AES-256, as ESP-IDF's NVS encryption).
 #[derive(clap::Args)]
+#[command(
+    override_usage = "cargo nvs encrypt [OPTIONS] (--keygen | --inputkey KEYS.bin | --key-protect-hmac …) INPUT... OUTPUT SIZE"
+)]
+#[command(
+    after_help = "Either --keygen or --inputkey is required (or HMAC key protection: --key-protect-hmac with --kp-hmac-keygen or --kp-hmac-inputkey).\n\nExamples:\n  cargo nvs encrypt --keygen nvs.csv nvs_encr.bin 0x6000\n  cargo nvs encrypt --inputkey keys/keys.bin nvs.csv nvs_encr.bin 0x6000"
+)]
 #[command(disable_version_flag = true)]
 pub struct EncryptArgs {
     /// CSV files, then the output image, then the partition size (hex like 0x6000, or decimal).
-    #[arg(value_name = "INPUT... OUTPUT SIZE", num_args = 3.., required = true)]
+    #[arg(value_name = "INPUT... OUTPUT SIZE", required = true)]
     args: Vec<PathBuf>,
     /// NVS format version: 2 has multi-page blobs (default), 1 is the legacy format.
     #[arg(long, value_name = "1|2", default_value = "2", value_parser = parse_version)]

@@ -10,6 +10,7 @@ use espflash::image_format::Segment;
 use espflash::image_format::idf::IdfBootloaderFormat;
 use espflash::target::{Chip, XtalFrequency};
 
+use super::monitor::{MonitorOptions, monitor};
 use crate::artifacts::{BuildArgs, NvsImage, NvsManifest, build_with_nvs};
 use crate::flashing::{ConnectArgs, Progress, connect};
 use crate::guard::Allow;
@@ -19,6 +20,9 @@ use crate::{CliError, CliResult};
 
 /// Build the app and flash it together with its NVS partitions, in one pass.
 #[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  cargo nvs flash --release --monitor\n  cargo nvs flash --nvs-only --port /dev/ttyUSB0\n  runner = \"cargo nvs flash --elf --monitor\"   (in .cargo/config.toml: `cargo run` flashes and monitors)"
+)]
 pub struct FlashArgs {
     #[command(flatten)]
     pub package: PackageArgs,
@@ -28,10 +32,18 @@ pub struct FlashArgs {
     pub connect: ConnectArgs,
     #[command(flatten)]
     pub image: ImageArgs,
-    /// Flash this ELF instead of building (for `runner = "cargo nvs flash --elf"` in
-    /// .cargo/config.toml: cargo appends the ELF's path).
-    #[arg(long, value_name = "ELF")]
+    /// Flash this ELF instead of building (for `runner = "cargo nvs flash --elf --monitor"` in
+    /// .cargo/config.toml: cargo appends the ELF's path, which may follow other options).
+    #[arg(long, value_name = "ELF", num_args = 0..=1, default_missing_value = "-")]
     pub elf: Option<PathBuf>,
+    /// The ELF, as cargo appends it after `--elf --monitor` (runner mode).
+    #[arg(value_name = "ELF_PATH", hide = true)]
+    pub elf_path: Option<PathBuf>,
+    /// Show the application's serial output after flashing (Ctrl-R resets, Ctrl-C exits).
+    #[arg(long, short = 'M')]
+    pub monitor: bool,
+    #[command(flatten)]
+    pub monitor_options: MonitorOptions,
     /// Skip the MD5 check after writing.
     #[arg(long)]
     pub no_verify: bool,
@@ -75,6 +87,38 @@ pub struct ImageArgs {
     /// Flash frequency (40MHz, 80MHz, …).
     #[arg(long, value_name = "FREQ", value_parser = parse_flash_freq)]
     pub flash_freq: Option<FlashFrequency>,
+}
+
+impl ImageArgs {
+    /// Fills what the command line left open from espflash.toml (`[flash]` mode, size,
+    /// frequency; `[idf]` bootloader and partition table), as espflash does.
+    pub fn with_espflash_settings(mut self) -> CliResult<ImageArgs> {
+        let settings = crate::settings::load()?;
+        let bad = |what: &str, e: String| CliError(format!("espflash.toml: {what}: {e}"));
+        if self.flash_mode.is_none()
+            && let Some(mode) = &settings.flash_mode
+        {
+            self.flash_mode = Some(parse_flash_mode(mode).map_err(|e| bad("[flash] mode", e))?);
+        }
+        if self.flash_size.is_none()
+            && let Some(size) = &settings.flash_size
+        {
+            self.flash_size = Some(parse_flash_size(size).map_err(|e| bad("[flash] size", e))?);
+        }
+        if self.flash_freq.is_none()
+            && let Some(freq) = &settings.flash_frequency
+        {
+            self.flash_freq =
+                Some(parse_flash_freq(freq).map_err(|e| bad("[flash] frequency", e))?);
+        }
+        if self.bootloader.is_none() {
+            self.bootloader = settings.bootloader;
+        }
+        if self.partition_table.is_none() {
+            self.partition_table = settings.partition_table;
+        }
+        Ok(self)
+    }
 }
 
 fn parse_flash_mode(text: &str) -> Result<FlashMode, String> {
@@ -385,7 +429,26 @@ pub fn nvs_segments(
     Ok(planned)
 }
 
-pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
+pub fn run(mut args: FlashArgs) -> CliResult<ExitCode> {
+    // `--elf PATH`, `--elf --monitor PATH` (cargo's runner), or `flash PATH`.
+    args.elf = match (args.elf.take(), args.elf_path.take()) {
+        (Some(elf), None) if elf.as_os_str() == "-" => {
+            return Err(CliError(
+                "--elf needs the ELF's path (cargo appends it when `cargo nvs flash --elf` is the \
+                 runner in .cargo/config.toml)"
+                    .into(),
+            ));
+        }
+        (Some(elf), Some(image)) if elf.as_os_str() != "-" => {
+            return Err(CliError(format!(
+                "two ELFs given: `{}` and `{}`; flash one",
+                elf.display(),
+                image.display()
+            )));
+        }
+        (Some(_), Some(image)) | (None, Some(image)) => Some(image),
+        (elf, None) => elf,
+    };
     let (elf, manifest, package_name) = match &args.elf {
         // As cargo's runner the app is built already: flash it with that build's images.
         Some(elf) => {
@@ -405,12 +468,14 @@ pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
         }
     };
     let metadata = manifest.metadata()?;
+    args.image = args.image.clone().with_espflash_settings()?;
     let keys_partition = metadata.table.nvs_keys().map(|p| (p.offset, p.size));
     let mut segments = nvs_segments(&manifest.images, &args.partitions, keys_partition)?;
     // Decide what may be written before anything is built for the chip or read from it.
     let data = data_partitions(&metadata, &manifest.images)?;
 
     let mut flasher = connect(&args.connect, !args.no_verify, !args.no_skip)?;
+    let elf_for_monitor = elf.clone();
     let chip = flasher.chip();
     let info = flasher
         .device_info()
@@ -480,9 +545,9 @@ pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
         .map(|s| Segment::new(s.addr, &s.data))
         .collect();
     let mut progress = Progress::new(&list);
-    flasher
-        .write_bins_to_flash(&espflash_segments, &mut progress)
+    crate::flashing::written(flasher.write_bins_to_flash(&espflash_segments, &mut progress))
         .map_err(|e| CliError(format!("flashing failed: {e}")))?;
+    flasher.ended();
     eprintln!(
         "Flashed {} segment(s), {} unchanged and skipped{}",
         progress.written,
@@ -493,7 +558,23 @@ pub fn run(args: FlashArgs) -> CliResult<ExitCode> {
             format!(", {} kept as the device holds them", kept.len())
         }
     );
-    Ok(ExitCode::SUCCESS)
+    if !args.monitor {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(flasher) = flasher.into_flasher() else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let serial = flasher.into_connection().into_serial();
+    let port = serialport::SerialPort::name(&serial).unwrap_or_else(|| "the port".to_owned());
+    let elf = match &elf_for_monitor {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| CliError(format!("cannot read the ELF `{}`: {e}", path.display())))?,
+        ),
+        None => None,
+    };
+    // espflash's `--after` reset (or the ROM loader's reboot) started the application.
+    monitor(serial, &port, elf.as_deref(), &args.monitor_options, false)
 }
 
 #[cfg(test)]

@@ -19,6 +19,10 @@ use crate::{CliError, CliResult};
 /// Generate NVS partition images: from the package's `[package.metadata.nvs]` (no arguments),
 /// or from CSV files like Espressif's generator (`INPUT... OUTPUT SIZE`).
 #[derive(clap::Args)]
+#[command(override_usage = "cargo nvs generate [OPTIONS] [INPUT... OUTPUT SIZE]")]
+#[command(
+    after_help = "Examples:\n  cargo nvs generate                          (every NVS partition of [package.metadata.nvs])\n  cargo nvs generate nvs.csv nvs.bin 0x6000   (like Espressif's nvs_partition_gen.py)"
+)]
 #[command(disable_version_flag = true)]
 pub struct GenerateArgs {
     /// CSV files, then the output image, then the partition size (hex like 0x6000, or decimal).
@@ -158,6 +162,23 @@ fn run_from_metadata(args: &GenerateArgs) -> CliResult<ExitCode> {
         .unwrap_or_else(|| project.default_out_dir());
     let mut inputs = Inputs::new(|var| std::env::var(var).ok());
     let images = generate_images(&metadata, &out_dir, &mut inputs)?;
+    if args.out_dir.is_none() {
+        // target/nvs/<package>/ is ours: an image of a partition that the metadata no longer
+        // has (or that was skipped this time) is stale.
+        let current: Vec<&Path> = images.iter().filter_map(|i| i.path.as_deref()).collect();
+        for entry in std::fs::read_dir(&out_dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "bin") && !current.contains(&path.as_path()) {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => eprintln!(
+                        "Removed `{}`: its partition is not generated any more",
+                        display_path(&path)
+                    ),
+                    Err(e) => eprintln!("warning: cannot remove stale `{}`: {e}", path.display()),
+                }
+            }
+        }
+    }
     for image in &images {
         match (&image.path, &image.skipped) {
             (Some(path), _) => eprintln!(

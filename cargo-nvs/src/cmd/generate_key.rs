@@ -8,6 +8,7 @@ use crate::CliResult;
 
 /// Generate NVS encryption keys (a 4096-byte nvs_keys image, mode 0600).
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  cargo nvs generate-key --keyfile keys/nvs_keys.bin")]
 pub struct GenerateKeyArgs {
     /// Folder for the default key file name (keys/keys-<random>.bin).
     #[arg(long = "out-dir", alias = "outdir", value_name = "DIR")]

@@ -62,6 +62,9 @@ use crate::{CliError, CliResult};
 /// Mass manufacturing: per-device NVS images from a values CSV and either a config CSV
 /// (ESP-IDF's mfg_gen.py) or the package's Cargo metadata.
 #[derive(clap::Args)]
+#[command(
+    after_help = "Example:\n  cargo nvs mfg generate --values devices.csv --id serial\n  cargo nvs mfg flash --port /dev/ttyUSB0"
+)]
 pub struct MfgArgs {
     #[command(subcommand)]
     command: MfgCommand,
@@ -99,6 +102,9 @@ enum MfgCommand {
 /// out dir, is refused (unless --allow-reissue). Each image appears complete under its final
 /// name or not at all, so a run that was interrupted is finished with --resume.
 #[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  cargo nvs mfg generate --values devices.csv --id serial\n  cargo nvs mfg generate --config config.csv --values values.csv --prefix dev --id serial"
+)]
 #[command(disable_version_flag = true)]
 pub struct MfgGenerateArgs {
     /// mfg_gen's positional form: config CSV, values CSV, file name prefix, partition size.

@@ -1,4 +1,5 @@
 pub mod decrypt;
+pub mod device;
 pub mod dist;
 pub mod dump;
 pub mod encrypt;
@@ -7,6 +8,7 @@ pub mod generate;
 pub mod generate_key;
 pub mod keys;
 pub mod mfg;
+pub mod monitor;
 pub mod partitions;
 pub mod read;
 

@@ -14,6 +14,7 @@ use crate::project::PackageArgs;
 
 /// Show the partition table and what goes into each NVS partition.
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  cargo nvs partitions --manifest-path firmware/Cargo.toml")]
 pub struct PartitionsArgs {
     #[command(flatten)]
     package: PackageArgs,
@@ -24,19 +25,63 @@ pub struct PartitionsArgs {
 
 /// What building one partition's image in memory gave.
 enum Fill {
-    Percent(u32, usize, usize),
+    /// Percent full, entries used and available, and the environment variables that were not
+    /// set (the image was built with placeholders for them: an estimate).
+    Percent(u32, usize, usize, Vec<String>),
     Skipped(String),
     Error(String),
 }
 
+/// Builds the image in memory to tell how full it is. Showing the table needs no secrets: an
+/// environment variable that is not set gets a placeholder (never shown), and the fill is an
+/// estimate.
 fn fill(metadata: &Metadata, spec: &PartitionSpec) -> Fill {
-    let mut inputs = Inputs::new(|var| std::env::var(var).ok());
-    match build_partition(spec, &metadata.manifest_dir, &mut inputs) {
+    let missing = std::cell::RefCell::new(Vec::<String>::new());
+    let build = |placeholders: bool| {
+        let mut inputs = Inputs::new(|var| {
+            std::env::var(var).ok().or_else(|| {
+                missing.borrow_mut().push(var.to_owned());
+                placeholders.then(|| "00".to_owned())
+            })
+        });
+        build_partition(spec, &metadata.manifest_dir, &mut inputs)
+    };
+    let (result, estimated) = match build(false) {
+        Err(_) if !missing.borrow().is_empty() => {
+            missing.borrow_mut().clear();
+            (build(true), true)
+        }
+        other => (other, false),
+    };
+    let mut unset = if estimated {
+        missing.into_inner()
+    } else {
+        Vec::new()
+    };
+    unset.sort();
+    unset.dedup();
+    match result {
         Ok(PartitionImage::Built(b)) => {
-            Fill::Percent(b.percent_full(), b.entries_used, b.entries_available)
+            Fill::Percent(b.percent_full(), b.entries_used, b.entries_available, unset)
         }
         Ok(PartitionImage::Skipped { reason }) => Fill::Skipped(reason),
         Err(e) => Fill::Error(e.to_string()),
+    }
+}
+
+/// `(estimated: $A, $B not set)`.
+fn estimate_note(unset: &[String]) -> String {
+    if unset.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (estimated: {} not set)",
+            unset
+                .iter()
+                .map(|v| format!("${v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     }
 }
 
@@ -57,7 +102,13 @@ pub fn run(args: PartitionsArgs) -> CliResult<ExitCode> {
         .iter()
         .map(|s| (s, fill(&metadata, s)))
         .collect();
-    let failed = fills.iter().any(|(_, f)| matches!(f, Fill::Error(_)));
+    let mut failed = false;
+    for (spec, fill) in &fills {
+        if let Fill::Error(e) = fill {
+            eprintln!("error: NVS partition `{}`: {e}", spec.name);
+            failed = true;
+        }
+    }
     match args.format {
         OutputFormat::Json => {
             let table: Vec<Json> = metadata
@@ -75,7 +126,10 @@ pub fn run(args: PartitionsArgs) -> CliResult<ExitCode> {
                 .iter()
                 .map(|(spec, fill)| {
                     let (percent, status) = match fill {
-                        Fill::Percent(p, _, _) => (json!(p), json!("ok")),
+                        Fill::Percent(p, _, _, unset) if unset.is_empty() => (json!(p), json!("ok")),
+                        Fill::Percent(p, _, _, unset) => {
+                            (json!(p), json!(format!("estimated{}", estimate_note(unset))))
+                        }
                         Fill::Skipped(r) => (Json::Null, json!(format!("skipped: {r}"))),
                         Fill::Error(e) => (Json::Null, json!(format!("error: {e}"))),
                     };
@@ -146,11 +200,13 @@ pub fn run(args: PartitionsArgs) -> CliResult<ExitCode> {
                     let _ = writeln!(out, "  namespace {}: {}", ns.name, keys.join(", "));
                 }
                 let _ = match fill {
-                    Fill::Percent(p, used, total) => {
-                        writeln!(out, "  {p}% full ({used} of {total} entries)")
-                    }
+                    Fill::Percent(p, used, total, unset) => writeln!(
+                        out,
+                        "  {p}% full ({used} of {total} entries){}",
+                        estimate_note(unset)
+                    ),
                     Fill::Skipped(r) => writeln!(out, "  not generated: {r}"),
-                    Fill::Error(e) => writeln!(out, "  error: {e}"),
+                    Fill::Error(_) => writeln!(out, "  not built (see the message on stderr)"),
                 };
             }
             print!("{out}");

@@ -7,22 +7,24 @@ use std::process::ExitCode;
 use nvs_build::table::{Partition, PartitionTable};
 
 use super::OutputFormat;
+use super::device::{TableArgs, resolve_table, table_before_connect};
 use super::dump::show;
 use super::keys::KeyInput;
 use crate::flashing::{ConnectArgs, connect, read_flash};
 use crate::fsutil::write_atomic;
-use crate::project::PackageArgs;
 use crate::{CliError, CliResult};
 
 /// Read an NVS partition back from a device and dump it.
 #[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  cargo nvs read --partition nvs\n  cargo nvs read --partition fctry -o fctry.bin --port /dev/ttyUSB0   (outside a package: the chip's own partition table)"
+)]
 pub struct ReadArgs {
     /// The NVS partition to read (by name, from the partition table).
     #[arg(long, value_name = "NAME")]
     partition: String,
-    /// Partition table to find it in [default: the package's, from `[package.metadata.nvs]`].
-    #[arg(long, value_name = "FILE")]
-    partition_table: Option<PathBuf>,
+    #[command(flatten)]
+    table: TableArgs,
     /// Also save the raw partition contents here.
     #[arg(long, short = 'o', value_name = "FILE")]
     output: Option<PathBuf>,
@@ -30,8 +32,6 @@ pub struct ReadArgs {
     key: KeyInput,
     #[arg(long, value_enum, default_value_t)]
     format: OutputFormat,
-    #[command(flatten)]
-    package: PackageArgs,
     #[command(flatten)]
     connect: ConnectArgs,
 }
@@ -60,19 +60,17 @@ pub fn nvs_partition<'t>(
 }
 
 pub fn run(args: ReadArgs) -> CliResult<ExitCode> {
-    let table = match &args.partition_table {
-        Some(path) => PartitionTable::load(path, PartitionTable::DEFAULT_OFFSET)?,
-        None => args.package.find()?.nvs_metadata()?.table,
-    };
-    let partition = nvs_partition(&table, &args.partition, "the partition table")?;
+    let known = table_before_connect(&args.table)?;
+    if let Some(tables) = &known {
+        nvs_partition(&tables.table, &args.partition, &tables.name)?;
+    }
     let key = args.key.load()?;
+    let use_stub = !args.connect.no_stub;
     let mut flasher = connect(&args.connect, false, false)?;
-    let bytes = read_flash(
-        &mut flasher,
-        partition.offset,
-        partition.size,
-        !args.connect.no_stub,
-    )?;
+    let tables = resolve_table(known, &args.table, &mut flasher, use_stub)?;
+    let partition = nvs_partition(&tables.table, &args.partition, &tables.name)?.clone();
+    let bytes = read_flash(&mut flasher, partition.offset, partition.size, use_stub)?;
+    flasher.finish()?;
     eprintln!(
         "Read {} bytes of `{}` at {:#x}",
         bytes.len(),

@@ -129,6 +129,9 @@ pub enum Fault {
     /// would have done and everything after it is lost, and the chip stays silent
     /// until [`FakeEsp::reset`] (a flash cut off mid-write).
     PowerLoss { op: u8, nth: u64 },
+    /// Another program reads the port too: every `every`-th byte the chip
+    /// sends never reaches the client.
+    LoseOutput { every: usize },
 }
 
 /// Emulator settings; build with [`Config::esp32c3`] or [`Config::esp32`],
@@ -155,6 +158,12 @@ pub struct Config {
     pub presets: Vec<(u32, Vec<u8>)>,
     /// Crystal frequency, for the UART divider register.
     pub xtal_hz: u32,
+    /// What the application prints on the serial line after each reboot out
+    /// of the ROM loader (about 100 ms later), e.g. [`boot_log`].
+    pub boot_log: Option<Vec<u8>>,
+    /// What the application prints every 100 ms while the chip does not
+    /// answer as a loader (offline or powered off).
+    pub chatter: Option<Vec<u8>>,
 }
 
 /// Default MAC address of the fake chips.
@@ -174,6 +183,8 @@ impl Config {
             faults: Vec::new(),
             presets: Vec::new(),
             xtal_hz: 40_000_000,
+            boot_log: None,
+            chatter: None,
         }
     }
 
@@ -229,6 +240,16 @@ impl Config {
 
     pub fn fault(mut self, fault: Fault) -> Config {
         self.faults.push(fault);
+        self
+    }
+
+    pub fn chatter(mut self, line: impl Into<Vec<u8>>) -> Config {
+        self.chatter = Some(line.into());
+        self
+    }
+
+    pub fn boot_log(mut self, log: impl Into<Vec<u8>>) -> Config {
+        self.boot_log = Some(log.into());
         self
     }
 
@@ -634,6 +655,11 @@ impl FakeEsp {
     pub fn set_reboot(&self, reboot: Reboot) {
         self.device().cfg.reboot = reboot;
     }
+
+    /// The application prints `bytes` on the serial line (sent within 20 ms).
+    pub fn print(&self, bytes: &[u8]) {
+        self.device().boot_output.extend_from_slice(bytes);
+    }
 }
 
 impl Drop for FakeEsp {
@@ -651,7 +677,38 @@ fn serve(mut master: TTYPort, _slave: TTYPort, shared: &Shared) {
     let mut decoder = slip::Decoder::default();
     let mut buf = vec![0u8; 16 * 1024];
     let mut frames = Vec::new();
+    let mut sent = 0usize;
+    let mut last_chatter = Instant::now();
     while !shared.stop.load(Ordering::SeqCst) {
+        if last_chatter.elapsed() >= Duration::from_millis(100) {
+            last_chatter = Instant::now();
+            let chatter = {
+                let dev = shared
+                    .device
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                dev.cfg.chatter.clone().filter(|_| !dev.online)
+            };
+            if let Some(line) = chatter {
+                send(&mut master, &line, &shared.stop);
+            }
+        }
+        // The application's output, once the client has been quiet for 100 ms
+        // (it reads the answer to FLASH_END first).
+        let quiet = shared.epoch.elapsed().as_millis() as u64
+            >= shared.last_input_ms.load(Ordering::SeqCst) + 100;
+        if quiet {
+            let app_output = {
+                let mut dev = shared
+                    .device
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                std::mem::take(&mut dev.boot_output)
+            };
+            if !app_output.is_empty() {
+                send(&mut master, &app_output, &shared.stop);
+            }
+        }
         let n = match master.read(&mut buf) {
             Ok(0) => {
                 thread::sleep(Duration::from_millis(1));
@@ -685,6 +742,16 @@ fn serve(mut master: TTYPort, _slave: TTYPort, shared: &Shared) {
                 dev.handle_frame(&frame, &mut out);
             }
             dev.stats.discarded_frames = decoder.discarded;
+            let lose = dev.cfg.faults.iter().find_map(|f| match *f {
+                Fault::LoseOutput { every } if every > 0 => Some(every),
+                _ => None,
+            });
+            if let Some(every) = lose {
+                out.retain(|_| {
+                    sent += 1;
+                    !sent.is_multiple_of(every)
+                });
+            }
         }
         if !out.is_empty() {
             send(&mut master, &out, &shared.stop);

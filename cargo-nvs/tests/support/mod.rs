@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+pub mod defmt_elf;
 pub mod fake_esp;
 
 /// The binary, without the caller's `NVS_LEDGER` (which would name the ledger of every `mfg`

@@ -169,7 +169,10 @@ impl ImageBuilder {
     /// namespace table. Naming the current namespace again is allowed and writes nothing;
     /// going back to an earlier one is refused (the reference would not switch, quirk Q1).
     pub fn namespace(&mut self, name: &str) -> Result<(), FormatError> {
-        check_key(name)?;
+        check_key(name).map_err(|e| match e {
+            FormatError::KeyTooLong { key } => FormatError::NamespaceTooLong { name: key },
+            other => other,
+        })?;
         if let Some(existing) = self.namespaces.iter().position(|n| n == name) {
             if existing + 1 == self.namespaces.len() {
                 return Ok(());
@@ -564,6 +567,14 @@ mod tests {
             b.add("keyof16charsssss", Value::U8(1)),
             Err(FormatError::KeyTooLong { .. })
         ));
+        let mut other = ImageBuilder::new(Version::V2);
+        let e = other.namespace("a_twenty_char_namesp").unwrap_err();
+        assert!(matches!(e, FormatError::NamespaceTooLong { .. }));
+        assert!(
+            e.to_string()
+                .starts_with("namespace `a_twenty_char_namesp` is 20 bytes long"),
+            "{e}"
+        );
         assert!(matches!(
             b.add("ké", Value::U8(1)),
             Err(FormatError::KeyNotAscii { .. })

@@ -27,6 +27,10 @@ pub enum FormatError {
     KeyTooLong {
         key: String,
     },
+    /// A namespace name over 15 bytes.
+    NamespaceTooLong {
+        name: String,
+    },
     /// Non-ASCII keys: the reference counts characters but writes UTF-8 bytes, corrupting the
     /// entry (quirk Q5).
     KeyNotAscii {
@@ -96,6 +100,11 @@ impl fmt::Display for FormatError {
                 f,
                 "key `{key}` is {} bytes long; NVS keys are at most 15 bytes",
                 key.len()
+            ),
+            FormatError::NamespaceTooLong { name } => write!(
+                f,
+                "namespace `{name}` is {} bytes long; NVS namespace names are at most 15 bytes",
+                name.len()
             ),
             FormatError::KeyNotAscii { key } => write!(
                 f,

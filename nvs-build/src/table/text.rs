@@ -162,6 +162,14 @@ fn parse_row(path: &Path, line: usize, raw: &str, options: &CsvOptions) -> Resul
     }
 
     let name = field(0);
+    if fields.len() == 1 && name.text.split_whitespace().nth(1).is_some() {
+        return Err(at(
+            name.column,
+            "the fields of this line are separated by spaces; fields must be separated by \
+             commas (Name, Type, SubType, Offset, Size, Flags)"
+                .to_owned(),
+        ));
+    }
     if name.text.is_empty() {
         return Err(at(
             name.column,

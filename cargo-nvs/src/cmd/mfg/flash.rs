@@ -46,6 +46,9 @@ use crate::{CliError, CliResult};
 /// table's nvs_keys partition, in the same write; one made with HMAC key protection does not
 /// (its chip derives the key from the HMAC key in its eFuse, which is named instead).
 #[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  cargo nvs mfg flash --port /dev/ttyUSB0\n  cargo nvs mfg flash --port /dev/ttyUSB0 --port /dev/ttyUSB1"
+)]
 pub struct MfgFlashArgs {
     /// Flash only the devices of this batch (an `mfg generate` out dir); its manifest.json names
     /// the ledger [default: the devices of every batch in the ledger whose folder exists].
@@ -213,6 +216,7 @@ pub fn status(args: MfgStatusArgs) -> CliResult<ExitCode> {
 /// Export the production log of the product's ledger (every flash of every batch: MAC,
 /// device, SHA-256, time, result, port).
 #[derive(clap::Args)]
+#[command(after_help = "Example:\n  cargo nvs mfg log --format csv > production.csv")]
 pub struct MfgLogArgs {
     /// An `mfg generate` out dir whose manifest.json names the ledger.
     #[arg(long = "out-dir", aliases = ["outdir", "out_dir"], value_name = "DIR")]
@@ -863,11 +867,14 @@ fn flash_device(
         .collect();
     let mut progress = PortProgress {
         label: label.clone(),
+        pending: segments.iter().map(|(a, d, _)| (*a, d.len())).collect(),
+        started: None,
     };
     eprintln!("{label}: chip {} MAC {mac}", flasher.chip());
     // From here the chip may hold the device even if this process dies.
     ledger.mark_written(&device.device, claim.claimant, &mac)?;
     let written = flasher.write_bins_to_flash(&espflash_segments, &mut progress);
+    flasher.ended();
     let record = |result: String| FlashRecord {
         mac: mac.clone(),
         device: device.device.clone(),
@@ -964,14 +971,24 @@ fn guard_device_images(
     Ok(replaced)
 }
 
-/// One line per step and port (threads share stderr, so no bars).
+/// One line per step and port (threads share stderr, so no bars), in bytes.
 struct PortProgress {
     label: String,
+    /// (address, bytes) of the segments still to come, in write order.
+    pending: std::collections::VecDeque<(u32, usize)>,
+    started: Option<std::time::Instant>,
 }
 
 impl ProgressCallbacks for PortProgress {
-    fn init(&mut self, addr: u32, total: usize) {
-        eprintln!("{}: writing {total} bytes at {addr:#x}", self.label);
+    fn init(&mut self, addr: u32, _blocks: usize) {
+        // espflash counts blocks; the segment's length is what the user knows.
+        let bytes = self
+            .pending
+            .iter()
+            .find(|(a, _)| *a == addr)
+            .map_or(0, |(_, len)| *len);
+        self.started = Some(std::time::Instant::now());
+        eprintln!("{}: writing {bytes} bytes at {addr:#x}", self.label);
     }
 
     fn update(&mut self, _current: usize) {}
@@ -980,5 +997,15 @@ impl ProgressCallbacks for PortProgress {
         eprintln!("{}: verifying", self.label);
     }
 
-    fn finish(&mut self, _skipped: bool) {}
+    fn finish(&mut self, skipped: bool) {
+        let (addr, bytes) = self.pending.pop_front().unwrap_or((0, 0));
+        if let (false, Some(t)) = (skipped, self.started.take()) {
+            eprintln!(
+                "{}: {bytes} bytes at {addr:#x} written in {:.1} s ({})",
+                self.label,
+                t.elapsed().as_secs_f64(),
+                crate::flashing::rate(bytes, t.elapsed())
+            );
+        }
+    }
 }

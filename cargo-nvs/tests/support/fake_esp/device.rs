@@ -172,6 +172,9 @@ pub struct Device {
     pub transfers: Vec<Transfer>,
     pub written: Vec<Range<u32>>,
     pub erased: Vec<Range<u32>>,
+    /// What the application prints after the last reboot, not sent yet (see
+    /// [`Config::boot_log`]).
+    pub boot_output: Vec<u8>,
 }
 
 impl Device {
@@ -204,6 +207,7 @@ impl Device {
             transfers: Vec::new(),
             written: Vec::new(),
             erased: Vec::new(),
+            boot_output: Vec::new(),
         }
     }
 
@@ -681,6 +685,10 @@ impl Device {
         self.read = None;
         if self.cfg.reboot != Reboot::StayInLoader {
             self.online = false;
+            // The application starts and prints its boot log.
+            if let Some(log) = &self.cfg.boot_log {
+                self.boot_output = log.clone();
+            }
         }
     }
 
