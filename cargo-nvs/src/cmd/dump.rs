@@ -100,11 +100,22 @@ fn value_json(value: &ItemValue) -> Json {
             Value::I32(n) => json!(n),
             Value::U64(n) => json!(n),
             Value::I64(n) => json!(n),
+            // The shortest text that reads back as the same f32 (`0.1`, not 0.100000001…).
+            Value::F32(x) => float_json(x.is_finite(), || x.to_string().parse().ok()),
+            Value::F64(x) => float_json(x.is_finite(), || Some(*x)),
             Value::String(s) => json!(s),
             Value::Blob(b) => json!(hex(b)),
         },
         ItemValue::Blob(blob) => json!(hex(&blob.data)),
         ItemValue::Unreadable => Json::Null,
+    }
+}
+
+/// A JSON number; NaN and the infinities, which JSON cannot hold, are `null`.
+fn float_json(finite: bool, value: impl FnOnce() -> Option<f64>) -> Json {
+    match value().filter(|_| finite) {
+        Some(x) => json!(x),
+        None => Json::Null,
     }
 }
 
