@@ -120,6 +120,9 @@ pub fn build_partition(
                 _ => e,
             })?;
     }
+    // The CSV files above follow the reference; keys written in the metadata may use every
+    // string length the device stores.
+    image.allow_device_string_lengths(true);
     for ns in &spec.namespaces {
         image.namespace(Some(&ns.at), &ns.name)?;
         for entry in &ns.entries {

@@ -102,7 +102,8 @@ fn freeing_page_follows_the_device() {
     assert_eq!(parsed.pages[0].state, PageState::Freeing);
     let e = errors(&image);
     assert!(
-        e.iter().any(|e| e.contains("FREEING") && e.contains("`hw_rev`")),
+        e.iter()
+            .any(|e| e.contains("FREEING") && e.contains("`hw_rev`")),
         "{e:?}"
     );
 }

@@ -70,7 +70,8 @@ fn empty_bitmap_slot_holding_an_entry_on_an_active_page_is_an_error() {
     mark_empty(&mut image, 1, 37); // hw_rev
     let e = errors(&image);
     assert!(
-        e.iter().any(|e| e.contains("Some(1)/Some(37)") && e.contains("`hw_rev`")),
+        e.iter()
+            .any(|e| e.contains("Some(1)/Some(37)") && e.contains("`hw_rev`")),
         "{e:?}"
     );
     // Everything written after it is erased by the device too.
@@ -139,7 +140,9 @@ fn garbage_after_the_first_free_slot_of_an_active_page_is_an_error() {
     let mut image = sample();
     image[entry_at(1, 41) + 20] = 0x12;
     assert!(
-        errors(&image).iter().any(|e| e.contains("Some(1)/Some(41)")),
+        errors(&image)
+            .iter()
+            .any(|e| e.contains("Some(1)/Some(41)")),
         "{:?}",
         errors(&image)
     );
@@ -195,7 +198,9 @@ fn two_active_pages_are_a_warning() {
     image[0..4].copy_from_slice(&PageState::ACTIVE.to_le_bytes());
     assert!(errors(&image).is_empty(), "{:?}", errors(&image));
     assert!(
-        warnings(&image).iter().any(|w| w.contains("2 pages are ACTIVE")),
+        warnings(&image)
+            .iter()
+            .any(|w| w.contains("2 pages are ACTIVE")),
         "{:?}",
         warnings(&image)
     );

@@ -8,7 +8,8 @@ use super::error::FormatError;
 use super::layout::{
     BITMAP_OFFSET, CHUNK_ANY, ENTRIES_PER_PAGE, ENTRY_SIZE, FIRST_ENTRY_OFFSET, ItemType,
     MAX_BLOB_CHUNKS, MAX_BLOB_SIZE_V1, MAX_BLOB_SIZE_V2, MAX_KEY_LEN, MAX_NAMESPACES,
-    MAX_STRING_SIZE_DEVICE, MAX_STRING_SIZE_V1, MAX_STRING_SIZE_V2, PAGE_SIZE, PageState, Version, data_entries,
+    MAX_STRING_SIZE_DEVICE, MAX_STRING_SIZE_V1, MAX_STRING_SIZE_V2, PAGE_SIZE, PageState, Version,
+    data_entries,
 };
 use super::value::Value;
 use super::wifi::WifiState;

@@ -468,7 +468,9 @@ fn check_unused_entries(
     }
     for &i in slots {
         let key = hidden_key(i);
-        let named = key.as_deref().map_or(String::new(), |k| format!(" (key `{k}`)"));
+        let named = key
+            .as_deref()
+            .map_or(String::new(), |k| format!(" (key `{k}`)"));
         match state {
             PageState::Active if first_free.is_some_and(|f| i < erased_run_end && i >= f) => {
                 problems.push(problem(
