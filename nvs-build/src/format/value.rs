@@ -116,9 +116,10 @@ impl Value {
             Value::I32(v) => v.to_string(),
             Value::U64(v) => v.to_string(),
             Value::I64(v) => v.to_string(),
-            // Rust's shortest round-trip spelling: `1.5`, `0.1`, `inf`, `NaN`.
-            Value::F32(v) => v.to_string(),
-            Value::F64(v) => v.to_string(),
+            // The shortest spelling that reads back exactly: `1.5`, `0.1`, `2.0`, `-2.5e300`,
+            // `inf`, `NaN`.
+            Value::F32(v) => format!("{v:?}"),
+            Value::F64(v) => format!("{v:?}"),
             Value::String(s) => s.clone(),
             Value::Blob(b) => String::from_utf8_lossy(b).into_owned(),
         }
