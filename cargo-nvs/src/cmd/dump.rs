@@ -13,7 +13,9 @@ use nvs_build::format::encryption::{XtsKey, decrypt_image};
 
 use super::OutputFormat;
 use super::keys::KeyInput;
+use super::read::{nvs_partition, parse_offset, table_in_flash};
 use crate::{CliError, CliResult};
+use nvs_build::table::PartitionTable;
 
 /// Show the contents of an NVS partition image and check it for damage.
 ///
@@ -27,18 +29,57 @@ pub struct DumpArgs {
     format: OutputFormat,
     #[command(flatten)]
     key: KeyInput,
+    /// IMAGE is a full-flash dump: show this NVS partition of it (found in the partition table
+    /// inside the dump, or in --partition-table).
+    #[arg(long, value_name = "NAME")]
+    partition: Option<String>,
+    /// Partition table to find --partition in [default: the one inside the dump].
+    #[arg(long, value_name = "FILE", requires = "partition")]
+    partition_table: Option<PathBuf>,
+    /// Where the table is inside the dump [default: 0x8000].
+    #[arg(long, value_name = "OFFSET", value_parser = parse_offset, requires = "partition")]
+    partition_table_offset: Option<u32>,
 }
 
 pub fn run(args: DumpArgs) -> CliResult<ExitCode> {
-    let bytes = nvs_build::read_limited(&args.image, nvs_build::MAX_INPUT_BYTES)
+    let mut bytes = nvs_build::read_limited(&args.image, nvs_build::MAX_INPUT_BYTES)
         .map_err(|e| CliError(format!("cannot read `{}`: {e}", args.image.display())))?;
     let key = args.key.load()?;
-    show(
-        bytes,
-        key.as_ref(),
-        args.format,
-        &format!("`{}`", args.image.display()),
-    )
+    let mut name = format!("`{}`", args.image.display());
+    if let Some(wanted) = &args.partition {
+        let offset = args
+            .partition_table_offset
+            .unwrap_or(PartitionTable::DEFAULT_OFFSET);
+        let table = match &args.partition_table {
+            Some(path) => PartitionTable::load(path, offset)?,
+            None => {
+                let at = offset as usize;
+                let Some(raw) = bytes.get(at..(at + PartitionTable::BINARY_SIZE).min(bytes.len()))
+                else {
+                    return Err(CliError(format!(
+                        "{name} is {} bytes long and ends before its partition table at {offset:#x}: is it \
+                         a full-flash dump? (give --partition-table FILE for another table)",
+                        bytes.len()
+                    )));
+                };
+                table_in_flash(raw, offset, &name)?
+            }
+        };
+        let partition = nvs_partition(&table, wanted, "the partition table")?;
+        let (start, end) = (partition.offset as usize, partition.end() as usize);
+        if bytes.len() < end {
+            return Err(CliError(format!(
+                "{name} is {} bytes long and ends before partition `{wanted}` ({:#x}..{end:#x}): \
+                 the dump is truncated, or not of the whole flash",
+                bytes.len(),
+                partition.offset
+            )));
+        }
+        bytes.truncate(end);
+        bytes.drain(..start);
+        name = format!("partition `{wanted}` of {name}");
+    }
+    show(bytes, key.as_ref(), args.format, &name)
 }
 
 /// Decrypts (with `key`), parses and prints an image; exit status 1 when it is damaged.

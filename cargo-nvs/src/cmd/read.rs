@@ -1,7 +1,8 @@
-//! `cargo nvs read --partition NAME`: read an NVS partition back from a device and show it
-//! like `cargo nvs dump` (for returned units and debugging).
+//! `cargo nvs read --partition NAME | --all`: read NVS partitions back from a device and show
+//! them like `cargo nvs dump` (for returned units and debugging). The partitions are found in
+//! the table the device holds, so this works on any device, from any folder.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use nvs_build::table::{Partition, PartitionTable};
@@ -11,18 +12,25 @@ use super::dump::show;
 use super::keys::KeyInput;
 use crate::flashing::{ConnectArgs, connect, read_flash};
 use crate::fsutil::write_atomic;
-use crate::project::PackageArgs;
+use crate::size::parse_size;
 use crate::{CliError, CliResult};
 
-/// Read an NVS partition back from a device and dump it.
+/// Read NVS partitions back from a device and dump them.
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["partition", "all"])))]
 pub struct ReadArgs {
     /// The NVS partition to read (by name, from the partition table).
     #[arg(long, value_name = "NAME")]
-    partition: String,
-    /// Partition table to find it in [default: the package's, from `[package.metadata.nvs]`].
+    partition: Option<String>,
+    /// Read and dump every NVS partition of the table.
+    #[arg(long, conflicts_with = "output")]
+    all: bool,
+    /// Partition table to find it in [default: the one on the device].
     #[arg(long, value_name = "FILE")]
     partition_table: Option<PathBuf>,
+    /// Where the device's partition table is [default: 0x8000].
+    #[arg(long, value_name = "OFFSET", value_parser = parse_offset)]
+    partition_table_offset: Option<u32>,
     /// Also save the raw partition contents here.
     #[arg(long, short = 'o', value_name = "FILE")]
     output: Option<PathBuf>,
@@ -31,9 +39,12 @@ pub struct ReadArgs {
     #[arg(long, value_enum, default_value_t)]
     format: OutputFormat,
     #[command(flatten)]
-    package: PackageArgs,
-    #[command(flatten)]
     connect: ConnectArgs,
+}
+
+pub fn parse_offset(text: &str) -> Result<u32, String> {
+    let n = parse_size(text)?;
+    u32::try_from(n).map_err(|_| format!("`{text}` is beyond the 4 GiB a flash address can reach"))
 }
 
 /// The data/nvs partition `name` of `table` (`table_name` says which table, in errors).
@@ -46,7 +57,11 @@ pub fn nvs_partition<'t>(
         let nvs: Vec<&str> = table.nvs_partitions().map(|p| p.name.as_str()).collect();
         CliError(format!(
             "no partition `{name}` in {table_name} (its NVS partitions: {})",
-            nvs.join(", ")
+            if nvs.is_empty() {
+                "none".to_owned()
+            } else {
+                nvs.join(", ")
+            }
         ))
     })?;
     if !partition.is_nvs() {
@@ -59,36 +74,101 @@ pub fn nvs_partition<'t>(
     Ok(partition)
 }
 
-pub fn run(args: ReadArgs) -> CliResult<ExitCode> {
-    let table = match &args.partition_table {
-        Some(path) => PartitionTable::load(path, PartitionTable::DEFAULT_OFFSET)?,
-        None => args.package.find()?.nvs_metadata()?.table,
-    };
-    let partition = nvs_partition(&table, &args.partition, "the partition table")?;
-    let key = args.key.load()?;
-    let mut flasher = connect(&args.connect, false, false)?;
-    let bytes = read_flash(
-        &mut flasher,
-        partition.offset,
-        partition.size,
-        !args.connect.no_stub,
-    )?;
-    eprintln!(
-        "Read {} bytes of `{}` at {:#x}",
-        bytes.len(),
-        partition.name,
-        partition.offset
-    );
-    if let Some(path) = &args.output {
-        // The device's data may hold secrets (keys, certificates, passwords).
-        write_atomic(path, &bytes, Some(0o600))
-            .map_err(|e| CliError(format!("cannot write `{}`: {e}", path.display())))?;
-        eprintln!("Saved to `{}`", path.display());
+/// A binary partition table found in flash (a device's, or a full-flash image's) at `offset`.
+pub fn table_in_flash(bytes: &[u8], offset: u32, source: &str) -> CliResult<PartitionTable> {
+    let name = format!("{source}'s partition table at {offset:#x}");
+    if bytes.iter().all(|&b| b == 0xFF) {
+        return Err(CliError(format!(
+            "{source} holds no partition table at {offset:#x} (the flash there is erased): give \
+             --partition-table-offset if the table is elsewhere, or --partition-table FILE"
+        )));
     }
-    show(
-        bytes,
-        key.as_ref(),
-        args.format,
-        &format!("partition `{}`", partition.name),
-    )
+    PartitionTable::parse_binary_at(Path::new(&name), bytes, offset).map_err(|e| {
+        CliError(format!(
+            "{e} (give --partition-table-offset if the table is elsewhere, or --partition-table FILE)"
+        ))
+    })
+}
+
+pub fn run(args: ReadArgs) -> CliResult<ExitCode> {
+    let key = args.key.load()?;
+    let offset = args
+        .partition_table_offset
+        .unwrap_or(PartitionTable::DEFAULT_OFFSET);
+    // The table file is checked before the port is opened.
+    let given = match &args.partition_table {
+        Some(path) => Some(PartitionTable::load(path, offset)?),
+        None => None,
+    };
+    let mut flasher = connect(&args.connect, false, false)?;
+    let use_stub = !args.connect.no_stub;
+    let (table, table_name) = match given {
+        Some(table) => (table, "the partition table".to_owned()),
+        None => {
+            let bytes = read_flash(
+                &mut flasher,
+                offset,
+                PartitionTable::BINARY_SIZE as u32,
+                use_stub,
+            )?;
+            let table = table_in_flash(&bytes, offset, "the device")?;
+            eprintln!("Using the device's partition table at {offset:#x}");
+            (
+                table,
+                format!("the device's partition table at {offset:#x}"),
+            )
+        }
+    };
+    let partitions: Vec<&Partition> = match &args.partition {
+        Some(name) => vec![nvs_partition(&table, name, &table_name)?],
+        None => {
+            let all: Vec<&Partition> = table.nvs_partitions().collect();
+            if all.is_empty() {
+                return Err(CliError(format!("{table_name} has no NVS partition")));
+            }
+            all
+        }
+    };
+    let mut status = ExitCode::SUCCESS;
+    for (i, partition) in partitions.iter().enumerate() {
+        let bytes = read_flash(&mut flasher, partition.offset, partition.size, use_stub)?;
+        eprintln!(
+            "Read {} bytes of `{}` at {:#x}",
+            bytes.len(),
+            partition.name,
+            partition.offset
+        );
+        if let Some(path) = &args.output {
+            // The device's data may hold secrets (keys, certificates, passwords).
+            write_atomic(path, &bytes, Some(0o600))
+                .map_err(|e| CliError(format!("cannot write `{}`: {e}", path.display())))?;
+            eprintln!("Saved to `{}`", path.display());
+        }
+        if args.all && args.format == OutputFormat::Text {
+            if i > 0 {
+                println!();
+            }
+            println!(
+                "== partition `{}` ({:#x}, {:#x} bytes)",
+                partition.name, partition.offset, partition.size
+            );
+        }
+        let shown = show(
+            bytes,
+            key.as_ref(),
+            args.format,
+            &format!("partition `{}`", partition.name),
+        );
+        match shown {
+            Ok(code) if code != ExitCode::SUCCESS => status = code,
+            Ok(_) => {}
+            // With --all, an encrypted partition without its key does not hide the others.
+            Err(e) if args.all => {
+                eprintln!("error: {}", e.0);
+                status = ExitCode::FAILURE;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(status)
 }
