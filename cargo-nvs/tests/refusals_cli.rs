@@ -229,3 +229,73 @@ fn huge_fields_in_an_mfg_values_file_are_refused_early() {
     assert_refused(&out, &["line 2", "4 MiB"]);
     assert!(!case.exists("out/bin"));
 }
+
+#[test]
+fn floats_round_trip_from_metadata_through_dump_json() {
+    let case = Case::new();
+    std::fs::create_dir_all(case.dir.path().join("src")).unwrap();
+    case.file("src/main.rs", "fn main() {}\n")
+        .file(
+            "partitions.csv",
+            "nvs, data, nvs, 0x9000, 0x6000,\nfactory, app, factory, 0x10000, 1M,\n",
+        )
+        .file(
+            "Cargo.toml",
+            "[package]\nname = \"floats\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
+             [package.metadata.nvs.partitions.nvs]\nidf-version = \"6.1\"\n\
+             [package.metadata.nvs.partitions.nvs.namespaces.cal]\n\
+             gain = { f32 = 1.5 }\noffset = { f64 = -0.1 }\nlong = \"\"\"\n"
+                .to_owned()
+                + &"y".repeat(3999)
+                + "\"\"\"\n[workspace]\n",
+        );
+    let out = case.run(&[
+        "generate",
+        "--manifest-path",
+        "Cargo.toml",
+        "--out-dir",
+        "out",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = case.run(&["dump", "out/nvs.bin", "--format", "json"]);
+    assert!(
+        json.status.success(),
+        "{}",
+        String::from_utf8_lossy(&json.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let item = |key: &str| {
+        doc["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["key"] == key)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(item("gain")["type"], "f32");
+    assert_eq!(item("gain")["value"], serde_json::json!(1.5));
+    assert_eq!(item("offset")["type"], "f64");
+    assert_eq!(item("offset")["value"], serde_json::json!(-0.1));
+    assert_eq!(item("long")["value"].as_str().unwrap().len(), 3999);
+    assert_eq!(doc["damaged"], false);
+    // Without idf-version the same metadata is refused, naming the key.
+    let manifest = std::fs::read_to_string(case.dir.path().join("Cargo.toml")).unwrap();
+    case.file(
+        "Cargo.toml",
+        manifest.replace("idf-version = \"6.1\"\n", ""),
+    );
+    let out = case.run(&[
+        "generate",
+        "--manifest-path",
+        "Cargo.toml",
+        "--out-dir",
+        "out2",
+    ]);
+    assert_refused(&out, &["Cargo.toml:8:1", "`gain`", "idf-version"]);
+    assert!(!case.exists("out2/nvs.bin"));
+}
