@@ -368,7 +368,7 @@ fn render_item(out: &mut String, item: &Item) {
                 let chunks = b
                     .chunks
                     .map_or(String::new(), |c| format!(", {c} chunk(s)"));
-                format!("({} bytes{chunks}) {}", b.data.len(), hex(&b.data))
+                format!("({} bytes{chunks}) {}", b.data.len(), HexDisplay(&b.data))
             }
             ItemValue::Unreadable => "<unreadable>".to_owned(),
         };

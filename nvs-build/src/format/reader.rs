@@ -738,7 +738,7 @@ struct Chunk {
 
 type ChunksByIndex = BTreeMap<u8, Chunk>;
 
-fn assemble_items(raw: Vec<RawItem>, out: &mut ParsedImage) {
+fn assemble_items(mut raw: Vec<RawItem>, out: &mut ParsedImage) {
     let names: HashMap<u8, String> = out
         .namespaces
         .iter()
@@ -746,8 +746,10 @@ fn assemble_items(raw: Vec<RawItem>, out: &mut ParsedImage) {
         .collect();
     // Chunks by (ns, key, family), live ones only: erased chunks belong to replaced blobs.
     let mut chunks: HashMap<(u8, String, u8), ChunksByIndex> = HashMap::new();
+    // Chunk payloads move into `chunks` (the loop below skips chunk entries): a large image is
+    // not held twice.
     for r in raw
-        .iter()
+        .iter_mut()
         .filter(|r| r.ty == ItemType::BlobData && r.state == EntryState::Written)
     {
         let family = if r.chunk < 0x80 { 0x00 } else { 0x80 };
@@ -758,7 +760,7 @@ fn assemble_items(raw: Vec<RawItem>, out: &mut ParsedImage) {
                 Chunk {
                     page: r.page,
                     entry: r.entry,
-                    payload: r.payload.clone(),
+                    payload: r.payload.take(),
                 },
             )
             .is_some()

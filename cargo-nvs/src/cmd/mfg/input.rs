@@ -61,6 +61,10 @@ fn csv_error(path: &Path, line: usize, e: &csv::Error) -> CliError {
             "{}:{line}: the file is not valid UTF-8; save it as UTF-8",
             path.display()
         )),
+        // Our own line-length refusal names its line.
+        csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+            CliError(format!("{}: {io}", path.display()))
+        }
         _ => CliError(format!("{}:{line}: {e}", path.display())),
     }
 }
