@@ -193,6 +193,20 @@ fn garbage_in_a_page_without_header_is_a_warning() {
 }
 
 #[test]
+fn a_page_whose_state_word_was_lost_is_an_error() {
+    // State word flipped to 0xFFFFFFFF, header otherwise intact: the device sees a free page.
+    let mut image = sample();
+    image[0] = 0xFF;
+    assert!(
+        errors(&image)
+            .iter()
+            .any(|e| e.contains("Some(0)/None") && e.contains("free page")),
+        "{:?}",
+        errors(&image)
+    );
+}
+
+#[test]
 fn two_active_pages_are_a_warning() {
     let mut image = sample();
     image[0..4].copy_from_slice(&PageState::ACTIVE.to_le_bytes());

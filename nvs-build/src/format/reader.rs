@@ -309,13 +309,22 @@ fn read_page(
         empty: ENTRIES_PER_PAGE,
     };
     if state == PageState::Uninitialized {
-        if page.iter().any(|&b| b != 0xFF) {
-            // The device erases an uninitialized page before it uses it: nothing is lost.
+        if page[..32].iter().any(|&b| b != 0xFF) {
+            // A page whose state word was lost: the device takes it for a free page, so
+            // whatever it held is gone (and erased when the page is reused).
+            problems.push(problem(
+                Some(index),
+                None,
+                "page state word is 0xFFFFFFFF (uninitialized) but the rest of its header is written: \
+                 the device takes it for a free page and loses its entries"
+                    .into(),
+            ));
+        } else if page.iter().any(|&b| b != 0xFF) {
+            // No header at all: the device erases the page before it uses it; nothing is lost.
             problems.push(warning(
                 Some(index),
                 None,
-                "page has no header (its state word is 0xFFFFFFFF) but is not blank; the device \
-                 erases it before using it"
+                "page has no header (all 0xFF) but is not blank; the device erases it before using it"
                     .into(),
             ));
         }
