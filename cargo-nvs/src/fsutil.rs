@@ -239,6 +239,51 @@ impl StagedFile {
 
 /// Writes `bytes` to `path` atomically (replacing any file there), creating missing parent
 /// folders. With `mode` (Unix), the file gets those permissions from the start.
+/// Whether `a` and `b` name the same file: the same file on disk when both exist (links and
+/// `./` spellings included), else the same absolute path once the parent folder is resolved.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return ma.dev() == mb.dev() && ma.ino() == mb.ino();
+        }
+    }
+    let resolve = |p: &Path| -> PathBuf {
+        if let Ok(full) = p.canonicalize() {
+            return full;
+        }
+        let parent = match p.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        match (parent.canonicalize(), p.file_name()) {
+            (Ok(dir), Some(name)) => dir.join(name),
+            _ => p.to_owned(),
+        }
+    };
+    resolve(a) == resolve(b)
+}
+
+/// Refuses an output that is one of `inputs` (an image, CSV or key file): writing it would
+/// destroy the input, and with a key file, every image encrypted with it.
+pub fn refuse_output_over_inputs<'a>(
+    output: &Path,
+    inputs: impl IntoIterator<Item = (&'a Path, &'a str)>,
+) -> crate::CliResult {
+    for (input, what) in inputs {
+        if same_file(output, input) {
+            return Err(crate::CliError(format!(
+                "OUTPUT `{}` is also the {what} `{}`; it would be overwritten (nothing was written). \
+                 Name another output file",
+                output.display(),
+                input.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Result<()> {
     write_atomic_with(path, bytes, mode, false)
 }

@@ -350,47 +350,173 @@ fn stub_mode_and_nvs_only() {
     );
 }
 
-#[test]
-fn read_back_and_dump() {
-    let esp = FakeEsp::esp32c3();
-    assert_ok(&run(&esp, "flash", &["--no-stub", "--nvs-only"]));
-    let scratch = tempdir::Dir::new();
-    let saved = scratch.path().join("fctry.bin");
-    // An older file of that name, readable by all, is replaced by a private one.
-    std::fs::write(&saved, b"old").unwrap();
+/// `cargo nvs read …` against `esp`, run in `dir` (no --manifest-path: no package needed).
+fn read_in(esp: &FakeEsp, dir: &Path, extra: &[&str]) -> Output {
     let out = bin()
-        .args(["nvs", "read", "--partition", "fctry", "--manifest-path"])
-        .arg(firmware_manifest())
         .args([
+            "nvs",
+            "read",
             "--port",
             esp.path(),
             "--before",
             "no-reset",
             "--after",
             "no-reset",
-            "--format",
-            "json",
-            "-o",
         ])
-        .arg(&saved)
+        .args(extra)
+        .current_dir(dir)
         .output()
         .unwrap();
-    assert_ok(&out);
-    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let keys: Vec<&str> = dump["items"]
+    esp.settle();
+    out
+}
+
+fn dump_keys(json: &[u8]) -> Vec<String> {
+    let dump: serde_json::Value = serde_json::from_slice(json).unwrap();
+    dump["items"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|i| i["key"].as_str().unwrap())
-        .collect();
+        .map(|i| i["key"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn read_back_and_dump() {
+    let esp = FakeEsp::esp32c3();
+    assert_ok(&run(&esp, "flash", &["--no-stub"]));
+    // The chip rebooted into the app after the flash: back into download mode.
+    esp.reset();
+    // A folder with no Cargo package: the partitions are found in the device's own table.
+    let scratch = tempdir::Dir::new();
+    let saved = scratch.path().join("fctry.bin");
+    // An older file of that name, readable by all, is replaced by a private one.
+    std::fs::write(&saved, b"old").unwrap();
+    let out = read_in(
+        &esp,
+        scratch.path(),
+        &[
+            "--partition",
+            "fctry",
+            "--format",
+            "json",
+            "-o",
+            "fctry.bin",
+        ],
+    );
+    assert_ok(&out);
+    assert!(stderr(&out).contains("device's partition table at 0x8000"));
+    let keys = dump_keys(&out.stdout);
     assert!(
-        keys.contains(&"ProductID") && keys.contains(&"product_cert"),
+        keys.iter().any(|k| k == "ProductID") && keys.iter().any(|k| k == "product_cert"),
         "{keys:?}"
     );
     assert_eq!(std::fs::read(&saved).unwrap(), esp.read(0xf000, 0x2000));
     // The device's data may hold secrets.
     #[cfg(unix)]
     assert_eq!(mode(&saved), 0o600);
+
+    // --all: every NVS partition of the device's table (the stub of the last run is still
+    // running: reset into the ROM loader first).
+    esp.reset();
+    let out = read_in(&esp, scratch.path(), &["--all"]);
+    assert_ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("== partition `nvs` (0x9000")
+            && text.contains("== partition `fctry` (0xf000"),
+        "{text}"
+    );
+
+    // A table given explicitly wins over the device's.
+    std::fs::write(
+        scratch.path().join("other.csv"),
+        "store, data, nvs, 0xf000, 0x2000, readonly\nfactory, app, factory, 0x20000, 1M,\n",
+    )
+    .unwrap();
+    esp.reset();
+    let out = read_in(
+        &esp,
+        scratch.path(),
+        &[
+            "--partition",
+            "store",
+            "--partition-table",
+            "other.csv",
+            "--format",
+            "json",
+        ],
+    );
+    assert_ok(&out);
+    assert!(dump_keys(&out.stdout).iter().any(|k| k == "ProductID"));
+}
+
+#[test]
+fn read_from_a_device_without_a_table_says_so() {
+    let esp = FakeEsp::esp32c3();
+    let scratch = tempdir::Dir::new();
+    let out = read_in(&esp, scratch.path(), &["--all", "--no-stub"]);
+    assert_fails(
+        &out,
+        &["no partition table at 0x8000", "--partition-table-offset"],
+    );
+    let out = read_in(
+        &esp,
+        scratch.path(),
+        &[
+            "--partition",
+            "nvs",
+            "--partition-table-offset",
+            "0x9000",
+            "--no-stub",
+        ],
+    );
+    assert_fails(&out, &["no partition table at 0x9000"]);
+}
+
+#[test]
+fn dump_picks_a_partition_out_of_a_full_flash_dump() {
+    let esp = FakeEsp::esp32c3();
+    assert_ok(&run(&esp, "flash", &["--no-stub"]));
+    let scratch = tempdir::Dir::new();
+    let flash = scratch.path().join("flash.bin");
+    std::fs::write(&flash, esp.flash()).unwrap();
+    let dump = |extra: &[&str]| {
+        bin()
+            .args(["nvs", "dump", "flash.bin", "--format", "json"])
+            .args(extra)
+            .current_dir(scratch.path())
+            .output()
+            .unwrap()
+    };
+    let out = dump(&["--partition", "fctry"]);
+    assert_ok(&out);
+    assert!(dump_keys(&out.stdout).iter().any(|k| k == "product_cert"));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["size"], 0x2000);
+    // With a table file instead of the one inside the dump.
+    std::fs::write(
+        scratch.path().join("t.csv"),
+        "user, data, nvs, 0x9000, 0x6000,\nfactory, app, factory, 0x20000, 1M,\n",
+    )
+    .unwrap();
+    let out = dump(&["--partition", "user", "--partition-table", "t.csv"]);
+    assert_ok(&out);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["size"],
+        0x6000
+    );
+    // Not an NVS partition, not there, and a dump that is too short.
+    assert_fails(&dump(&["--partition", "factory"]), &["not data/nvs"]);
+    assert_fails(
+        &dump(&["--partition", "nope"]),
+        &["no partition `nope`", "nvs, fctry"],
+    );
+    std::fs::write(&flash, &esp.flash()[..0x10000]).unwrap();
+    assert_fails(
+        &dump(&["--partition", "fctry"]),
+        &["ends before partition `fctry`"],
+    );
 }
 
 #[test]

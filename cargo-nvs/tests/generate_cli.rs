@@ -355,7 +355,7 @@ fn a_forgotten_output_never_overwrites_the_input() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least one INPUT"));
     let out = case.run(&["generate", "input.csv", "input.csv", "0x3000"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("also an INPUT"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is also the INPUT"));
     assert_eq!(
         std::fs::read_to_string(case.dir.path().join("input.csv")).unwrap(),
         csv

@@ -184,16 +184,17 @@ impl ImageInput {
         let from_file = ty == "file" && !matches!(key, "sta.ssid" | "sta.pswd");
         let raw: Cow<[u8]> = if from_file {
             let path = files.resolve(value);
-            let bytes = std::fs::read(&path).map_err(|e| {
-                err(format!(
-                    "cannot read file `{}`: {e} (relative paths resolve against {})",
-                    path.display(),
-                    match files {
-                        FileBase::CurrentDir => "the current directory".to_owned(),
-                        FileBase::Dir(dir) => format!("`{}`", dir.display()),
-                    }
-                ))
-            })?;
+            let bytes = crate::error::read_limited(&path, crate::error::MAX_VALUE_FILE_BYTES)
+                .map_err(|e| {
+                    err(format!(
+                        "cannot read file `{}`: {e} (relative paths resolve against {})",
+                        path.display(),
+                        match files {
+                            FileBase::CurrentDir => "the current directory".to_owned(),
+                            FileBase::Dir(dir) => format!("`{}`", dir.display()),
+                        }
+                    ))
+                })?;
             self.note_file_read(&path);
             Cow::Owned(bytes)
         } else {

@@ -19,6 +19,10 @@ pub enum Encoding {
     Hex2bin,
     Base64,
     Binary,
+    /// ESP-IDF 6.1's float: Cargo metadata only (Espressif's CSV format has no float type).
+    F32,
+    /// ESP-IDF 6.1's double: Cargo metadata only.
+    F64,
 }
 
 impl Encoding {
@@ -46,8 +50,17 @@ impl Encoding {
     pub fn is_integer(self) -> bool {
         !matches!(
             self,
-            Encoding::String | Encoding::Hex2bin | Encoding::Base64 | Encoding::Binary
+            Encoding::String
+                | Encoding::Hex2bin
+                | Encoding::Base64
+                | Encoding::Binary
+                | Encoding::F32
+                | Encoding::F64
         )
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, Encoding::F32 | Encoding::F64)
     }
 
     /// Decodes a file's contents, as the reference does for `file` rows (Python `bytes`
@@ -58,6 +71,10 @@ impl Encoding {
             Encoding::Binary => Ok(Value::Blob(raw.to_vec())),
             Encoding::Hex2bin => decode_hex_digits(trim_bytes(raw)).map(Value::Blob),
             Encoding::Base64 => decode_base64(raw).map(Value::Blob),
+            Encoding::F32 | Encoding::F64 => match std::str::from_utf8(trim_bytes(raw)) {
+                Ok(text) => self.decode(text),
+                Err(_) => Err("the file does not hold a number in ASCII".to_owned()),
+            },
             Encoding::String => std::str::from_utf8(raw)
                 .map(|t| Value::String(t.to_owned()))
                 .map_err(|_| "the file is not valid UTF-8, so it cannot be read as a string; use `binary` for raw bytes".to_owned()),
@@ -78,9 +95,34 @@ impl Encoding {
             Encoding::Hex2bin => decode_hex(text).map(Value::Blob),
             Encoding::Base64 => decode_base64(text.as_bytes()).map(Value::Blob),
             Encoding::Binary => Ok(Value::Blob(text.as_bytes().to_vec())),
+            Encoding::F32 => parse_float::<f32>(text, "f32").map(Value::F32),
+            Encoding::F64 => parse_float::<f64>(text, "f64").map(Value::F64),
             integer => integer_value(integer, parse_python_int(text)?),
         }
     }
+}
+
+/// A float as Rust (and TOML) spell it: `1.5`, `-2e-3`, `inf`. NaN is refused, as ESP-IDF's
+/// `nvs_set_float`/`nvs_set_double` refuse it; so is a finite number the type cannot hold
+/// (rather than storing infinity).
+fn parse_float<T: std::str::FromStr + Copy + Into<f64>>(
+    text: &str,
+    name: &str,
+) -> Result<T, String> {
+    let invalid =
+        || format!("the value is not a number (write it like 1.5, -2e-3 or inf) for {name}");
+    let value: T = text.trim().parse().map_err(|_| invalid())?;
+    let wide: f64 = value.into();
+    if wide.is_nan() {
+        return Err(format!(
+            "the value is NaN, which ESP-IDF's nvs_set_{} refuses; give a number",
+            if name == "f32" { "float" } else { "double" }
+        ));
+    }
+    if wide.is_infinite() && !text.to_ascii_lowercase().contains("inf") {
+        return Err(format!("the value is out of range for {name}"));
+    }
+    Ok(value)
 }
 
 /// Converts a parsed integer into the typed value, checking the range of the type.

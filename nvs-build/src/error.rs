@@ -56,13 +56,56 @@ pub(crate) fn utf8_text<'a>(
 
 /// Reads an input file; the error names the file and says which input it is (`what`).
 pub(crate) fn read_input(path: &Path, what: &str) -> Result<Vec<u8>, InputError> {
-    std::fs::read(path).map_err(|e| {
+    read_input_max(path, what, MAX_INPUT_BYTES)
+}
+
+/// [`read_input`] with a smaller cap (key files, value files).
+pub(crate) fn read_input_max(path: &Path, what: &str, limit: u64) -> Result<Vec<u8>, InputError> {
+    read_limited(path, limit).map_err(|e| {
         InputError::new(
             Some(Location::file(path)),
             None,
             format!("cannot read the {what}: {e}"),
         )
     })
+}
+
+/// Largest input read whole (CSV files, manifests, partition tables, images): twice the
+/// largest ESP flash (128 MiB), so a mistaken `/dev/zero` or disk image stops with an error
+/// instead of filling memory.
+pub const MAX_INPUT_BYTES: u64 = 256 << 20;
+/// Largest file a single value comes from: no NVS value exceeds 508,000 bytes, even as hex.
+pub const MAX_VALUE_FILE_BYTES: u64 = 16 << 20;
+/// Largest key file: an nvs_keys partition image is 4 KiB, an HMAC key 32 bytes.
+pub const MAX_KEY_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads a whole file of at most `limit` bytes; a longer one (or an endless device such as
+/// `/dev/zero`) is an `InvalidData` error after reading `limit + 1` bytes at most.
+pub fn read_limited(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let hint = file.metadata().map_or(0, |m| m.len());
+    if hint > limit {
+        return Err(too_large(limit));
+    }
+    let mut bytes = Vec::with_capacity(hint as usize);
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(limit));
+    }
+    Ok(bytes)
+}
+
+fn too_large(limit: u64) -> std::io::Error {
+    let size = if limit >= 1 << 20 {
+        format!("{} MiB", limit >> 20)
+    } else {
+        format!("{limit} bytes")
+    };
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("it is larger than {size}, more than this input can be (is it the right file?)"),
+    )
 }
 
 /// [`read_input`] for text files.

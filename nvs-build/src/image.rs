@@ -27,6 +27,13 @@ impl ImageInput {
         }
     }
 
+    /// Accepts version 2 strings up to the device's 3999 bytes (Cargo metadata), beyond the
+    /// 3967 Espressif's generator can lay out (see
+    /// [`ImageBuilder::allow_device_string_lengths`]).
+    pub fn allow_device_string_lengths(&mut self, allow: bool) {
+        self.builder.allow_device_string_lengths(allow);
+    }
+
     pub fn size(&self) -> PartitionSize {
         self.size
     }

@@ -14,7 +14,11 @@ pub struct LoadedKey {
     pub warning: Option<String>,
 }
 
-use crate::error::read_input as read;
+use crate::error::{MAX_KEY_FILE_BYTES, read_input_max};
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, InputError> {
+    read_input_max(path, what, MAX_KEY_FILE_BYTES)
+}
 
 /// Reads an nvs_keys image (or any file whose first 64 bytes are the XTS key).
 pub fn load_key_file(path: &Path) -> Result<LoadedKey, InputError> {

@@ -27,5 +27,7 @@ pub mod table;
 
 pub use config::{Config, generate, try_generate};
 pub use csv_input::FileBase;
-pub use error::{InputError, Location};
+pub use error::{
+    InputError, Location, MAX_INPUT_BYTES, MAX_KEY_FILE_BYTES, MAX_VALUE_FILE_BYTES, read_limited,
+};
 pub use image::ImageInput;

@@ -66,6 +66,9 @@ pub struct PartitionSpec {
     /// Everything else is user data, kept when the device is re-flashed.
     pub factory: bool,
     pub version: Version,
+    /// The oldest ESP-IDF the firmware reading this partition may use (`idf-version`, as
+    /// (major, minor)); `None` when not given. Float types need 6.1.
+    pub idf_version: Option<(u32, u32)>,
     /// CSV files in the Espressif format, in order, with where they were listed.
     pub csv: Vec<(PathBuf, Location)>,
     pub namespaces: Vec<NamespaceSpec>,
@@ -140,10 +143,7 @@ impl Metadata {
 
     /// Parses manifest text (`manifest_path` names it in errors and anchors relative paths).
     pub fn parse(manifest_path: &Path, text: &str) -> Result<Option<Metadata>, InputError> {
-        let doc = Doc {
-            path: manifest_path,
-            text,
-        };
+        let doc = Doc::new(manifest_path, text);
         let root = DeTable::parse(text).map_err(|e| {
             let at = e.span().map(|s| doc.location(s.start));
             InputError::new(
@@ -263,10 +263,7 @@ fn espflash_table(
         return Ok(None);
     };
     let text = read_input_text(&config, "espflash.toml")?;
-    let doc = Doc {
-        path: &config,
-        text: &text,
-    };
+    let doc = Doc::new(&config, &text);
     let root = DeTable::parse(&text).map_err(|e| {
         let at = e.span().map(|s| doc.location(s.start));
         InputError::new(
@@ -299,15 +296,39 @@ fn lookup<'a, 'i>(table: &'a DeTable<'i>, name: &str) -> Option<(&'a Key<'i>, &'
 struct Doc<'a> {
     path: &'a Path,
     text: &'a str,
+    /// Byte offset of the start of every line: a location is a binary search, so the
+    /// locations of n keys cost O(n log n), not O(n²).
+    line_starts: Vec<usize>,
 }
 
-const ENCODINGS: &str = "u8, i8, u16, i16, u32, i32, u64, i64, string, hex, base64, binary, file";
+const ENCODINGS: &str =
+    "u8, i8, u16, i16, u32, i32, u64, i64, f32, f64, string, hex, base64, binary, file";
 
-impl Doc<'_> {
+/// The first ESP-IDF release whose nvs_flash has `NVS_TYPE_FLOAT`/`NVS_TYPE_DOUBLE`
+/// (v6.1-beta1; v6.0.1 and v6.0.2 do not have them). Older firmware skips such entries.
+pub const FLOAT_IDF_VERSION: (u32, u32) = (6, 1);
+
+impl<'d> Doc<'d> {
+    fn new(path: &'d Path, text: &'d str) -> Doc<'d> {
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Doc {
+            path,
+            text,
+            line_starts,
+        }
+    }
+
     fn location(&self, offset: usize) -> Location {
-        let before = &self.text[..offset.min(self.text.len())];
-        let line = before.matches('\n').count() + 1;
-        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        let offset = offset.min(self.text.len());
+        let line = self.line_starts.partition_point(|&start| start <= offset);
+        let start = self.line_starts[line - 1];
+        let column = self
+            .text
+            .get(start..offset)
+            .map_or(0, |l| l.chars().count())
+            + 1;
         Location::column(self.path, line, column)
     }
 
@@ -420,7 +441,14 @@ impl Doc<'_> {
         let fields = self.table(spec, part_name)?;
         self.only_keys(
             fields,
-            &["read-only", "version", "csv", "namespaces", "encryption"],
+            &[
+                "read-only",
+                "version",
+                "idf-version",
+                "csv",
+                "namespaces",
+                "encryption",
+            ],
         )?;
         let partition = find_nvs_partition(table, source, part_name)
             .map_err(|msg| self.error(name, Some(part_name), msg))?;
@@ -436,6 +464,10 @@ impl Doc<'_> {
                 _ => return Err(self.error(v, Some("version"), "`version` must be 1 or 2")),
             },
             None => Version::V2,
+        };
+        let idf_version = match lookup(fields, "idf-version") {
+            Some((_, v)) => Some(self.idf_version(v)?),
+            None => None,
         };
         let manifest_dir = self.path.parent().unwrap_or(Path::new(""));
         let mut csv = Vec::new();
@@ -455,6 +487,28 @@ impl Doc<'_> {
         if let Some((_, list)) = lookup(fields, "namespaces") {
             for (ns_name, entries) in self.table(list, "namespaces")? {
                 namespaces.push(self.namespace(ns_name, entries)?);
+            }
+        }
+        // Firmware older than 6.1 skips float entries: the key would silently be missing.
+        if idf_version.is_none_or(|v| v < FLOAT_IDF_VERSION) {
+            if let Some(entry) = namespaces
+                .iter()
+                .flat_map(|ns| &ns.entries)
+                .find(|e| e.encoding.is_float())
+            {
+                return Err(InputError::new(
+                    Some(entry.at.clone()),
+                    Some(&entry.key),
+                    format!(
+                        "f32/f64 need ESP-IDF 6.1 or newer on the device (older nvs_flash skips these \
+                         entries, so the key would be missing): add `idf-version = \"6.1\"` to partition \
+                         `{part_name}` if its firmware is built with 6.1 or newer{}",
+                        match idf_version {
+                            Some((major, minor)) => format!(" (it says {major}.{minor})"),
+                            None => String::new(),
+                        }
+                    ),
+                ));
             }
         }
         let encryption = match lookup(fields, "encryption") {
@@ -481,10 +535,26 @@ impl Doc<'_> {
             size: partition.size,
             factory: read_only || partition.readonly,
             version,
+            idf_version,
             csv,
             namespaces,
             encryption,
         })
+    }
+
+    /// `idf-version = "6.1"` (also "6.1.2", "v6.1"): major and minor.
+    fn idf_version(&self, value: &Val<'_>) -> Result<(u32, u32), InputError> {
+        let text = self.string(value, "idf-version")?;
+        let mut parts = text.strip_prefix('v').unwrap_or(text).split('.');
+        let mut number = || parts.next().and_then(|p| p.parse::<u32>().ok());
+        match (number(), number()) {
+            (Some(major), Some(minor)) => Ok((major, minor)),
+            _ => Err(self.error(
+                value,
+                Some("idf-version"),
+                "`idf-version` is the ESP-IDF release the firmware is built with, e.g. \"6.1\" or \"5.5.2\"",
+            )),
+        }
     }
 
     fn encryption(
@@ -568,6 +638,8 @@ impl Doc<'_> {
         }
         let encoding = match ty.get_ref().as_ref() {
             "hex" | "hex2bin" => Encoding::Hex2bin,
+            "f32" => Encoding::F32,
+            "f64" => Encoding::F64,
             other => Encoding::from_name(other).ok_or_else(|| {
                 self.error(
                     ty,
@@ -581,6 +653,12 @@ impl Doc<'_> {
             DeValue::Integer(_) if encoding.is_integer() => {
                 ValueSource::Integer(self.integer(inner, name)?)
             }
+            // TOML spells floats as Rust parses them (`1.5`, `1e-3`, `inf`, `nan`); the value
+            // is parsed once, straight into the partition's type.
+            DeValue::Float(f) if encoding.is_float() => ValueSource::Text(f.as_str().to_owned()),
+            DeValue::Integer(_) if encoding.is_float() => {
+                ValueSource::Text(self.integer(inner, name)?.to_string())
+            }
             DeValue::Table(fields) => self.source(name, inner, fields, manifest_dir)?,
             other => {
                 return Err(fail(
@@ -590,6 +668,8 @@ impl Doc<'_> {
                         ty.get_ref(),
                         if encoding.is_integer() {
                             "an integer"
+                        } else if encoding.is_float() {
+                            "a number"
                         } else {
                             "a string"
                         },

@@ -120,6 +120,9 @@ pub fn build_partition(
                 _ => e,
             })?;
     }
+    // The CSV files above follow the reference; keys written in the metadata may use every
+    // string length the device stores.
+    image.allow_device_string_lengths(true);
     for ns in &spec.namespaces {
         image.namespace(Some(&ns.at), &ns.name)?;
         for entry in &ns.entries {
@@ -192,7 +195,7 @@ fn resolve_value(
             return Ok((value, n.to_string()));
         }
         ValueSource::File(path) => {
-            let bytes = std::fs::read(path)
+            let bytes = crate::error::read_limited(path, crate::error::MAX_VALUE_FILE_BYTES)
                 .map_err(|e| fail(format!("cannot read file `{}`: {e}", path.display())))?;
             inputs.deps.file(path);
             let value = entry.encoding.decode_file(&bytes).map_err(fail)?;

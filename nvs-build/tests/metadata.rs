@@ -388,3 +388,171 @@ proptest! {
         let _ = Metadata::parse(Path::new("Cargo.toml"), &body);
     }
 }
+
+fn built(images: &[PartitionImage]) -> Vec<u8> {
+    match images {
+        [PartitionImage::Built(image)] => image.bytes.clone(),
+        _ => panic!("one built image expected"),
+    }
+}
+
+#[test]
+fn floats_round_trip_with_idf_6_1() {
+    let p = Project::new(&[]);
+    let images = p
+        .build(
+            "[package.metadata.nvs.partitions.nvs]\nidf-version = \"6.1\"\n\
+             [package.metadata.nvs.partitions.nvs.namespaces.cal]\n\
+             gain = { f32 = 1.5 }\ntenth = { f32 = 0.1 }\noffset = { f64 = -2.5e-300 }\n\
+             whole = { f32 = 2 }\nhot = { f64 = inf }\nenv = { f64 = { env = \"CAL_X\" } }\n",
+            &[("CAL_X", "6.02e23")],
+        )
+        .unwrap();
+    let parsed = read_image(&built(&images));
+    assert!(parsed.problems.is_empty(), "{:?}", parsed.problems);
+    let value = |key: &str| {
+        parsed
+            .items
+            .iter()
+            .find(|i| i.key == key)
+            .map(|i| i.value.clone())
+            .unwrap()
+    };
+    assert_eq!(value("gain"), ItemValue::Value(Value::F32(1.5)));
+    assert_eq!(value("tenth"), ItemValue::Value(Value::F32(0.1)));
+    assert_eq!(value("offset"), ItemValue::Value(Value::F64(-2.5e-300)));
+    assert_eq!(value("whole"), ItemValue::Value(Value::F32(2.0)));
+    assert_eq!(value("hot"), ItemValue::Value(Value::F64(f64::INFINITY)));
+    assert_eq!(value("env"), ItemValue::Value(Value::F64(6.02e23)));
+    // Newer releases are fine too.
+    p.build(
+        "[package.metadata.nvs.partitions.nvs]\nidf-version = \"v7.0.1\"\n\
+         [package.metadata.nvs.partitions.nvs.namespaces.cal]\ngain = { f32 = 1.5 }\n",
+        &[],
+    )
+    .unwrap();
+}
+
+#[test]
+fn floats_need_idf_6_1() {
+    let p = Project::new(&[]);
+    for version in ["", "idf-version = \"6.0\"\n", "idf-version = \"6.0.2\"\n"] {
+        let e = p.error(&format!(
+            "[package.metadata.nvs.partitions.nvs]\n{version}\
+             [package.metadata.nvs.partitions.nvs.namespaces.cal]\nk = {{ u8 = 1 }}\ngain = {{ f32 = 1.5 }}\n"
+        ));
+        let line = if version.is_empty() { 9 } else { 10 };
+        assert!(
+            e.contains(&at(line, 1)) && e.contains("`gain`") && e.contains("idf-version = \"6.1\""),
+            "{e}"
+        );
+    }
+    let e = p.error("[package.metadata.nvs.partitions.nvs]\nidf-version = \"six\"\n");
+    assert!(e.contains(&at(7, 15)) && e.contains("idf-version"), "{e}");
+}
+
+#[test]
+fn nan_and_out_of_range_floats_are_refused_without_echoing_them() {
+    let p = Project::new(&[]);
+    let head = "[package.metadata.nvs.partitions.nvs]\nidf-version = \"6.1\"\n\
+                [package.metadata.nvs.partitions.nvs.namespaces.cal]\n";
+    let e = p.error(&format!("{head}gain = {{ f32 = nan }}\n"));
+    assert!(
+        e.contains(&at(9, 1)) && e.contains("`gain`") && e.contains("NaN"),
+        "{e}"
+    );
+    let e = p.error(&format!("{head}gain = {{ f64 = \"-nan\" }}\n"));
+    assert!(e.contains("NaN"), "{e}");
+    let e = p.error(&format!("{head}gain = {{ f32 = 3.5e39 }}\n"));
+    assert!(
+        e.contains("out of range for f32") && !e.contains("3.5e39"),
+        "{e}"
+    );
+    let e = p.error(&format!("{head}gain = {{ f32 = \"1,5\" }}\n"));
+    assert!(e.contains("not a number") && !e.contains("1,5"), "{e}");
+    let e = p.error(&format!("{head}gain = {{ f32 = true }}\n"));
+    assert!(e.contains("a number"), "{e}");
+}
+
+#[test]
+fn long_strings_up_to_the_device_limit() {
+    let p = Project::new(&[]);
+    let s3999 = "x".repeat(3999);
+    let images = p
+        .build(
+            &format!(
+                "[package.metadata.nvs.partitions.nvs.namespaces.n]\na = {{ u8 = 1 }}\nlong = \"{s3999}\"\n"
+            ),
+            &[],
+        )
+        .unwrap();
+    let parsed = read_image(&built(&images));
+    assert!(parsed.problems.is_empty(), "{:?}", parsed.problems);
+    let long = parsed.items.iter().find(|i| i.key == "long").unwrap();
+    assert_eq!(long.value, ItemValue::Value(Value::String(s3999)));
+    assert_eq!((long.page, long.entry), (1, 0));
+    let e = p.error(&format!(
+        "[package.metadata.nvs.partitions.nvs.namespaces.n]\nlong = \"{}\"\n",
+        "x".repeat(4000)
+    ));
+    assert!(e.contains(&at(7, 1)) && e.contains("`long`"), "{e}");
+    // CSV files keep the reference's limit.
+    let csv = format!(
+        "key,type,encoding,value\nn,namespace,,\nlong,data,string,{}\n",
+        "x".repeat(3968)
+    );
+    let p = Project::new(&[("long.csv", csv.as_bytes())]);
+    let e = p.error("[package.metadata.nvs.partitions.nvs]\ncsv = [\"long.csv\"]\n");
+    assert!(e.contains("long.csv:3") && e.contains("`long`"), "{e}");
+}
+
+#[test]
+fn nul_in_a_key_or_namespace_is_refused() {
+    let p = Project::new(&[]);
+    let e = p.error(
+        "[package.metadata.nvs.partitions.nvs.namespaces.n]\nk = { u8 = 1 }\n\"k\\u0000x\" = { u8 = 2 }\n",
+    );
+    assert!(e.contains(&at(8, 1)) && e.contains("NUL"), "{e}");
+    let e =
+        p.error("[package.metadata.nvs.partitions.nvs.namespaces.\"\\u0000a\"]\nk = { u8 = 1 }\n");
+    assert!(e.contains(&at(6, 49)) && e.contains("NUL"), "{e}");
+    let csv = b"key,type,encoding,value\nn,namespace,,\nk,data,u8,1\nk\0x,data,u8,2\n";
+    let p = Project::new(&[("nul.csv", csv)]);
+    let e = p.error("[package.metadata.nvs.partitions.nvs]\ncsv = [\"nul.csv\"]\n");
+    assert!(e.contains("nul.csv:4") && e.contains("NUL"), "{e}");
+}
+
+#[test]
+fn many_keys_parse_with_correct_locations() {
+    // 16,000 keys (the locations are a binary search over line starts, not a scan each).
+    let mut nvs = String::from("[package.metadata.nvs.partitions.nvs]\n");
+    for ns in 0..16 {
+        nvs.push_str(&format!(
+            "[package.metadata.nvs.partitions.nvs.namespaces.ns{ns}]\n"
+        ));
+        for k in 0..1000 {
+            nvs.push_str(&format!("k{k} = {{ u32 = {k} }}\n"));
+        }
+    }
+    nvs.push_str("bad = { u8 = 300 }\n");
+    let text = format!("[package]\nname = \"p\"\n\n[package.metadata.nvs]\n{nvs}");
+    let start = std::time::Instant::now();
+    let metadata = Metadata::parse(Path::new("Cargo.toml"), &text)
+        .unwrap()
+        .unwrap();
+    let entries: usize = metadata.partitions[0]
+        .namespaces
+        .iter()
+        .map(|n| n.entries.len())
+        .sum();
+    assert_eq!(entries, 16_001);
+    let last = metadata.partitions[0].namespaces[15]
+        .entries
+        .last()
+        .unwrap();
+    assert_eq!(
+        last.at.to_string(),
+        format!("Cargo.toml:{}:1", 5 + 16 * 1001 + 1)
+    );
+    assert!(start.elapsed().as_secs() < 20, "{:?}", start.elapsed());
+}

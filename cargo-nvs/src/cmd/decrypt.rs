@@ -4,10 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use nvs_build::format::encryption::decrypt_image;
-use nvs_build::format::read_image;
+use nvs_build::format::{PAGE_SIZE, read_image};
 
 use super::keys::load_key;
-use crate::fsutil::write_atomic;
+use crate::fsutil::{refuse_output_over_inputs, write_atomic};
 use crate::{CliError, CliResult};
 
 /// Decrypt an encrypted NVS partition image.
@@ -26,9 +26,32 @@ pub struct DecryptArgs {
 }
 
 pub fn run(args: DecryptArgs) -> CliResult<ExitCode> {
+    let output = match &args.out_dir {
+        Some(dir) if args.output.is_relative() => dir.join(&args.output),
+        _ => args.output.clone(),
+    };
+    refuse_output_over_inputs(
+        &output,
+        [
+            (args.input.as_path(), "INPUT image"),
+            (args.keys.as_path(), "key file"),
+        ],
+    )?;
     let key = load_key(&args.keys)?;
-    let mut bytes = std::fs::read(&args.input)
+    let mut bytes = nvs_build::read_limited(&args.input, nvs_build::MAX_INPUT_BYTES)
         .map_err(|e| CliError(format!("cannot read `{}`: {e}", args.input.display())))?;
+    if bytes.is_empty() || bytes.len() % PAGE_SIZE != 0 {
+        return Err(CliError(format!(
+            "`{}` is {} bytes long, not a whole number of 4096-byte pages: it is {}; nothing was written",
+            args.input.display(),
+            bytes.len(),
+            if bytes.is_empty() {
+                "empty"
+            } else {
+                "truncated, or not an NVS image"
+            }
+        )));
+    }
     decrypt_image(&mut bytes, &key);
     if read_image(&bytes).looks_encrypted {
         return Err(CliError(format!(
@@ -37,10 +60,6 @@ pub fn run(args: DecryptArgs) -> CliResult<ExitCode> {
             args.keys.display()
         )));
     }
-    let output = match &args.out_dir {
-        Some(dir) if args.output.is_relative() => dir.join(&args.output),
-        _ => args.output.clone(),
-    };
     write_atomic(&output, &bytes, None)
         .map_err(|e| CliError(format!("cannot write `{}`: {e}", output.display())))?;
     eprintln!("Created decrypted NVS image `{}`", output.display());

@@ -1,17 +1,21 @@
 //! `cargo nvs dump IMAGE`: namespaces, keys, types and values, page states and every problem.
 
 use std::fmt::Write as _;
+use std::io::Write as IoWrite;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use nvs_build::format::{ItemValue, ParsedImage, Severity, Value, read_image};
+use nvs_build::format::{Item, ItemValue, ParsedImage, Severity, Value, read_image};
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::{Value as Json, json};
 
 use nvs_build::format::encryption::{XtsKey, decrypt_image};
 
 use super::OutputFormat;
 use super::keys::KeyInput;
+use super::read::{nvs_partition, parse_offset, table_in_flash};
 use crate::{CliError, CliResult};
+use nvs_build::table::PartitionTable;
 
 /// Show the contents of an NVS partition image and check it for damage.
 ///
@@ -28,18 +32,57 @@ pub struct DumpArgs {
     format: OutputFormat,
     #[command(flatten)]
     key: KeyInput,
+    /// IMAGE is a full-flash dump: show this NVS partition of it (found in the partition table
+    /// inside the dump, or in --partition-table).
+    #[arg(long, value_name = "NAME")]
+    partition: Option<String>,
+    /// Partition table to find --partition in [default: the one inside the dump].
+    #[arg(long, value_name = "FILE", requires = "partition")]
+    partition_table: Option<PathBuf>,
+    /// Where the table is inside the dump [default: 0x8000].
+    #[arg(long, value_name = "OFFSET", value_parser = parse_offset, requires = "partition")]
+    partition_table_offset: Option<u32>,
 }
 
 pub fn run(args: DumpArgs) -> CliResult<ExitCode> {
-    let bytes = std::fs::read(&args.image)
+    let mut bytes = nvs_build::read_limited(&args.image, nvs_build::MAX_INPUT_BYTES)
         .map_err(|e| CliError(format!("cannot read `{}`: {e}", args.image.display())))?;
     let key = args.key.load()?;
-    show(
-        bytes,
-        key.as_ref(),
-        args.format,
-        &format!("`{}`", args.image.display()),
-    )
+    let mut name = format!("`{}`", args.image.display());
+    if let Some(wanted) = &args.partition {
+        let offset = args
+            .partition_table_offset
+            .unwrap_or(PartitionTable::DEFAULT_OFFSET);
+        let table = match &args.partition_table {
+            Some(path) => PartitionTable::load(path, offset)?,
+            None => {
+                let at = offset as usize;
+                let Some(raw) = bytes.get(at..(at + PartitionTable::BINARY_SIZE).min(bytes.len()))
+                else {
+                    return Err(CliError(format!(
+                        "{name} is {} bytes long and ends before its partition table at {offset:#x}: is it \
+                         a full-flash dump? (give --partition-table FILE for another table)",
+                        bytes.len()
+                    )));
+                };
+                table_in_flash(raw, offset, &name)?
+            }
+        };
+        let partition = nvs_partition(&table, wanted, "the partition table")?;
+        let (start, end) = (partition.offset as usize, partition.end() as usize);
+        if bytes.len() < end {
+            return Err(CliError(format!(
+                "{name} is {} bytes long and ends before partition `{wanted}` ({:#x}..{end:#x}): \
+                 the dump is truncated, or not of the whole flash",
+                bytes.len(),
+                partition.offset
+            )));
+        }
+        bytes.truncate(end);
+        bytes.drain(..start);
+        name = format!("partition `{wanted}` of {name}");
+    }
+    show(bytes, key.as_ref(), args.format, &name)
 }
 
 /// Decrypts (with `key`), parses and prints an image; exit status 1 when it is damaged.
@@ -54,6 +97,9 @@ pub fn show(
         decrypt_image(&mut bytes, key);
     }
     let parsed = read_image(&bytes);
+    let len = bytes.len();
+    // The parsed items hold their own copies of the data.
+    drop(bytes);
     if parsed.looks_encrypted {
         return Err(CliError(match key {
             Some(_) => {
@@ -64,13 +110,24 @@ pub fn show(
             ),
         }));
     }
-    match format {
-        OutputFormat::Text => print!("{}", render_text(&parsed, bytes.len())),
-        OutputFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&render_json(&parsed, bytes.len()))?
-        ),
-    }
+    // Streamed to stdout: a 64 MiB image's hex would otherwise be held twice more in memory.
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    let written = match format {
+        OutputFormat::Text => write_text(&mut out, &parsed, len),
+        OutputFormat::Json => serde_json::to_writer_pretty(
+            &mut out,
+            &DumpJson {
+                parsed: &parsed,
+                len,
+            },
+        )
+        .map_err(std::io::Error::from)
+        .and_then(|()| writeln!(out)),
+    };
+    written
+        .and_then(|()| out.flush())
+        .map_err(|e| CliError(format!("cannot write the dump: {e}")))?;
     if parsed.is_damaged() {
         let errors = parsed
             .problems
@@ -103,6 +160,9 @@ fn value_json(value: &ItemValue) -> Json {
             Value::I32(n) => json!(n),
             Value::U64(n) => json!(n),
             Value::I64(n) => json!(n),
+            // The shortest text that reads back as the same f32 (`0.1`, not 0.100000001…).
+            Value::F32(x) => float_json(x.is_finite(), || x.to_string().parse().ok()),
+            Value::F64(x) => float_json(x.is_finite(), || Some(*x)),
             Value::String(s) => json!(s),
             Value::Blob(b) => json!(hex(b)),
         },
@@ -111,70 +171,160 @@ fn value_json(value: &ItemValue) -> Json {
     }
 }
 
-pub fn render_json(parsed: &ParsedImage, len: usize) -> Json {
-    let pages: Vec<Json> = parsed
-        .pages
-        .iter()
-        .map(|p| {
-            json!({
-                "index": p.index,
-                "state": p.state.name(),
-                "sequence": p.sequence,
-                "version": p.version.map(|v| v.number()),
-                "written": p.written,
-                "erased": p.erased,
-                "empty": p.empty,
-            })
-        })
-        .collect();
-    let items: Vec<Json> = parsed
-        .items
-        .iter()
-        .map(|item| {
-            let mut obj = json!({
-                "namespace": item.namespace,
-                "ns_index": item.ns_index,
-                "key": item.key,
-                "type": item.type_name(),
-                "value": value_json(&item.value),
-                "page": item.page,
-                "entry": item.entry,
-                "erased": item.erased,
-            });
-            if let ItemValue::Blob(blob) = &item.value {
-                obj["size"] = json!(blob.data.len());
-                obj["chunks"] = json!(blob.chunks);
-                obj["chunk_start"] = json!(blob.chunk_start);
-            }
-            obj
-        })
-        .collect();
-    let problems: Vec<Json> = parsed
-        .problems
-        .iter()
-        .map(|p| {
-            json!({
-                "severity": match p.severity { Severity::Error => "error", Severity::Warning => "warning" },
-                "page": p.page,
-                "entry": p.entry,
-                "message": p.message,
-            })
-        })
-        .collect();
-    json!({
-        "schema": "cargo-nvs/dump/v1",
-        "size": len,
-        "version": parsed.version().map(|v| v.number()),
-        "damaged": parsed.is_damaged(),
-        "pages": pages,
-        "namespaces": parsed.namespaces.iter().map(|n| json!({"index": n.index, "name": n.name})).collect::<Vec<_>>(),
-        "items": items,
-        "problems": problems,
-    })
+/// A JSON number; NaN and the infinities, which JSON cannot hold, are `null`.
+fn float_json(finite: bool, value: impl FnOnce() -> Option<f64>) -> Json {
+    match value().filter(|_| finite) {
+        Some(x) => json!(x),
+        None => Json::Null,
+    }
 }
 
-pub fn render_text(parsed: &ParsedImage, len: usize) -> String {
-    let mut out = String::new();
+/// The `cargo-nvs/dump/v1` document, serialized as it is written (keys in alphabetical order,
+/// as a `serde_json::Map` orders them, so the output is the same as when it was built whole).
+pub struct DumpJson<'a> {
+    pub parsed: &'a ParsedImage,
+    pub len: usize,
+}
+
+impl Serialize for DumpJson<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let parsed = self.parsed;
+        let pages: Vec<Json> = parsed
+            .pages
+            .iter()
+            .map(|p| {
+                json!({
+                    "index": p.index,
+                    "state": p.state.name(),
+                    "sequence": p.sequence,
+                    "version": p.version.map(|v| v.number()),
+                    "written": p.written,
+                    "erased": p.erased,
+                    "empty": p.empty,
+                })
+            })
+            .collect();
+        let problems: Vec<Json> = parsed
+            .problems
+            .iter()
+            .map(|p| {
+                json!({
+                    "severity": match p.severity { Severity::Error => "error", Severity::Warning => "warning" },
+                    "page": p.page,
+                    "entry": p.entry,
+                    "message": p.message,
+                })
+            })
+            .collect();
+        let namespaces: Vec<Json> = parsed
+            .namespaces
+            .iter()
+            .map(|n| json!({"index": n.index, "name": n.name}))
+            .collect();
+        let mut map = serializer.serialize_map(Some(8))?;
+        map.serialize_entry("damaged", &parsed.is_damaged())?;
+        map.serialize_entry("items", &Items(&parsed.items))?;
+        map.serialize_entry("namespaces", &namespaces)?;
+        map.serialize_entry("pages", &pages)?;
+        map.serialize_entry("problems", &problems)?;
+        map.serialize_entry("schema", "cargo-nvs/dump/v1")?;
+        map.serialize_entry("size", &self.len)?;
+        map.serialize_entry("version", &parsed.version().map(|v| v.number()))?;
+        map.end()
+    }
+}
+
+struct Items<'a>(&'a [Item]);
+
+impl Serialize for Items<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        for item in self.0 {
+            seq.serialize_element(&ItemJson(item))?;
+        }
+        seq.end()
+    }
+}
+
+struct ItemJson<'a>(&'a Item);
+
+impl Serialize for ItemJson<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let item = self.0;
+        let blob = match &item.value {
+            ItemValue::Blob(blob) => Some(blob),
+            _ => None,
+        };
+        let mut map = serializer.serialize_map(None)?;
+        if let Some(blob) = blob {
+            map.serialize_entry("chunk_start", &blob.chunk_start)?;
+            map.serialize_entry("chunks", &blob.chunks)?;
+        }
+        map.serialize_entry("entry", &item.entry)?;
+        map.serialize_entry("erased", &item.erased)?;
+        map.serialize_entry("key", &item.key)?;
+        map.serialize_entry("namespace", &item.namespace)?;
+        map.serialize_entry("ns_index", &item.ns_index)?;
+        map.serialize_entry("page", &item.page)?;
+        if let Some(blob) = blob {
+            map.serialize_entry("size", &blob.data.len())?;
+        }
+        map.serialize_entry("type", item.type_name())?;
+        match &item.value {
+            ItemValue::Value(Value::Blob(bytes)) => {
+                map.serialize_entry("value", &HexJson(bytes))?
+            }
+            ItemValue::Blob(blob) => map.serialize_entry("value", &HexJson(&blob.data))?,
+            other => map.serialize_entry("value", &value_json(other))?,
+        }
+        map.end()
+    }
+}
+
+/// Lower-case hex, written piece by piece into the output.
+struct HexJson<'a>(&'a [u8]);
+
+impl Serialize for HexJson<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&HexDisplay(self.0))
+    }
+}
+
+struct HexDisplay<'a>(&'a [u8]);
+
+impl std::fmt::Display for HexDisplay<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut buf = [0u8; 1024];
+        for chunk in self.0.chunks(buf.len() / 2) {
+            for (pair, b) in buf.chunks_exact_mut(2).zip(chunk) {
+                pair[0] = HEX[usize::from(b >> 4)];
+                pair[1] = HEX[usize::from(b & 0xF)];
+            }
+            // ASCII hex digits only.
+            f.write_str(std::str::from_utf8(&buf[..chunk.len() * 2]).unwrap_or_default())?;
+        }
+        Ok(())
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// The text dump, written item by item.
+pub fn write_text(out: &mut impl IoWrite, parsed: &ParsedImage, len: usize) -> std::io::Result<()> {
+    let mut text = String::new();
+    render_header(&mut text, parsed, len);
+    out.write_all(text.as_bytes())?;
+    for item in &parsed.items {
+        text.clear();
+        render_item(&mut text, item);
+        out.write_all(text.as_bytes())?;
+    }
+    text.clear();
+    render_problems(&mut text, parsed);
+    out.write_all(text.as_bytes())
+}
+
+fn render_header(out: &mut String, parsed: &ParsedImage, len: usize) {
     let version = parsed
         .version()
         .map_or("?".to_owned(), |v| v.number().to_string());
@@ -207,7 +357,10 @@ pub fn render_text(parsed: &ParsedImage, len: usize) -> String {
         let _ = writeln!(out, "  {:>3}  {}", n.index, n.name);
     }
     let _ = writeln!(out, "\nItems:");
-    for item in &parsed.items {
+}
+
+fn render_item(out: &mut String, item: &Item) {
+    {
         let ns = item
             .namespace
             .clone()
@@ -218,7 +371,7 @@ pub fn render_text(parsed: &ParsedImage, len: usize) -> String {
                 let chunks = b
                     .chunks
                     .map_or(String::new(), |c| format!(", {c} chunk(s)"));
-                format!("({} bytes{chunks}) {}", b.data.len(), hex(&b.data))
+                format!("({} bytes{chunks}) {}", b.data.len(), HexDisplay(&b.data))
             }
             ItemValue::Unreadable => "<unreadable>".to_owned(),
         };
@@ -230,6 +383,9 @@ pub fn render_text(parsed: &ParsedImage, len: usize) -> String {
             item.type_name()
         );
     }
+}
+
+fn render_problems(out: &mut String, parsed: &ParsedImage) {
     if parsed.problems.is_empty() {
         let _ = writeln!(out, "\nNo problems found.");
     } else {
@@ -247,5 +403,4 @@ pub fn render_text(parsed: &ParsedImage, len: usize) -> String {
             let _ = writeln!(out, "  {severity}: {at}{}", p.message);
         }
     }
-    out
 }

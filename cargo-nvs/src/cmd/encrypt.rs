@@ -7,7 +7,7 @@ use nvs_build::format::Version;
 
 use super::generate::{build_from_csv, parse_version, split_positionals, warn_if_read_only};
 use super::keys::{KeyGenOptions, generate_keys, load_key};
-use crate::fsutil::write_atomic;
+use crate::fsutil::{refuse_output_over_inputs, write_atomic};
 use crate::{CliError, CliResult};
 
 /// Generate an encrypted NVS partition image (XTS-AES-256, as ESP-IDF's NVS encryption).
@@ -55,6 +55,32 @@ pub fn run(args: EncryptArgs) -> CliResult<ExitCode> {
     if args.inputkey.is_some() && args.keygen_options.keyfile.is_some() {
         eprintln!("warning: --inputkey is given, so --keyfile is ignored");
     }
+    // The output must not land on a key file: the image would replace the keys it can only
+    // be decrypted with.
+    let hmac = &args.keygen_options.hmac;
+    let in_out_dir = |path: &PathBuf| match args.out_dir.as_deref() {
+        Some(dir) if path.is_relative() => dir.join(path),
+        _ => path.clone(),
+    };
+    let key_files: Vec<(PathBuf, &str)> = [
+        (args.inputkey.clone(), "--inputkey key file"),
+        (
+            args.keygen_options.keyfile.as_ref().map(in_out_dir),
+            "--keyfile",
+        ),
+        (hmac.kp_hmac_inputkey.clone(), "HMAC key file"),
+        (
+            args.keygen_options.kp_hmac_keyfile.as_ref().map(in_out_dir),
+            "HMAC key file",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(path, what)| path.map(|p| (p, what)))
+    .collect();
+    refuse_output_over_inputs(
+        &p.output,
+        key_files.iter().map(|(path, what)| (path.as_path(), *what)),
+    )?;
     warn_if_read_only(p.size);
     // Build (and so validate) the image before any key file is written.
     let image = build_from_csv(p.inputs, p.size, args.version)?;

@@ -11,7 +11,7 @@ use nvs_build::config::generate_images;
 use nvs_build::metadata::TableSource;
 use nvs_build::resolve::Inputs;
 
-use crate::fsutil::write_atomic;
+use crate::fsutil::{refuse_output_over_inputs, write_atomic};
 use crate::project::{PackageArgs, display_path};
 use crate::size::parse_size;
 use crate::{CliError, CliResult};
@@ -48,6 +48,9 @@ pub fn parse_version(text: &str) -> Result<Version, String> {
     }
 }
 
+/// The largest flash of any ESP chip: no partition can be larger.
+pub const MAX_PARTITION_SIZE: u64 = 128 << 20;
+
 /// The positional arguments split into inputs, output and size.
 pub struct Positionals<'a> {
     pub inputs: &'a [PathBuf],
@@ -67,19 +70,20 @@ pub fn split_positionals<'a>(
             "give at least one INPUT csv file before OUTPUT and SIZE".into(),
         ));
     }
-    if inputs.contains(output) {
-        return Err(CliError(format!(
-            "OUTPUT `{}` is also an INPUT; it would be overwritten",
-            output.display()
-        )));
-    }
     let size_text = size.to_string_lossy();
     let bytes = parse_size(&size_text)?;
+    if bytes > MAX_PARTITION_SIZE {
+        return Err(CliError(format!(
+            "SIZE {size_text} is larger than 128 MiB (0x8000000), the largest flash of any ESP chip; \
+             give the NVS partition's size from the partition table (typically 0x6000)"
+        )));
+    }
     let size = PartitionSize::new(bytes).map_err(|e| CliError(format!("SIZE {size_text}: {e}")))?;
     let output = match out_dir {
         Some(dir) if output.is_relative() => dir.join(output),
         _ => output.clone(),
     };
+    refuse_output_over_inputs(&output, inputs.iter().map(|i| (i.as_path(), "INPUT")))?;
     Ok(Positionals {
         inputs,
         output,

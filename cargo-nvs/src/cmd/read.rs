@@ -1,28 +1,36 @@
-//! `cargo nvs read --partition NAME`: read an NVS partition back from a device and show it
-//! like `cargo nvs dump` (for returned units and debugging).
+//! `cargo nvs read --partition NAME | --all`: read NVS partitions back from a device and show
+//! them like `cargo nvs dump` (for returned units and debugging). The partitions are found in
+//! the table the device holds, so this works on any device, from any folder.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use nvs_build::table::{Partition, PartitionTable};
 
 use super::OutputFormat;
-use super::device::{TableArgs, resolve_table, table_before_connect};
+use super::device::TableArgs;
 use super::dump::show;
 use super::keys::KeyInput;
 use crate::flashing::{ConnectArgs, connect, read_flash};
 use crate::fsutil::write_atomic;
+use crate::size::parse_size;
 use crate::{CliError, CliResult};
 
-/// Read an NVS partition back from a device and dump it.
+/// Read NVS partitions back from a device and dump them.
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["partition", "all"])))]
 #[command(
-    after_help = "Examples:\n  cargo nvs read --partition nvs\n  cargo nvs read --partition fctry -o fctry.bin --port /dev/ttyUSB0   (outside a package: the chip's own partition table)"
+    after_help = "Examples:\n  cargo nvs read --partition nvs\n  cargo nvs read --all --port /dev/ttyUSB0\n  cargo nvs read --partition fctry -o fctry.bin   (the file is private: 0600)"
 )]
 pub struct ReadArgs {
     /// The NVS partition to read (by name, from the partition table).
     #[arg(long, value_name = "NAME")]
-    partition: String,
+    partition: Option<String>,
+    /// Read and dump every NVS partition of the table.
+    #[arg(long, conflicts_with = "output")]
+    all: bool,
+    /// --partition-table FILE [default: the table on the device], --partition-table-offset
+    /// (-p/--manifest-path are accepted as before; the table read is the device's own).
     #[command(flatten)]
     table: TableArgs,
     /// Also save the raw partition contents here.
@@ -36,6 +44,11 @@ pub struct ReadArgs {
     connect: ConnectArgs,
 }
 
+pub fn parse_offset(text: &str) -> Result<u32, String> {
+    let n = parse_size(text)?;
+    u32::try_from(n).map_err(|_| format!("`{text}` is beyond the 4 GiB a flash address can reach"))
+}
+
 /// The data/nvs partition `name` of `table` (`table_name` says which table, in errors).
 pub fn nvs_partition<'t>(
     table: &'t PartitionTable,
@@ -46,7 +59,11 @@ pub fn nvs_partition<'t>(
         let nvs: Vec<&str> = table.nvs_partitions().map(|p| p.name.as_str()).collect();
         CliError(format!(
             "no partition `{name}` in {table_name} (its NVS partitions: {})",
-            nvs.join(", ")
+            if nvs.is_empty() {
+                "none".to_owned()
+            } else {
+                nvs.join(", ")
+            }
         ))
     })?;
     if !partition.is_nvs() {
@@ -59,34 +76,109 @@ pub fn nvs_partition<'t>(
     Ok(partition)
 }
 
+/// A binary partition table found in flash (a device's, or a full-flash image's) at `offset`.
+pub fn table_in_flash(bytes: &[u8], offset: u32, source: &str) -> CliResult<PartitionTable> {
+    let name = format!("{source}'s partition table at {offset:#x}");
+    if bytes.iter().all(|&b| b == 0xFF) {
+        return Err(CliError(format!(
+            "{source} holds no partition table at {offset:#x} (the flash there is erased): give \
+             --partition-table-offset if the table is elsewhere, or --partition-table FILE"
+        )));
+    }
+    PartitionTable::parse_binary_at(Path::new(&name), bytes, offset).map_err(|e| {
+        CliError(format!(
+            "{e} (give --partition-table-offset if the table is elsewhere, or --partition-table FILE)"
+        ))
+    })
+}
+
 pub fn run(args: ReadArgs) -> CliResult<ExitCode> {
-    let known = table_before_connect(&args.table)?;
-    if let Some(tables) = &known {
-        nvs_partition(&tables.table, &args.partition, &tables.name)?;
-    }
     let key = args.key.load()?;
-    let use_stub = !args.connect.no_stub;
+    let offset = args
+        .table
+        .partition_table_offset
+        .or_else(|| crate::settings::load_or_warn().partition_table_offset)
+        .unwrap_or(PartitionTable::DEFAULT_OFFSET);
+    // The table file is checked before the port is opened.
+    let given = match &args.table.partition_table {
+        Some(path) => Some(PartitionTable::load(path, offset)?),
+        None => None,
+    };
     let mut flasher = connect(&args.connect, false, false)?;
-    let tables = resolve_table(known, &args.table, &mut flasher, use_stub)?;
-    let partition = nvs_partition(&tables.table, &args.partition, &tables.name)?.clone();
-    let bytes = read_flash(&mut flasher, partition.offset, partition.size, use_stub)?;
-    flasher.finish()?;
-    eprintln!(
-        "Read {} bytes of `{}` at {:#x}",
-        bytes.len(),
-        partition.name,
-        partition.offset
-    );
-    if let Some(path) = &args.output {
-        // The device's data may hold secrets (keys, certificates, passwords).
-        write_atomic(path, &bytes, Some(0o600))
-            .map_err(|e| CliError(format!("cannot write `{}`: {e}", path.display())))?;
-        eprintln!("Saved to `{}`", path.display());
+    let use_stub = !args.connect.no_stub;
+    let (table, table_name) = match given {
+        Some(table) => (table, "the partition table".to_owned()),
+        None => {
+            let bytes = read_flash(
+                &mut flasher,
+                offset,
+                PartitionTable::BINARY_SIZE as u32,
+                use_stub,
+            )?;
+            let table = table_in_flash(&bytes, offset, "the device")?;
+            eprintln!("Using the device's partition table at {offset:#x}");
+            (
+                table,
+                format!("the device's partition table at {offset:#x}"),
+            )
+        }
+    };
+    let partitions: Vec<&Partition> = match &args.partition {
+        Some(name) => vec![nvs_partition(&table, name, &table_name)?],
+        None => {
+            let all: Vec<&Partition> = table.nvs_partitions().collect();
+            if all.is_empty() {
+                return Err(CliError(format!("{table_name} has no NVS partition")));
+            }
+            all
+        }
+    };
+    let mut read = Vec::with_capacity(partitions.len());
+    for partition in &partitions {
+        let bytes = read_flash(&mut flasher, partition.offset, partition.size, use_stub)?;
+        eprintln!(
+            "Read {} bytes of `{}` at {:#x}",
+            bytes.len(),
+            partition.name,
+            partition.offset
+        );
+        read.push(bytes);
     }
-    show(
-        bytes,
-        key.as_ref(),
-        args.format,
-        &format!("partition `{}`", partition.name),
-    )
+    // Every command that connects ends as --after says.
+    flasher.finish()?;
+    let mut status = ExitCode::SUCCESS;
+    for (i, (partition, bytes)) in partitions.iter().zip(read).enumerate() {
+        if let Some(path) = &args.output {
+            // The device's data may hold secrets (keys, certificates, passwords).
+            write_atomic(path, &bytes, Some(0o600))
+                .map_err(|e| CliError(format!("cannot write `{}`: {e}", path.display())))?;
+            eprintln!("Saved to `{}`", path.display());
+        }
+        if args.all && args.format == OutputFormat::Text {
+            if i > 0 {
+                println!();
+            }
+            println!(
+                "== partition `{}` ({:#x}, {:#x} bytes)",
+                partition.name, partition.offset, partition.size
+            );
+        }
+        let shown = show(
+            bytes,
+            key.as_ref(),
+            args.format,
+            &format!("partition `{}`", partition.name),
+        );
+        match shown {
+            Ok(code) if code != ExitCode::SUCCESS => status = code,
+            Ok(_) => {}
+            // With --all, an encrypted partition without its key does not hide the others.
+            Err(e) if args.all => {
+                eprintln!("error: {}", e.0);
+                status = ExitCode::FAILURE;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(status)
 }

@@ -8,7 +8,8 @@ use super::error::FormatError;
 use super::layout::{
     BITMAP_OFFSET, CHUNK_ANY, ENTRIES_PER_PAGE, ENTRY_SIZE, FIRST_ENTRY_OFFSET, ItemType,
     MAX_BLOB_CHUNKS, MAX_BLOB_SIZE_V1, MAX_BLOB_SIZE_V2, MAX_KEY_LEN, MAX_NAMESPACES,
-    MAX_STRING_SIZE_V1, MAX_STRING_SIZE_V2, PAGE_SIZE, PageState, Version, data_entries,
+    MAX_STRING_SIZE_DEVICE, MAX_STRING_SIZE_V1, MAX_STRING_SIZE_V2, PAGE_SIZE, PageState, Version,
+    data_entries,
 };
 use super::value::Value;
 use super::wifi::WifiState;
@@ -90,6 +91,9 @@ pub struct ImageBuilder {
     /// Keys written so far, as namespace index + key bytes.
     keys: HashSet<KeyId, BuildHasherDefault<KeyIdHasher>>,
     wifi: WifiState,
+    /// Version 2 strings may be as long as the device allows (4000 bytes with the NUL), not
+    /// only as long as the reference can lay out (3968).
+    device_strings: bool,
 }
 
 /// A namespace index and a key (at most 15 bytes, zero-padded) in one number.
@@ -140,6 +144,7 @@ impl ImageBuilder {
             namespaces: Vec::new(),
             keys: HashSet::with_capacity_and_hasher(64, BuildHasherDefault::default()),
             wifi: WifiState::default(),
+            device_strings: false,
         };
         builder.open_page();
         builder
@@ -147,6 +152,15 @@ impl ImageBuilder {
 
     pub fn version(&self) -> Version {
         self.version
+    }
+
+    /// Accepts version 2 strings up to the device's limit (3999 bytes plus the NUL: a header
+    /// and 125 data entries, a whole page). Espressif's generator crashes on strings of
+    /// 3968–3999 bytes, so there is no reference for them; such a string starts a new page
+    /// unless the current one is empty. Leave this off where bytes must equal the reference
+    /// (the CSV drop-in).
+    pub fn allow_device_string_lengths(&mut self, allow: bool) {
+        self.device_strings = allow;
     }
 
     /// Pages started so far (at least 1).
@@ -303,6 +317,7 @@ impl ImageBuilder {
                 let len = s.len() + 1;
                 let max = match version {
                     Version::V1 => MAX_STRING_SIZE_V1,
+                    Version::V2 if self.device_strings => MAX_STRING_SIZE_DEVICE,
                     Version::V2 => MAX_STRING_SIZE_V2,
                 };
                 if len > max {
@@ -363,7 +378,12 @@ impl ImageBuilder {
     /// page when `cursor + span >= 126`, so such an item never ends on entry 125.
     fn write_single_page(&mut self, ns: u8, ty: ItemType, key: &str, data: &[u8]) {
         let span = 1 + data_entries(data.len());
-        if self.cursor + span >= ENTRIES_PER_PAGE {
+        if span == ENTRIES_PER_PAGE {
+            // Only strings beyond the reference's limit: they take a whole page.
+            if self.cursor != 0 {
+                self.open_page();
+            }
+        } else if self.cursor + span >= ENTRIES_PER_PAGE {
             self.open_page();
         }
         let header = entry(ns, ty, span as u8, CHUNK_ANY, key, sized_data(data));
@@ -456,8 +476,13 @@ impl ImageBuilder {
     }
 }
 
-/// Keys are ASCII (see [`FormatError::KeyNotAscii`]) and at most 15 bytes.
+/// Keys are ASCII (see [`FormatError::KeyNotAscii`]) without NUL, and at most 15 bytes.
 fn check_key(key: &str) -> Result<(), FormatError> {
+    if key.contains('\0') {
+        return Err(FormatError::KeyHasNul {
+            key: key.to_owned(),
+        });
+    }
     if !key.is_ascii() {
         return Err(FormatError::KeyNotAscii {
             key: key.to_owned(),

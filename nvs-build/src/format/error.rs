@@ -36,6 +36,11 @@ pub enum FormatError {
     KeyNotAscii {
         key: String,
     },
+    /// A NUL byte in a key or namespace name: the device reads keys up to the first NUL, so
+    /// `k` and `k\0x` would be one key (the reference writes both).
+    KeyHasNul {
+        key: String,
+    },
     /// A data item before any namespace: the reference writes it into the namespace table
     /// (index 0), where the device never finds it (quirk Q7).
     NoNamespace {
@@ -55,7 +60,8 @@ pub enum FormatError {
         namespace: String,
         key: String,
     },
-    /// A string longer than the reference can lay out (`max` bytes including the NUL).
+    /// A string longer than the reference can lay out, or than the device stores (`max` bytes
+    /// including the NUL).
     StringTooLong {
         key: String,
         len: usize,
@@ -112,6 +118,12 @@ impl fmt::Display for FormatError {
                  would write a corrupt entry for it)",
                 key.escape_debug()
             ),
+            FormatError::KeyHasNul { key } => write!(
+                f,
+                "key `{}` contains a NUL byte; the device reads a key only up to its first NUL, so \
+                 it would be a different key (or clash with one). Remove the NUL",
+                key.escape_debug()
+            ),
             FormatError::NoNamespace { key } => write!(
                 f,
                 "key `{key}` comes before any namespace; add a `namespace` row above it \
@@ -134,9 +146,14 @@ impl fmt::Display for FormatError {
             ),
             FormatError::StringTooLong { key, len, max } => write!(
                 f,
-                "string `{key}` is {} bytes long; at most {} bytes fit (one page, plus the NUL)",
+                "string `{key}` is {} bytes long; at most {} bytes fit{}",
                 len.saturating_sub(1),
-                max - 1
+                max - 1,
+                if *max == super::layout::MAX_STRING_SIZE_V2 {
+                    " in Espressif's CSV format (it crashes on longer ones; Cargo metadata accepts up to 3999)"
+                } else {
+                    " (one page, plus the NUL)"
+                }
             ),
             FormatError::BlobTooLongV1 { key, len } => write!(
                 f,

@@ -11,6 +11,10 @@ pub const MAX_NAMESPACES: usize = 254;
 /// Longest string (bytes including the NUL) the reference lays out under version 2: span 125
 /// is the most its `e + span >= 126` fit rule allows, even on an empty page.
 pub const MAX_STRING_SIZE_V2: usize = 3968;
+/// Longest string (bytes including the NUL) the device stores: a header and 125 data entries,
+/// a whole page (ESP-IDF's `Page::CHUNK_MAX_SIZE`). The reference cannot lay out strings above
+/// [`MAX_STRING_SIZE_V2`]; metadata may ask for the device's limit.
+pub const MAX_STRING_SIZE_DEVICE: usize = 4000;
 /// Longest string (including NUL) under version 1, the reference's declared limit.
 pub const MAX_STRING_SIZE_V1: usize = 1984;
 /// Longest legacy (version 1) blob.
@@ -136,6 +140,10 @@ pub enum ItemType {
     I32,
     U64,
     I64,
+    /// IEEE 754 single, `NVS_TYPE_FLOAT` (ESP-IDF 6.1 on): stored like `U32`.
+    F32,
+    /// IEEE 754 double, `NVS_TYPE_DOUBLE` (ESP-IDF 6.1 on): stored like `U64`.
+    F64,
     /// NUL-terminated string (`SZ`).
     Str,
     /// Legacy single-page blob of format version 1.
@@ -157,6 +165,8 @@ impl ItemType {
             ItemType::I32 => 0x14,
             ItemType::U64 => 0x08,
             ItemType::I64 => 0x18,
+            ItemType::F32 => 0x24,
+            ItemType::F64 => 0x28,
             ItemType::Str => 0x21,
             ItemType::Blob => 0x41,
             ItemType::BlobData => 0x42,
@@ -174,6 +184,8 @@ impl ItemType {
             0x14 => ItemType::I32,
             0x08 => ItemType::U64,
             0x18 => ItemType::I64,
+            0x24 => ItemType::F32,
+            0x28 => ItemType::F64,
             0x21 => ItemType::Str,
             0x41 => ItemType::Blob,
             0x42 => ItemType::BlobData,
@@ -187,8 +199,8 @@ impl ItemType {
         match self {
             ItemType::U8 | ItemType::I8 => Some(1),
             ItemType::U16 | ItemType::I16 => Some(2),
-            ItemType::U32 | ItemType::I32 => Some(4),
-            ItemType::U64 | ItemType::I64 => Some(8),
+            ItemType::U32 | ItemType::I32 | ItemType::F32 => Some(4),
+            ItemType::U64 | ItemType::I64 | ItemType::F64 => Some(8),
             _ => None,
         }
     }
@@ -204,6 +216,8 @@ impl ItemType {
             ItemType::I32 => "i32",
             ItemType::U64 => "u64",
             ItemType::I64 => "i64",
+            ItemType::F32 => "f32",
+            ItemType::F64 => "f64",
             ItemType::Str => "string",
             ItemType::Blob => "blob",
             ItemType::BlobData => "blob_data",

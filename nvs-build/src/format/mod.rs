@@ -26,8 +26,8 @@ pub use diff::describe_differences;
 pub use error::FormatError;
 pub use layout::{
     ENTRIES_PER_PAGE, ENTRY_SIZE, EntryState, FIRST_ENTRY_OFFSET, ItemType, MAX_BLOB_SIZE_V1,
-    MAX_KEY_LEN, MAX_NAMESPACES, MAX_STRING_SIZE_V1, MAX_STRING_SIZE_V2, PAGE_SIZE, PageState,
-    Version,
+    MAX_KEY_LEN, MAX_NAMESPACES, MAX_STRING_SIZE_DEVICE, MAX_STRING_SIZE_V1, MAX_STRING_SIZE_V2,
+    PAGE_SIZE, PageState, Version,
 };
 pub use reader::{
     Blob, Item, ItemValue, NamespaceDef, PageSummary, ParsedImage, Problem, Severity, read_image,

@@ -185,7 +185,70 @@ pub fn read_image(image: &[u8]) -> ParsedImage {
     collect_namespaces(&raw, &mut out);
     assemble_items(raw, &mut out);
     check_duplicates(&mut out);
+    check_freeing(&order, &mut out);
     out
+}
+
+/// A FREEING page is one the device was moving to a new page when power went out. At init it
+/// erases the newest page if that is ACTIVE (it takes it for the half-made copy), copies the
+/// FREEING page's items to a fresh page and erases the FREEING page (ESP-IDF's
+/// `PageManager::load`). Data is lost when the ACTIVE page it erases holds items that are not
+/// also on the FREEING page; otherwise flash is only rewritten.
+fn check_freeing(order: &[usize], out: &mut ParsedImage) {
+    let listed: Vec<usize> = order
+        .iter()
+        .copied()
+        .filter(|&p| {
+            matches!(
+                out.pages[p].state,
+                PageState::Active | PageState::Full | PageState::Freeing
+            ) && out.pages[p].sequence.is_some()
+        })
+        .collect();
+    let Some(&freeing) = listed
+        .iter()
+        .find(|&&p| out.pages[p].state == PageState::Freeing)
+    else {
+        return;
+    };
+    let newest = listed.last().copied();
+    let erased_page = newest.filter(|&p| p != freeing && out.pages[p].state == PageState::Active);
+    let live_on = |page: usize| {
+        out.items
+            .iter()
+            .filter(move |i| i.page == page && !i.erased)
+            .map(|i| (i.ns_index, i.key.clone(), i.type_name()))
+    };
+    let lost: Vec<String> = match erased_page {
+        Some(active) => {
+            let kept: Vec<_> = live_on(freeing).collect();
+            live_on(active)
+                .filter(|k| !kept.contains(k))
+                .map(|(_, key, _)| format!("`{key}`"))
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    if let (Some(active), false) = (erased_page, lost.is_empty()) {
+        out.problems.push(problem(
+            Some(freeing),
+            None,
+            format!(
+                "page is FREEING: at init the device erases the ACTIVE page {active} (taking it for an \
+                 interrupted copy of this page) and moves this page's items to a new page; {} on page \
+                 {active} exist nowhere else and are lost",
+                lost.join(", ")
+            ),
+        ));
+    } else {
+        out.problems.push(warning(
+            Some(freeing),
+            None,
+            "page is FREEING (a page move was interrupted): at init the device copies its items to a \
+             new page and erases it; flash is rewritten, nothing is lost"
+                .into(),
+        ));
+    }
 }
 
 /// True when some entries are marked written but none of them has a valid entry CRC.
@@ -246,11 +309,23 @@ fn read_page(
         empty: ENTRIES_PER_PAGE,
     };
     if state == PageState::Uninitialized {
-        if page.iter().any(|&b| b != 0xFF) {
+        if page[..32].iter().any(|&b| b != 0xFF) {
+            // A page whose state word was lost: the device takes it for a free page, so
+            // whatever it held is gone (and erased when the page is reused).
             problems.push(problem(
                 Some(index),
                 None,
-                "page has no header but is not blank (erased flash is all 0xFF)".into(),
+                "page state word is 0xFFFFFFFF (uninitialized) but the rest of its header is written: \
+                 the device takes it for a free page and loses its entries"
+                    .into(),
+            ));
+        } else if page.iter().any(|&b| b != 0xFF) {
+            // No header at all: the device erases the page before it uses it; nothing is lost.
+            problems.push(warning(
+                Some(index),
+                None,
+                "page has no header (all 0xFF) but is not blank; the device erases it before using it"
+                    .into(),
             ));
         }
         return summary;
@@ -298,11 +373,17 @@ fn read_page(
     };
     let mut i = 0;
     summary.empty = 0;
+    // The device's next write goes to the first EMPTY slot of an ACTIVE page.
+    let first_free = (0..ENTRIES_PER_PAGE).find(|&j| bitmap_state(bitmap, j) == EntryState::Empty);
+    let mut unused_not_blank = Vec::new();
     while i < ENTRIES_PER_PAGE {
         let entry_state = bitmap_state(bitmap, i);
         match entry_state {
             EntryState::Empty => {
                 summary.empty += 1;
+                if entry_bytes(i).iter().any(|&b| b != 0xFF) {
+                    unused_not_blank.push(i);
+                }
                 i += 1;
                 continue;
             }
@@ -338,11 +419,105 @@ fn read_page(
             }
         }
         if let Some(item) = item {
+            if let (PageState::Active, Some(free), EntryState::Written) =
+                (state, first_free, entry_state)
+            {
+                if i > free {
+                    problems.push(problem(
+                        Some(index),
+                        Some(i),
+                        format!(
+                            "key `{}` lies after entry {free}, which the bitmap marks EMPTY on this ACTIVE \
+                             page: the device erases every written slot from entry {free} on at init, so \
+                             the key is lost",
+                            item.key
+                        ),
+                    ));
+                }
+            }
             raw.push(item);
         }
         i += consumed;
     }
+    check_unused_entries(index, page, state, first_free, &unused_not_blank, problems);
     summary
+}
+
+/// Slots the bitmap marks EMPTY that do not hold erased flash. On an ACTIVE page the device
+/// marks the non-blank slots from the first free one on as erased at init, and writes its next
+/// items over the others (which corrupts them); on a FULL or FREEING page it never looks at
+/// them, so only a whole entry hidden there (a key that vanished) is damage.
+fn check_unused_entries(
+    index: usize,
+    page: &[u8],
+    state: PageState,
+    first_free: Option<usize>,
+    slots: &[usize],
+    problems: &mut Vec<Problem>,
+) {
+    let entry = |i: usize| -> [u8; 32] {
+        let at = FIRST_ENTRY_OFFSET + i * ENTRY_SIZE;
+        page[at..at + ENTRY_SIZE].try_into().unwrap_or([0xFF; 32])
+    };
+    // The key of a whole, valid entry in slot `i`, if it holds one.
+    let hidden_key = |i: usize| -> Option<String> {
+        let bytes = entry(i);
+        let crc_ok = entry_crc(&bytes).to_le_bytes() == bytes[4..8];
+        (crc_ok && ItemType::from_code(bytes[1]).is_some())
+            .then(|| read_key(&bytes[8..24]).ok())
+            .flatten()
+    };
+    // Non-blank header words from the first free slot on, one after the other: the device
+    // marks these erased when it mounts the page.
+    let mut erased_run_end = first_free.unwrap_or(ENTRIES_PER_PAGE);
+    if state == PageState::Active {
+        while erased_run_end < ENTRIES_PER_PAGE && entry(erased_run_end)[..4] != [0xFF; 4] {
+            erased_run_end += 1;
+        }
+    }
+    for &i in slots {
+        let key = hidden_key(i);
+        let named = key
+            .as_deref()
+            .map_or(String::new(), |k| format!(" (key `{k}`)"));
+        match state {
+            PageState::Active if first_free.is_some_and(|f| i < erased_run_end && i >= f) => {
+                problems.push(problem(
+                    Some(index),
+                    Some(i),
+                    format!(
+                        "the bitmap marks this slot EMPTY but it holds an entry{named}; on this ACTIVE page \
+                         the device marks it and the non-blank slots after it erased at init: their data is lost"
+                    ),
+                ))
+            }
+            PageState::Active => problems.push(problem(
+                Some(index),
+                Some(i),
+                format!(
+                    "unused slot after the first free one is not blank{named}; the next item the device \
+                     writes here is corrupted and lost"
+                ),
+            )),
+            _ if key.is_some() => problems.push(problem(
+                Some(index),
+                Some(i),
+                format!(
+                    "the bitmap marks this slot EMPTY but it holds an entry{named}; the device does not \
+                     see it on a {} page: the key vanishes",
+                    state.name().to_uppercase()
+                ),
+            )),
+            _ => problems.push(warning(
+                Some(index),
+                Some(i),
+                format!(
+                    "unused slot is not blank; the device never writes to a {} page and ignores it",
+                    state.name().to_uppercase()
+                ),
+            )),
+        }
+    }
 }
 
 /// Parses the entry at `i`. Returns how many entries it spans (at least 1) and the raw item,
@@ -479,10 +654,13 @@ fn check_pages(out: &mut ParsedImage) {
         .filter(|p| p.state == PageState::Active)
         .count();
     if active > 1 {
-        out.problems.push(problem(
+        // Legal: the device reads them all and loses nothing.
+        out.problems.push(warning(
             None,
             None,
-            format!("{active} pages are ACTIVE; the device expects one"),
+            format!(
+                "{active} pages are ACTIVE (the device expects one); it reads them all and loses nothing"
+            ),
         ));
     }
     let mut seen = HashMap::new();
@@ -569,7 +747,7 @@ struct Chunk {
 
 type ChunksByIndex = BTreeMap<u8, Chunk>;
 
-fn assemble_items(raw: Vec<RawItem>, out: &mut ParsedImage) {
+fn assemble_items(mut raw: Vec<RawItem>, out: &mut ParsedImage) {
     let names: HashMap<u8, String> = out
         .namespaces
         .iter()
@@ -577,8 +755,10 @@ fn assemble_items(raw: Vec<RawItem>, out: &mut ParsedImage) {
         .collect();
     // Chunks by (ns, key, family), live ones only: erased chunks belong to replaced blobs.
     let mut chunks: HashMap<(u8, String, u8), ChunksByIndex> = HashMap::new();
+    // Chunk payloads move into `chunks` (the loop below skips chunk entries): a large image is
+    // not held twice.
     for r in raw
-        .iter()
+        .iter_mut()
         .filter(|r| r.ty == ItemType::BlobData && r.state == EntryState::Written)
     {
         let family = if r.chunk < 0x80 { 0x00 } else { 0x80 };
@@ -589,7 +769,7 @@ fn assemble_items(raw: Vec<RawItem>, out: &mut ParsedImage) {
                 Chunk {
                     page: r.page,
                     entry: r.entry,
-                    payload: r.payload.clone(),
+                    payload: r.payload.take(),
                 },
             )
             .is_some()

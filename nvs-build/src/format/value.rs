@@ -3,7 +3,10 @@ use std::fmt;
 use super::layout::ItemType;
 
 /// A typed NVS value, as a front end hands it to the [`ImageBuilder`](super::ImageBuilder).
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// Floats compare by their bits (so `Value` is `Eq`, and a NaN read from an image equals
+/// itself).
+#[derive(Clone, Debug)]
 pub enum Value {
     U8(u8),
     I8(i8),
@@ -13,11 +16,37 @@ pub enum Value {
     I32(i32),
     U64(u64),
     I64(i64),
+    /// An IEEE 754 single (ESP-IDF 6.1's `NVS_TYPE_FLOAT`).
+    F32(f32),
+    /// An IEEE 754 double (ESP-IDF 6.1's `NVS_TYPE_DOUBLE`).
+    F64(f64),
     /// A string; the image stores its UTF-8 bytes plus a terminating NUL.
     String(String),
     /// A blob: multi-page chunks under format version 2, a legacy `BLOB` under version 1.
     Blob(Vec<u8>),
 }
+
+impl PartialEq for Value {
+    fn eq(&self, other: &Value) -> bool {
+        match (self, other) {
+            (Value::U8(a), Value::U8(b)) => a == b,
+            (Value::I8(a), Value::I8(b)) => a == b,
+            (Value::U16(a), Value::U16(b)) => a == b,
+            (Value::I16(a), Value::I16(b)) => a == b,
+            (Value::U32(a), Value::U32(b)) => a == b,
+            (Value::I32(a), Value::I32(b)) => a == b,
+            (Value::U64(a), Value::U64(b)) => a == b,
+            (Value::I64(a), Value::I64(b)) => a == b,
+            (Value::F32(a), Value::F32(b)) => a.to_bits() == b.to_bits(),
+            (Value::F64(a), Value::F64(b)) => a.to_bits() == b.to_bits(),
+            (Value::String(a), Value::String(b)) => a == b,
+            (Value::Blob(a), Value::Blob(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Value {}
 
 impl Value {
     /// The item type a primitive or string value is stored as (blobs depend on the version).
@@ -31,6 +60,8 @@ impl Value {
             Value::I32(_) => ItemType::I32.name(),
             Value::U64(_) => ItemType::U64.name(),
             Value::I64(_) => ItemType::I64.name(),
+            Value::F32(_) => ItemType::F32.name(),
+            Value::F64(_) => ItemType::F64.name(),
             Value::String(_) => "string",
             Value::Blob(_) => "blob",
         }
@@ -48,6 +79,8 @@ impl Value {
             Value::I32(v) => (ItemType::I32, &v.to_le_bytes()[..]),
             Value::U64(v) => (ItemType::U64, &v.to_le_bytes()[..]),
             Value::I64(v) => (ItemType::I64, &v.to_le_bytes()[..]),
+            Value::F32(v) => (ItemType::F32, &v.to_le_bytes()[..]),
+            Value::F64(v) => (ItemType::F64, &v.to_le_bytes()[..]),
             Value::String(_) | Value::Blob(_) => return None,
         };
         data[..bytes.len()].copy_from_slice(bytes);
@@ -66,6 +99,8 @@ impl Value {
             ItemType::I32 => Value::I32(i32::from_le_bytes(word)),
             ItemType::U64 => Value::U64(u64::from_le_bytes(*data)),
             ItemType::I64 => Value::I64(i64::from_le_bytes(*data)),
+            ItemType::F32 => Value::F32(f32::from_le_bytes(word)),
+            ItemType::F64 => Value::F64(f64::from_le_bytes(*data)),
             _ => return None,
         })
     }
@@ -81,6 +116,10 @@ impl Value {
             Value::I32(v) => v.to_string(),
             Value::U64(v) => v.to_string(),
             Value::I64(v) => v.to_string(),
+            // The shortest spelling that reads back exactly: `1.5`, `0.1`, `2.0`, `-2.5e300`,
+            // `inf`, `NaN`.
+            Value::F32(v) => format!("{v:?}"),
+            Value::F64(v) => format!("{v:?}"),
             Value::String(s) => s.clone(),
             Value::Blob(b) => String::from_utf8_lossy(b).into_owned(),
         }

@@ -61,6 +61,10 @@ fn csv_error(path: &Path, line: usize, e: &csv::Error) -> CliError {
             "{}:{line}: the file is not valid UTF-8; save it as UTF-8",
             path.display()
         )),
+        // Our own line-length refusal names its line.
+        csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+            CliError(format!("{}: {io}", path.display()))
+        }
         _ => CliError(format!("{}:{line}: {e}", path.display())),
     }
 }
@@ -74,7 +78,7 @@ fn reader<R: Read>(input: R) -> csv::Reader<R> {
 
 /// Reads and checks the config file.
 pub fn read_config(path: &Path) -> CliResult<Vec<ConfigRow>> {
-    let bytes = std::fs::read(path).map_err(|e| {
+    let bytes = nvs_build::read_limited(path, nvs_build::MAX_INPUT_BYTES).map_err(|e| {
         CliError(format!(
             "cannot read the config file `{}`: {e}",
             path.display()
@@ -226,12 +230,51 @@ fn is_blank_line(line: &[u8]) -> bool {
     })
 }
 
+/// Longest line of a values file: fields are at most 131,072 characters (Python's
+/// `csv.field_size_limit()`, which mfg_gen's reader keeps), so a longer line is not a values
+/// file; it is refused before it fills memory.
+pub const MAX_VALUES_LINE: usize = 4 << 20;
+/// Longest field mfg_gen's CSV reader accepts (Python's `csv.field_size_limit()`).
+pub const MAX_FIELD_CHARS: usize = 131_072;
+
+impl<R: BufRead> LineFilter<R> {
+    /// `read_until(b'\n')` that stops with an error past [`MAX_VALUES_LINE`] bytes.
+    fn read_line_capped(&mut self) -> std::io::Result<usize> {
+        loop {
+            let available = self.inner.fill_buf()?;
+            if available.is_empty() {
+                return Ok(self.line.len());
+            }
+            let (take, done) = match available.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (available.len(), false),
+            };
+            if self.line.len() + take > MAX_VALUES_LINE {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "line {} is longer than {} MiB; a values file holds fields of at most {MAX_FIELD_CHARS} \
+                         characters (mfg_gen's limit): put large values in files and use `file` rows",
+                        self.lines_read + 1,
+                        MAX_VALUES_LINE >> 20
+                    ),
+                ));
+            }
+            self.line.extend_from_slice(&available[..take]);
+            self.inner.consume(take);
+            if done {
+                return Ok(self.line.len());
+            }
+        }
+    }
+}
+
 impl<R: BufRead> Read for LineFilter<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.pos == self.line.len() {
             self.line.clear();
             self.pos = 0;
-            if self.inner.read_until(b'\n', &mut self.line)? == 0 {
+            if self.read_line_capped()? == 0 {
                 return Ok(0);
             }
             self.lines_read += 1;
@@ -308,6 +351,19 @@ impl Values {
         }
         let offset = self.record.position().map_or(0, |p| p.byte());
         row.line = self.reader.get_mut().line_at(offset);
+        if let Some(i) = self
+            .record
+            .iter()
+            .position(|f| f.len() > MAX_FIELD_CHARS && f.chars().count() > MAX_FIELD_CHARS)
+        {
+            return Err(CliError(format!(
+                "{}:{}: field {} holds more than {MAX_FIELD_CHARS} characters, more than mfg_gen's CSV \
+                 reader accepts; put large values in files and use `file` rows",
+                self.path.display(),
+                row.line,
+                i + 1
+            )));
+        }
         row.fields.truncate(self.record.len());
         for (i, field) in self.record.iter().enumerate() {
             match row.fields.get_mut(i) {
