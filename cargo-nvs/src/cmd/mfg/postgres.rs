@@ -15,7 +15,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use postgres::{Client, NoTls, Row, Transaction};
+use std::collections::HashMap;
+
+use postgres::types::ToSql;
+use postgres::{Client, GenericClient, NoTls, Row, Statement, Transaction};
 
 use super::ledger::{
     BatchStatus, CLAIM_LIFETIME, ClaimOutcome, Conflict, FlashRecord, Issued, Ledger, LedgerError,
@@ -142,8 +145,73 @@ enum TlsMode {
 /// The ledger in PostgreSQL: one connection per process, shared by its ports' threads.
 pub struct PostgresLedger {
     url: ServerUrl,
-    client: Mutex<Client>,
+    connection: Mutex<Connection>,
     claim_lifetime: Duration,
+}
+
+/// A connection and the statements prepared on it: each statement is parsed once per
+/// connection, not once per call (a round trip saved every time).
+struct Connection {
+    client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+/// Where a method runs its statements: a transaction or the bare connection, through the
+/// statement cache.
+struct Db<'a, C: GenericClient> {
+    client: &'a mut C,
+    statements: &'a mut HashMap<String, Statement>,
+}
+
+impl<C: GenericClient> Db<'_, C> {
+    fn statement(&mut self, sql: &str) -> Result<Statement, postgres::Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        self.statements.insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
+    fn query(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.query(&statement, params)
+    }
+
+    fn query_one(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.query_one(&statement, params)
+    }
+
+    fn query_opt(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.query_opt(&statement, params)
+    }
+
+    fn execute(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.execute(&statement, params)
+    }
+
+    fn batch_execute(&mut self, sql: &str) -> Result<(), postgres::Error> {
+        self.client.batch_execute(sql)
+    }
 }
 
 impl PostgresLedger {
@@ -186,24 +254,28 @@ impl PostgresLedger {
         };
         let ledger = PostgresLedger {
             url: url.clone(),
-            client: Mutex::new(client),
+            connection: Mutex::new(Connection {
+                client,
+                statements: HashMap::new(),
+            }),
             claim_lifetime: CLAIM_LIFETIME,
         };
         ledger
             .with(|tx| {
                 // The tables exist and are current: nothing to do (DDL would take table
                 // locks that other stations' claims wait on).
-                let current = |tx: &mut Transaction<'_>| -> Result<Option<i64>, postgres::Error> {
-                    let exists: bool = tx
-                        .query_one("SELECT to_regclass('nvs_meta') IS NOT NULL", &[])?
-                        .get(0);
-                    if !exists {
-                        return Ok(None);
-                    }
-                    Ok(tx
-                        .query_opt("SELECT value FROM nvs_meta WHERE key = 'schema'", &[])?
-                        .and_then(|r| r.get::<_, String>(0).parse::<i64>().ok()))
-                };
+                let current =
+                    |tx: &mut Db<'_, Transaction<'_>>| -> Result<Option<i64>, postgres::Error> {
+                        let exists: bool = tx
+                            .query_one("SELECT to_regclass('nvs_meta') IS NOT NULL", &[])?
+                            .get(0);
+                        if !exists {
+                            return Ok(None);
+                        }
+                        Ok(tx
+                            .query_opt("SELECT value FROM nvs_meta WHERE key = 'schema'", &[])?
+                            .and_then(|r| r.get::<_, String>(0).parse::<i64>().ok()))
+                    };
                 match current(tx)? {
                     Some(version) if version > SCHEMA_VERSION => return Ok(Err(version)),
                     Some(SCHEMA_VERSION) => return Ok(Ok(())),
@@ -232,19 +304,49 @@ impl PostgresLedger {
     /// Runs `f` in one transaction (committed when it returns `Ok`).
     fn with<T>(
         &self,
-        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, postgres::Error>,
+        f: impl FnOnce(&mut Db<'_, Transaction<'_>>) -> Result<T, postgres::Error>,
     ) -> LedgerResult<T> {
-        let mut client = self.client.lock().map_err(|_| LedgerError::Poisoned {
+        self.with_outcome(|db| f(db).map(|value| (value, true)))
+    }
+
+    /// Runs `f` in one transaction, committed when it returns `(value, true)`, else rolled back.
+    fn with_outcome<T>(
+        &self,
+        f: impl FnOnce(&mut Db<'_, Transaction<'_>>) -> Result<(T, bool), postgres::Error>,
+    ) -> LedgerResult<T> {
+        let mut connection = self.lock()?;
+        let Connection { client, statements } = &mut *connection;
+        let mut tx = client.transaction().map_err(|e| self.server(e))?;
+        let (value, commit) = f(&mut Db {
+            client: &mut tx,
+            statements,
+        })
+        .map_err(|e| self.server(e))?;
+        if commit { tx.commit() } else { tx.rollback() }.map_err(|e| self.server(e))?;
+        Ok(value)
+    }
+
+    /// Runs `f`'s statements each on its own (autocommit): for methods of one statement.
+    fn auto<T>(
+        &self,
+        f: impl FnOnce(&mut Db<'_, Client>) -> Result<T, postgres::Error>,
+    ) -> LedgerResult<T> {
+        let mut connection = self.lock()?;
+        let Connection { client, statements } = &mut *connection;
+        f(&mut Db { client, statements }).map_err(|e| self.server(e))
+    }
+
+    fn lock(&self) -> LedgerResult<std::sync::MutexGuard<'_, Connection>> {
+        self.connection.lock().map_err(|_| LedgerError::Poisoned {
             ledger: PathBuf::from(self.url.to_string()),
-        })?;
-        let server = |source| LedgerError::Server {
+        })
+    }
+
+    fn server(&self, source: postgres::Error) -> LedgerError {
+        LedgerError::Server {
             ledger: self.url.place(),
             source,
-        };
-        let mut tx = client.transaction().map_err(server)?;
-        let value = f(&mut tx).map_err(server)?;
-        tx.commit().map_err(server)?;
-        Ok(value)
+        }
     }
 
     fn live_claim(&self) -> String {
@@ -420,11 +522,17 @@ impl rustls::client::danger::ServerCertVerifier for LibpqVerifier {
 }
 
 fn issued_from_row(row: &Row) -> Issued {
+    let images: Option<Vec<String>> = row.get(11);
+    let shas: Option<Vec<String>> = row.get(12);
     Issued {
         device: row.get(0),
         image: row.get(1),
         sha256: row.get(2),
-        more_images: Vec::new(),
+        more_images: images
+            .unwrap_or_default()
+            .into_iter()
+            .zip(shas.unwrap_or_default())
+            .collect(),
         key_file: row.get(3),
         hmac_key_file: row.get(9),
         size: u32::try_from(row.get::<_, i64>(4)).unwrap_or(0),
@@ -436,46 +544,26 @@ fn issued_from_row(row: &Row) -> Issued {
     }
 }
 
-fn more_images(
-    tx: &mut Transaction<'_>,
-    device: &str,
-) -> Result<Vec<(String, String)>, postgres::Error> {
-    Ok(tx
-        .query(
-            "SELECT image, sha256 FROM nvs_device_images WHERE device = $1 ORDER BY idx",
-            &[&device],
-        )?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect())
-}
-
-fn put_claim(
-    tx: &mut Transaction<'_>,
-    device: &str,
-    claimant: &str,
-) -> Result<(), postgres::Error> {
-    tx.execute(
-        &format!("UPDATE nvs_devices SET claimant = $2, claimed_at = {NOW} WHERE device = $1"),
-        &[&device, &claimant],
+/// A device's columns for [`issued_from_row`], its other images included (as two arrays), from
+/// the `nvs_devices` row `d`.
+fn device_columns(d: &str) -> String {
+    format!(
+        "{d}.device, {d}.image, {d}.sha256, {d}.key_file, {d}.size, {d}.values_file, {d}.line,
+         {d}.batch, {d}.issued_at, {d}.hmac_key_file, {d}.batch_dir,
+         (SELECT array_agg(i.image ORDER BY i.idx) FROM nvs_device_images i
+            WHERE i.device = {d}.device),
+         (SELECT array_agg(i.sha256 ORDER BY i.idx) FROM nvs_device_images i
+            WHERE i.device = {d}.device)"
     )
-    .map(drop)
 }
 
 impl Ledger for PostgresLedger {
     fn issued(&self, device: &str) -> LedgerResult<Option<Issued>> {
-        self.with(|tx| {
-            let Some(row) = tx.query_opt(
-                &format!("SELECT {DEVICE_COLUMNS} FROM nvs_devices WHERE device = $1"),
-                &[&device],
-            )?
-            else {
-                return Ok(None);
-            };
-            let mut issued = issued_from_row(&row);
-            issued.more_images = more_images(tx, device)?;
-            Ok(Some(issued))
-        })
+        let sql = format!(
+            "SELECT {} FROM nvs_devices d WHERE device = $1",
+            device_columns("d")
+        );
+        self.auto(|db| Ok(db.query_opt(&sql, &[&device])?.map(|r| issued_from_row(&r))))
     }
 
     fn issue_many(
@@ -486,6 +574,7 @@ impl Ledger for PostgresLedger {
         let take = if allow_reissue {
             "TRUE"
         } else {
+            // This run's own reservations.
             "nvs_devices.sha256 = '' AND nvs_devices.batch = excluded.batch
              AND nvs_devices.batch_dir = excluded.batch_dir"
         };
@@ -494,77 +583,117 @@ impl Ledger for PostgresLedger {
         } else {
             ""
         };
-        let outcomes = self.with(|tx| {
-            let now: String = tx.query_one(&format!("SELECT {NOW}"), &[])?.get(0);
-            let insert = tx.prepare(&format!(
-                "INSERT INTO nvs_devices ({DEVICE_COLUMNS})
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-                 ON CONFLICT (device) DO UPDATE SET image = excluded.image,
-                   sha256 = excluded.sha256, key_file = excluded.key_file,
-                   hmac_key_file = excluded.hmac_key_file, size = excluded.size,
-                   values_file = excluded.values_file, line = excluded.line,
-                   batch = excluded.batch, issued_at = excluded.issued_at,
-                   batch_dir = excluded.batch_dir{issues}
-                 WHERE {take}"
-            ))?;
-            let mut outcomes = Vec::with_capacity(entries.len());
-            for entry in entries {
-                let batch_dir = entry.batch_dir.to_string_lossy().into_owned();
-                tx.execute(
-                    "INSERT INTO nvs_batches (dir, first_used) VALUES ($1, $2)
-                     ON CONFLICT (dir) DO NOTHING",
-                    &[&batch_dir, &now],
-                )?;
-                let changed = tx.execute(
+        // One statement for the whole chunk (arrays, unnest): a round trip per chunk, not per
+        // device.
+        let insert = format!(
+            "INSERT INTO nvs_devices ({DEVICE_COLUMNS})
+             SELECT u.device, u.image, u.sha256, u.key_file, u.size, u.values_file, u.line,
+               u.batch, $12, u.hmac_key_file, u.batch_dir
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+               $6::text[], $7::bigint[], $8::text[], $9::text[], $10::text[])
+               AS u(device, image, sha256, key_file, size, values_file, line, batch,
+                 hmac_key_file, batch_dir)
+             WHERE $11
+             ON CONFLICT (device) DO UPDATE SET image = excluded.image,
+               sha256 = excluded.sha256, key_file = excluded.key_file,
+               hmac_key_file = excluded.hmac_key_file, size = excluded.size,
+               values_file = excluded.values_file, line = excluded.line,
+               batch = excluded.batch, issued_at = excluded.issued_at,
+               batch_dir = excluded.batch_dir{issues}
+             WHERE {take}
+             RETURNING device"
+        );
+        let column = |f: fn(&Issued) -> String| entries.iter().map(f).collect::<Vec<String>>();
+        let devices = column(|e| e.device.clone());
+        let images = column(|e| e.image.clone());
+        let shas = column(|e| e.sha256.clone());
+        let key_files: Vec<Option<String>> = entries.iter().map(|e| e.key_file.clone()).collect();
+        let sizes: Vec<i64> = entries.iter().map(|e| i64::from(e.size)).collect();
+        let values = column(|e| e.values.clone());
+        let lines: Vec<i64> = entries.iter().map(|e| e.line as i64).collect();
+        let batches = column(|e| e.batch.clone());
+        let hmac: Vec<Option<String>> = entries.iter().map(|e| e.hmac_key_file.clone()).collect();
+        let dirs = column(|e| e.batch_dir.to_string_lossy().into_owned());
+        let (outcomes, now) = self.with(|db| {
+            let now: String = db.query_one(&format!("SELECT {NOW}"), &[])?.get(0);
+            let mut distinct = dirs.clone();
+            distinct.sort();
+            distinct.dedup();
+            db.execute(
+                "INSERT INTO nvs_batches (dir, first_used) SELECT d, $2 FROM unnest($1::text[]) d
+                 ON CONFLICT (dir) DO NOTHING",
+                &[&distinct, &now],
+            )?;
+            let taken: std::collections::HashSet<String> = db
+                .query(
                     &insert,
                     &[
-                        &entry.device,
-                        &entry.image,
-                        &entry.sha256,
-                        &entry.key_file,
-                        &i64::from(entry.size),
-                        &entry.values,
-                        &(entry.line as i64),
-                        &entry.batch,
-                        &now,
-                        &entry.hmac_key_file,
-                        &batch_dir,
+                        &devices, &images, &shas, &key_files, &sizes, &values, &lines, &batches,
+                        &hmac, &dirs, &true, &now,
                     ],
-                )?;
-                if changed == 0 {
-                    let row = tx.query_one(
-                        "SELECT issued_at, batch_dir FROM nvs_devices WHERE device = $1",
-                        &[&entry.device],
-                    )?;
-                    outcomes.push(Err((row.get::<_, String>(0), row.get::<_, String>(1))));
-                    continue;
-                }
-                tx.execute(
-                    "DELETE FROM nvs_device_images WHERE device = $1",
-                    &[&entry.device],
-                )?;
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let taken_list: Vec<&String> = devices.iter().filter(|d| taken.contains(*d)).collect();
+            db.execute(
+                "DELETE FROM nvs_device_images WHERE device = ANY($1)",
+                &[&taken_list],
+            )?;
+            let (mut image_devices, mut idxs, mut image_names, mut image_shas) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for entry in entries.iter().filter(|e| taken.contains(&e.device)) {
                 for (idx, (image, sha256)) in entry.more_images.iter().enumerate() {
-                    tx.execute(
-                        "INSERT INTO nvs_device_images (device, idx, image, sha256)
-                         VALUES ($1, $2, $3, $4)",
-                        &[&entry.device, &(idx as i64), image, sha256],
-                    )?;
+                    image_devices.push(entry.device.clone());
+                    idxs.push(idx as i64);
+                    image_names.push(image.clone());
+                    image_shas.push(sha256.clone());
                 }
-                outcomes.push(Ok(now.clone()));
             }
-            Ok(outcomes)
+            if !image_devices.is_empty() {
+                db.execute(
+                    "INSERT INTO nvs_device_images (device, idx, image, sha256)
+                     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[])",
+                    &[&image_devices, &idxs, &image_names, &image_shas],
+                )?;
+            }
+            let refused: Vec<&String> = devices.iter().filter(|d| !taken.contains(*d)).collect();
+            let mut earlier = std::collections::HashMap::new();
+            if !refused.is_empty() {
+                for row in db.query(
+                    "SELECT device, issued_at, batch_dir FROM nvs_devices WHERE device = ANY($1)",
+                    &[&refused],
+                )? {
+                    earlier.insert(
+                        row.get::<_, String>(0),
+                        (row.get::<_, String>(1), row.get::<_, String>(2)),
+                    );
+                }
+            }
+            Ok((
+                entries
+                    .iter()
+                    .map(|e| match taken.contains(&e.device) {
+                        true => Ok(()),
+                        false => Err(earlier.get(&e.device).cloned().unwrap_or_default()),
+                    })
+                    .collect::<Vec<_>>(),
+                now,
+            ))
         })?;
         Ok(entries
             .iter()
             .zip(outcomes)
             .map(|(entry, outcome)| {
-                outcome.map_err(|(when, batch_dir)| Refused {
-                    device: entry.device.clone(),
-                    when,
-                    reserved: false,
-                    batch_dir,
-                    ledger: PathBuf::from(self.url.to_string()),
-                })
+                outcome
+                    .map(|()| now.clone())
+                    .map_err(|(when, batch_dir)| Refused {
+                        device: entry.device.clone(),
+                        when,
+                        reserved: false,
+                        batch_dir,
+                        ledger: PathBuf::from(self.url.to_string()),
+                    })
             })
             .collect())
     }
@@ -581,85 +710,70 @@ impl Ledger for PostgresLedger {
         } else {
             "FALSE"
         };
+        let insert = format!(
+            "INSERT INTO nvs_devices (device, image, sha256, size, values_file, line, batch,
+               issued_at, batch_dir)
+             SELECT u.device, '', '', 0, $3, u.line, $4, $5, $6
+             FROM unnest($1::text[], $2::bigint[]) AS u(device, line)
+             ON CONFLICT (device) DO UPDATE SET image = '', sha256 = '', size = 0,
+               values_file = excluded.values_file, line = excluded.line,
+               batch = excluded.batch, issued_at = excluded.issued_at,
+               batch_dir = excluded.batch_dir
+             WHERE {take}
+             RETURNING device"
+        );
+        let ids: Vec<&String> = devices.iter().map(|(d, _)| d).collect();
+        let lines: Vec<i64> = devices.iter().map(|(_, l)| *l as i64).collect();
         let batch_dir = run.batch_dir.to_string_lossy().into_owned();
-        let mut client = self.client.lock().map_err(|_| LedgerError::Poisoned {
-            ledger: PathBuf::from(self.url.to_string()),
-        })?;
-        let server = |source| LedgerError::Server {
-            ledger: self.url.place(),
-            source,
-        };
-        let mut tx = client.transaction().map_err(server)?;
-        let mut refused = Vec::new();
-        let result = (|| -> Result<(), postgres::Error> {
-            let now: String = tx.query_one(&format!("SELECT {NOW}"), &[])?.get(0);
-            let insert = tx.prepare(&format!(
-                "INSERT INTO nvs_devices (device, image, sha256, size, values_file, line, batch,
-                   issued_at, batch_dir)
-                 VALUES ($1, '', '', 0, $2, $3, $4, $5, $6)
-                 ON CONFLICT (device) DO UPDATE SET image = '', sha256 = '', size = 0,
-                   values_file = excluded.values_file, line = excluded.line,
-                   batch = excluded.batch, issued_at = excluded.issued_at,
-                   batch_dir = excluded.batch_dir
-                 WHERE {take}"
-            ))?;
-            for (device, line) in devices {
-                let changed = tx.execute(
-                    &insert,
-                    &[
-                        device,
-                        &run.values,
-                        &(*line as i64),
-                        &run.batch,
-                        &now,
-                        &batch_dir,
-                    ],
-                )?;
-                if changed == 0 {
-                    let row = tx.query_one(
-                        "SELECT issued_at, sha256 = '', batch_dir FROM nvs_devices
-                         WHERE device = $1",
-                        &[device],
-                    )?;
+        let values = run.values.to_owned();
+        let batch = run.batch.to_owned();
+        // All or nothing: when any id is refused, the transaction is rolled back.
+        let refused = self.with_outcome(|db| {
+            let now: String = db.query_one(&format!("SELECT {NOW}"), &[])?.get(0);
+            let taken: std::collections::HashSet<String> = db
+                .query(&insert, &[&ids, &lines, &values, &batch, &now, &batch_dir])?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let lost: Vec<&String> = ids
+                .iter()
+                .copied()
+                .filter(|d| !taken.contains(*d))
+                .collect();
+            let mut refused = Vec::new();
+            if !lost.is_empty() {
+                for row in db.query(
+                    "SELECT device, issued_at, sha256 = '', batch_dir FROM nvs_devices
+                     WHERE device = ANY($1) ORDER BY device",
+                    &[&lost],
+                )? {
                     refused.push(Refused {
-                        device: device.clone(),
-                        when: row.get(0),
-                        reserved: row.get(1),
-                        batch_dir: row.get(2),
+                        device: row.get(0),
+                        when: row.get(1),
+                        reserved: row.get(2),
+                        batch_dir: row.get(3),
                         ledger: PathBuf::from(self.url.to_string()),
                     });
                 }
             }
-            Ok(())
-        })();
-        result.map_err(server)?;
-        if refused.is_empty() {
-            tx.commit().map_err(server)?;
-        } else {
-            tx.rollback().map_err(server)?;
-        }
+            let commit = refused.is_empty();
+            Ok((refused, commit))
+        })?;
         Ok(refused)
     }
 
     #[cfg(test)]
     fn devices(&self) -> LedgerResult<Vec<Issued>> {
-        self.with(|tx| {
-            Ok(tx
-                .query(
-                    &format!(
-                        "SELECT {DEVICE_COLUMNS} FROM nvs_devices ORDER BY batch, values_file, line"
-                    ),
-                    &[],
-                )?
-                .iter()
-                .map(issued_from_row)
-                .collect())
-        })
+        let sql = format!(
+            "SELECT {} FROM nvs_devices d ORDER BY batch, values_file, line",
+            device_columns("d")
+        );
+        self.auto(|db| Ok(db.query(&sql, &[])?.iter().map(issued_from_row).collect()))
     }
 
     fn batch_dirs(&self) -> LedgerResult<Vec<PathBuf>> {
-        self.with(|tx| {
-            Ok(tx
+        self.auto(|db| {
+            Ok(db
                 .query("SELECT dir FROM nvs_batches ORDER BY first_used, dir", &[])?
                 .iter()
                 .map(|r| PathBuf::from(r.get::<_, String>(0)))
@@ -668,66 +782,62 @@ impl Ledger for PostgresLedger {
     }
 
     fn claim_next(&self, claimant: &str, batch_dirs: &[PathBuf]) -> LedgerResult<Option<Issued>> {
-        let live_claim = self.live_claim();
         let dirs: Vec<String> = batch_dirs
             .iter()
             .map(|d| d.to_string_lossy().into_owned())
             .collect();
-        self.with(|tx| {
-            // SKIP LOCKED: a device another station is claiming right now is passed over,
-            // not waited for.
-            let Some(row) = tx.query_opt(
-                &format!(
-                    "SELECT {DEVICE_COLUMNS} FROM nvs_devices d WHERE d.sha256 <> ''
-                     AND NOT d.flashed AND d.written_to IS NULL
-                     AND (d.claimant IS NULL OR d.claimant = $1 OR NOT ({live_claim}))
-                     AND d.batch_dir = ANY($2)
-                     ORDER BY batch, values_file, line LIMIT 1
-                     FOR UPDATE OF d SKIP LOCKED"
-                ),
-                &[&claimant, &dirs],
-            )?
-            else {
-                return Ok(None);
-            };
-            let mut next = issued_from_row(&row);
-            next.more_images = more_images(tx, &next.device)?;
-            put_claim(tx, &next.device, claimant)?;
-            Ok(Some(next))
+        // One statement: the subquery locks the next free device, skipping rows other
+        // stations hold locked (SKIP LOCKED); a row claimed meanwhile is re-read and passed by.
+        let sql = format!(
+            "UPDATE nvs_devices SET claimant = $1, claimed_at = {NOW}
+             WHERE device = (
+               SELECT d.device FROM nvs_devices d WHERE d.sha256 <> ''
+                 AND NOT d.flashed AND d.written_to IS NULL
+                 AND (d.claimant IS NULL OR d.claimant = $1 OR NOT ({live}))
+                 AND d.batch_dir = ANY($2)
+               ORDER BY d.batch, d.values_file, d.line LIMIT 1
+               FOR UPDATE SKIP LOCKED)
+             RETURNING {columns}",
+            live = self.live_claim(),
+            columns = device_columns("nvs_devices")
+        );
+        self.auto(|db| {
+            Ok(db
+                .query_opt(&sql, &[&claimant, &dirs])?
+                .map(|r| issued_from_row(&r)))
         })
     }
 
     fn claim(&self, device: &str, claimant: &str) -> LedgerResult<ClaimOutcome> {
-        let live_claim = self.live_claim();
-        self.with(|tx| {
+        let held = format!(
+            "SELECT claimant, claimed_at FROM nvs_devices d
+             WHERE device = $1 AND claimant <> $2 AND {} FOR UPDATE",
+            self.live_claim()
+        );
+        let put =
+            format!("UPDATE nvs_devices SET claimant = $2, claimed_at = {NOW} WHERE device = $1");
+        self.with(|db| {
             // The row lock makes two stations claiming it by name take turns.
-            if let Some(row) = tx.query_opt(
-                &format!(
-                    "SELECT claimant, claimed_at FROM nvs_devices d
-                     WHERE device = $1 AND claimant <> $2 AND {live_claim} FOR UPDATE"
-                ),
-                &[&device, &claimant],
-            )? {
+            if let Some(row) = db.query_opt(&held, &[&device, &claimant])? {
                 return Ok(ClaimOutcome::HeldBy {
                     claimant: row.get(0),
                     since: row.get(1),
                 });
             }
-            put_claim(tx, device, claimant)?;
+            db.execute(&put, &[&device, &claimant])?;
             Ok(ClaimOutcome::Claimed)
         })
     }
 
     fn release(&self, device: &str, claimant: &str) -> LedgerResult<()> {
-        self.with(|tx| {
-            // The station lets go; a record of the chip the device went to stays.
-            tx.execute(
-                "UPDATE nvs_devices SET claimant = NULL, claimed_at = NULL
-                 WHERE device = $1 AND claimant = $2 AND written_to IS NULL",
-                &[&device, &claimant],
-            )?;
-            tx.execute(
-                "UPDATE nvs_devices SET claimed_at = '0000-00-00T00:00:00.000Z'
+        // The station lets go; a record of the chip the device went to stays (with a lapsed
+        // claim).
+        self.auto(|db| {
+            db.execute(
+                "UPDATE nvs_devices SET
+                   claimant = CASE WHEN written_to IS NULL THEN NULL ELSE claimant END,
+                   claimed_at = CASE WHEN written_to IS NULL THEN NULL
+                     ELSE '0000-00-00T00:00:00.000Z' END
                  WHERE device = $1 AND claimant = $2",
                 &[&device, &claimant],
             )
@@ -736,8 +846,8 @@ impl Ledger for PostgresLedger {
     }
 
     fn mark_written(&self, device: &str, claimant: &str, mac: &str) -> LedgerResult<()> {
-        self.with(|tx| {
-            tx.execute(
+        self.auto(|db| {
+            db.execute(
                 "UPDATE nvs_devices SET written_to = $3 WHERE device = $1 AND claimant = $2",
                 &[&device, &claimant, &mac],
             )
@@ -746,8 +856,8 @@ impl Ledger for PostgresLedger {
     }
 
     fn written_to(&self, device: &str) -> LedgerResult<Option<String>> {
-        self.with(|tx| {
-            Ok(tx
+        self.auto(|db| {
+            Ok(db
                 .query_opt(
                     "SELECT written_to FROM nvs_devices WHERE device = $1
                      AND written_to IS NOT NULL",
@@ -758,8 +868,8 @@ impl Ledger for PostgresLedger {
     }
 
     fn written_unlogged(&self) -> LedgerResult<Vec<(String, String)>> {
-        self.with(|tx| {
-            Ok(tx
+        self.auto(|db| {
+            Ok(db
                 .query(
                     "SELECT device, written_to FROM nvs_devices WHERE written_to IS NOT NULL
                      ORDER BY claimed_at",
@@ -772,33 +882,34 @@ impl Ledger for PostgresLedger {
     }
 
     fn record_flash(&self, record: &FlashRecord) -> LedgerResult<()> {
-        self.with(|tx| {
-            tx.execute(
-                &format!(
-                    "INSERT INTO nvs_flash_log (time, mac, device, sha256, port, result)
-                     VALUES ({NOW}, $1, $2, $3, $4, $5)"
-                ),
+        // One statement: the log row and the end of the claim together.
+        let sql = format!(
+            "WITH logged AS (
+               INSERT INTO nvs_flash_log (time, mac, device, sha256, port, result)
+               VALUES ({NOW}, $1, $2, $3, $4, $5))
+             UPDATE nvs_devices SET claimant = NULL, claimed_at = NULL, written_to = NULL,
+               flashed = flashed OR $6
+             WHERE device = $2"
+        );
+        self.auto(|db| {
+            db.execute(
+                &sql,
                 &[
                     &record.mac,
                     &record.device,
                     &record.sha256,
                     &record.port,
                     &record.result,
+                    &(record.result == "ok"),
                 ],
-            )?;
-            tx.execute(
-                "UPDATE nvs_devices SET claimant = NULL, claimed_at = NULL, written_to = NULL,
-                   flashed = flashed OR $2
-                 WHERE device = $1",
-                &[&record.device, &(record.result == "ok")],
             )
             .map(drop)
         })
     }
 
     fn flash_conflict(&self, mac: &str, device: &str) -> LedgerResult<Option<Conflict>> {
-        self.with(|tx| {
-            if let Some(row) = tx.query_opt(
+        self.auto(|db| {
+            if let Some(row) = db.query_opt(
                 "SELECT mac, time FROM nvs_flash_log WHERE device = $1 AND result = 'ok'
                    AND mac <> $2 ORDER BY id DESC LIMIT 1",
                 &[&device, &mac],
@@ -809,7 +920,7 @@ impl Ledger for PostgresLedger {
                     when: row.get(1),
                 }));
             }
-            Ok(tx
+            Ok(db
                 .query_opt(
                     "SELECT device, time FROM nvs_flash_log WHERE mac = $1 AND result = 'ok'
                        AND device <> $2 ORDER BY id DESC LIMIT 1",
@@ -824,8 +935,8 @@ impl Ledger for PostgresLedger {
     }
 
     fn flash_log(&self) -> LedgerResult<Vec<FlashRecord>> {
-        self.with(|tx| {
-            Ok(tx
+        self.auto(|db| {
+            Ok(db
                 .query(
                     "SELECT time, mac, device, sha256, port, result FROM nvs_flash_log
                      ORDER BY id",
@@ -845,28 +956,26 @@ impl Ledger for PostgresLedger {
     }
 
     fn status(&self) -> LedgerResult<Vec<BatchStatus>> {
-        let live_claim = self.live_claim();
-        self.with(|tx| {
-            let rows = tx.query(
-                &format!(
-                    "SELECT batch_dir,
-                       SUM(CASE WHEN sha256 <> '' THEN 1 ELSE 0 END),
-                       SUM(CASE WHEN sha256 = '' THEN 1 ELSE 0 END),
-                       SUM(CASE WHEN ok THEN 1 ELSE 0 END),
-                       SUM(CASE WHEN NOT ok AND failed THEN 1 ELSE 0 END),
-                       SUM(CASE WHEN NOT ok AND claimed THEN 1 ELSE 0 END),
-                       SUM(CASE WHEN NOT ok AND unlogged THEN 1 ELSE 0 END)
-                     FROM (SELECT d.batch_dir, d.batch, d.sha256, d.flashed AS ok,
-                       EXISTS (SELECT 1 FROM nvs_flash_log f WHERE f.device = d.device
-                         AND f.result <> 'ok') AS failed,
-                       COALESCE(d.claimant IS NOT NULL AND {live_claim}, FALSE) AS claimed,
-                       d.written_to IS NOT NULL AS unlogged
-                     FROM nvs_devices d) s
-                     GROUP BY batch_dir ORDER BY MIN(batch), batch_dir"
-                ),
-                &[],
-            )?;
-            Ok(rows
+        let sql = format!(
+            "SELECT batch_dir,
+               SUM(CASE WHEN sha256 <> '' THEN 1 ELSE 0 END),
+               SUM(CASE WHEN sha256 = '' THEN 1 ELSE 0 END),
+               SUM(CASE WHEN ok THEN 1 ELSE 0 END),
+               SUM(CASE WHEN NOT ok AND failed THEN 1 ELSE 0 END),
+               SUM(CASE WHEN NOT ok AND claimed THEN 1 ELSE 0 END),
+               SUM(CASE WHEN NOT ok AND unlogged THEN 1 ELSE 0 END)
+             FROM (SELECT d.batch_dir, d.batch, d.sha256, d.flashed AS ok,
+               EXISTS (SELECT 1 FROM nvs_flash_log f WHERE f.device = d.device
+                 AND f.result <> 'ok') AS failed,
+               COALESCE(d.claimant IS NOT NULL AND {live}, FALSE) AS claimed,
+               d.written_to IS NOT NULL AS unlogged
+             FROM nvs_devices d) s
+             GROUP BY batch_dir ORDER BY MIN(batch), batch_dir",
+            live = self.live_claim()
+        );
+        self.auto(|db| {
+            Ok(db
+                .query(&sql, &[])?
                 .iter()
                 .map(|r| {
                     let n = |i: usize| u64::try_from(r.get::<_, i64>(i)).unwrap_or(0);
@@ -888,8 +997,8 @@ impl Ledger for PostgresLedger {
 
     fn device_with_sha256(&self, sha256: &str) -> LedgerResult<Option<String>> {
         let sha256 = sha256.to_ascii_lowercase();
-        self.with(|tx| {
-            Ok(tx
+        self.auto(|db| {
+            Ok(db
                 .query_opt(
                     "SELECT device FROM nvs_devices WHERE sha256 = $1
                      UNION ALL SELECT device FROM nvs_device_images WHERE sha256 = $1 LIMIT 1",
@@ -900,8 +1009,8 @@ impl Ledger for PostgresLedger {
     }
 
     fn device_on_mac(&self, mac: &str) -> LedgerResult<Option<String>> {
-        self.with(|tx| {
-            Ok(tx
+        self.auto(|db| {
+            Ok(db
                 .query_opt(
                     "SELECT device FROM nvs_flash_log WHERE mac = $1 AND result = 'ok'
                      ORDER BY id DESC LIMIT 1",
