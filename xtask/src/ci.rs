@@ -33,9 +33,15 @@ pub fn run(sh: &Shell, diff_cases: usize) -> Result<ExitCode> {
             // tests need a PostgreSQL server (they fail, not skip, under CI=true without one).
             let esptool = crate::reference::ensure_esptool(sh)?;
             let postgres = crate::postgres::Server::start(sh)?;
+            let ca = postgres
+                .ca
+                .as_ref()
+                .map(|ca| ca.display().to_string())
+                .unwrap_or_default();
             Ok(cmd!(sh, "cargo test --workspace")
                 .env("CARGO_NVS_ESPTOOL", esptool)
                 .env("NVS_TEST_POSTGRES", postgres.url())
+                .env("NVS_TEST_POSTGRES_CA", ca)
                 .run()?)
         }),
         ("doc", &|| {

@@ -13,6 +13,8 @@ pub struct Server {
     bin: PathBuf,
     dir: PathBuf,
     port: u16,
+    /// The self-signed certificate the server offers TLS with (when openssl could make one).
+    pub ca: Option<PathBuf>,
     /// `Some(user)` when commands run as that user (we are root).
     run_as: Option<String>,
 }
@@ -38,10 +40,11 @@ impl Server {
             cmd!(sh, "chown {user} {dir}").run()?;
         }
         let port = free_port()?;
-        let server = Server {
+        let mut server = Server {
             bin,
             dir,
             port,
+            ca: None,
             run_as,
         };
         let data = server.dir.join("data");
@@ -59,10 +62,20 @@ impl Server {
                 "--no-sync".as_ref(),
             ],
         )?;
-        let options = format!(
+        let mut options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=60",
             server.dir.display()
         );
+        // TLS with a self-signed certificate for localhost, so the ledger's sslmode handling is
+        // tested against a real server (skipped where openssl cannot make one).
+        if let Some(ca) = server.certificate(sh) {
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                server.dir.join("server.crt").display(),
+                server.dir.join("server.key").display()
+            ));
+            server.ca = Some(ca);
+        }
         let log = server.dir.join("server.log");
         server.run(
             sh,
@@ -105,6 +118,49 @@ impl Server {
             "postgres://postgres@127.0.0.1:{}/{name}?sslmode=disable",
             self.port
         ))
+    }
+
+    /// A throwaway CA, and a certificate it signs for localhost and 127.0.0.1 (with its key,
+    /// private to the server's user): the server's `server.crt`/`server.key`. Returns the CA's
+    /// certificate, for clients that verify.
+    fn certificate(&self, sh: &Shell) -> Option<PathBuf> {
+        let at = |name: &str| self.dir.join(name);
+        let (ca, ca_key) = (at("ca.crt"), at("ca.key"));
+        let (cert, key, csr, ext) = (
+            at("server.crt"),
+            at("server.key"),
+            at("server.csr"),
+            at("server.ext"),
+        );
+        std::fs::write(
+            &ext,
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .ok()?;
+        let steps = [
+            cmd!(
+                sh,
+                "openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=nvs-test-ca
+                 -keyout {ca_key} -out {ca}"
+            ),
+            cmd!(
+                sh,
+                "openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout {key} -out {csr}"
+            ),
+            cmd!(
+                sh,
+                "openssl x509 -req -in {csr} -CA {ca} -CAkey {ca_key} -CAcreateserial -days 2
+                 -extfile {ext} -out {cert}"
+            ),
+            cmd!(sh, "chmod 600 {key}"),
+        ];
+        for step in steps {
+            step.quiet().ignore_stderr().ignore_stdout().run().ok()?;
+        }
+        if let Some(user) = &self.run_as {
+            cmd!(sh, "chown {user} {cert} {key}").quiet().run().ok()?;
+        }
+        Some(ca)
     }
 
     fn run(&self, sh: &Shell, tool: &str, args: &[&std::ffi::OsStr]) -> Result<()> {
@@ -176,6 +232,9 @@ fn free_port() -> Result<u16> {
 pub fn serve(sh: &Shell) -> Result<std::process::ExitCode> {
     let server = Server::start(sh)?;
     println!("export NVS_TEST_POSTGRES='{}'", server.url());
+    if let Some(ca) = &server.ca {
+        println!("export NVS_TEST_POSTGRES_CA='{}'", ca.display());
+    }
     eprintln!("postgres: running; Ctrl-D stops it");
     let mut line = String::new();
     while std::io::stdin().read_line(&mut line)? > 0 {

@@ -1060,6 +1060,56 @@ mod tests {
         ServerUrl::parse(&format!("{base}/{name}{query}"))
     }
 
+    /// libpq's sslmode against a server with a self-signed certificate for localhost (`cargo
+    /// xtask ci` starts one and sets NVS_TEST_POSTGRES_CA to it).
+    #[test]
+    fn tls_modes_behave_as_libpq() {
+        let (Ok(_), Ok(ca)) = (
+            std::env::var("NVS_TEST_POSTGRES"),
+            std::env::var("NVS_TEST_POSTGRES_CA"),
+        ) else {
+            eprintln!("skipped: NVS_TEST_POSTGRES and NVS_TEST_POSTGRES_CA name a TLS server");
+            return;
+        };
+        if ca.is_empty() {
+            eprintln!("skipped: the test server has no certificate (no openssl)");
+            return;
+        }
+        let Some(url) = fresh_database("tls") else {
+            return;
+        };
+        let base = url.url.split('?').next().unwrap_or(&url.url).to_owned();
+        let localhost = base.replace("127.0.0.1", "localhost");
+        let encrypted = |url: &str| -> Result<bool, String> {
+            let ledger =
+                PostgresLedger::open(&ServerUrl::parse(url).unwrap()).map_err(|e| e.to_string())?;
+            ledger
+                .auto(|db| {
+                    db.query_one(
+                        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                        &[],
+                    )
+                    .map(|r| r.get::<_, bool>(0))
+                })
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(encrypted(&base), Ok(true), "prefer: TLS when offered");
+        assert_eq!(encrypted(&format!("{base}?sslmode=disable")), Ok(false));
+        assert_eq!(encrypted(&format!("{base}?sslmode=require")), Ok(true));
+        let verified = format!("sslrootcert={ca}");
+        assert_eq!(
+            encrypted(&format!("{localhost}?sslmode=verify-full&{verified}")),
+            Ok(true)
+        );
+        assert_eq!(
+            encrypted(&format!("{base}?sslmode=verify-ca&{verified}")),
+            Ok(true)
+        );
+        // Not signed by a root the client trusts: refused, naming the ledger's server.
+        let e = encrypted(&format!("{localhost}?sslmode=verify-full")).unwrap_err();
+        assert!(e.contains("ledger server localhost:"), "{e}");
+    }
+
     #[test]
     fn postgres_semantics() {
         let Some(url) = fresh_database("semantics") else {
