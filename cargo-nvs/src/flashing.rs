@@ -201,16 +201,17 @@ fn pick_port(ports: &[(String, UsbPortInfo)]) -> CliResult<(String, UsbPortInfo)
 
 /// Opens `port` at 115200 baud for espflash, saying what is wrong when it cannot: missing, not
 /// a serial port, in use, no permission.
-pub fn open_port(port: &str) -> CliResult<serialport::TTYPort> {
-    let path = Path::new(port);
-    if !path.exists() {
-        return Err(CliError(format!(
-            "serial port `{port}` does not exist: is the board plugged in? `cargo nvs list-ports` \
-             lists the ports"
-        )));
-    }
+pub fn open_port(port: &str) -> CliResult<espflash::connection::Port> {
+    // Unix ports are files (Windows' COM ports are not).
     #[cfg(unix)]
     {
+        let path = Path::new(port);
+        if !path.exists() {
+            return Err(CliError(format!(
+                "serial port `{port}` does not exist: is the board plugged in? `cargo nvs \
+                 list-ports` lists the ports"
+            )));
+        }
         use std::os::unix::fs::FileTypeExt;
         if path
             .metadata()
@@ -431,7 +432,7 @@ enum Probe {
 }
 
 /// Sends one SYNC and listens for 300 ms.
-fn probe(serial: &mut serialport::TTYPort) -> Probe {
+fn probe(serial: &mut espflash::connection::Port) -> Probe {
     use std::io::{Read, Write};
     use std::time::{Duration, Instant};
     let _ = serialport::SerialPort::clear(serial, serialport::ClearBuffer::All);
@@ -650,6 +651,7 @@ pub fn read_flash(
         std::process::id(),
         u64::from_le_bytes(tag)
     ));
+    #[cfg_attr(not(unix), allow(unused_mut))]
     let mut builder = std::fs::DirBuilder::new();
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);

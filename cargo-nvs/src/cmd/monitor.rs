@@ -14,7 +14,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use defmt_decoder::Table;
-use serialport::{SerialPort, TTYPort};
+use espflash::connection::Port;
+use serialport::SerialPort;
 
 use crate::flashing::{is_no_modem_lines, open_port, resolve_port};
 use crate::{CliError, CliResult};
@@ -83,7 +84,7 @@ pub fn run(args: MonitorArgs) -> CliResult<ExitCode> {
 /// Shows the output of the application on `serial` until Ctrl-C (or the port closes);
 /// `reset` restarts the chip first.
 pub fn monitor(
-    serial: TTYPort,
+    serial: Port,
     port: &str,
     elf: Option<&[u8]>,
     options: &MonitorOptions,
@@ -95,7 +96,7 @@ pub fn monitor(
 }
 
 fn watch(
-    mut serial: TTYPort,
+    mut serial: Port,
     port: &str,
     elf: Option<&[u8]>,
     options: &MonitorOptions,
@@ -217,7 +218,7 @@ fn defmt_table(elf: Option<&[u8]>, format: Option<LogFormat>) -> CliResult<Optio
 }
 
 /// Restarts the chip (RTS pulse, as espflash does); a port without modem lines cannot.
-fn reset_chip(serial: &mut TTYPort) {
+fn reset_chip(serial: &mut Port) {
     eprintln!("Resetting the chip");
     let pulse = serial.write_request_to_send(true).and_then(|()| {
         std::thread::sleep(Duration::from_millis(100));
