@@ -14,7 +14,7 @@ use nvs_build::table::PartitionTable;
 use crate::artifacts::NvsImage;
 use crate::cmd::flash::{Planned, Role};
 use crate::cmd::mfg::ledger::Ledger;
-use crate::cmd::mfg::product_ledger;
+use crate::cmd::mfg::{ChosenLedger, product_ledger};
 use crate::flashing::{blank_md5, inspect, read_flash};
 use crate::guard::{
     self, Allow, Decision, Finding, Planned as GuardPlan, candidate_sha256s, decide, for_factory,
@@ -94,22 +94,30 @@ pub fn identify(
 /// Names the device a partition belongs to, from the product's ledger (opened read-only: a
 /// development flash never changes it).
 pub struct Identities {
-    ledger: Option<(String, Box<dyn Ledger>)>,
+    /// The product's ledger, opened (read-only) the first time a name is needed: a development
+    /// flash that keeps nothing never touches it.
+    chosen: Option<ChosenLedger>,
+    ledger: std::sync::OnceLock<Option<Box<dyn Ledger>>>,
     mac: Option<String>,
 }
 
 impl Identities {
     pub fn new(manifest_path: &Path, mac: Option<String>) -> Identities {
-        let ledger = product_ledger(manifest_path)
-            .ok()
-            .and_then(|chosen| Some((chosen.shown(), chosen.open_read_only().ok()??)));
-        Identities { ledger, mac }
+        Identities {
+            chosen: product_ledger(manifest_path).ok(),
+            ledger: std::sync::OnceLock::new(),
+            mac,
+        }
     }
 
     /// Names the device, when the ledger knows the partition's contents or the chip.
     pub fn name(&self, chip: Option<&[u8]>) -> Option<String> {
-        let (name, ledger) = self.ledger.as_ref()?;
-        identify(&**ledger, name, chip, self.mac.as_deref())
+        let chosen = self.chosen.as_ref()?;
+        let ledger = self
+            .ledger
+            .get_or_init(|| chosen.open_read_only().ok().flatten())
+            .as_ref()?;
+        identify(&**ledger, &chosen.shown(), chip, self.mac.as_deref())
     }
 }
 

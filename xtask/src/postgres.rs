@@ -33,7 +33,9 @@ impl Server {
         };
         let root = cmd!(sh, "id -u").read()?.trim() == "0";
         let run_as = root.then(|| USER.to_owned());
-        let dir = std::env::temp_dir().join(format!("nvs-postgres-{}", std::process::id()));
+        // A short path under /tmp: the server's socket path has a length limit, `nobody` must
+        // be able to enter it, and pg_ctl passes it through a shell (no spaces).
+        let dir = PathBuf::from("/tmp").join(format!("nvs-postgres-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         if let Some(user) = &run_as {
@@ -198,8 +200,18 @@ impl Drop for Server {
     }
 }
 
-/// The newest `/usr/lib/postgresql/<version>/bin` (Debian's layout).
+/// The newest `/usr/lib/postgresql/<version>/bin` (Debian's layout), else where `initdb` is on
+/// the PATH.
 fn find_bin() -> Option<PathBuf> {
+    debian_bin().or_else(|| {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .find(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file())
+        })
+    })
+}
+
+fn debian_bin() -> Option<PathBuf> {
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .ok()?
         .filter_map(|entry| {
@@ -214,6 +226,14 @@ fn find_bin() -> Option<PathBuf> {
 }
 
 fn install(sh: &Shell) -> Result<()> {
+    if cmd!(sh, "id -u").read()?.trim() != "0" || which("apt-get").is_none() {
+        return Err(
+            "PostgreSQL is not installed and cannot be installed here (needs root and \
+                    apt-get): install its server (initdb, pg_ctl), or set NVS_TEST_POSTGRES to a \
+                    server whose user may create databases and run `cargo test`"
+                .into(),
+        );
+    }
     eprintln!("postgres: installing the distribution's postgresql package");
     cmd!(sh, "apt-get update -qq").run()?;
     cmd!(sh, "apt-get install -y -qq postgresql")
@@ -222,20 +242,27 @@ fn install(sh: &Shell) -> Result<()> {
     Ok(())
 }
 
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+}
+
 fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
 
-/// `cargo xtask postgres`: a server for running the ledger tests by hand; prints the variable
-/// to set and stops when standard input ends (Ctrl-D) or on Ctrl-C.
+/// `cargo xtask postgres`: a server for running the ledger tests by hand; prints the variables
+/// to set and stops when standard input ends (Ctrl-D). (Ctrl-C leaves it running: stop it with
+/// `pg_ctl -D /tmp/nvs-postgres-PID/data stop`.)
 pub fn serve(sh: &Shell) -> Result<std::process::ExitCode> {
     let server = Server::start(sh)?;
     println!("export NVS_TEST_POSTGRES='{}'", server.url());
     if let Some(ca) = &server.ca {
         println!("export NVS_TEST_POSTGRES_CA='{}'", ca.display());
     }
-    eprintln!("postgres: running; Ctrl-D stops it");
+    eprintln!("postgres: running; Ctrl-D stops it (Ctrl-C would leave it running)");
     let mut line = String::new();
     while std::io::stdin().read_line(&mut line)? > 0 {
         line.clear();

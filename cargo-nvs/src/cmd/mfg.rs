@@ -34,7 +34,7 @@ pub(crate) mod ledger;
 pub(crate) mod postgres;
 mod product;
 
-pub use self::product::product_ledger;
+pub use self::product::{ChosenLedger, product_ledger};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -51,7 +51,7 @@ use sha2::{Digest, Sha256};
 
 use self::input::{ConfigRow, DeviceRow, Values, bind_columns, device_csv, read_config};
 use self::ledger::{Issued, Ledger, Reservation};
-use self::product::{CONFIG_LEDGER, ChosenLedger, Scope, choose_ledger, same_file};
+use self::product::{CONFIG_LEDGER, Scope, choose_ledger, same_file};
 use super::generate::{parse_version, warn_if_read_only};
 use super::keys::{HmacOptions, load_key, random_hmac_key};
 use crate::fsutil::{StagedFile, remove_leftovers, sync_folder, write_atomic_with, write_secret};

@@ -748,9 +748,20 @@ fn station(port: Option<&str>) -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "station".into());
+    // PCs cloned from one image share a host name: the machine id tells them apart, so one
+    // station never takes back another's claim as its own.
+    let machine = ["/etc/machine-id", "/var/lib/dbus/machine-id"]
+        .iter()
+        .find_map(|path| std::fs::read_to_string(path).ok())
+        .map(|id| id.trim().chars().take(12).collect::<String>())
+        .filter(|id| !id.is_empty())
+        .map_or(String::new(), |id| format!(" ({id})"));
     match port {
-        Some(port) => format!("{host} port {port}"),
-        None => format!("{host} process {} default port", std::process::id()),
+        Some(port) => format!("{host}{machine} port {port}"),
+        None => format!(
+            "{host}{machine} process {} default port",
+            std::process::id()
+        ),
     }
 }
 
@@ -872,7 +883,13 @@ fn flash_device(
     };
     eprintln!("{label}: chip {} MAC {mac}", flasher.chip());
     // From here the chip may hold the device even if this process dies.
-    ledger.mark_written(&device.device, claim.claimant, &mac)?;
+    if !ledger.mark_written(&device.device, claim.claimant, &mac)? && !args.force {
+        return Err(CliError(format!(
+            "device `{}` is no longer this station's (its claim lapsed and another station took \
+             it over, or it was written to another chip meanwhile); not flashed",
+            device.device
+        )));
+    }
     let written = flasher.write_bins_to_flash(&espflash_segments, &mut progress);
     flasher.ended();
     let record = |result: String| FlashRecord {

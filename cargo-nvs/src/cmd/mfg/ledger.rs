@@ -292,7 +292,9 @@ pub trait Ledger: Send + Sync {
     /// Records, just before writing, that the claimed device goes onto the chip `mac`. Until
     /// the flash is logged the device is given to no other chip: if the station dies (or the
     /// log cannot be written) the chip may hold it, so it is never claimed automatically again.
-    fn mark_written(&self, device: &str, claimant: &str, mac: &str) -> LedgerResult<()>;
+    /// `false` when `claimant` no longer holds the claim (another station took it over) or the
+    /// device was already written to another chip: then nothing may be written.
+    fn mark_written(&self, device: &str, claimant: &str, mac: &str) -> LedgerResult<bool>;
     /// The chip an unlogged write of `device` went to, if any.
     fn written_to(&self, device: &str) -> LedgerResult<Option<String>>;
     /// Every device written to a chip without a log entry: (device, MAC).
@@ -699,10 +701,9 @@ impl Ledger for SqliteLedger {
                         outcomes.push(Err(earlier));
                         continue;
                     }
-                    // A reissued device's images replace its earlier ones.
-                    if allow_reissue {
-                        forget_images.execute([&entry.device])?;
-                    }
+                    // The device's images replace any earlier ones (a reissue, or an unfinished
+                    // run's reservation taken over).
+                    forget_images.execute([&entry.device])?;
                     for (idx, (image, sha256)) in entry.more_images.iter().enumerate() {
                         add_image.execute(params![entry.device, idx as i64, image, sha256])?;
                     }
@@ -877,13 +878,17 @@ impl Ledger for SqliteLedger {
         })
     }
 
-    fn mark_written(&self, device: &str, claimant: &str, mac: &str) -> LedgerResult<()> {
+    fn mark_written(&self, device: &str, claimant: &str, mac: &str) -> LedgerResult<bool> {
         self.with(|c| {
             c.execute(
-                "UPDATE claims SET written_to = ?3 WHERE device = ?1 AND claimant = ?2",
+                &format!(
+                    "UPDATE claims SET written_to = ?3, claimed_at = {NOW}
+                     WHERE device = ?1 AND claimant = ?2
+                       AND (written_to IS NULL OR written_to = ?3)"
+                ),
                 [device, claimant, mac],
             )
-            .map(drop)
+            .map(|changed| changed == 1)
         })
     }
 
@@ -1152,7 +1157,7 @@ pub(crate) mod tests {
             ClaimOutcome::HeldBy { claimant, .. } if claimant == "s1"
         ));
         // Flashing and its log.
-        first.mark_written("A", "s1", "m1").unwrap();
+        assert!(first.mark_written("A", "s1", "m1").unwrap());
         assert_eq!(second.written_to("A").unwrap().as_deref(), Some("m1"));
         first.record_flash(&flash("m1", "A", "ok")).unwrap();
         assert!(second.written_unlogged().unwrap().is_empty());
@@ -1175,7 +1180,11 @@ pub(crate) mod tests {
             "found by the SHA-256 of a device's other image"
         );
         // A device written without a log entry goes to no other chip, even when released.
-        second.mark_written("B", "s2", "m2").unwrap();
+        assert!(second.mark_written("B", "s2", "m2").unwrap());
+        assert!(
+            !first.mark_written("B", "s9", "m9").unwrap(),
+            "not its claim"
+        );
         second.release("B", "s2").unwrap();
         assert_eq!(first.claim_next("s3", &one).unwrap().unwrap().device, "C");
         assert_eq!(
@@ -1342,7 +1351,7 @@ pub(crate) mod tests {
             ledger.issue(&entry(id, n + 2), false).unwrap();
         }
         let a = ledger.claim_next("s1", &one()).unwrap().unwrap();
-        ledger.mark_written(&a.device, "s1", "m1").unwrap();
+        assert!(ledger.mark_written(&a.device, "s1", "m1").unwrap());
         // Released (the station's flash ended without a log entry): the mark stays.
         ledger.release(&a.device, "s1").unwrap();
         assert_eq!(ledger.written_to("A").unwrap().as_deref(), Some("m1"));

@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS nvs_devices (
     flashed BOOLEAN NOT NULL DEFAULT FALSE);
 CREATE INDEX IF NOT EXISTS nvs_devices_order ON nvs_devices (batch, values_file, line);
 CREATE INDEX IF NOT EXISTS nvs_devices_sha256 ON nvs_devices (sha256);
+CREATE INDEX IF NOT EXISTS nvs_devices_to_flash ON nvs_devices (batch, values_file, line)
+    WHERE NOT flashed AND written_to IS NULL AND sha256 <> '';
 CREATE TABLE IF NOT EXISTS nvs_device_images (
     device TEXT NOT NULL, idx BIGINT NOT NULL, image TEXT NOT NULL, sha256 TEXT NOT NULL,
     PRIMARY KEY (device, idx));
@@ -77,34 +79,83 @@ impl ServerUrl {
         })
     }
 
-    /// Whether the URL itself holds a password (not allowed in Cargo.toml).
+    /// Whether the URL itself holds a password, in its user part or as a `password=` option
+    /// (not allowed in Cargo.toml).
     pub fn has_password(&self) -> bool {
-        self.userinfo().is_some_and(|u| u.contains(':'))
+        self.parts().1.is_some_and(|u| u.contains(':'))
+            || self.query_pairs().any(|(k, _)| k == "password")
     }
 
-    fn userinfo(&self) -> Option<&str> {
-        let rest = self.url.split_once("://")?.1;
-        let authority = rest.split(['/', '?']).next()?;
-        authority.rsplit_once('@').map(|(userinfo, _)| userinfo)
+    /// `scheme://`, the user part (`user[:password]`, up to the first `@`, as the client library
+    /// reads it: a password may hold `/` or `?`), and the rest (host, database, options).
+    fn parts(&self) -> (&str, Option<&str>, &str) {
+        let Some(split) = self.url.find("://").map(|i| i + 3) else {
+            return ("", None, &self.url);
+        };
+        let (scheme, rest) = self.url.split_at(split);
+        match rest.split_once('@') {
+            Some((userinfo, rest)) => (scheme, Some(userinfo), rest),
+            None => (scheme, None, rest),
+        }
+    }
+
+    fn query_pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.parts()
+            .2
+            .split_once('?')
+            .map_or("", |(_, q)| q)
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| p.split_once('=').unwrap_or((p, "")))
+    }
+
+    /// The URL with its password replaced by `with` (`None`: left out).
+    fn rebuilt(&self, with: Option<&str>) -> String {
+        let (scheme, userinfo, rest) = self.parts();
+        let mut out = scheme.to_owned();
+        if let Some(userinfo) = userinfo {
+            let (user, password) = userinfo
+                .split_once(':')
+                .map_or((userinfo, None), |(u, p)| (u, Some(p)));
+            out.push_str(user);
+            if let (Some(_), Some(with)) = (password, with) {
+                out.push(':');
+                out.push_str(with);
+            }
+            out.push('@');
+        }
+        let (place, query) = rest
+            .split_once('?')
+            .map_or((rest, None), |(p, q)| (p, Some(q)));
+        out.push_str(place);
+        if let Some(query) = query {
+            let pairs: Vec<String> = query
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| match p.split_once('=') {
+                    Some(("password", _)) => with.map(|w| format!("password={w}")),
+                    _ => Some(p.to_owned()),
+                })
+                .collect();
+            if !pairs.is_empty() {
+                out.push('?');
+                out.push_str(&pairs.join("&"));
+            }
+        }
+        out
     }
 
     /// The URL without its password (as manifests record it; the station supplies the
     /// password from `PGPASSWORD`).
     pub fn without_password(&self) -> String {
-        match self.userinfo().filter(|u| u.contains(':')) {
-            Some(userinfo) => {
-                let user = userinfo.split(':').next().unwrap_or("");
-                self.url.replacen(userinfo, user, 1)
-            }
-            None => self.url.clone(),
-        }
+        self.rebuilt(None)
     }
 
     /// `host:port/database` as messages name the ledger.
     fn place(&self) -> String {
-        let rest = self.url.split_once("://").map_or("", |(_, r)| r);
-        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let rest = self.parts().2;
+        let rest = rest.split('?').next().unwrap_or(rest);
+        let (host, database) = rest.split_once('/').unwrap_or((rest, ""));
         let host = if host.is_empty() { "localhost" } else { host };
         let has_port = match host.rfind(']') {
             Some(end) => host[end..].contains(':'),
@@ -115,7 +166,6 @@ impl ServerUrl {
         } else {
             format!("{host}:5432")
         };
-        let database = path.split('?').next().unwrap_or("");
         format!("{host}/{database}")
     }
 }
@@ -123,12 +173,7 @@ impl ServerUrl {
 impl std::fmt::Display for ServerUrl {
     /// The URL with the password masked.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let Some(userinfo) = self.userinfo().filter(|u| u.contains(':')) else {
-            return f.write_str(&self.url);
-        };
-        let user = userinfo.split(':').next().unwrap_or("");
-        let masked = format!("{user}:***");
-        f.write_str(&self.url.replacen(userinfo, &masked, 1))
+        f.write_str(&self.rebuilt(Some("***")))
     }
 }
 
@@ -217,6 +262,23 @@ impl<C: GenericClient> Db<'_, C> {
 impl PostgresLedger {
     /// Connects, and creates or upgrades the tables (once, whichever station comes first).
     pub fn open(url: &ServerUrl) -> LedgerResult<PostgresLedger> {
+        let ledger = Self::connect(url, Duration::from_secs(10))?;
+        ledger.create_tables()?;
+        Ok(ledger)
+    }
+
+    /// Connects only to look things up (a development flash naming a device): no tables are
+    /// created, `None` when there are none yet, a short connection timeout.
+    pub fn open_read_only(url: &ServerUrl) -> LedgerResult<Option<PostgresLedger>> {
+        let ledger = Self::connect(url, Duration::from_secs(3))?;
+        let exists: bool = ledger.auto(|db| {
+            db.query_one("SELECT to_regclass('nvs_meta') IS NOT NULL", &[])
+                .map(|r| r.get(0))
+        })?;
+        Ok(exists.then_some(ledger))
+    }
+
+    fn connect(url: &ServerUrl, timeout: Duration) -> LedgerResult<PostgresLedger> {
         let fail = |message: String| LedgerError::Setup {
             ledger: url.to_string(),
             message,
@@ -231,7 +293,7 @@ impl PostgresLedger {
             config.password(password);
         }
         if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(10));
+            config.connect_timeout(timeout);
         }
         let server = |source: postgres::Error| LedgerError::Server {
             ledger: url.place(),
@@ -252,53 +314,56 @@ impl PostgresLedger {
                 config.connect(tls).map_err(server)?
             }
         };
-        let ledger = PostgresLedger {
+        Ok(PostgresLedger {
             url: url.clone(),
             connection: Mutex::new(Connection {
                 client,
                 statements: HashMap::new(),
             }),
             claim_lifetime: CLAIM_LIFETIME,
-        };
-        ledger
-            .with(|tx| {
-                // The tables exist and are current: nothing to do (DDL would take table
-                // locks that other stations' claims wait on).
-                let current =
-                    |tx: &mut Db<'_, Transaction<'_>>| -> Result<Option<i64>, postgres::Error> {
-                        let exists: bool = tx
-                            .query_one("SELECT to_regclass('nvs_meta') IS NOT NULL", &[])?
-                            .get(0);
-                        if !exists {
-                            return Ok(None);
-                        }
-                        Ok(tx
-                            .query_opt("SELECT value FROM nvs_meta WHERE key = 'schema'", &[])?
-                            .and_then(|r| r.get::<_, String>(0).parse::<i64>().ok()))
-                    };
-                match current(tx)? {
-                    Some(version) if version > SCHEMA_VERSION => return Ok(Err(version)),
-                    Some(SCHEMA_VERSION) => return Ok(Ok(())),
-                    _ => {}
-                }
-                // Stations starting together create the tables once.
-                tx.execute("SELECT pg_advisory_xact_lock(7155437241)", &[])?;
-                if let Some(version) = current(tx)?.filter(|v| *v > SCHEMA_VERSION) {
-                    return Ok(Err(version));
-                }
-                tx.batch_execute(SCHEMA)?;
-                tx.execute(
-                    "INSERT INTO nvs_meta (key, value) VALUES ('schema', $1)
+        })
+    }
+
+    /// Creates or upgrades the tables (once, whichever station comes first).
+    fn create_tables(&self) -> LedgerResult<()> {
+        let url = &self.url;
+        self.with(|tx| {
+            // The tables exist and are current: nothing to do (DDL would take table
+            // locks that other stations' claims wait on).
+            let current =
+                |tx: &mut Db<'_, Transaction<'_>>| -> Result<Option<i64>, postgres::Error> {
+                    let exists: bool = tx
+                        .query_one("SELECT to_regclass('nvs_meta') IS NOT NULL", &[])?
+                        .get(0);
+                    if !exists {
+                        return Ok(None);
+                    }
+                    Ok(tx
+                        .query_opt("SELECT value FROM nvs_meta WHERE key = 'schema'", &[])?
+                        .and_then(|r| r.get::<_, String>(0).parse::<i64>().ok()))
+                };
+            match current(tx)? {
+                Some(version) if version > SCHEMA_VERSION => return Ok(Err(version)),
+                Some(SCHEMA_VERSION) => return Ok(Ok(())),
+                _ => {}
+            }
+            // Stations starting together create the tables once.
+            tx.execute("SELECT pg_advisory_xact_lock(7155437241)", &[])?;
+            if let Some(version) = current(tx)?.filter(|v| *v > SCHEMA_VERSION) {
+                return Ok(Err(version));
+            }
+            tx.batch_execute(SCHEMA)?;
+            tx.execute(
+                "INSERT INTO nvs_meta (key, value) VALUES ('schema', $1)
                      ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    &[&SCHEMA_VERSION.to_string()],
-                )?;
-                Ok(Ok(()))
-            })?
-            .map_err(|version| LedgerError::NewerSchema {
-                ledger: PathBuf::from(url.to_string()),
-                version,
-            })?;
-        Ok(ledger)
+                &[&SCHEMA_VERSION.to_string()],
+            )?;
+            Ok(Ok(()))
+        })?
+        .map_err(|version| LedgerError::NewerSchema {
+            ledger: PathBuf::from(url.to_string()),
+            version,
+        })
     }
 
     /// Runs `f` in one transaction (committed when it returns `Ok`).
@@ -594,6 +659,7 @@ impl Ledger for PostgresLedger {
                AS u(device, image, sha256, key_file, size, values_file, line, batch,
                  hmac_key_file, batch_dir)
              WHERE $11
+             ORDER BY u.device
              ON CONFLICT (device) DO UPDATE SET image = excluded.image,
                sha256 = excluded.sha256, key_file = excluded.key_file,
                hmac_key_file = excluded.hmac_key_file, size = excluded.size,
@@ -715,6 +781,7 @@ impl Ledger for PostgresLedger {
                issued_at, batch_dir)
              SELECT u.device, '', '', 0, $3, u.line, $4, $5, $6
              FROM unnest($1::text[], $2::bigint[]) AS u(device, line)
+             ORDER BY u.device
              ON CONFLICT (device) DO UPDATE SET image = '', sha256 = '', size = 0,
                values_file = excluded.values_file, line = excluded.line,
                batch = excluded.batch, issued_at = excluded.issued_at,
@@ -809,23 +876,27 @@ impl Ledger for PostgresLedger {
     }
 
     fn claim(&self, device: &str, claimant: &str) -> LedgerResult<ClaimOutcome> {
-        let held = format!(
-            "SELECT claimant, claimed_at FROM nvs_devices d
-             WHERE device = $1 AND claimant <> $2 AND {} FOR UPDATE",
-            self.live_claim()
+        let live = self.live_claim();
+        // One conditional statement: of two stations claiming it at once, the second waits
+        // for the first's row lock, re-reads the row and finds it claimed.
+        let take = format!(
+            "UPDATE nvs_devices d SET claimant = $2, claimed_at = {NOW}
+             WHERE device = $1 AND (claimant IS NULL OR claimant = $2 OR NOT ({live}))
+             RETURNING 1"
         );
-        let put =
-            format!("UPDATE nvs_devices SET claimant = $2, claimed_at = {NOW} WHERE device = $1");
+        let held = "SELECT claimant, claimed_at FROM nvs_devices WHERE device = $1";
         self.with(|db| {
-            // The row lock makes two stations claiming it by name take turns.
-            if let Some(row) = db.query_opt(&held, &[&device, &claimant])? {
-                return Ok(ClaimOutcome::HeldBy {
-                    claimant: row.get(0),
-                    since: row.get(1),
-                });
+            if db.query_opt(&take, &[&device, &claimant])?.is_some() {
+                return Ok(ClaimOutcome::Claimed);
             }
-            db.execute(&put, &[&device, &claimant])?;
-            Ok(ClaimOutcome::Claimed)
+            Ok(match db.query_opt(held, &[&device])? {
+                Some(row) => ClaimOutcome::HeldBy {
+                    claimant: row.get::<_, Option<String>>(0).unwrap_or_default(),
+                    since: row.get::<_, Option<String>>(1).unwrap_or_default(),
+                },
+                // Not issued: the caller checked; nothing to claim.
+                None => ClaimOutcome::Claimed,
+            })
         })
     }
 
@@ -845,13 +916,14 @@ impl Ledger for PostgresLedger {
         })
     }
 
-    fn mark_written(&self, device: &str, claimant: &str, mac: &str) -> LedgerResult<()> {
+    fn mark_written(&self, device: &str, claimant: &str, mac: &str) -> LedgerResult<bool> {
+        let sql = format!(
+            "UPDATE nvs_devices SET written_to = $3, claimed_at = {NOW}
+             WHERE device = $1 AND claimant = $2 AND (written_to IS NULL OR written_to = $3)"
+        );
         self.auto(|db| {
-            db.execute(
-                "UPDATE nvs_devices SET written_to = $3 WHERE device = $1 AND claimant = $2",
-                &[&device, &claimant, &mac],
-            )
-            .map(drop)
+            db.execute(&sql, &[&device, &claimant, &mac])
+                .map(|changed| changed == 1)
         })
     }
 
@@ -1123,6 +1195,48 @@ mod tests {
     }
 
     #[test]
+    fn two_stations_claiming_one_device_by_name_at_once_get_it_once() {
+        let Some(url) = fresh_database("by_name") else {
+            return;
+        };
+        let setup = PostgresLedger::open(&url).unwrap();
+        let run = Reservation {
+            batch: "1",
+            batch_dir: Path::new("/batch"),
+            values: "v.csv",
+            allow_reissue: false,
+            resume: false,
+        };
+        assert!(setup.reserve(&[("X".into(), 2)], &run).unwrap().is_empty());
+        let stations = [
+            PostgresLedger::open(&url).unwrap(),
+            PostgresLedger::open(&url).unwrap(),
+        ];
+        for round in 0..20 {
+            let outcomes: Vec<ClaimOutcome> = std::thread::scope(|scope| {
+                let handles: Vec<_> = stations
+                    .iter()
+                    .enumerate()
+                    .map(|(n, ledger)| scope.spawn(move || ledger.claim("X", &format!("s{n}"))))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap().unwrap())
+                    .collect()
+            });
+            let won = outcomes
+                .iter()
+                .filter(|o| **o == ClaimOutcome::Claimed)
+                .count();
+            assert_eq!(won, 1, "round {round}: {outcomes:?}");
+            // Free it for the next round.
+            for n in 0..2 {
+                setup.release("X", &format!("s{n}")).unwrap();
+            }
+        }
+    }
+
+    #[test]
     fn stations_claiming_at_once_never_get_the_same_device() {
         let Some(url) = fresh_database("claims") else {
             return;
@@ -1223,6 +1337,34 @@ mod tests {
         assert!(!plain.has_password());
         assert_eq!(plain.place(), "localhost:5432/nvs");
         assert!(ServerUrl::parse("ledger.sqlite").is_none());
+        // The client library reads the user part up to the first `@`: a password may hold
+        // `/` or `?`; and `password=` is an option too.
+        for (url, secret) in [
+            ("postgres://nvs:Ab/9x@db/prod", "Ab/9x"),
+            ("postgres://nvs:a?b@db/prod", "a?b"),
+            (
+                "postgres://nvs@db/prod?sslmode=require&password=s3cret",
+                "s3cret",
+            ),
+        ] {
+            let url = ServerUrl::parse(url).unwrap();
+            assert!(url.has_password(), "{url}");
+            for shown in [
+                url.to_string(),
+                url.without_password(),
+                url.place(),
+                format!("{url:?}"),
+            ] {
+                assert!(!shown.contains(secret), "{shown}");
+            }
+            assert_eq!(url.place(), "db:5432/prod");
+        }
+        assert_eq!(
+            ServerUrl::parse("postgres://nvs@db/prod?sslmode=require&password=x")
+                .unwrap()
+                .without_password(),
+            "postgres://nvs@db/prod?sslmode=require"
+        );
     }
 
     #[test]

@@ -116,10 +116,10 @@ impl ChosenLedger {
         })
     }
 
-    /// Opens an existing ledger only to look things up (a file is not changed at all).
+    /// Opens an existing ledger only to look things up (nothing is changed or created).
     pub fn open_read_only(&self) -> LedgerResult<Option<Box<dyn Ledger>>> {
         Ok(match &self.server {
-            Some(url) => Some(Box::new(PostgresLedger::open(url)?)),
+            Some(url) => PostgresLedger::open_read_only(url)?.map(|l| Box::new(l) as _),
             None => SqliteLedger::open_read_only(&self.path)?.map(|l| Box::new(l) as _),
         })
     }
