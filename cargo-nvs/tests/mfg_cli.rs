@@ -1376,7 +1376,8 @@ fn two_runs_race(server: Option<&str>) {
         let text = stderr(lost);
         assert!(
             (text.contains("SN") && text.contains("never issued twice"))
-                || text.contains("already exists"),
+                || text.contains("already exists")
+                || text.contains("is writing into"),
             "trial {trial}: {text}"
         );
         assert!(!text.contains("panicked"), "{text}");
@@ -1398,4 +1399,26 @@ fn two_runs_race(server: Option<&str>) {
             assert_eq!(images, 0, "trial {trial}: the losing run wrote images");
         }
     }
+}
+
+/// A run still writing into an out dir holds it: another run into it (a `--resume` too) is
+/// refused instead of taking over its reservations.
+#[cfg(unix)]
+#[test]
+fn a_second_run_into_an_out_dir_being_written_is_refused() {
+    let case = case(CONFIG, VALUES);
+    std::fs::create_dir_all(case.dir.path().join("out/bin")).unwrap();
+    let held = std::fs::File::open(case.dir.path().join("out")).unwrap();
+    held.try_lock().unwrap();
+    for extra in [&[][..], &["--resume"][..]] {
+        let out = mfg(&case, extra);
+        let text = stderr(&out);
+        assert!(!out.status.success(), "{text}");
+        assert!(
+            text.contains("is writing into") && text.contains("nothing was written"),
+            "{text}"
+        );
+    }
+    held.unlock().unwrap();
+    assert_ok(&mfg(&case, &[]));
 }

@@ -827,6 +827,9 @@ fn produce(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<ExitCode> {
                 batch_dir,
                 values: run.values.display().to_string(),
             };
+            // One run at a time writes into an out dir (a --resume must not take over the
+            // reservations of a run that is still going).
+            let _writing = lock_out_dir(&run.out_dir)?;
             reserve(run, &work, &to_issue)?;
             write_all(run, maker, &work)
         });
@@ -851,6 +854,33 @@ fn produce(run: &Run, maker: &dyn Maker, count: usize) -> CliResult<ExitCode> {
         )));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Holds the out dir for this run until dropped: another `mfg generate` into it (on this
+/// machine, or another one sharing the folder) is refused rather than racing this one.
+#[cfg(unix)]
+fn lock_out_dir(out_dir: &Path) -> CliResult<std::fs::File> {
+    let dir = std::fs::File::open(out_dir)
+        .map_err(|e| CliError(format!("cannot open `{}`: {e}", out_dir.display())))?;
+    match dir.try_lock() {
+        Ok(()) => Ok(dir),
+        Err(std::fs::TryLockError::WouldBlock) => Err(CliError(format!(
+            "another `cargo nvs mfg generate` is writing into `{}` right now; wait for it to \
+             finish (nothing was written)",
+            out_dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(CliError(format!(
+            "cannot lock `{}`: {e}",
+            out_dir.display()
+        ))),
+    }
+}
+
+/// Elsewhere folders cannot be opened as files; the ledger's reservation still keeps two runs
+/// from issuing the same id.
+#[cfg(not(unix))]
+fn lock_out_dir(_out_dir: &Path) -> CliResult<()> {
+    Ok(())
 }
 
 /// Reserves the run's ids in the ledger before any file is written, so that a run issuing the
