@@ -536,7 +536,6 @@ fn many_keys_parse_with_correct_locations() {
     }
     nvs.push_str("bad = { u8 = 300 }\n");
     let text = format!("[package]\nname = \"p\"\n\n[package.metadata.nvs]\n{nvs}");
-    let start = std::time::Instant::now();
     let metadata = Metadata::parse(Path::new("Cargo.toml"), &text)
         .unwrap()
         .unwrap();
@@ -554,5 +553,4 @@ fn many_keys_parse_with_correct_locations() {
         last.at.to_string(),
         format!("Cargo.toml:{}:1", 5 + 16 * 1001 + 1)
     );
-    assert!(start.elapsed().as_secs() < 20, "{:?}", start.elapsed());
 }
