@@ -6,9 +6,9 @@
 //! user's flags. Factory data (certificates, secrets, serials) cannot be recreated, so anything
 //! that is not blank, ours, our own interrupted write or development data is kept.
 
+use crate::hex::sha256_hex;
 use nvs_build::format::encryption::{XtsKey, decrypt_image};
 use nvs_build::format::{ItemValue, ParsedImage, Severity, read_image};
-use sha2::{Digest, Sha256};
 
 /// What a data partition holds, as far as writing over it is concerned.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -175,13 +175,6 @@ pub fn candidate_sha256s(chip: &[u8]) -> Vec<String> {
         hashes.push(sha256_hex(&chip[..end]));
     }
     hashes
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// The partition's role.

@@ -5,6 +5,7 @@ mod cmd;
 mod flashing;
 mod fsutil;
 mod guard;
+mod hex;
 mod project;
 mod protect;
 mod settings;

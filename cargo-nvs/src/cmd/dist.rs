@@ -15,11 +15,11 @@ use std::process::ExitCode;
 
 use espflash::target::Chip;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use super::flash::{ImageArgs, Planned, Role, app_segments, nvs_segments};
 use crate::artifacts::{BuildArgs, build_with_nvs};
 use crate::fsutil::write_atomic;
+use crate::hex::sha256_hex;
 use crate::project::PackageArgs;
 use crate::{CliError, CliResult};
 
@@ -83,13 +83,6 @@ fn chip_of_manifest(manifest: &std::path::Path) -> Option<Chip> {
 fn chip_of_target(triple: &str) -> Option<Chip> {
     let name = triple.strip_prefix("xtensa-")?.split('-').next()?;
     name.parse().ok()
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data).iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 /// One segment of the release: the file it is (or would be) written to, and whether it is.

@@ -14,6 +14,7 @@ use nvs_build::format::encryption::{XtsKey, decrypt_image};
 use super::OutputFormat;
 use super::keys::KeyInput;
 use super::read::{nvs_partition, parse_offset, table_in_flash};
+use crate::hex::hex;
 use crate::{CliError, CliResult};
 use nvs_build::table::PartitionTable;
 
@@ -138,15 +139,6 @@ pub fn show(
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 fn value_json(value: &ItemValue) -> Json {

@@ -41,13 +41,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+use crate::hex::sha256_hex;
 use indicatif::{ProgressBar, ProgressStyle};
 use nvs_build::format::encryption::XtsKey;
 use nvs_build::format::{PartitionSize, Version};
 use nvs_build::keys::load_hmac_key;
 use nvs_build::{FileBase, ImageInput, InputError};
 use rayon::prelude::*;
-use sha2::{Digest, Sha256};
 
 use self::input::{ConfigRow, DeviceRow, Values, bind_columns, device_csv, read_config};
 use self::ledger::{Issued, Ledger, Reservation};
@@ -1186,7 +1186,7 @@ fn check_chunk(
             if !deciding {
                 return Ok(None);
             }
-            let expected: Shas = hash.then(|| built.images.iter().map(|b| sha_hex(b)).collect());
+            let expected: Shas = hash.then(|| built.images.iter().map(|b| sha256_hex(b)).collect());
             let issued = match &existing_ledger {
                 Some(ledger) => ledger.issued(&device.ledger_id)?,
                 None => None,
@@ -1481,7 +1481,7 @@ fn write_device(
     replace: bool,
 ) -> CliResult<Written> {
     let built = maker.build(device, row, true)?;
-    let shas: Vec<String> = built.images.iter().map(|bytes| sha_hex(bytes)).collect();
+    let shas: Vec<String> = built.images.iter().map(|bytes| sha256_hex(bytes)).collect();
     let io = |path: &Path, e: std::io::Error| {
         CliError(format!("cannot write `{}`: {e}", path.display()))
     };
@@ -1599,7 +1599,7 @@ impl Manifests {
                     serde_json::json!({
                         "partition": s.label,
                         "image": image_rel(&s.name),
-                        "sha256": sha_hex(&s.bytes),
+                        "sha256": sha256_hex(&s.bytes),
                     })
                 })
                 .collect();
@@ -1784,22 +1784,6 @@ fn summary(
     );
 }
 
-/// The SHA-256 of `bytes`, in lowercase hex.
-fn sha_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
-
-/// `bytes` in lowercase hex.
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(2 * bytes.len());
-    for &b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 15)] as char);
-    }
-    out
-}
-
 /// Now, as text that sorts in time order (seconds and nanoseconds since 1970, zero-padded).
 fn run_start() -> String {
     let now = std::time::SystemTime::now()
@@ -1811,7 +1795,7 @@ fn run_start() -> String {
 fn sha_of_file(path: &Path) -> CliResult<String> {
     let bytes = std::fs::read(path)
         .map_err(|e| CliError(format!("cannot read `{}`: {e}", path.display())))?;
-    Ok(sha_hex(&bytes))
+    Ok(sha256_hex(&bytes))
 }
 
 /// Refuses what the run may not do to `device`, else says what it does. `batch_dir` is the out

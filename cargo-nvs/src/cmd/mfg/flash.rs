@@ -7,9 +7,8 @@ use std::process::ExitCode;
 use espflash::image_format::Segment;
 use espflash::target::{Chip, ProgressCallbacks};
 use nvs_build::table::PartitionTable;
-use sha2::{Digest, Sha256};
 
-use super::hex;
+use crate::hex::sha256_hex;
 use std::collections::BTreeMap;
 
 use nvs_build::metadata::Metadata;
@@ -424,7 +423,7 @@ fn read_image(batch_dir: &Path, image: &str, sha256: &str) -> CliResult<Vec<u8>>
     let path = batch_dir.join(image);
     let data = std::fs::read(&path)
         .map_err(|e| CliError(format!("cannot read `{}`: {e}", path.display())))?;
-    let actual = hex(&Sha256::digest(&data));
+    let actual = sha256_hex(&data);
     if actual != sha256 {
         return Err(CliError(format!(
             "`{}` is not the image the ledger recorded (SHA-256 {actual}, ledger {sha256}); not \

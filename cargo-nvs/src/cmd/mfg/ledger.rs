@@ -1056,7 +1056,42 @@ pub(crate) mod tests {
         dir
     }
 
-    fn entry(device: &str, line: usize) -> Issued {
+    /// A plain run (no --allow-reissue, no --resume) reserving into `batch_dir`.
+    pub(crate) fn reservation<'a>(batch: &'a str, batch_dir: &'a str) -> Reservation<'a> {
+        Reservation {
+            batch,
+            batch_dir: Path::new(batch_dir),
+            values: "values.csv",
+            allow_reissue: false,
+            resume: false,
+        }
+    }
+
+    /// Reserves and records `count` devices `D00000`… into `batch_dir` (batch "1").
+    pub(crate) fn issue_devices(ledger: &dyn Ledger, count: usize, batch_dir: &str) {
+        let ids: Vec<(String, usize)> = (0..count).map(|n| (format!("D{n:05}"), n + 2)).collect();
+        assert!(
+            ledger
+                .reserve(&ids, &reservation("1", batch_dir))
+                .unwrap()
+                .is_empty()
+        );
+        let entries: Vec<Issued> = ids
+            .iter()
+            .map(|(id, line)| entry_in(id, *line, batch_dir))
+            .collect();
+        for chunk in entries.chunks(1024) {
+            assert!(
+                ledger
+                    .issue_many(chunk, false)
+                    .unwrap()
+                    .iter()
+                    .all(Result::is_ok)
+            );
+        }
+    }
+
+    pub(crate) fn entry(device: &str, line: usize) -> Issued {
         Issued {
             device: device.into(),
             image: format!("bin/dev-{device}.bin"),
@@ -1074,7 +1109,7 @@ pub(crate) mod tests {
     }
 
     /// [`entry`] issued into another batch folder.
-    fn entry_in(device: &str, line: usize, batch_dir: &str) -> Issued {
+    pub(crate) fn entry_in(device: &str, line: usize, batch_dir: &str) -> Issued {
         Issued {
             batch_dir: PathBuf::from(batch_dir),
             ..entry(device, line)
@@ -1102,13 +1137,7 @@ pub(crate) mod tests {
     /// entry away from other chips, and tell where batches stand.
     pub(crate) fn semantics(first: &dyn Ledger, second: &dyn Ledger) {
         let one = one();
-        let run = |batch: &'static str| Reservation {
-            batch,
-            batch_dir: Path::new("/batch/one"),
-            values: "values.csv",
-            allow_reissue: false,
-            resume: false,
-        };
+        let run = |batch: &'static str| reservation(batch, "/batch/one");
         let ids = |names: &[&str]| -> Vec<(String, usize)> {
             names.iter().map(|n| (n.to_string(), 2)).collect()
         };
@@ -1294,13 +1323,7 @@ pub(crate) mod tests {
             SqliteLedger::open(&path, false).unwrap(),
             SqliteLedger::open(&path, false).unwrap(),
         );
-        let run = |batch: &'static str| Reservation {
-            batch,
-            batch_dir: Path::new("/batch"),
-            values: "values.csv",
-            allow_reissue: false,
-            resume: false,
-        };
+        let run = |batch: &'static str| reservation(batch, "/batch");
         let ids = |names: &[&str]| -> Vec<(String, usize)> {
             names.iter().map(|n| (n.to_string(), 2)).collect()
         };

@@ -1096,7 +1096,7 @@ impl Ledger for PostgresLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
+    use crate::cmd::mfg::ledger::tests::{issue_devices, reservation};
 
     /// A fresh database on the test server (`NVS_TEST_POSTGRES`: a URL whose user may create
     /// databases; `cargo xtask ci` starts a throwaway server and sets it). Without it the test
@@ -1200,13 +1200,7 @@ mod tests {
             return;
         };
         let setup = PostgresLedger::open(&url).unwrap();
-        let run = Reservation {
-            batch: "1",
-            batch_dir: Path::new("/batch"),
-            values: "v.csv",
-            allow_reissue: false,
-            resume: false,
-        };
+        let run = reservation("1", "/batch");
         assert!(setup.reserve(&[("X".into(), 2)], &run).unwrap().is_empty());
         let stations = [
             PostgresLedger::open(&url).unwrap(),
@@ -1242,40 +1236,7 @@ mod tests {
             return;
         };
         let setup = PostgresLedger::open(&url).unwrap();
-        let batch = Path::new("/batch");
-        let ids: Vec<(String, usize)> = (0..200).map(|n| (format!("D{n:03}"), n + 2)).collect();
-        let run = Reservation {
-            batch: "1",
-            batch_dir: batch,
-            values: "v.csv",
-            allow_reissue: false,
-            resume: false,
-        };
-        assert!(setup.reserve(&ids, &run).unwrap().is_empty());
-        let entries: Vec<Issued> = ids
-            .iter()
-            .map(|(id, line)| Issued {
-                device: id.clone(),
-                image: format!("bin/{id}.bin"),
-                sha256: "ab".repeat(32),
-                more_images: Vec::new(),
-                key_file: None,
-                hmac_key_file: None,
-                size: 0x3000,
-                values: "v.csv".into(),
-                line: *line,
-                batch: "1".into(),
-                batch_dir: batch.to_owned(),
-                issued_at: String::new(),
-            })
-            .collect();
-        assert!(
-            setup
-                .issue_many(&entries, false)
-                .unwrap()
-                .iter()
-                .all(Result::is_ok)
-        );
+        issue_devices(&setup, 200, "/batch");
         // Four stations, each its own connection, claim and log until nothing is left.
         let taken: Vec<Vec<String>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..4)
@@ -1395,42 +1356,13 @@ mod tests {
 mod bench {
     use super::*;
     use crate::cmd::mfg::ledger::SqliteLedger;
-    use std::path::Path;
+    use crate::cmd::mfg::ledger::tests::issue_devices;
 
     const DEVICES: usize = 2000;
 
     fn measure(name: &str, ledger: &dyn Ledger) {
-        let batch = Path::new("/bench");
-        let ids: Vec<(String, usize)> = (0..DEVICES).map(|n| (format!("D{n:05}"), n + 2)).collect();
-        let run = Reservation {
-            batch: "1",
-            batch_dir: batch,
-            values: "v.csv",
-            allow_reissue: false,
-            resume: false,
-        };
-        assert!(ledger.reserve(&ids, &run).unwrap().is_empty());
-        let entries: Vec<Issued> = ids
-            .iter()
-            .map(|(id, line)| Issued {
-                device: id.clone(),
-                image: format!("bin/{id}.bin"),
-                sha256: format!("{:064x}", line),
-                more_images: Vec::new(),
-                key_file: None,
-                hmac_key_file: None,
-                size: 0x6000,
-                values: "v.csv".into(),
-                line: *line,
-                batch: "1".into(),
-                batch_dir: batch.to_owned(),
-                issued_at: String::new(),
-            })
-            .collect();
-        for chunk in entries.chunks(1024) {
-            ledger.issue_many(chunk, false).unwrap();
-        }
-        let dirs = [batch.to_owned()];
+        issue_devices(ledger, DEVICES, "/bench");
+        let dirs = [PathBuf::from("/bench")];
         let mut times = Vec::with_capacity(DEVICES);
         for n in 0..DEVICES {
             let start = std::time::Instant::now();
