@@ -9,7 +9,35 @@ use cargo_metadata::Message;
 use serde_json::Value as Json;
 
 use crate::project::Project;
-use crate::{CliError, CliResult};
+
+/// Why the build or its NVS manifest cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    /// The build is not usable as it is (the message says what to do).
+    #[error("{0}")]
+    Invalid(String),
+    /// Running cargo failed (`what`: "run cargo", "read cargo's output", …).
+    #[error("cannot {what}: {source}")]
+    Cargo {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read `{}` ({source}); does the package's build.rs call nvs_build::generate()?", path.display())]
+    NoManifest {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{}`: {source}", path.display())]
+    ManifestJson {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Metadata(#[from] nvs_build::InputError),
+}
 
 /// Options that select what cargo builds, as `cargo build` spells them.
 #[derive(clap::Args, Debug, Default, Clone)]
@@ -38,7 +66,7 @@ pub struct Built {
 
 /// Runs `$CARGO build --message-format=json` for the package (cargo's own progress and errors
 /// go to the terminal) and collects the ELF and the build script's OUT_DIR.
-pub fn cargo_build(project: &Project, args: &BuildArgs) -> CliResult<Built> {
+pub fn cargo_build(project: &Project, args: &BuildArgs) -> Result<Built, ArtifactError> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args([
@@ -67,7 +95,10 @@ pub fn cargo_build(project: &Project, args: &BuildArgs) -> CliResult<Built> {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .map_err(|e| CliError(format!("cannot run cargo: {e}")))?;
+        .map_err(|source| ArtifactError::Cargo {
+            what: "run cargo",
+            source,
+        })?;
     let stdout = child.stdout.take().expect("piped stdout");
     let mut elves = Vec::new();
     let mut out_dir = None;
@@ -78,7 +109,10 @@ pub fn cargo_build(project: &Project, args: &BuildArgs) -> CliResult<Built> {
                 // Don't leave cargo running behind an error.
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(CliError(format!("cannot read cargo's output: {e}")));
+                return Err(ArtifactError::Cargo {
+                    what: "read cargo's output",
+                    source: e,
+                });
             }
         };
         match message {
@@ -93,17 +127,20 @@ pub fn cargo_build(project: &Project, args: &BuildArgs) -> CliResult<Built> {
             _ => {}
         }
     }
-    let status = child
-        .wait()
-        .map_err(|e| CliError(format!("cargo did not finish: {e}")))?;
+    let status = child.wait().map_err(|source| ArtifactError::Cargo {
+        what: "wait for cargo",
+        source,
+    })?;
     if !status.success() {
-        return Err(CliError(format!("cargo build failed ({status})")));
+        return Err(ArtifactError::Invalid(format!(
+            "cargo build failed ({status})"
+        )));
     }
     let elf = match elves.as_slice() {
         [] => None,
         [(_, elf)] => Some(elf.clone()),
         many => {
-            return Err(CliError(format!(
+            return Err(ArtifactError::Invalid(format!(
                 "`{}` has several binaries ({}); pick one with --bin",
                 project.name,
                 many.iter()
@@ -121,10 +158,10 @@ pub fn cargo_build(project: &Project, args: &BuildArgs) -> CliResult<Built> {
 pub fn build_with_nvs(
     project: &Project,
     args: &BuildArgs,
-) -> CliResult<(Option<PathBuf>, NvsManifest)> {
+) -> Result<(Option<PathBuf>, NvsManifest), ArtifactError> {
     let built = cargo_build(project, args)?;
     let out_dir = built.out_dir.ok_or_else(|| {
-        CliError(format!(
+        ArtifactError::Invalid(format!(
             "`{}` has no build script; add one that calls nvs_build::generate()",
             project.name
         ))
@@ -160,10 +197,10 @@ impl NvsManifest {
     /// As cargo's runner (`cargo run` with `runner = "cargo nvs flash --elf"`): the manifest of
     /// the build cargo just made, from the `OUT_DIR` cargo sets for the runner of a package with
     /// a build script. Never builds anything.
-    pub fn of_runner() -> CliResult<NvsManifest> {
+    pub fn of_runner() -> Result<NvsManifest, ArtifactError> {
         match std::env::var_os("OUT_DIR") {
             Some(out_dir) if !out_dir.is_empty() => NvsManifest::read(Path::new(&out_dir)),
-            _ => Err(CliError(
+            _ => Err(ArtifactError::Invalid(
                 "--elf runs as cargo's runner: it flashes the ELF cargo built with the NVS images \
                  of that same build, from $OUT_DIR/nvs/manifest.json, but OUT_DIR is not set. \
                  Cargo sets it for `cargo run` when the package has a build script: add a \
@@ -175,34 +212,35 @@ impl NvsManifest {
     }
 
     /// The package's NVS metadata, read from the Cargo.toml the images were made from.
-    pub fn metadata(&self) -> CliResult<nvs_build::metadata::Metadata> {
+    pub fn metadata(&self) -> Result<nvs_build::metadata::Metadata, ArtifactError> {
         let path = self.manifest_path.as_deref().ok_or_else(|| {
-            CliError(
+            ArtifactError::Invalid(
                 "the build's NVS manifest does not name its Cargo.toml (made by an older \
                  nvs-build); rebuild the package"
                     .into(),
             )
         })?;
         nvs_build::metadata::Metadata::from_manifest(path)?.ok_or_else(|| {
-            CliError(format!(
+            ArtifactError::Invalid(format!(
                 "`{}` has no [package.metadata.nvs] any more; rebuild the package",
                 path.display()
             ))
         })
     }
 
-    pub fn read(out_dir: &Path) -> CliResult<NvsManifest> {
+    pub fn read(out_dir: &Path) -> Result<NvsManifest, ArtifactError> {
         let path = out_dir.join("nvs").join("manifest.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            CliError(format!(
-                "cannot read `{}` ({e}); does the package's build.rs call nvs_build::generate()?",
-                path.display()
-            ))
+        let text = std::fs::read_to_string(&path).map_err(|source| ArtifactError::NoManifest {
+            path: path.clone(),
+            source,
         })?;
-        let doc: Json = serde_json::from_str(&text)
-            .map_err(|e| CliError(format!("`{}`: {e}", path.display())))?;
+        let doc: Json =
+            serde_json::from_str(&text).map_err(|source| ArtifactError::ManifestJson {
+                path: path.clone(),
+                source,
+            })?;
         if doc["schema"] != "nvs-build/manifest/v1" {
-            return Err(CliError(format!(
+            return Err(ArtifactError::Invalid(format!(
                 "`{}` is not an nvs-build manifest this cargo-nvs understands",
                 path.display()
             )));
@@ -210,7 +248,7 @@ impl NvsManifest {
         let path_of = |v: &Json| v.as_str().map(PathBuf::from);
         // Strict: a field missing or out of range would put an image at the wrong address.
         let bad = || {
-            CliError(format!(
+            ArtifactError::Invalid(format!(
                 "`{}` is malformed; rebuild the package (cargo clean -p …) to rewrite it",
                 path.display()
             ))

@@ -11,9 +11,41 @@ use espflash::target::{Chip, ProgressCallbacks};
 use indicatif::{ProgressBar, ProgressStyle};
 use serialport::{SerialPortType, UsbPortInfo};
 
+use crate::fsutil::FileError;
 use crate::guard;
 use crate::settings;
-use crate::{CliError, CliResult};
+
+/// Why the chip cannot be reached or its flash read.
+#[derive(Debug, thiserror::Error)]
+pub enum FlashingError {
+    /// No port to use, or it cannot be opened (the message says why and what to do).
+    #[error("{0}")]
+    Port(String),
+    /// Connecting failed; `diagnosis` says what the port answered instead, and what to do.
+    #[error("{diagnosis}")]
+    Connect {
+        diagnosis: String,
+        #[source]
+        source: espflash::Error,
+    },
+    #[error("`{port}` has an {found}, not the {expected} given with --chip")]
+    WrongChip {
+        port: String,
+        found: Chip,
+        expected: Chip,
+    },
+    /// An operation on the connected chip failed (`what`: "read flash at 0x9000", …).
+    #[error("cannot {what}: {}", error_chain(source))]
+    Chip {
+        what: String,
+        #[source]
+        source: espflash::Error,
+    },
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("the system random number generator failed: {0}")]
+    Random(getrandom::Error),
+}
 
 /// How to reach the chip (espflash's option names).
 #[derive(clap::Args, Debug, Clone)]
@@ -97,7 +129,7 @@ impl After {
 /// The port to use: `--port`, `$ESPFLASH_PORT`, espflash_ports.toml's `[connection] serial`,
 /// else the USB serial ports (those of `[[usb_device]]` when it lists any): the only one, or
 /// one picked on a terminal. A given path is opened as is (ptys included).
-pub fn resolve_port(explicit: Option<&str>) -> CliResult<(String, UsbPortInfo)> {
+pub fn resolve_port(explicit: Option<&str>) -> Result<(String, UsbPortInfo), FlashingError> {
     let unknown = UsbPortInfo {
         vid: 0,
         pid: 0,
@@ -124,7 +156,7 @@ pub fn resolve_port(explicit: Option<&str>) -> CliResult<(String, UsbPortInfo)> 
     }
     match usb.as_slice() {
         [only] => Ok(only.clone()),
-        [] => Err(CliError(
+        [] => Err(FlashingError::Port(
             "no serial port found: connect the board, or name the port with --port (or \
              $ESPFLASH_PORT, or `[connection] serial` in espflash_ports.toml)"
                 .into(),
@@ -132,7 +164,7 @@ pub fn resolve_port(explicit: Option<&str>) -> CliResult<(String, UsbPortInfo)> 
         several if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() => {
             pick_port(several)
         }
-        several => Err(CliError(format!(
+        several => Err(FlashingError::Port(format!(
             "several USB serial ports found ({}); pick one with --port (or $ESPFLASH_PORT)",
             several
                 .iter()
@@ -173,7 +205,7 @@ pub fn describe_usb(info: &UsbPortInfo) -> String {
 }
 
 /// Asks on the terminal which of several ports to use.
-fn pick_port(ports: &[(String, UsbPortInfo)]) -> CliResult<(String, UsbPortInfo)> {
+fn pick_port(ports: &[(String, UsbPortInfo)]) -> Result<(String, UsbPortInfo), FlashingError> {
     eprintln!("Several USB serial ports found:");
     for (i, (name, info)) in ports.iter().enumerate() {
         eprintln!("  {}) {name} {}", i + 1, describe_usb(info));
@@ -182,7 +214,7 @@ fn pick_port(ports: &[(String, UsbPortInfo)]) -> CliResult<(String, UsbPortInfo)
     let mut answer = String::new();
     std::io::stdin()
         .read_line(&mut answer)
-        .map_err(|e| CliError(format!("cannot read the answer: {e}")))?;
+        .map_err(|e| FileError::new("read the answer from", Path::new("stdin"), e))?;
     answer
         .trim()
         .parse::<usize>()
@@ -191,7 +223,7 @@ fn pick_port(ports: &[(String, UsbPortInfo)]) -> CliResult<(String, UsbPortInfo)
         .and_then(|i| ports.get(i))
         .cloned()
         .ok_or_else(|| {
-            CliError(format!(
+            FlashingError::Port(format!(
                 "`{}` is not one of 1-{}; pick the port with --port",
                 answer.trim(),
                 ports.len()
@@ -201,13 +233,13 @@ fn pick_port(ports: &[(String, UsbPortInfo)]) -> CliResult<(String, UsbPortInfo)
 
 /// Opens `port` at 115200 baud for espflash, saying what is wrong when it cannot: missing, not
 /// a serial port, in use, no permission.
-pub fn open_port(port: &str) -> CliResult<espflash::connection::Port> {
+pub fn open_port(port: &str) -> Result<espflash::connection::Port, FlashingError> {
     // Unix ports are files (Windows' COM ports are not).
     #[cfg(unix)]
     {
         let path = Path::new(port);
         if !path.exists() {
-            return Err(CliError(format!(
+            return Err(FlashingError::Port(format!(
                 "serial port `{port}` does not exist: is the board plugged in? `cargo nvs \
                  list-ports` lists the ports"
             )));
@@ -217,7 +249,7 @@ pub fn open_port(port: &str) -> CliResult<espflash::connection::Port> {
             .metadata()
             .is_ok_and(|m| !m.file_type().is_char_device())
         {
-            return Err(CliError(format!(
+            return Err(FlashingError::Port(format!(
                 "`{port}` is not a serial port (not a terminal device); `cargo nvs list-ports` \
                  lists the ports"
             )));
@@ -226,7 +258,7 @@ pub fn open_port(port: &str) -> CliResult<espflash::connection::Port> {
     serialport::new(port, 115_200)
         .flow_control(serialport::FlowControl::None)
         .open_native()
-        .map_err(|e| CliError(open_error(port, &e)))
+        .map_err(|e| FlashingError::Port(open_error(port, &e)))
 }
 
 fn open_error(port: &str, e: &serialport::Error) -> String {
@@ -274,7 +306,7 @@ impl Session {
     }
 
     /// Ends the session as `--after` says.
-    pub fn finish(mut self) -> CliResult {
+    pub fn finish(mut self) -> Result<(), FlashingError> {
         self.ended = true;
         let args = self.args.clone();
         finish(&mut self, &args)
@@ -317,7 +349,7 @@ impl Drop for Session {
 }
 
 /// Opens the port and connects to the ROM loader (or the stub).
-pub fn connect(args: &ConnectArgs, verify: bool, skip: bool) -> CliResult<Session> {
+pub fn connect(args: &ConnectArgs, verify: bool, skip: bool) -> Result<Session, FlashingError> {
     let (port, info) = resolve_port(args.port.as_deref())?;
     let serial = open_port(&port)?;
     let connection = Connection::new(
@@ -341,10 +373,11 @@ pub fn connect(args: &ConnectArgs, verify: bool, skip: bool) -> CliResult<Sessio
     if let Some(expected) = args.chip
         && session.chip() != expected
     {
-        return Err(CliError(format!(
-            "`{port}` has an {}, not the {expected} given with --chip",
-            session.chip()
-        )));
+        return Err(FlashingError::WrongChip {
+            port,
+            found: session.chip(),
+            expected,
+        });
     }
     Ok(session)
 }
@@ -356,11 +389,14 @@ fn connect_error(
     e: espflash::Error,
     connection: Connection,
     before: Before,
-) -> CliError {
+) -> FlashingError {
     if let espflash::Error::ChipMismatch(given, found) = &e {
-        return CliError(format!(
-            "the chip on `{port}` is an {found}, not the {given} given with --chip"
-        ));
+        let diagnosis =
+            format!("the chip on `{port}` is an {found}, not the {given} given with --chip");
+        return FlashingError::Connect {
+            diagnosis,
+            source: e,
+        };
     }
     let reset_hint = match before {
         Before::NoReset | Before::NoResetNoSync => {
@@ -377,27 +413,35 @@ fn connect_error(
     let mut serial = connection.into_serial();
     if !failed_to_connect {
         // It answered at first and then stopped or garbled: bytes go missing.
-        let e = error_chain(&e);
-        return CliError(format!(
-            "the chip on `{port}` stopped answering while connecting ({e}): replies went \
+        let diagnosis = format!(
+            "the chip on `{port}` stopped answering while connecting ({}): replies went \
              missing. Is another program (a serial monitor, ModemManager, brltty) reading \
-             `{port}`? Close it and try again"
-        ));
+             `{port}`? Close it and try again",
+            error_chain(&e)
+        );
+        return FlashingError::Connect {
+            diagnosis,
+            source: e,
+        };
     }
-    match probe(&mut serial) {
-        Probe::Silent => CliError(format!(
+    let diagnosis = match probe(&mut serial) {
+        Probe::Silent => format!(
             "no reply from `{port}`: nothing answers there. Check that it is the board's port \
              (`cargo nvs list-ports`) and {reset_hint}"
-        )),
-        Probe::Loader => CliError(format!(
+        ),
+        Probe::Loader => format!(
             "the ROM loader on `{port}` answers, but connecting failed: replies went \
              missing. Is another program reading `{port}`? Close it and try again"
-        )),
-        Probe::Other(sample) => CliError(format!(
+        ),
+        Probe::Other(sample) => format!(
             "`{port}` answers, but not as an ESP ROM loader (it sent {sample}): the chip runs its \
              application or is at another baud rate, or this is another device. {}",
             capitalise(reset_hint)
-        )),
+        ),
+    };
+    FlashingError::Connect {
+        diagnosis,
+        source: e,
     }
 }
 
@@ -492,7 +536,7 @@ fn probe(serial: &mut espflash::connection::Port) -> Probe {
 /// Ends a session as `--after` says (espflash's `reset_after`): `hard-reset` restarts the app,
 /// `no-reset` leaves the ROM loader for the next `--before no-reset`, `no-reset-no-stub` the
 /// stub. A port without DTR/RTS lines (a pty, some adapters) cannot reset: say so and go on.
-pub fn finish(flasher: &mut Flasher, args: &ConnectArgs) -> CliResult {
+pub fn finish(flasher: &mut Flasher, args: &ConnectArgs) -> Result<(), FlashingError> {
     let chip = flasher.chip();
     match flasher.connection().reset_after(!args.no_stub, chip) {
         Ok(()) => Ok(()),
@@ -504,10 +548,10 @@ pub fn finish(flasher: &mut Flasher, args: &ConnectArgs) -> CliResult {
             );
             Ok(())
         }
-        Err(e) => Err(CliError(format!(
-            "cannot reset the chip (--after): {}",
-            error_chain(&e)
-        ))),
+        Err(source) => Err(FlashingError::Chip {
+            what: "reset the chip (--after)".into(),
+            source,
+        }),
     }
 }
 
@@ -641,11 +685,10 @@ pub fn read_flash(
     offset: u32,
     size: u32,
     use_stub: bool,
-) -> CliResult<Vec<u8>> {
+) -> Result<Vec<u8>, FlashingError> {
     // espflash reads into a file: a fresh private folder, since the data may be secret.
     let mut tag = [0u8; 8];
-    getrandom::fill(&mut tag)
-        .map_err(|e| CliError(format!("the system random number generator failed: {e}")))?;
+    getrandom::fill(&mut tag).map_err(FlashingError::Random)?;
     let dir = std::env::temp_dir().join(format!(
         "cargo-nvs-read-{}-{}",
         std::process::id(),
@@ -657,7 +700,7 @@ pub fn read_flash(
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
     builder
         .create(&dir)
-        .map_err(|e| CliError(format!("cannot create `{}`: {e}", dir.display())))?;
+        .map_err(|e| FileError::new("create", &dir, e))?;
     let result = read_into(flasher, offset, size, use_stub, &dir.join("read.bin"));
     let _ = std::fs::remove_dir_all(&dir);
     result
@@ -669,13 +712,16 @@ fn read_into(
     size: u32,
     use_stub: bool,
     file: &Path,
-) -> CliResult<Vec<u8>> {
-    let fail = |e: espflash::Error| CliError(format!("cannot read flash at {offset:#x}: {e}"));
+) -> Result<Vec<u8>, FlashingError> {
+    let fail = |source: espflash::Error| FlashingError::Chip {
+        what: format!("read flash at {offset:#x}"),
+        source,
+    };
     if use_stub {
         flasher
             .read_flash(offset, size, 0x1000, 64, PathBuf::from(file))
             .map_err(fail)?;
-        return Ok(std::fs::read(file)?);
+        return Ok(std::fs::read(file).map_err(FileError::reading(file))?);
     }
     // espflash 4.7's ROM read gets addresses wrong past two 64-byte blocks: read 128 bytes per call.
     let mut data = Vec::with_capacity(size as usize);
@@ -684,7 +730,7 @@ fn read_into(
         flasher
             .read_flash_rom(offset + start, len, 64, 1, PathBuf::from(file))
             .map_err(fail)?;
-        data.extend_from_slice(&std::fs::read(file)?);
+        data.extend_from_slice(&std::fs::read(file).map_err(FileError::reading(file))?);
     }
     Ok(data)
 }
@@ -696,12 +742,15 @@ pub fn inspect(
     addr: u32,
     planned: &guard::Planned<'_>,
     use_stub: bool,
-) -> CliResult<(guard::Finding, Option<Vec<u8>>)> {
+) -> Result<(guard::Finding, Option<Vec<u8>>), FlashingError> {
     use md5::{Digest, Md5};
     let len = planned.ours.len() as u32;
     let on_chip = flasher
         .checksum_md5(addr, len)
-        .map_err(|e| CliError(format!("cannot check the flash at {addr:#x}: {e}")))?;
+        .map_err(|source| FlashingError::Chip {
+            what: format!("check the flash at {addr:#x}"),
+            source,
+        })?;
     if on_chip == blank_md5(len) {
         return Ok((guard::Finding::Blank, None));
     }

@@ -12,6 +12,51 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// A file operation that failed, with the file: `cannot read `PATH`: why`.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {verb} `{}`: {source}", path.display())]
+pub struct FileError {
+    /// `read`, `write`, `create`, …
+    pub verb: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl FileError {
+    pub fn new(verb: &'static str, path: &Path, source: std::io::Error) -> FileError {
+        FileError {
+            verb,
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    /// For `map_err`: `.map_err(FileError::reading(path))`.
+    pub fn reading(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
+        move |e| FileError::new("read", path, e)
+    }
+
+    /// For `map_err`: `.map_err(FileError::writing(path))`.
+    pub fn writing(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
+        move |e| FileError::new("write", path, e)
+    }
+}
+
+/// An output that would overwrite one of the command's inputs.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "OUTPUT `{}` is also the {what} `{}`; it would be overwritten (nothing was written). Name \
+     another output file",
+    output.display(),
+    input.display()
+)]
+pub struct OutputOverInput {
+    pub output: PathBuf,
+    pub what: String,
+    pub input: PathBuf,
+}
+
 /// The suffix of this module's temporary file names (`.<name>.<pid>.<n>.tmp`).
 const TEMP_SUFFIX: &str = ".tmp";
 
@@ -270,15 +315,14 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
 pub fn refuse_output_over_inputs<'a>(
     output: &Path,
     inputs: impl IntoIterator<Item = (&'a Path, &'a str)>,
-) -> crate::CliResult {
+) -> Result<(), OutputOverInput> {
     for (input, what) in inputs {
         if same_file(output, input) {
-            return Err(crate::CliError(format!(
-                "OUTPUT `{}` is also the {what} `{}`; it would be overwritten (nothing was written). \
-                 Name another output file",
-                output.display(),
-                input.display()
-            )));
+            return Err(OutputOverInput {
+                output: output.to_owned(),
+                what: what.to_owned(),
+                input: input.to_owned(),
+            });
         }
     }
     Ok(())

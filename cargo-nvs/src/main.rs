@@ -1,15 +1,10 @@
 //! `cargo nvs`: ESP32 NVS partition images in the Cargo workflow.
 
-mod artifacts;
 mod cmd;
-mod flashing;
-mod fsutil;
-mod guard;
-mod hex;
-mod project;
-mod protect;
-mod settings;
-mod size;
+
+use cargo_nvs::{
+    artifacts, flashing, fsutil, guard, hex, keys, project, protect, segments, settings, size,
+};
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -51,7 +46,8 @@ enum Command {
     Monitor(Box<cmd::monitor::MonitorArgs>),
 }
 
-/// An error for the user: printed as `error: …`, exit code 1.
+/// An error for the user: printed as `error: …`, exit code 1. The library's typed errors become
+/// their message here.
 #[derive(Debug)]
 pub struct CliError(pub String);
 

@@ -4,7 +4,17 @@ use std::path::{Path, PathBuf};
 
 use cargo_metadata::{MetadataCommand, Package};
 
-use crate::{CliError, CliResult};
+/// Why the package cannot be found or its metadata read.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectError {
+    /// No single package to work on, or one without NVS metadata (the message says what to do).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot read the cargo workspace: {0}")]
+    Workspace(#[source] cargo_metadata::Error),
+    #[error(transparent)]
+    Metadata(#[from] nvs_build::InputError),
+}
 
 /// `-p/--package` and `--manifest-path`, as every cargo command spells them.
 #[derive(clap::Args, Debug, Default, Clone)]
@@ -26,15 +36,13 @@ pub struct Project {
 }
 
 impl PackageArgs {
-    pub fn find(&self) -> CliResult<Project> {
+    pub fn find(&self) -> Result<Project, ProjectError> {
         let mut cmd = MetadataCommand::new();
         cmd.no_deps();
         if let Some(path) = &self.manifest_path {
             cmd.manifest_path(path);
         }
-        let metadata = cmd
-            .exec()
-            .map_err(|e| CliError(format!("cannot read the cargo workspace: {e}")))?;
+        let metadata = cmd.exec().map_err(ProjectError::Workspace)?;
         let members: Vec<&Package> = metadata.workspace_packages();
         let package = match &self.package {
             Some(name) => members
@@ -42,7 +50,7 @@ impl PackageArgs {
                 .find(|p| p.name.as_str() == name)
                 .copied()
                 .ok_or_else(|| {
-                    CliError(format!(
+                    ProjectError::Invalid(format!(
                         "package `{name}` is not in the workspace (members: {})",
                         members
                             .iter()
@@ -63,12 +71,12 @@ impl PackageArgs {
                             .collect();
                         match with_nvs.as_slice() {
                             [one] => *one,
-                            [] => return Err(CliError(
+                            [] => return Err(ProjectError::Invalid(
                                 "no workspace member has [package.metadata.nvs]; pass -p PACKAGE"
                                     .into(),
                             )),
                             many => {
-                                return Err(CliError(format!(
+                                return Err(ProjectError::Invalid(format!(
                                     "several packages have [package.metadata.nvs] ({}); pick one with -p",
                                     many.iter()
                                         .map(|p| p.name.as_str())
@@ -92,9 +100,9 @@ impl PackageArgs {
 
 impl Project {
     /// Reads the package's NVS metadata, failing when it has none.
-    pub fn nvs_metadata(&self) -> CliResult<nvs_build::metadata::Metadata> {
+    pub fn nvs_metadata(&self) -> Result<nvs_build::metadata::Metadata, ProjectError> {
         nvs_build::metadata::Metadata::from_manifest(&self.manifest_path)?.ok_or_else(|| {
-            CliError(format!(
+            ProjectError::Invalid(format!(
                 "`{}` has no [package.metadata.nvs]; see the README for the schema",
                 self.manifest_path.display()
             ))

@@ -12,14 +12,34 @@ use nvs_build::metadata::{EncryptionSpec, Metadata, PartitionSpec, ValueSource};
 use nvs_build::table::PartitionTable;
 
 use crate::artifacts::NvsImage;
-use crate::cmd::flash::{Planned, Role};
-use crate::cmd::mfg::ledger::Ledger;
-use crate::cmd::mfg::{ChosenLedger, product_ledger};
-use crate::flashing::{blank_md5, inspect, read_flash};
+use crate::flashing::{FlashingError, blank_md5, inspect, read_flash};
 use crate::guard::{
     self, Allow, Decision, Finding, Planned as GuardPlan, candidate_sha256s, decide, for_factory,
 };
-use crate::{CliError, CliResult};
+use crate::mfg::ledger::Ledger;
+use crate::mfg::{ChosenLedger, product_ledger};
+use crate::segments::{Planned, Role};
+
+/// Why a flash does not go ahead.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtectError {
+    /// Writing would destroy data the chip holds; each reason names the partition and the
+    /// flag that allows it.
+    #[error("{}; nothing was written", reasons.join("; "))]
+    Refused { reasons: Vec<String> },
+    /// An operation on the chip failed (`what`: "erase flash at 0x9000", …).
+    #[error("cannot {what}: {source}")]
+    Chip {
+        what: String,
+        #[source]
+        source: espflash::Error,
+    },
+    #[error(transparent)]
+    Flashing(#[from] FlashingError),
+    /// A key or partition table the guard needs cannot be read.
+    #[error(transparent)]
+    Input(#[from] nvs_build::InputError),
+}
 
 /// What the guard needs to know of one NVS partition of the package.
 pub struct DataPartition {
@@ -31,7 +51,7 @@ pub struct DataPartition {
 
 impl DataPartition {
     /// What the metadata says of a partition (nothing, for one it does not describe).
-    pub fn of(spec: Option<&PartitionSpec>) -> CliResult<DataPartition> {
+    pub fn of(spec: Option<&PartitionSpec>) -> Result<DataPartition, ProtectError> {
         let per_device = spec
             .map(|spec| {
                 spec.namespaces
@@ -60,7 +80,7 @@ impl DataPartition {
 pub fn data_partitions(
     metadata: &Metadata,
     images: &[NvsImage],
-) -> CliResult<BTreeMap<u32, DataPartition>> {
+) -> Result<BTreeMap<u32, DataPartition>, ProtectError> {
     images
         .iter()
         .map(|image| {
@@ -139,13 +159,16 @@ impl Guarded {
         flasher: &mut Flasher,
         segments: &mut Vec<Planned>,
         use_stub: bool,
-    ) -> CliResult<()> {
+    ) -> Result<(), ProtectError> {
         segments.retain(|s| !self.kept.contains(&s.addr));
         if use_stub {
             for &(addr, len) in &self.erase_first {
                 flasher
                     .erase_region(addr, len)
-                    .map_err(|e| CliError(format!("cannot erase flash at {addr:#x}: {e}")))?;
+                    .map_err(|source| ProtectError::Chip {
+                        what: format!("erase flash at {addr:#x}"),
+                        source,
+                    })?;
             }
         }
         Ok(())
@@ -162,7 +185,7 @@ pub fn guard_segments(
     allow: Allow,
     identities: &Identities,
     use_stub: bool,
-) -> CliResult<Guarded> {
+) -> Result<Guarded, ProtectError> {
     let mut guarded = Guarded::default();
     let mut refusals = Vec::new();
     // Written only because --reset-user-data said so, and left as the chip holds them.
@@ -226,10 +249,7 @@ pub fn guard_segments(
         }
     }
     if !refusals.is_empty() {
-        return Err(CliError(format!(
-            "{}; nothing was written",
-            refusals.join("; ")
-        )));
+        return Err(ProtectError::Refused { reasons: refusals });
     }
     let Some(keys) = segments.iter().find(|s| s.role == Role::NvsKeys) else {
         return Ok(guarded);
@@ -238,7 +258,10 @@ pub fn guard_segments(
     // package does not encrypt, and keys the device made itself) is readable with.
     let on_chip = flasher
         .checksum_md5(keys.addr, keys.data.len() as u32)
-        .map_err(|e| CliError(format!("cannot check nvs_keys at {:#x}: {e}", keys.addr)))?;
+        .map_err(|source| ProtectError::Chip {
+            what: format!("check nvs_keys at {:#x}", keys.addr),
+            source,
+        })?;
     let ours = u128::from_be_bytes(Md5::digest(&keys.data).into());
     if on_chip == ours || on_chip == blank_md5(keys.data.len() as u32) {
         return Ok(guarded);
@@ -281,10 +304,7 @@ pub fn guard_segments(
             .retain(|&(addr, _)| addr != segment.addr);
     }
     if !refusals.is_empty() {
-        return Err(CliError(format!(
-            "{}; nothing was written",
-            refusals.join("; ")
-        )));
+        return Err(ProtectError::Refused { reasons: refusals });
     }
     Ok(guarded)
 }
@@ -300,7 +320,7 @@ pub fn guard_table_change(
     segments: &[Planned],
     allow: Allow,
     use_stub: bool,
-) -> CliResult<()> {
+) -> Result<(), ProtectError> {
     let Some(table) = segments.iter().find(|s| s.role == Role::PartitionTable) else {
         return Ok(());
     };
@@ -308,7 +328,10 @@ pub fn guard_table_change(
     let len = table.data.len() as u32;
     let on_chip = flasher
         .checksum_md5(table.addr, len)
-        .map_err(|e| CliError(format!("cannot check the partition table: {e}")))?;
+        .map_err(|source| ProtectError::Chip {
+            what: "check the partition table".into(),
+            source,
+        })?;
     if on_chip == u128::from_be_bytes(Md5::digest(&table.data).into()) || on_chip == blank_md5(len)
     {
         return Ok(());
@@ -348,7 +371,10 @@ pub fn guard_table_change(
             .collect();
         let blank = flasher
             .checksum_md5(partition.offset, partition.size)
-            .map_err(|e| CliError(format!("cannot check `{}`: {e}", partition.name)))?
+            .map_err(|source| ProtectError::Chip {
+                what: format!("check `{}`", partition.name),
+                source,
+            })?
             == blank_md5(partition.size);
         if blank {
             continue;
@@ -393,9 +419,6 @@ pub fn guard_table_change(
     if refusals.is_empty() {
         Ok(())
     } else {
-        Err(CliError(format!(
-            "{}; nothing was written",
-            refusals.join("; ")
-        )))
+        Err(ProtectError::Refused { reasons: refusals })
     }
 }

@@ -8,7 +8,16 @@ use std::path::{Path, PathBuf};
 
 use toml::de::{DeTable, DeValue};
 
-use crate::{CliError, CliResult};
+use crate::fsutil::FileError;
+
+/// Why espflash's settings cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("`{}` is not valid TOML: {message}", path.display())]
+    Toml { path: PathBuf, message: String },
+}
 
 /// What the two files say (missing keys are `None`).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -45,7 +54,7 @@ pub fn find(name: &str) -> Option<PathBuf> {
 }
 
 /// Reads both files (those that exist). Errors name the file and what is wrong.
-pub fn load() -> CliResult<Settings> {
+pub fn load() -> Result<Settings, SettingsError> {
     let mut settings = Settings::default();
     if let Some(path) = find("espflash.toml") {
         read_project(&path, &mut settings)?;
@@ -58,7 +67,7 @@ pub fn load() -> CliResult<Settings> {
 
 /// The settings, or none when the files cannot be read (a warning says why).
 pub fn load_or_warn() -> Settings {
-    load().unwrap_or_else(|CliError(e)| {
+    load().unwrap_or_else(|e| {
         eprintln!("warning: {e}; ignoring espflash's settings");
         Settings::default()
     })
@@ -75,14 +84,13 @@ pub fn baud() -> Option<u32> {
     load_or_warn().baudrate
 }
 
-fn parse<'a>(path: &Path, text: &'a str) -> CliResult<DeTable<'a>> {
-    DeTable::parse(text).map(|t| t.into_inner()).map_err(|e| {
-        CliError(format!(
-            "`{}` is not valid TOML: {}",
-            path.display(),
-            e.message()
-        ))
-    })
+fn parse<'a>(path: &Path, text: &'a str) -> Result<DeTable<'a>, SettingsError> {
+    DeTable::parse(text)
+        .map(|t| t.into_inner())
+        .map_err(|e| SettingsError::Toml {
+            path: path.to_owned(),
+            message: e.message().to_owned(),
+        })
 }
 
 fn string(table: &DeTable<'_>, key: &str) -> Option<String> {
@@ -118,9 +126,8 @@ fn section<'t, 'a>(table: &'t DeTable<'a>, name: &str) -> Option<&'t DeTable<'a>
     }
 }
 
-fn read_project(path: &Path, settings: &mut Settings) -> CliResult {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| CliError(format!("cannot read `{}`: {e}", path.display())))?;
+fn read_project(path: &Path, settings: &mut Settings) -> Result<(), SettingsError> {
+    let text = std::fs::read_to_string(path).map_err(FileError::reading(path))?;
     let root = parse(path, &text)?;
     settings.baudrate = integer(&root, "baudrate");
     if let Some(flash) = section(&root, "flash") {
@@ -137,9 +144,8 @@ fn read_project(path: &Path, settings: &mut Settings) -> CliResult {
     Ok(())
 }
 
-fn read_ports(path: &Path, settings: &mut Settings) -> CliResult {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| CliError(format!("cannot read `{}`: {e}", path.display())))?;
+fn read_ports(path: &Path, settings: &mut Settings) -> Result<(), SettingsError> {
+    let text = std::fs::read_to_string(path).map_err(FileError::reading(path))?;
     let root = parse(path, &text)?;
     if let Some(connection) = section(&root, "connection") {
         settings.serial = string(connection, "serial").filter(|s| !s.is_empty());
@@ -193,7 +199,7 @@ mod tests {
         assert_eq!(s.serial.as_deref(), Some("/dev/ttyUSB1"));
         assert_eq!(s.usb_devices, vec![(0x303a, 0x1001)]);
         std::fs::write(&project, "baudrate = [").unwrap();
-        let e = read_project(&project, &mut s).unwrap_err().0;
+        let e = read_project(&project, &mut s).unwrap_err().to_string();
         assert!(e.contains("not valid TOML"), "{e}");
         let _ = std::fs::remove_dir_all(dir);
     }

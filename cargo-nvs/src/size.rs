@@ -1,8 +1,22 @@
-//! Sizes and offsets on the command line, spelled as Espressif's tools accept them.
+//! Sizes, offsets and NVS format versions on the command line, spelled as Espressif's tools
+//! accept them.
+
+use nvs_build::format::{PartitionSize, Version};
+
+/// A number on the command line that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpellingError {
+    #[error("`{0}` is not a size; write it in hex (0x6000) or decimal (24576)")]
+    NotASize(String),
+    #[error("`{0}` is beyond the 4 GiB a flash address can reach")]
+    BeyondFlash(String),
+    #[error("`{0}` is not an NVS format version; use 1 or 2")]
+    NotAVersion(String),
+}
 
 /// Parses a size like Python's `int(text, 0)`: `0x6000`, `0o…`, `0b…`, decimal, `_` separators.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let err = || format!("`{text}` is not a size; write it in hex (0x6000) or decimal (24576)");
+pub fn parse_size(text: &str) -> Result<u64, SpellingError> {
+    let err = || SpellingError::NotASize(text.to_owned());
     // Like Python's int(): surrounding whitespace and a `+` sign are fine.
     let t = text.trim();
     let t = t.strip_prefix('+').unwrap_or(t);
@@ -35,6 +49,32 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         return Err(err());
     }
     u64::from_str_radix(&digits.replace('_', ""), radix).map_err(|_| err())
+}
+
+/// A flash address (a size that fits in 32 bits).
+pub fn parse_offset(text: &str) -> Result<u32, SpellingError> {
+    let n = parse_size(text)?;
+    u32::try_from(n).map_err(|_| SpellingError::BeyondFlash(text.to_owned()))
+}
+
+/// `--version 1|2`.
+pub fn parse_version(text: &str) -> Result<Version, SpellingError> {
+    match text {
+        "1" => Ok(Version::V1),
+        "2" => Ok(Version::V2),
+        _ => Err(SpellingError::NotAVersion(text.to_owned())),
+    }
+}
+
+/// Warns as the reference does when a partition is too small to be written by the device.
+pub fn warn_if_read_only(size: PartitionSize) {
+    if size.is_read_only() {
+        eprintln!(
+            "warning: a partition of {:#x} bytes is smaller than 0x3000: it must be flagged `readonly` in \
+             the partition table CSV (the image holds only the pages it uses)",
+            size.bytes()
+        );
+    }
 }
 
 #[cfg(test)]

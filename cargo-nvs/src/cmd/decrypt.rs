@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use nvs_build::format::encryption::decrypt_image;
 use nvs_build::format::{PAGE_SIZE, read_image};
 
-use super::keys::load_key;
 use crate::fsutil::{refuse_output_over_inputs, write_atomic};
+use crate::keys::load_key;
 use crate::{CliError, CliResult};
 
 /// Decrypt an encrypted NVS partition image.

@@ -199,7 +199,7 @@ pub fn package_metadata(package: &PackageArgs) -> CliResult<Option<Metadata>> {
             Ok(None) => Ok(None),
             Err(e) => Err(CliError(e.to_string())),
         },
-        Err(e) if explicit => Err(e),
+        Err(e) if explicit => Err(e.into()),
         Err(_) => Ok(None),
     }
 }

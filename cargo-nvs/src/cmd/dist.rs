@@ -16,11 +16,11 @@ use std::process::ExitCode;
 use espflash::target::Chip;
 use serde_json::json;
 
-use super::flash::{ImageArgs, Planned, Role, app_segments, nvs_segments};
 use crate::artifacts::{BuildArgs, build_with_nvs};
 use crate::fsutil::write_atomic;
 use crate::hex::sha256_hex;
 use crate::project::PackageArgs;
+use crate::segments::{ImageArgs, Planned, Role, app_segments, nvs_segments};
 use crate::{CliError, CliResult};
 
 /// Build release artifacts: bootloader, partition table and app, `flash_args` and

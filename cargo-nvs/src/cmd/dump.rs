@@ -12,9 +12,10 @@ use serde_json::{Value as Json, json};
 use nvs_build::format::encryption::{XtsKey, decrypt_image};
 
 use super::OutputFormat;
-use super::keys::KeyInput;
-use super::read::{nvs_partition, parse_offset, table_in_flash};
 use crate::hex::hex;
+use crate::keys::KeyInput;
+use crate::segments::{nvs_partition, table_in_flash};
+use crate::size::parse_offset;
 use crate::{CliError, CliResult};
 use nvs_build::table::PartitionTable;
 

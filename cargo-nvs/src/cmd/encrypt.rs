@@ -5,9 +5,10 @@ use std::process::ExitCode;
 
 use nvs_build::format::Version;
 
-use super::generate::{build_from_csv, parse_version, split_positionals, warn_if_read_only};
-use super::keys::{KeyGenOptions, generate_keys, load_key};
+use super::generate::{build_from_csv, split_positionals};
 use crate::fsutil::{refuse_output_over_inputs, write_atomic};
+use crate::keys::{KeyGenOptions, generate_keys, load_key};
+use crate::size::{parse_version, warn_if_read_only};
 use crate::{CliError, CliResult};
 
 /// Generate an encrypted NVS partition image (XTS-AES-256, as ESP-IDF's NVS encryption).

@@ -13,7 +13,7 @@ use nvs_build::resolve::Inputs;
 
 use crate::fsutil::{refuse_output_over_inputs, write_atomic};
 use crate::project::{PackageArgs, display_path};
-use crate::size::parse_size;
+use crate::size::{parse_size, parse_version, warn_if_read_only};
 use crate::{CliError, CliResult};
 
 /// Generate NVS partition images: from the package's `[package.metadata.nvs]` (no arguments),
@@ -38,14 +38,6 @@ pub struct GenerateArgs {
     /// Folder the output path is relative to [metadata mode default: target/nvs/<package>].
     #[arg(long = "out-dir", alias = "outdir", value_name = "DIR")]
     out_dir: Option<PathBuf>,
-}
-
-pub fn parse_version(text: &str) -> Result<Version, String> {
-    match text {
-        "1" => Ok(Version::V1),
-        "2" => Ok(Version::V2),
-        _ => Err(format!("`{text}` is not an NVS format version; use 1 or 2")),
-    }
 }
 
 /// The largest flash of any ESP chip: no partition can be larger.
@@ -89,17 +81,6 @@ pub fn split_positionals<'a>(
         output,
         size,
     })
-}
-
-/// Warns as the reference does when a partition is too small to be written by the device.
-pub fn warn_if_read_only(size: PartitionSize) {
-    if size.is_read_only() {
-        eprintln!(
-            "warning: a partition of {:#x} bytes is smaller than 0x3000: it must be flagged `readonly` in \
-             the partition table CSV (the image holds only the pages it uses)",
-            size.bytes()
-        );
-    }
 }
 
 /// Builds the image from CSV inputs, as the reference does (paths relative to the current

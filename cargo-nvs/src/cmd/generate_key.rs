@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::keys::{KeyGenOptions, generate_keys};
 use crate::CliResult;
+use crate::keys::{KeyGenOptions, generate_keys};
 
 /// Generate NVS encryption keys (a 4096-byte nvs_keys image, mode 0600).
 #[derive(clap::Args)]

@@ -6,7 +6,6 @@ pub mod encrypt;
 pub mod flash;
 pub mod generate;
 pub mod generate_key;
-pub mod keys;
 pub mod mfg;
 pub mod monitor;
 pub mod partitions;

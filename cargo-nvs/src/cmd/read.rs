@@ -2,7 +2,7 @@
 //! them like `cargo nvs dump` (for returned units and debugging). The partitions are found in
 //! the table the device holds, so this works on any device, from any folder.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use nvs_build::table::{Partition, PartitionTable};
@@ -10,10 +10,10 @@ use nvs_build::table::{Partition, PartitionTable};
 use super::OutputFormat;
 use super::device::TableArgs;
 use super::dump::show;
-use super::keys::KeyInput;
 use crate::flashing::{ConnectArgs, connect, read_flash};
 use crate::fsutil::write_atomic;
-use crate::size::parse_size;
+use crate::keys::KeyInput;
+use crate::segments::{nvs_partition, table_in_flash};
 use crate::{CliError, CliResult};
 
 /// Read NVS partitions back from a device and dump them.
@@ -42,54 +42,6 @@ pub struct ReadArgs {
     format: OutputFormat,
     #[command(flatten)]
     connect: ConnectArgs,
-}
-
-pub fn parse_offset(text: &str) -> Result<u32, String> {
-    let n = parse_size(text)?;
-    u32::try_from(n).map_err(|_| format!("`{text}` is beyond the 4 GiB a flash address can reach"))
-}
-
-/// The data/nvs partition `name` of `table` (`table_name` says which table, in errors).
-pub fn nvs_partition<'t>(
-    table: &'t PartitionTable,
-    name: &str,
-    table_name: &str,
-) -> CliResult<&'t Partition> {
-    let partition = table.find(name).ok_or_else(|| {
-        let nvs: Vec<&str> = table.nvs_partitions().map(|p| p.name.as_str()).collect();
-        CliError(format!(
-            "no partition `{name}` in {table_name} (its NVS partitions: {})",
-            if nvs.is_empty() {
-                "none".to_owned()
-            } else {
-                nvs.join(", ")
-            }
-        ))
-    })?;
-    if !partition.is_nvs() {
-        return Err(CliError(format!(
-            "partition `{name}` is {}/{}, not data/nvs",
-            partition.type_name(),
-            partition.subtype_name()
-        )));
-    }
-    Ok(partition)
-}
-
-/// A binary partition table found in flash (a device's, or a full-flash image's) at `offset`.
-pub fn table_in_flash(bytes: &[u8], offset: u32, source: &str) -> CliResult<PartitionTable> {
-    let name = format!("{source}'s partition table at {offset:#x}");
-    if bytes.iter().all(|&b| b == 0xFF) {
-        return Err(CliError(format!(
-            "{source} holds no partition table at {offset:#x} (the flash there is erased): give \
-             --partition-table-offset if the table is elsewhere, or --partition-table FILE"
-        )));
-    }
-    PartitionTable::parse_binary_at(Path::new(&name), bytes, offset).map_err(|e| {
-        CliError(format!(
-            "{e} (give --partition-table-offset if the table is elsewhere, or --partition-table FILE)"
-        ))
-    })
 }
 
 pub fn run(args: ReadArgs) -> CliResult<ExitCode> {

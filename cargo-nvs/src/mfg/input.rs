@@ -6,7 +6,25 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use crate::{CliError, CliResult};
+use crate::fsutil::FileError;
+
+/// Why a config or values CSV cannot be used; every message names the file and line.
+#[derive(Debug, thiserror::Error)]
+pub enum ValuesError {
+    /// What is wrong at a place in the file, and how to fix it.
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// The CSV reader's own error at a line.
+    #[error("{}:{line}: {source}", path.display())]
+    Csv {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: csv::Error,
+    },
+}
 
 /// mfg_gen's encodings, plus `i16`, which mfg_gen forgets in its list (and so refuses) although
 /// the generator supports it.
@@ -32,9 +50,9 @@ impl ConfigRow {
     }
 }
 
-fn refuse_bom(path: &Path, bytes: &[u8]) -> CliResult {
+fn refuse_bom(path: &Path, bytes: &[u8]) -> Result<(), ValuesError> {
     if bytes.starts_with(b"\xEF\xBB\xBF") {
-        return Err(CliError(format!(
+        return Err(ValuesError::Invalid(format!(
             "{}:1: the file starts with a UTF-8 byte-order mark (BOM), which mfg_gen reads as part \
              of the first name; save it as UTF-8 without BOM",
             path.display()
@@ -48,24 +66,28 @@ fn read_record<R: BufRead>(
     reader: &mut csv::Reader<LineFilter<R>>,
     record: &mut csv::StringRecord,
     path: &Path,
-) -> CliResult<bool> {
+) -> Result<bool, ValuesError> {
     reader.read_record(record).map_err(|e| {
         let offset = e.position().map_or(0, |p| p.byte());
-        csv_error(path, reader.get_mut().line_at(offset), &e)
+        csv_error(path, reader.get_mut().line_at(offset), e)
     })
 }
 
-fn csv_error(path: &Path, line: usize, e: &csv::Error) -> CliError {
+fn csv_error(path: &Path, line: usize, e: csv::Error) -> ValuesError {
     match e.kind() {
-        csv::ErrorKind::Utf8 { .. } => CliError(format!(
+        csv::ErrorKind::Utf8 { .. } => ValuesError::Invalid(format!(
             "{}:{line}: the file is not valid UTF-8; save it as UTF-8",
             path.display()
         )),
         // Our own line-length refusal names its line.
         csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
-            CliError(format!("{}: {io}", path.display()))
+            ValuesError::Invalid(format!("{}: {io}", path.display()))
         }
-        _ => CliError(format!("{}:{line}: {e}", path.display())),
+        _ => ValuesError::Csv {
+            path: path.to_owned(),
+            line,
+            source: e,
+        },
     }
 }
 
@@ -77,13 +99,9 @@ fn reader<R: Read>(input: R) -> csv::Reader<R> {
 }
 
 /// Reads and checks the config file.
-pub fn read_config(path: &Path) -> CliResult<Vec<ConfigRow>> {
-    let bytes = nvs_build::read_limited(path, nvs_build::MAX_INPUT_BYTES).map_err(|e| {
-        CliError(format!(
-            "cannot read the config file `{}`: {e}",
-            path.display()
-        ))
-    })?;
+pub fn read_config(path: &Path) -> Result<Vec<ConfigRow>, ValuesError> {
+    let bytes = nvs_build::read_limited(path, nvs_build::MAX_INPUT_BYTES)
+        .map_err(|e| FileError::new("read the config file", path, e))?;
     refuse_bom(path, &bytes)?;
     let mut rows = Vec::new();
     let mut seen_namespace = false;
@@ -95,7 +113,7 @@ pub fn read_config(path: &Path) -> CliResult<Vec<ConfigRow>> {
         let at = format!("{}:{line}", path.display());
         let repeat = record.len() == 4 && &record[3] == "REPEAT";
         if record.len() != 3 && !repeat {
-            return Err(CliError(format!(
+            return Err(ValuesError::Invalid(format!(
                 "{at}: the row has {} field(s); config rows are `key,type,encoding` (data, optionally \
                  followed by `,REPEAT`) or `name,namespace,`",
                 record.len()
@@ -104,27 +122,27 @@ pub fn read_config(path: &Path) -> CliResult<Vec<ConfigRow>> {
         let (key, ty, encoding) = (&record[0], &record[1], &record[2]);
         match ty {
             "namespace" if repeat => {
-                return Err(CliError(format!(
+                return Err(ValuesError::Invalid(format!(
                     "{at}: namespace `{key}`: REPEAT applies to data rows only"
                 )));
             }
             "namespace" => seen_namespace = true,
             "data" | "file" => {
                 if !ENCODINGS.contains(&encoding) {
-                    return Err(CliError(format!(
+                    return Err(ValuesError::Invalid(format!(
                         "{at}: key `{key}`: invalid encoding `{encoding}`; use one of {}",
                         ENCODINGS.join(", ")
                     )));
                 }
                 if !seen_namespace {
-                    return Err(CliError(format!(
+                    return Err(ValuesError::Invalid(format!(
                         "{at}: key `{key}` comes before any namespace row; start the file with \
                          `name,namespace,`"
                     )));
                 }
             }
             _ => {
-                return Err(CliError(format!(
+                return Err(ValuesError::Invalid(format!(
                     "{at}: key `{key}`: invalid type `{ty}`; use data, file or namespace"
                 )));
             }
@@ -139,7 +157,7 @@ pub fn read_config(path: &Path) -> CliResult<Vec<ConfigRow>> {
         });
     }
     if rows.is_empty() {
-        return Err(CliError(format!(
+        return Err(ValuesError::Invalid(format!(
             "{}: the config file is empty; it needs `name,namespace,` and `key,type,encoding` rows",
             path.display()
         )));
@@ -154,7 +172,7 @@ pub fn bind_columns(
     rows: &mut [ConfigRow],
     values_path: &Path,
     header: &[String],
-) -> CliResult {
+) -> Result<(), ValuesError> {
     let mut next = 0;
     for row in rows.iter_mut().filter(|r| !r.is_namespace()) {
         let found = header[next..].iter().position(|h| *h == row.key);
@@ -164,7 +182,7 @@ pub fn bind_columns(
             } else {
                 "is not a column of the values file's header"
             };
-            return Err(CliError(format!(
+            return Err(ValuesError::Invalid(format!(
                 "{}:{}: key `{}` {why} (header at {}:1)",
                 config_path.display(),
                 row.line,
@@ -299,19 +317,12 @@ pub struct DeviceRow {
 }
 
 impl Values {
-    pub fn open(path: &Path) -> CliResult<Values> {
-        let file = File::open(path).map_err(|e| {
-            CliError(format!(
-                "cannot read the values file `{}`: {e}",
-                path.display()
-            ))
-        })?;
+    pub fn open(path: &Path) -> Result<Values, ValuesError> {
+        let file = File::open(path).map_err(|e| FileError::new("read the values file", path, e))?;
         let mut input = BufReader::with_capacity(1 << 16, file);
-        let start = input
-            .fill_buf()
-            .map_err(|e| CliError(format!("cannot read `{}`: {e}", path.display())))?;
+        let start = input.fill_buf().map_err(FileError::reading(path))?;
         if start.is_empty() {
-            return Err(CliError(format!(
+            return Err(ValuesError::Invalid(format!(
                 "{}: the values file is empty; it needs a header of key names and one row per device",
                 path.display()
             )));
@@ -325,7 +336,7 @@ impl Values {
             record: csv::StringRecord::new(),
         };
         let Some(header) = values.next_record()? else {
-            return Err(CliError(format!(
+            return Err(ValuesError::Invalid(format!(
                 "{}: the values file has no header row",
                 path.display()
             )));
@@ -335,7 +346,7 @@ impl Values {
         Ok(values)
     }
 
-    fn next_record(&mut self) -> CliResult<Option<DeviceRow>> {
+    fn next_record(&mut self) -> Result<Option<DeviceRow>, ValuesError> {
         let mut row = DeviceRow {
             line: 0,
             fields: Vec::new(),
@@ -344,7 +355,7 @@ impl Values {
     }
 
     /// Reads the next record into `row`, reusing its strings; false at the end.
-    fn read_record_into(&mut self, row: &mut DeviceRow) -> CliResult<bool> {
+    fn read_record_into(&mut self, row: &mut DeviceRow) -> Result<bool, ValuesError> {
         let more = read_record(&mut self.reader, &mut self.record, &self.path)?;
         if !more {
             return Ok(false);
@@ -356,7 +367,7 @@ impl Values {
             .iter()
             .position(|f| f.len() > MAX_FIELD_CHARS && f.chars().count() > MAX_FIELD_CHARS)
         {
-            return Err(CliError(format!(
+            return Err(ValuesError::Invalid(format!(
                 "{}:{}: field {} holds more than {MAX_FIELD_CHARS} characters, more than mfg_gen's CSV \
                  reader accepts; put large values in files and use `file` rows",
                 self.path.display(),
@@ -378,7 +389,7 @@ impl Values {
     }
 
     /// The next device row, checked to have one field per header column.
-    pub fn next_device(&mut self) -> CliResult<Option<DeviceRow>> {
+    pub fn next_device(&mut self) -> Result<Option<DeviceRow>, ValuesError> {
         let mut row = DeviceRow {
             line: 0,
             fields: Vec::new(),
@@ -388,7 +399,7 @@ impl Values {
 
     /// Reads the next device row into `row` (reusing its strings), checked to have one field per
     /// header column; false at the end.
-    pub fn read_device_into(&mut self, row: &mut DeviceRow) -> CliResult<bool> {
+    pub fn read_device_into(&mut self, row: &mut DeviceRow) -> Result<bool, ValuesError> {
         if !self.read_record_into(row)? {
             return Ok(false);
         }
@@ -402,7 +413,7 @@ impl Values {
                     self.header.last().map_or("", String::as_str)
                 )
             };
-            return Err(CliError(format!(
+            return Err(ValuesError::Invalid(format!(
                 "{}:{}: the row has {} field(s) but the header (line {}) has {}: {detail}",
                 self.path.display(),
                 row.line,

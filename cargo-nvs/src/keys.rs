@@ -6,7 +6,31 @@ use nvs_build::format::encryption::XtsKey;
 use nvs_build::keys::load_hmac_key;
 
 use crate::fsutil::write_secret;
-use crate::{CliError, CliResult};
+
+/// Why keys cannot be made or read.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The key options do not fit together (the message says how to fix them).
+    #[error("{0}")]
+    Invalid(String),
+    /// An existing key file, which is never overwritten without --force.
+    #[error("`{}` exists; key files are never overwritten (pass --force to replace it)", .0.display())]
+    Exists(PathBuf),
+    #[error("cannot write the {what} to `{}`: {source}", path.display())]
+    Write {
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the system random number generator failed: {0}")]
+    Random(getrandom::Error),
+    /// A key file cannot be read, or a key cannot be made from it.
+    #[error(transparent)]
+    Input(#[from] nvs_build::InputError),
+    #[error(transparent)]
+    Encryption(#[from] nvs_build::format::encryption::KeyError),
+}
 
 /// How keys are generated (the reference's option names, with its underscore spellings).
 #[derive(clap::Args, Debug)]
@@ -57,15 +81,15 @@ impl HmacOptions {
     }
 
     /// Refuses --kp-hmac-* without --key-protect-hmac, and the scheme without an HMAC key.
-    pub fn check(&self) -> CliResult {
+    pub fn check(&self) -> Result<(), KeyError> {
         if !self.key_protect_hmac {
             if self.any() {
-                return Err(CliError(
+                return Err(KeyError::Invalid(
                     "--kp-hmac-* options need --key-protect-hmac".into(),
                 ));
             }
         } else if !self.kp_hmac_keygen && self.kp_hmac_inputkey.is_none() {
-            return Err(CliError(
+            return Err(KeyError::Invalid(
                 "the HMAC scheme (--key-protect-hmac) needs an HMAC key: pass --kp-hmac-inputkey \
                  FILE, or --kp-hmac-keygen to create one"
                     .into(),
@@ -76,10 +100,9 @@ impl HmacOptions {
 }
 
 /// A new random HMAC key (32 bytes, as the eFuse HMAC peripheral takes).
-pub fn random_hmac_key() -> CliResult<[u8; 32]> {
+pub fn random_hmac_key() -> Result<[u8; 32], KeyError> {
     let mut hmac_key = [0u8; 32];
-    getrandom::fill(&mut hmac_key)
-        .map_err(|e| CliError(format!("the system random number generator failed: {e}")))?;
+    getrandom::fill(&mut hmac_key).map_err(KeyError::Random)?;
     Ok(hmac_key)
 }
 
@@ -106,10 +129,13 @@ impl GeneratedKeys {
     }
 }
 
-pub fn generate_keys(opts: &KeyGenOptions, out_dir: Option<&Path>) -> CliResult<GeneratedKeys> {
+pub fn generate_keys(
+    opts: &KeyGenOptions,
+    out_dir: Option<&Path>,
+) -> Result<GeneratedKeys, KeyError> {
     // Usage errors before any file is looked at.
     if opts.kp_hmac_keyfile.is_some() && !opts.hmac.key_protect_hmac {
-        return Err(CliError(
+        return Err(KeyError::Invalid(
             "--kp-hmac-* options need --key-protect-hmac".into(),
         ));
     }
@@ -131,10 +157,7 @@ pub fn generate_keys(opts: &KeyGenOptions, out_dir: Option<&Path>) -> CliResult<
         targets.push(&hmac_path);
     }
     if let Some(existing) = targets.iter().find(|p| p.exists()).filter(|_| !opts.force) {
-        return Err(CliError(format!(
-            "`{}` exists; key files are never overwritten (pass --force to replace it)",
-            existing.display()
-        )));
+        return Err(KeyError::Exists(existing.to_path_buf()));
     }
     let mut files = Vec::new();
     let key = if opts.hmac.kp_hmac_keygen {
@@ -163,12 +186,11 @@ pub fn generate_keys(opts: &KeyGenOptions, out_dir: Option<&Path>) -> CliResult<
     })
 }
 
-fn write_key(path: &Path, bytes: &[u8], force: bool, what: &str) -> CliResult {
-    write_secret(path, bytes, force).map_err(|e| {
-        CliError(format!(
-            "cannot write the {what} to `{}`: {e}",
-            path.display()
-        ))
+fn write_key(path: &Path, bytes: &[u8], force: bool, what: &str) -> Result<(), KeyError> {
+    write_secret(path, bytes, force).map_err(|source| KeyError::Write {
+        what: what.to_owned(),
+        path: path.to_owned(),
+        source,
     })?;
     eprintln!(
         "Created {what} `{}` (mode 0600; keep it secret)",
@@ -178,10 +200,9 @@ fn write_key(path: &Path, bytes: &[u8], force: bool, what: &str) -> CliResult {
 }
 
 /// `keys/keys-<random>.bin`: a fresh name every time, so runs never collide.
-fn default_key_path(out_dir: Option<&Path>) -> CliResult<PathBuf> {
+fn default_key_path(out_dir: Option<&Path>) -> Result<PathBuf, KeyError> {
     let mut tag = [0u8; 4];
-    getrandom::fill(&mut tag)
-        .map_err(|e| CliError(format!("the system random number generator failed: {e}")))?;
+    getrandom::fill(&mut tag).map_err(KeyError::Random)?;
     let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
     Ok(out_dir
         .unwrap_or(Path::new("."))
@@ -201,7 +222,7 @@ pub struct KeyInput {
 }
 
 impl KeyInput {
-    pub fn load(&self) -> CliResult<Option<XtsKey>> {
+    pub fn load(&self) -> Result<Option<XtsKey>, KeyError> {
         if let Some(path) = &self.keys {
             return load_key(path).map(Some);
         }
@@ -214,7 +235,7 @@ impl KeyInput {
 }
 
 /// Loads an nvs_keys file, warning when its CRC is wrong.
-pub fn load_key(path: &Path) -> CliResult<XtsKey> {
+pub fn load_key(path: &Path) -> Result<XtsKey, KeyError> {
     let loaded = nvs_build::keys::load_key_file(path)?;
     if let Some(warning) = loaded.warning {
         eprintln!("warning: {warning}");

@@ -2,7 +2,6 @@
 //! port, ports in parallel, every flash in the production log; `cargo nvs mfg log` exports it.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use espflash::image_format::Segment;
 use espflash::target::{Chip, ProgressCallbacks};
@@ -14,15 +13,62 @@ use std::collections::BTreeMap;
 use nvs_build::metadata::Metadata;
 use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
 
-use super::ledger::{BatchStatus, ClaimOutcome, FlashRecord, Issued, Ledger};
-use super::product::{ChosenLedger, LEDGER_ENV, Scope, choose_ledger};
-use crate::flashing::inspect;
-use crate::flashing::{After, Before, ConnectArgs, connect};
+use super::ledger::{ClaimOutcome, FlashRecord, Issued, Ledger, LedgerError};
+use super::product::{ChosenLedger, LEDGER_ENV, ProductError, Scope, choose_ledger};
+use crate::flashing::{After, Before, ConnectArgs, FlashingError, connect, inspect};
+use crate::fsutil::FileError;
 use crate::guard::{Finding, Planned as GuardPlan, for_factory, why_kept};
 use crate::project::PackageArgs;
-use crate::protect::{DataPartition, identify};
-use crate::size::parse_size;
-use crate::{CliError, CliResult};
+use crate::protect::{DataPartition, ProtectError, identify};
+use crate::segments::{SegmentError, nvs_partition};
+use crate::size::{SpellingError, parse_size};
+
+/// Why `mfg flash` flashed nothing, or why one device's flash failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MfgFlashError {
+    /// The options, the batch or the chip do not allow this flash; the message says why and
+    /// what to do (nothing was written).
+    #[error("{0}")]
+    Invalid(String),
+    /// Writing or verifying failed; the production log has recorded the failure.
+    #[error("flashing failed: {0} (logged)")]
+    Write(#[source] espflash::Error),
+    /// Some ports' devices failed (each was reported as it failed).
+    #[error("{failed} of {total} flash(es) failed")]
+    Failed { failed: usize, total: usize },
+    /// An operation on the chip failed (`what`: "erase flash at 0x9000", …).
+    #[error("cannot {what}: {source}")]
+    Chip {
+        what: String,
+        #[source]
+        source: espflash::Error,
+    },
+    #[error(transparent)]
+    Flashing(#[from] FlashingError),
+    #[error(transparent)]
+    Protect(#[from] ProtectError),
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Product(#[from] ProductError),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Input(#[from] nvs_build::InputError),
+    #[error(transparent)]
+    Spelling(#[from] SpellingError),
+}
+
+/// What `mfg flash` did when nothing failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flashed {
+    /// This many devices were flashed, verified and logged.
+    Devices(usize),
+    /// Every device is flashed already or claimed by another station ([`NOTHING_LEFT`]).
+    NothingLeft,
+}
 
 /// Flash issued devices: the next unflashed one (or the one named) per port, ports in parallel.
 ///
@@ -115,173 +161,22 @@ fn parse_chip(text: &str) -> Result<Chip, String> {
 /// scripts loop until they see it.
 pub const NOTHING_LEFT: u8 = 3;
 
-/// Show where each batch of the product's ledger stands: issued, reserved, flashed, failed,
-/// claimed, written without a log entry, remaining.
-///
-/// Example: `cargo nvs mfg status --format json`
-#[derive(clap::Args)]
-pub struct MfgStatusArgs {
-    /// Only this batch (an `mfg generate` out dir; its manifest.json also names the ledger).
-    #[arg(long = "out-dir", aliases = ["outdir", "out_dir"], value_name = "DIR")]
-    out_dir: Option<PathBuf>,
-    /// The product's ledger [default: as `cargo nvs mfg log` finds it].
-    #[arg(long, value_name = "PATH")]
-    ledger: Option<PathBuf>,
-    /// Output format (to stdout).
-    #[arg(long, value_enum, default_value_t = StatusFormat::Text)]
-    format: StatusFormat,
-    #[command(flatten)]
-    package: PackageArgs,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum StatusFormat {
-    Text,
-    Json,
-}
-
-pub fn status(args: MfgStatusArgs) -> CliResult<ExitCode> {
-    let (ledger, chosen) = open_ledger(
-        args.out_dir.as_deref(),
-        args.ledger.as_deref(),
-        &args.package,
-    )?;
-    let mut batches = ledger.status()?;
-    if let Some(dir) = &args.out_dir {
-        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
-        batches.retain(|b| Path::new(&b.batch) == dir);
-    }
-    let mut total = BatchStatus {
-        batch: "total".into(),
-        ..BatchStatus::default()
-    };
-    for b in &batches {
-        total.issued += b.issued;
-        total.reserved += b.reserved;
-        total.flashed += b.flashed;
-        total.failed += b.failed;
-        total.claimed += b.claimed;
-        total.unlogged += b.unlogged;
-        total.remaining += b.remaining;
-    }
-    let mut out = std::io::stdout().lock();
-    let text = match args.format {
-        StatusFormat::Json => {
-            let row = |b: &BatchStatus| {
-                serde_json::json!({
-                    "batch": b.batch, "issued": b.issued, "reserved": b.reserved,
-                    "flashed": b.flashed, "failed": b.failed, "claimed": b.claimed,
-                    "unlogged": b.unlogged, "remaining": b.remaining,
-                })
-            };
-            let mut total_row = row(&total);
-            if let Some(t) = total_row.as_object_mut() {
-                t.remove("batch");
-            }
-            let doc = serde_json::json!({
-                "schema": "cargo-nvs/mfg-status/v1",
-                "ledger": chosen.shown(),
-                "batches": batches.iter().map(row).collect::<Vec<_>>(),
-                "total": total_row,
-            });
-            format!("{}\n", serde_json::to_string_pretty(&doc)?)
-        }
-        StatusFormat::Text => {
-            let mut text = format!("ledger {}\n", chosen.shown());
-            text.push_str(&format!(
-                "{:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}  batch\n",
-                "issued", "reserved", "flashed", "failed", "claimed", "unlogged", "remaining"
-            ));
-            for b in batches.iter().chain(std::iter::once(&total)) {
-                text.push_str(&format!(
-                    "{:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}  {}\n",
-                    b.issued,
-                    b.reserved,
-                    b.flashed,
-                    b.failed,
-                    b.claimed,
-                    b.unlogged,
-                    b.remaining,
-                    b.batch
-                ));
-            }
-            text
-        }
-    };
-    std::io::Write::write_all(&mut out, text.as_bytes())?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Export the production log of the product's ledger (every flash of every batch: MAC,
-/// device, SHA-256, time, result, port).
-#[derive(clap::Args)]
-#[command(after_help = "Example:\n  cargo nvs mfg log --format csv > production.csv")]
-pub struct MfgLogArgs {
-    /// An `mfg generate` out dir whose manifest.json names the ledger.
-    #[arg(long = "out-dir", aliases = ["outdir", "out_dir"], value_name = "DIR")]
-    out_dir: Option<PathBuf>,
-    /// The product's ledger [default: $NVS_LEDGER; else the one <out-dir>/manifest.json names;
-    /// else the Cargo package's: [package.metadata.nvs.mfg] ledger, or nvs-ledger.sqlite beside
-    /// Cargo.toml].
-    #[arg(long, value_name = "PATH")]
-    ledger: Option<PathBuf>,
-    /// Output format (to stdout).
-    #[arg(long, value_enum, default_value_t = LogFormat::Csv)]
-    format: LogFormat,
-    #[command(flatten)]
-    package: PackageArgs,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum LogFormat {
-    Csv,
-    Json,
-}
-
 /// The product's ledger, which must exist, and how it was chosen.
-fn open_ledger(
+pub fn open_ledger(
     out_dir: Option<&Path>,
     ledger: Option<&Path>,
     package: &PackageArgs,
-) -> CliResult<(Box<dyn Ledger>, ChosenLedger)> {
+) -> Result<(Box<dyn Ledger>, ChosenLedger), MfgFlashError> {
     let chosen = choose_ledger(ledger, Scope::Batch { out_dir, package })?;
     match chosen.open_existing()? {
         Some(ledger) => Ok((ledger, chosen)),
-        None => Err(CliError(format!(
+        None => Err(MfgFlashError::Invalid(format!(
             "no ledger at `{}` ({}): run `cargo nvs mfg generate` first, or name the ledger with \
              --ledger PATH or {LEDGER_ENV}",
             chosen.path.display(),
             chosen.from
         ))),
     }
-}
-
-pub fn log(args: MfgLogArgs) -> CliResult<ExitCode> {
-    let (ledger, _) = open_ledger(
-        args.out_dir.as_deref(),
-        args.ledger.as_deref(),
-        &args.package,
-    )?;
-    let mut out = std::io::stdout().lock();
-    match args.format {
-        LogFormat::Csv => ledger.export_log_csv(&mut out)?,
-        LogFormat::Json => {
-            let rows: Vec<serde_json::Value> = ledger
-                .flash_log()?
-                .into_iter()
-                .map(|r| {
-                    serde_json::json!({
-                        "mac": r.mac, "device": r.device, "sha256": r.sha256,
-                        "time": r.time, "result": r.result, "port": r.port,
-                    })
-                })
-                .collect();
-            let mut text = serde_json::to_string_pretty(&rows)?;
-            text.push('\n');
-            std::io::Write::write_all(&mut out, text.as_bytes())?;
-        }
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Where the images go.
@@ -306,7 +201,7 @@ struct Target {
 type DevPartition = (Option<Vec<u8>>, DataPartition);
 
 /// The development image of every partition of the metadata, with what the guard needs.
-fn dev_images(metadata: &Metadata) -> CliResult<BTreeMap<String, DevPartition>> {
+fn dev_images(metadata: &Metadata) -> Result<BTreeMap<String, DevPartition>, MfgFlashError> {
     let mut inputs = Inputs::new(|var| std::env::var(var).ok());
     let mut dev = BTreeMap::new();
     for spec in &metadata.partitions {
@@ -325,10 +220,10 @@ fn dev_images(metadata: &Metadata) -> CliResult<BTreeMap<String, DevPartition>> 
     Ok(dev)
 }
 
-fn target(args: &MfgFlashArgs) -> CliResult<Target> {
+fn target(args: &MfgFlashArgs) -> Result<Target, MfgFlashError> {
     let package_given = args.package.package.is_some() || args.package.manifest_path.is_some();
     if package_given && (args.offset.is_some() || args.partition_table.is_some()) {
-        return Err(CliError(
+        return Err(MfgFlashError::Invalid(
             "-p/--manifest-path pick the package whose partition table places the images; \
              --offset and --partition-table place them instead: give one or the other"
                 .into(),
@@ -336,16 +231,16 @@ fn target(args: &MfgFlashArgs) -> CliResult<Target> {
     }
     let size = match &args.size {
         Some(text) => Some(
-            u32::try_from(parse_size(text).map_err(CliError)?)
-                .map_err(|_| CliError(format!("--size {text}: too large")))?,
+            u32::try_from(parse_size(text)?)
+                .map_err(|_| MfgFlashError::Invalid(format!("--size {text}: too large")))?,
         ),
         None => None,
     };
     if let Some(text) = &args.offset {
-        let offset = u32::try_from(parse_size(text).map_err(CliError)?)
-            .map_err(|_| CliError(format!("--offset {text}: too large")))?;
+        let offset = u32::try_from(parse_size(text)?)
+            .map_err(|_| MfgFlashError::Invalid(format!("--offset {text}: too large")))?;
         if offset % 0x1000 != 0 {
-            return Err(CliError(format!(
+            return Err(MfgFlashError::Invalid(format!(
                 "--offset {text}: NVS partitions start on a 4 KiB boundary (0x1000)"
             )));
         }
@@ -360,7 +255,7 @@ fn target(args: &MfgFlashArgs) -> CliResult<Target> {
     }
     let (Some(path), Some(name)) = (&args.partition_table, &args.partition) else {
         if size.is_some() {
-            return Err(CliError(
+            return Err(MfgFlashError::Invalid(
                 "--size needs --offset, or --partition-table and --partition (with the \
                  package's table every image fills its own partition)"
                     .into(),
@@ -371,11 +266,11 @@ fn target(args: &MfgFlashArgs) -> CliResult<Target> {
             .find()
             .and_then(|project| project.nvs_metadata())
             .map_err(|e| {
-                CliError(format!(
+                MfgFlashError::Invalid(format!(
                     "where do the images go? give --offset, or --partition-table and \
                      --partition, or run in the firmware's Cargo package (or -p/--manifest-path) \
                      to use its partition table ({})",
-                    e.0
+                    e
                 ))
             })?;
         return Ok(Target {
@@ -388,12 +283,11 @@ fn target(args: &MfgFlashArgs) -> CliResult<Target> {
         });
     };
     let table = PartitionTable::load(path, PartitionTable::DEFAULT_OFFSET)?;
-    let partition =
-        crate::cmd::read::nvs_partition(&table, name, &format!("`{}`", path.display()))?;
+    let partition = nvs_partition(&table, name, &format!("`{}`", path.display()))?;
     if let Some(size) = size
         && size > partition.size
     {
-        return Err(CliError(format!(
+        return Err(MfgFlashError::Invalid(format!(
             "--size {size:#x} is larger than partition `{name}` ({:#x})",
             partition.size
         )));
@@ -419,13 +313,13 @@ fn nvs_keys_of(table: &PartitionTable) -> Option<(u32, u32)> {
 
 /// Reads a device's image (relative to its batch folder) and checks it is the one the ledger
 /// recorded.
-fn read_image(batch_dir: &Path, image: &str, sha256: &str) -> CliResult<Vec<u8>> {
+fn read_image(batch_dir: &Path, image: &str, sha256: &str) -> Result<Vec<u8>, MfgFlashError> {
     let path = batch_dir.join(image);
     let data = std::fs::read(&path)
-        .map_err(|e| CliError(format!("cannot read `{}`: {e}", path.display())))?;
+        .map_err(|e| MfgFlashError::Invalid(format!("cannot read `{}`: {e}", path.display())))?;
     let actual = sha256_hex(&data);
     if actual != sha256 {
-        return Err(CliError(format!(
+        return Err(MfgFlashError::Invalid(format!(
             "`{}` is not the image the ledger recorded (SHA-256 {actual}, ledger {sha256}); not \
              flashed",
             path.display()
@@ -436,11 +330,14 @@ fn read_image(batch_dir: &Path, image: &str, sha256: &str) -> CliResult<Vec<u8>>
 
 /// The device's images (from its batch folder), each padded with 0xFF over the partition it
 /// goes to: (offset, bytes, partition).
-fn image_segments(target: &Target, device: &Issued) -> CliResult<Vec<(u32, Vec<u8>, String)>> {
+fn image_segments(
+    target: &Target,
+    device: &Issued,
+) -> Result<Vec<(u32, Vec<u8>, String)>, MfgFlashError> {
     let out_dir = device.batch_dir.as_path();
     let pad = |mut data: Vec<u8>, size: u32, image: &str| {
         if data.len() > size as usize {
-            return Err(CliError(format!(
+            return Err(MfgFlashError::Invalid(format!(
                 "`{}` is {} bytes, larger than the {size:#x} bytes to write",
                 out_dir.join(image).display(),
                 data.len()
@@ -466,7 +363,7 @@ fn image_segments(target: &Target, device: &Issued) -> CliResult<Vec<(u32, Vec<u
     for partition in table.nvs_partitions() {
         let image = format!("bin/{}-{}.bin", partition.name, device.device);
         if !images.iter().any(|(listed, _)| **listed == image) && out_dir.join(&image).exists() {
-            return Err(CliError(format!(
+            return Err(MfgFlashError::Invalid(format!(
                 "`{}` exists but the ledger does not list it for device `{}` (a ledger from an \
                  older cargo-nvs lists only a device's first image); flash each image with \
                  --partition-table and --partition",
@@ -482,24 +379,22 @@ fn image_segments(target: &Target, device: &Issued) -> CliResult<Vec<(u32, Vec<u
             .strip_prefix("bin/")
             .and_then(|n| n.strip_suffix(&suffix))
         else {
-            return Err(CliError(format!(
+            return Err(MfgFlashError::Invalid(format!(
                 "`{image}` is not named <partition>-{}.bin: it was not made from the package's \
                  metadata; give --offset, or --partition-table and --partition",
                 device.device
             )));
         };
         let partition =
-            crate::cmd::read::nvs_partition(table, name, "the package's partition table").map_err(
-                |e| {
-                    CliError(format!(
-                        "`{image}`: {}; images of mfg_gen's form are named by their prefix: give \
+            nvs_partition(table, name, "the package's partition table").map_err(|e| {
+                MfgFlashError::Invalid(format!(
+                    "`{image}`: {}; images of mfg_gen's form are named by their prefix: give \
                      --offset, or --partition-table and --partition",
-                        e.0
-                    ))
-                },
-            )?;
+                    e
+                ))
+            })?;
         if segments.is_empty() && partition.size != device.size {
-            return Err(CliError(format!(
+            return Err(MfgFlashError::Invalid(format!(
                 "`{image}` was made for {:#x} bytes, but partition `{name}` of the package's \
                  table has {:#x}; give --offset, or --partition-table and --partition",
                 device.size, partition.size
@@ -521,17 +416,17 @@ fn batches(
     out_dir: Option<&Path>,
     ledger: &dyn Ledger,
     chosen: &ChosenLedger,
-) -> CliResult<Vec<PathBuf>> {
+) -> Result<Vec<PathBuf>, MfgFlashError> {
     let known = ledger.batch_dirs()?;
     if let Some(dir) = out_dir {
         let dir = std::fs::canonicalize(dir).map_err(|e| {
-            CliError(format!(
+            MfgFlashError::Invalid(format!(
                 "--out-dir `{}`: {e} (give the folder of an `mfg generate` batch)",
                 dir.display()
             ))
         })?;
         if !known.contains(&dir) {
-            return Err(CliError(format!(
+            return Err(MfgFlashError::Invalid(format!(
                 "the ledger `{}` ({}) has no devices issued into `{}`; give the ledger the \
                  batch was made with (--ledger PATH, or {LEDGER_ENV})",
                 chosen.path.display(),
@@ -550,7 +445,7 @@ fn batches(
         );
     }
     if present.is_empty() {
-        return Err(CliError(if missing.is_empty() {
+        return Err(MfgFlashError::Invalid(if missing.is_empty() {
             "the ledger has no devices: generate them with `cargo nvs mfg generate`".into()
         } else {
             "none of the ledger's batch folders is on disk (see above): give --out-dir with a \
@@ -561,7 +456,8 @@ fn batches(
     Ok(present)
 }
 
-pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
+/// `cargo nvs mfg flash`: claims one device per port, and flashes, verifies and logs each.
+pub fn run(args: MfgFlashArgs) -> Result<Flashed, MfgFlashError> {
     let mut target = target(&args)?;
     let (ledger, chosen) = open_ledger(
         args.out_dir.as_deref(),
@@ -588,7 +484,9 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
     };
     for (i, port) in args.ports.iter().enumerate() {
         if args.ports[..i].contains(port) {
-            return Err(CliError(format!("--port {port} is given twice")));
+            return Err(MfgFlashError::Invalid(format!(
+                "--port {port} is given twice"
+            )));
         }
     }
 
@@ -598,24 +496,24 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
     let mut chosen: Vec<Issued> = Vec::new();
     if let Some(id) = &args.device {
         if ports.len() > 1 {
-            return Err(CliError(
+            return Err(MfgFlashError::Invalid(
                 "--device names one device: give one --port (or use --next)".into(),
             ));
         }
         let entry = ledger.issued(id)?.ok_or_else(|| {
-            CliError(format!(
+            MfgFlashError::Invalid(format!(
                 "device `{id}` is not in the ledger (it was never issued)"
             ))
         })?;
         if entry.sha256.is_empty() {
-            return Err(CliError(format!(
+            return Err(MfgFlashError::Invalid(format!(
                 "device `{id}` is reserved by a `mfg generate` run into `{}` that has not \
                  finished: finish it with --resume first",
                 entry.batch_dir.display()
             )));
         }
         if args.out_dir.is_some() && !batches.contains(&entry.batch_dir) {
-            return Err(CliError(format!(
+            return Err(MfgFlashError::Invalid(format!(
                 "device `{id}` was issued into the batch `{}`, not `{}`; not flashed (drop \
                  --out-dir, or give that batch's)",
                 entry.batch_dir.display(),
@@ -623,7 +521,7 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
             )));
         }
         if !entry.batch_dir.is_dir() {
-            return Err(CliError(format!(
+            return Err(MfgFlashError::Invalid(format!(
                 "device `{id}` was issued into the batch `{}`, which is missing; not flashed",
                 entry.batch_dir.display()
             )));
@@ -631,7 +529,7 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
         if let ClaimOutcome::HeldBy { claimant, since } = ledger.claim(id, &claimants[0])? {
             let held = format!("device `{id}` is being flashed by {claimant} (claimed at {since})");
             if !args.force {
-                return Err(CliError(format!(
+                return Err(MfgFlashError::Invalid(format!(
                     "{held}; not flashed (--force flashes it anyway)"
                 )));
             }
@@ -661,7 +559,7 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
                     _ => "the ledger's batches".into(),
                 }
             );
-            return Ok(ExitCode::from(NOTHING_LEFT));
+            return Ok(Flashed::NothingLeft);
         }
         if chosen.len() < ports.len() {
             eprintln!(
@@ -673,7 +571,7 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
     }
 
     let jobs: Vec<(Option<String>, Issued)> = ports.into_iter().zip(chosen).collect();
-    let results: Vec<CliResult<()>> = std::thread::scope(|scope| {
+    let results: Vec<Result<(), MfgFlashError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = jobs
             .iter()
             .zip(&claimants)
@@ -693,8 +591,9 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
         handles
             .into_iter()
             .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(CliError("a flashing thread panicked".into())))
+                h.join().unwrap_or_else(|_| {
+                    Err(MfgFlashError::Invalid("a flashing thread panicked".into()))
+                })
             })
             .collect()
     });
@@ -706,17 +605,17 @@ pub fn run(args: MfgFlashArgs) -> CliResult<ExitCode> {
                 "error: [{}] device `{}`: {}",
                 port.as_deref().unwrap_or("default port"),
                 device.device,
-                e.0
+                e
             );
         }
     }
     if failed > 0 {
-        return Err(CliError(format!(
-            "{failed} of {} flash(es) failed",
-            jobs.len()
-        )));
+        return Err(MfgFlashError::Failed {
+            failed,
+            total: jobs.len(),
+        });
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Flashed::Devices(jobs.len()))
 }
 
 /// A device this run claimed: given back when its flash ends without a log entry (a log entry
@@ -772,7 +671,7 @@ fn flash_device(
     port: &Option<String>,
     device: &Issued,
     claim: &mut Claim<'_>,
-) -> CliResult<()> {
+) -> Result<(), MfgFlashError> {
     let ledger = claim.ledger;
     let out_dir = device.batch_dir.as_path();
     let label = format!(
@@ -796,16 +695,15 @@ fn flash_device(
         );
     } else if let Some(key_file) = &device.key_file {
         let Some((offset, keys_size)) = target.keys else {
-            return Err(CliError(format!(
+            return Err(MfgFlashError::Invalid(format!(
                 "the image is encrypted with its own key ({key_file}): give --partition-table \
                  with a data/nvs_keys partition so the key is flashed with it"
             )));
         };
         let key_path = out_dir.join(key_file);
-        let key = std::fs::read(&key_path)
-            .map_err(|e| CliError(format!("cannot read `{}`: {e}", key_path.display())))?;
+        let key = std::fs::read(&key_path).map_err(FileError::reading(&key_path))?;
         if key.len() > keys_size as usize {
-            return Err(CliError(format!(
+            return Err(MfgFlashError::Invalid(format!(
                 "`{}` is larger than the nvs_keys partition",
                 key_path.display()
             )));
@@ -824,13 +722,18 @@ fn flash_device(
     let mut flasher = connect(&connect_args, true, false)?;
     let info = flasher
         .device_info()
-        .map_err(|e| CliError(format!("cannot read the chip's details: {e}")))?;
+        .map_err(|source| MfgFlashError::Chip {
+            what: "read the chip's details".into(),
+            source,
+        })?;
     let mac = info.mac_address.clone().ok_or_else(|| {
-        CliError("the chip does not tell its MAC (secure download mode); not flashed".into())
+        MfgFlashError::Invalid(
+            "the chip does not tell its MAC (secure download mode); not flashed".into(),
+        )
     })?;
     if let Some(conflict) = ledger.flash_conflict(&mac, &device.device)? {
         if !args.force {
-            return Err(CliError(format!(
+            return Err(MfgFlashError::Invalid(format!(
                 "{conflict}; not flashed (--force flashes it anyway)"
             )));
         }
@@ -843,7 +746,7 @@ fn flash_device(
             device.device, device.device
         );
         if !args.force {
-            return Err(CliError(format!(
+            return Err(MfgFlashError::Invalid(format!(
                 "{problem}; not flashed (--force flashes it here anyway)"
             )));
         }
@@ -854,7 +757,7 @@ fn flash_device(
         .iter()
         .find(|(a, d, _)| u64::from(*a) + d.len() as u64 > u64::from(flash_size))
     {
-        return Err(CliError(format!(
+        return Err(MfgFlashError::Invalid(format!(
             "{name} at {addr:#x} ({} bytes) ends beyond the chip's {flash_size:#x} bytes of \
              flash; not flashed",
             data.len()
@@ -868,7 +771,10 @@ fn flash_device(
         for &(addr, len) in &erase_first {
             flasher
                 .erase_region(addr, len)
-                .map_err(|e| CliError(format!("cannot erase flash at {addr:#x}: {e}")))?;
+                .map_err(|source| MfgFlashError::Chip {
+                    what: format!("erase flash at {addr:#x}"),
+                    source,
+                })?;
         }
     }
     let espflash_segments: Vec<Segment<'_>> = segments
@@ -883,7 +789,7 @@ fn flash_device(
     eprintln!("{label}: chip {} MAC {mac}", flasher.chip());
     // From here the chip may hold the device even if this process dies.
     if !ledger.mark_written(&device.device, claim.claimant, &mac)? && !args.force {
-        return Err(CliError(format!(
+        return Err(MfgFlashError::Invalid(format!(
             "device `{}` is no longer this station's (its claim lapsed and another station took \
              it over, or it was written to another chip meanwhile); not flashed",
             device.device
@@ -903,7 +809,7 @@ fn flash_device(
         Ok(()) => {
             if let Err(e) = ledger.record_flash(&record("ok".into())) {
                 claim.keep = true;
-                return Err(CliError(format!(
+                return Err(MfgFlashError::Invalid(format!(
                     "flashed and verified on MAC {mac}, but the production log could not record \
                      it ({e}); the device stays claimed so that no other station takes it: log \
                      it by hand"
@@ -920,9 +826,8 @@ fn flash_device(
             Ok(())
         }
         Err(e) => {
-            let message = format!("failed: {e}");
-            ledger.record_flash(&record(message.clone()))?;
-            Err(CliError(format!("flashing {message} (logged)")))
+            ledger.record_flash(&record(format!("failed: {e}")))?;
+            Err(MfgFlashError::Write(e))
         }
     }
 }
@@ -939,7 +844,7 @@ fn guard_device_images(
     label: &str,
     mac: &str,
     ledger: &dyn Ledger,
-) -> CliResult<Vec<(u32, u32)>> {
+) -> Result<Vec<(u32, u32)>, MfgFlashError> {
     let mut replaced = Vec::new();
     for (addr, data, name) in segments {
         let len = data.len() as u32;
@@ -977,7 +882,7 @@ fn guard_device_images(
             }
         };
         if !args.force {
-            return Err(CliError(format!(
+            return Err(MfgFlashError::Invalid(format!(
                 "{problem}; not flashed (--force replaces it)"
             )));
         }

@@ -23,8 +23,21 @@ use toml::de::{DeTable, DeValue};
 
 use super::ledger::{Ledger, LedgerResult, SqliteLedger};
 use super::postgres::{PostgresLedger, ServerUrl};
-use crate::project::PackageArgs;
-use crate::{CliError, CliResult};
+use crate::fsutil::FileError;
+use crate::project::{PackageArgs, ProjectError};
+
+/// Why the product's ledger cannot be chosen.
+#[derive(Debug, thiserror::Error)]
+pub enum ProductError {
+    /// A setting that names no usable ledger; the message names its place (Cargo.toml:LINE:COL,
+    /// a manifest, an option) and what to write instead.
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Project(#[from] ProjectError),
+}
 
 /// The environment variable that names the ledger (after `--ledger`).
 pub const LEDGER_ENV: &str = "NVS_LEDGER";
@@ -38,7 +51,7 @@ pub const CONFIG_LEDGER: &str = "ledger.sqlite";
 /// manifest's folder, or a `postgres://` URL without password), else `nvs-ledger.sqlite`
 /// beside the manifest. Nothing is created or opened. Errors name Cargo.toml and the key when
 /// the setting is not a path.
-pub fn product_ledger(manifest_path: &Path) -> CliResult<ChosenLedger> {
+pub fn product_ledger(manifest_path: &Path) -> Result<ChosenLedger, ProductError> {
     if let Some(env) = env_ledger()? {
         return Ok(env);
     }
@@ -60,7 +73,7 @@ pub fn product_ledger(manifest_path: &Path) -> CliResult<ChosenLedger> {
 }
 
 /// A ledger given as text: a `postgres://` URL, or a file (made absolute).
-fn chosen(text: &OsStr, from: String, flag: bool) -> CliResult<ChosenLedger> {
+fn chosen(text: &OsStr, from: String, flag: bool) -> Result<ChosenLedger, ProductError> {
     if let Some(url) = text.to_str().and_then(ServerUrl::parse) {
         return Ok(ChosenLedger {
             path: PathBuf::from(url.to_string()),
@@ -146,10 +159,15 @@ pub(crate) enum Scope<'a> {
 
 /// The ledger an `mfg` command uses (see the module's documentation for the order). Nothing is
 /// created.
-pub(crate) fn choose_ledger(flag: Option<&Path>, scope: Scope<'_>) -> CliResult<ChosenLedger> {
+pub(crate) fn choose_ledger(
+    flag: Option<&Path>,
+    scope: Scope<'_>,
+) -> Result<ChosenLedger, ProductError> {
     if let Some(path) = flag {
         if path.as_os_str().is_empty() {
-            return Err(CliError("--ledger is empty: give the ledger's path".into()));
+            return Err(ProductError::Invalid(
+                "--ledger is empty: give the ledger's path".into(),
+            ));
         }
         return chosen(path.as_os_str(), "--ledger".into(), true);
     }
@@ -178,8 +196,8 @@ pub(crate) fn choose_ledger(flag: Option<&Path>, scope: Scope<'_>) -> CliResult<
             let package_given = package.package.is_some() || package.manifest_path.is_some();
             match package.find() {
                 Ok(project) => package_ledger(&project.manifest_path),
-                Err(e) if package_given => Err(e),
-                Err(e) => Err(CliError(format!(
+                Err(e) if package_given => Err(e.into()),
+                Err(e) => Err(ProductError::Invalid(format!(
                     "which ledger? {}give --ledger PATH, set {LEDGER_ENV}, give --out-dir with \
                      the folder of an `mfg generate` batch (its manifest.json names its ledger), \
                      or run in the firmware's Cargo package or with -p/--manifest-path (its \
@@ -189,7 +207,7 @@ pub(crate) fn choose_ledger(flag: Option<&Path>, scope: Scope<'_>) -> CliResult<
                         Some(dir) => format!("`{}` has no manifest.json; ", dir.display()),
                         None => String::new(),
                     },
-                    e.0
+                    e
                 ))),
             }
         }
@@ -197,7 +215,7 @@ pub(crate) fn choose_ledger(flag: Option<&Path>, scope: Scope<'_>) -> CliResult<
 }
 
 /// `NVS_LEDGER`, when set and not empty.
-fn env_ledger() -> CliResult<Option<ChosenLedger>> {
+fn env_ledger() -> Result<Option<ChosenLedger>, ProductError> {
     let Some(value) = std::env::var_os(LEDGER_ENV).filter(|v| !v.is_empty()) else {
         return Ok(None);
     };
@@ -206,7 +224,7 @@ fn env_ledger() -> CliResult<Option<ChosenLedger>> {
 }
 
 /// The package's ledger ([`product_ledger`]), and where it came from.
-fn package_ledger(manifest_path: &Path) -> CliResult<ChosenLedger> {
+fn package_ledger(manifest_path: &Path) -> Result<ChosenLedger, ProductError> {
     let ledger = product_ledger(manifest_path)?;
     let path = ledger.path.clone();
     let default = manifest_path.with_file_name(PACKAGE_LEDGER);
@@ -224,9 +242,8 @@ fn package_ledger(manifest_path: &Path) -> CliResult<ChosenLedger> {
 }
 
 /// `[package.metadata.nvs.mfg] ledger` of the manifest, as written.
-fn metadata_ledger(manifest_path: &Path) -> CliResult<Option<String>> {
-    let text = std::fs::read_to_string(manifest_path)
-        .map_err(|e| CliError(format!("cannot read `{}`: {e}", manifest_path.display())))?;
+fn metadata_ledger(manifest_path: &Path) -> Result<Option<String>, ProductError> {
+    let text = std::fs::read_to_string(manifest_path).map_err(FileError::reading(manifest_path))?;
     let at = |offset: usize| {
         let before = text.get(..offset).unwrap_or(&text);
         let line = before.matches('\n').count() + 1;
@@ -237,7 +254,7 @@ fn metadata_ledger(manifest_path: &Path) -> CliResult<Option<String>> {
         let place = e
             .span()
             .map_or_else(|| manifest_path.display().to_string(), |s| at(s.start));
-        CliError(format!("{place}: invalid TOML: {}", e.message()))
+        ProductError::Invalid(format!("{place}: invalid TOML: {}", e.message()))
     })?;
     let mut table = root.get_ref();
     for name in ["package", "metadata", "nvs"] {
@@ -251,7 +268,7 @@ fn metadata_ledger(manifest_path: &Path) -> CliResult<Option<String>> {
         return Ok(None);
     };
     let Some(mfg_table) = mfg.get_ref().as_table() else {
-        return Err(CliError(format!(
+        return Err(ProductError::Invalid(format!(
             "{}: `package.metadata.nvs.mfg` must be a table (`[package.metadata.nvs.mfg]` with \
              `ledger = \"path\"`), not {}",
             at(mfg.span().start),
@@ -259,7 +276,7 @@ fn metadata_ledger(manifest_path: &Path) -> CliResult<Option<String>> {
         )));
     };
     if let Some((key, _)) = mfg_table.iter().find(|(k, _)| k.get_ref() != "ledger") {
-        return Err(CliError(format!(
+        return Err(ProductError::Invalid(format!(
             "{}: unknown field `{}` in [package.metadata.nvs.mfg]; expected: ledger",
             at(key.span().start),
             key.get_ref()
@@ -269,20 +286,20 @@ fn metadata_ledger(manifest_path: &Path) -> CliResult<Option<String>> {
         return Ok(None);
     };
     match ledger.get_ref().as_str() {
-        Some("") => Err(CliError(format!(
+        Some("") => Err(ProductError::Invalid(format!(
             "{}: `package.metadata.nvs.mfg.ledger` is empty: give the ledger's path, relative to \
              Cargo.toml's folder (or remove it for the default, {PACKAGE_LEDGER})",
             at(ledger.span().start)
         ))),
         Some(url) if ServerUrl::parse(url).is_some_and(|u| u.has_password()) => {
-            Err(CliError(format!(
+            Err(ProductError::Invalid(format!(
                 "{}: `package.metadata.nvs.mfg.ledger` holds a password: passwords never go in \
                  Cargo.toml. Give the URL without it and set PGPASSWORD on the station",
                 at(ledger.span().start)
             )))
         }
         Some(path) => Ok(Some(path.to_owned())),
-        None => Err(CliError(format!(
+        None => Err(ProductError::Invalid(format!(
             "{}: `package.metadata.nvs.mfg.ledger` must be a string (the ledger's path, relative \
              to Cargo.toml's folder), not {}",
             at(ledger.span().start),
@@ -311,7 +328,7 @@ fn lookup<'a, 'i>(table: &'a DeTable<'i>, name: &str) -> Option<(&'a Key<'i>, &'
 
 /// The ledger `out_dir/manifest.json` names, if it names one. Older batches had their ledger in
 /// the out dir, and their manifests name it relative to where `mfg generate` ran.
-fn recorded_ledger(out_dir: &Path) -> CliResult<Option<ChosenLedger>> {
+fn recorded_ledger(out_dir: &Path) -> Result<Option<ChosenLedger>, ProductError> {
     let manifest = out_dir.join("manifest.json");
     let own = out_dir.join(CONFIG_LEDGER);
     let own_ledger = || {
@@ -325,15 +342,10 @@ fn recorded_ledger(out_dir: &Path) -> CliResult<Option<ChosenLedger>> {
     let text = match std::fs::read(&manifest) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(own_ledger()),
-        Err(e) => {
-            return Err(CliError(format!(
-                "cannot read `{}`: {e}",
-                manifest.display()
-            )));
-        }
+        Err(e) => return Err(FileError::new("read", &manifest, e).into()),
     };
     let json: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
-        CliError(format!(
+        ProductError::Invalid(format!(
             "`{}` is not the manifest `mfg generate` writes ({e}); give --ledger PATH",
             manifest.display()
         ))
@@ -346,7 +358,7 @@ fn recorded_ledger(out_dir: &Path) -> CliResult<Option<ChosenLedger>> {
         }
         Some(serde_json::Value::String(path)) if !path.is_empty() => PathBuf::from(path),
         Some(_) => {
-            return Err(CliError(format!(
+            return Err(ProductError::Invalid(format!(
                 "`{}`: `ledger` is not a path; give --ledger PATH",
                 manifest.display()
             )));
@@ -375,7 +387,7 @@ fn recorded_ledger(out_dir: &Path) -> CliResult<Option<ChosenLedger>> {
             flag: false,
         }));
     }
-    Err(CliError(format!(
+    Err(ProductError::Invalid(format!(
         "{from} names the ledger `{}`, relative to the folder `mfg generate` ran in, and it is \
          not found from here: give --ledger PATH (or set {LEDGER_ENV})",
         recorded.display()
@@ -421,7 +433,7 @@ mod tests {
     const PACKAGE: &str = "[package]\nname = \"fw\"\nversion = \"0.1.0\"\n";
 
     /// `[package.metadata.nvs.mfg] ledger` of a manifest with `tail` after [package].
-    fn ledger_of(dir: &Path, tail: &str) -> CliResult<Option<String>> {
+    fn ledger_of(dir: &Path, tail: &str) -> Result<Option<String>, ProductError> {
         let manifest = dir.join("Cargo.toml");
         std::fs::write(&manifest, format!("{PACKAGE}{tail}")).unwrap();
         metadata_ledger(&manifest)
@@ -490,7 +502,7 @@ mod tests {
             ),
             ("[package.metadata.nvs.mfg\n", &[":4:", "invalid TOML"]),
         ] {
-            let e = ledger_of(&dir, tail).unwrap_err().0;
+            let e = ledger_of(&dir, tail).unwrap_err().to_string();
             assert!(e.contains(&manifest), "{e}");
             for needle in needles {
                 assert!(e.contains(needle), "{e} lacks {needle}");
@@ -525,16 +537,16 @@ mod tests {
         );
         std::fs::remove_file(out.join(CONFIG_LEDGER)).unwrap();
         std::fs::write(&manifest, r#"{"ledger": "not/here.sqlite"}"#).unwrap();
-        let e = recorded_ledger(&out).unwrap_err().0;
+        let e = recorded_ledger(&out).unwrap_err().to_string();
         assert!(
             e.contains("not/here.sqlite") && e.contains("--ledger"),
             "{e}"
         );
         std::fs::write(&manifest, r#"{"ledger": 1}"#).unwrap();
-        let e = recorded_ledger(&out).unwrap_err().0;
+        let e = recorded_ledger(&out).unwrap_err().to_string();
         assert!(e.contains("manifest.json") && e.contains("--ledger"), "{e}");
         std::fs::write(&manifest, "not json").unwrap();
-        let e = recorded_ledger(&out).unwrap_err().0;
+        let e = recorded_ledger(&out).unwrap_err().to_string();
         assert!(e.contains("manifest.json") && e.contains("--ledger"), "{e}");
         let _ = std::fs::remove_dir_all(dir);
     }

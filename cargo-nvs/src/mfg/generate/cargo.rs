@@ -13,18 +13,16 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::ExitCode;
 
 use nvs_build::InputError;
 use nvs_build::metadata::{Metadata, PartitionSpec, TableSource, ValueSource};
 use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
 
-use super::input::{DeviceRow, Values};
-use super::product::{Scope, choose_ledger};
-use super::{Built, Device, Ids, Maker, MfgGenerateArgs, Run, SharedImage, produce};
-use crate::{CliError, CliResult};
+use super::{Built, Device, GenerateError, Ids, Maker, MfgGenerateArgs, Run, SharedImage, produce};
+use crate::mfg::input::{DeviceRow, Values};
+use crate::mfg::product::{Scope, choose_ledger};
 
-pub(super) fn generate(args: &MfgGenerateArgs) -> CliResult<ExitCode> {
+pub(super) fn generate(args: &MfgGenerateArgs) -> Result<(), GenerateError> {
     let mfg_gen_only = [
         (args.fileid.is_some(), "--fileid (use --id COLUMN)"),
         (args.prefix_num.is_some(), "--prefix-num"),
@@ -42,13 +40,13 @@ pub(super) fn generate(args: &MfgGenerateArgs) -> CliResult<ExitCode> {
         ),
     ];
     if let Some((_, option)) = mfg_gen_only.iter().find(|(given, _)| *given) {
-        return Err(CliError(format!(
+        return Err(GenerateError::Invalid(format!(
             "{option} belongs to the mfg_gen mode (--config, --prefix, --size); in the Cargo \
              metadata mode the package's [package.metadata.nvs] decides"
         )));
     }
     let Some(values_path) = args.values.clone() else {
-        return Err(CliError(
+        return Err(GenerateError::Invalid(
             "give --values devices.csv (a header naming the `per-device` columns of \
              [package.metadata.nvs], then one row per device) and --id COLUMN; or mfg_gen's \
              --config, --values, --prefix and --size"
@@ -74,7 +72,7 @@ pub(super) fn generate(args: &MfgGenerateArgs) -> CliResult<ExitCode> {
     let mut values = Values::open(&run.values)?;
     let header_at = run.at(values.header_line);
     let Some(id_column) = &args.id else {
-        return Err(CliError(format!(
+        return Err(GenerateError::Invalid(format!(
             "give --id COLUMN: the column of `{}` that holds each device's id (a serial number); \
              the ledger records it, so it must be unique across batches (header at {header_at}: \
              {})",
@@ -87,7 +85,7 @@ pub(super) fn generate(args: &MfgGenerateArgs) -> CliResult<ExitCode> {
         .iter()
         .position(|h| h == id_column)
         .ok_or_else(|| {
-            CliError(format!(
+            GenerateError::Invalid(format!(
                 "{header_at}: --id column `{id_column}` is not in the header (it has: {})",
                 values.header.join(",")
             ))
@@ -103,7 +101,7 @@ pub(super) fn generate(args: &MfgGenerateArgs) -> CliResult<ExitCode> {
                 .iter()
                 .position(|h| h == column)
                 .ok_or_else(|| {
-                    CliError(format!(
+                    GenerateError::Invalid(format!(
                         "{header_at}: the header has no column `{column}`, from which key `{}` of \
                      partition `{}` ({}) takes each device's value (the header has: {})",
                         entry.key,
@@ -127,7 +125,10 @@ pub(super) fn generate(args: &MfgGenerateArgs) -> CliResult<ExitCode> {
                 bytes: built.bytes,
             }),
             PartitionImage::Skipped { reason } => {
-                return Err(CliError(format!("partition `{}`: {reason}", spec.name)));
+                return Err(GenerateError::Invalid(format!(
+                    "partition `{}`: {reason}",
+                    spec.name
+                )));
             }
         }
     }
@@ -152,7 +153,7 @@ pub(super) fn generate(args: &MfgGenerateArgs) -> CliResult<ExitCode> {
     }
     drop(ids);
     if count == 0 {
-        return Err(CliError(format!(
+        return Err(GenerateError::Invalid(format!(
             "{}: the values file has a header but no device rows",
             run.values.display()
         )));
@@ -172,7 +173,7 @@ fn has_per_device_keys(spec: &PartitionSpec) -> bool {
 fn select<'m>(
     args: &MfgGenerateArgs,
     metadata: &'m Metadata,
-) -> CliResult<(Vec<&'m PartitionSpec>, Vec<&'m PartitionSpec>)> {
+) -> Result<(Vec<&'m PartitionSpec>, Vec<&'m PartitionSpec>), GenerateError> {
     let chosen: Vec<&PartitionSpec> = if !args.partitions.is_empty() {
         let mut chosen = Vec::new();
         for name in &args.partitions {
@@ -181,7 +182,7 @@ fn select<'m>(
                 .iter()
                 .find(|p| p.name == *name)
                 .ok_or_else(|| {
-                    CliError(format!(
+                    GenerateError::Invalid(format!(
                         "--partition `{name}` is not in [package.metadata.nvs] of `{}` (it has: {})",
                         metadata.manifest_path.display(),
                         names(metadata.partitions.iter())
@@ -204,7 +205,7 @@ fn select<'m>(
     let (per_device, shared): (Vec<_>, Vec<_>) =
         chosen.into_iter().partition(|p| has_per_device_keys(p));
     if per_device.is_empty() {
-        return Err(CliError(format!(
+        return Err(GenerateError::Invalid(format!(
             "no {} of [package.metadata.nvs] in `{}` has per-device keys, so every device would \
              get the same images; mark the keys filled in per device with \
              `{{ u32 = {{ per-device = \"COLUMN\", dev = 1 }} }}` (or use `cargo nvs generate`)",
@@ -245,7 +246,7 @@ struct CargoMaker<'a> {
 impl CargoMaker<'_> {
     /// Turns an error about the metadata into one about the device: its values row, and the
     /// column when a per-device key's value was refused.
-    fn locate(&self, spec: &PartitionSpec, device: &Device, e: InputError) -> CliError {
+    fn locate(&self, spec: &PartitionSpec, device: &Device, e: InputError) -> GenerateError {
         let device_at = format!("{}: device `{}`", self.run.at(device.line), device.id);
         let column = spec
             .namespaces
@@ -257,7 +258,7 @@ impl CargoMaker<'_> {
                 _ => None,
             });
         match column {
-            Some((entry, column)) => CliError(format!(
+            Some((entry, column)) => GenerateError::Invalid(format!(
                 "{device_at}, column `{column}` (key `{}` of partition `{}`, {}): {}",
                 entry.key,
                 spec.name,
@@ -276,7 +277,7 @@ impl CargoMaker<'_> {
                         _ => None,
                     })
                     .collect();
-                CliError(format!(
+                GenerateError::Invalid(format!(
                     "{device_at}: partition `{}`: {e} (with this row's values of column(s) {})",
                     spec.name,
                     columns.join(", ")
@@ -301,7 +302,12 @@ impl Maker for CargoMaker<'_> {
         }
     }
 
-    fn build(&self, device: &Device, row: &DeviceRow, _writing: bool) -> CliResult<Built> {
+    fn build(
+        &self,
+        device: &Device,
+        row: &DeviceRow,
+        _writing: bool,
+    ) -> Result<Built, GenerateError> {
         let mut images = Vec::with_capacity(self.per_device.len());
         for spec in &self.per_device {
             let mut inputs = Inputs::new(|var| std::env::var(var).ok()).with_per_device(|column| {
@@ -314,7 +320,7 @@ impl Maker for CargoMaker<'_> {
             match image {
                 PartitionImage::Built(built) => images.push(built.bytes),
                 PartitionImage::Skipped { reason } => {
-                    return Err(CliError(format!(
+                    return Err(GenerateError::Invalid(format!(
                         "{}: device `{}`: partition `{}`: {reason}",
                         self.run.at(device.line),
                         device.id,

@@ -1096,7 +1096,7 @@ impl Ledger for PostgresLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cmd::mfg::ledger::tests::{issue_devices, reservation};
+    use crate::mfg::ledger::tests::{issue_devices, reservation};
 
     /// A fresh database on the test server (`NVS_TEST_POSTGRES`: a URL whose user may create
     /// databases; `cargo xtask ci` starts a throwaway server and sets it). Without it the test
@@ -1191,7 +1191,7 @@ mod tests {
             PostgresLedger::open(&url).unwrap(),
             PostgresLedger::open(&url).unwrap(),
         );
-        crate::cmd::mfg::ledger::tests::semantics(&first, &second);
+        crate::mfg::ledger::tests::semantics(&first, &second);
     }
 
     #[test]
@@ -1355,8 +1355,8 @@ mod tests {
 #[cfg(test)]
 mod bench {
     use super::*;
-    use crate::cmd::mfg::ledger::SqliteLedger;
-    use crate::cmd::mfg::ledger::tests::issue_devices;
+    use crate::mfg::ledger::SqliteLedger;
+    use crate::mfg::ledger::tests::issue_devices;
 
     const DEVICES: usize = 2000;
 
@@ -1394,7 +1394,7 @@ mod bench {
     #[test]
     #[ignore = "measurement; run with `cargo xtask bench ledger`"]
     fn ledger_claim_and_record_cost() {
-        let dir = crate::cmd::mfg::ledger::tests::scratch("bench");
+        let dir = crate::mfg::ledger::tests::scratch("bench");
         let sqlite = SqliteLedger::open(&dir.join("l.sqlite"), false).unwrap();
         measure("sqlite", &sqlite);
         let url = std::env::var("NVS_TEST_POSTGRES").expect("cargo xtask bench ledger sets it");

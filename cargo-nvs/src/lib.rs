@@ -1,0 +1,31 @@
+//! The engine of `cargo nvs`: flashing NVS images with an app through espflash's library without
+//! destroying what a device holds, and mass production with a ledger of issued device ids.
+//!
+//! The `cargo-nvs` binary parses arguments, calls into these modules and prints; another
+//! program (a station GUI, a fixture controller) can call them the same way. Every module has
+//! its own error type; none of them is a `String`.
+//!
+//! - [`flashing`]: the port, the connection (a [`flashing::Session`]), progress, reading flash.
+//! - [`segments`]: what goes where (app segments from espflash, NVS images, nvs_keys), by
+//!   [`segments::Role`].
+//! - [`guard`] (pure) and [`protect`] (on the chip): which NVS data may be written over.
+//! - [`mfg`]: mass production: `generate` (images per device, ids reserved in the ledger first),
+//!   `flash` (claim, guard, write, verify, log), the [`mfg::ledger::Ledger`] trait with SQLite and
+//!   PostgreSQL backends, the product ledger.
+//! - [`artifacts`], [`project`]: running cargo and reading nvs-build's OUT_DIR manifest.
+//! - [`keys`], [`settings`], [`fsutil`], [`size`], [`hex`]: the pieces they share.
+
+pub mod artifacts;
+pub mod flashing;
+pub mod fsutil;
+pub mod guard;
+pub mod hex;
+pub mod keys;
+pub mod mfg;
+pub mod project;
+pub mod protect;
+pub mod segments;
+pub mod settings;
+pub mod size;
+
+pub use fsutil::FileError;

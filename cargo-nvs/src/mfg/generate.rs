@@ -1,0 +1,2071 @@
+//! `cargo nvs mfg generate`: per-device NVS images for mass production, in two modes.
+//!
+//! - **mfg_gen mode** (`generate CONF VALUES PREFIX SIZE`, or `--config`/`--prefix`/`--size`):
+//!   one NVS image per device from a config CSV and a values CSV, as ESP-IDF's
+//!   `mfg_gen.py generate` makes them (same inputs, same file names, same bytes). Each device's
+//!   image is built from the generator CSV mfg_gen would write for it, fed to the same CSV front
+//!   end `cargo nvs generate` uses, so every image equals the reference generator's on that CSV
+//!   by construction.
+//! - **Cargo mode** (`--values` without a config, in `cargo.rs`): the package's
+//!   `[package.metadata.nvs]` with its `per-device` keys filled from the values file's columns.
+//!
+//! Both share the rest ([`Maker`] is what differs): nothing is written until every device's
+//! images have been built once in memory; then each device is built again, its files written to
+//! temporary files and renamed into place, and each chunk of devices is recorded in the ledger
+//! (one transaction) right after its images are in place, so an interrupted run leaves only
+//! complete images under final names and `--resume` finishes it (images that were in place but
+//! not yet recorded are made again).
+//!
+//! Every pass reads the values file again as a stream, a chunk of rows at a time, and devices
+//! are named from their row and its number alone ([`Maker::device`]): what stays in memory for
+//! the whole run is the id of every device (for duplicates, in the first pass) and one byte per
+//! device for what to do with it. The manifests are written as the devices are recorded.
+//!
+//! Every command records into, or reads, the product's one ledger (`product.rs` says which file
+//! that is): an id issued into any batch (out dir) is refused in every later batch. The ledger
+//! records each device's batch folder, where `mfg flash` finds its images.
+//!
+//! `mfg flash` and `mfg log` (in `flash.rs`) flash issued devices and export the production log.
+
+mod cargo;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::hex::sha256_hex;
+use indicatif::{ProgressBar, ProgressStyle};
+use nvs_build::format::encryption::XtsKey;
+use nvs_build::format::{PartitionSize, Version};
+use nvs_build::keys::load_hmac_key;
+use nvs_build::{FileBase, ImageInput, InputError};
+use rayon::prelude::*;
+
+use super::input::{
+    ConfigRow, DeviceRow, Values, ValuesError, bind_columns, device_csv, read_config,
+};
+use super::ledger::{Issued, Ledger, LedgerError, Reservation};
+use super::product::{
+    self, CONFIG_LEDGER, ChosenLedger, ProductError, Scope, choose_ledger, same_file,
+};
+use crate::fsutil::{
+    FileError, StagedFile, remove_leftovers, sync_folder, write_atomic_with, write_secret,
+};
+use crate::keys::{HmacOptions, KeyError, load_key, random_hmac_key};
+use crate::project::PackageArgs;
+use crate::size::{SpellingError, parse_size, parse_version, warn_if_read_only};
+
+/// Why `mfg generate` wrote nothing, or stopped (then every image in place is complete and
+/// `--resume` finishes the run).
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    /// The options or an input row are not usable; the message names the place (file:line,
+    /// column, option) and what to do.
+    #[error("{0}")]
+    Invalid(String),
+    /// Device ids the ledger has issued before, or that another run reserved meanwhile: an id is
+    /// never issued twice. Nothing was written for them.
+    #[error("{message}")]
+    Issued {
+        /// The refused ids (of ids issued by earlier runs: the first ten, as the message).
+        ids: Vec<String>,
+        message: String,
+    },
+    /// The run stopped after writing some devices; each one in place is complete and recorded.
+    #[error(
+        "{source}; every image in place is complete: run again with --resume to finish (it keeps the devices the ledger recorded and rebuilds the others)"
+    )]
+    Interrupted {
+        #[source]
+        source: Box<GenerateError>,
+    },
+    /// A write failed, and the ledger could not record the devices written meanwhile either.
+    #[error(
+        "{source}; the ledger could not record the devices written meanwhile either ({ledger})"
+    )]
+    Unrecorded {
+        #[source]
+        source: Box<GenerateError>,
+        ledger: LedgerError,
+    },
+    /// A write failed while the devices written before were being recorded, which failed too
+    /// (a full disk fails both).
+    #[error("{write}; and: {record}")]
+    WrittenAndRecorded {
+        #[source]
+        write: Box<GenerateError>,
+        record: Box<GenerateError>,
+    },
+    #[error(transparent)]
+    Project(#[from] crate::project::ProjectError),
+    #[error(transparent)]
+    Values(#[from] ValuesError),
+    #[error(transparent)]
+    Product(#[from] ProductError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error(transparent)]
+    Encryption(#[from] nvs_build::format::encryption::KeyError),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Spelling(#[from] SpellingError),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+/// Generate NVS images for every device row of the values file.
+///
+/// Cargo mode (`--values devices.csv --id COLUMN`, no config): the package's
+/// `[package.metadata.nvs]` with every `per-device = "COLUMN"` key taken from that column of the
+/// device's row, sizes and offsets from its partition table. Every partition with per-device keys
+/// is built per device as `<out-dir>/bin/<partition>-<ID>.bin`; partitions picked with
+/// --partition or --all-partitions that have no per-device keys are the same for every device and
+/// are written once, as `<out-dir>/bin/<partition>.bin`.
+///
+/// mfg_gen mode (`--config`, `--prefix`, `--size`, or mfg_gen's `generate CONF VALUES PREFIX
+/// SIZE`): writes `<out-dir>/bin/<PREFIX>[-NNNN]-<FILEID>.bin`, byte-identical to mfg_gen.py's.
+/// Encodings: mfg_gen's (string, binary, hex2bin, base64, u8, i8, u16, u32, i32, u64, i64) and
+/// also i16, which mfg_gen rejects by mistake although the generator supports it. Unlike
+/// mfg_gen, no intermediate csv/ files are written.
+///
+/// Both modes write `manifest.csv` and `manifest.json` (device, values line, images, SHA-256,
+/// key file), never overwrite existing images and keys, and write nothing unless every device's
+/// images build. Every device id, its images' SHA-256 and the batch folder (the out dir) go to
+/// the product's ledger as the device is finalized; an id issued by any earlier run, into any
+/// out dir, is refused (unless --allow-reissue). Each image appears complete under its final
+/// name or not at all, so a run that was interrupted is finished with --resume.
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  cargo nvs mfg generate --values devices.csv --id serial\n  cargo nvs mfg generate --config config.csv --values values.csv --prefix dev --id serial"
+)]
+#[command(disable_version_flag = true)]
+pub struct MfgGenerateArgs {
+    /// mfg_gen's positional form: config CSV, values CSV, file name prefix, partition size.
+    #[arg(value_name = "CONF VALUES PREFIX SIZE", num_args = 0..=4)]
+    positional: Vec<String>,
+    /// mfg_gen mode: config CSV, no header: `name,namespace,` and `key,type,encoding[,REPEAT]`
+    /// rows.
+    #[arg(long, alias = "conf", value_name = "CONF.csv")]
+    config: Option<PathBuf>,
+    /// Values CSV: a header, then one row per device. mfg_gen mode: the header names every
+    /// config key (in config order; other columns are metadata), and a REPEAT key's value is
+    /// taken from the first row. Cargo mode: the header names every `per-device` column.
+    #[arg(long, value_name = "VALUES.csv")]
+    values: Option<PathBuf>,
+    /// mfg_gen mode: file name prefix of every image.
+    #[arg(long, value_name = "NAME")]
+    prefix: Option<String>,
+    /// mfg_gen mode: partition size (hex like 0x6000, or decimal).
+    #[arg(long, value_name = "SIZE")]
+    size: Option<String>,
+    /// mfg_gen mode: values column that names each image (a serial number); default: 1, 2, 3…
+    /// by row.
+    #[arg(long, value_name = "COLUMN")]
+    fileid: Option<String>,
+    /// mfg_gen mode: insert a counter in the names: from START, zero-padded to LEN digits.
+    #[arg(long = "prefix-num", alias = "prefix_num", num_args = 2, value_names = ["START", "LEN"])]
+    prefix_num: Option<Vec<u64>>,
+    /// mfg_gen mode: NVS format version: 2 has multi-page blobs (default), 1 is the legacy
+    /// format. (In Cargo mode each partition's `version` decides.)
+    #[arg(long, value_name = "1|2", value_parser = parse_version)]
+    version: Option<Version>,
+    /// mfg_gen mode: encrypt every image with its own key, written to keys/keys-<name>.bin
+    /// (0600): a fresh random one, or with --key-protect-hmac one derived from an HMAC key.
+    #[arg(long, conflicts_with = "inputkey")]
+    keygen: bool,
+    /// mfg_gen mode: encrypt every image with the key in this nvs_keys file.
+    #[arg(long, value_name = "KEYS.bin")]
+    inputkey: Option<PathBuf>,
+    /// mfg_gen mode with --keygen: --key-protect-hmac with --kp-hmac-keygen gives every device
+    /// a fresh HMAC key (keys/hmac-keys-<name>.bin, 0600, for the chip's eFuse) and derives its
+    /// encryption key from it; with --kp-hmac-inputkey FILE every device's key is derived from
+    /// that one HMAC key.
+    #[command(flatten)]
+    hmac: HmacOptions,
+    /// Refused: mfg_gen writes every device's HMAC key to this one file, so all but the last
+    /// are lost. Every device gets its own keys/hmac-keys-<name>.bin instead.
+    #[arg(
+        long = "kp-hmac-keyfile",
+        alias = "kp_hmac_keyfile",
+        value_name = "FILE",
+        hide = true
+    )]
+    kp_hmac_keyfile: Option<PathBuf>,
+    /// mfg_gen's hidden --keyfile, --input and --output: it sets them anew for every device, so
+    /// they are accepted and ignored.
+    #[arg(long = "keyfile", value_name = "FILE", hide = true)]
+    mfg_gen_keyfile: Option<PathBuf>,
+    #[arg(long = "input", value_name = "FILE", hide = true)]
+    mfg_gen_input: Option<PathBuf>,
+    #[arg(long = "output", value_name = "FILE", hide = true)]
+    mfg_gen_output: Option<PathBuf>,
+    /// Cargo mode: the values column holding each device's id (required: the ledger records it,
+    /// and it must be unique across batches). Images are named `<partition>-<ID>.bin`.
+    #[arg(long, value_name = "COLUMN")]
+    id: Option<String>,
+    /// Cargo mode: build these NVS partitions of the metadata [default: every partition with
+    /// per-device keys].
+    #[arg(
+        long = "partition",
+        value_name = "NAME",
+        conflicts_with = "all_partitions"
+    )]
+    partitions: Vec<String>,
+    /// Cargo mode: build every NVS partition of the metadata (those without per-device keys
+    /// once, as bin/<partition>.bin).
+    #[arg(long)]
+    all_partitions: bool,
+    #[command(flatten)]
+    package: PackageArgs,
+    /// Output folder [default: the current directory].
+    #[arg(long = "out-dir", aliases = ["outdir", "out_dir"], value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// fsync every file written (slower; for when power may fail right after the run).
+    #[arg(long)]
+    sync: bool,
+    /// The product's ledger of issued device ids (SQLite, shared by all its batches)
+    /// [default: $NVS_LEDGER; else mfg_gen mode: ledger.sqlite beside the --config file; Cargo
+    /// mode: [package.metadata.nvs.mfg] ledger (relative to Cargo.toml), else
+    /// nvs-ledger.sqlite beside Cargo.toml].
+    #[arg(long, value_name = "PATH")]
+    ledger: Option<PathBuf>,
+    /// Finish an interrupted run: devices whose images exist and are in the ledger with the same
+    /// SHA-256 are kept (not issued again); the others are generated.
+    #[arg(long)]
+    resume: bool,
+    /// Issue device ids that the ledger says were issued before (new images replace their
+    /// entries).
+    #[arg(long)]
+    allow_reissue: bool,
+}
+
+/// What both modes share: where the values come from and where everything goes.
+struct Run {
+    values: PathBuf,
+    out_dir: PathBuf,
+    /// The product's ledger (absolute).
+    ledger: PathBuf,
+    /// How it was chosen (`--ledger`, `NVS_LEDGER`, a default), for messages.
+    ledger_from: String,
+    /// It was given with --ledger.
+    ledger_flag: bool,
+    /// The ledger as chosen (a file, or a PostgreSQL server), to open it.
+    chosen_ledger: ChosenLedger,
+    sync: bool,
+    resume: bool,
+    allow_reissue: bool,
+}
+
+impl Run {
+    fn new(args: &MfgGenerateArgs, values: PathBuf, ledger: ChosenLedger) -> Run {
+        let out_dir = args.out_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+        Run {
+            ledger: ledger.path.clone(),
+            ledger_from: ledger.from.clone(),
+            ledger_flag: ledger.flag,
+            chosen_ledger: ledger,
+            values,
+            out_dir,
+            sync: args.sync,
+            resume: args.resume,
+            allow_reissue: args.allow_reissue,
+        }
+    }
+
+    /// `values.csv:LINE`.
+    fn at(&self, line: usize) -> String {
+        format!("{}:{line}", self.values.display())
+    }
+}
+
+/// mfg_gen mode's settings, after the positional and named spellings are merged.
+struct Plan {
+    config: PathBuf,
+    values: PathBuf,
+    prefix: String,
+    size: PartitionSize,
+    version: Version,
+    fileid: Option<String>,
+    prefix_num: Option<(u64, usize)>,
+}
+
+fn plan(args: &MfgGenerateArgs) -> Result<Plan, GenerateError> {
+    let mut positional = args.positional.iter();
+    let mut pick = |named: Option<String>, what: &str| -> Result<String, GenerateError> {
+        match (positional.next(), named) {
+            (Some(_), Some(_)) => Err(GenerateError::Invalid(format!(
+                "{what} is given both as an argument and as --{what}; give it once"
+            ))),
+            (Some(p), None) => Ok(p.clone()),
+            (None, Some(n)) => Ok(n),
+            (None, None) => Err(GenerateError::Invalid(format!(
+                "give --config, --values, --prefix and --size (or CONF VALUES PREFIX SIZE); \
+                 {what} is missing (or only --values, for the Cargo metadata mode)"
+            ))),
+        }
+    };
+    let path_text = |p: &Option<PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
+    let config = PathBuf::from(pick(path_text(&args.config), "config")?);
+    let values = PathBuf::from(pick(path_text(&args.values), "values")?);
+    let prefix = pick(args.prefix.clone(), "prefix")?;
+    let size_text = pick(args.size.clone(), "size")?;
+    let size = PartitionSize::new(parse_size(&size_text)?)
+        .map_err(|e| GenerateError::Invalid(format!("SIZE {size_text}: {e}")))?;
+    check_name_part(&prefix)
+        .map_err(|why| GenerateError::Invalid(format!("--prefix `{prefix}`: {why}")))?;
+    let prefix_num = match args.prefix_num.as_deref() {
+        // A counter wider than u64's 20 digits is only padding.
+        Some(&[_, len]) if len > 20 => {
+            return Err(GenerateError::Invalid(format!(
+                "--prefix-num LEN {len}: use at most 20 digits"
+            )));
+        }
+        Some(&[start, len]) => Some((start, len as usize)),
+        _ => None,
+    };
+    Ok(Plan {
+        config,
+        values,
+        prefix,
+        size,
+        version: args.version.unwrap_or(Version::V2),
+        fileid: args.fileid.clone(),
+        prefix_num,
+    })
+}
+
+/// Names become file names: refuse what would leave the folder or is not a name.
+fn check_name_part(text: &str) -> Result<(), &'static str> {
+    if text.is_empty() {
+        return Err("it is empty");
+    }
+    if text.contains(['/', '\\', '\0']) || text == "." || text == ".." {
+        return Err("it cannot be part of a file name (no `/`, `\\`, NUL, `.` or `..`)");
+    }
+    Ok(())
+}
+
+/// Device ids of one run: checked to be usable in file names and unique.
+struct Ids {
+    seen: HashMap<Box<str>, u32>,
+}
+
+impl Ids {
+    fn new() -> Ids {
+        Ids {
+            seen: HashMap::new(),
+        }
+    }
+
+    /// Refuses an id that cannot be part of a file name or that an earlier row already has.
+    fn check(
+        &mut self,
+        run: &Run,
+        line: usize,
+        column: &str,
+        id: &str,
+    ) -> Result<(), GenerateError> {
+        if let Err(why) = check_name_part(id) {
+            return Err(GenerateError::Invalid(format!(
+                "{}: column `{column}`: the device id {why}",
+                run.at(line)
+            )));
+        }
+        let line32 = u32::try_from(line).unwrap_or(u32::MAX);
+        if let Some(previous) = self.seen.insert(id.into(), line32) {
+            return Err(GenerateError::Invalid(format!(
+                "{}: column `{column}`: device id `{id}` is already used at line {previous}; ids \
+                 must be unique (nothing was written)",
+                run.at(line)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// How mfg_gen mode encrypts images.
+enum Keys {
+    Plain,
+    /// --inputkey: one key for every image, no key files.
+    Shared(XtsKey),
+    /// --keygen: every device gets a key file.
+    PerDevice(KeySource),
+}
+
+/// Where a device's own key comes from.
+enum KeySource {
+    /// A fresh random key.
+    Random,
+    /// A fresh HMAC key (written beside the key file), the key derived from it.
+    FreshHmac,
+    /// Derived from one HMAC key (--kp-hmac-inputkey, as given): the same for every device.
+    Hmac(XtsKey, String),
+}
+
+/// The key files each device gets, beside its image in the out dir.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeyFiles {
+    None,
+    /// keys/keys-<name>.bin.
+    Keys,
+    /// Also keys/hmac-keys-<name>.bin.
+    KeysAndHmac,
+}
+
+impl KeyFiles {
+    /// The files of the device `name`, relative to the out dir.
+    fn of(self, name: &str) -> Vec<String> {
+        match self {
+            KeyFiles::None => Vec::new(),
+            KeyFiles::Keys => vec![key_rel(name)],
+            KeyFiles::KeysAndHmac => vec![key_rel(name), hmac_key_rel(name)],
+        }
+    }
+}
+
+/// One device, as planned in the first pass.
+struct Device {
+    line: usize,
+    id: String,
+    /// The names of its images (`bin/<name>.bin`); the first is the one the ledger records (and
+    /// names its key file, if it has one).
+    images: Vec<String>,
+    /// Its key in the ledger: the id, or the image name when ids are row numbers.
+    ledger_id: String,
+}
+
+impl Device {
+    fn name(&self) -> &str {
+        &self.images[0]
+    }
+}
+
+/// One device's images, as a mode builds them (in [`Device::images`] order).
+struct Built {
+    images: Vec<Vec<u8>>,
+    /// The device's own encryption key, written to `keys/keys-<name>.bin`.
+    key: Option<XtsKey>,
+    /// The HMAC key it was derived from when that is the device's own, written to
+    /// `keys/hmac-keys-<name>.bin`.
+    hmac_key: Option<[u8; 32]>,
+}
+
+/// An image that is the same for every device, written once as `bin/<name>.bin`.
+struct SharedImage {
+    name: String,
+    label: String,
+    bytes: Vec<u8>,
+}
+
+/// What differs between the modes: how a device's images are built and described.
+trait Maker: Sync {
+    /// The device of the values file's `n`th row (from 0), as the first pass named it.
+    fn device(&self, n: usize, row: &DeviceRow) -> Device;
+    /// Builds the device's images from its row. `writing` is false in the checking pass, where
+    /// no fresh key need be made.
+    fn build(
+        &self,
+        device: &Device,
+        row: &DeviceRow,
+        writing: bool,
+    ) -> Result<Built, GenerateError>;
+    /// Every device gets a fresh key: its images differ on every build.
+    fn fresh_keys(&self) -> bool {
+        false
+    }
+    /// The key files every device gets.
+    fn key_files(&self) -> KeyFiles {
+        KeyFiles::None
+    }
+    /// The HMAC key the device `name`'s key derives from (HMAC key protection), as the ledger
+    /// records it.
+    fn hmac_key_file(&self, _name: &str) -> Option<String> {
+        None
+    }
+    /// Looks at a chunk of rows in the checking pass (for warnings); returns true when it need
+    /// not look at more.
+    fn check_rows(&self, _rows: &[DeviceRow], _header: &[String]) -> bool {
+        true
+    }
+    /// The partition size the ledger's image (a device's first) is made for.
+    fn ledger_size(&self) -> u32;
+    /// Images that are the same for every device.
+    fn shared(&self) -> &[SharedImage] {
+        &[]
+    }
+    /// What each of a device's images is (its partition), for the manifests; `None`: devices
+    /// have one image, listed as mfg_gen's manifests do.
+    fn labels(&self) -> Option<&[String]> {
+        None
+    }
+    /// The manifest's fields other than `values`, `ledger` and the lists of images.
+    fn manifest_fields(&self) -> serde_json::Map<String, serde_json::Value>;
+}
+
+/// What the run does with a device.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// Build, write and record it.
+    Build,
+    /// Build, write and record it, replacing a leftover of an interrupted run that the ledger
+    /// does not know (an image or key that was written but not recorded).
+    Replace,
+    /// Finished by an earlier run: keep it.
+    Keep,
+}
+
+/// `cargo nvs mfg generate`: writes every device's images and records them in the ledger, or
+/// writes nothing.
+pub fn generate(args: MfgGenerateArgs) -> Result<(), GenerateError> {
+    let cargo_mode = args.positional.is_empty()
+        && args.config.is_none()
+        && args.prefix.is_none()
+        && args.size.is_none();
+    if cargo_mode {
+        return cargo::generate(&args);
+    }
+    let cargo_only = [
+        (args.id.is_some(), "--id (use --fileid)"),
+        (!args.partitions.is_empty(), "--partition"),
+        (args.all_partitions, "--all-partitions"),
+        (args.package.package.is_some(), "-p/--package"),
+        (args.package.manifest_path.is_some(), "--manifest-path"),
+    ];
+    if let Some((_, option)) = cargo_only.iter().find(|(given, _)| *given) {
+        return Err(GenerateError::Invalid(format!(
+            "{option} belongs to the Cargo metadata mode (`--values devices.csv --id COLUMN`), \
+             which takes no config, prefix or size"
+        )));
+    }
+    let plan = plan(&args)?;
+    let ledger = choose_ledger(args.ledger.as_deref(), Scope::Config(&plan.config))?;
+    let run = Run::new(&args, plan.values.clone(), ledger);
+    for (given, option) in [
+        (args.mfg_gen_keyfile.is_some(), "--keyfile"),
+        (args.mfg_gen_input.is_some(), "--input"),
+        (args.mfg_gen_output.is_some(), "--output"),
+    ] {
+        if given {
+            eprintln!(
+                "warning: {option} is ignored: mfg_gen sets it anew for every device (images go \
+                 to <out-dir>/bin, keys to <out-dir>/keys)"
+            );
+        }
+    }
+    let keys = mfg_gen_keys(&args)?;
+    warn_if_read_only(plan.size);
+    let mut rows = read_config(&plan.config)?;
+    let mut values = Values::open(&plan.values)?;
+    bind_columns(&plan.config, &mut rows, &plan.values, &values.header)?;
+    let fileid_column = match &plan.fileid {
+        Some(column) => Some(
+            values
+                .header
+                .iter()
+                .position(|h| h == column)
+                .ok_or_else(|| {
+                    GenerateError::Invalid(format!(
+                        "{}: --fileid column `{column}` is not in the header (it has: {})",
+                        run.at(values.header_line),
+                        values.header.join(",")
+                    ))
+                })?,
+        ),
+        None => {
+            eprintln!(
+                "warning: without --fileid, images are numbered 1, 2, 3… by row, and the numbers \
+                 start again in every batch; name them by a unique column (--fileid serial_no). \
+                 The ledger records them by image name (`{}-…1`), so another batch with the same \
+                 names is refused as a reissue",
+                plan.prefix
+            );
+            None
+        }
+    };
+
+    // Pass 1: check every row, name every device and refuse duplicates before writing anything.
+    let Some(first) = values.next_device()? else {
+        return Err(GenerateError::Invalid(format!(
+            "{}: the values file has a header but no device rows",
+            plan.values.display()
+        )));
+    };
+    let first_row = first.fields.clone();
+    let maker = MfgGen {
+        plan: &plan,
+        rows: &rows,
+        first_row: &first_row,
+        keys: &keys,
+        resume: run.resume,
+        fileid_column,
+        repeat_fileid: fileid_column
+            .is_some_and(|c| rows.iter().any(|r| r.repeat && r.column == Some(c))),
+    };
+    let mut ids = Ids::new();
+    let start = plan.prefix_num.map_or(0, |(start, _)| start);
+    let mut count = 0;
+    let mut next = Some(first);
+    while let Some(row) = next {
+        let device = maker.device(count, &row);
+        ids.check(
+            &run,
+            row.line,
+            plan.fileid.as_deref().unwrap_or_default(),
+            &device.id,
+        )?;
+        count += 1;
+        start.checked_add(count as u64).ok_or_else(|| {
+            GenerateError::Invalid("--prefix-num START: the counter overflows".into())
+        })?;
+        next = values.next_device()?;
+    }
+    drop(ids);
+    produce(&run, &maker, count)
+}
+
+/// How mfg_gen mode's options ask for images to be encrypted.
+fn mfg_gen_keys(args: &MfgGenerateArgs) -> Result<Keys, GenerateError> {
+    let hmac = &args.hmac;
+    if args.kp_hmac_keyfile.is_some() {
+        return Err(GenerateError::Invalid(
+            "--kp-hmac-keyfile names one file, and mfg_gen writes every device's HMAC key to it, \
+             keeping only the last; here every device gets its own keys/hmac-keys-<name>.bin \
+             (drop the option)"
+                .into(),
+        ));
+    }
+    if hmac.any() && !args.keygen {
+        return Err(GenerateError::Invalid(
+            "the HMAC options (--key-protect-hmac, --kp-hmac-*) make each device's key: they \
+             need --keygen (--inputkey already gives the key)"
+                .into(),
+        ));
+    }
+    hmac.check()?;
+    Ok(match (&args.inputkey, args.keygen) {
+        (Some(path), _) => Keys::Shared(load_key(path)?),
+        (None, true) if hmac.kp_hmac_keygen => Keys::PerDevice(KeySource::FreshHmac),
+        (None, true) => match &hmac.kp_hmac_inputkey {
+            Some(path) => Keys::PerDevice(KeySource::Hmac(
+                load_hmac_key(path)?,
+                path.display().to_string(),
+            )),
+            None => Keys::PerDevice(KeySource::Random),
+        },
+        (None, false) => Keys::Plain,
+    })
+}
+
+/// mfg_gen mode: each device's image from the generator CSV mfg_gen writes for it.
+struct MfgGen<'a> {
+    plan: &'a Plan,
+    rows: &'a [ConfigRow],
+    first_row: &'a [String],
+    keys: &'a Keys,
+    /// --resume: the checking pass compares the images it builds with the files.
+    resume: bool,
+    /// The --fileid column.
+    fileid_column: Option<usize>,
+    /// The --fileid column is a REPEAT key: every device takes the first row's id.
+    repeat_fileid: bool,
+}
+
+impl Maker for MfgGen<'_> {
+    fn device(&self, n: usize, row: &DeviceRow) -> Device {
+        let plan = self.plan;
+        let id = match self.fileid_column {
+            // The id comes from the row as mfg_gen completes it (REPEAT values from row 1).
+            Some(c) if self.repeat_fileid => self.first_row[c].clone(),
+            Some(c) => row.fields[c].clone(),
+            None => (n + 1).to_string(),
+        };
+        let name = match plan.prefix_num {
+            Some((start, len)) => {
+                let counter = start.wrapping_add(n as u64);
+                format!("{}-{counter:0len$}-{id}", plan.prefix)
+            }
+            None => format!("{}-{id}", plan.prefix),
+        };
+        let ledger_id = if self.fileid_column.is_some() {
+            id.clone()
+        } else {
+            name.clone()
+        };
+        Device {
+            line: row.line,
+            id,
+            images: vec![name],
+            ledger_id,
+        }
+    }
+
+    fn build(
+        &self,
+        device: &Device,
+        row: &DeviceRow,
+        writing: bool,
+    ) -> Result<Built, GenerateError> {
+        let (plan, rows) = (self.plan, self.rows);
+        let mut starts = Vec::with_capacity(rows.len());
+        let csv = device_csv(
+            rows,
+            |config| {
+                let c = config.column.unwrap_or_default();
+                if config.repeat {
+                    self.first_row[c].as_str()
+                } else {
+                    row.fields[c].as_str()
+                }
+            },
+            &mut starts,
+        );
+        let mut image = ImageInput::new(plan.size, plan.version);
+        let located = |e: InputError| locate(plan, rows, &starts, device, e);
+        image
+            .add_csv(&plan.values, csv.as_bytes(), &FileBase::CurrentDir)
+            .map_err(located)?;
+        // Checking: a fresh key gives other bytes on every build; the plain image shows that
+        // the device builds.
+        let (mut key, mut hmac_key) = (None, None);
+        match self.keys {
+            Keys::PerDevice(KeySource::Random) if writing => key = Some(XtsKey::generate()?),
+            Keys::PerDevice(KeySource::FreshHmac) if writing => {
+                let fresh = random_hmac_key()?;
+                key = Some(XtsKey::derive_from_hmac(&fresh)?);
+                hmac_key = Some(fresh);
+            }
+            Keys::PerDevice(KeySource::Hmac(derived, _)) => key = Some(derived.clone()),
+            _ => {}
+        }
+        // Encrypting cannot fail: checking needs the encrypted bytes only for their SHA-256,
+        // which only --resume compares.
+        let bytes = match (self.keys, &key) {
+            (Keys::Shared(key), _) | (_, Some(key)) if writing || self.resume => {
+                image.finish_encrypted(key)
+            }
+            _ => image.finish(),
+        }
+        .map_err(located)?;
+        Ok(Built {
+            images: vec![bytes],
+            key,
+            hmac_key,
+        })
+    }
+
+    fn fresh_keys(&self) -> bool {
+        matches!(
+            self.keys,
+            Keys::PerDevice(KeySource::Random | KeySource::FreshHmac)
+        )
+    }
+
+    fn hmac_key_file(&self, name: &str) -> Option<String> {
+        match self.keys {
+            Keys::PerDevice(KeySource::FreshHmac) => Some(hmac_key_rel(name)),
+            Keys::PerDevice(KeySource::Hmac(_, path)) => Some(path.clone()),
+            _ => None,
+        }
+    }
+
+    fn key_files(&self) -> KeyFiles {
+        match self.keys {
+            Keys::PerDevice(KeySource::FreshHmac) => KeyFiles::KeysAndHmac,
+            Keys::PerDevice(_) => KeyFiles::Keys,
+            _ => KeyFiles::None,
+        }
+    }
+
+    fn check_rows(&self, rows: &[DeviceRow], header: &[String]) -> bool {
+        warn_ignored_repeats(self.plan, self.rows, self.first_row, rows, header)
+    }
+
+    fn ledger_size(&self) -> u32 {
+        u32::try_from(self.plan.size.bytes()).unwrap_or(u32::MAX)
+    }
+
+    fn manifest_fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        let plan = self.plan;
+        let serde_json::Value::Object(fields) = serde_json::json!({
+            "config": plan.config.display().to_string(),
+            "prefix": plan.prefix,
+            "size": plan.size.bytes(),
+            "version": plan.version.number(),
+        }) else {
+            unreachable!("a JSON object")
+        };
+        fields
+    }
+}
+
+/// Devices are read, built, written and recorded this many at a time.
+const CHUNK: usize = 1024;
+
+/// Reads the next `n` device rows of the values file (which had them in the first pass).
+/// The rows' strings are reused.
+fn next_chunk(
+    run: &Run,
+    values: &mut Values,
+    n: usize,
+    chunk: &mut Vec<DeviceRow>,
+) -> Result<(), GenerateError> {
+    chunk.truncate(n);
+    while chunk.len() < n {
+        chunk.push(DeviceRow {
+            line: 0,
+            fields: Vec::new(),
+        });
+    }
+    for row in chunk.iter_mut() {
+        if !values.read_device_into(row)? {
+            return Err(GenerateError::Invalid(format!(
+                "{} changed while it was being read",
+                run.values.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Passes 2 to 4 and the manifests, for the `count` devices of either mode. Every pass reads
+/// the values file again, a chunk at a time: memory does not grow with the device count.
+fn produce(run: &Run, maker: &dyn Maker, count: usize) -> Result<(), GenerateError> {
+    check_ledger_place(run)?;
+    // Passes 2 and 3: build every image in memory (nothing is written) so that bad input writes
+    // nothing, and decide what to do with each device, refusing existing files and issued ids.
+    let Checked { actions, to_issue } = check_all(run, maker, count)?;
+    for shared in maker.shared() {
+        let path = bin_path(&run.out_dir, &shared.name);
+        if path.exists() && std::fs::read(&path).ok().as_deref() != Some(&shared.bytes[..]) {
+            return Err(GenerateError::Invalid(format!(
+                "`{}` (partition `{}`, the same for every device) already exists with other \
+                 bytes; images are never overwritten (use a new --out-dir or remove it)",
+                path.display(),
+                shared.label
+            )));
+        }
+    }
+
+    // Pass 4: build again, and write and record each device's files.
+    if !run.chosen_ledger.exists() {
+        // The ledger knows only the ids issued into it: say where it starts, once.
+        eprintln!(
+            "note: starting the product ledger `{}`; it refuses every id issued into it from now \
+             on. Batches made by cargo-nvs before the product ledger kept their own \
+             `<out-dir>/ledger.sqlite`, whose ids it does not know",
+            run.ledger.display()
+        );
+    }
+    let out_dir_existed = run.out_dir.exists();
+    let result = std::fs::create_dir_all(run.out_dir.join("bin"))
+        .map_err(|e| {
+            GenerateError::Invalid(format!(
+                "cannot write to out-dir `{}`: {e}",
+                run.out_dir.display()
+            ))
+        })
+        .and_then(|()| batch_dir(&run.out_dir))
+        .and_then(|batch_dir| Ok((run.chosen_ledger.open(run.sync)?, batch_dir)))
+        .and_then(|(ledger, batch_dir)| {
+            let work = Work {
+                ledger: &*ledger,
+                actions: &actions,
+                batch: run_start(),
+                batch_dir,
+                values: run.values.display().to_string(),
+            };
+            // One run at a time writes into an out dir (a --resume must not take over the
+            // reservations of a run that is still going).
+            let _writing = lock_out_dir(&run.out_dir)?;
+            reserve(run, &work, &to_issue)?;
+            write_all(run, maker, &work)
+        });
+    if let Err(e) = result {
+        if !out_dir_existed {
+            // Only removes the folders this run created, and only while they are empty.
+            let _ = std::fs::remove_dir(run.out_dir.join("bin"));
+            let _ = std::fs::remove_dir(&run.out_dir);
+        }
+        let any_image = std::fs::read_dir(run.out_dir.join("bin")).is_ok_and(|mut entries| {
+            entries.any(|e| e.is_ok_and(|e| !e.file_name().to_string_lossy().starts_with('.')))
+        });
+        return Err(if any_image {
+            GenerateError::Interrupted {
+                source: Box::new(e),
+            }
+        } else {
+            e
+        });
+    }
+    Ok(())
+}
+
+/// Holds the out dir for this run until dropped: another `mfg generate` into it (on this
+/// machine, or another one sharing the folder) is refused rather than racing this one.
+#[cfg(unix)]
+fn lock_out_dir(out_dir: &Path) -> Result<std::fs::File, GenerateError> {
+    let dir = std::fs::File::open(out_dir)
+        .map_err(|e| GenerateError::Invalid(format!("cannot open `{}`: {e}", out_dir.display())))?;
+    match dir.try_lock() {
+        Ok(()) => Ok(dir),
+        Err(std::fs::TryLockError::WouldBlock) => Err(GenerateError::Invalid(format!(
+            "another `cargo nvs mfg generate` is writing into `{}` right now; wait for it to \
+             finish (nothing was written)",
+            out_dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(GenerateError::Invalid(format!(
+            "cannot lock `{}`: {e}",
+            out_dir.display()
+        ))),
+    }
+}
+
+/// Elsewhere folders cannot be opened as files; the ledger's reservation still keeps two runs
+/// from issuing the same id.
+#[cfg(not(unix))]
+fn lock_out_dir(_out_dir: &Path) -> Result<(), GenerateError> {
+    Ok(())
+}
+
+/// Reserves the run's ids in the ledger before any file is written, so that a run issuing the
+/// same ids at the same time (another process, another station) cannot also write them: the
+/// run that comes second writes nothing and names the ids.
+fn reserve(run: &Run, work: &Work<'_>, to_issue: &[(String, usize)]) -> Result<(), GenerateError> {
+    let refused = work.ledger.reserve(
+        to_issue,
+        &Reservation {
+            batch: &work.batch,
+            batch_dir: &work.batch_dir,
+            values: &work.values,
+            allow_reissue: run.allow_reissue,
+            resume: run.resume,
+        },
+    )?;
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let lines: HashMap<&str, usize> = to_issue.iter().map(|(id, l)| (id.as_str(), *l)).collect();
+    let mut text = format!(
+        "{} device id(s) were issued by another run meanwhile (product ledger `{}`); an id is \
+         never issued twice:",
+        refused.len(),
+        run.ledger.display()
+    );
+    for refused in refused.iter().take(10) {
+        let line = lines.get(refused.device.as_str()).copied().unwrap_or(0);
+        let what = if refused.reserved {
+            "reserved by a run that has not finished"
+        } else {
+            "issued"
+        };
+        text.push_str(&format!(
+            "\n  {}: device `{}` was {what} at {} into `{}`",
+            run.at(line),
+            refused.device,
+            refused.when,
+            refused.batch_dir
+        ));
+    }
+    if refused.len() > 10 {
+        text.push_str(&format!("\n  … and {} more", refused.len() - 10));
+    }
+    text.push_str("\nnothing was written");
+    Err(GenerateError::Issued {
+        ids: refused.into_iter().map(|r| r.device).collect(),
+        message: text,
+    })
+}
+
+/// The batch folder as the ledger records it: the out dir (which exists), absolute and
+/// canonical.
+fn batch_dir(out_dir: &Path) -> Result<PathBuf, GenerateError> {
+    let dir = std::fs::canonicalize(out_dir).map_err(|e| {
+        GenerateError::Invalid(format!(
+            "cannot resolve out-dir `{}`: {e}",
+            out_dir.display()
+        ))
+    })?;
+    if dir.to_str().is_none() {
+        return Err(GenerateError::Invalid(format!(
+            "out-dir `{}` is not valid UTF-8, and the ledger records batch folders as text: use \
+             another folder",
+            dir.display()
+        )));
+    }
+    Ok(dir)
+}
+
+/// Refuses a ledger that cannot be made where it was chosen, and a batch whose out dir has a
+/// ledger of its own (as older versions kept one per out dir) that this run would not check.
+fn check_ledger_place(run: &Run) -> Result<(), GenerateError> {
+    if run.chosen_ledger.server.is_some() {
+        return Ok(());
+    }
+    let folder = match run.ledger.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() => folder,
+        _ => Path::new("."),
+    };
+    // The out dir is made by the run.
+    if !folder.is_dir() && !same_file(folder, &run.out_dir) {
+        return Err(GenerateError::Invalid(format!(
+            "the ledger `{}` ({}) cannot be made: its folder `{}` does not exist; create it, or \
+             name the ledger with --ledger PATH or {} (nothing was written)",
+            run.ledger.display(),
+            run.ledger_from,
+            folder.display(),
+            product::LEDGER_ENV
+        )));
+    }
+    let own = run.out_dir.join(CONFIG_LEDGER);
+    if !own.is_file() || same_file(&own, &run.ledger) {
+        return Ok(());
+    }
+    if run.ledger_flag {
+        eprintln!(
+            "warning: `{}` is another ledger (an out dir's own, as older versions kept them); \
+             its devices are not checked by this run, which records into `{}` (--ledger)",
+            own.display(),
+            run.ledger.display()
+        );
+        return Ok(());
+    }
+    Err(GenerateError::Invalid(format!(
+        "`{}` is this out dir's own ledger (older versions kept one per out dir), but this run \
+         records into the product's ledger `{}` ({}), which does not check the ids it holds; \
+         pass --ledger {} to go on with it (nothing was written)",
+        own.display(),
+        run.ledger.display(),
+        run.ledger_from,
+        own.display()
+    )))
+}
+
+/// Passes 2 and 3: builds every device in memory, a chunk at a time in parallel, and decides
+/// what to do with it. A device that does not build is refused before any device that the run
+/// may not write (in values order within each kind), and those before the ids the ledger has
+/// issued before (all named together).
+/// What the checking pass decided: an action per device, and the ids (with their values line)
+/// to reserve in the ledger before anything is written.
+struct Checked {
+    actions: Vec<Action>,
+    to_issue: Vec<(String, usize)>,
+}
+
+fn check_all(run: &Run, maker: &dyn Maker, count: usize) -> Result<Checked, GenerateError> {
+    let mut values = Values::open(&run.values)?;
+    let existing_ledger = run.chosen_ledger.open_existing()?;
+    // The SHA-256 of the images that come out the same on every build are only needed to check
+    // kept images on --resume.
+    let hash = run.resume && !maker.fresh_keys();
+    // Without the folders of images and keys, no device has files yet: no need to look.
+    let on_disk = run.out_dir.join("bin").exists() || run.out_dir.join("keys").exists();
+    let checking = Checking {
+        run,
+        maker,
+        ledger: existing_ledger,
+        hash,
+        on_disk,
+        batch_dir: std::fs::canonicalize(&run.out_dir).ok(),
+    };
+    let bar = device_bar(count, "checking");
+    let mut checked_rows = false;
+    let header = values.header.clone();
+    // While a chunk is built, the next one is read.
+    let mut chunk: Vec<DeviceRow> = Vec::with_capacity(CHUNK);
+    let mut next: Vec<DeviceRow> = Vec::with_capacity(CHUNK);
+    let mut actions = Vec::with_capacity(count);
+    let mut to_issue = Vec::new();
+    let mut refused: Option<GenerateError> = None;
+    let mut reissues = Reissues::default();
+    let mut done = 0;
+    let mut n = CHUNK.min(count);
+    next_chunk(run, &mut values, n, &mut chunk)?;
+    while n > 0 {
+        if !checked_rows {
+            checked_rows = maker.check_rows(&chunk, &header);
+        }
+        let n_next = CHUNK.min(count - done - n);
+        let deciding = refused.is_none();
+        let (read, results) = rayon::join(
+            || next_chunk(run, &mut values, n_next, &mut next),
+            || check_chunk(&checking, &chunk, done, deciding),
+        );
+        for (i, result) in results.into_iter().enumerate() {
+            match result? {
+                Some(Ok(Verdict::Do(action))) if refused.is_none() => {
+                    if action != Action::Keep {
+                        let device = maker.device(done + i, &chunk[i]);
+                        to_issue.push((device.ledger_id, device.line));
+                    }
+                    actions.push(action);
+                }
+                Some(Ok(Verdict::Issued(reissue))) if refused.is_none() => reissues.add(*reissue),
+                Some(Err(e)) if refused.is_none() => refused = Some(e),
+                _ => {}
+            }
+        }
+        read?;
+        done += n;
+        bar.set_position(done as u64);
+        std::mem::swap(&mut chunk, &mut next);
+        n = n_next;
+    }
+    bar.finish_and_clear();
+    match refused {
+        Some(e) => Err(e),
+        None if reissues.count > 0 => Err(reissues.error(run)),
+        None => Ok(Checked { actions, to_issue }),
+    }
+}
+
+/// What the checking pass decided for a device.
+enum Verdict {
+    Do(Action),
+    /// Refused: the ledger has the id issued before (without --allow-reissue).
+    Issued(Box<Reissue>),
+}
+
+/// A device whose id the ledger has issued before.
+struct Reissue {
+    line: usize,
+    device: String,
+    issued: Issued,
+}
+
+/// The devices of the run that the ledger has issued before: the first few, and how many.
+#[derive(Default)]
+struct Reissues {
+    shown: Vec<Reissue>,
+    count: usize,
+}
+
+impl Reissues {
+    const SHOWN: usize = 10;
+
+    fn add(&mut self, reissue: Reissue) {
+        self.count += 1;
+        if self.shown.len() < Self::SHOWN {
+            self.shown.push(reissue);
+        }
+    }
+
+    fn error(&self, run: &Run) -> GenerateError {
+        let mut text = format!(
+            "{} device id(s) of `{}` were already issued according to the product's ledger \
+             `{}` ({}); an id is never issued twice:",
+            self.count,
+            run.values.display(),
+            run.ledger.display(),
+            run.ledger_from
+        );
+        for r in &self.shown {
+            if r.issued.sha256.is_empty() {
+                text.push_str(&format!(
+                    "\n  {}: device `{}` was reserved at {} for `{}` ({}:{}) by a run that has \
+                     not finished (--resume in that out dir finishes it)",
+                    run.at(r.line),
+                    r.device,
+                    r.issued.issued_at,
+                    r.issued.batch_dir.display(),
+                    r.issued.values,
+                    r.issued.line,
+                ));
+                continue;
+            }
+            text.push_str(&format!(
+                "\n  {}: device `{}` was already issued at {} into `{}` ({}:{}, image {})",
+                run.at(r.line),
+                r.device,
+                r.issued.issued_at,
+                r.issued.batch_dir.display(),
+                r.issued.values,
+                r.issued.line,
+                r.issued.image
+            ));
+        }
+        if self.count > self.shown.len() {
+            text.push_str(&format!("\n  … and {} more", self.count - self.shown.len()));
+        }
+        text.push_str(
+            "\ngive these devices new ids, or pass --allow-reissue to issue them again \
+             (nothing was written)",
+        );
+        GenerateError::Issued {
+            ids: self.shown.iter().map(|r| r.device.clone()).collect(),
+            message: text,
+        }
+    }
+}
+
+/// What the checking pass needs to decide what to do with a device.
+struct Checking<'a> {
+    run: &'a Run,
+    maker: &'a dyn Maker,
+    /// The ledger of earlier runs, if there is one.
+    ledger: Option<Box<dyn Ledger>>,
+    /// Compute the SHA-256 of the images (--resume compares them with the files).
+    hash: bool,
+    /// The folder of images or keys exists (else no device has files yet).
+    on_disk: bool,
+    /// The out dir as the ledger records batch folders, if it exists.
+    batch_dir: Option<PathBuf>,
+}
+
+/// Builds the devices of a chunk (from device `first`) in parallel, and with `deciding`, decides
+/// what to do with each.
+fn check_chunk(
+    checking: &Checking<'_>,
+    chunk: &[DeviceRow],
+    first: usize,
+    deciding: bool,
+) -> Vec<Result<Option<Result<Verdict, GenerateError>>, GenerateError>> {
+    let (run, maker, hash, on_disk) = (
+        checking.run,
+        checking.maker,
+        checking.hash,
+        checking.on_disk,
+    );
+    let existing_ledger = &checking.ledger;
+    let done = first;
+    chunk
+        .par_iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let device = maker.device(done + i, row);
+            let built = maker.build(&device, row, false)?;
+            if !deciding {
+                return Ok(None);
+            }
+            let expected: Shas = hash.then(|| built.images.iter().map(|b| sha256_hex(b)).collect());
+            let issued = match &existing_ledger {
+                Some(ledger) => ledger.issued(&device.ledger_id)?,
+                None => None,
+            };
+            Ok(Some(decide(
+                run,
+                maker,
+                &device,
+                expected.as_deref(),
+                issued,
+                on_disk,
+                checking.batch_dir.as_deref(),
+            )))
+        })
+        .collect()
+}
+
+/// The writing pass: where the ledger is and what to do with each device.
+struct Work<'a> {
+    ledger: &'a dyn Ledger,
+    actions: &'a [Action],
+    /// The run's start, as sortable text: orders the devices of the ledger by run, then line.
+    batch: String,
+    /// The out dir, as the ledger records it.
+    batch_dir: PathBuf,
+    /// The values file, as the ledger records it.
+    values: String,
+}
+
+/// The SHA-256 of each of a device's images, when known.
+type Shas = Option<Vec<String>>;
+
+/// What the writing pass did with a device it built.
+struct Written {
+    shas: Vec<String>,
+    key_file: Option<String>,
+    hmac_key_file: Option<String>,
+}
+
+/// Pass 4: reads the values again, builds the images in parallel a chunk at a time and writes
+/// them; each chunk's devices are then recorded in the ledger (one transaction, right after
+/// their images are in place) and listed in the manifests, while the next chunk is built.
+fn write_all(run: &Run, maker: &dyn Maker, work: &Work<'_>) -> Result<(), GenerateError> {
+    let count = work.actions.len();
+    let mut values = Values::open(&run.values)?;
+    // Where files cannot be made unnamed, a killed run leaves temporary files: clear them.
+    let mut leftovers = 0;
+    for dir in [
+        run.out_dir.clone(),
+        run.out_dir.join("bin"),
+        run.out_dir.join("keys"),
+    ] {
+        leftovers += remove_leftovers(&dir).map_err(|e| {
+            GenerateError::Invalid(format!("cannot clean `{}`: {e}", dir.display()))
+        })?;
+    }
+    if leftovers > 0 {
+        eprintln!("removed {leftovers} temporary file(s) left by an interrupted run");
+    }
+    let kept = work.actions.iter().filter(|a| **a == Action::Keep).count();
+    if maker.key_files() != KeyFiles::None && kept < count {
+        let keys = run.out_dir.join("keys");
+        std::fs::create_dir_all(&keys).map_err(|e| {
+            GenerateError::Invalid(format!("cannot write `{}`: {e}", keys.display()))
+        })?;
+    }
+    let mut recorder = Recorder {
+        run,
+        maker,
+        work,
+        manifests: Manifests::start(run, maker)?,
+        started: Instant::now(),
+        bar: device_bar(count - kept, "writing"),
+        built: 0,
+        images_per_device: 1,
+        issued: Vec::with_capacity(CHUNK),
+    };
+    // While a chunk is built and written, the one before is recorded and the next one read.
+    let mut chunk: Vec<DeviceRow> = Vec::with_capacity(CHUNK);
+    let mut next: Vec<DeviceRow> = Vec::with_capacity(CHUNK);
+    let mut pending: Option<ChunkResults> = None;
+    let mut done = 0;
+    let mut failed = false;
+    let mut n = CHUNK.min(count);
+    next_chunk(run, &mut values, n, &mut chunk)?;
+    loop {
+        let building = !failed && n > 0;
+        let n_next = if building {
+            CHUNK.min(count - done - n)
+        } else {
+            0
+        };
+        if pending.is_none() && !building {
+            break;
+        }
+        let (recorded, built) = rayon::join(
+            || -> Result<(), GenerateError> {
+                let recorded = pending
+                    .take()
+                    .map_or(Ok(()), |results| recorder.record(results));
+                recorded?;
+                next_chunk(run, &mut values, n_next, &mut next)
+            },
+            || building.then(|| write_chunk(run, maker, work, done, &chunk)),
+        );
+        if let Err(e) = recorded {
+            let Some(mut results) = built else {
+                return Err(e);
+            };
+            // A write that failed meanwhile names the file (a full disk fails both); record
+            // what was written too.
+            let write_error = results
+                .iter()
+                .position(|(_, written)| written.is_err())
+                .and_then(|i| std::mem::replace(&mut results[i].1, Ok(None)).err());
+            let _ = recorder.record(results);
+            return Err(match write_error {
+                Some(write) => GenerateError::WrittenAndRecorded {
+                    write: Box::new(write),
+                    record: Box::new(e),
+                },
+                None => e,
+            });
+        }
+        if let Some(results) = built {
+            failed = results.iter().any(|(_, written)| written.is_err());
+            done += n;
+            pending = Some(results);
+        }
+        std::mem::swap(&mut chunk, &mut next);
+        n = n_next;
+    }
+    recorder.bar.finish_and_clear();
+    if kept > 0 {
+        eprintln!("{kept} device(s) were finished by an earlier run and are kept (--resume)");
+    }
+    if kept < count {
+        eprintln!(
+            "{}",
+            progress(recorder.built, count - kept, "built", recorder.started)
+        );
+    }
+    for shared in maker.shared() {
+        let path = bin_path(&run.out_dir, &shared.name);
+        if !path.exists() {
+            write_atomic_with(&path, &shared.bytes, Some(0o600), run.sync).map_err(|e| {
+                GenerateError::Invalid(format!("cannot write `{}`: {e}", path.display()))
+            })?;
+        }
+    }
+    let Recorder {
+        manifests,
+        images_per_device,
+        ..
+    } = recorder;
+    let any_key = manifests.any_key;
+    manifests.finish(run)?;
+    summary(run, maker, count - kept, kept, images_per_device, any_key);
+    Ok(())
+}
+
+/// A chunk's devices, and what the writing pass did with each: `None` for a kept one.
+type ChunkResults = Vec<(Device, Result<Option<Written>, GenerateError>)>;
+
+/// Builds and writes the devices of a chunk (from device `first`) in parallel.
+fn write_chunk(
+    run: &Run,
+    maker: &dyn Maker,
+    work: &Work<'_>,
+    first: usize,
+    chunk: &[DeviceRow],
+) -> ChunkResults {
+    chunk
+        .par_iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let device = maker.device(first + i, row);
+            let written = match work.actions[first + i] {
+                Action::Keep => Ok(None),
+                action => {
+                    write_device(run, maker, &device, row, action == Action::Replace).map(Some)
+                }
+            };
+            (device, written)
+        })
+        .collect()
+}
+
+/// Records the written devices in the ledger and lists every device in the manifests, a chunk
+/// at a time.
+struct Recorder<'a> {
+    run: &'a Run,
+    maker: &'a dyn Maker,
+    work: &'a Work<'a>,
+    manifests: Manifests,
+    started: Instant,
+    bar: ProgressBar,
+    built: usize,
+    images_per_device: usize,
+    issued: Vec<Issued>,
+}
+
+impl Recorder<'_> {
+    /// Records every device of the chunk whose images are in place, even when another one
+    /// failed (then returns the first failure).
+    fn record(&mut self, mut results: ChunkResults) -> Result<(), GenerateError> {
+        let (run, maker, work) = (self.run, self.maker, self.work);
+        if self.built == 0
+            && let Some((device, _)) = results.first()
+        {
+            self.images_per_device = device.images.len();
+        }
+        self.issued.clear();
+        for (device, written) in &results {
+            if let Ok(Some(written)) = written {
+                self.issued.push(Issued {
+                    device: device.ledger_id.clone(),
+                    image: image_rel(device.name()),
+                    sha256: written.shas[0].clone(),
+                    more_images: device.images[1..]
+                        .iter()
+                        .zip(&written.shas[1..])
+                        .map(|(name, sha)| (image_rel(name), sha.clone()))
+                        .collect(),
+                    key_file: written.key_file.clone(),
+                    hmac_key_file: written.hmac_key_file.clone(),
+                    size: maker.ledger_size(),
+                    values: work.values.clone(),
+                    line: device.line,
+                    batch: work.batch.clone(),
+                    batch_dir: work.batch_dir.clone(),
+                    issued_at: String::new(),
+                });
+            }
+        }
+        let failed = results
+            .iter()
+            .position(|(_, written)| written.is_err())
+            .and_then(|i| std::mem::replace(&mut results[i].1, Ok(None)).err());
+        let outcomes = work.ledger.issue_many(&self.issued, run.allow_reissue);
+        // A failed write is the first error (a full disk fails the ledger too, afterwards).
+        let outcomes = match (failed, outcomes) {
+            (Some(e), Ok(_)) => return Err(e),
+            (Some(e), Err(ledger)) => {
+                return Err(GenerateError::Unrecorded {
+                    source: Box::new(e),
+                    ledger,
+                });
+            }
+            (None, outcomes) => outcomes?,
+        };
+        let mut outcomes = outcomes.into_iter().zip(&self.issued);
+        for (device, written) in results {
+            let (entry, shas) = match written {
+                Ok(Some(written)) => {
+                    let Some((outcome, entry)) = outcomes.next() else {
+                        unreachable!("one outcome per issued device")
+                    };
+                    let issued_at = outcome.map_err(|why| {
+                        GenerateError::Invalid(format!("{}: {why}", run.at(device.line)))
+                    })?;
+                    self.built += 1;
+                    let entry = Issued {
+                        issued_at,
+                        ..entry.clone()
+                    };
+                    (entry, Some(written.shas))
+                }
+                Ok(None) => {
+                    let entry = work.ledger.issued(&device.ledger_id)?.ok_or_else(|| {
+                        GenerateError::Invalid(format!(
+                            "device `{}` is missing from the ledger `{}`",
+                            device.ledger_id,
+                            run.ledger.display()
+                        ))
+                    })?;
+                    (entry, None)
+                }
+                Err(e) => return Err(e),
+            };
+            self.manifests
+                .device(run, maker, &device, &entry, shas.as_deref())?;
+        }
+        self.bar.set_position(self.built as u64);
+        Ok(())
+    }
+}
+
+/// Builds one device's images and writes them (and its fresh key) under the final names, each
+/// through a temporary file and a rename; the caller records it in the ledger.
+fn write_device(
+    run: &Run,
+    maker: &dyn Maker,
+    device: &Device,
+    row: &DeviceRow,
+    replace: bool,
+) -> Result<Written, GenerateError> {
+    let built = maker.build(device, row, true)?;
+    let shas: Vec<String> = built.images.iter().map(|bytes| sha256_hex(bytes)).collect();
+    let io = |path: &Path, e: std::io::Error| {
+        GenerateError::Invalid(format!("cannot write `{}`: {e}", path.display()))
+    };
+    // Key files (the keys folder is made before the writing pass) are replaced only when they
+    // are the unrecorded leftovers of an interrupted run (--resume); a key derived the same way
+    // again may meet its identical leftover.
+    let secrets = [
+        built
+            .hmac_key
+            .map(|k| (hmac_key_rel(device.name()), k.to_vec())),
+        built
+            .key
+            .as_ref()
+            .map(|k| (key_rel(device.name()), k.to_key_file())),
+    ];
+    for (rel, bytes) in secrets.iter().flatten() {
+        let path = run.out_dir.join(rel);
+        match write_secret(&path, bytes, replace) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AlreadyExists
+                    && std::fs::read(&path).is_ok_and(|existing| existing == *bytes) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(GenerateError::Invalid(format!(
+                    "`{}` exists with another key; key files are never overwritten (use a new \
+                     --out-dir, or remove it)",
+                    path.display()
+                )));
+            }
+            written => written.map_err(|e| io(&path, e))?,
+        }
+        if run.sync {
+            sync_file(&path).map_err(|e| io(&path, e))?;
+            sync_folder(&path).map_err(|e| io(&path, e))?;
+        }
+    }
+    let key_file = built.key.is_some().then(|| key_rel(device.name()));
+    let hmac_key_file = maker.hmac_key_file(device.name());
+    for (name, bytes) in device.images.iter().zip(&built.images) {
+        let bin = bin_path(&run.out_dir, name);
+        write_atomic_with(&bin, bytes, Some(0o600), run.sync).map_err(|e| io(&bin, e))?;
+    }
+    Ok(Written {
+        shas,
+        key_file,
+        hmac_key_file,
+    })
+}
+
+/// A manifest, written a piece at a time and put in place once complete (errors name it).
+struct Staged {
+    path: PathBuf,
+    file: StagedFile,
+}
+
+impl Staged {
+    fn create(path: PathBuf) -> Result<Staged, GenerateError> {
+        match StagedFile::create(&path) {
+            Ok(file) => Ok(Staged { path, file }),
+            Err(e) => Err(GenerateError::Invalid(format!(
+                "cannot write `{}`: {e}",
+                path.display()
+            ))),
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), GenerateError> {
+        self.file.write(bytes).map_err(|e| self.error(e))
+    }
+
+    fn error(&self, e: std::io::Error) -> GenerateError {
+        GenerateError::Invalid(format!("cannot write `{}`: {e}", self.path.display()))
+    }
+
+    /// Puts the complete file in place (with `sync`, on disk first and its folder after).
+    fn commit(self, sync: bool) -> Result<(), GenerateError> {
+        let Staged { path, file } = self;
+        file.commit(sync)
+            .map_err(|e| GenerateError::Invalid(format!("cannot write `{}`: {e}", path.display())))
+    }
+}
+
+/// `manifest.csv` and `manifest.json`, written a device at a time as the devices are recorded.
+struct Manifests {
+    csv: Staged,
+    json: Staged,
+    /// What follows the list of devices in manifest.json.
+    json_tail: String,
+    first: bool,
+    any_key: bool,
+    text: String,
+}
+
+impl Manifests {
+    fn start(run: &Run, maker: &dyn Maker) -> Result<Manifests, GenerateError> {
+        let mut csv = Staged::create(run.out_dir.join("manifest.csv"))?;
+        csv.write(match (maker.labels(), maker.key_files()) {
+            (None, KeyFiles::KeysAndHmac) => b"device,line,image,sha256,key_file,hmac_key_file\n",
+            (None, _) => b"device,line,image,sha256,key_file\n",
+            (Some(_), _) => b"device,line,partition,image,sha256\n",
+        })?;
+        let mut manifest = maker.manifest_fields();
+        manifest.insert("values".into(), run.values.display().to_string().into());
+        // Absolute: `mfg flash --out-dir` finds the ledger through it from anywhere.
+        let ledger = match &run.chosen_ledger.server {
+            // Without the password: the station supplies it.
+            Some(url) => url.without_password(),
+            None => std::fs::canonicalize(&run.ledger)
+                .unwrap_or_else(|_| run.ledger.clone())
+                .display()
+                .to_string(),
+        };
+        manifest.insert("ledger".into(), ledger.into());
+        if maker.labels().is_some() {
+            let shared: Vec<serde_json::Value> = maker
+                .shared()
+                .iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "partition": s.label,
+                        "image": image_rel(&s.name),
+                        "sha256": sha256_hex(&s.bytes),
+                    })
+                })
+                .collect();
+            manifest.insert("shared".into(), shared.into());
+        }
+        // The devices' list goes where this placeholder is.
+        let placeholder = "\u{1}devices\u{1}";
+        manifest.insert("devices".into(), placeholder.into());
+        let text = serde_json::to_string_pretty(&manifest)?;
+        let quoted = serde_json::to_string(placeholder)?;
+        let at = text.find(&quoted).ok_or_else(|| {
+            GenerateError::Invalid("manifest.json: the device list has no place".into())
+        })?;
+        let mut json = Staged::create(run.out_dir.join("manifest.json"))?;
+        json.write(&text.as_bytes()[..at])?;
+        json.write(b"[\n")?;
+        let mut json_tail = String::from("\n  ]");
+        json_tail.push_str(&text[at + quoted.len()..]);
+        json_tail.push('\n');
+        Ok(Manifests {
+            csv,
+            json,
+            json_tail,
+            first: true,
+            any_key: false,
+            text: String::new(),
+        })
+    }
+
+    /// Lists a device, with its ledger entry. A device's images other than the first (which
+    /// the ledger records) take their SHA-256 from this run's build (`shas`), else from the
+    /// file (a kept device, checked against the build).
+    fn device(
+        &mut self,
+        run: &Run,
+        maker: &dyn Maker,
+        device: &Device,
+        entry: &Issued,
+        shas: Option<&[String]>,
+    ) -> Result<(), GenerateError> {
+        self.any_key |= entry.key_file.is_some();
+        let line = device.line.to_string();
+        self.text.clear();
+        let value = match maker.labels() {
+            None => {
+                let key_file = entry.key_file.as_deref().unwrap_or_default();
+                let mut row = vec![
+                    device.id.as_str(),
+                    &line,
+                    &entry.image,
+                    &entry.sha256,
+                    key_file,
+                ];
+                let mut value = serde_json::json!({
+                    "device": device.id,
+                    "line": device.line,
+                    "image": entry.image,
+                    "sha256": entry.sha256,
+                    "key_file": entry.key_file,
+                    "issued_at": entry.issued_at,
+                });
+                if let Some(hmac_key_file) = &entry.hmac_key_file {
+                    value["hmac_key_file"] = hmac_key_file.as_str().into();
+                }
+                if maker.key_files() == KeyFiles::KeysAndHmac {
+                    row.push(entry.hmac_key_file.as_deref().unwrap_or_default());
+                }
+                push_csv_row(&mut self.text, &row);
+                value
+            }
+            Some(labels) => {
+                let mut images = Vec::with_capacity(device.images.len());
+                for (i, (name, label)) in device.images.iter().zip(labels).enumerate() {
+                    let sha256 = match (i, shas, entry.more_images.get(i.wrapping_sub(1))) {
+                        (0, _, _) => entry.sha256.clone(),
+                        (_, Some(shas), _) => shas[i].clone(),
+                        (_, None, Some((_, recorded))) => recorded.clone(),
+                        // A ledger older than the list of a device's other images.
+                        (_, None, None) => sha_of_file(&bin_path(&run.out_dir, name))?,
+                    };
+                    let image = image_rel(name);
+                    push_csv_row(&mut self.text, &[&device.id, &line, label, &image, &sha256]);
+                    images.push(serde_json::json!({
+                        "partition": label,
+                        "image": image,
+                        "sha256": sha256,
+                    }));
+                }
+                serde_json::json!({
+                    "device": device.id,
+                    "line": device.line,
+                    "images": images,
+                    "issued_at": entry.issued_at,
+                })
+            }
+        };
+        self.csv.write(self.text.as_bytes())?;
+        let pretty = serde_json::to_string_pretty(&value)?;
+        self.text.clear();
+        if !self.first {
+            self.text.push_str(",\n");
+        }
+        self.first = false;
+        self.text.push_str("    ");
+        self.text.push_str(&pretty.replace('\n', "\n    "));
+        self.json.write(self.text.as_bytes())?;
+        Ok(())
+    }
+
+    fn finish(mut self, run: &Run) -> Result<(), GenerateError> {
+        let tail = std::mem::take(&mut self.json_tail);
+        self.json.write(tail.as_bytes())?;
+        self.csv.commit(run.sync)?;
+        self.json.commit(run.sync)?;
+        if run.sync {
+            let keys_dir = run.out_dir.join("keys");
+            for dir in [&keys_dir, &run.out_dir] {
+                if dir.exists() {
+                    sync_file(dir).map_err(|e| {
+                        GenerateError::Invalid(format!("cannot write `{}`: {e}", dir.display()))
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Appends one manifest.csv row.
+fn push_csv_row(out: &mut String, cells: &[&str]) {
+    for (i, cell) in cells.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&csv_cell(cell));
+    }
+    out.push('\n');
+}
+
+/// The message that ends a run.
+fn summary(
+    run: &Run,
+    maker: &dyn Maker,
+    built: usize,
+    kept: usize,
+    images_per_device: usize,
+    any_key: bool,
+) {
+    let bin_dir = run.out_dir.join("bin");
+    let keys_dir = run.out_dir.join("keys");
+    let shared = match maker.shared() {
+        [] => String::new(),
+        shared => format!(
+            " and {} the same for every device ({})",
+            shared.len(),
+            shared
+                .iter()
+                .map(|s| image_rel(&s.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    eprintln!(
+        "Created {} NVS image(s){}{}{shared} in `{}`{}, manifest.csv/.json, ledger `{}`",
+        built * images_per_device,
+        if images_per_device > 1 {
+            format!(" ({images_per_device} per device)")
+        } else {
+            String::new()
+        },
+        if kept > 0 {
+            format!(" ({kept} device(s) kept from the interrupted run)")
+        } else {
+            String::new()
+        },
+        bin_dir.display(),
+        if any_key {
+            format!(", their keys in `{}`", keys_dir.display())
+        } else {
+            String::new()
+        },
+        run.ledger.display()
+    );
+}
+
+/// Now, as text that sorts in time order (seconds and nanoseconds since 1970, zero-padded).
+fn run_start() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{:020}.{:09}", now.as_secs(), now.subsec_nanos())
+}
+
+fn sha_of_file(path: &Path) -> Result<String, GenerateError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| GenerateError::Invalid(format!("cannot read `{}`: {e}", path.display())))?;
+    Ok(sha256_hex(&bytes))
+}
+
+/// Refuses what the run may not do to `device`, else says what it does. `batch_dir` is the out
+/// dir as the ledger records it (if it exists).
+fn decide(
+    run: &Run,
+    maker: &dyn Maker,
+    device: &Device,
+    expected: Option<&[String]>,
+    issued: Option<Issued>,
+    on_disk: bool,
+    batch_dir: Option<&Path>,
+) -> Result<Verdict, GenerateError> {
+    if !on_disk && issued.is_none() {
+        // Nothing of it exists, and it was never issued (the common case: checked cheaply).
+        return Ok(Verdict::Do(Action::Build));
+    }
+    let at = run.at(device.line);
+    let bins: Vec<PathBuf> = device
+        .images
+        .iter()
+        .map(|name| bin_path(&run.out_dir, name))
+        .collect();
+    let key_files: Vec<PathBuf> = maker
+        .key_files()
+        .of(device.name())
+        .iter()
+        .map(|rel| run.out_dir.join(rel))
+        .collect();
+    let mut targets = bins.clone();
+    if maker.fresh_keys() {
+        targets.extend(key_files.iter().cloned());
+    }
+    let existing = targets.iter().find(|p| on_disk && p.exists());
+    if run.resume {
+        if let Some(issued) = &issued
+            && on_disk
+            && batch_dir == Some(issued.batch_dir.as_path())
+            && bins.iter().all(|bin| bin.exists())
+            && issued.image == image_rel(device.name())
+            && key_files.iter().all(|key| key.exists())
+        {
+            // Every image as the ledger recorded it (older ledgers have only the first).
+            let mut recorded = vec![&issued.sha256];
+            recorded.extend(issued.more_images.iter().map(|(_, sha)| sha));
+            let mut as_recorded = true;
+            for (bin, sha) in bins.iter().zip(recorded) {
+                as_recorded &= sha_of_file(bin)? == *sha;
+            }
+            if as_recorded {
+                if let Some(expected) = expected {
+                    for (bin, expected) in bins.iter().zip(expected) {
+                        if sha_of_file(bin)? != *expected {
+                            return Err(GenerateError::Invalid(format!(
+                                "{at}: device `{}`: `{}` was made from other values than the \
+                                 row has now; --resume only finishes a run with the same inputs \
+                                 (nothing was written)",
+                                device.id,
+                                bin.display()
+                            )));
+                        }
+                    }
+                }
+                return Ok(Verdict::Do(Action::Keep));
+            }
+        }
+    } else if let Some(existing) = existing {
+        return Err(GenerateError::Invalid(format!(
+            "`{}` (device `{}`, {at}) already exists; images are never overwritten (use a new \
+             --out-dir, remove it, or --resume an interrupted run)",
+            existing.display(),
+            device.id,
+        )));
+    }
+    // A device this batch reserved in a run that did not finish: --resume takes it over.
+    let unfinished = issued.as_ref().is_some_and(|issued| {
+        run.resume && issued.sha256.is_empty() && batch_dir == Some(issued.batch_dir.as_path())
+    });
+    if let Some(issued) = issued
+        && !run.allow_reissue
+        && !unfinished
+    {
+        return Ok(Verdict::Issued(Box::new(Reissue {
+            line: device.line,
+            device: device.ledger_id.clone(),
+            issued,
+        })));
+    }
+    Ok(Verdict::Do(if existing.is_some() {
+        Action::Replace
+    } else {
+        Action::Build
+    }))
+}
+
+fn bin_path(out_dir: &Path, name: &str) -> PathBuf {
+    out_dir.join("bin").join(format!("{name}.bin"))
+}
+
+fn image_rel(name: &str) -> String {
+    format!("bin/{name}.bin")
+}
+
+fn key_rel(name: &str) -> String {
+    format!("keys/keys-{name}.bin")
+}
+
+fn hmac_key_rel(name: &str) -> String {
+    format!("keys/hmac-keys-{name}.bin")
+}
+
+/// A bar for a pass over the devices, with their rate and the time left; drawn only on a
+/// terminal.
+fn device_bar(total: usize, what: &'static str) -> ProgressBar {
+    let bar = ProgressBar::new(total as u64).with_message(what);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>8} [{bar:30}] {pos}/{len} devices, {rate}, {eta} left")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .with_key(
+                "rate",
+                |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.0} devices/s", state.per_sec());
+                },
+            ),
+    );
+    bar
+}
+
+fn progress(done: usize, total: usize, verb: &str, started: Instant) -> String {
+    let seconds = started.elapsed().as_secs_f64().max(1e-6);
+    format!(
+        "{done}/{total} devices {verb} in {seconds:.2} s ({:.0} devices/s)",
+        done as f64 / seconds
+    )
+}
+
+/// mfg_gen takes a REPEAT key's value from the first device row and ignores later cells; say so
+/// once when a later cell holds something else (values are never printed).
+fn warn_ignored_repeats(
+    plan: &Plan,
+    rows: &[ConfigRow],
+    first_row: &[String],
+    chunk: &[DeviceRow],
+    header: &[String],
+) -> bool {
+    for row in chunk {
+        for config in rows.iter().filter(|r| r.repeat) {
+            let c = config.column.unwrap_or_default();
+            if !row.fields[c].is_empty() && row.fields[c] != first_row[c] {
+                eprintln!(
+                    "warning: {}:{}: column `{}` is REPEAT in the config: only the first device \
+                     row's value is used, later values are ignored",
+                    plan.values.display(),
+                    row.line,
+                    header[c]
+                );
+                return true;
+            }
+        }
+    }
+    false
+}
+
+fn sync_file(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
+}
+
+/// Turns an error about the device's generator CSV into one about the inputs: the values row
+/// and column for data, the config line for namespaces.
+fn locate(
+    plan: &Plan,
+    rows: &[ConfigRow],
+    starts: &[usize],
+    device: &Device,
+    e: InputError,
+) -> GenerateError {
+    let device_at = format!(
+        "{}:{}: device `{}`",
+        plan.values.display(),
+        device.line,
+        device.id
+    );
+    let line = e.location().and_then(|l| l.line);
+    let row = line.and_then(|line| starts.iter().rposition(|&s| s <= line).map(|i| &rows[i]));
+    let message = e.message();
+    match row {
+        Some(row) if row.is_namespace() => GenerateError::Invalid(format!(
+            "{}:{}: namespace `{}`: {message} (building {device_at})",
+            plan.config.display(),
+            row.line,
+            row.key
+        )),
+        Some(row) => GenerateError::Invalid(format!(
+            "{device_at}, column `{}` ({} at {}:{}): {message}",
+            row.key,
+            row.encoding,
+            plan.config.display(),
+            row.line
+        )),
+        None => GenerateError::Invalid(format!("{device_at}: {message}")),
+    }
+}
+
+fn csv_cell(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_owned()
+    }
+}
