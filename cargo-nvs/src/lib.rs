@@ -14,6 +14,25 @@
 //!   PostgreSQL backends, the product ledger.
 //! - [`artifacts`], [`project`]: running cargo and reading nvs-build's OUT_DIR manifest.
 //! - [`keys`], [`settings`], [`fsutil`], [`size`], [`hex`]: the pieces they share.
+//!
+//! A station program that takes devices from the product's ledger, as `mfg flash` does:
+//!
+//! ```
+//! use cargo_nvs::mfg::ledger::{Ledger, LedgerError, SqliteLedger};
+//!
+//! let batch = std::env::temp_dir().join(format!("cargo-nvs-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&batch)?;
+//! let ledger = SqliteLedger::open(&batch.join("ledger.sqlite"), false)?;
+//! // Nothing was issued into this batch yet: nothing to claim.
+//! match ledger.claim_next("station 1 port /dev/ttyUSB0", &[batch.clone()]) {
+//!     Ok(Some(device)) => println!("flash {}", device.device),
+//!     Ok(None) => println!("nothing left to flash"),
+//!     Err(e @ LedgerError::Server { .. }) => eprintln!("the ledger server failed: {e}"),
+//!     Err(e) => return Err(e.into()),
+//! }
+//! # std::fs::remove_dir_all(&batch)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod artifacts;
 pub mod flashing;
