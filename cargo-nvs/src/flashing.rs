@@ -15,6 +15,26 @@ use crate::fsutil::FileError;
 use crate::guard;
 use crate::settings;
 
+/// An operation on the connected chip that failed: `cannot read flash at 0x9000: why`.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {what}: {}", error_chain(source))]
+pub struct ChipError {
+    /// What was being done: "read flash at 0x9000", "erase flash at 0x9000", ….
+    pub what: String,
+    #[source]
+    pub source: espflash::Error,
+}
+
+impl ChipError {
+    /// For `map_err`: `.map_err(ChipError::doing(format!("erase flash at {addr:#x}")))`.
+    pub fn doing(what: String) -> impl Fn(espflash::Error) -> ChipError {
+        move |source| ChipError {
+            what: what.clone(),
+            source,
+        }
+    }
+}
+
 /// Why the chip cannot be reached or its flash read.
 #[derive(Debug, thiserror::Error)]
 pub enum FlashingError {
@@ -34,13 +54,8 @@ pub enum FlashingError {
         found: Chip,
         expected: Chip,
     },
-    /// An operation on the connected chip failed (`what`: "read flash at 0x9000", …).
-    #[error("cannot {what}: {}", error_chain(source))]
-    Chip {
-        what: String,
-        #[source]
-        source: espflash::Error,
-    },
+    #[error(transparent)]
+    Chip(#[from] ChipError),
     #[error(transparent)]
     File(#[from] FileError),
     #[error("the system random number generator failed: {0}")]
@@ -548,10 +563,7 @@ pub fn finish(flasher: &mut Flasher, args: &ConnectArgs) -> Result<(), FlashingE
             );
             Ok(())
         }
-        Err(source) => Err(FlashingError::Chip {
-            what: "reset the chip (--after)".into(),
-            source,
-        }),
+        Err(source) => Err(ChipError::doing("reset the chip (--after)".into())(source).into()),
     }
 }
 
@@ -713,14 +725,11 @@ fn read_into(
     use_stub: bool,
     file: &Path,
 ) -> Result<Vec<u8>, FlashingError> {
-    let fail = |source: espflash::Error| FlashingError::Chip {
-        what: format!("read flash at {offset:#x}"),
-        source,
-    };
+    let fail = ChipError::doing(format!("read flash at {offset:#x}"));
     if use_stub {
         flasher
             .read_flash(offset, size, 0x1000, 64, PathBuf::from(file))
-            .map_err(fail)?;
+            .map_err(&fail)?;
         return Ok(std::fs::read(file).map_err(FileError::reading(file))?);
     }
     // espflash 4.7's ROM read gets addresses wrong past two 64-byte blocks: read 128 bytes per call.
@@ -729,7 +738,7 @@ fn read_into(
         let len = (size - start).min(128);
         flasher
             .read_flash_rom(offset + start, len, 64, 1, PathBuf::from(file))
-            .map_err(fail)?;
+            .map_err(&fail)?;
         data.extend_from_slice(&std::fs::read(file).map_err(FileError::reading(file))?);
     }
     Ok(data)
@@ -747,10 +756,7 @@ pub fn inspect(
     let len = planned.ours.len() as u32;
     let on_chip = flasher
         .checksum_md5(addr, len)
-        .map_err(|source| FlashingError::Chip {
-            what: format!("check the flash at {addr:#x}"),
-            source,
-        })?;
+        .map_err(ChipError::doing(format!("check the flash at {addr:#x}")))?;
     if on_chip == blank_md5(len) {
         return Ok((guard::Finding::Blank, None));
     }

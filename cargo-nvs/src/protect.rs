@@ -12,7 +12,7 @@ use nvs_build::metadata::{EncryptionSpec, Metadata, PartitionSpec, ValueSource};
 use nvs_build::table::PartitionTable;
 
 use crate::artifacts::NvsImage;
-use crate::flashing::{FlashingError, blank_md5, inspect, read_flash};
+use crate::flashing::{ChipError, FlashingError, blank_md5, inspect, read_flash};
 use crate::guard::{
     self, Allow, Decision, Finding, Planned as GuardPlan, candidate_sha256s, decide, for_factory,
 };
@@ -27,13 +27,8 @@ pub enum ProtectError {
     /// flag that allows it.
     #[error("{}; nothing was written", reasons.join("; "))]
     Refused { reasons: Vec<String> },
-    /// An operation on the chip failed (`what`: "erase flash at 0x9000", …).
-    #[error("cannot {what}: {source}")]
-    Chip {
-        what: String,
-        #[source]
-        source: espflash::Error,
-    },
+    #[error(transparent)]
+    Chip(#[from] ChipError),
     #[error(transparent)]
     Flashing(#[from] FlashingError),
     /// A key or partition table the guard needs cannot be read.
@@ -165,10 +160,7 @@ impl Guarded {
             for &(addr, len) in &self.erase_first {
                 flasher
                     .erase_region(addr, len)
-                    .map_err(|source| ProtectError::Chip {
-                        what: format!("erase flash at {addr:#x}"),
-                        source,
-                    })?;
+                    .map_err(ChipError::doing(format!("erase flash at {addr:#x}")))?;
             }
         }
         Ok(())
@@ -258,10 +250,10 @@ pub fn guard_segments(
     // package does not encrypt, and keys the device made itself) is readable with.
     let on_chip = flasher
         .checksum_md5(keys.addr, keys.data.len() as u32)
-        .map_err(|source| ProtectError::Chip {
-            what: format!("check nvs_keys at {:#x}", keys.addr),
-            source,
-        })?;
+        .map_err(ChipError::doing(format!(
+            "check nvs_keys at {:#x}",
+            keys.addr
+        )))?;
     let ours = u128::from_be_bytes(Md5::digest(&keys.data).into());
     if on_chip == ours || on_chip == blank_md5(keys.data.len() as u32) {
         return Ok(guarded);
@@ -328,10 +320,7 @@ pub fn guard_table_change(
     let len = table.data.len() as u32;
     let on_chip = flasher
         .checksum_md5(table.addr, len)
-        .map_err(|source| ProtectError::Chip {
-            what: "check the partition table".into(),
-            source,
-        })?;
+        .map_err(ChipError::doing("check the partition table".into()))?;
     if on_chip == u128::from_be_bytes(Md5::digest(&table.data).into()) || on_chip == blank_md5(len)
     {
         return Ok(());
@@ -371,10 +360,7 @@ pub fn guard_table_change(
             .collect();
         let blank = flasher
             .checksum_md5(partition.offset, partition.size)
-            .map_err(|source| ProtectError::Chip {
-                what: format!("check `{}`", partition.name),
-                source,
-            })?
+            .map_err(ChipError::doing(format!("check `{}`", partition.name)))?
             == blank_md5(partition.size);
         if blank {
             continue;

@@ -15,7 +15,7 @@ use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
 
 use super::ledger::{ClaimOutcome, FlashRecord, Issued, Ledger, LedgerError};
 use super::product::{ChosenLedger, LEDGER_ENV, ProductError, Scope, choose_ledger};
-use crate::flashing::{After, Before, ConnectArgs, FlashingError, connect, inspect};
+use crate::flashing::{After, Before, ChipError, ConnectArgs, FlashingError, connect, inspect};
 use crate::fsutil::FileError;
 use crate::guard::{Finding, Planned as GuardPlan, for_factory, why_kept};
 use crate::project::PackageArgs;
@@ -36,13 +36,8 @@ pub enum MfgFlashError {
     /// Some ports' devices failed (each was reported as it failed).
     #[error("{failed} of {total} flash(es) failed")]
     Failed { failed: usize, total: usize },
-    /// An operation on the chip failed (`what`: "erase flash at 0x9000", …).
-    #[error("cannot {what}: {source}")]
-    Chip {
-        what: String,
-        #[source]
-        source: espflash::Error,
-    },
+    #[error(transparent)]
+    Chip(#[from] ChipError),
     #[error(transparent)]
     Flashing(#[from] FlashingError),
     #[error(transparent)]
@@ -722,10 +717,7 @@ fn flash_device(
     let mut flasher = connect(&connect_args, true, false)?;
     let info = flasher
         .device_info()
-        .map_err(|source| MfgFlashError::Chip {
-            what: "read the chip's details".into(),
-            source,
-        })?;
+        .map_err(ChipError::doing("read the chip's details".into()))?;
     let mac = info.mac_address.clone().ok_or_else(|| {
         MfgFlashError::Invalid(
             "the chip does not tell its MAC (secure download mode); not flashed".into(),
@@ -771,10 +763,7 @@ fn flash_device(
         for &(addr, len) in &erase_first {
             flasher
                 .erase_region(addr, len)
-                .map_err(|source| MfgFlashError::Chip {
-                    what: format!("erase flash at {addr:#x}"),
-                    source,
-                })?;
+                .map_err(ChipError::doing(format!("erase flash at {addr:#x}")))?;
         }
     }
     let espflash_segments: Vec<Segment<'_>> = segments
