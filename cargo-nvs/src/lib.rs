@@ -35,6 +35,7 @@
 //! ```
 
 pub mod artifacts;
+pub mod firmware;
 pub mod flashing;
 pub mod fsutil;
 pub mod guard;

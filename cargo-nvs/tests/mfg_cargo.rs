@@ -977,3 +977,214 @@ fn mfg_flash_and_log_in_the_package_use_its_ledger_and_every_batch_on_disk() {
         "{text}"
     );
 }
+
+/// The firmware's table with `fctry` moved (where another version of it might put it).
+const MOVED_TABLE: &str = "nvs, data, nvs, 0x9000, 0x6000,\nphy_init, data, phy, 0xf000, 0x1000,\n\
+    fctry, data, nvs, 0x10000, 0x2000, readonly\nfactory, app, factory, 0x20000, 1M,\n";
+
+/// A `cargo nvs dist` folder made by hand: a bootloader, the partition table `table_csv` and
+/// an app, with manifest.json as dist writes it. Returns its firmware_sha256.
+fn fake_dist(case: &Case, dir: &str, table_csv: &str) -> String {
+    let folder = case.dir.path().join(dir);
+    std::fs::create_dir_all(&folder).unwrap();
+    let csv = folder.join("partitions.csv");
+    std::fs::write(&csv, table_csv).unwrap();
+    let table = nvs_build::table::PartitionTable::load(&csv, 0x8000)
+        .unwrap()
+        .to_binary();
+    let bootloader: Vec<u8> = (0..0x1800u32).map(|i| (i * 7 % 251) as u8).collect();
+    let app: Vec<u8> = (0..0x3000u32).map(|i| (i * 13 % 241) as u8).collect();
+    let segments = [
+        (
+            "bootloader",
+            "bootloader",
+            "bootloader.bin",
+            0x0u32,
+            &bootloader,
+        ),
+        (
+            "partition table",
+            "partition-table",
+            "partition-table.bin",
+            0x8000,
+            &table,
+        ),
+        ("app", "app", "fw.bin", 0x20000, &app),
+    ];
+    let mut entries = Vec::new();
+    for (name, role, file, offset, data) in segments {
+        std::fs::write(folder.join(file), data).unwrap();
+        entries.push(serde_json::json!({
+            "name": name, "role": role, "file": file, "in_flash_args": true,
+            "offset": offset, "size": data.len(),
+            "sha256": cargo_nvs::hex::sha256_hex(data), "user_data": false, "secret": false,
+        }));
+    }
+    let sha256 = cargo_nvs::firmware::firmware_sha256(
+        segments
+            .iter()
+            .map(|(_, _, _, offset, data)| (*offset, data.as_slice())),
+    );
+    let manifest = serde_json::json!({
+        "schema": "cargo-nvs/dist/v2", "package": "fw", "chip": "esp32c3",
+        "with_dev_data": false, "firmware_sha256": sha256, "segments": entries,
+    });
+    std::fs::write(
+        folder.join("manifest.json"),
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+    sha256
+}
+
+/// `mfg flash --next` of the firmware's package, with `extra`, onto `esp`.
+fn mfg_flash_next(case: &Case, esp: &support::fake_esp::FakeEsp, extra: &[&str]) -> Output {
+    let out = bin()
+        .args([
+            "mfg",
+            "flash",
+            "--out-dir",
+            "out",
+            "--next",
+            "--manifest-path",
+        ])
+        .arg(firmware())
+        .args(extra)
+        .args(["--port", esp.path()])
+        .args(["--before", "no-reset", "--after", "no-reset", "--no-stub"])
+        .current_dir(case.dir.path())
+        .output()
+        .unwrap();
+    esp.settle();
+    out
+}
+
+/// The production log's rows (CSV, header first).
+fn log_rows(case: &Case) -> Vec<Vec<String>> {
+    let out = bin()
+        .args(["mfg", "log", "--out-dir", "out"])
+        .current_dir(case.dir.path())
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(out.stdout.as_slice())
+        .records()
+        .map(|r| r.unwrap().iter().map(str::to_owned).collect())
+        .collect()
+}
+
+#[test]
+fn mfg_flash_with_firmware_writes_firmware_and_device_in_one_pass() {
+    use support::fake_esp::Config;
+    let case = Case::new();
+    case.file("devices.csv", "serial,secret\n41,a\n42,b\n");
+    assert_ok(&mfg_devices(&case));
+    let table = std::fs::read_to_string(firmware().with_file_name("partitions.csv")).unwrap();
+    let firmware_sha256 = fake_dist(&case, "dist", &table);
+    let esp = Config::esp32c3()
+        .mac([0x7c, 0xdf, 0xa1, 0, 0, 0x41])
+        .start();
+    let out = mfg_flash_next(&case, &esp, &["--firmware", "dist"]);
+    assert_ok(&out);
+    let dist = case.dir.path().join("dist");
+    for (file, offset) in [
+        ("bootloader.bin", 0x0),
+        ("partition-table.bin", 0x8000),
+        ("fw.bin", 0x20000),
+    ] {
+        let bytes = read(&dist.join(file));
+        assert!(
+            esp.read(offset, bytes.len()) == bytes,
+            "{file} is not on the chip"
+        );
+    }
+    let mut image = read(&case.dir.path().join("out/bin/fctry-41.bin"));
+    image.resize(0x2000, 0xFF);
+    assert!(
+        esp.read(0xf000, 0x2000) == image,
+        "fctry holds another image"
+    );
+    // One connection, one write (the ROM loader reboots after FLASH_END).
+    assert_eq!(esp.sessions(), 1);
+    assert_eq!(esp.flash_end_count(), 1);
+    let rows = log_rows(&case);
+    assert_eq!(rows[0].last().map(String::as_str), Some("firmware_sha256"));
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[1][1], "41");
+    assert_eq!(rows[1][4], "ok");
+    assert_eq!(rows[1][6], firmware_sha256);
+    assert!(
+        !stderr(&out).contains("no firmware on this chip"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A firmware whose table has no NVS partition where the images go: refused, nothing written.
+    fake_dist(&case, "dist-moved", MOVED_TABLE);
+    let blank = Config::esp32c3()
+        .mac([0x7c, 0xdf, 0xa1, 0, 0, 0x42])
+        .start();
+    let before = blank.flash();
+    let out = mfg_flash_next(&case, &blank, &["--firmware", "dist-moved"]);
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    assert!(
+        text.contains("has no data/nvs partition at 0xf000")
+            && text.contains("nothing was written"),
+        "{text}"
+    );
+    assert!(blank.changed_since(&before).is_empty());
+
+    // A changed file in the folder is refused.
+    std::fs::write(dist.join("fw.bin"), b"tampered").unwrap();
+    let out = mfg_flash_next(&case, &blank, &["--firmware", "dist"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("does not match its SHA-256"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(blank.changed_since(&before).is_empty());
+}
+
+#[test]
+fn mfg_flash_without_firmware_refuses_and_logs_a_chip_whose_table_disagrees() {
+    use support::fake_esp::Config;
+    let case = Case::new();
+    case.file("devices.csv", "serial,secret\n51,a\n");
+    assert_ok(&mfg_devices(&case));
+    let other = case.dir.path().join("other.csv");
+    std::fs::write(&other, MOVED_TABLE).unwrap();
+    let other_table = nvs_build::table::PartitionTable::load(&other, 0x8000)
+        .unwrap()
+        .to_binary();
+    let esp = Config::esp32c3()
+        .mac([0x7c, 0xdf, 0xa1, 0, 0, 0x51])
+        .preset(0x8000, other_table)
+        .start();
+    let before = esp.flash();
+    let out = mfg_flash_next(&case, &esp, &[]);
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    assert!(
+        text.contains("disagrees with the package's") && text.contains("fctry at 0x10000"),
+        "{text}"
+    );
+    assert!(esp.changed_since(&before).is_empty());
+    let rows = log_rows(&case);
+    assert!(rows[1][4].starts_with("refused: "), "{rows:?}");
+
+    // A blank chip gets the images, with a warning.
+    let blank = Config::esp32c3()
+        .mac([0x7c, 0xdf, 0xa1, 0, 0, 0x52])
+        .start();
+    let out = mfg_flash_next(&case, &blank, &[]);
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("no firmware on this chip yet"),
+        "{}",
+        stderr(&out)
+    );
+}

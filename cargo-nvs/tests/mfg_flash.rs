@@ -109,7 +109,10 @@ fn log(case: &Case) -> Vec<Vec<String>> {
     assert_ok(&out);
     let text = String::from_utf8(out.stdout).unwrap();
     let mut lines = text.lines();
-    assert_eq!(lines.next(), Some("mac,device,sha256,time,result,port"));
+    assert_eq!(
+        lines.next(),
+        Some("mac,device,sha256,time,result,port,firmware_sha256")
+    );
     lines
         .map(|l| l.split(',').map(str::to_owned).collect())
         .collect()
@@ -733,7 +736,7 @@ fn a_batch_of_an_older_version_with_its_own_ledger_is_flashed_through_its_manife
     let version: i64 = db
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     let dirs: Vec<String> = db
         .prepare("SELECT DISTINCT batch_dir FROM devices")
         .unwrap()

@@ -22,6 +22,7 @@ use crate::hex::sha256_hex;
 use crate::project::PackageArgs;
 use crate::segments::{ImageArgs, Planned, Role, app_segments, nvs_segments};
 use crate::{CliError, CliResult};
+use cargo_nvs::firmware::firmware_sha256;
 
 /// Build release artifacts: bootloader, partition table and app, `flash_args` and
 /// `manifest.json`. The NVS images and nvs_keys are left out unless --with-dev-data.
@@ -265,6 +266,13 @@ pub fn run(args: DistArgs) -> CliResult<ExitCode> {
         "chip": chip.to_string(),
         "tools": {"cargo-nvs": env!("CARGO_PKG_VERSION"), "espflash": "4.7"},
         "with_dev_data": args.with_dev_data,
+        // What `mfg flash --firmware` checks and the production log records with each device.
+        "firmware_sha256": firmware_sha256(
+            segments
+                .iter()
+                .filter(|s| !s.role.is_device_data())
+                .map(|s| (s.addr, s.data.as_slice()))
+        ),
         "segments": artifacts.iter().map(manifest_entry).collect::<Vec<_>>(),
     });
     write(

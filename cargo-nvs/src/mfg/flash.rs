@@ -15,12 +15,16 @@ use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
 
 use super::ledger::{ClaimOutcome, FlashRecord, Issued, Ledger, LedgerError};
 use super::product::{ChosenLedger, LEDGER_ENV, ProductError, Scope, choose_ledger};
-use crate::flashing::{After, Before, ChipError, ConnectArgs, FlashingError, connect, inspect};
+use crate::firmware::{Firmware, FirmwareError, misplaced};
+use crate::flashing::{
+    After, Before, ChipError, ConnectArgs, FlashingError, blank_md5, connect, inspect, read_flash,
+};
 use crate::fsutil::FileError;
+use crate::guard::Allow;
 use crate::guard::{Finding, Planned as GuardPlan, for_factory, why_kept};
 use crate::project::PackageArgs;
-use crate::protect::{DataPartition, ProtectError, identify};
-use crate::segments::{SegmentError, nvs_partition};
+use crate::protect::{DataPartition, ProtectError, guard_table_change, identify};
+use crate::segments::{Planned, Role, SegmentError, nvs_partition};
 use crate::size::{SpellingError, parse_size};
 
 /// Why `mfg flash` flashed nothing, or why one device's flash failed.
@@ -38,6 +42,8 @@ pub enum MfgFlashError {
     Failed { failed: usize, total: usize },
     #[error(transparent)]
     Chip(#[from] ChipError),
+    #[error(transparent)]
+    Firmware(#[from] FirmwareError),
     #[error(transparent)]
     Flashing(#[from] FlashingError),
     #[error(transparent)]
@@ -143,6 +149,12 @@ pub struct MfgFlashArgs {
     /// Talk to the ROM loader directly instead of uploading espflash's flasher stub.
     #[arg(long)]
     no_stub: bool,
+    /// Also write the firmware of this `cargo nvs dist` folder (bootloader, partition table,
+    /// app; its user-data images onto blank flash only) in the same connection and write as the
+    /// device's images, skipping what the chip holds already. Refused when the folder's table
+    /// has no partition where the device's images go. The log records its firmware_sha256.
+    #[arg(long, value_name = "DIR")]
+    firmware: Option<PathBuf>,
     #[command(flatten)]
     package: PackageArgs,
 }
@@ -190,6 +202,8 @@ struct Target {
     dev: BTreeMap<String, DevPartition>,
     /// The ledger, as messages name it.
     ledger_name: String,
+    /// `--firmware`: written in the same pass.
+    firmware: Option<Firmware>,
 }
 
 /// A partition's development image (`None` without dev values) and what the guard needs.
@@ -246,6 +260,7 @@ fn target(args: &MfgFlashArgs) -> Result<Target, MfgFlashError> {
             package_table: None,
             dev: BTreeMap::new(),
             ledger_name: String::new(),
+            firmware: None,
         });
     }
     let (Some(path), Some(name)) = (&args.partition_table, &args.partition) else {
@@ -275,6 +290,7 @@ fn target(args: &MfgFlashArgs) -> Result<Target, MfgFlashError> {
             dev: dev_images(&metadata)?,
             package_table: Some(metadata.table),
             ledger_name: String::new(),
+            firmware: None,
         });
     };
     let table = PartitionTable::load(path, PartitionTable::DEFAULT_OFFSET)?;
@@ -294,6 +310,7 @@ fn target(args: &MfgFlashArgs) -> Result<Target, MfgFlashError> {
         package_table: None,
         dev: BTreeMap::new(),
         ledger_name: String::new(),
+        firmware: None,
     })
 }
 
@@ -454,6 +471,7 @@ fn batches(
 /// `cargo nvs mfg flash`: claims one device per port, and flashes, verifies and logs each.
 pub fn run(args: MfgFlashArgs) -> Result<Flashed, MfgFlashError> {
     let mut target = target(&args)?;
+    target.firmware = args.firmware.as_deref().map(Firmware::load).transpose()?;
     let (ledger, chosen) = open_ledger(
         args.out_dir.as_deref(),
         args.ledger.as_deref(),
@@ -705,6 +723,11 @@ fn flash_device(
         }
         segments.push((offset, key, "nvs_keys".to_owned()));
     }
+    if let Some(firmware) = &target.firmware {
+        for (addr, data, name) in &segments {
+            firmware.check_placement(*addr, data.len(), name)?;
+        }
+    }
 
     let connect_args = ConnectArgs {
         port: port.clone(),
@@ -714,7 +737,8 @@ fn flash_device(
         after: args.after,
         no_stub: args.no_stub,
     };
-    let mut flasher = connect(&connect_args, true, false)?;
+    // With firmware, segments the chip holds already are skipped (MD5).
+    let mut flasher = connect(&connect_args, true, target.firmware.is_some())?;
     let info = flasher
         .device_info()
         .map_err(ChipError::doing("read the chip's details".into()))?;
@@ -755,6 +779,26 @@ fn flash_device(
             data.len()
         )));
     }
+    let firmware = match &target.firmware {
+        Some(firmware) => firmware_segments(args, firmware, &mut flasher, &segments, &label)?,
+        None => {
+            if let Some(problem) =
+                chip_table_problem(args, target, &mut flasher, &segments, &label)?
+            {
+                ledger.record_flash(&FlashRecord {
+                    mac: mac.clone(),
+                    device: device.device.clone(),
+                    sha256: device.sha256.clone(),
+                    port: port.clone().unwrap_or_default(),
+                    result: format!("refused: {problem}"),
+                    time: String::new(),
+                    firmware_sha256: String::new(),
+                })?;
+                return Err(MfgFlashError::Invalid(format!("{problem} (logged)")));
+            }
+            Vec::new()
+        }
+    };
     let erase_first =
         guard_device_images(args, target, &mut flasher, &segments, &label, &mac, ledger)?;
     if !args.no_stub {
@@ -766,13 +810,22 @@ fn flash_device(
                 .map_err(ChipError::doing(format!("erase flash at {addr:#x}")))?;
         }
     }
-    let espflash_segments: Vec<Segment<'_>> = segments
+    // One write: the firmware, then the device's images.
+    let espflash_segments: Vec<Segment<'_>> = firmware
         .iter()
-        .map(|(addr, data, _)| Segment::new(*addr, data))
+        .map(|s| Segment::new(s.addr, &s.data))
+        .chain(
+            segments
+                .iter()
+                .map(|(addr, data, _)| Segment::new(*addr, data)),
+        )
         .collect();
     let mut progress = PortProgress {
         label: label.clone(),
-        pending: segments.iter().map(|(a, d, _)| (*a, d.len())).collect(),
+        pending: espflash_segments
+            .iter()
+            .map(|s| (s.addr, s.data.len()))
+            .collect(),
         started: None,
     };
     eprintln!("{label}: chip {} MAC {mac}", flasher.chip());
@@ -793,6 +846,10 @@ fn flash_device(
         port: port.clone().unwrap_or_default(),
         result,
         time: String::new(),
+        firmware_sha256: target
+            .firmware
+            .as_ref()
+            .map_or(String::new(), |f| f.sha256.clone()),
     };
     match written {
         Ok(()) => {
@@ -819,6 +876,117 @@ fn flash_device(
             Err(MfgFlashError::Write(e))
         }
     }
+}
+
+/// The firmware segments to write with the device's images: bootloader, table and app (a
+/// changed table may not overwrite NVS data it moves), and dist's user-data images only where
+/// the chip's flash is blank (and no image of the device goes).
+fn firmware_segments<'f>(
+    args: &MfgFlashArgs,
+    firmware: &'f Firmware,
+    flasher: &mut espflash::flasher::Flasher,
+    device_segments: &[(u32, Vec<u8>, String)],
+    label: &str,
+) -> Result<Vec<&'f Planned>, MfgFlashError> {
+    let allow = Allow {
+        overwrite_factory_data: args.force,
+        ..Allow::default()
+    };
+    guard_table_change(flasher, &firmware.segments, allow, !args.no_stub)?;
+    let mut chosen = Vec::new();
+    for segment in &firmware.segments {
+        if segment.role != Role::UserData {
+            chosen.push(segment);
+            continue;
+        }
+        if device_segments
+            .iter()
+            .any(|(addr, _, _)| *addr == segment.addr)
+        {
+            continue;
+        }
+        let len = segment.data.len() as u32;
+        let on_chip = flasher
+            .checksum_md5(segment.addr, len)
+            .map_err(ChipError::doing(format!(
+                "check the flash at {:#x}",
+                segment.addr
+            )))?;
+        if on_chip == blank_md5(len) {
+            chosen.push(segment);
+        } else {
+            eprintln!(
+                "{label}: kept the user data the chip holds at {:#x} ({}): dist's development \
+                 data goes onto blank flash only",
+                segment.addr, segment.name
+            );
+        }
+    }
+    Ok(chosen)
+}
+
+/// Without `--firmware`: what is wrong with the chip's partition table for the device's images
+/// (they would land outside the NVS partitions its firmware uses), if anything. A chip without
+/// a table gets the images with a warning.
+fn chip_table_problem(
+    args: &MfgFlashArgs,
+    target: &Target,
+    flasher: &mut espflash::flasher::Flasher,
+    segments: &[(u32, Vec<u8>, String)],
+    label: &str,
+) -> Result<Option<String>, MfgFlashError> {
+    let offset = PartitionTable::DEFAULT_OFFSET;
+    let size = PartitionTable::BINARY_SIZE as u32;
+    let bytes = read_flash(flasher, offset, size, !args.no_stub)?;
+    if bytes.iter().all(|&b| b == 0xFF) {
+        eprintln!(
+            "{label}: warning: no firmware on this chip yet (no partition table at {offset:#x}); \
+             writing the images only (--firmware DIR writes a `cargo nvs dist` with them)"
+        );
+        return Ok(None);
+    }
+    let name = "the chip's partition table";
+    let Ok(chip_table) = PartitionTable::parse_binary_at(Path::new(name), &bytes, offset) else {
+        return Ok(Some(format!(
+            "the chip holds no valid partition table at {offset:#x}; not flashed (flash the \
+             firmware with --firmware DIR)"
+        )));
+    };
+    let data_partitions = |table: &PartitionTable| -> Vec<(String, u32, u32, bool)> {
+        let mut list: Vec<_> = table
+            .partitions
+            .iter()
+            .filter(|p| p.is_nvs() || p.is_nvs_keys())
+            .map(|p| (p.name.clone(), p.offset, p.size, p.is_nvs_keys()))
+            .collect();
+        list.sort();
+        list
+    };
+    if let Some(package) = &target.package_table {
+        let (theirs, ours) = (data_partitions(&chip_table), data_partitions(package));
+        if theirs != ours {
+            let show = |list: &[(String, u32, u32, bool)]| {
+                list.iter()
+                    .map(|(n, o, s, _)| format!("{n} at {o:#x} ({s:#x} bytes)"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Ok(Some(format!(
+                "the chip's partition table disagrees with the package's on the NVS partitions \
+                 (chip: {}; package: {}); not flashed: its firmware would not find the data \
+                 (flash the firmware with --firmware DIR)",
+                show(&theirs),
+                show(&ours)
+            )));
+        }
+        return Ok(None);
+    }
+    for (addr, data, what) in segments {
+        if let Some(problem) = misplaced(&chip_table, name, *addr, data.len(), what) {
+            return Ok(Some(format!("{problem}; not flashed")));
+        }
+    }
+    Ok(None)
 }
 
 /// A device's images go over blank flash, this very image, its own interrupted write, or the

@@ -237,6 +237,9 @@ pub struct FlashRecord {
     pub result: String,
     /// Set by the ledger (UTC, ISO 8601).
     pub time: String,
+    /// The firmware written in the same pass (`mfg flash --firmware`: dist's
+    /// `firmware_sha256`); empty when only the NVS images were written.
+    pub firmware_sha256: String,
 }
 
 /// The ledger and production log, shared by the parallel workers of one run.
@@ -314,12 +317,28 @@ pub trait Ledger: Send + Sync {
     /// The device of the latest successful flash onto the chip with this MAC (as espflash
     /// prints it, as the production log records it), if any.
     fn device_on_mac(&self, mac: &str) -> LedgerResult<Option<String>>;
-    /// The production log as CSV: `mac,device,sha256,time,result,port`.
+    /// The production log as CSV: `mac,device,sha256,time,result,port,firmware_sha256`.
     fn export_log_csv(&self, out: &mut dyn std::io::Write) -> LedgerResult<()> {
         let mut writer = csv::Writer::from_writer(out);
-        writer.write_record(["mac", "device", "sha256", "time", "result", "port"])?;
+        writer.write_record([
+            "mac",
+            "device",
+            "sha256",
+            "time",
+            "result",
+            "port",
+            "firmware_sha256",
+        ])?;
         for r in self.flash_log()? {
-            writer.write_record([&r.mac, &r.device, &r.sha256, &r.time, &r.result, &r.port])?;
+            writer.write_record([
+                &r.mac,
+                &r.device,
+                &r.sha256,
+                &r.time,
+                &r.result,
+                &r.port,
+                &r.firmware_sha256,
+            ])?;
         }
         writer.flush().map_err(csv::Error::from)?;
         Ok(())
@@ -336,7 +355,8 @@ pub struct SqliteLedger {
 /// Bumped when the tables change; a ledger of a newer version is refused, older ones are
 /// upgraded in place when opened. 2: device_images, claims and devices.hmac_key_file.
 /// 3: batches and devices.batch_dir (the ledger is one per product, no longer one per out dir).
-const SCHEMA_VERSION: i64 = 3;
+/// 4: flash_log.firmware_sha256 (the firmware written with the device's images).
+const SCHEMA_VERSION: i64 = 4;
 
 /// How long a claim on a device holds: longer than any flash takes, so that a claim older than
 /// this belongs to a station that died.
@@ -532,6 +552,14 @@ fn upgrade(tx: &Connection, ledger_folder: &str) -> rusqlite::Result<()> {
     if !has_column("batch_dir")? {
         tx.execute_batch("ALTER TABLE devices ADD COLUMN batch_dir TEXT NOT NULL DEFAULT ''")?;
     }
+    let log_has_firmware = tx
+        .prepare("SELECT 1 FROM pragma_table_info('flash_log') WHERE name = 'firmware_sha256'")
+        .and_then(|mut s| s.exists([]))?;
+    if !log_has_firmware {
+        tx.execute_batch(
+            "ALTER TABLE flash_log ADD COLUMN firmware_sha256 TEXT NOT NULL DEFAULT ''",
+        )?;
+    }
     let moved = tx.execute(
         "UPDATE devices SET batch_dir = ?1 WHERE batch_dir = ''",
         [ledger_folder],
@@ -607,6 +635,7 @@ fn flash_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<FlashRecord> {
         sha256: row.get(3)?,
         port: row.get(4)?,
         result: row.get(5)?,
+        firmware_sha256: row.get(6)?,
     })
 }
 
@@ -919,15 +948,16 @@ impl Ledger for SqliteLedger {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute(
                 &format!(
-                    "INSERT INTO flash_log (time, mac, device, sha256, port, result)
-                     VALUES ({NOW}, ?1, ?2, ?3, ?4, ?5)"
+                    "INSERT INTO flash_log (time, mac, device, sha256, port, result, firmware_sha256)
+                     VALUES ({NOW}, ?1, ?2, ?3, ?4, ?5, ?6)"
                 ),
                 params![
                     record.mac,
                     record.device,
                     record.sha256,
                     record.port,
-                    record.result
+                    record.result,
+                    record.firmware_sha256
                 ],
             )?;
             tx.execute("DELETE FROM claims WHERE device = ?1", [&record.device])?;
@@ -1012,7 +1042,8 @@ impl Ledger for SqliteLedger {
     fn flash_log(&self) -> LedgerResult<Vec<FlashRecord>> {
         self.with(|c| {
             let mut statement = c.prepare(
-                "SELECT time, mac, device, sha256, port, result FROM flash_log ORDER BY id",
+                "SELECT time, mac, device, sha256, port, result, firmware_sha256 FROM flash_log
+                 ORDER BY id",
             )?;
             statement.query_map([], flash_from_row)?.collect()
         })
@@ -1128,6 +1159,7 @@ pub(crate) mod tests {
             port: "/dev/x".into(),
             result: result.into(),
             time: String::new(),
+            firmware_sha256: String::new(),
         }
     }
 
@@ -1307,7 +1339,7 @@ pub(crate) mod tests {
         ledger.export_log_csv(&mut csv).unwrap();
         let csv = String::from_utf8(csv).unwrap();
         assert!(
-            csv.starts_with("mac,device,sha256,time,result,port\n"),
+            csv.starts_with("mac,device,sha256,time,result,port,firmware_sha256\n"),
             "{csv}"
         );
         assert!(csv.contains("m1,A,"), "{csv}");

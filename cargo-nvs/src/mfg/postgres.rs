@@ -26,7 +26,8 @@ use super::ledger::{
 };
 
 /// Bumped when the tables change (as SQLite's); a database of a newer version is refused.
-const SCHEMA_VERSION: i64 = 3;
+/// 4: nvs_flash_log.firmware_sha256.
+const SCHEMA_VERSION: i64 = 4;
 
 /// UTC now, as the SQLite ledger writes times (sortable text).
 const NOW: &str =
@@ -50,7 +51,9 @@ CREATE TABLE IF NOT EXISTS nvs_device_images (
     PRIMARY KEY (device, idx));
 CREATE TABLE IF NOT EXISTS nvs_flash_log (
     id BIGSERIAL PRIMARY KEY, time TEXT NOT NULL, mac TEXT NOT NULL, device TEXT NOT NULL,
-    sha256 TEXT NOT NULL, port TEXT NOT NULL, result TEXT NOT NULL);
+    sha256 TEXT NOT NULL, port TEXT NOT NULL, result TEXT NOT NULL,
+    firmware_sha256 TEXT NOT NULL DEFAULT '');
+ALTER TABLE nvs_flash_log ADD COLUMN IF NOT EXISTS firmware_sha256 TEXT NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS nvs_flash_log_mac ON nvs_flash_log (mac);
 CREATE INDEX IF NOT EXISTS nvs_flash_log_device ON nvs_flash_log (device);
 ";
@@ -957,8 +960,9 @@ impl Ledger for PostgresLedger {
         // One statement: the log row and the end of the claim together.
         let sql = format!(
             "WITH logged AS (
-               INSERT INTO nvs_flash_log (time, mac, device, sha256, port, result)
-               VALUES ({NOW}, $1, $2, $3, $4, $5))
+               INSERT INTO nvs_flash_log (time, mac, device, sha256, port, result,
+                 firmware_sha256)
+               VALUES ({NOW}, $1, $2, $3, $4, $5, $7))
              UPDATE nvs_devices SET claimant = NULL, claimed_at = NULL, written_to = NULL,
                flashed = flashed OR $6
              WHERE device = $2"
@@ -973,6 +977,7 @@ impl Ledger for PostgresLedger {
                     &record.port,
                     &record.result,
                     &(record.result == "ok"),
+                    &record.firmware_sha256,
                 ],
             )
             .map(drop)
@@ -1010,8 +1015,8 @@ impl Ledger for PostgresLedger {
         self.auto(|db| {
             Ok(db
                 .query(
-                    "SELECT time, mac, device, sha256, port, result FROM nvs_flash_log
-                     ORDER BY id",
+                    "SELECT time, mac, device, sha256, port, result, firmware_sha256
+                     FROM nvs_flash_log ORDER BY id",
                     &[],
                 )?
                 .iter()
@@ -1022,6 +1027,7 @@ impl Ledger for PostgresLedger {
                     sha256: r.get(3),
                     port: r.get(4),
                     result: r.get(5),
+                    firmware_sha256: r.get(6),
                 })
                 .collect())
         })
@@ -1258,6 +1264,7 @@ mod tests {
                                     port: claimant.clone(),
                                     result: "ok".into(),
                                     time: String::new(),
+                                    firmware_sha256: String::new(),
                                 })
                                 .unwrap();
                             mine.push(device.device);
@@ -1379,6 +1386,7 @@ mod bench {
                     port: "p".into(),
                     result: "ok".into(),
                     time: String::new(),
+                    firmware_sha256: String::new(),
                 })
                 .unwrap();
             times.push(start.elapsed().as_micros() as u64);
