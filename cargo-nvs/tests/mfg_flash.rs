@@ -113,8 +113,12 @@ fn log(case: &Case) -> Vec<Vec<String>> {
         lines.next(),
         Some("mac,device,sha256,time,result,port,firmware_sha256")
     );
-    lines
-        .map(|l| l.split(',').map(str::to_owned).collect())
+    let rest: Vec<&str> = lines.collect();
+    csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(rest.join("\n").as_bytes())
+        .records()
+        .map(|r| r.unwrap().iter().map(str::to_owned).collect())
         .collect()
 }
 
@@ -176,7 +180,10 @@ fn flashes_the_next_image_padded_over_its_partition_and_logs_it() {
         ],
     );
     same(&esp.flash(), &before, "a refused chip");
-    assert!(log(&case).is_empty(), "a refusal is not a flash");
+    // Every attempt is logged: a refusal as `refused: why`.
+    let rows = log(&case);
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0][4].starts_with("refused: "), "{rows:?}");
     let out = flash(
         &case,
         &[&esp],
@@ -194,17 +201,17 @@ fn flashes_the_next_image_padded_over_its_partition_and_logs_it() {
     assert!(stderr(&out).contains(&mac_text(MAC_A)), "{}", stderr(&out));
 
     let rows = log(&case);
-    assert_eq!(rows.len(), 1);
-    assert_eq!(rows[0][0], mac_text(MAC_A));
-    assert_eq!(rows[0][1], "SN1");
-    assert_eq!(rows[0][2], sha256_of(&case, "SN1"));
+    assert_eq!(rows.len(), 2, "the refusal, then the flash");
+    assert_eq!(rows[1][0], mac_text(MAC_A));
+    assert_eq!(rows[1][1], "SN1");
+    assert_eq!(rows[1][2], sha256_of(&case, "SN1"));
     assert!(
-        rows[0][3].starts_with("20") && rows[0][3].ends_with('Z'),
+        rows[1][3].starts_with("20") && rows[1][3].ends_with('Z'),
         "{:?}",
-        rows[0]
+        rows[1]
     );
-    assert_eq!(rows[0][4], "ok");
-    assert_eq!(rows[0][5], esp.path());
+    assert_eq!(rows[1][4], "ok");
+    assert_eq!(rows[1][5], esp.path());
 
     // --next moves on to SN2 on the next chip; the partition table gives offset and size.
     case.file("partitions.csv", "# Name, Type, SubType, Offset, Size\nnvs, data, nvs, 0x9000, 0x6000\nphy_init, data, phy, 0xf000, 0x1000\nfactory, app, factory, 0x10000, 1M\n");
@@ -217,9 +224,9 @@ fn flashes_the_next_image_padded_over_its_partition_and_logs_it() {
     same(&other.read(0x9000, 0x6000), &expected, "other");
     assert!(changed_outside(&other, &blank, 0x9000, 0x6000).is_empty());
     let rows = log(&case);
-    assert_eq!(rows.len(), 2);
+    assert_eq!(rows.len(), 3);
     assert_eq!(
-        (rows[1][0].as_str(), rows[1][1].as_str()),
+        (rows[2][0].as_str(), rows[2][1].as_str()),
         (mac_text(MAC_B).as_str(), "SN2")
     );
 
@@ -227,9 +234,9 @@ fn flashes_the_next_image_padded_over_its_partition_and_logs_it() {
     let out = case.run(&["mfg", "log", "--out-dir", "out", "--format", "json"]);
     assert_ok(&out);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(json[1]["device"], "SN2");
-    assert_eq!(json[1]["mac"], mac_text(MAC_B));
-    assert_eq!(json[0]["sha256"], sha256_of(&case, "SN1"));
+    assert_eq!(json[2]["device"], "SN2");
+    assert_eq!(json[2]["mac"], mac_text(MAC_B));
+    assert_eq!(json[1]["sha256"], sha256_of(&case, "SN1"));
 }
 
 #[test]
@@ -243,19 +250,21 @@ fn refuses_an_id_on_a_second_chip_and_a_second_id_on_a_chip_unless_forced() {
         &["--device", "SN1", "--offset", "0x9000"],
     ));
 
-    // SN1 onto another chip: refused, nothing written, nothing logged.
+    // SN1 onto another chip: refused, nothing written, the refusal logged.
     let blank = b.flash();
     let out = flash(&case, &[&b], &["--device", "SN1", "--offset", "0x9000"]);
     assert_fails(&out, &["SN1", "another chip", &mac_text(MAC_A), "--force"]);
     assert!(b.changed_since(&blank).is_empty());
-    assert_eq!(log(&case).len(), 1);
+    let rows = log(&case);
+    assert_eq!(rows.len(), 2);
+    assert!(rows[1][4].starts_with("refused: "), "{rows:?}");
 
     // A second id onto chip A (--next would give SN2): refused.
     let before = a.flash();
     let out = flash(&case, &[&a], &["--next", "--offset", "0x9000"]);
     assert_fails(&out, &[&mac_text(MAC_A), "already holds device `SN1`"]);
     assert!(a.flash() == before, "chip A written");
-    assert_eq!(log(&case).len(), 1);
+    assert_eq!(log(&case).len(), 3);
 
     // The same id onto the same chip again is a reflash, not a conflict.
     assert_ok(&flash(
@@ -273,8 +282,9 @@ fn refuses_an_id_on_a_second_chip_and_a_second_id_on_a_chip_unless_forced() {
     assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
     same(&b.read(0x9000, 0x3000), &image(&case, "SN1"), "b");
     let rows = log(&case);
-    assert_eq!(rows.len(), 3);
-    assert!(rows.iter().all(|r| r[1] == "SN1" && r[4] == "ok"));
+    let ok: Vec<_> = rows.iter().filter(|r| r[4] == "ok").collect();
+    assert_eq!(ok.len(), 3);
+    assert!(ok.iter().all(|r| r[1] == "SN1"));
 
     // An unknown id.
     let out = flash(&case, &[&b], &["--device", "SN9", "--offset", "0x9000"]);
@@ -329,7 +339,11 @@ fn a_device_written_but_never_logged_goes_to_no_other_chip() {
         &["--device", "SN1", "--offset", "0x9000"],
     ));
     let rows = log(&case);
-    assert_eq!(rows.len(), 2);
+    assert_eq!(rows.iter().filter(|r| r[4] == "ok").count(), 2);
+    assert!(
+        rows.iter()
+            .any(|r| r[1] == "SN1" && r[0] == mac_text(MAC_C) && r[4].starts_with("refused: "))
+    );
     assert!(
         rows.iter()
             .any(|r| r[1] == "SN1" && r[0] == mac_text(MAC_A) && r[4] == "ok")

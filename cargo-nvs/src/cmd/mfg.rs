@@ -29,6 +29,7 @@ enum MfgCommand {
     /// mfg_gen's `generate-key`: the same as `cargo nvs generate-key`.
     GenerateKey(super::generate_key::GenerateKeyArgs),
     Flash(Box<MfgFlashArgs>),
+    Station(Box<super::station::StationCommand>),
     Log(MfgLogArgs),
     Status(MfgStatusArgs),
 }
@@ -48,6 +49,7 @@ pub fn run(args: MfgArgs) -> CliResult<ExitCode> {
             .map_err(Into::into),
         MfgCommand::GenerateKey(args) => super::generate_key::run(args),
         MfgCommand::Flash(args) => flash_devices(*args),
+        MfgCommand::Station(args) => super::station::run(*args),
         MfgCommand::Log(args) => log(args),
         MfgCommand::Status(args) => status(args),
     }

@@ -10,6 +10,7 @@ pub mod mfg;
 pub mod monitor;
 pub mod partitions;
 pub mod read;
+pub mod station;
 
 /// `--format text|json`, one spelling for every command that has machine-readable output.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

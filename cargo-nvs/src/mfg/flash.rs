@@ -17,7 +17,8 @@ use super::ledger::{ClaimOutcome, FlashRecord, Issued, Ledger, LedgerError};
 use super::product::{ChosenLedger, LEDGER_ENV, ProductError, Scope, choose_ledger};
 use crate::firmware::{Firmware, FirmwareError, misplaced};
 use crate::flashing::{
-    After, Before, ChipError, ConnectArgs, FlashingError, blank_md5, connect, inspect, read_flash,
+    After, Before, ChipError, ConnectArgs, FlashingError, Session, blank_md5, connect, inspect,
+    read_flash, written,
 };
 use crate::fsutil::FileError;
 use crate::guard::Allow;
@@ -37,6 +38,19 @@ pub enum MfgFlashError {
     /// Writing or verifying failed; the production log has recorded the failure.
     #[error("flashing failed: {0} (logged)")]
     Write(#[source] espflash::Error),
+    /// A refused or failed attempt, recorded in the production log.
+    #[error("{0} (logged)")]
+    Logged(#[source] Box<MfgFlashError>),
+    /// Flashed and verified, but the production log could not record it.
+    #[error(
+        "flashed and verified on MAC {mac}, but the production log could not record it \
+         ({source}); the device stays claimed so that no other station takes it: log it by hand"
+    )]
+    Unlogged {
+        mac: String,
+        #[source]
+        source: LedgerError,
+    },
     /// Some ports' devices failed (each was reported as it failed).
     #[error("{failed} of {total} flash(es) failed")]
     Failed { failed: usize, total: usize },
@@ -99,64 +113,64 @@ pub struct MfgFlashArgs {
     /// Flash only the devices of this batch (an `mfg generate` out dir); its manifest.json names
     /// the ledger [default: the devices of every batch in the ledger whose folder exists].
     #[arg(long = "out-dir", aliases = ["outdir", "out_dir"], value_name = "DIR")]
-    out_dir: Option<PathBuf>,
+    pub out_dir: Option<PathBuf>,
     /// The product's ledger [default: $NVS_LEDGER; else the one <out-dir>/manifest.json names;
     /// else the Cargo package's: [package.metadata.nvs.mfg] ledger, or nvs-ledger.sqlite beside
     /// Cargo.toml].
     #[arg(long, value_name = "PATH")]
-    ledger: Option<PathBuf>,
+    pub ledger: Option<PathBuf>,
     /// Flash this device (its id in the ledger: the --fileid value, or the image name for
     /// row-numbered batches); one port only.
     #[arg(long, value_name = "ID", conflicts_with = "next")]
-    device: Option<String>,
+    pub device: Option<String>,
     /// Flash the next devices not flashed yet, one per port, in the ledger's order (default).
     #[arg(long)]
-    next: bool,
+    pub next: bool,
     /// Flash offset of the NVS partition (hex like 0x9000, or decimal) [default: from the
     /// partition table].
     #[arg(long, value_name = "ADDR", conflicts_with_all = ["partition_table", "partition"])]
-    offset: Option<String>,
+    pub offset: Option<String>,
     /// Partition table (CSV or binary) to find the partition in [default: the Cargo package's,
     /// whose partitions the images are named after].
     #[arg(long, value_name = "FILE", requires = "partition")]
-    partition_table: Option<PathBuf>,
+    pub partition_table: Option<PathBuf>,
     /// The NVS partition to flash (with --partition-table).
     #[arg(long, value_name = "NAME", requires = "partition_table")]
-    partition: Option<String>,
+    pub partition: Option<String>,
     /// Bytes to write (the image padded with 0xFF) [default: the partition's size from the
     /// table, else the size the images were made for].
     #[arg(long, value_name = "SIZE")]
-    size: Option<String>,
+    pub size: Option<String>,
     /// Flash even if the device id is logged on another chip or the chip holds another id.
     #[arg(long)]
-    force: bool,
+    pub force: bool,
     /// Serial port; repeat to flash several devices in parallel, one per port [default: as
     /// `cargo nvs flash` finds it].
     #[arg(long = "port", short = 'P', value_name = "PORT")]
-    ports: Vec<String>,
+    pub ports: Vec<String>,
     /// Baud rate to flash at, after connecting at 115200.
     #[arg(long, short = 'B', value_name = "BAUD")]
-    baud: Option<u32>,
+    pub baud: Option<u32>,
     /// Chip (esp32, esp32c3, …) [default: detected].
     #[arg(long, short = 'c', value_name = "CHIP", value_parser = parse_chip)]
-    chip: Option<Chip>,
+    pub chip: Option<Chip>,
     /// How to put the chip into the ROM loader.
     #[arg(long, value_enum, default_value_t = Before::DefaultReset)]
-    before: Before,
+    pub before: Before,
     /// What to do after flashing.
     #[arg(long, value_enum, default_value_t = After::HardReset)]
-    after: After,
+    pub after: After,
     /// Talk to the ROM loader directly instead of uploading espflash's flasher stub.
     #[arg(long)]
-    no_stub: bool,
+    pub no_stub: bool,
     /// Also write the firmware of this `cargo nvs dist` folder (bootloader, partition table,
     /// app; its user-data images onto blank flash only) in the same connection and write as the
     /// device's images, skipping what the chip holds already. Refused when the folder's table
     /// has no partition where the device's images go. The log records its firmware_sha256.
     #[arg(long, value_name = "DIR")]
-    firmware: Option<PathBuf>,
+    pub firmware: Option<PathBuf>,
     #[command(flatten)]
-    package: PackageArgs,
+    pub package: PackageArgs,
 }
 
 fn parse_chip(text: &str) -> Result<Chip, String> {
@@ -187,7 +201,7 @@ pub fn open_ledger(
 }
 
 /// Where the images go.
-struct Target {
+pub(crate) struct Target {
     offset: u32,
     /// Bytes to write; `None`: each device's own partition size.
     size: Option<u32>,
@@ -203,7 +217,7 @@ struct Target {
     /// The ledger, as messages name it.
     ledger_name: String,
     /// `--firmware`: written in the same pass.
-    firmware: Option<Firmware>,
+    pub(crate) firmware: Option<Firmware>,
 }
 
 /// A partition's development image (`None` without dev values) and what the guard needs.
@@ -229,7 +243,7 @@ fn dev_images(metadata: &Metadata) -> Result<BTreeMap<String, DevPartition>, Mfg
     Ok(dev)
 }
 
-fn target(args: &MfgFlashArgs) -> Result<Target, MfgFlashError> {
+pub(crate) fn target(args: &MfgFlashArgs) -> Result<Target, MfgFlashError> {
     let package_given = args.package.package.is_some() || args.package.manifest_path.is_some();
     if package_given && (args.offset.is_some() || args.partition_table.is_some()) {
         return Err(MfgFlashError::Invalid(
@@ -424,7 +438,7 @@ fn image_segments(
 
 /// The batch folders whose devices this run may flash: --out-dir's, else every batch folder of
 /// the ledger that is on disk.
-fn batches(
+pub(crate) fn batches(
     out_dir: Option<&Path>,
     ledger: &dyn Ledger,
     chosen: &ChosenLedger,
@@ -470,26 +484,13 @@ fn batches(
 
 /// `cargo nvs mfg flash`: claims one device per port, and flashes, verifies and logs each.
 pub fn run(args: MfgFlashArgs) -> Result<Flashed, MfgFlashError> {
-    let mut target = target(&args)?;
-    target.firmware = args.firmware.as_deref().map(Firmware::load).transpose()?;
-    let (ledger, chosen) = open_ledger(
-        args.out_dir.as_deref(),
-        args.ledger.as_deref(),
-        &args.package,
-    )?;
-    target.ledger_name = chosen.shown();
-    // Devices written to a chip whose flash was never logged are given to no other chip.
-    let unlogged = ledger.written_unlogged()?;
-    if let Some((device, mac)) = unlogged.first() {
-        eprintln!(
-            "note: {} device(s) were written to a chip but never logged (e.g. `{device}` on MAC \
-             {mac}): they go to no other chip. Connect that chip and run `cargo nvs mfg flash \
-             --device {device}` to verify and log it",
-            unlogged.len()
-        );
-    }
+    let Production {
+        target,
+        ledger,
+        batches,
+        ..
+    } = Production::open(&args)?;
     let ledger: &dyn Ledger = &*ledger;
-    let batches = batches(args.out_dir.as_deref(), ledger, &chosen)?;
     let ports: Vec<Option<String>> = if args.ports.is_empty() {
         vec![None]
     } else {
@@ -631,14 +632,58 @@ pub fn run(args: MfgFlashArgs) -> Result<Flashed, MfgFlashError> {
     Ok(Flashed::Devices(jobs.len()))
 }
 
+/// What every production flash works with: where images go, the ledger, and the batches
+/// whose devices may be claimed.
+pub(crate) struct Production {
+    pub target: Target,
+    pub ledger: Box<dyn Ledger>,
+    pub batches: Vec<PathBuf>,
+}
+
+impl Production {
+    pub fn open(args: &MfgFlashArgs) -> Result<Production, MfgFlashError> {
+        let mut target = target(args)?;
+        target.firmware = args.firmware.as_deref().map(Firmware::load).transpose()?;
+        let (ledger, chosen) = open_ledger(
+            args.out_dir.as_deref(),
+            args.ledger.as_deref(),
+            &args.package,
+        )?;
+        target.ledger_name = chosen.shown();
+        // Devices written to a chip whose flash was never logged are given to no other chip.
+        let unlogged = ledger.written_unlogged()?;
+        if let Some((device, mac)) = unlogged.first() {
+            eprintln!(
+                "note: {} device(s) were written to a chip but never logged (e.g. `{device}` on \
+                 MAC {mac}): they go to no other chip. Connect that chip and run `cargo nvs mfg \
+                 flash --device {device}` to verify and log it",
+                unlogged.len()
+            );
+        }
+        let batches = batches(args.out_dir.as_deref(), &*ledger, &chosen)?;
+        for (i, port) in args.ports.iter().enumerate() {
+            if args.ports[..i].contains(port) {
+                return Err(MfgFlashError::Invalid(format!(
+                    "--port {port} is given twice"
+                )));
+            }
+        }
+        Ok(Production {
+            target,
+            ledger,
+            batches,
+        })
+    }
+}
+
 /// A device this run claimed: given back when its flash ends without a log entry (a log entry
 /// ends the claim), unless `keep` (it was flashed, but the log failed: no other station may
 /// take it).
-struct Claim<'a> {
-    ledger: &'a dyn Ledger,
-    device: &'a str,
-    claimant: &'a str,
-    keep: bool,
+pub(crate) struct Claim<'a> {
+    pub ledger: &'a dyn Ledger,
+    pub device: &'a str,
+    pub claimant: &'a str,
+    pub keep: bool,
 }
 
 impl Drop for Claim<'_> {
@@ -651,7 +696,7 @@ impl Drop for Claim<'_> {
 
 /// Who claims devices in the ledger: this host and port (a port serves one run at a time, so
 /// a rerun on it takes back its claims), or this process for the default port.
-fn station(port: Option<&str>) -> String {
+pub(crate) fn station(port: Option<&str>) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
@@ -685,13 +730,86 @@ fn flash_device(
     device: &Issued,
     claim: &mut Claim<'_>,
 ) -> Result<(), MfgFlashError> {
-    let ledger = claim.ledger;
-    let out_dir = device.batch_dir.as_path();
     let label = format!(
         "[{}] {}",
         port.as_deref().unwrap_or("default port"),
         device.device
     );
+    let segments = device_segments(target, device, &label)?;
+    let mut flasher = connect(
+        &connect_args(args, port.clone(), args.baud),
+        true,
+        target.firmware.is_some(),
+    )?;
+    let chip = chip_of(&mut flasher)?;
+    let mut progress = PortProgress::new(label.clone());
+    logged(
+        claim.ledger,
+        target,
+        device,
+        port,
+        &chip.mac,
+        flash_connected(
+            args,
+            target,
+            &mut flasher,
+            &chip,
+            device,
+            &segments,
+            claim,
+            port,
+            &label,
+            &mut progress,
+        ),
+    )
+}
+
+/// espflash's connection options for `port`, from `mfg flash`'s.
+pub(crate) fn connect_args(
+    args: &MfgFlashArgs,
+    port: Option<String>,
+    baud: Option<u32>,
+) -> ConnectArgs {
+    ConnectArgs {
+        port,
+        baud,
+        chip: args.chip,
+        before: args.before,
+        after: args.after,
+        no_stub: args.no_stub,
+    }
+}
+
+/// What a production flash needs to know of the connected chip.
+pub struct ChipInfo {
+    pub mac: String,
+    pub flash_size: u32,
+}
+
+/// The MAC and flash size of the connected chip (a chip that does not tell its MAC is refused).
+pub(crate) fn chip_of(flasher: &mut espflash::flasher::Flasher) -> Result<ChipInfo, MfgFlashError> {
+    let info = flasher
+        .device_info()
+        .map_err(ChipError::doing("read the chip's details".into()))?;
+    let mac = info.mac_address.clone().ok_or_else(|| {
+        MfgFlashError::Invalid(
+            "the chip does not tell its MAC (secure download mode); not flashed".into(),
+        )
+    })?;
+    Ok(ChipInfo {
+        mac,
+        flash_size: info.flash_size.size(),
+    })
+}
+
+/// A device's segments: its images where the target puts them, its key file into nvs_keys,
+/// checked against the firmware's table (`--firmware`).
+pub(crate) fn device_segments(
+    target: &Target,
+    device: &Issued,
+    label: &str,
+) -> Result<Vec<(u32, Vec<u8>, String)>, MfgFlashError> {
+    let out_dir = device.batch_dir.as_path();
     let mut segments = image_segments(target, device)?;
     if let Some(hmac_key) = &device.hmac_key_file {
         // HMAC key protection: the chip derives the key from its eFuse; nvs_keys stays unused.
@@ -729,25 +847,80 @@ fn flash_device(
         }
     }
 
-    let connect_args = ConnectArgs {
-        port: port.clone(),
-        baud: args.baud,
-        chip: args.chip,
-        before: args.before,
-        after: args.after,
-        no_stub: args.no_stub,
+    Ok(segments)
+}
+
+/// The production log's record of a flash that was refused or failed before anything was
+/// written: every attempt is logged. A failed write logged itself; without a ledger nothing
+/// can be.
+pub(crate) fn logged(
+    ledger: &dyn Ledger,
+    target: &Target,
+    device: &Issued,
+    port: &Option<String>,
+    mac: &str,
+    result: Result<(), MfgFlashError>,
+) -> Result<(), MfgFlashError> {
+    let Err(e) = result else {
+        return Ok(());
     };
-    // With firmware, segments the chip holds already are skipped (MD5).
-    let mut flasher = connect(&connect_args, true, target.firmware.is_some())?;
-    let info = flasher
-        .device_info()
-        .map_err(ChipError::doing("read the chip's details".into()))?;
-    let mac = info.mac_address.clone().ok_or_else(|| {
-        MfgFlashError::Invalid(
-            "the chip does not tell its MAC (secure download mode); not flashed".into(),
-        )
-    })?;
-    if let Some(conflict) = ledger.flash_conflict(&mac, &device.device)? {
+    let outcome = match &e {
+        MfgFlashError::Write(_) | MfgFlashError::Ledger(_) | MfgFlashError::Logged(_) => {
+            return Err(e);
+        }
+        MfgFlashError::Chip(_) | MfgFlashError::Flashing(_) => "failed",
+        _ => "refused",
+    };
+    ledger.log_attempt(&record(
+        target,
+        device,
+        port,
+        mac,
+        format!("{outcome}: {e}"),
+    ))?;
+    Err(MfgFlashError::Logged(Box::new(e)))
+}
+
+/// A production-log row for `device` on `mac`.
+fn record(
+    target: &Target,
+    device: &Issued,
+    port: &Option<String>,
+    mac: &str,
+    result: String,
+) -> FlashRecord {
+    FlashRecord {
+        mac: mac.to_owned(),
+        device: device.device.clone(),
+        sha256: device.sha256.clone(),
+        port: port.clone().unwrap_or_default(),
+        result,
+        time: String::new(),
+        firmware_sha256: target
+            .firmware
+            .as_ref()
+            .map_or(String::new(), |f| f.sha256.clone()),
+    }
+}
+
+/// Flashes the claimed `device` onto the connected chip, with the firmware (`--firmware`), in
+/// one write, and logs the outcome of the write.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn flash_connected(
+    args: &MfgFlashArgs,
+    target: &Target,
+    flasher: &mut Session,
+    chip: &ChipInfo,
+    device: &Issued,
+    segments: &[(u32, Vec<u8>, String)],
+    claim: &mut Claim<'_>,
+    port: &Option<String>,
+    label: &str,
+    progress: &mut dyn SegmentProgress,
+) -> Result<(), MfgFlashError> {
+    let ledger = claim.ledger;
+    let mac = &chip.mac;
+    if let Some(conflict) = ledger.flash_conflict(mac, &device.device)? {
         if !args.force {
             return Err(MfgFlashError::Invalid(format!(
                 "{conflict}; not flashed (--force flashes it anyway)"
@@ -755,7 +928,7 @@ fn flash_device(
         }
         eprintln!("{label}: warning: {conflict}; flashing anyway (--force)");
     }
-    if let Some(other) = ledger.written_to(&device.device)?.filter(|m| *m != mac) {
+    if let Some(other) = ledger.written_to(&device.device)?.filter(|m| m != mac) {
         let problem = format!(
             "device `{}` was written to the chip with MAC {other}, and how that ended was never \
              logged: that chip may hold it. Connect it and run `cargo nvs mfg flash --device {}`",
@@ -768,7 +941,7 @@ fn flash_device(
         }
         eprintln!("{label}: warning: {problem}; flashing it here anyway (--force)");
     }
-    let flash_size = info.flash_size.size();
+    let flash_size = chip.flash_size;
     if let Some((addr, data, name)) = segments
         .iter()
         .find(|(a, d, _)| u64::from(*a) + d.len() as u64 > u64::from(flash_size))
@@ -780,27 +953,15 @@ fn flash_device(
         )));
     }
     let firmware = match &target.firmware {
-        Some(firmware) => firmware_segments(args, firmware, &mut flasher, &segments, &label)?,
+        Some(firmware) => firmware_segments(args, firmware, flasher, segments, label)?,
         None => {
-            if let Some(problem) =
-                chip_table_problem(args, target, &mut flasher, &segments, &label)?
-            {
-                ledger.record_flash(&FlashRecord {
-                    mac: mac.clone(),
-                    device: device.device.clone(),
-                    sha256: device.sha256.clone(),
-                    port: port.clone().unwrap_or_default(),
-                    result: format!("refused: {problem}"),
-                    time: String::new(),
-                    firmware_sha256: String::new(),
-                })?;
-                return Err(MfgFlashError::Invalid(format!("{problem} (logged)")));
+            if let Some(problem) = chip_table_problem(args, target, flasher, segments, label)? {
+                return Err(MfgFlashError::Invalid(problem));
             }
             Vec::new()
         }
     };
-    let erase_first =
-        guard_device_images(args, target, &mut flasher, &segments, &label, &mac, ledger)?;
+    let erase_first = guard_device_images(args, target, flasher, segments, label, mac, ledger)?;
     if !args.no_stub {
         // What is replaced is erased first, so a write cut off later leaves the start of the
         // image and erased flash, which the next run finishes (the ROM loader does this itself).
@@ -820,46 +981,32 @@ fn flash_device(
                 .map(|(addr, data, _)| Segment::new(*addr, data)),
         )
         .collect();
-    let mut progress = PortProgress {
-        label: label.clone(),
-        pending: espflash_segments
-            .iter()
-            .map(|s| (s.addr, s.data.len()))
-            .collect(),
-        started: None,
-    };
     eprintln!("{label}: chip {} MAC {mac}", flasher.chip());
     // From here the chip may hold the device even if this process dies.
-    if !ledger.mark_written(&device.device, claim.claimant, &mac)? && !args.force {
+    if !ledger.mark_written(&device.device, claim.claimant, mac)? && !args.force {
         return Err(MfgFlashError::Invalid(format!(
             "device `{}` is no longer this station's (its claim lapsed and another station took \
              it over, or it was written to another chip meanwhile); not flashed",
             device.device
         )));
     }
-    let written = flasher.write_bins_to_flash(&espflash_segments, &mut progress);
+    progress.segments(
+        &espflash_segments
+            .iter()
+            .map(|s| (s.addr, s.data.len()))
+            .collect::<Vec<_>>(),
+    );
+    let written = written(flasher.write_bins_to_flash(&espflash_segments, progress));
     flasher.ended();
-    let record = |result: String| FlashRecord {
-        mac: mac.clone(),
-        device: device.device.clone(),
-        sha256: device.sha256.clone(),
-        port: port.clone().unwrap_or_default(),
-        result,
-        time: String::new(),
-        firmware_sha256: target
-            .firmware
-            .as_ref()
-            .map_or(String::new(), |f| f.sha256.clone()),
-    };
+    let record = |result: String| record(target, device, port, mac, result);
     match written {
         Ok(()) => {
             if let Err(e) = ledger.record_flash(&record("ok".into())) {
                 claim.keep = true;
-                return Err(MfgFlashError::Invalid(format!(
-                    "flashed and verified on MAC {mac}, but the production log could not record \
-                     it ({e}); the device stays claimed so that no other station takes it: log \
-                     it by hand"
-                )));
+                return Err(MfgFlashError::Unlogged {
+                    mac: mac.clone(),
+                    source: e,
+                });
             }
             let places: Vec<String> = segments
                 .iter()
@@ -1049,12 +1196,34 @@ fn guard_device_images(
     Ok(replaced)
 }
 
+/// espflash's progress callbacks, told first which segments (address, bytes) the write holds,
+/// in order: espflash counts blocks, the segment's length is what the user knows.
+pub trait SegmentProgress: ProgressCallbacks {
+    fn segments(&mut self, segments: &[(u32, usize)]);
+}
+
 /// One line per step and port (threads share stderr, so no bars), in bytes.
 struct PortProgress {
     label: String,
     /// (address, bytes) of the segments still to come, in write order.
     pending: std::collections::VecDeque<(u32, usize)>,
     started: Option<std::time::Instant>,
+}
+
+impl PortProgress {
+    fn new(label: String) -> PortProgress {
+        PortProgress {
+            label,
+            pending: Default::default(),
+            started: None,
+        }
+    }
+}
+
+impl SegmentProgress for PortProgress {
+    fn segments(&mut self, segments: &[(u32, usize)]) {
+        self.pending = segments.iter().copied().collect();
+    }
 }
 
 impl ProgressCallbacks for PortProgress {

@@ -304,6 +304,9 @@ pub trait Ledger: Send + Sync {
     fn written_unlogged(&self) -> LedgerResult<Vec<(String, String)>>;
     /// Appends a production-log row and ends the device's claim, in one transaction.
     fn record_flash(&self, record: &FlashRecord) -> LedgerResult<()>;
+    /// Appends a production-log row of an attempt that wrote nothing (refused, or failed before
+    /// writing); the device's claim, and what it says of an earlier write, stay.
+    fn log_attempt(&self, record: &FlashRecord) -> LedgerResult<()>;
     /// Why flashing `device` onto the chip `mac` would break the one-id-per-MAC rule: the id
     /// already went to another MAC, or the MAC already holds another id (successful flashes).
     fn flash_conflict(&self, mac: &str, device: &str) -> LedgerResult<Option<Conflict>>;
@@ -940,6 +943,26 @@ impl Ledger for SqliteLedger {
             )?
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect()
+        })
+    }
+
+    fn log_attempt(&self, record: &FlashRecord) -> LedgerResult<()> {
+        self.with(|c| {
+            c.execute(
+                &format!(
+                    "INSERT INTO flash_log (time, mac, device, sha256, port, result, firmware_sha256)
+                     VALUES ({NOW}, ?1, ?2, ?3, ?4, ?5, ?6)"
+                ),
+                params![
+                    record.mac,
+                    record.device,
+                    record.sha256,
+                    record.port,
+                    record.result,
+                    record.firmware_sha256
+                ],
+            )
+            .map(|_| ())
         })
     }
 

@@ -1,7 +1,8 @@
 //! Mass production: per-device images with a ledger of issued ids ([`generate`]), flashing them
 //! one device per chip with claims and a production log ([`flash`]), the ledger itself
 //! ([`ledger`]: the trait and SQLite; [`postgres`]: a server shared by stations on several PCs),
-//! which ledger belongs to a product ([`product`]), and the CSV inputs ([`input`]).
+//! which ledger belongs to a product ([`product`]), the CSV inputs ([`input`]), and a flashing
+//! station that loops over boards ([`station`]).
 
 pub mod flash;
 pub mod generate;
@@ -9,5 +10,6 @@ pub mod input;
 pub mod ledger;
 pub mod postgres;
 pub mod product;
+pub mod station;
 
 pub use self::product::{ChosenLedger, product_ledger};

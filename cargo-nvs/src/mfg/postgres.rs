@@ -956,6 +956,27 @@ impl Ledger for PostgresLedger {
         })
     }
 
+    fn log_attempt(&self, record: &FlashRecord) -> LedgerResult<()> {
+        let sql = format!(
+            "INSERT INTO nvs_flash_log (time, mac, device, sha256, port, result, firmware_sha256)
+             VALUES ({NOW}, $1, $2, $3, $4, $5, $6)"
+        );
+        self.auto(|db| {
+            db.execute(
+                &sql,
+                &[
+                    &record.mac,
+                    &record.device,
+                    &record.sha256,
+                    &record.port,
+                    &record.result,
+                    &record.firmware_sha256,
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
     fn record_flash(&self, record: &FlashRecord) -> LedgerResult<()> {
         // One statement: the log row and the end of the claim together.
         let sql = format!(

@@ -1,0 +1,532 @@
+//! `cargo nvs mfg station`: a flashing station. Per port, a loop: wait for a chip, claim the
+//! next device, flash it (with the firmware, in one connection and one write), verify, log,
+//! report PASS or FAIL, then wait until that chip is gone or replaced. It ends when the batch is
+//! exhausted, or when asked to stop (Ctrl-C): a device being written is finished, a claimed one
+//! not yet written is given back.
+//!
+//! What happens is told as [`Event`]s to a [`Report`]; the binary prints them as lines or JSON.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use espflash::target::ProgressCallbacks;
+
+use super::flash::{
+    ChipInfo, Claim, MfgFlashArgs, MfgFlashError, Production, SegmentProgress, chip_of,
+    connect_args, device_segments, flash_connected, logged, station,
+};
+use super::ledger::{ClaimOutcome, Issued, Ledger};
+use crate::flashing::{Session, connect};
+
+/// Run a flashing station: per port, wait for a board, flash the next device onto it, report
+/// PASS/FAIL, wait for the next board.
+///
+/// A board is there when its port exists and the ROM loader answers (hold BOOT, or use a fixture
+/// with auto-reset); it is gone when the port disappears or another chip (another MAC) answers.
+/// A failed write is retried on the same chip (--retries), at a lower baud each time (921600 →
+/// 460800 → 115200); a device that still fails is logged as failed and goes back to the pool.
+/// Every attempt, refused or failed, is in the production log. Ends with exit code 3 when every
+/// device is flashed ("nothing left to flash"), or on Ctrl-C (exit 130) once the boards being
+/// written are done; devices claimed but not written are given back.
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  cargo nvs mfg station --port /dev/ttyUSB0 --port /dev/ttyUSB1 --firmware target/nvs-dist/fw --baud 921600\n  cargo nvs mfg station --port /dev/serial/by-path/… --format json   (one JSON event per line, for the MES)"
+)]
+pub struct StationArgs {
+    #[command(flatten)]
+    pub flash: MfgFlashArgs,
+    /// Retry a failed device this many times on the same chip, one baud step lower each time.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub retries: u32,
+}
+
+/// What happened at a port.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// Waiting for a board.
+    Waiting,
+    /// A chip answers.
+    Connected { mac: String, chip: String },
+    /// The device to flash onto it.
+    Claimed { mac: String, device: String },
+    /// Bytes of the write so far (segments the chip already held count as written).
+    Progress {
+        device: String,
+        written: usize,
+        total: usize,
+    },
+    /// PASS: written, verified and logged.
+    Done {
+        mac: String,
+        device: String,
+        /// The firmware written with it (`--firmware`).
+        firmware_sha256: Option<String>,
+        bytes: usize,
+        seconds: f64,
+    },
+    /// An attempt failed or was refused (`retrying`: another attempt follows, at `baud`).
+    Failed {
+        mac: String,
+        device: Option<String>,
+        error: String,
+        attempt: u32,
+        retrying: bool,
+        baud: Option<u32>,
+    },
+    /// The board was taken away (its port vanished, or another chip answers).
+    Removed { mac: String },
+    /// Every device of the batch is flashed (or held by another station).
+    NothingLeft,
+    /// Stopped on request.
+    Stopped,
+}
+
+/// Where a station's events go: called from every port's thread.
+pub trait Report: Sync {
+    fn event(&self, port: &str, event: &Event);
+}
+
+/// Why a station ended without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The batch is exhausted (`mfg flash`'s [`NOTHING_LEFT`](super::flash::NOTHING_LEFT)).
+    NothingLeft,
+    /// Asked to stop.
+    Stopped,
+}
+
+/// How often a port is looked at while waiting for a board, and how often a board that stays
+/// is asked who it is.
+const POLL: Duration = Duration::from_millis(100);
+const PROBE: Duration = Duration::from_millis(700);
+
+/// The bauds a failing device steps down through.
+const BAUDS: [u32; 3] = [921_600, 460_800, 115_200];
+
+/// Runs the station until the batch is exhausted or `stop` is set.
+pub fn run(
+    args: &StationArgs,
+    report: &dyn Report,
+    stop: &AtomicBool,
+) -> Result<Ended, MfgFlashError> {
+    if args.flash.device.is_some() {
+        return Err(MfgFlashError::Invalid(
+            "--device names one device; a station flashes the next one onto each board (use \
+             `cargo nvs mfg flash --device ID`)"
+                .into(),
+        ));
+    }
+    if args.flash.ports.is_empty() {
+        return Err(MfgFlashError::Invalid(
+            "give the station's ports with --port (one per board socket)".into(),
+        ));
+    }
+    let production = Production::open(&args.flash)?;
+    let station = Station {
+        args,
+        production: &production,
+        report,
+        stop,
+    };
+    let ends: Vec<Result<Ended, MfgFlashError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = args
+            .flash
+            .ports
+            .iter()
+            .map(|port| {
+                let station = &station;
+                scope.spawn(move || station.serve(port))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(MfgFlashError::Invalid("a port's thread panicked".into()))
+                })
+            })
+            .collect()
+    });
+    let mut ended = Ended::NothingLeft;
+    for end in ends {
+        if end? == Ended::Stopped {
+            ended = Ended::Stopped;
+        }
+    }
+    Ok(ended)
+}
+
+struct Station<'a> {
+    args: &'a StationArgs,
+    production: &'a Production,
+    report: &'a dyn Report,
+    stop: &'a AtomicBool,
+}
+
+/// What waiting at a port ended with.
+enum Wait {
+    Chip(Box<Session>, ChipInfo),
+    /// The board was taken away.
+    Gone,
+    NothingLeft,
+    Stopped,
+}
+
+impl Station<'_> {
+    fn ledger(&self) -> &dyn Ledger {
+        &*self.production.ledger
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// One port's loop.
+    fn serve(&self, port: &str) -> Result<Ended, MfgFlashError> {
+        let claimant = station(Some(port));
+        let mut next = None;
+        loop {
+            let (session, chip) = match next.take() {
+                Some(chip) => chip,
+                None => match self.wait_for_chip(port)? {
+                    Wait::Chip(session, chip) => (session, chip),
+                    Wait::Gone => continue,
+                    Wait::NothingLeft => return Ok(self.nothing_left(port)),
+                    Wait::Stopped => return Ok(self.stopped_at(port)),
+                },
+            };
+            self.report.event(
+                port,
+                &Event::Connected {
+                    mac: chip.mac.clone(),
+                    chip: session.chip().to_string(),
+                },
+            );
+            let Some(device) = self
+                .ledger()
+                .claim_next(&claimant, &self.production.batches)?
+            else {
+                return Ok(self.nothing_left(port));
+            };
+            self.report.event(
+                port,
+                &Event::Claimed {
+                    mac: chip.mac.clone(),
+                    device: device.device.clone(),
+                },
+            );
+            if self.flash(port, &claimant, session, &chip, &device)? == Some(Ended::Stopped) {
+                return Ok(self.stopped_at(port));
+            }
+            match self.wait_for_change(port, &chip.mac)? {
+                Wait::Chip(session, chip) => next = Some((session, chip)),
+                Wait::Gone => {}
+                Wait::NothingLeft => return Ok(self.nothing_left(port)),
+                Wait::Stopped => return Ok(self.stopped_at(port)),
+            }
+        }
+    }
+
+    fn nothing_left(&self, port: &str) -> Ended {
+        self.report.event(port, &Event::NothingLeft);
+        Ended::NothingLeft
+    }
+
+    fn stopped_at(&self, port: &str) -> Ended {
+        self.report.event(port, &Event::Stopped);
+        Ended::Stopped
+    }
+
+    /// Every device of the station's batches is flashed (claimed ones are not: their flash may
+    /// still fail and give them back).
+    fn exhausted(&self) -> Result<bool, MfgFlashError> {
+        let batches = &self.production.batches;
+        Ok(self
+            .ledger()
+            .status()?
+            .iter()
+            .filter(|b| batches.iter().any(|dir| dir == Path::new(&b.batch)))
+            .all(|b| b.remaining == 0))
+    }
+
+    /// Connects to the chip at `port`, at `baud`; `None` while no chip answers there.
+    fn probe(&self, port: &str, baud: Option<u32>) -> Option<(Box<Session>, ChipInfo)> {
+        if cfg!(unix) && !Path::new(port).exists() {
+            return None;
+        }
+        let firmware = self.production.target.firmware.is_some();
+        let args = connect_args(&self.args.flash, Some(port.to_owned()), baud);
+        let mut session = connect(&args, true, firmware).ok()?;
+        let chip = chip_of(&mut session).ok()?;
+        Some((Box::new(session), chip))
+    }
+
+    /// Waits until a chip answers at `port`.
+    fn wait_for_chip(&self, port: &str) -> Result<Wait, MfgFlashError> {
+        self.report.event(port, &Event::Waiting);
+        let mut checked = Instant::now();
+        loop {
+            if self.stopped() {
+                return Ok(Wait::Stopped);
+            }
+            if checked.elapsed() >= PROBE {
+                if self.exhausted()? {
+                    return Ok(Wait::NothingLeft);
+                }
+                checked = Instant::now();
+            }
+            match self.probe(port, self.args.flash.baud) {
+                Some((session, chip)) => return Ok(Wait::Chip(session, chip)),
+                None => std::thread::sleep(POLL),
+            }
+        }
+    }
+
+    /// Waits until the chip `mac` is taken away (its port vanishes) or replaced (another chip
+    /// answers: it is returned).
+    fn wait_for_change(&self, port: &str, mac: &str) -> Result<Wait, MfgFlashError> {
+        let mut probed = Instant::now();
+        loop {
+            if self.stopped() {
+                return Ok(Wait::Stopped);
+            }
+            if cfg!(unix) && !Path::new(port).exists() {
+                self.report.event(port, &Event::Removed { mac: mac.into() });
+                return Ok(Wait::Gone);
+            }
+            if probed.elapsed() >= PROBE {
+                if self.exhausted()? {
+                    return Ok(Wait::NothingLeft);
+                }
+                if let Some((session, chip)) = self.probe(port, self.args.flash.baud)
+                    && chip.mac != mac
+                {
+                    self.report.event(port, &Event::Removed { mac: mac.into() });
+                    return Ok(Wait::Chip(session, chip));
+                }
+                probed = Instant::now();
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Flashes the claimed `device` onto the connected chip, retrying on the same chip. `None`
+    /// when it is done (PASS or FAIL, reported); `Some(Stopped)` when it was given back unwritten
+    /// because the station stops.
+    fn flash(
+        &self,
+        port: &str,
+        claimant: &str,
+        session: Box<Session>,
+        chip: &ChipInfo,
+        device: &Issued,
+    ) -> Result<Option<Ended>, MfgFlashError> {
+        let (args, target, ledger) = (&self.args.flash, &self.production.target, self.ledger());
+        let port_name = Some(port.to_owned());
+        let label = format!("[{port}] {}", device.device);
+        let mut claim = Claim {
+            ledger,
+            device: &device.device,
+            claimant,
+            keep: false,
+        };
+        let failed = |error: &MfgFlashError, attempt: u32, retrying: bool, baud: Option<u32>| {
+            self.report.event(
+                port,
+                &Event::Failed {
+                    mac: chip.mac.clone(),
+                    device: Some(device.device.clone()),
+                    error: error.to_string(),
+                    attempt,
+                    retrying,
+                    baud,
+                },
+            )
+        };
+        let segments = match device_segments(target, device, &label) {
+            Ok(segments) => segments,
+            Err(e) => {
+                let e = logged(ledger, target, device, &port_name, &chip.mac, Err(e))
+                    .expect_err("an error stays one");
+                failed(&e, 1, false, args.baud);
+                return Ok(None);
+            }
+        };
+        let mut session = Some(session);
+        let mut baud = args.baud;
+        let mut attempt = 1;
+        loop {
+            if self.stopped() {
+                // Claimed but not written: `claim` gives it back.
+                return Ok(Some(Ended::Stopped));
+            }
+            let mut current = match session.take() {
+                Some(session) => session,
+                None => match self.probe(port, baud) {
+                    Some((session, again)) if again.mac == chip.mac => session,
+                    _ => {
+                        let e = MfgFlashError::Invalid(format!(
+                            "the chip {} no longer answers at `{port}` for attempt {attempt}",
+                            chip.mac
+                        ));
+                        failed(&e, attempt, false, baud);
+                        return Ok(None);
+                    }
+                },
+            };
+            let mut progress = StationProgress::new(self.report, port, &device.device);
+            let started = Instant::now();
+            let result = logged(
+                ledger,
+                target,
+                device,
+                &port_name,
+                &chip.mac,
+                flash_connected(
+                    args,
+                    target,
+                    &mut current,
+                    chip,
+                    device,
+                    &segments,
+                    &mut claim,
+                    &port_name,
+                    &label,
+                    &mut progress,
+                ),
+            );
+            drop(current);
+            let error = match result {
+                Ok(()) => {
+                    self.report.event(
+                        port,
+                        &Event::Done {
+                            mac: chip.mac.clone(),
+                            device: device.device.clone(),
+                            firmware_sha256: target.firmware.as_ref().map(|f| f.sha256.clone()),
+                            bytes: progress.total,
+                            seconds: started.elapsed().as_secs_f64(),
+                        },
+                    );
+                    return Ok(None);
+                }
+                Err(MfgFlashError::Ledger(e)) => return Err(MfgFlashError::Ledger(e)),
+                Err(e) => e,
+            };
+            let retry = attempt <= self.args.retries && retryable(&error);
+            let next_baud = if retry { step_down(baud) } else { baud };
+            failed(&error, attempt, retry, next_baud);
+            if !retry {
+                return Ok(None);
+            }
+            // The logged failure ended the claim: take the device again for the retry.
+            if let ClaimOutcome::HeldBy { .. } = ledger.claim(&device.device, claimant)? {
+                return Ok(None);
+            }
+            baud = next_baud;
+            attempt += 1;
+        }
+    }
+}
+
+/// A write that failed may pass on the same chip (a glitch, a baud too high); a refusal will
+/// not.
+fn retryable(error: &MfgFlashError) -> bool {
+    match error {
+        MfgFlashError::Logged(inner) => retryable(inner),
+        MfgFlashError::Write(_) | MfgFlashError::Chip(_) | MfgFlashError::Flashing(_) => true,
+        _ => false,
+    }
+}
+
+/// The next lower baud (at 115200, or when none was given, it stays).
+fn step_down(baud: Option<u32>) -> Option<u32> {
+    let baud = baud?;
+    Some(
+        BAUDS
+            .iter()
+            .copied()
+            .find(|b| *b < baud)
+            .unwrap_or(baud.min(115_200)),
+    )
+}
+
+/// espflash's progress as [`Event::Progress`], at most a few times a second.
+struct StationProgress<'a> {
+    report: &'a dyn Report,
+    port: &'a str,
+    device: &'a str,
+    segments: Vec<(u32, usize)>,
+    /// Bytes of the segments finished, and of the whole write.
+    done: usize,
+    total: usize,
+    current: (usize, usize),
+    last: Option<Instant>,
+}
+
+impl<'a> StationProgress<'a> {
+    fn new(report: &'a dyn Report, port: &'a str, device: &'a str) -> StationProgress<'a> {
+        StationProgress {
+            report,
+            port,
+            device,
+            segments: Vec::new(),
+            done: 0,
+            total: 0,
+            current: (0, 0),
+            last: None,
+        }
+    }
+
+    fn send(&mut self, written: usize, force: bool) {
+        if !force
+            && self
+                .last
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(250))
+        {
+            return;
+        }
+        self.last = Some(Instant::now());
+        self.report.event(
+            self.port,
+            &Event::Progress {
+                device: self.device.to_owned(),
+                written,
+                total: self.total,
+            },
+        );
+    }
+}
+
+impl SegmentProgress for StationProgress<'_> {
+    fn segments(&mut self, segments: &[(u32, usize)]) {
+        self.segments = segments.to_vec();
+        self.total = segments.iter().map(|(_, len)| len).sum();
+    }
+}
+
+impl ProgressCallbacks for StationProgress<'_> {
+    fn init(&mut self, addr: u32, blocks: usize) {
+        let bytes = self
+            .segments
+            .iter()
+            .find(|(a, _)| *a == addr)
+            .map_or(0, |(_, len)| *len);
+        self.current = (bytes, blocks.max(1));
+    }
+
+    fn update(&mut self, block: usize) {
+        let (bytes, blocks) = self.current;
+        let written = self.done + bytes * block.min(blocks) / blocks;
+        self.send(written, false);
+    }
+
+    fn verifying(&mut self) {}
+
+    fn finish(&mut self, _skipped: bool) {
+        self.done += self.current.0;
+        self.current = (0, 1);
+        self.send(self.done, true);
+    }
+}
