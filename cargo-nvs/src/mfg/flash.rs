@@ -760,6 +760,7 @@ fn flash_device(
             port,
             &label,
             &mut progress,
+            false,
         ),
     )
 }
@@ -904,7 +905,8 @@ fn record(
 }
 
 /// Flashes the claimed `device` onto the connected chip, with the firmware (`--firmware`), in
-/// one write, and logs the outcome of the write.
+/// one write, and logs the outcome of the write. `rewrite`: the last attempt wrote this chip
+/// and failed verification; what it left is replaced without the guard's judgement.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn flash_connected(
     args: &MfgFlashArgs,
@@ -917,6 +919,7 @@ pub(crate) fn flash_connected(
     port: &Option<String>,
     label: &str,
     progress: &mut dyn SegmentProgress,
+    rewrite: bool,
 ) -> Result<(), MfgFlashError> {
     let ledger = claim.ledger;
     let mac = &chip.mac;
@@ -961,7 +964,15 @@ pub(crate) fn flash_connected(
             Vec::new()
         }
     };
-    let erase_first = guard_device_images(args, target, flasher, segments, label, mac, ledger)?;
+    let erase_first = if rewrite {
+        // This chip holds what the failed attempt just wrote there (it failed verification).
+        segments
+            .iter()
+            .map(|(addr, data, _)| (*addr, data.len() as u32))
+            .collect()
+    } else {
+        guard_device_images(args, target, flasher, segments, label, mac, ledger)?
+    };
     if !args.no_stub {
         // What is replaced is erased first, so a write cut off later leaves the start of the
         // image and erased flash, which the next run finishes (the ROM loader does this itself).

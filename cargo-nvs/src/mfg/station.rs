@@ -242,12 +242,13 @@ impl Station<'_> {
     /// still fail and give them back).
     fn exhausted(&self) -> Result<bool, MfgFlashError> {
         let batches = &self.production.batches;
-        Ok(self
+        let ours: Vec<_> = self
             .ledger()
             .status()?
-            .iter()
+            .into_iter()
             .filter(|b| batches.iter().any(|dir| dir == Path::new(&b.batch)))
-            .all(|b| b.remaining == 0))
+            .collect();
+        Ok(!ours.is_empty() && ours.iter().all(|b| b.remaining == 0))
     }
 
     /// Connects to the chip at `port`, at `baud`; `None` while no chip answers there.
@@ -356,6 +357,9 @@ impl Station<'_> {
         let mut session = Some(session);
         let mut baud = args.baud;
         let mut attempt = 1;
+        // The last attempt wrote to this chip and failed verification: the retry replaces
+        // what it left without asking the guard (which would see damaged data).
+        let mut rewrite = false;
         loop {
             if self.stopped() {
                 // Claimed but not written: `claim` gives it back.
@@ -394,6 +398,7 @@ impl Station<'_> {
                     &port_name,
                     &label,
                     &mut progress,
+                    rewrite,
                 ),
             );
             drop(current);
@@ -424,6 +429,7 @@ impl Station<'_> {
             if let ClaimOutcome::HeldBy { .. } = ledger.claim(&device.device, claimant)? {
                 return Ok(None);
             }
+            rewrite = matches!(error, MfgFlashError::Write(_));
             baud = next_baud;
             attempt += 1;
         }

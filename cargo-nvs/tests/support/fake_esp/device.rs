@@ -618,6 +618,13 @@ impl Device {
                 begin_offset,
                 seq: s,
             } => s == seq && begin_offset.is_none_or(|o| o == offset),
+            Fault::CorruptBlockOnce { seq: s } => {
+                s == seq
+                    && !self
+                        .events
+                        .iter()
+                        .any(|e| matches!(e, Event::Corrupted { .. }))
+            }
             _ => false,
         });
         if corrupt && !bytes.is_empty() {
