@@ -982,61 +982,6 @@ fn mfg_flash_and_log_in_the_package_use_its_ledger_and_every_batch_on_disk() {
 const MOVED_TABLE: &str = "nvs, data, nvs, 0x9000, 0x6000,\nphy_init, data, phy, 0xf000, 0x1000,\n\
     fctry, data, nvs, 0x10000, 0x2000, readonly\nfactory, app, factory, 0x20000, 1M,\n";
 
-/// A `cargo nvs dist` folder made by hand: a bootloader, the partition table `table_csv` and
-/// an app, with manifest.json as dist writes it. Returns its firmware_sha256.
-fn fake_dist(case: &Case, dir: &str, table_csv: &str) -> String {
-    let folder = case.dir.path().join(dir);
-    std::fs::create_dir_all(&folder).unwrap();
-    let csv = folder.join("partitions.csv");
-    std::fs::write(&csv, table_csv).unwrap();
-    let table = nvs_build::table::PartitionTable::load(&csv, 0x8000)
-        .unwrap()
-        .to_binary();
-    let bootloader: Vec<u8> = (0..0x1800u32).map(|i| (i * 7 % 251) as u8).collect();
-    let app: Vec<u8> = (0..0x3000u32).map(|i| (i * 13 % 241) as u8).collect();
-    let segments = [
-        (
-            "bootloader",
-            "bootloader",
-            "bootloader.bin",
-            0x0u32,
-            &bootloader,
-        ),
-        (
-            "partition table",
-            "partition-table",
-            "partition-table.bin",
-            0x8000,
-            &table,
-        ),
-        ("app", "app", "fw.bin", 0x20000, &app),
-    ];
-    let mut entries = Vec::new();
-    for (name, role, file, offset, data) in segments {
-        std::fs::write(folder.join(file), data).unwrap();
-        entries.push(serde_json::json!({
-            "name": name, "role": role, "file": file, "in_flash_args": true,
-            "offset": offset, "size": data.len(),
-            "sha256": cargo_nvs::hex::sha256_hex(data), "user_data": false, "secret": false,
-        }));
-    }
-    let sha256 = cargo_nvs::firmware::firmware_sha256(
-        segments
-            .iter()
-            .map(|(_, _, _, offset, data)| (*offset, data.as_slice())),
-    );
-    let manifest = serde_json::json!({
-        "schema": "cargo-nvs/dist/v2", "package": "fw", "chip": "esp32c3",
-        "with_dev_data": false, "firmware_sha256": sha256, "segments": entries,
-    });
-    std::fs::write(
-        folder.join("manifest.json"),
-        serde_json::to_vec_pretty(&manifest).unwrap(),
-    )
-    .unwrap();
-    sha256
-}
-
 /// `mfg flash --next` of the firmware's package, with `extra`, onto `esp`.
 fn mfg_flash_next(case: &Case, esp: &support::fake_esp::FakeEsp, extra: &[&str]) -> Output {
     let out = bin()
@@ -1082,7 +1027,7 @@ fn mfg_flash_with_firmware_writes_firmware_and_device_in_one_pass() {
     case.file("devices.csv", "serial,secret\n41,a\n42,b\n");
     assert_ok(&mfg_devices(&case));
     let table = std::fs::read_to_string(firmware().with_file_name("partitions.csv")).unwrap();
-    let firmware_sha256 = fake_dist(&case, "dist", &table);
+    let firmware_sha256 = support::dist_folder(case.dir.path(), "dist", &table);
     let esp = Config::esp32c3()
         .mac([0x7c, 0xdf, 0xa1, 0, 0, 0x41])
         .start();
@@ -1122,7 +1067,7 @@ fn mfg_flash_with_firmware_writes_firmware_and_device_in_one_pass() {
     );
 
     // A firmware whose table has no NVS partition where the images go: refused, nothing written.
-    fake_dist(&case, "dist-moved", MOVED_TABLE);
+    support::dist_folder(case.dir.path(), "dist-moved", MOVED_TABLE);
     let blank = Config::esp32c3()
         .mac([0x7c, 0xdf, 0xa1, 0, 0, 0x42])
         .start();

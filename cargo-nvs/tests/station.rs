@@ -11,10 +11,13 @@ use std::process::{Child, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::fake_esp::{Config, FakeEsp, Fault};
+use support::fake_esp::{Config, Event, FakeEsp, Fault};
 use support::{Case, bin};
 
 const CONFIG: &str = "app,namespace,\nserial,data,string\nnum,data,u8\n";
+/// The firmware's table: the images go to `nvs` at 0x9000.
+const TABLE: &str = "nvs, data, nvs, 0x9000, 0x6000,\nphy_init, data, phy, 0xf000, 0x1000,\n\
+    factory, app, factory, 0x20000, 1M,\n";
 
 /// `n` devices SN1…SNn generated into `out/`, 0x3000-byte images.
 fn batch(n: usize) -> Case {
@@ -235,8 +238,9 @@ fn three_sockets_flash_twelve_boards_swapped_by_an_operator() {
         socket.plug(Config::esp32c3().mac(mac(next_mac)).start());
         next_mac += 1;
     }
+    let firmware_sha256 = support::dist_folder(case.dir.path(), "dist", TABLE);
     let refs: Vec<&Socket> = sockets.iter().collect();
-    let mut station = Station::start(&case, &refs, &[]);
+    let mut station = Station::start(&case, &refs, &["--firmware", "dist"]);
     let names: Vec<String> = sockets.iter().map(|s| s.name().to_owned()).collect();
     let mut done_boards = 0;
     let mut plugged = 3;
@@ -272,7 +276,16 @@ fn three_sockets_flash_twelve_boards_swapped_by_an_operator() {
     let (status, events, stderr) = station.end();
     assert_eq!(status.code(), Some(3), "nothing left to flash:\n{stderr}");
 
-    // Every board holds one device's image, no device twice.
+    // Every board holds the firmware and one device's image, no device twice.
+    let dist = case.dir.path().join("dist");
+    let firmware: Vec<(u32, Vec<u8>)> = [
+        ("bootloader.bin", 0x0),
+        ("partition-table.bin", 0x8000),
+        ("fw.bin", 0x20000),
+    ]
+    .into_iter()
+    .map(|(file, offset)| (offset, std::fs::read(dist.join(file)).unwrap()))
+    .collect();
     let boards: Vec<&FakeEsp> = sockets.iter().flat_map(|s| s.boards.iter()).collect();
     assert_eq!(boards.len(), 12);
     let mut seen = HashSet::new();
@@ -283,13 +296,34 @@ fn three_sockets_flash_twelve_boards_swapped_by_an_operator() {
             .find(|id| image(&case, id) == chip)
             .expect("a board without a device's image");
         assert!(seen.insert(device.clone()), "{device} on two boards");
-        // One write per board (the ROM loader reboots after FLASH_END).
+        for (offset, bytes) in &firmware {
+            assert!(
+                board.read(*offset, bytes.len()) == *bytes,
+                "firmware at {offset:#x}"
+            );
+        }
+        // One write per board (the ROM loader reboots after FLASH_END), in the connection that
+        // found the board (later ones only ask who is there).
         assert_eq!(board.flash_end_count(), 1);
+        let events = board.events();
+        let first_write = events
+            .iter()
+            .position(|e| matches!(e, Event::FlashBegin(_)))
+            .unwrap();
+        assert!(
+            !events[..first_write]
+                .iter()
+                .any(|e| matches!(e, Event::Session(n) if *n > 1)),
+            "written in a later connection"
+        );
     }
     // The log: 12 ok rows, no MAC or device twice.
     let rows = log(&case);
     assert_eq!(rows.len(), 12, "{rows:?}");
-    assert!(rows.iter().all(|r| &r[4] == "ok"));
+    assert!(
+        rows.iter()
+            .all(|r| &r[4] == "ok" && r[6] == firmware_sha256)
+    );
     let macs: HashSet<&str> = rows.iter().map(|r| &r[0]).collect();
     let devices: HashSet<&str> = rows.iter().map(|r| &r[1]).collect();
     assert_eq!((macs.len(), devices.len()), (12, 12));
@@ -300,7 +334,10 @@ fn three_sockets_flash_twelve_boards_swapped_by_an_operator() {
         let (port, mac, device) = (&event["port"], &event["mac"], &event["device"]);
         assert!(names.iter().any(|n| port == n.as_str()), "{event}");
         assert_eq!(event["result"], "PASS");
-        assert!(event["seconds"].as_f64().is_some() && event["bytes"].as_u64() == Some(0x3000));
+        assert_eq!(event["firmware_sha256"], firmware_sha256.as_str());
+        let bytes = firmware.iter().map(|(_, b)| b.len()).sum::<usize>() + 0x3000;
+        assert!(event["seconds"].as_f64().is_some());
+        assert_eq!(event["bytes"].as_u64(), Some(bytes as u64));
         for kind in ["connected", "claimed"] {
             assert!(
                 events

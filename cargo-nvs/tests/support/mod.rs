@@ -169,3 +169,58 @@ pub fn postgres_database(tag: &str) -> Option<String> {
         format!("{base}/{name}?{query}")
     })
 }
+
+/// A `cargo nvs dist` folder `base/dir` made by hand: a bootloader, the partition table `table_csv` and
+/// an app, with manifest.json as dist writes it. Returns its firmware_sha256.
+pub fn dist_folder(base: &Path, dir: &str, table_csv: &str) -> String {
+    let folder = base.join(dir);
+    std::fs::create_dir_all(&folder).unwrap();
+    let csv = folder.join("partitions.csv");
+    std::fs::write(&csv, table_csv).unwrap();
+    let table = nvs_build::table::PartitionTable::load(&csv, 0x8000)
+        .unwrap()
+        .to_binary();
+    let bootloader: Vec<u8> = (0..0x1800u32).map(|i| (i * 7 % 251) as u8).collect();
+    let app: Vec<u8> = (0..0x3000u32).map(|i| (i * 13 % 241) as u8).collect();
+    let segments = [
+        (
+            "bootloader",
+            "bootloader",
+            "bootloader.bin",
+            0x0u32,
+            &bootloader,
+        ),
+        (
+            "partition table",
+            "partition-table",
+            "partition-table.bin",
+            0x8000,
+            &table,
+        ),
+        ("app", "app", "fw.bin", 0x20000, &app),
+    ];
+    let mut entries = Vec::new();
+    for (name, role, file, offset, data) in segments {
+        std::fs::write(folder.join(file), data).unwrap();
+        entries.push(serde_json::json!({
+            "name": name, "role": role, "file": file, "in_flash_args": true,
+            "offset": offset, "size": data.len(),
+            "sha256": cargo_nvs::hex::sha256_hex(data), "user_data": false, "secret": false,
+        }));
+    }
+    let sha256 = cargo_nvs::firmware::firmware_sha256(
+        segments
+            .iter()
+            .map(|(_, _, _, offset, data)| (*offset, data.as_slice())),
+    );
+    let manifest = serde_json::json!({
+        "schema": "cargo-nvs/dist/v2", "package": "fw", "chip": "esp32c3",
+        "with_dev_data": false, "firmware_sha256": sha256, "segments": entries,
+    });
+    std::fs::write(
+        folder.join("manifest.json"),
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+    sha256
+}
