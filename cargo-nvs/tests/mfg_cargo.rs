@@ -1082,6 +1082,24 @@ fn mfg_flash_with_firmware_writes_firmware_and_device_in_one_pass() {
     );
     assert!(blank.changed_since(&before).is_empty());
 
+    // A chip that holds the firmware already gets only its device's image (MD5 skips the rest).
+    let mut preset = Config::esp32c3().mac([0x7c, 0xdf, 0xa1, 0, 0, 0x43]);
+    for (file, offset) in [
+        ("bootloader.bin", 0x0),
+        ("partition-table.bin", 0x8000),
+        ("fw.bin", 0x20000),
+    ] {
+        preset = preset.preset(offset, read(&dist.join(file)));
+    }
+    let flashed = preset.start();
+    let out = mfg_flash_next(&case, &flashed, &["--firmware", "dist"]);
+    assert_ok(&out);
+    let written: Vec<u32> = flashed.flash_begins().iter().map(|b| b.offset).collect();
+    assert_eq!(written, vec![0xf000], "only the device's image is written");
+    let mut image = read(&case.dir.path().join("out/bin/fctry-42.bin"));
+    image.resize(0x2000, 0xFF);
+    assert!(flashed.read(0xf000, 0x2000) == image);
+
     // A changed file in the folder is refused.
     std::fs::write(dist.join("fw.bin"), b"tampered").unwrap();
     let out = mfg_flash_next(&case, &blank, &["--firmware", "dist"]);
