@@ -369,13 +369,30 @@ impl Station<'_> {
                 Some(session) => session,
                 None => match self.probe(port, baud) {
                     Some((session, again)) if again.mac == chip.mac => session,
-                    _ => {
+                    Some(_) => {
+                        // Another board answers: this one was taken away mid-retry.
                         let e = MfgFlashError::Invalid(format!(
-                            "the chip {} no longer answers at `{port}` for attempt {attempt}",
+                            "the board {} was replaced before attempt {attempt}",
                             chip.mac
                         ));
                         failed(&e, attempt, false, baud);
                         return Ok(None);
+                    }
+                    None => {
+                        // No sync at this baud: one step lower, while attempts are left.
+                        let e = MfgFlashError::Invalid(format!(
+                            "the chip {} does not answer at `{port}` for attempt {attempt}",
+                            chip.mac
+                        ));
+                        let retry = attempt <= self.args.retries;
+                        let next_baud = if retry { step_down(baud) } else { baud };
+                        failed(&e, attempt, retry, next_baud);
+                        if !retry {
+                            return Ok(None);
+                        }
+                        baud = next_baud;
+                        attempt += 1;
+                        continue;
                     }
                 },
             };
