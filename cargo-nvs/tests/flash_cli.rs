@@ -224,6 +224,11 @@ const DEV_DATA: &[&str] = &["--with-dev-data"];
 /// The artifacts `cargo nvs dist` writes: (offset, file bytes) from flash_args.
 fn dist(dir: &Path, extra: &[&str]) -> Vec<(u32, Vec<u8>)> {
     assert_ok(&run_dist(dir, extra));
+    // `mfg flash --firmware` takes the folder: its files match, its firmware_sha256 too.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let firmware = cargo_nvs::firmware::Firmware::load(dir).unwrap();
+    assert_eq!(manifest["firmware_sha256"], firmware.sha256.as_str());
     let args = std::fs::read_to_string(dir.join("flash_args")).unwrap();
     args.lines()
         .skip(1)
