@@ -110,7 +110,7 @@ pub fn run(sh: &Shell, opts: Options) -> Result<ExitCode> {
         // The emulator lives in cargo-nvs's test support, so the measurement is an ignored test.
         crate::ci::build_firmware(sh)?;
         let esptool = crate::reference::ensure_esptool(sh)?;
-        cmd!(sh, "cargo test --quiet -p cargo-nvs --test flash_cli flash_workflow_comparison -- --ignored --nocapture")
+        cmd!(sh, "cargo test --quiet -p cargo-nvs --test it flash_cli::flash_workflow_comparison -- --ignored --nocapture")
             .env("CARGO_NVS_ESPTOOL", esptool)
             .run()?;
         return Ok(ExitCode::SUCCESS);

@@ -2,17 +2,17 @@
 //! 4.7 as a library (the way `cargo nvs flash` talks to a board), plus an
 //! optional cross-check with esptool, the protocol's reference client.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 
+use crate::support::fake_esp::{Config, Event, FakeEsp, Fault, Loader, Reboot, op};
+use crate::support::tempdir::Dir;
 use espflash::Error;
 use espflash::connection::{Connection, ResetAfterOperation, ResetBeforeOperation};
 use espflash::flasher::{FlashSize, Flasher};
 use espflash::image_format::Segment;
 use espflash::target::{Chip, DefaultProgressCallback};
-use support::fake_esp::{Config, Event, FakeEsp, Fault, Loader, Reboot, op};
-use support::tempdir::Dir;
 
 fn connection(esp: &FakeEsp, after: ResetAfterOperation) -> Connection {
     let info = serialport::UsbPortInfo {
@@ -83,6 +83,7 @@ fn write(flasher: &mut Flasher, segments: &[(u32, &[u8])]) -> Result<(), Error> 
 }
 
 /// Every changed byte lies inside one of `allowed`.
+#[track_caller]
 fn assert_changes_within(esp: &FakeEsp, before: &[u8], allowed: &[std::ops::Range<u32>]) {
     for changed in esp.changed_since(before) {
         assert!(

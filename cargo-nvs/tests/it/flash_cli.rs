@@ -2,14 +2,14 @@
 //! `--port /dev/pts/N`), flashing the firmware example's real ELF into the ROM-loader emulator.
 //! The example is built first (`cargo xtask ci` does it; otherwise the first test builds it).
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+use crate::support::fake_esp::{Config, Event, FakeEsp, Fault};
+use crate::support::{assert_fails, assert_ok, bin, stderr, tempdir};
 use nvs_build::format::{ImageBuilder, PartitionSize, Value, Version};
-use support::fake_esp::{Config, Event, FakeEsp, Fault};
-use support::{bin, tempdir};
 
 fn firmware_manifest() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/esp32c3-factory-data/Cargo.toml")
@@ -186,23 +186,6 @@ fn cargo_run_with_runner(esp: &FakeEsp, env: &[(&str, &std::ffi::OsStr)]) -> Out
     let out = command.output().unwrap();
     esp.settle();
     out
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_ok(out: &Output) {
-    assert!(out.status.success(), "command failed:\n{}", stderr(out));
-}
-
-fn assert_fails(out: &Output, needles: &[&str]) {
-    let err = stderr(out);
-    assert!(!out.status.success(), "expected a failure:\n{err}");
-    for needle in needles {
-        assert!(err.contains(needle), "stderr lacks {needle:?}:\n{err}");
-    }
-    assert!(!err.contains("panicked"), "{err}");
 }
 
 /// `cargo nvs dist --chip esp32c3 --out-dir DIR EXTRA…` for the firmware.
