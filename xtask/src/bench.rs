@@ -38,6 +38,8 @@ pub struct Options {
     build_cost: bool,
     /// Flashing: one connection against the espflash-then-esptool workflow (emulator).
     flash: bool,
+    /// Flashing with the emulator's wire time on: elapsed against the wire limit.
+    wire: bool,
     /// `cargo nvs mfg generate` against mfg_gen's work (see `mfg`).
     mfg: bool,
     /// The PostgreSQL ledger against SQLite (see `ledger`).
@@ -55,6 +57,18 @@ impl Options {
                     runtime: false,
                     build_cost: false,
                     flash: true,
+                    wire: false,
+                    mfg: false,
+                    ledger: false,
+                });
+            }
+            Some("wire") => {
+                return Ok(Options {
+                    bin: None,
+                    runtime: false,
+                    build_cost: false,
+                    flash: false,
+                    wire: true,
                     mfg: false,
                     ledger: false,
                 });
@@ -65,6 +79,7 @@ impl Options {
                     runtime: false,
                     build_cost: false,
                     flash: false,
+                    wire: false,
                     mfg: true,
                     ledger: false,
                 });
@@ -75,6 +90,7 @@ impl Options {
                     runtime: false,
                     build_cost: false,
                     flash: false,
+                    wire: false,
                     mfg: false,
                     ledger: true,
                 });
@@ -91,6 +107,7 @@ impl Options {
             runtime: !only_build_cost,
             build_cost: !no_build_cost,
             flash: false,
+            wire: false,
             mfg: false,
             ledger: false,
         })
@@ -110,8 +127,15 @@ pub fn run(sh: &Shell, opts: Options) -> Result<ExitCode> {
         // The emulator lives in cargo-nvs's test support, so the measurement is an ignored test.
         crate::ci::build_firmware(sh)?;
         let esptool = crate::reference::ensure_esptool(sh)?;
-        cmd!(sh, "cargo test --quiet -p cargo-nvs --test flash_cli flash_workflow_comparison -- --ignored --nocapture")
+        cmd!(sh, "cargo test --quiet -p cargo-nvs --test it flash_cli::flash_workflow_comparison -- --ignored --nocapture")
             .env("CARGO_NVS_ESPTOOL", esptool)
+            .run()?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if opts.wire {
+        // Also an ignored test, for the same reason.
+        crate::ci::build_firmware(sh)?;
+        cmd!(sh, "cargo test --quiet -p cargo-nvs --test it flash_cli::wire_time_benchmark -- --ignored --nocapture")
             .run()?;
         return Ok(ExitCode::SUCCESS);
     }

@@ -56,6 +56,8 @@ commands:
   bench ledger the PostgreSQL ledger against SQLite (a throwaway local server): claim + log per
               device, mfg generate of 10,000 devices, the share of one device's flashing time
   bench flash  flashing app + 2 NVS images into the emulator: one connection vs espflash, then esptool
+  bench wire   `cargo nvs flash --baud 921600` into the emulator with wire time on (10 bit times a
+              byte at the baud in force): elapsed against the wire limit, ROM loader and stub
   bench build-cost
               time cold debug builds of a crate using nvs-build in build.rs against one using
               cc, side by side, and count their dependencies

@@ -20,7 +20,10 @@
 //!   RUN_USER_CODE (stub);
 //! - MEM_BEGIN/DATA/END: an executed upload counts as the stub, which greets
 //!   with `OHAI` and switches to stub framing;
-//! - the reboot after a ROM `FLASH_END` (P3), see [`Reboot`].
+//! - the reboot after a ROM `FLASH_END` (P3), see [`Reboot`];
+//! - optionally, wire time: each byte in or out takes 10 bit times at the
+//!   baud in force, as on a UART cable ([`Config::wire_time`], or
+//!   `NVS_TEST_WIRE_TIME=1`); [`FakeEsp::wire`] counts what crossed either way.
 //!
 //! ```ignore
 //! let esp = Config::esp32c3().mac([0x7c, 0xdf, 0xa1, 0, 0, 1]).start();
@@ -33,6 +36,7 @@
 
 mod device;
 mod slip;
+pub mod wire;
 
 use std::io::{ErrorKind, Read, Write};
 use std::ops::Range;
@@ -44,6 +48,8 @@ use std::time::{Duration, Instant};
 use serialport::{SerialPort, TTYPort};
 
 use self::device::Device;
+pub use self::wire::Wire;
+use self::wire::{DEFAULT_BAUD, WireState};
 
 /// Command opcodes of the serial protocol.
 pub mod op {
@@ -167,6 +173,11 @@ pub struct Config {
     /// What the application prints every 100 ms while the chip does not
     /// answer as a loader (offline or powered off).
     pub chatter: Option<Vec<u8>>,
+    /// Take as long as a UART cable: each byte in or out costs 10 bit times
+    /// at the baud in force (115200 until a CHANGE_BAUDRATE has been
+    /// answered; the application prints at 115200). Default: off, unless
+    /// `NVS_TEST_WIRE_TIME=1` ([`wire::WIRE_TIME_ENV`]).
+    pub wire_time: bool,
 }
 
 /// Default MAC address of the fake chips.
@@ -188,6 +199,7 @@ impl Config {
             xtal_hz: 40_000_000,
             boot_log: None,
             chatter: None,
+            wire_time: wire::wire_time_from_env(),
         }
     }
 
@@ -253,6 +265,12 @@ impl Config {
 
     pub fn boot_log(mut self, log: impl Into<Vec<u8>>) -> Config {
         self.boot_log = Some(log.into());
+        self
+    }
+
+    /// Wire time on or off (see `Config::wire_time`).
+    pub fn wire_time(mut self, on: bool) -> Config {
+        self.wire_time = on;
         self
     }
 
@@ -435,6 +453,9 @@ pub struct Stats {
 
 struct Shared {
     device: Mutex<Device>,
+    /// Pace the wire (see [`Config::wire_time`]).
+    wire_time: AtomicBool,
+    wire: Mutex<WireState>,
     stop: AtomicBool,
     /// Milliseconds since `epoch` of the last byte received.
     last_input_ms: AtomicU64,
@@ -458,11 +479,14 @@ impl FakeEsp {
             .set_timeout(Duration::from_millis(20))
             .expect("set the pty read timeout");
         let probe = master.try_clone_native().ok();
+        let epoch = Instant::now();
         let shared = Arc::new(Shared {
+            wire_time: AtomicBool::new(config.wire_time),
+            wire: Mutex::new(WireState::new(epoch)),
             device: Mutex::new(Device::new(config)),
             stop: AtomicBool::new(false),
             last_input_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
+            epoch,
         });
         let for_thread = Arc::clone(&shared);
         let thread = thread::Builder::new()
@@ -501,10 +525,7 @@ impl FakeEsp {
     }
 
     fn device(&self) -> MutexGuard<'_, Device> {
-        self.shared
-            .device
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.shared.device)
     }
 
     /// Waits until the emulator has processed everything sent to it: no
@@ -638,7 +659,23 @@ impl FakeEsp {
         self.device().online
     }
 
+    /// What crossed the wire so far, each way and at which baud, and the time
+    /// the pacing clocks scheduled for it (see [`Wire`]).
+    pub fn wire(&self) -> Wire {
+        lock(&self.shared.wire).snapshot(self.wire_time())
+    }
+
+    /// Whether the wire is paced (see `Config::wire_time`).
+    pub fn wire_time(&self) -> bool {
+        self.shared.wire_time.load(Ordering::SeqCst)
+    }
+
     // ---- knobs -----------------------------------------------------------------
+
+    /// Turns wire time on or off from the next byte on.
+    pub fn set_wire_time(&self, on: bool) {
+        self.shared.wire_time.store(on, Ordering::SeqCst);
+    }
 
     /// Operator reset into download mode: ROM loader, online, registers reset.
     pub fn reset(&self) {
@@ -674,6 +711,12 @@ impl Drop for FakeEsp {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// The emulator thread. `_slave` stays open so that the master never reads
 /// EIO while no client has the port open.
 fn serve(mut master: TTYPort, _slave: TTYPort, shared: &Shared) {
@@ -682,18 +725,18 @@ fn serve(mut master: TTYPort, _slave: TTYPort, shared: &Shared) {
     let mut frames = Vec::new();
     let mut sent = 0usize;
     let mut last_chatter = Instant::now();
+    // Wire time: whether more input was waiting when the last received chunk
+    // had crossed the wire (then the next one follows it without a pause).
+    let mut rx_waiting = false;
     while !shared.stop.load(Ordering::SeqCst) {
         if last_chatter.elapsed() >= Duration::from_millis(100) {
             last_chatter = Instant::now();
             let chatter = {
-                let dev = shared
-                    .device
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                let dev = lock(&shared.device);
                 dev.cfg.chatter.clone().filter(|_| !dev.online)
             };
             if let Some(line) = chatter {
-                send(&mut master, &line, &shared.stop);
+                send(&mut master, &line, DEFAULT_BAUD, shared);
             }
         }
         // The application's output, once the client has been quiet for 100 ms
@@ -701,18 +744,21 @@ fn serve(mut master: TTYPort, _slave: TTYPort, shared: &Shared) {
         let quiet = shared.epoch.elapsed().as_millis() as u64
             >= shared.last_input_ms.load(Ordering::SeqCst) + 100;
         if quiet {
-            let app_output = {
-                let mut dev = shared
-                    .device
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                std::mem::take(&mut dev.boot_output)
-            };
+            let app_output = std::mem::take(&mut lock(&shared.device).boot_output);
             if !app_output.is_empty() {
-                send(&mut master, &app_output, &shared.stop);
+                send(&mut master, &app_output, DEFAULT_BAUD, shared);
             }
         }
-        let n = match master.read(&mut buf) {
+        let paced = shared.wire_time.load(Ordering::SeqCst);
+        let baud = lock(&shared.device).baud();
+        // Paced, input is taken about a millisecond of wire time at a time, so
+        // what the client writes ahead waits in the pty's buffer.
+        let want = if paced {
+            wire::chunk_len(baud)
+        } else {
+            buf.len()
+        };
+        let n = match master.read(&mut buf[..want]) {
             Ok(0) => {
                 thread::sleep(Duration::from_millis(1));
                 continue;
@@ -724,6 +770,7 @@ fn serve(mut master: TTYPort, _slave: TTYPort, shared: &Shared) {
                     ErrorKind::TimedOut | ErrorKind::WouldBlock | ErrorKind::Interrupted
                 ) =>
             {
+                rx_waiting = false;
                 continue;
             }
             Err(_) => {
@@ -731,18 +778,34 @@ fn serve(mut master: TTYPort, _slave: TTYPort, shared: &Shared) {
                 continue;
             }
         };
+        let now = Instant::now();
+        if paced {
+            let done = {
+                let mut wire = lock(&shared.wire);
+                let done = wire.rx.pass(n, baud, now, rx_waiting);
+                wire.count(true, n, baud, done - wire::byte_time(n, baud), done);
+                done
+            };
+            // The bytes are decoded once the last of them has arrived.
+            wire::sleep_until(done, &shared.stop);
+            rx_waiting = master.bytes_to_read().is_ok_and(|waiting| waiting > 0);
+        } else {
+            lock(&shared.wire).count(true, n, baud, now, now);
+        }
         shared
             .last_input_ms
             .store(shared.epoch.elapsed().as_millis() as u64, Ordering::SeqCst);
         decoder.push(&buf[..n], &mut frames);
-        let mut out = Vec::new();
+        // Each reply with the baud it goes out at: the one in force when its
+        // request arrived (the ROM answers CHANGE_BAUDRATE, then switches).
+        let mut replies = Vec::new();
         {
-            let mut dev = shared
-                .device
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut dev = lock(&shared.device);
             for frame in frames.drain(..) {
+                let baud = dev.baud();
+                let mut out = Vec::new();
                 dev.handle_frame(&frame, &mut out);
+                replies.push((out, baud));
             }
             dev.stats.discarded_frames = decoder.discarded;
             let lose = dev.cfg.faults.iter().find_map(|f| match *f {
@@ -750,28 +813,66 @@ fn serve(mut master: TTYPort, _slave: TTYPort, shared: &Shared) {
                 _ => None,
             });
             if let Some(every) = lose {
-                out.retain(|_| {
-                    sent += 1;
-                    !sent.is_multiple_of(every)
-                });
+                for (out, _) in &mut replies {
+                    out.retain(|_| {
+                        sent += 1;
+                        !sent.is_multiple_of(every)
+                    });
+                }
             }
         }
-        if !out.is_empty() {
-            send(&mut master, &out, &shared.stop);
+        for (out, baud) in replies {
+            if !out.is_empty() {
+                send(&mut master, &out, baud, shared);
+            }
         }
     }
 }
 
-/// Writes everything unless the client stops reading for 5 s.
-fn send(master: &mut TTYPort, mut bytes: &[u8], stop: &AtomicBool) {
+/// Sends `bytes` at `baud`, counting them; paced (wire time on), each piece
+/// goes to the pty once it would have crossed the wire. Gives up if the
+/// client stops reading for 5 s.
+fn send(master: &mut TTYPort, bytes: &[u8], baud: u32, shared: &Shared) {
+    let paced = shared.wire_time.load(Ordering::SeqCst);
+    let piece_len = if paced {
+        wire::chunk_len(baud)
+    } else {
+        bytes.len().max(1)
+    };
+    for (i, piece) in bytes.chunks(piece_len).enumerate() {
+        let now = Instant::now();
+        if paced {
+            let done = {
+                let mut wire = lock(&shared.wire);
+                let done = wire.tx.pass(piece.len(), baud, now, i > 0);
+                let start = done - wire::byte_time(piece.len(), baud);
+                wire.count(false, piece.len(), baud, start, done);
+                done
+            };
+            wire::sleep_until(done, &shared.stop);
+        } else {
+            lock(&shared.wire).count(false, piece.len(), baud, now, now);
+        }
+        if !write_all(master, piece, &shared.stop) {
+            return;
+        }
+    }
+}
+
+/// Writes everything unless the client stops reading for 5 s (then false).
+fn write_all(master: &mut TTYPort, mut bytes: &[u8], stop: &AtomicBool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !bytes.is_empty() && !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+    while !bytes.is_empty() {
+        if stop.load(Ordering::SeqCst) || Instant::now() >= deadline {
+            return false;
+        }
         match master.write(bytes) {
             Ok(n) => bytes = &bytes[n..],
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(_) => thread::sleep(Duration::from_millis(1)),
         }
     }
+    true
 }
 
 /// Sorts and merges overlapping or adjacent ranges.

@@ -14,6 +14,28 @@ pub fn bin() -> Command {
     command
 }
 
+/// A command's stderr as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The command succeeded (else its stderr is the message).
+#[track_caller]
+pub fn assert_ok(out: &Output) {
+    assert!(out.status.success(), "command failed:\n{}", stderr(out));
+}
+
+/// The command failed without a panic, its stderr naming every needle.
+#[track_caller]
+pub fn assert_fails(out: &Output, needles: &[&str]) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "expected a failure:\n{err}");
+    for needle in needles {
+        assert!(err.contains(needle), "stderr lacks {needle:?}:\n{err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 pub fn vectors() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../nvs-build/tests/vectors")
 }
@@ -77,6 +99,7 @@ impl Case {
     }
 
     /// Runs `generate input.csv out.bin SIZE` and expects a refusal mentioning every `needle`.
+    #[track_caller]
     pub fn refuses(&self, csv: &str, size: &str, extra: &[&str], needles: &[&str]) {
         self.file("input.csv", csv);
         let mut args = vec!["generate", "input.csv", "out.bin", size];
@@ -141,6 +164,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// a server whose user may create databases (`cargo xtask ci` starts a throwaway one and sets
 /// it; `cargo xtask postgres` runs one by hand). Without it the caller skips, except under CI,
 /// where the PostgreSQL ledger must be tested: then this fails.
+#[track_caller]
 pub fn postgres_database(tag: &str) -> Option<String> {
     let Some(admin) = std::env::var("NVS_TEST_POSTGRES")
         .ok()

@@ -226,6 +226,11 @@ impl Device {
         self.events.push(why);
     }
 
+    /// The baud rate in force on the serial line.
+    pub fn baud(&self) -> u32 {
+        self.baud
+    }
+
     pub fn write_flash(&mut self, offset: u32, bytes: &[u8]) {
         copy_clipped(&mut self.flash, u64::from(offset), bytes);
     }

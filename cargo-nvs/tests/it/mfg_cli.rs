@@ -1,12 +1,14 @@
 //! `cargo nvs mfg generate`: byte-identical to ESP-IDF's mfg_gen.py on the committed vectors,
 //! keys per device or shared, and every refusal naming the input and leaving nothing behind.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::Output;
 
-use support::{Case, bin, ledger_devices, manifest_shas, tempdir, vectors};
+use crate::support::{
+    Case, assert_ok, bin, ledger_devices, manifest_shas, stderr, tempdir, vectors,
+};
 
 const CONFIG: &str = "app,namespace,\nserial,data,string\nnum,data,u8\nregion,data,string,REPEAT\n";
 const VALUES: &str = "id,serial,num,region\n1,SN1,1,EU\n2,SN2,2,\n3,SN3,3,\n";
@@ -20,15 +22,8 @@ fn run_in(cwd: &Path, args: &[&str]) -> Output {
     bin().args(args).current_dir(cwd).output().unwrap()
 }
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_ok(out: &Output) {
-    assert!(out.status.success(), "failed: {}", stderr(out));
-}
-
 /// The run failed, its message names every needle, and the out-dir holds nothing.
+#[track_caller]
 fn assert_refused(case: &Case, out: &Output, needles: &[&str]) {
     let text = stderr(out);
     assert!(!out.status.success(), "expected failure; stderr: {text}");
@@ -86,6 +81,7 @@ fn read(path: &Path) -> Vec<u8> {
 }
 
 /// A key file is private (0600) and the run never printed `secret` (in hex).
+#[track_caller]
 fn assert_secret(path: &Path, secret: &[u8], out: &Output) {
     #[cfg(unix)]
     {
@@ -99,6 +95,7 @@ fn assert_secret(path: &Path, secret: &[u8], out: &Output) {
 }
 
 /// out/bin/dev-1.bin is what the generator makes of `csv` (device 1's CSV, as mfg_gen writes it).
+#[track_caller]
 fn assert_first_device_is_generators(case: &Case, csv: &str) {
     case.file("one.csv", csv);
     assert_ok(&case.run(&["generate", "one.csv", "one.bin", "0x3000"]));

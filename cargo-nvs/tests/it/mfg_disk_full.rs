@@ -7,12 +7,10 @@
 //! (`unshare -rm`), so the test needs no privileges; where namespaces are unavailable it says
 //! "skipped" and passes.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 
-use support::{Case, bin, ledger_devices, manifest_shas};
+use crate::support::{Case, bin, ledger_devices, manifest_shas};
 
 /// 12 KiB per image: a few hundred images make a realistic budget of a few MiB.
 const SIZE: &str = "0x3000";

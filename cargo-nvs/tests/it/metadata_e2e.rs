@@ -3,12 +3,10 @@
 //! in tests/e2e-crate/reference), cargo reruns the build script only when an input changes, and
 //! `cargo nvs generate` makes the same bytes from any working directory.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::{bin, tempdir};
+use crate::support::{bin, tempdir};
 
 const TEMPLATE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e-crate");
 
@@ -92,6 +90,7 @@ fn touch(path: &Path) {
 /// In `dir`, fctry.bin (env and per-device keys) is 0600 and userdata.bin has the mode any
 /// new file gets.
 #[cfg(unix)]
+#[track_caller]
 fn assert_private_only_where_secret(dir: &Path) {
     use std::os::unix::fs::PermissionsExt;
     let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;

@@ -20,6 +20,7 @@ fn generate(inputs: &[&str], size: u64, version: Version) -> Result<Vec<u8>, Inp
     image.finish()
 }
 
+#[track_caller]
 fn assert_golden(inputs: &[&str], size: u64, version: Version, expected: &str) {
     let ours = generate(inputs, size, version).unwrap_or_else(|e| panic!("{inputs:?}: {e}"));
     let reference = std::fs::read(vectors().join("out").join(expected)).unwrap();

@@ -1,14 +1,13 @@
 //! Inputs that would lose data are refused, with nothing written: outputs that are an input or
 //! a key file, truncated images, impossible sizes, endless inputs. And `dump` of floats.
 
-mod support;
-
-use support::{Case, vectors};
+use crate::support::{Case, vectors};
 
 fn fixed_keys() -> Vec<u8> {
     std::fs::read(vectors().join("in/keys_fixed.bin")).unwrap()
 }
 
+#[track_caller]
 fn assert_refused(out: &std::process::Output, needles: &[&str]) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "expected failure; stderr: {stderr}");

@@ -2,13 +2,13 @@
 //! else at the offset, the production log, `--next`, the one-id-per-chip refusals, a failed
 //! verification, and several ports in parallel.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::process::Output;
 
-use support::fake_esp::{Config, FakeEsp, Fault};
-use support::{Case, bin};
+use crate::support::fake_esp::{Config, FakeEsp, Fault};
+use crate::support::{Case, assert_fails, assert_ok, bin, stderr};
 
 const CONFIG: &str = "app,namespace,\nserial,data,string\nnum,data,u8\n";
 const VALUES: &str = "id,serial,num\n1,SN1,1\n2,SN2,2\n3,SN3,3\n";
@@ -21,23 +21,6 @@ fn mac_text(mac: [u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_ok(out: &Output) {
-    assert!(out.status.success(), "failed:\n{}", stderr(out));
-}
-
-fn assert_fails(out: &Output, needles: &[&str]) {
-    let text = stderr(out);
-    assert!(!out.status.success(), "expected a failure:\n{text}");
-    assert!(!text.contains("panicked"), "{text}");
-    for needle in needles {
-        assert!(text.contains(needle), "stderr lacks {needle:?}:\n{text}");
-    }
 }
 
 /// Three devices (SN1..SN3) generated into `out/`, 0x3000-byte images.

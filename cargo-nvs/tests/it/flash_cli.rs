@@ -2,14 +2,14 @@
 //! `--port /dev/pts/N`), flashing the firmware example's real ELF into the ROM-loader emulator.
 //! The example is built first (`cargo xtask ci` does it; otherwise the first test builds it).
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+use crate::support::fake_esp::{Config, Event, FakeEsp, Fault};
+use crate::support::{assert_fails, assert_ok, bin, stderr, tempdir};
 use nvs_build::format::{ImageBuilder, PartitionSize, Value, Version};
-use support::fake_esp::{Config, Event, FakeEsp, Fault};
-use support::{bin, tempdir};
 
 fn firmware_manifest() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/esp32c3-factory-data/Cargo.toml")
@@ -186,23 +186,6 @@ fn cargo_run_with_runner(esp: &FakeEsp, env: &[(&str, &std::ffi::OsStr)]) -> Out
     let out = command.output().unwrap();
     esp.settle();
     out
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_ok(out: &Output) {
-    assert!(out.status.success(), "command failed:\n{}", stderr(out));
-}
-
-fn assert_fails(out: &Output, needles: &[&str]) {
-    let err = stderr(out);
-    assert!(!out.status.success(), "expected a failure:\n{err}");
-    for needle in needles {
-        assert!(err.contains(needle), "stderr lacks {needle:?}:\n{err}");
-    }
-    assert!(!err.contains("panicked"), "{err}");
 }
 
 /// `cargo nvs dist --chip esp32c3 --out-dir DIR EXTRA…` for the firmware.
@@ -1267,6 +1250,57 @@ fn flash_workflow_comparison() {
         our_runs[1].1,
         their_runs[1].1
     );
+}
+
+/// `cargo xtask bench wire`: `cargo nvs flash --baud 921600` of the firmware example into the
+/// emulator with wire time on, elapsed time against the wire limit (Σ bytes × 10 / baud over
+/// both directions, from the emulator's counters). Prints figures only.
+#[test]
+#[ignore = "a benchmark: cargo xtask bench wire"]
+fn wire_time_benchmark() {
+    use crate::support::fake_esp::Wire;
+    const BAUD: &str = "921600";
+    let per_baud = |bytes: &std::collections::BTreeMap<u32, u64>| {
+        bytes
+            .iter()
+            .map(|(baud, n)| format!("{n} B @{baud}"))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    };
+    // A no-op build first, so that the timed runs find the firmware built.
+    release_out_dir();
+    println!(
+        "wire: `cargo nvs flash --baud {BAUD}` of the firmware example (bootloader, table, app, \
+         NVS images) into the emulator (ESP32-C3) with wire time on"
+    );
+    for (label, extra) in [
+        ("ROM loader (--no-stub)", &["--no-stub"][..]),
+        ("flasher stub (deflate)", &[][..]),
+    ] {
+        let esp = Config::esp32c3().wire_time(true).start();
+        let mut args = vec!["--baud", BAUD];
+        args.extend_from_slice(extra);
+        let start = std::time::Instant::now();
+        let out = run(&esp, "flash", &args);
+        let command = start.elapsed().as_secs_f64();
+        assert_ok(&out);
+        let wire: Wire = esp.wire();
+        let limit = wire.seconds();
+        let on_wire = wire.active.map_or(0.0, |d| d.as_secs_f64());
+        println!("  {label}");
+        println!("    in:  {}", per_baud(&wire.received));
+        println!("    out: {}", per_baud(&wire.sent));
+        println!(
+            "    wire limit {:.3} s (clocks scheduled {:.3} s); on the wire (first byte to last) \
+             {:.3} s = {:.2}x the limit; whole command {:.3} s = {:.2}x",
+            limit,
+            wire.clock_seconds(),
+            on_wire,
+            on_wire / limit,
+            command,
+            command / limit
+        );
+    }
 }
 
 /// Writes segments the way `espflash write-bin`/`flash` would, through espflash's library.

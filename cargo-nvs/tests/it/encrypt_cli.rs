@@ -1,12 +1,10 @@
 //! `cargo nvs encrypt`, `decrypt`, `generate-key` and `dump --keys`: byte-identical to the
 //! reference for the same key, key files 0600 and never overwritten, key material never printed.
 
-mod support;
-
 use std::path::Path;
 use std::process::Output;
 
-use support::{Case, bin, vectors};
+use crate::support::{Case, bin, vectors};
 
 fn input(name: &str) -> String {
     vectors()
@@ -16,6 +14,7 @@ fn input(name: &str) -> String {
         .into_owned()
 }
 
+#[track_caller]
 fn assert_fails_with(out: &std::process::Output, needles: &[&str]) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "expected failure; stderr: {stderr}");
@@ -32,6 +31,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Key material must not appear in any output, as hex in either case.
+#[track_caller]
 fn assert_not_printed(out: &std::process::Output, secret: &[u8]) {
     let all = format!(
         "{}{}",

@@ -2,17 +2,18 @@
 //! 4.7 as a library (the way `cargo nvs flash` talks to a board), plus an
 //! optional cross-check with esptool, the protocol's reference client.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
+use std::time::Duration;
 
+use crate::support::fake_esp::{Config, Event, FakeEsp, Fault, Loader, Reboot, Wire, op};
+use crate::support::tempdir::Dir;
 use espflash::Error;
 use espflash::connection::{Connection, ResetAfterOperation, ResetBeforeOperation};
 use espflash::flasher::{FlashSize, Flasher};
 use espflash::image_format::Segment;
 use espflash::target::{Chip, DefaultProgressCallback};
-use support::fake_esp::{Config, Event, FakeEsp, Fault, Loader, Reboot, op};
-use support::tempdir::Dir;
 
 fn connection(esp: &FakeEsp, after: ResetAfterOperation) -> Connection {
     let info = serialport::UsbPortInfo {
@@ -83,6 +84,7 @@ fn write(flasher: &mut Flasher, segments: &[(u32, &[u8])]) -> Result<(), Error> 
 }
 
 /// Every changed byte lies inside one of `allowed`.
+#[track_caller]
 fn assert_changes_within(esp: &FakeEsp, before: &[u8], allowed: &[std::ops::Range<u32>]) {
     for changed in esp.changed_since(before) {
         assert!(
@@ -563,4 +565,138 @@ fn run_esptool(esptool: &Path, esp: &FakeEsp, no_stub: bool, args: &[&str]) -> S
     );
     assert!(out.status.success(), "esptool {args:?} failed\n{text}");
     text
+}
+
+// ---- wire time -------------------------------------------------------------------------------
+
+/// The pacing clocks scheduled exactly the wire time the counters add up to: every byte that
+/// crossed went through a clock (each clock period rounds down to a nanosecond once).
+#[track_caller]
+fn assert_clock_matches_counters(wire: &Wire) {
+    assert!(wire.paced, "wire time is off");
+    let rounding = wire.clock_periods as f64 * 1e-9;
+    assert!(
+        (wire.clock_seconds() - wire.seconds()).abs() <= rounding + 1e-12,
+        "the clocks scheduled {} s, the counters make {} s (received {:?}, sent {:?})",
+        wire.clock_seconds(),
+        wire.seconds(),
+        wire.received,
+        wire.sent
+    );
+}
+
+#[test]
+fn wire_time_clock_accumulates_without_drift() {
+    use crate::support::fake_esp::wire::{Line, byte_time};
+    use std::time::Instant;
+    let start = Instant::now();
+    let mut line = Line::new(start);
+    // 1,000 back-to-back chunks of 11 bytes at 115200 (95.486 µs each, not a whole number of
+    // nanoseconds): the deadline is the exact time of 11,000 bytes, not 1,000 rounded chunks.
+    let mut due = start;
+    for _ in 0..1000 {
+        due = line.pass(11, 115_200, start, true);
+    }
+    assert_eq!(due - start, byte_time(11_000, 115_200));
+    assert_eq!(line.scheduled(), byte_time(11_000, 115_200));
+    assert_eq!(line.periods(), 1);
+    // A pause starts a new period at the time the bytes come; a new baud starts one too.
+    let later = due + Duration::from_millis(5);
+    assert_eq!(
+        line.pass(92, 921_600, later, false),
+        later + byte_time(92, 921_600)
+    );
+    assert_eq!(line.periods(), 2);
+    assert_eq!(
+        line.scheduled(),
+        byte_time(11_000, 115_200) + byte_time(92, 921_600)
+    );
+}
+
+#[test]
+fn wire_time_counts_a_sync_exchange_exactly() {
+    use std::io::{Read, Write};
+    let esp = Config::esp32c3().wire_time(true).start();
+    assert!(esp.wire_time());
+    // One SYNC request: 8-byte header + 36-byte body, nothing to escape, two frame ends.
+    let mut request = vec![0xC0, 0x00, op::SYNC, 36, 0, 0, 0, 0, 0];
+    request.extend_from_slice(&[0x07, 0x07, 0x12, 0x20]);
+    request.extend_from_slice(&[0x55; 32]);
+    request.push(0xC0);
+    assert_eq!(request.len(), 46);
+    let mut port = esp.open_port();
+    serialport::SerialPort::set_timeout(&mut port, Duration::from_secs(3)).unwrap();
+    port.write_all(&request).unwrap();
+    // Eight answers of 8-byte header + 4 status bytes, framed: 8 × 14 bytes.
+    let mut answers = vec![0u8; 8 * 14];
+    port.read_exact(&mut answers).unwrap();
+    esp.settle();
+    let wire = esp.wire();
+    assert_eq!(wire.received, [(115_200, 46)].into());
+    assert_eq!(wire.sent, [(115_200, 112)].into());
+    assert_eq!(wire.seconds(), (46.0 + 112.0) * 10.0 / 115_200.0);
+    assert_clock_matches_counters(&wire);
+}
+
+#[test]
+fn wire_time_paces_a_transfer_at_115200() {
+    const N: usize = 4096;
+    let esp = Config::esp32c3().wire_time(true).start();
+    let data = noise(N, 13);
+    let mut flasher = connect(&esp, false);
+    write(&mut flasher, &[(0x9000, &data)]).unwrap();
+    drop(flasher);
+    esp.settle();
+    assert!(esp.read(0x9000, N) == data, "the data arrived");
+    let wire = esp.wire();
+    // Everything at the ROM's 115200: the N bytes and the protocol around them.
+    assert_eq!(wire.received.keys().copied().collect::<Vec<_>>(), [115_200]);
+    assert_eq!(wire.sent.keys().copied().collect::<Vec<_>>(), [115_200]);
+    assert!(wire.bytes_received() > N as u64, "{:?}", wire.received);
+    assert!(wire.received_seconds() >= N as f64 * 10.0 / 115_200.0);
+    assert_clock_matches_counters(&wire);
+}
+
+#[test]
+fn wire_time_follows_change_baudrate() {
+    const N: usize = 16 * 1024;
+    let esp = Config::esp32c3().wire_time(true).start();
+    let data = noise(N, 14);
+    let mut flasher = try_connect(&esp, false, Some(921_600)).unwrap();
+    write(&mut flasher, &[(0x10000, &data)]).unwrap();
+    drop(flasher);
+    esp.settle();
+    assert!(esp.read(0x10000, N) == data, "the data arrived");
+    assert!(esp.events().contains(&Event::ChangeBaud {
+        new: 921_600,
+        prior: 0
+    }));
+    let wire = esp.wire();
+    // The handshake and CHANGE_BAUDRATE with its answer at 115200, the transfer at 921600.
+    assert_eq!(
+        wire.received.keys().copied().collect::<Vec<_>>(),
+        [115_200, 921_600]
+    );
+    assert_eq!(
+        wire.sent.keys().copied().collect::<Vec<_>>(),
+        [115_200, 921_600]
+    );
+    assert!(wire.received[&921_600] > N as u64, "{:?}", wire.received);
+    assert!(wire.received[&115_200] < 1024, "{:?}", wire.received);
+    assert_clock_matches_counters(&wire);
+}
+
+#[test]
+fn without_wire_time_the_wire_is_counted_but_not_paced() {
+    let esp = Config::esp32c3().wire_time(false).start();
+    let data = noise(4096, 15);
+    let mut flasher = connect(&esp, false);
+    write(&mut flasher, &[(0x9000, &data)]).unwrap();
+    drop(flasher);
+    esp.settle();
+    let wire = esp.wire();
+    assert!(!wire.paced);
+    assert!(wire.bytes_received() > 4096, "{:?}", wire.received);
+    assert!(wire.bytes_sent() > 0);
+    assert_eq!(wire.received_clock + wire.sent_clock, Duration::ZERO);
 }

@@ -2,34 +2,17 @@
 //! package, espflash's `--after` at the end of every command, connection errors, and the
 //! serial monitor — the CLI binary against the ROM-loader emulator on a pty.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use support::fake_esp::{Config, Event, FakeEsp, Fault, Loader};
-use support::{bin, tempdir};
+use crate::support::fake_esp::{Config, Event, FakeEsp, Fault, Loader};
+use crate::support::{assert_fails, assert_ok, bin, stderr, tempdir};
 
 fn firmware_manifest() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/esp32c3-factory-data/Cargo.toml")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_ok(out: &Output) {
-    assert!(out.status.success(), "failed:\n{}", stderr(out));
-}
-
-fn assert_fails(out: &Output, needles: &[&str]) {
-    let err = stderr(out);
-    assert!(!out.status.success(), "unexpected success:\n{err}");
-    for needle in needles {
-        assert!(err.contains(needle), "`{needle}` not in:\n{err}");
-    }
-    assert!(!err.contains("panicked"), "{err}");
 }
 
 /// `cargo nvs ARGS… --port <pty> --before no-reset --after no-reset`, run in `dir` (outside any

@@ -30,6 +30,7 @@ fn plain(input: &str, size: u64, version: Version) -> Vec<u8> {
     image.finish().unwrap()
 }
 
+#[track_caller]
 fn assert_same(ours: &[u8], expected: &[u8], what: &str) {
     if ours != expected {
         panic!(

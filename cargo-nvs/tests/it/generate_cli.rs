@@ -1,9 +1,7 @@
 //! `cargo nvs generate` and `cargo nvs dump` as a user runs them: every class of bad input gets
 //! a clear error naming file, line and key, a non-zero exit and no output file.
 
-mod support;
-
-use support::{Case, bin, vectors};
+use crate::support::{Case, bin, vectors};
 
 const HEAD: &str = "key,type,encoding,value\nns,namespace,,\n";
 

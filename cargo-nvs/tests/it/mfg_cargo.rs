@@ -2,15 +2,15 @@
 //! Cargo metadata (the ESP32-C3 firmware example), each device's image the one `cargo nvs
 //! generate` makes with the `per-device` keys set to that device's row.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+use crate::support::{Case, assert_ok, bin, stderr};
 use nvs_build::metadata::Metadata;
 use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
-use support::{Case, bin};
 
 /// The firmware's `DEVICE_NAME` env source, fixed so the images do not depend on the caller.
 const DEVICE_NAME: &str = "mfg-cargo-test";
@@ -54,15 +54,8 @@ fn mfg_devices_into(case: &Case, out_dir: &str, extra: &[&str]) -> Output {
     mfg(case, &args)
 }
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_ok(out: &Output) {
-    assert!(out.status.success(), "failed: {}", stderr(out));
-}
-
 /// The run failed naming every needle, and `out_dir` holds nothing.
+#[track_caller]
 fn assert_refused(case: &Case, out: &Output, out_dir: &str, needles: &[&str]) {
     let text = stderr(out);
     assert!(!out.status.success(), "expected failure; stderr: {text}");

@@ -1061,12 +1061,14 @@ fn their_binary(table: &esp_idf_part::PartitionTable) -> Option<Vec<u8>> {
 }
 
 /// Both read `text` the same way, and write the same binary, which both read back.
+#[track_caller]
 fn assert_agrees_with_esp_idf_part(text: &str) {
     let ours = csv(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let theirs = theirs_csv(text).unwrap_or_else(|| panic!("esp-idf-part refused:\n{text}"));
     assert_same(&ours, &theirs, text);
 }
 
+#[track_caller]
 fn assert_same(ours: &PartitionTable, theirs: &esp_idf_part::PartitionTable, text: &str) {
     assert_eq!(rows(ours), their_rows(theirs), "{text}");
     let binary = ours.to_binary();
