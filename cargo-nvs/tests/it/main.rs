@@ -18,3 +18,4 @@ mod mfg_disk_full;
 mod mfg_flash;
 mod refusals_cli;
 mod runner_cli;
+mod station;

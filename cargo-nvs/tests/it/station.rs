@@ -2,8 +2,6 @@
 //! socket, re-pointed to a new emulator (a new board with a new MAC) when a board is swapped;
 //! a path that vanishes is a board taken away.
 
-mod support;
-
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -11,8 +9,9 @@ use std::process::{Child, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::fake_esp::{Config, Event, FakeEsp, Fault};
-use support::{Case, bin};
+use crate::support;
+use crate::support::fake_esp::{Config, Event, FakeEsp, Fault};
+use crate::support::{Case, bin};
 
 const CONFIG: &str = "app,namespace,\nserial,data,string\nnum,data,u8\n";
 /// The firmware's table: the images go to `nvs` at 0x9000.
