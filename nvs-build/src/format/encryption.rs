@@ -34,7 +34,10 @@ impl fmt::Debug for XtsKey {
 #[non_exhaustive]
 pub enum KeyError {
     /// A key file shorter than the 64 key bytes.
-    TooShort { len: usize },
+    TooShort {
+        /// The file's length in bytes.
+        len: usize,
+    },
     /// Both halves equal: XTS forbids it (the reference's crypto library refuses it too).
     EqualHalves,
     /// An empty HMAC key.
@@ -66,6 +69,7 @@ impl std::error::Error for KeyError {}
 /// A key read from a key file, and whether the file's CRC matched.
 #[derive(Debug)]
 pub struct KeyFile {
+    /// The key (the file's first 64 bytes).
     pub key: XtsKey,
     /// False when the file's CRC at offset 64 does not match: the reference does not check it,
     /// but the device refuses such an nvs_keys partition.
