@@ -3,6 +3,7 @@
 
 mod support;
 
+#[cfg(unix)]
 use std::path::Path;
 use std::process::Output;
 

@@ -513,6 +513,7 @@ fn existing_images_are_kept_only_by_resume_with_the_same_values() {
 }
 
 #[test]
+#[cfg(unix)] // the emulator needs a pty
 fn mfg_flash_writes_the_ledgers_image_into_the_factory_partition() {
     use support::fake_esp::Config;
     let case = Case::new();
@@ -556,6 +557,7 @@ fn mfg_flash_writes_the_ledgers_image_into_the_factory_partition() {
 }
 
 #[test]
+#[cfg(unix)] // the emulator needs a pty
 fn a_throwaway_crate_with_two_per_device_partitions() {
     let case = Case::new();
     std::fs::create_dir_all(case.dir.path().join("fw/src")).unwrap();
@@ -913,6 +915,7 @@ fn the_package_ledger_is_beside_cargo_toml_unless_the_metadata_or_the_environmen
 }
 
 #[test]
+#[cfg(unix)] // the emulator needs a pty
 fn mfg_flash_and_log_in_the_package_use_its_ledger_and_every_batch_on_disk() {
     use support::fake_esp::Config;
     let case = Case::new();

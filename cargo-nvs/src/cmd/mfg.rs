@@ -879,8 +879,8 @@ fn lock_out_dir(out_dir: &Path) -> CliResult<std::fs::File> {
 /// Elsewhere folders cannot be opened as files; the ledger's reservation still keeps two runs
 /// from issuing the same id.
 #[cfg(not(unix))]
-fn lock_out_dir(_out_dir: &Path) -> CliResult<()> {
-    Ok(())
+fn lock_out_dir(_out_dir: &Path) -> CliResult<Option<std::fs::File>> {
+    Ok(None)
 }
 
 /// Reserves the run's ids in the ledger before any file is written, so that a run issuing the
