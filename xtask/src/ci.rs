@@ -76,13 +76,17 @@ pub fn run(sh: &Shell, diff_cases: usize) -> Result<ExitCode> {
         }),
     ];
     let mut failed = Vec::new();
+    let mut took = Vec::new();
     for (name, step) in steps {
         eprintln!("\n=== ci: {name}");
+        let start = std::time::Instant::now();
         if let Err(e) = step() {
             eprintln!("ci: {name} failed: {e}");
             failed.push(name);
         }
+        took.push(format!("{name} {:.0?}", start.elapsed()));
     }
+    eprintln!("\nci: time per step: {}", took.join(", "));
     let passed = STEPS - failed.len();
     if !failed.is_empty() {
         eprintln!("\nci: failed steps: {}", failed.join(", "));
