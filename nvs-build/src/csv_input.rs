@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use csv_core::ReadRecordResult;
 
 use crate::encoding::{Encoding, decode_fill};
-use crate::error::{InputError, Location, read_input};
+use crate::error::{Error, Location, read_input};
 use crate::format::Value;
 use crate::image::ImageInput;
 
@@ -37,21 +37,16 @@ impl FileBase {
 
 impl ImageInput {
     /// Reads a CSV file and adds its rows.
-    pub fn add_csv_file(&mut self, path: &Path, files: &FileBase) -> Result<(), InputError> {
+    pub fn add_csv_file(&mut self, path: &Path, files: &FileBase) -> Result<(), Error> {
         let bytes = read_input(path, "CSV file")?;
         self.note_file_read(path);
         self.add_csv(path, &bytes, files)
     }
 
     /// Adds the rows of CSV text; `path` names it in errors.
-    pub fn add_csv(
-        &mut self,
-        path: &Path,
-        bytes: &[u8],
-        files: &FileBase,
-    ) -> Result<(), InputError> {
+    pub fn add_csv(&mut self, path: &Path, bytes: &[u8], files: &FileBase) -> Result<(), Error> {
         if bytes.starts_with(b"\xEF\xBB\xBF") {
-            return Err(InputError::new(
+            return Err(Error::new(
                 Some(Location::line(path, 1)),
                 None,
                 "the file starts with a UTF-8 byte-order mark (BOM), which hides the `key` column; \
@@ -106,7 +101,7 @@ impl ImageInput {
                 .iter()
                 .find(|f| f.len() > MAX_FIELD_CHARS && f.chars().count() > MAX_FIELD_CHARS)
             {
-                return Err(InputError::new(
+                return Err(Error::new(
                     Some(at.clone()),
                     None,
                     format!(
@@ -131,7 +126,7 @@ impl ImageInput {
                 return Ok(());
             };
             if let Some(missing) = COLUMNS.iter().zip(columns).find(|(_, c)| c.is_none()) {
-                return Err(InputError::new(
+                return Err(Error::new(
                     Some(Location::line(path, header_line)),
                     None,
                     format!(
@@ -156,9 +151,9 @@ impl ImageInput {
         at: &Location,
         [key, ty, encoding, value]: [Option<&str>; 4],
         files: &FileBase,
-    ) -> Result<(), InputError> {
+    ) -> Result<(), Error> {
         let short = |what: &str, key: Option<&str>| {
-            InputError::new(
+            Error::new(
                 Some(at.clone()),
                 key,
                 format!("the row has no `{what}` field; rows are `key,type,encoding,value`"),
@@ -168,7 +163,7 @@ impl ImageInput {
         let ty = ty.ok_or_else(|| short("type", Some(key)))?;
         if ty == "namespace" {
             if crate::format::is_wifi_key(key) {
-                return Err(InputError::new(
+                return Err(Error::new(
                     Some(at.clone()),
                     Some(key),
                     "this Wi-Fi key name cannot be a namespace name (Espressif's generator treats it as a Wi-Fi value)",
@@ -178,7 +173,7 @@ impl ImageInput {
         }
         let encoding = encoding.ok_or_else(|| short("encoding", Some(key)))?;
         let value = value.ok_or_else(|| short("value", Some(key)))?;
-        let err = |message: String| InputError::new(Some(at.clone()), Some(key), message);
+        let err = |message: String| Error::new(Some(at.clone()), Some(key), message);
 
         // The reference does not read files for the Wi-Fi station keys: the path is the value.
         let from_file = ty == "file" && !matches!(key, "sta.ssid" | "sta.pswd");

@@ -6,6 +6,7 @@ use crate::format::FormatError;
 /// Where in an input file something was found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Location {
+    /// The file.
     pub path: PathBuf,
     /// 1-based line, when known.
     pub line: Option<usize>,
@@ -14,6 +15,7 @@ pub struct Location {
 }
 
 impl Location {
+    /// The whole file.
     pub fn file(path: &Path) -> Location {
         Location {
             path: path.to_owned(),
@@ -22,6 +24,7 @@ impl Location {
         }
     }
 
+    /// A line of a file (1-based).
     pub fn line(path: &Path, line: usize) -> Location {
         Location {
             path: path.to_owned(),
@@ -30,6 +33,7 @@ impl Location {
         }
     }
 
+    /// A line and column of a file (both 1-based).
     pub fn column(path: &Path, line: usize, column: usize) -> Location {
         Location {
             path: path.to_owned(),
@@ -40,29 +44,25 @@ impl Location {
 }
 
 /// `bytes` as UTF-8 text; the error (`message`) names the line of the first invalid byte.
-pub(crate) fn utf8_text<'a>(
-    path: &Path,
-    bytes: &'a [u8],
-    message: &str,
-) -> Result<&'a str, InputError> {
+pub(crate) fn utf8_text<'a>(path: &Path, bytes: &'a [u8], message: &str) -> Result<&'a str, Error> {
     std::str::from_utf8(bytes).map_err(|e| {
         let line = 1 + bytes[..e.valid_up_to()]
             .iter()
             .filter(|&&b| b == b'\n')
             .count();
-        InputError::new(Some(Location::line(path, line)), None, message)
+        Error::new(Some(Location::line(path, line)), None, message)
     })
 }
 
 /// Reads an input file; the error names the file and says which input it is (`what`).
-pub(crate) fn read_input(path: &Path, what: &str) -> Result<Vec<u8>, InputError> {
+pub(crate) fn read_input(path: &Path, what: &str) -> Result<Vec<u8>, Error> {
     read_input_max(path, what, MAX_INPUT_BYTES)
 }
 
 /// [`read_input`] with a smaller cap (key files, value files).
-pub(crate) fn read_input_max(path: &Path, what: &str, limit: u64) -> Result<Vec<u8>, InputError> {
+pub(crate) fn read_input_max(path: &Path, what: &str, limit: u64) -> Result<Vec<u8>, Error> {
     read_limited(path, limit).map_err(|e| {
-        InputError::new(
+        Error::new(
             Some(Location::file(path)),
             None,
             format!("cannot read the {what}: {e}"),
@@ -109,9 +109,9 @@ fn too_large(limit: u64) -> std::io::Error {
 }
 
 /// [`read_input`] for text files.
-pub(crate) fn read_input_text(path: &Path, what: &str) -> Result<String, InputError> {
+pub(crate) fn read_input_text(path: &Path, what: &str) -> Result<String, Error> {
     String::from_utf8(read_input(path, what)?).map_err(|_| {
-        InputError::new(
+        Error::new(
             Some(Location::file(path)),
             None,
             format!("the {what} is not valid UTF-8"),
@@ -135,7 +135,7 @@ impl fmt::Display for Location {
 /// An error in the inputs of an image (a CSV file, Cargo metadata, a partition table or a file
 /// they name), with the place it was found and the key concerned.
 #[derive(Debug)]
-pub struct InputError(Box<Details>);
+pub struct Error(Box<Details>);
 
 #[derive(Debug)]
 struct Details {
@@ -145,9 +145,10 @@ struct Details {
     format: Option<FormatError>,
 }
 
-impl InputError {
+impl Error {
+    #[doc(hidden)]
     pub fn new(location: Option<Location>, key: Option<&str>, message: impl Into<String>) -> Self {
-        InputError(Box::new(Details {
+        Error(Box::new(Details {
             location,
             key: key.map(str::to_owned),
             message: message.into(),
@@ -155,8 +156,9 @@ impl InputError {
         }))
     }
 
+    #[doc(hidden)]
     pub fn from_format(location: Option<Location>, key: Option<&str>, err: FormatError) -> Self {
-        let mut e = InputError::new(location, key, err.to_string());
+        let mut e = Error::new(location, key, err.to_string());
         e.0.format = Some(err);
         e
     }
@@ -167,10 +169,12 @@ impl InputError {
         self
     }
 
+    /// Where in which input file, when the error concerns one.
     pub fn location(&self) -> Option<&Location> {
         self.0.location.as_ref()
     }
 
+    /// The key concerned, when there is one.
     pub fn key(&self) -> Option<&str> {
         self.0.key.as_deref()
     }
@@ -186,7 +190,7 @@ impl InputError {
     }
 }
 
-impl fmt::Display for InputError {
+impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(location) = &self.0.location {
             write!(f, "{location}: ")?;
@@ -199,7 +203,7 @@ impl fmt::Display for InputError {
     }
 }
 
-impl std::error::Error for InputError {
+impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.0.format.as_ref().map(|e| e as _)
     }

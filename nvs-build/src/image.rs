@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::{InputError, Location};
+use crate::error::{Error, Location};
 use crate::format::{FormatError, ImageBuilder, PartitionSize, Value, Version};
 
 /// An image being assembled for a partition of a given size.
@@ -17,6 +17,7 @@ pub struct ImageInput {
 }
 
 impl ImageInput {
+    /// An empty image for a partition of `size` bytes in format `version`.
     pub fn new(size: PartitionSize, version: Version) -> ImageInput {
         ImageInput {
             // Partitions are small (KiBs to a few MiB); reserving them avoids regrowth.
@@ -34,10 +35,12 @@ impl ImageInput {
         self.builder.allow_device_string_lengths(allow);
     }
 
+    /// The partition's size.
     pub fn size(&self) -> PartitionSize {
         self.size
     }
 
+    /// The format version.
     pub fn version(&self) -> Version {
         self.builder.version()
     }
@@ -64,10 +67,10 @@ impl ImageInput {
     }
 
     /// Opens (or continues) a namespace.
-    pub fn namespace(&mut self, at: Option<&Location>, name: &str) -> Result<(), InputError> {
+    pub fn namespace(&mut self, at: Option<&Location>, name: &str) -> Result<(), Error> {
         self.builder
             .namespace(name)
-            .map_err(|e| InputError::from_format(at.cloned(), Some(name), e))?;
+            .map_err(|e| Error::from_format(at.cloned(), Some(name), e))?;
         self.track_overflow(at, name);
         Ok(())
     }
@@ -79,10 +82,10 @@ impl ImageInput {
         key: &str,
         value: Value,
         source_text: &str,
-    ) -> Result<(), InputError> {
+    ) -> Result<(), Error> {
         self.builder
             .add_with_source_text(key, value, source_text)
-            .map_err(|e| InputError::from_format(at.cloned(), Some(key), e))?;
+            .map_err(|e| Error::from_format(at.cloned(), Some(key), e))?;
         self.track_overflow(at, key);
         Ok(())
     }
@@ -99,23 +102,23 @@ impl ImageInput {
     pub fn finish_encrypted(
         self,
         key: &crate::format::encryption::XtsKey,
-    ) -> Result<Vec<u8>, InputError> {
+    ) -> Result<Vec<u8>, Error> {
         let mut bytes = self.finish()?;
         crate::format::encryption::encrypt_image(&mut bytes, key);
         Ok(bytes)
     }
 
     /// The finished image bytes.
-    pub fn finish(self) -> Result<Vec<u8>, InputError> {
+    pub fn finish(self) -> Result<Vec<u8>, Error> {
         let overflow = self.overflow;
         self.builder
             .finish(self.size)
             .map_err(|e| match (e, overflow) {
                 (e @ FormatError::PartitionTooSmall { .. }, Some((at, key))) => {
-                    InputError::from_format(at, Some(&key), e)
+                    Error::from_format(at, Some(&key), e)
                         .with_note(&format!(" (the data overflows at key `{key}`)"))
                 }
-                (e, _) => InputError::from_format(None, None, e),
+                (e, _) => Error::from_format(None, None, e),
             })
     }
 }

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::error::{InputError, Location};
+use crate::error::{Error, Location};
 use crate::format::encryption::XtsKey;
 
 /// A key loaded from a file, and what the caller should warn about.
@@ -16,15 +16,15 @@ pub struct LoadedKey {
 
 use crate::error::{MAX_KEY_FILE_BYTES, read_input_max};
 
-fn read(path: &Path, what: &str) -> Result<Vec<u8>, InputError> {
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, Error> {
     read_input_max(path, what, MAX_KEY_FILE_BYTES)
 }
 
 /// Reads an nvs_keys image (or any file whose first 64 bytes are the XTS key).
-pub fn load_key_file(path: &Path) -> Result<LoadedKey, InputError> {
+pub fn load_key_file(path: &Path) -> Result<LoadedKey, Error> {
     let bytes = read(path, "key file")?;
     let file = XtsKey::from_key_file(&bytes)
-        .map_err(|e| InputError::new(Some(Location::file(path)), None, e.to_string()))?;
+        .map_err(|e| Error::new(Some(Location::file(path)), None, e.to_string()))?;
     let warning = (!file.crc_ok).then(|| {
         format!(
             "{}: the key file's CRC (bytes 64..68) does not match its keys; the device will refuse \
@@ -39,8 +39,8 @@ pub fn load_key_file(path: &Path) -> Result<LoadedKey, InputError> {
 }
 
 /// Derives the XTS key of the HMAC-based scheme from an HMAC key file (all of it is the key).
-pub fn load_hmac_key(path: &Path) -> Result<XtsKey, InputError> {
+pub fn load_hmac_key(path: &Path) -> Result<XtsKey, Error> {
     let bytes = read(path, "HMAC key file")?;
     XtsKey::derive_from_hmac(&bytes)
-        .map_err(|e| InputError::new(Some(Location::file(path)), None, e.to_string()))
+        .map_err(|e| Error::new(Some(Location::file(path)), None, e.to_string()))
 }

@@ -11,7 +11,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::encoding::Encoding;
-use crate::error::{InputError, Location, read_input_text};
+use crate::error::{Error, Location, read_input_text};
 use crate::format::Version;
 use crate::table::{Partition, PartitionTable};
 
@@ -136,17 +136,17 @@ pub enum ValueSource {
 impl Metadata {
     /// Reads `[package.metadata.nvs]` from a manifest. Returns `Ok(None)` when the package has
     /// no such table.
-    pub fn from_manifest(manifest_path: &Path) -> Result<Option<Metadata>, InputError> {
+    pub fn from_manifest(manifest_path: &Path) -> Result<Option<Metadata>, Error> {
         let text = read_input_text(manifest_path, "manifest")?;
         Metadata::parse(manifest_path, &text)
     }
 
     /// Parses manifest text (`manifest_path` names it in errors and anchors relative paths).
-    pub fn parse(manifest_path: &Path, text: &str) -> Result<Option<Metadata>, InputError> {
+    pub fn parse(manifest_path: &Path, text: &str) -> Result<Option<Metadata>, Error> {
         let doc = Doc::new(manifest_path, text);
         let root = DeTable::parse(text).map_err(|e| {
             let at = e.span().map(|s| doc.location(s.start));
-            InputError::new(
+            Error::new(
                 at.or_else(|| Some(Location::file(manifest_path))),
                 None,
                 format!("invalid TOML: {}", e.message()),
@@ -211,7 +211,7 @@ fn load_table(
     manifest_dir: &Path,
     configured: Option<PathBuf>,
     offset_override: Option<u32>,
-) -> Result<(PartitionTable, TableSource, Option<PathBuf>), InputError> {
+) -> Result<(PartitionTable, TableSource, Option<PathBuf>), Error> {
     // espflash.toml counts even when the metadata names the table: its table offset is the
     // one espflash will flash the table at.
     let espflash = espflash_table(manifest_dir)?;
@@ -252,7 +252,7 @@ fn conventional_or_default(manifest_dir: &Path) -> TableSource {
 #[allow(clippy::type_complexity)]
 fn espflash_table(
     manifest_dir: &Path,
-) -> Result<Option<(PathBuf, Option<PathBuf>, Option<u32>)>, InputError> {
+) -> Result<Option<(PathBuf, Option<PathBuf>, Option<u32>)>, Error> {
     let candidates = [Some(manifest_dir), manifest_dir.parent()];
     let Some(config) = candidates
         .iter()
@@ -266,7 +266,7 @@ fn espflash_table(
     let doc = Doc::new(&config, &text);
     let root = DeTable::parse(&text).map_err(|e| {
         let at = e.span().map(|s| doc.location(s.start));
-        InputError::new(
+        Error::new(
             at.or_else(|| Some(Location::file(&config))),
             None,
             format!("invalid TOML: {}", e.message()),
@@ -341,11 +341,11 @@ impl<'d> Doc<'d> {
         spanned: &Spanned<T>,
         key: Option<&str>,
         message: impl Into<String>,
-    ) -> InputError {
-        InputError::new(Some(self.at(spanned)), key, message)
+    ) -> Error {
+        Error::new(Some(self.at(spanned)), key, message)
     }
 
-    fn table<'a, 'i>(&self, value: &'a Val<'i>, what: &str) -> Result<&'a DeTable<'i>, InputError> {
+    fn table<'a, 'i>(&self, value: &'a Val<'i>, what: &str) -> Result<&'a DeTable<'i>, Error> {
         value.get_ref().as_table().ok_or_else(|| {
             self.error(
                 value,
@@ -358,7 +358,7 @@ impl<'d> Doc<'d> {
         })
     }
 
-    fn string<'a>(&self, value: &'a Val<'_>, what: &str) -> Result<&'a str, InputError> {
+    fn string<'a>(&self, value: &'a Val<'_>, what: &str) -> Result<&'a str, Error> {
         value.get_ref().as_str().ok_or_else(|| {
             self.error(
                 value,
@@ -371,7 +371,7 @@ impl<'d> Doc<'d> {
         })
     }
 
-    fn integer(&self, value: &Val<'_>, what: &str) -> Result<i128, InputError> {
+    fn integer(&self, value: &Val<'_>, what: &str) -> Result<i128, Error> {
         let int = value.get_ref().as_integer().ok_or_else(|| {
             self.error(
                 value,
@@ -386,7 +386,7 @@ impl<'d> Doc<'d> {
             .map_err(|_| self.error(value, None, format!("`{what}` is too large")))
     }
 
-    fn u32_value(&self, value: &Val<'_>, what: &str) -> Result<u32, InputError> {
+    fn u32_value(&self, value: &Val<'_>, what: &str) -> Result<u32, Error> {
         let n = self.integer(value, what)?;
         u32::try_from(n).map_err(|_| {
             self.error(
@@ -397,7 +397,7 @@ impl<'d> Doc<'d> {
         })
     }
 
-    fn bool_value(&self, value: &Val<'_>, what: &str) -> Result<bool, InputError> {
+    fn bool_value(&self, value: &Val<'_>, what: &str) -> Result<bool, Error> {
         value.get_ref().as_bool().ok_or_else(|| {
             self.error(
                 value,
@@ -411,7 +411,7 @@ impl<'d> Doc<'d> {
     }
 
     /// Refuses keys other than `allowed`, naming the first unknown one.
-    fn only_keys(&self, table: &DeTable<'_>, allowed: &[&str]) -> Result<(), InputError> {
+    fn only_keys(&self, table: &DeTable<'_>, allowed: &[&str]) -> Result<(), Error> {
         match table
             .iter()
             .find(|(k, _)| !allowed.contains(&k.get_ref().as_ref()))
@@ -435,7 +435,7 @@ impl<'d> Doc<'d> {
         spec: &Val<'_>,
         table: &PartitionTable,
         source: &TableSource,
-    ) -> Result<PartitionSpec, InputError> {
+    ) -> Result<PartitionSpec, Error> {
         let at = self.at(name);
         let part_name = name.get_ref().as_ref();
         let fields = self.table(spec, part_name)?;
@@ -496,7 +496,7 @@ impl<'d> Doc<'d> {
                 .flat_map(|ns| &ns.entries)
                 .find(|e| e.encoding.is_float())
             {
-                return Err(InputError::new(
+                return Err(Error::new(
                     Some(entry.at.clone()),
                     Some(&entry.key),
                     format!(
@@ -543,7 +543,7 @@ impl<'d> Doc<'d> {
     }
 
     /// `idf-version = "6.1"` (also "6.1.2", "v6.1"): major and minor.
-    fn idf_version(&self, value: &Val<'_>) -> Result<(u32, u32), InputError> {
+    fn idf_version(&self, value: &Val<'_>) -> Result<(u32, u32), Error> {
         let text = self.string(value, "idf-version")?;
         let mut parts = text.strip_prefix('v').unwrap_or(text).split('.');
         let mut number = || parts.next().and_then(|p| p.parse::<u32>().ok());
@@ -557,11 +557,7 @@ impl<'d> Doc<'d> {
         }
     }
 
-    fn encryption(
-        &self,
-        value: &Val<'_>,
-        manifest_dir: &Path,
-    ) -> Result<EncryptionSpec, InputError> {
+    fn encryption(&self, value: &Val<'_>, manifest_dir: &Path) -> Result<EncryptionSpec, Error> {
         let fields = self.table(value, "encryption")?;
         self.only_keys(fields, &["keys", "hmac-key"])?;
         match (lookup(fields, "keys"), lookup(fields, "hmac-key")) {
@@ -575,7 +571,7 @@ impl<'d> Doc<'d> {
         }
     }
 
-    fn namespace(&self, name: &Key<'_>, entries: &Val<'_>) -> Result<NamespaceSpec, InputError> {
+    fn namespace(&self, name: &Key<'_>, entries: &Val<'_>) -> Result<NamespaceSpec, Error> {
         let ns_name = name.get_ref().as_ref();
         let mut spec = NamespaceSpec {
             name: ns_name.to_owned(),
@@ -590,7 +586,7 @@ impl<'d> Doc<'d> {
 
     /// One key: a bare string, or `{ TYPE = VALUE }` where VALUE is a literal or
     /// `{ env = … }`, `{ file = … }`, `{ per-device = …, dev = … }`.
-    fn entry(&self, key: &Key<'_>, value: &Val<'_>) -> Result<EntrySpec, InputError> {
+    fn entry(&self, key: &Key<'_>, value: &Val<'_>) -> Result<EntrySpec, Error> {
         let name = key.get_ref().as_ref();
         let entry = |encoding, source| EntrySpec {
             key: name.to_owned(),
@@ -687,8 +683,8 @@ impl<'d> Doc<'d> {
         at: &Val<'_>,
         fields: &DeTable<'_>,
         manifest_dir: &Path,
-    ) -> Result<ValueSource, InputError> {
-        let text = |v: &Val<'_>, what: &str| -> Result<String, InputError> {
+    ) -> Result<ValueSource, Error> {
+        let text = |v: &Val<'_>, what: &str| -> Result<String, Error> {
             match v.get_ref() {
                 DeValue::String(s) => Ok(s.to_string()),
                 DeValue::Integer(_) => Ok(self.integer(v, what)?.to_string()),

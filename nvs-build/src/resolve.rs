@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use crate::csv_input::FileBase;
-use crate::error::InputError;
+use crate::error::Error;
 use crate::format::{PartitionSize, Value};
 use crate::image::ImageInput;
 use crate::metadata::{EntrySpec, PartitionSpec, ValueSource};
@@ -88,7 +88,7 @@ pub fn build_partition(
     spec: &PartitionSpec,
     manifest_dir: &std::path::Path,
     inputs: &mut Inputs<'_>,
-) -> Result<PartitionImage, InputError> {
+) -> Result<PartitionImage, Error> {
     // Per-device keys without a value skip the partition (before reading anything else).
     if inputs.per_device.is_none() {
         let missing = spec
@@ -106,7 +106,7 @@ pub fn build_partition(
         }
     }
     let size = PartitionSize::new(u64::from(spec.size))
-        .map_err(|e| InputError::from_format(Some(spec.at.clone()), Some(&spec.name), e))?;
+        .map_err(|e| Error::from_format(Some(spec.at.clone()), Some(&spec.name), e))?;
     let mut image = ImageInput::new(size, spec.version);
     let files = FileBase::Dir(manifest_dir.to_owned());
     for (csv, listed_at) in &spec.csv {
@@ -152,7 +152,7 @@ fn encrypt(
     encryption: &crate::metadata::EncryptionSpec,
     _at: &crate::error::Location,
     inputs: &mut Inputs<'_>,
-) -> Result<Vec<u8>, InputError> {
+) -> Result<Vec<u8>, Error> {
     use crate::metadata::EncryptionSpec;
     let key = match encryption {
         EncryptionSpec::KeyFile(path) => {
@@ -173,8 +173,8 @@ fn encrypt(
     _encryption: &crate::metadata::EncryptionSpec,
     at: &crate::error::Location,
     _inputs: &mut Inputs<'_>,
-) -> Result<Vec<u8>, InputError> {
-    Err(InputError::new(
+) -> Result<Vec<u8>, Error> {
+    Err(Error::new(
         Some(at.clone()),
         None,
         "this partition is encrypted, but nvs-build was compiled without its `encryption` feature; \
@@ -183,11 +183,8 @@ fn encrypt(
 }
 
 /// The value of one key, and the text it was written as (for the reference's Wi-Fi helper).
-fn resolve_value(
-    entry: &EntrySpec,
-    inputs: &mut Inputs<'_>,
-) -> Result<(Value, String), InputError> {
-    let fail = |msg: String| InputError::new(Some(entry.at.clone()), Some(&entry.key), msg);
+fn resolve_value(entry: &EntrySpec, inputs: &mut Inputs<'_>) -> Result<(Value, String), Error> {
+    let fail = |msg: String| Error::new(Some(entry.at.clone()), Some(&entry.key), msg);
     let text = match &entry.source {
         ValueSource::Text(text) => text.clone(),
         ValueSource::Integer(n) => {

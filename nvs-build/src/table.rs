@@ -29,7 +29,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::error::{InputError, Location};
+use crate::error::{Error, Location};
 
 mod binary;
 mod md5;
@@ -295,17 +295,13 @@ impl PartitionTable {
 
     /// Reads a CSV table. `path` names it in errors; `table_offset` is where the table is
     /// flashed ([`Self::DEFAULT_OFFSET`] unless configured otherwise).
-    pub fn parse_csv(path: &Path, text: &str, table_offset: u32) -> Result<Self, InputError> {
+    pub fn parse_csv(path: &Path, text: &str, table_offset: u32) -> Result<Self, Error> {
         Self::parse_csv_with(path, text, &CsvOptions::new(table_offset))
     }
 
     /// Reads a CSV table with all of `gen_esp32part.py`'s settings (needed for tables with
     /// `bootloader` rows).
-    pub fn parse_csv_with(
-        path: &Path,
-        text: &str,
-        options: &CsvOptions,
-    ) -> Result<Self, InputError> {
+    pub fn parse_csv_with(path: &Path, text: &str, options: &CsvOptions) -> Result<Self, Error> {
         check_table_offset(path, options.table_offset)?;
         let table = text::parse(path, text, options)?;
         table.verify(path, options.table_offset)?;
@@ -313,17 +309,13 @@ impl PartitionTable {
     }
 
     /// Reads a binary table, checking it as flashed at [`Self::DEFAULT_OFFSET`].
-    pub fn parse_binary(path: &Path, bytes: &[u8]) -> Result<Self, InputError> {
+    pub fn parse_binary(path: &Path, bytes: &[u8]) -> Result<Self, Error> {
         Self::parse_binary_at(path, bytes, Self::DEFAULT_OFFSET)
     }
 
     /// Reads a binary table flashed at `table_offset`. Bytes after the end marker are ignored;
     /// a table without the MD5 entry (CONFIG_PARTITION_TABLE_MD5 off) is accepted.
-    pub fn parse_binary_at(
-        path: &Path,
-        bytes: &[u8],
-        table_offset: u32,
-    ) -> Result<Self, InputError> {
+    pub fn parse_binary_at(path: &Path, bytes: &[u8], table_offset: u32) -> Result<Self, Error> {
         check_table_offset(path, table_offset)?;
         let table = binary::parse(path, bytes)?;
         table.verify(path, table_offset)?;
@@ -331,12 +323,12 @@ impl PartitionTable {
     }
 
     /// Reads a table file: binary if it starts with the entry magic 0xAA 0x50, else CSV.
-    pub fn load(path: &Path, table_offset: u32) -> Result<Self, InputError> {
+    pub fn load(path: &Path, table_offset: u32) -> Result<Self, Error> {
         Self::load_with(path, &CsvOptions::new(table_offset))
     }
 
     /// [`Self::load`] with all of `gen_esp32part.py`'s settings.
-    pub fn load_with(path: &Path, options: &CsvOptions) -> Result<Self, InputError> {
+    pub fn load_with(path: &Path, options: &CsvOptions) -> Result<Self, Error> {
         let bytes = crate::error::read_input(path, "partition table")?;
         if bytes.starts_with(&binary::ENTRY_MAGIC) {
             return Self::parse_binary_at(path, &bytes, options.table_offset);
@@ -374,7 +366,7 @@ impl PartitionTable {
 
     /// ESP-IDF's default table with the table at `table_offset`: its CSV leaves the offsets
     /// blank, so the partitions move with the table.
-    pub fn default_single_app_at(table_offset: u32) -> Result<Self, InputError> {
+    pub fn default_single_app_at(table_offset: u32) -> Result<Self, Error> {
         let mut table = Self::parse_csv(
             Path::new("<ESP-IDF partitions_singleapp.csv>"),
             SINGLE_APP_CSV,
@@ -421,13 +413,13 @@ impl PartitionTable {
     }
 
     /// The checks `gen_esp32part.py` makes on a whole table (and ours), after parsing.
-    fn verify(&self, path: &Path, table_offset: u32) -> Result<(), InputError> {
+    fn verify(&self, path: &Path, table_offset: u32) -> Result<(), Error> {
         let fail = |index: usize, message: String| {
             let partition = &self.partitions[index];
             match partition.line {
-                Some(line) => InputError::new(Some(Location::line(path, line)), None, message),
+                Some(line) => Error::new(Some(Location::line(path, line)), None, message),
                 // Binary tables have no lines: name the entry instead.
-                None => InputError::new(
+                None => Error::new(
                     Some(Location::file(path)),
                     None,
                     format!("entry {}: {message}", index + 1),
@@ -612,9 +604,9 @@ fn partition_label(p: &Partition) -> String {
     format!("partition `{}`", p.name)
 }
 
-fn check_table_offset(path: &Path, table_offset: u32) -> Result<(), InputError> {
+fn check_table_offset(path: &Path, table_offset: u32) -> Result<(), Error> {
     if table_offset % TABLE_SECTOR != 0 {
-        return Err(InputError::new(
+        return Err(Error::new(
             Some(Location::file(path)),
             None,
             format!(

@@ -3,6 +3,7 @@
 mod bench;
 mod casegen;
 mod ci;
+mod debian;
 mod diff_mfg;
 mod diff_ref;
 mod firmware;
@@ -23,7 +24,8 @@ const HELP: &str = "\
 cargo xtask <command>
 
 commands:
-  ci          everything .ci/run checks: format, clippy, MSRV, firmware build, tests, docs, diff-ref, diff-mfg
+  ci          everything .ci/run checks: format, clippy (Linux and Windows), MSRV, cargo package,
+              firmware build, tests, docs, diff-ref, diff-mfg
                 --cases N          diff-ref plain cases (default 500)
   flash       build the firmware example and flash it with its NVS images (cargo nvs flash)
                 --example NAME     default esp32c3-factory-data

@@ -226,26 +226,13 @@ fn debian_bin() -> Option<PathBuf> {
 }
 
 fn install(sh: &Shell) -> Result<()> {
-    if cmd!(sh, "id -u").read()?.trim() != "0" || which("apt-get").is_none() {
-        return Err(
-            "PostgreSQL is not installed and cannot be installed here (needs root and \
-                    apt-get): install its server (initdb, pg_ctl), or set NVS_TEST_POSTGRES to a \
-                    server whose user may create databases and run `cargo test`"
-                .into(),
-        );
-    }
-    eprintln!("postgres: installing the distribution's postgresql package");
-    cmd!(sh, "apt-get update -qq").run()?;
-    cmd!(sh, "apt-get install -y -qq postgresql")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .run()?;
-    Ok(())
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(program))
-        .find(|path| path.is_file())
+    crate::debian::install(sh, "postgresql", "PostgreSQL's server (initdb, pg_ctl)").map_err(|e| {
+        format!(
+            "{e}; or set NVS_TEST_POSTGRES to a server whose user may create databases and run \
+             `cargo test`"
+        )
+        .into()
+    })
 }
 
 fn free_port() -> Result<u16> {

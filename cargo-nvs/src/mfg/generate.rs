@@ -928,8 +928,8 @@ fn lock_out_dir(out_dir: &Path) -> Result<std::fs::File, GenerateError> {
 /// Elsewhere folders cannot be opened as files; the ledger's reservation still keeps two runs
 /// from issuing the same id.
 #[cfg(not(unix))]
-fn lock_out_dir(_out_dir: &Path) -> Result<(), GenerateError> {
-    Ok(())
+fn lock_out_dir(_out_dir: &Path) -> Result<Option<std::fs::File>, GenerateError> {
+    Ok(None)
 }
 
 /// Reserves the run's ids in the ledger before any file is written, so that a run issuing the

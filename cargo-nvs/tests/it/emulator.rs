@@ -2,6 +2,9 @@
 //! 4.7 as a library (the way `cargo nvs flash` talks to a board), plus an
 //! optional cross-check with esptool, the protocol's reference client.
 
+// Every test here talks to the emulator, which needs a pty.
+#![cfg(unix)]
+
 use crate::support;
 
 use std::path::Path;

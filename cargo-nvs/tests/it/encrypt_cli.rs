@@ -1,6 +1,7 @@
 //! `cargo nvs encrypt`, `decrypt`, `generate-key` and `dump --keys`: byte-identical to the
 //! reference for the same key, key files 0600 and never overwritten, key material never printed.
 
+#[cfg(unix)]
 use std::path::Path;
 use std::process::Output;
 

@@ -2,6 +2,9 @@
 //! `--port /dev/pts/N`), flashing the firmware example's real ELF into the ROM-loader emulator.
 //! The example is built first (`cargo xtask ci` does it; otherwise the first test builds it).
 
+// Every test here talks to the emulator, which needs a pty.
+#![cfg(unix)]
+
 use crate::support;
 
 use std::path::{Path, PathBuf};

@@ -506,6 +506,7 @@ fn existing_images_are_kept_only_by_resume_with_the_same_values() {
 }
 
 #[test]
+#[cfg(unix)] // the emulator needs a pty
 fn mfg_flash_writes_the_ledgers_image_into_the_factory_partition() {
     use support::fake_esp::Config;
     let case = Case::new();
@@ -549,6 +550,7 @@ fn mfg_flash_writes_the_ledgers_image_into_the_factory_partition() {
 }
 
 #[test]
+#[cfg(unix)] // the emulator needs a pty
 fn a_throwaway_crate_with_two_per_device_partitions() {
     let case = Case::new();
     std::fs::create_dir_all(case.dir.path().join("fw/src")).unwrap();
@@ -906,6 +908,7 @@ fn the_package_ledger_is_beside_cargo_toml_unless_the_metadata_or_the_environmen
 }
 
 #[test]
+#[cfg(unix)] // the emulator needs a pty
 fn mfg_flash_and_log_in_the_package_use_its_ledger_and_every_batch_on_disk() {
     use support::fake_esp::Config;
     let case = Case::new();
@@ -971,10 +974,12 @@ fn mfg_flash_and_log_in_the_package_use_its_ledger_and_every_batch_on_disk() {
     );
 }
 
+#[cfg(unix)] // the emulator needs a pty
 /// The firmware's table with `fctry` moved (where another version of it might put it).
 const MOVED_TABLE: &str = "nvs, data, nvs, 0x9000, 0x6000,\nphy_init, data, phy, 0xf000, 0x1000,\n\
     fctry, data, nvs, 0x10000, 0x2000, readonly\nfactory, app, factory, 0x20000, 1M,\n";
 
+#[cfg(unix)] // the emulator needs a pty
 /// `mfg flash --next` of the firmware's package, with `extra`, onto `esp`.
 fn mfg_flash_next(case: &Case, esp: &support::fake_esp::FakeEsp, extra: &[&str]) -> Output {
     let out = bin()
@@ -997,6 +1002,7 @@ fn mfg_flash_next(case: &Case, esp: &support::fake_esp::FakeEsp, extra: &[&str])
     out
 }
 
+#[cfg(unix)] // the emulator needs a pty
 /// The production log's rows (CSV, header first).
 fn log_rows(case: &Case) -> Vec<Vec<String>> {
     let out = bin()
@@ -1014,6 +1020,7 @@ fn log_rows(case: &Case) -> Vec<Vec<String>> {
 }
 
 #[test]
+#[cfg(unix)] // the emulator needs a pty
 fn mfg_flash_with_firmware_writes_firmware_and_device_in_one_pass() {
     use support::fake_esp::Config;
     let case = Case::new();
@@ -1106,6 +1113,7 @@ fn mfg_flash_with_firmware_writes_firmware_and_device_in_one_pass() {
 }
 
 #[test]
+#[cfg(unix)] // the emulator needs a pty
 fn mfg_flash_without_firmware_refuses_and_logs_a_chip_whose_table_disagrees() {
     use support::fake_esp::Config;
     let case = Case::new();

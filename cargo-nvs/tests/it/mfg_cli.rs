@@ -82,6 +82,7 @@ fn read(path: &Path) -> Vec<u8> {
 
 /// A key file is private (0600) and the run never printed `secret` (in hex).
 #[track_caller]
+#[cfg_attr(not(unix), allow(unused_variables))]
 fn assert_secret(path: &Path, secret: &[u8], out: &Output) {
     #[cfg(unix)]
     {

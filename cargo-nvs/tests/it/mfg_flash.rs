@@ -2,6 +2,9 @@
 //! else at the offset, the production log, `--next`, the one-id-per-chip refusals, a failed
 //! verification, and several ports in parallel.
 
+// Every test here talks to the emulator, which needs a pty.
+#![cfg(unix)]
+
 use crate::support;
 
 use std::collections::HashMap;

@@ -2,6 +2,9 @@
 //! package, espflash's `--after` at the end of every command, connection errors, and the
 //! serial monitor — the CLI binary against the ROM-loader emulator on a pty.
 
+// Every test here talks to the emulator, which needs a pty.
+#![cfg(unix)]
+
 use crate::support;
 
 use std::path::{Path, PathBuf};

@@ -2,6 +2,9 @@
 //! socket, re-pointed to a new emulator (a new board with a new MAC) when a board is swapped;
 //! a path that vanishes is a board taken away.
 
+// Every test here talks to the emulator, which needs a pty.
+#![cfg(unix)]
+
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

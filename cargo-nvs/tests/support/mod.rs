@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 pub mod defmt_elf;
+// The ROM-loader emulator serves a pseudo-terminal.
+#[cfg(unix)]
 pub mod fake_esp;
 
 /// The binary, without the caller's `NVS_LEDGER` (which would name the ledger of every `mfg`

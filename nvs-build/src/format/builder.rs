@@ -38,10 +38,12 @@ impl PartitionSize {
         Ok(PartitionSize { size })
     }
 
+    /// The size in bytes.
     pub fn bytes(self) -> u64 {
         self.size
     }
 
+    /// The number of 4096-byte pages.
     pub fn pages(self) -> usize {
         (self.size / PAGE_SIZE as u64) as usize
     }
@@ -150,6 +152,7 @@ impl ImageBuilder {
         builder
     }
 
+    /// The format version the image is built for.
     pub fn version(&self) -> Version {
         self.version
     }

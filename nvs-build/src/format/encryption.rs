@@ -5,10 +5,8 @@
 use std::fmt;
 
 use aes::Aes256;
-use aes::cipher::{Block, BlockEncrypt, KeyInit};
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-use xts_mode::Xts128;
+use aes::cipher::{Block, BlockDecrypt, BlockEncrypt, KeyInit};
+use sha2::{Digest, Sha256};
 
 use super::crc::nvs_crc32;
 use super::layout::{
@@ -36,7 +34,10 @@ impl fmt::Debug for XtsKey {
 #[non_exhaustive]
 pub enum KeyError {
     /// A key file shorter than the 64 key bytes.
-    TooShort { len: usize },
+    TooShort {
+        /// The file's length in bytes.
+        len: usize,
+    },
     /// Both halves equal: XTS forbids it (the reference's crypto library refuses it too).
     EqualHalves,
     /// An empty HMAC key.
@@ -68,6 +69,7 @@ impl std::error::Error for KeyError {}
 /// A key read from a key file, and whether the file's CRC matched.
 #[derive(Debug)]
 pub struct KeyFile {
+    /// The key (the file's first 64 bytes).
     pub key: XtsKey,
     /// False when the file's CRC at offset 64 does not match: the reference does not check it,
     /// but the device refuses such an nvs_keys partition.
@@ -100,14 +102,7 @@ impl XtsKey {
         if hmac_key.is_empty() {
             return Err(KeyError::EmptyHmacKey);
         }
-        let derive = |seed: [u8; 4]| -> [u8; 32] {
-            let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(hmac_key)
-                .expect("HMAC takes keys of any length");
-            for _ in 0..8 {
-                mac.update(&seed);
-            }
-            mac.finalize().into_bytes().into()
-        };
+        let derive = |seed: [u8; 4]| -> [u8; 32] { hmac_sha256(hmac_key, &seed.repeat(8)) };
         let mut bytes = [0u8; 64];
         bytes[..32].copy_from_slice(&derive([0x5A, 0x5A, 0xBE, 0xAE]));
         bytes[32..].copy_from_slice(&derive([0xA5, 0xA5, 0xDE, 0xCE]));
@@ -144,17 +139,34 @@ impl XtsKey {
     fn tweak_cipher(&self) -> Aes256 {
         Aes256::new_from_slice(&self.0[32..]).expect("32-byte AES-256 key")
     }
+}
 
-    fn cipher(&self) -> Xts128<Aes256> {
-        Xts128::new(self.data_cipher(), self.tweak_cipher())
+/// HMAC-SHA256 (RFC 2104) over the `sha2` crate's SHA-256.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    const BLOCK: usize = 64;
+    let mut padded = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        padded[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        padded[..key.len()].copy_from_slice(key);
     }
+    let pad = |byte: u8| padded.map(|k| k ^ byte);
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(message)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5C))
+        .chain_update(inner)
+        .finalize()
+        .into()
 }
 
 /// Encrypts every written entry of a plaintext image in place.
 ///
 /// This is XTS with one 32-byte data unit per entry, computed in batches: all tweaks in one
 /// pass of the tweak cipher, then all data blocks in one pass of the data cipher, so AES-NI
-/// can pipeline. `encrypt_image_per_entry` (tests) checks it against the `xts-mode` crate.
+/// can pipeline. The tests check it against the `xts-mode` crate, entry by entry.
 pub fn encrypt_image(image: &mut [u8], key: &XtsKey) {
     let mut offsets = Vec::new();
     for_each_entry(image, |offset, _| offsets.push(offset));
@@ -185,15 +197,6 @@ pub fn encrypt_image(image: &mut [u8], key: &XtsKey) {
     }
 }
 
-/// The reference formulation, entry by entry through the `xts-mode` crate.
-#[cfg(test)]
-fn encrypt_image_per_entry(image: &mut [u8], key: &XtsKey) {
-    let cipher = key.cipher();
-    for_each_entry(image, |offset, entry| {
-        cipher.encrypt_sector(entry, (offset as u128).to_le_bytes())
-    });
-}
-
 fn xor_into(block: &mut Block<Aes256>, tweak: &Block<Aes256>) {
     for (b, t) in block.iter_mut().zip(tweak.iter()) {
         *b ^= t;
@@ -214,9 +217,19 @@ fn mul_alpha(tweak: &Block<Aes256>) -> Block<Aes256> {
 /// Decrypts every non-empty entry of an encrypted image in place, each by its true offset, so
 /// images read back from a device (entries not contiguous) decrypt correctly too.
 pub fn decrypt_image(image: &mut [u8], key: &XtsKey) {
-    let cipher = key.cipher();
+    let (data, tweak) = (key.data_cipher(), key.tweak_cipher());
     for_each_entry(image, |offset, entry| {
-        cipher.decrypt_sector(entry, (offset as u128).to_le_bytes())
+        // An entry is two whole AES blocks: XTS without ciphertext stealing.
+        let mut t = Block::<Aes256>::clone_from_slice(&(offset as u128).to_le_bytes());
+        tweak.encrypt_block(&mut t);
+        for half in entry.chunks_exact_mut(16) {
+            let mut block = Block::<Aes256>::clone_from_slice(half);
+            xor_into(&mut block, &t);
+            data.decrypt_block(&mut block);
+            xor_into(&mut block, &t);
+            half.copy_from_slice(&block);
+            t = mul_alpha(&t);
+        }
     });
 }
 
@@ -293,10 +306,30 @@ mod tests {
                 .enumerate()
                 .for_each(|(j, b)| *b = (i * 7 + j) as u8);
         }
+        let plain = image.clone();
         let mut batched = image.clone();
         encrypt_image(&mut batched, &key);
-        encrypt_image_per_entry(&mut image, &key);
+        let xts = xts_mode::Xts128::new(key.data_cipher(), key.tweak_cipher());
+        for_each_entry(&mut image, |offset, entry| {
+            xts.encrypt_sector(entry, (offset as u128).to_le_bytes())
+        });
         assert_eq!(batched, image);
+        decrypt_image(&mut batched, &key);
+        assert_eq!(batched, plain);
+    }
+
+    #[test]
+    fn hmac_equals_the_hmac_crate() {
+        use hmac::{Hmac, Mac};
+        for key_len in [0, 1, 32, 63, 64, 65, 200] {
+            let key: Vec<u8> = (0..key_len).map(|i| (i * 13 + 5) as u8).collect();
+            for message in [&b""[..], b"abc", &[0x5A; 100]] {
+                let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).unwrap();
+                mac.update(message);
+                let expected: [u8; 32] = mac.finalize().into_bytes().into();
+                assert_eq!(hmac_sha256(&key, message), expected, "key {key_len}");
+            }
+        }
     }
 
     #[test]

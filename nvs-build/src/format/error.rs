@@ -10,71 +10,95 @@ use std::fmt;
 pub enum FormatError {
     /// The partition size is not a whole number of 4096-byte pages.
     SizeNotPageMultiple {
+        /// The size asked for, in bytes.
         size: u64,
     },
     /// The partition size is zero.
     SizeZero,
     /// The partition is larger than an NVS partition can address.
     SizeTooLarge {
+        /// The size asked for, in bytes.
         size: u64,
     },
     /// The data needs more pages than the partition offers.
     PartitionTooSmall {
+        /// The partition's size in bytes.
         size: u64,
+        /// Data pages the items need (a read/write partition keeps one more page free).
         pages_needed: usize,
+        /// The smallest partition size that would hold the data.
         min_size: u64,
     },
+    /// A key over 15 bytes (the device's limit).
     KeyTooLong {
+        /// The key.
         key: String,
     },
     /// A namespace name over 15 bytes.
     NamespaceTooLong {
+        /// The namespace name.
         name: String,
     },
     /// Non-ASCII keys: the reference counts characters but writes UTF-8 bytes, corrupting the
     /// entry (quirk Q5).
     KeyNotAscii {
+        /// The key.
         key: String,
     },
     /// A NUL byte in a key or namespace name: the device reads keys up to the first NUL, so
     /// `k` and `k\0x` would be one key (the reference writes both).
     KeyHasNul {
+        /// The key or namespace name.
         key: String,
     },
     /// A data item before any namespace: the reference writes it into the namespace table
     /// (index 0), where the device never finds it (quirk Q7).
     NoNamespace {
+        /// The key.
         key: String,
     },
     /// An earlier namespace selected again: the reference keeps writing into the newest
     /// namespace instead (quirk Q1).
     NamespaceReselected {
+        /// The namespace selected again.
         name: String,
+        /// The namespace being written when it was selected again.
         current: String,
     },
     /// A 255th namespace: the device supports indexes 1..=254 only.
     TooManyNamespaces {
+        /// The namespace name.
         name: String,
     },
+    /// A key written twice in one namespace: the device would see only one of them.
     DuplicateKey {
+        /// The namespace.
         namespace: String,
+        /// The key.
         key: String,
     },
     /// A string longer than the reference can lay out, or than the device stores (`max` bytes
     /// including the NUL).
     StringTooLong {
+        /// The key.
         key: String,
+        /// The string's length in bytes, with its NUL.
         len: usize,
+        /// The longest allowed, in bytes, with the NUL.
         max: usize,
     },
     /// A legacy version 1 blob larger than one page allows.
     BlobTooLongV1 {
+        /// The key.
         key: String,
+        /// The blob's length in bytes.
         len: usize,
     },
     /// A version 2 blob larger than the device accepts (508,000 bytes in 127 chunks).
     BlobTooLong {
+        /// The key.
         key: String,
+        /// The blob's length in bytes.
         len: usize,
     },
 }

@@ -1,10 +1,15 @@
 //! Geometry and codes of the on-flash format (spec §2–§6).
 
+/// Size of a flash page (and of an NVS page) in bytes.
 pub const PAGE_SIZE: usize = 4096;
+/// Size of an entry in bytes.
 pub const ENTRY_SIZE: usize = 32;
+/// Entries in a page, after its 32-byte header and 32-byte entry-state bitmap.
 pub const ENTRIES_PER_PAGE: usize = 126;
+/// Byte offset of the first entry in a page.
 pub const FIRST_ENTRY_OFFSET: usize = 64;
 pub(crate) const BITMAP_OFFSET: usize = 32;
+/// Longest key or namespace name, in bytes (the entry's 16-byte key field keeps a NUL).
 pub const MAX_KEY_LEN: usize = 15;
 /// Namespace indexes 1..=254; 0 is the namespace table and 255 means "any" on the device.
 pub const MAX_NAMESPACES: usize = 254;
@@ -35,6 +40,7 @@ pub enum Version {
 }
 
 impl Version {
+    /// The page header's version byte (0xFF for version 1, 0xFE for version 2).
     pub fn header_byte(self) -> u8 {
         match self {
             Version::V1 => 0xFF,
@@ -42,6 +48,7 @@ impl Version {
         }
     }
 
+    /// The version a page header's version byte stands for; `None` for an unknown byte.
     pub fn from_header_byte(byte: u8) -> Option<Version> {
         match byte {
             0xFF => Some(Version::V1),
@@ -50,6 +57,7 @@ impl Version {
         }
     }
 
+    /// The version's number, 1 or 2, as `--version` and the metadata's `version` spell it.
     pub fn number(self) -> u8 {
         match self {
             Version::V1 => 1,
@@ -61,20 +69,31 @@ impl Version {
 /// Page state word at offset 0 of the header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PageState {
+    /// All 0xFF: a free page.
     Uninitialized,
+    /// Being written.
     Active,
+    /// Full: the device writes no more into it.
     Full,
+    /// Being copied elsewhere by the device (an interrupted garbage collection).
     Freeing,
+    /// Marked corrupt by the device.
     Corrupt,
+    /// Any other state word.
     Invalid(u32),
 }
 
 impl PageState {
+    /// The state word of an active page.
     pub const ACTIVE: u32 = 0xFFFF_FFFE;
+    /// The state word of a full page.
     pub const FULL: u32 = 0xFFFF_FFFC;
+    /// The state word of a page being freed.
     pub const FREEING: u32 = 0xFFFF_FFF8;
+    /// The state word of a corrupt page.
     pub const CORRUPT: u32 = 0xFFFF_FFF0;
 
+    /// The state a header's state word stands for.
     pub fn from_word(word: u32) -> PageState {
         match word {
             0xFFFF_FFFF => PageState::Uninitialized,
@@ -86,6 +105,7 @@ impl PageState {
         }
     }
 
+    /// The state's name in lower case, for messages.
     pub fn name(self) -> &'static str {
         match self {
             PageState::Uninitialized => "uninitialized",
@@ -101,13 +121,18 @@ impl PageState {
 /// Two-bit state of an entry slot in the page bitmap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EntryState {
+    /// Never written (bits 11).
     Empty,
+    /// Holds live data (bits 10).
     Written,
+    /// Written, then erased (bits 00).
     Erased,
+    /// Bits 01, which the device never writes.
     Illegal,
 }
 
 impl EntryState {
+    /// The state's name in lower case, for messages.
     pub fn name(self) -> &'static str {
         match self {
             EntryState::Empty => "empty",
@@ -132,13 +157,21 @@ pub(crate) fn bitmap_state(bitmap: &[u8], index: usize) -> EntryState {
 /// Item type codes (spec §6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ItemType {
+    /// `u8`, stored in the entry's data field.
     U8,
+    /// `i8`, stored in the entry's data field.
     I8,
+    /// `u16`, stored in the entry's data field.
     U16,
+    /// `i16`, stored in the entry's data field.
     I16,
+    /// `u32`, stored in the entry's data field.
     U32,
+    /// `i32`, stored in the entry's data field.
     I32,
+    /// `u64`, stored in the entry's data field.
     U64,
+    /// `i64`, stored in the entry's data field.
     I64,
     /// IEEE 754 single, `NVS_TYPE_FLOAT` (ESP-IDF 6.1 on): stored like `U32`.
     F32,
@@ -155,6 +188,7 @@ pub enum ItemType {
 }
 
 impl ItemType {
+    /// The type code in an entry's header.
     pub fn code(self) -> u8 {
         match self {
             ItemType::U8 => 0x01,
@@ -174,6 +208,7 @@ impl ItemType {
         }
     }
 
+    /// The item type of a type code; `None` for a code the format does not define.
     pub fn from_code(code: u8) -> Option<ItemType> {
         Some(match code {
             0x01 => ItemType::U8,

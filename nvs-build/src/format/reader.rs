@@ -15,12 +15,17 @@ use super::value::Value;
 pub struct PageSummary {
     /// Physical position in the image (0-based).
     pub index: usize,
+    /// The state word of the header.
     pub state: PageState,
     /// Sequence number from the header (`None` for uninitialized pages).
     pub sequence: Option<u32>,
+    /// The format version from the header (`None` for uninitialized pages).
     pub version: Option<Version>,
+    /// Entries marked written in the bitmap.
     pub written: usize,
+    /// Entries marked erased in the bitmap.
     pub erased: usize,
+    /// Entries marked empty (free) in the bitmap.
     pub empty: usize,
 }
 
@@ -28,29 +33,38 @@ pub struct PageSummary {
 /// partition); warnings are leftovers the device cleans up by itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Severity {
+    /// Something the device cleans up or tolerates: nothing is lost.
     Warning,
+    /// Damage: the device loses data or refuses the partition.
     Error,
 }
 
 /// Something wrong in the image, with where it was found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
+    /// How serious it is.
     pub severity: Severity,
+    /// The page (physical index), when the problem is in one.
     pub page: Option<usize>,
+    /// The entry within the page, when the problem is in one.
     pub entry: Option<usize>,
+    /// What is wrong, in words.
     pub message: String,
 }
 
 /// A namespace defined in the namespace table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NamespaceDef {
+    /// The namespace's index (1..=254), which data items refer to.
     pub index: u8,
+    /// The namespace's name.
     pub name: String,
 }
 
 /// Blob contents with how they were stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Blob {
+    /// The blob's bytes.
     pub data: Vec<u8>,
     /// Number of chunks (version 2 blobs); `None` for a legacy version 1 blob.
     pub chunks: Option<u8>,
@@ -63,6 +77,7 @@ pub struct Blob {
 pub enum ItemValue {
     /// Integers and strings (without their NUL).
     Value(Value),
+    /// A blob (legacy or chunked), with how it was stored.
     Blob(Blob),
     /// Data that could not be decoded (its entry is reported as a problem).
     Unreadable,
@@ -73,12 +88,17 @@ pub enum ItemValue {
 pub struct Item {
     /// Page and entry of the item's header (for a version 2 blob, of its index entry).
     pub page: usize,
+    /// Entry index of the item's header within its page.
     pub entry: usize,
+    /// The namespace index the item refers to.
     pub ns_index: u8,
     /// Name of the namespace, when the namespace table defines it.
     pub namespace: Option<String>,
+    /// The key.
     pub key: String,
+    /// The item's type as stored (`BlobIndex` for a version 2 blob).
     pub item_type: ItemType,
+    /// The value.
     pub value: ItemValue,
     /// The entry is marked ERASED (an older copy the device has replaced).
     pub erased: bool,
@@ -97,10 +117,13 @@ impl Item {
 /// A parsed image.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ParsedImage {
+    /// Every page of the image, in physical order.
     pub pages: Vec<PageSummary>,
+    /// The namespace table.
     pub namespaces: Vec<NamespaceDef>,
     /// Data items in page-sequence order (namespace-table entries are in `namespaces`).
     pub items: Vec<Item>,
+    /// What is wrong with the image; empty for an intact one.
     pub problems: Vec<Problem>,
     /// Written entries exist but not one passes its CRC: the image is encrypted, or was
     /// decrypted with the wrong key.

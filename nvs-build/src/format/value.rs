@@ -8,13 +8,21 @@ use super::layout::ItemType;
 /// itself).
 #[derive(Clone, Debug)]
 pub enum Value {
+    /// A `u8`.
     U8(u8),
+    /// A `i8`.
     I8(i8),
+    /// A `u16`.
     U16(u16),
+    /// A `i16`.
     I16(i16),
+    /// A `u32`.
     U32(u32),
+    /// A `i32`.
     I32(i32),
+    /// A `u64`.
     U64(u64),
+    /// A `i64`.
     I64(i64),
     /// An IEEE 754 single (ESP-IDF 6.1's `NVS_TYPE_FLOAT`).
     F32(f32),

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::md5::Md5;
 use super::{Partition, PartitionKind, PartitionTable};
-use crate::error::{InputError, Location};
+use crate::error::{Error, Location};
 
 pub(super) const ENTRY_MAGIC: [u8; 2] = [0xAA, 0x50];
 const MD5_MAGIC: [u8; 2] = [0xEB, 0xEB];
@@ -16,8 +16,8 @@ const NAME: usize = 16;
 const FLAG_ENCRYPTED: u32 = 1 << 0;
 const FLAG_READONLY: u32 = 1 << 1;
 
-pub(super) fn parse(path: &Path, bytes: &[u8]) -> Result<PartitionTable, InputError> {
-    let fail = |message: String| InputError::new(Some(Location::file(path)), None, message);
+pub(super) fn parse(path: &Path, bytes: &[u8]) -> Result<PartitionTable, Error> {
+    let fail = |message: String| Error::new(Some(Location::file(path)), None, message);
     if bytes.is_empty() {
         return Err(fail(
             "the binary partition table is empty; give the partition-table.bin that ESP-IDF \

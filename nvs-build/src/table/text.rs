@@ -7,7 +7,7 @@ use super::{
     BOOTLOADER_RECOVERY, CsvOptions, PRIMARY, Partition, PartitionKind, PartitionTable,
     SUBTYPE_UNDEFINED, TABLE_KEYWORDS_HINT, TABLE_SECTOR, TYPE_KEYWORDS, partition_label,
 };
-use crate::error::{InputError, Location};
+use crate::error::{Error, Location};
 
 const FIELDS: usize = 6;
 const FLAG_HINT: &str = "flags are `encrypted` and `readonly`, separated by `:` without spaces \
@@ -43,10 +43,10 @@ pub(super) fn parse(
     path: &Path,
     text: &str,
     options: &CsvOptions,
-) -> Result<PartitionTable, InputError> {
+) -> Result<PartitionTable, Error> {
     if let Some(bootloader) = options.primary_bootloader_offset {
         if bootloader >= options.table_offset {
-            return Err(InputError::new(
+            return Err(Error::new(
                 Some(Location::file(path)),
                 None,
                 format!(
@@ -126,9 +126,9 @@ fn split_fields(raw: &str) -> Vec<Field<'_>> {
     fields
 }
 
-fn parse_row(path: &Path, line: usize, raw: &str, options: &CsvOptions) -> Result<Row, InputError> {
+fn parse_row(path: &Path, line: usize, raw: &str, options: &CsvOptions) -> Result<Row, Error> {
     let at = |column: usize, message: String| {
-        InputError::new(Some(Location::column(path, line, column)), None, message)
+        Error::new(Some(Location::column(path, line, column)), None, message)
     };
     let fields = split_fields(raw);
     let end_column = raw.chars().count() + 1;
@@ -245,7 +245,7 @@ fn parse_row(path: &Path, line: usize, raw: &str, options: &CsvOptions) -> Resul
     };
 
     let is = |k: PartitionKind, s: u8| kind == k && subtype == s;
-    let bootloader_size = || -> Result<u64, InputError> {
+    let bootloader_size = || -> Result<u64, Error> {
         let bootloader = needs_bootloader_offset(
             options.primary_bootloader_offset,
             ("primary", PRIMARY_SETTING),
@@ -390,8 +390,8 @@ fn needs_bootloader_offset(
     (which, setting): (&str, &str),
     ty: Field<'_>,
     label: &str,
-    at: &dyn Fn(usize, String) -> InputError,
-) -> Result<u32, InputError> {
+    at: &dyn Fn(usize, String) -> Error,
+) -> Result<u32, Error> {
     offset.ok_or_else(|| {
         at(
             ty.column,
@@ -406,7 +406,7 @@ fn needs_bootloader_offset(
 
 /// Fills in blank offsets and resolves `-N` sizes, in row order, as `gen_esp32part.py` does:
 /// each row must start at or after the end of the previous one.
-fn place(path: &Path, rows: Vec<Row>, options: &CsvOptions) -> Result<PartitionTable, InputError> {
+fn place(path: &Path, rows: Vec<Row>, options: &CsvOptions) -> Result<PartitionTable, Error> {
     let table_end = u64::from(options.table_offset) + u64::from(TABLE_SECTOR);
     let mut last_end = table_end;
     let mut previous: Option<(String, usize)> = None;
@@ -415,7 +415,7 @@ fn place(path: &Path, rows: Vec<Row>, options: &CsvOptions) -> Result<PartitionT
         let mut partition = row.partition;
         let line = partition.line.unwrap_or(0);
         let at = |column: usize, message: String| {
-            InputError::new(Some(Location::column(path, line, column)), None, message)
+            Error::new(Some(Location::column(path, line, column)), None, message)
         };
         let label = partition_label(&partition);
 

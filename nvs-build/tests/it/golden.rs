@@ -4,13 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use nvs_build::format::{PartitionSize, Version, describe_differences};
-use nvs_build::{FileBase, ImageInput, InputError};
+use nvs_build::{Error, FileBase, ImageInput};
 
 fn vectors() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors")
 }
 
-fn generate(inputs: &[&str], size: u64, version: Version) -> Result<Vec<u8>, InputError> {
+fn generate(inputs: &[&str], size: u64, version: Version) -> Result<Vec<u8>, Error> {
     let dir = vectors().join("in");
     let mut image = ImageInput::new(PartitionSize::new(size).unwrap(), version);
     for input in inputs {

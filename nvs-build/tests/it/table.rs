@@ -6,7 +6,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use nvs_build::InputError;
+use nvs_build::Error;
 use nvs_build::table::{CsvOptions, Partition, PartitionKind, PartitionTable};
 use proptest::prelude::*;
 
@@ -51,11 +51,11 @@ fn load(name: &str, table_offset: u32) -> PartitionTable {
         .unwrap_or_else(|e| panic!("{name} at {table_offset:#x}: {e}"))
 }
 
-fn csv(text: &str) -> Result<PartitionTable, InputError> {
+fn csv(text: &str) -> Result<PartitionTable, Error> {
     PartitionTable::parse_csv(Path::new("parts.csv"), text, PartitionTable::DEFAULT_OFFSET)
 }
 
-fn csv_error(text: &str) -> InputError {
+fn csv_error(text: &str) -> Error {
     match csv(text) {
         Ok(table) => panic!("accepted {text:?} as {:?}", rows(&table)),
         Err(e) => e,
@@ -64,7 +64,7 @@ fn csv_error(text: &str) -> InputError {
 
 /// The error is at `line` (and `column`) of parts.csv and its message has every `needle`.
 #[track_caller]
-fn assert_at(e: &InputError, line: usize, column: Option<usize>, needles: &[&str]) {
+fn assert_at(e: &Error, line: usize, column: Option<usize>, needles: &[&str]) {
     let location = e.location().expect("errors name the file");
     assert_eq!(location.path, Path::new("parts.csv"), "{e}");
     assert_eq!(location.line, Some(line), "{e}");

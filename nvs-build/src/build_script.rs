@@ -6,9 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::InputError;
+use crate::error::Error;
 use crate::metadata::{Metadata, PartitionSpec, TableSource};
-use crate::resolve::{Dependencies, Inputs, PartitionImage, build_partition};
+use crate::resolve::{Inputs, PartitionImage, build_partition};
 
 /// Generates the package's NVS images from `[package.metadata.nvs]`; on error prints
 /// `error: nvs-build: …` and exits the build script with status 1.
@@ -22,16 +22,16 @@ pub fn generate() {
 }
 
 /// Like [`generate`], returning the error instead of exiting.
-pub fn try_generate() -> Result<Generated, InputError> {
+pub fn try_generate() -> Result<Generated, Error> {
     Config::new().try_generate()
 }
 
 /// Which `cargo:` directives to print.
 #[derive(Clone, Debug)]
-pub struct CargoOutput {
-    pub rerun_if_changed: bool,
-    pub warnings: bool,
-    pub rustc_env: bool,
+pub(crate) struct CargoOutput {
+    pub(crate) rerun_if_changed: bool,
+    pub(crate) warnings: bool,
+    pub(crate) rustc_env: bool,
 }
 
 impl Default for CargoOutput {
@@ -78,19 +78,25 @@ impl CargoOutput {
 /// What a build produced.
 #[derive(Clone, Debug, Default)]
 pub struct Generated {
+    /// One per partition in the metadata, in the order written there.
     pub images: Vec<GeneratedImage>,
     /// `$OUT_DIR/nvs/manifest.json`.
     pub manifest: PathBuf,
-    pub dependencies: Dependencies,
 }
 
 /// One partition's image (or why it was skipped).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GeneratedImage {
+    /// The partition's name in the partition table.
     pub partition: String,
+    /// The partition's offset in flash, from the table.
     pub offset: u32,
+    /// The partition's size in bytes, from the table.
     pub size: u32,
+    /// Factory data (flagged `readonly` in the table or `read-only` in the metadata), as
+    /// opposed to user data.
     pub factory: bool,
+    /// The image is encrypted.
     pub encrypted: bool,
     /// A key takes its value from the environment or per device (possibly a secret): the
     /// image file is created with mode 0600 on Unix.
@@ -100,7 +106,9 @@ pub struct GeneratedImage {
     /// The nvs_keys file of a partition encrypted with the flash-encryption scheme (flashed
     /// into the table's `nvs_keys` partition); `None` otherwise.
     pub keys_file: Option<PathBuf>,
+    /// Why the partition was skipped (a per-device value without a `dev` value), if it was.
     pub skipped: Option<String>,
+    /// How full the image is, in percent of the entries the device can use.
     pub percent_full: Option<u32>,
 }
 
@@ -114,6 +122,7 @@ pub struct Config {
 }
 
 impl Config {
+    /// Everything from the environment, every directive printed: what [`generate()`] does.
     pub fn new() -> Config {
         Config::default()
     }
@@ -160,7 +169,7 @@ impl Config {
     }
 
     /// Generates the images and returns what was produced.
-    pub fn try_generate(&mut self) -> Result<Generated, InputError> {
+    pub fn try_generate(&mut self) -> Result<Generated, Error> {
         let manifest_path = match &self.manifest_path {
             Some(path) => path.clone(),
             None => env_path("CARGO_MANIFEST_DIR")?.join("Cargo.toml"),
@@ -180,7 +189,7 @@ impl Config {
             // Images and a manifest from an earlier build would otherwise still be flashed.
             match std::fs::remove_dir_all(&out_dir) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(InputError::new(
+                    return Err(Error::new(
                         None,
                         None,
                         format!("cannot remove `{}`: {e}", out_dir.display()),
@@ -231,11 +240,7 @@ impl Config {
         }
         let manifest = out_dir.join("manifest.json");
         write_if_changed(&manifest, render_manifest(&metadata, &images).as_bytes())?;
-        Ok(Generated {
-            images,
-            manifest,
-            dependencies: inputs.deps,
-        })
+        Ok(Generated { images, manifest })
     }
 }
 
@@ -246,7 +251,7 @@ pub fn generate_images(
     metadata: &Metadata,
     out_dir: &Path,
     inputs: &mut Inputs<'_>,
-) -> Result<Vec<GeneratedImage>, InputError> {
+) -> Result<Vec<GeneratedImage>, Error> {
     // Build every image before writing any, so an error leaves the output folder as it was.
     let mut built = Vec::new();
     for spec in &metadata.partitions {
@@ -293,9 +298,9 @@ fn generated(
     }
 }
 
-fn env_path(var: &str) -> Result<PathBuf, InputError> {
+fn env_path(var: &str) -> Result<PathBuf, Error> {
     std::env::var_os(var).map(PathBuf::from).ok_or_else(|| {
-        InputError::new(None, None, format!("`{var}` is not set: nvs_build::generate() runs in a build script (or set it with Config)"))
+        Error::new(None, None, format!("`{var}` is not set: nvs_build::generate() runs in a build script (or set it with Config)"))
     })
 }
 
@@ -315,20 +320,20 @@ fn env_name(partition: &str) -> String {
 
 /// Writes through a temporary file and a rename, and only when the bytes differ, so cargo and
 /// tools watching the file see no change when there is none.
-pub fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<(), InputError> {
+pub fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     write_file_if_changed(path, bytes, false)
 }
 
 /// [`write_if_changed`] for a file that may hold secrets: on Unix it is private (mode 0600)
 /// from its creation, before any byte is written, and an existing file with the same bytes
 /// but a wider mode is made private without being rewritten.
-pub fn write_private_if_changed(path: &Path, bytes: &[u8]) -> Result<(), InputError> {
+pub fn write_private_if_changed(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     write_file_if_changed(path, bytes, true)
 }
 
-fn write_file_if_changed(path: &Path, bytes: &[u8], private: bool) -> Result<(), InputError> {
+fn write_file_if_changed(path: &Path, bytes: &[u8], private: bool) -> Result<(), Error> {
     let fail = |e: std::io::Error| {
-        InputError::new(
+        Error::new(
             None,
             None,
             format!("cannot write `{}`: {e}", path.display()),
