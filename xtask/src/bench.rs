@@ -44,6 +44,8 @@ pub struct Options {
     mfg: bool,
     /// The PostgreSQL ledger against SQLite (see `ledger`).
     ledger: bool,
+    /// `mfg station` against esptool, 1, 2 and 4 ports, wire time on.
+    station: bool,
 }
 
 impl Options {
@@ -60,6 +62,7 @@ impl Options {
                     wire: false,
                     mfg: false,
                     ledger: false,
+                    station: false,
                 });
             }
             Some("wire") => {
@@ -71,6 +74,7 @@ impl Options {
                     wire: true,
                     mfg: false,
                     ledger: false,
+                    station: false,
                 });
             }
             Some("mfg") => {
@@ -82,6 +86,7 @@ impl Options {
                     wire: false,
                     mfg: true,
                     ledger: false,
+                    station: false,
                 });
             }
             Some("ledger") => {
@@ -93,6 +98,19 @@ impl Options {
                     wire: false,
                     mfg: false,
                     ledger: true,
+                    station: false,
+                });
+            }
+            Some("station") => {
+                return Ok(Options {
+                    bin: None,
+                    runtime: false,
+                    build_cost: false,
+                    flash: false,
+                    wire: false,
+                    mfg: false,
+                    ledger: false,
+                    station: true,
                 });
             }
             Some(other) => return Err(format!("unknown bench `{other}`").into()),
@@ -110,6 +128,7 @@ impl Options {
             wire: false,
             mfg: false,
             ledger: false,
+            station: false,
         })
     }
 }
@@ -128,6 +147,15 @@ pub fn run(sh: &Shell, opts: Options) -> Result<ExitCode> {
         crate::ci::build_firmware(sh)?;
         let esptool = crate::reference::ensure_esptool(sh)?;
         cmd!(sh, "cargo test --quiet -p cargo-nvs --test it flash_cli::flash_workflow_comparison -- --ignored --nocapture")
+            .env("CARGO_NVS_ESPTOOL", esptool)
+            .run()?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if opts.station {
+        // An ignored test too; release, as a station runs (the stub's compression is CPU).
+        crate::ci::build_firmware(sh)?;
+        let esptool = crate::reference::ensure_esptool(sh)?;
+        cmd!(sh, "cargo test --release --quiet -p cargo-nvs --test it station::station_benchmark -- --ignored --nocapture")
             .env("CARGO_NVS_ESPTOOL", esptool)
             .run()?;
         return Ok(ExitCode::SUCCESS);

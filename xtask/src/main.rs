@@ -60,6 +60,8 @@ commands:
   bench flash  flashing app + 2 NVS images into the emulator: one connection vs espflash, then esptool
   bench wire   `cargo nvs flash --baud 921600` into the emulator with wire time on (10 bit times a
               byte at the baud in force): elapsed against the wire limit, ROM loader and stub
+  bench station `cargo nvs mfg station` against esptool 5.6 per device, 1, 2 and 4 ports, wire
+              time on at 921600: s/device, devices/h, share of the wire limit
   bench build-cost
               time cold debug builds of a crate using nvs-build in build.rs against one using
               cc, side by side, and count their dependencies

@@ -288,6 +288,7 @@ impl Station<'_> {
     /// answers: it is returned).
     fn wait_for_change(&self, port: &str, mac: &str) -> Result<Wait, MfgFlashError> {
         let mut probed = Instant::now();
+        let plugged = device_file(port);
         loop {
             if self.stopped() {
                 return Ok(Wait::Stopped);
@@ -296,7 +297,10 @@ impl Station<'_> {
                 self.report.event(port, &Event::Removed { mac: mac.into() });
                 return Ok(Wait::Gone);
             }
-            if probed.elapsed() >= PROBE {
+            // A stable name (a udev or fixture link) that now leads to another device file: a
+            // new board; ask at once.
+            let moved = plugged.is_some() && device_file(port) != plugged;
+            if moved || probed.elapsed() >= PROBE {
                 if self.exhausted()? {
                     return Ok(Wait::NothingLeft);
                 }
@@ -450,6 +454,21 @@ impl Station<'_> {
             baud = next_baud;
             attempt += 1;
         }
+    }
+}
+
+/// What the port's path leads to (on Unix: the device file's device and inode), to tell when
+/// a stable name starts to lead elsewhere.
+fn device_file(port: &str) -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(port).ok().map(|m| (m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = port;
+        None
     }
 }
 

@@ -117,8 +117,13 @@ impl Station {
         for socket in sockets {
             command.args(["--port", socket.name()]);
         }
+        command.args(extra);
+        Station::spawn(command, case)
+    }
+
+    /// Starts `command` (a station with `--format json`) in the case's folder.
+    fn spawn(mut command: std::process::Command, case: &Case) -> Station {
         let mut child = command
-            .args(extra)
             .current_dir(case.dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -443,11 +448,12 @@ fn ctrl_c_gives_back_unwritten_claims_and_records_nothing_unverified() {
     let case = batch(4);
     let mut a = Socket::new(case.dir.path(), "a");
     let b = Socket::new(case.dir.path(), "b");
-    a.plug(Config::esp32c3().mac(mac(1)).start());
+    // A real cable's speed, so that Ctrl-C comes while the board is being written.
+    a.plug(Config::esp32c3().mac(mac(1)).wire_time(true).start());
     // Socket b has no board: it waits.
     let mut station = Station::start(&case, &[&a, &b], &[]);
     let port = a.name().to_owned();
-    station.wait_for("a PASS", |s| s.count(&port, "done") == 1);
+    station.wait_for("the write to start", |s| s.count(&port, "progress") > 0);
     let pid = station.child.id().to_string();
     let kill = std::process::Command::new("kill")
         .args(["-INT", &pid])
@@ -458,7 +464,9 @@ fn ctrl_c_gives_back_unwritten_claims_and_records_nothing_unverified() {
     assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("stopping"), "{stderr}");
     assert_eq!(events.iter().filter(|e| e["event"] == "stopped").count(), 2);
-    // One device flashed and verified; no claim held; nothing else recorded.
+    // The board being written was finished, verified and logged; no claim is held; nothing
+    // else is recorded.
+    assert_eq!(station_done(&events, &port), 1, "{events:?}");
     let total = status_total(&case);
     assert_eq!(
         (total["flashed"].as_u64(), total["claimed"].as_u64()),
@@ -468,4 +476,253 @@ fn ctrl_c_gives_back_unwritten_claims_and_records_nothing_unverified() {
     assert_eq!(rows.len(), 1);
     assert_eq!(&rows[0][4], "ok");
     assert!(a.current().read(0x9000, 0x3000) == image(&case, &rows[0][1]));
+}
+
+fn station_done(events: &[serde_json::Value], port: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| e["event"] == "done" && e["port"] == port)
+        .count()
+}
+
+/// `cargo xtask bench station`: the firmware example's dist plus its devices' images, through
+/// 1, 2 and 4 sockets with the emulators' wire time on (921600 baud), by `mfg station` and by
+/// esptool doing the same work per device (one `write-flash @flash_args` plus the device's
+/// image), side by side in one run. Ignored: a measurement, not a test.
+#[test]
+#[ignore]
+fn station_benchmark() {
+    const PER_PORT: usize = 3;
+    const BAUD: &str = "921600";
+    let esptool = std::env::var_os("CARGO_NVS_ESPTOOL").expect("CARGO_NVS_ESPTOOL (xtask sets it)");
+    let firmware =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/esp32c3-factory-data/Cargo.toml");
+    let work = Case::new();
+    let dist = work.dir.path().join("dist");
+    let out = bin()
+        .args(["nvs", "dist", "--manifest-path"])
+        .arg(&firmware)
+        .arg("--out-dir")
+        .arg(&dist)
+        .env("DEVICE_NAME", "bench")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "station: the firmware example's dist (bootloader, table, app) + each device's fctry \
+         image, wire time on, {BAUD} baud, {PER_PORT} devices per port"
+    );
+    println!(
+        "{:>5}  {:<24} {:>9} {:>9} {:>10} {:>11}",
+        "ports", "tool", "elapsed", "s/device", "devices/h", "wire share"
+    );
+    let mut one_port = None;
+    for ports in [1usize, 2, 4] {
+        let devices = PER_PORT * ports;
+        let case = Case::new();
+        let mut values = String::from("serial,secret\n");
+        for i in 0..devices {
+            values.push_str(&format!("{},s{i}\n", 1000 + i));
+        }
+        case.file("devices.csv", values);
+        let ledger = case.dir.path().join("ledger.sqlite");
+        let out = bin()
+            .args(["nvs", "mfg", "generate", "--manifest-path"])
+            .arg(&firmware)
+            .args([
+                "--values",
+                "devices.csv",
+                "--id",
+                "serial",
+                "--out-dir",
+                "out",
+            ])
+            .env("DEVICE_NAME", "bench")
+            .env("NVS_LEDGER", &ledger)
+            .current_dir(case.dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        for (tool, extra) in [
+            ("cargo nvs mfg station", &[][..]),
+            ("  … --no-stub", &["--no-stub"][..]),
+        ] {
+            let (elapsed, share) = bench_station(&case, &firmware, &dist, ports, devices, extra);
+            if extra.is_empty() && ports == 1 {
+                one_port = Some(elapsed);
+            }
+            print_row(ports, tool, elapsed, devices, share);
+            if extra.is_empty() && ports == 4 {
+                let one = one_port.unwrap();
+                println!(
+                    "       4 ports: {:.2}× the devices per hour of one port",
+                    (devices as f64 / elapsed) / (PER_PORT as f64 / one)
+                );
+            }
+        }
+        let (elapsed, share) = bench_esptool(&esptool, &case, &dist, ports, PER_PORT);
+        print_row(ports, "esptool 5.6 (--no-stub)", elapsed, devices, share);
+    }
+}
+
+fn print_row(ports: usize, tool: &str, elapsed: f64, devices: usize, share: f64) {
+    let per_port = devices / ports;
+    println!(
+        "{ports:>5}  {tool:<24} {elapsed:>8.2}s {:>8.2}s {:>10.0} {:>10.2}",
+        elapsed / per_port as f64,
+        devices as f64 / elapsed * 3600.0,
+        share
+    );
+}
+
+/// Runs `mfg station` over `ports` sockets until the batch is flashed, plugging a new board
+/// into a socket as soon as its board passes. Returns the elapsed time and the wire share (the
+/// boards' wire limit ÷ the elapsed time, averaged over the ports).
+fn bench_station(
+    case: &Case,
+    firmware: &Path,
+    dist: &Path,
+    ports: usize,
+    devices: usize,
+    extra: &[&str],
+) -> (f64, f64) {
+    // A fresh ledger copy per run: every run flashes the whole batch.
+    let ledger = case
+        .dir
+        .path()
+        .join(format!("ledger-{}.sqlite", extra.len()));
+    std::fs::copy(case.dir.path().join("ledger.sqlite"), &ledger).unwrap();
+    let mut sockets: Vec<Socket> = (0..ports)
+        .map(|i| Socket::new(case.dir.path(), &format!("bench{i}-{}", extra.len())))
+        .collect();
+    let mut next_mac = 1u8;
+    for socket in &mut sockets {
+        socket.plug(Config::esp32c3().mac(mac(next_mac)).wire_time(true).start());
+        next_mac += 1;
+    }
+    let mut command = bin();
+    command
+        .args(["mfg", "station", "--out-dir", "out", "--manifest-path"])
+        .arg(firmware)
+        .arg("--firmware")
+        .arg(dist)
+        .args([
+            "--baud", "921600", "--before", "no-reset", "--after", "no-reset",
+        ])
+        .args(["--format", "json"])
+        .args(extra)
+        .env("NVS_LEDGER", &ledger);
+    for socket in &sockets {
+        command.args(["--port", socket.name()]);
+    }
+    let mut station = Station::spawn(command, case);
+    let names: Vec<String> = sockets.iter().map(|s| s.name().to_owned()).collect();
+    let mut passes = vec![0usize; ports];
+    let mut plugged = ports;
+    let mut done = 0;
+    while done < devices {
+        station.wait_for("a board to pass", |s| {
+            (0..ports).any(|i| s.count(&names[i], "done") > passes[i])
+        });
+        for (i, socket) in sockets.iter_mut().enumerate() {
+            let now = station.count(&names[i], "done");
+            if now > passes[i] {
+                passes[i] = now;
+                done += 1;
+                if plugged < devices {
+                    socket.plug(Config::esp32c3().mac(mac(next_mac)).wire_time(true).start());
+                    next_mac += 1;
+                    plugged += 1;
+                }
+            }
+        }
+    }
+    let (status, events, stderr) = station.end();
+    assert_eq!(status.code(), Some(3), "{stderr}");
+    let t = |e: &serde_json::Value| e["t"].as_f64().unwrap();
+    let mut elapsed = 0f64;
+    let mut shares = Vec::new();
+    for (i, socket) in sockets.iter().enumerate() {
+        let at_port: Vec<&serde_json::Value> = events
+            .iter()
+            .filter(|e| e["port"] == names[i].as_str())
+            .collect();
+        let start = at_port
+            .iter()
+            .find(|e| e["event"] == "connected")
+            .map(|e| t(e))
+            .unwrap();
+        let end = at_port
+            .iter()
+            .filter(|e| e["event"] == "done")
+            .map(|e| t(e))
+            .fold(0.0, f64::max);
+        elapsed = elapsed.max(end);
+        let wire: f64 = socket.boards.iter().map(|b| b.wire().seconds()).sum();
+        shares.push(wire / (end - start));
+    }
+    (elapsed, shares.iter().sum::<f64>() / shares.len() as f64)
+}
+
+/// esptool per device: a new board, `write-flash @flash_args 0xf000 <its fctry image>` at
+/// 921600, `per_port` boards per port, the ports in parallel.
+fn bench_esptool(
+    esptool: &std::ffi::OsStr,
+    case: &Case,
+    dist: &Path,
+    ports: usize,
+    per_port: usize,
+) -> (f64, f64) {
+    let start = Instant::now();
+    let results: Vec<(f64, f64)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..ports)
+            .map(|port| {
+                scope.spawn(move || {
+                    let began = Instant::now();
+                    let mut wire = 0.0;
+                    for n in 0..per_port {
+                        let board = Config::esp32c3()
+                            .mac(mac((100 + port * per_port + n) as u8))
+                            .wire_time(true)
+                            .start();
+                        let image = case
+                            .dir
+                            .path()
+                            .join(format!("out/bin/fctry-{}.bin", 1000 + port * per_port + n));
+                        let out = std::process::Command::new(esptool)
+                            .args(["--chip", "esp32c3", "--port", board.path()])
+                            .args(["--baud", "921600", "--before", "no-reset"])
+                            .args(["--after", "no-reset", "--no-stub", "write-flash"])
+                            .arg("@flash_args")
+                            .arg("0xf000")
+                            .arg(&image)
+                            .current_dir(dist)
+                            .output()
+                            .unwrap();
+                        assert!(
+                            out.status.success(),
+                            "{}",
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                        board.settle();
+                        wire += board.wire().seconds();
+                    }
+                    (began.elapsed().as_secs_f64(), wire)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    let share = results.iter().map(|(e, w)| w / e).sum::<f64>() / results.len() as f64;
+    (elapsed, share)
 }
