@@ -136,7 +136,15 @@ pub fn run(
             .iter()
             .map(|port| {
                 let station = &station;
-                scope.spawn(move || station.serve(port))
+                scope.spawn(move || {
+                    let end = station.serve(port);
+                    if end.is_err() {
+                        // A port that cannot go on (the ledger is gone): the others stop too,
+                        // finishing their boards, rather than run on without it.
+                        station.stop.store(true, Ordering::SeqCst);
+                    }
+                    end
+                })
             })
             .collect();
         handles
