@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use cargo_nvs::mfg::ChosenLedger;
 use cargo_nvs::mfg::flash::{self, Flashed, MfgFlashArgs, NOTHING_LEFT, open_ledger};
 use cargo_nvs::mfg::generate::{self, MfgGenerateArgs};
 use cargo_nvs::mfg::ledger::BatchStatus;
@@ -32,6 +33,57 @@ enum MfgCommand {
     Station(Box<super::station::StationCommand>),
     Log(MfgLogArgs),
     Status(MfgStatusArgs),
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+/// The product's ledger itself.
+#[derive(clap::Subcommand)]
+enum LedgerCommand {
+    Migrate(MigrateArgs),
+}
+
+/// Copy a product's ledger into another one (a SQLite file into a PostgreSQL database when the
+/// line outgrows one PC): issued devices and their batch folders, claims and the production
+/// log, verified by count. The target must be empty or hold an earlier copy of the same ledger
+/// (then what came since is added); the copied ids are refused for reissue there.
+#[derive(clap::Args)]
+#[command(
+    after_help = "Example:\n  PGPASSWORD=… cargo nvs mfg ledger migrate --from nvs-ledger.sqlite --to postgres://nvs@db.factory/product_x"
+)]
+struct MigrateArgs {
+    /// The ledger to copy (a SQLite file or a postgres:// URL); it must exist.
+    #[arg(long, value_name = "PATH|URL")]
+    from: PathBuf,
+    /// The ledger to copy into (created if it does not exist).
+    #[arg(long, value_name = "PATH|URL")]
+    to: PathBuf,
+}
+
+/// `mfg ledger migrate`.
+fn migrate(args: MigrateArgs) -> CliResult<ExitCode> {
+    let from = ChosenLedger::named(args.from.as_os_str(), "--from")?;
+    let to = ChosenLedger::named(args.to.as_os_str(), "--to")?;
+    let Some(source) = from.open_existing()? else {
+        return Err(crate::CliError(format!(
+            "--from: no ledger at `{}`",
+            from.shown()
+        )));
+    };
+    let target = to.open(true)?;
+    let copied = cargo_nvs::mfg::migrate::migrate(&*source, &from.shown(), &*target, &to.shown())?;
+    eprintln!(
+        "Copied `{}` into `{}`: {} device(s) in {} batch folder(s), {} claim(s), {} log row(s) \
+         ({} of them there already); counts verified",
+        from.shown(),
+        to.shown(),
+        copied.devices,
+        copied.batches,
+        copied.claims,
+        copied.log,
+        copied.log_before
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `mfg flash`: exit code [`NOTHING_LEFT`] when every device is flashed.
@@ -52,6 +104,7 @@ pub fn run(args: MfgArgs) -> CliResult<ExitCode> {
         MfgCommand::Station(args) => super::station::run(*args),
         MfgCommand::Log(args) => log(args),
         MfgCommand::Status(args) => status(args),
+        MfgCommand::Ledger(LedgerCommand::Migrate(args)) => migrate(args),
     }
 }
 

@@ -7,11 +7,14 @@
 //! batch it was issued into, where its images are.
 //! Every flash record is one transaction; issued devices are recorded a chunk per transaction.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+
+use super::migrate::{ClaimRow, LedgerCopy};
 
 /// What can go wrong with a ledger; every case names it.
 #[derive(Debug)]
@@ -312,6 +315,12 @@ pub trait Ledger: Send + Sync {
     fn flash_conflict(&self, mac: &str, device: &str) -> LedgerResult<Option<Conflict>>;
     /// The production log, oldest first.
     fn flash_log(&self) -> LedgerResult<Vec<FlashRecord>>;
+    /// Everything the ledger holds, read in one transaction (`mfg ledger migrate`).
+    fn export(&self) -> LedgerResult<LedgerCopy>;
+    /// Adds `copy` to this ledger in one transaction: the batch folders and devices it lacks
+    /// (and those it holds only reserved), the claims as `copy` has them, and the log rows after
+    /// the first `log_kept` (which it holds already), with their times.
+    fn import(&self, copy: &LedgerCopy, log_kept: usize) -> LedgerResult<()>;
     /// Where each batch stands, oldest batch first.
     fn status(&self) -> LedgerResult<Vec<BatchStatus>>;
     /// The device whose recorded image (its first, or any other) has this SHA-256 (lower-case
@@ -643,6 +652,137 @@ fn flash_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<FlashRecord> {
 }
 
 impl Ledger for SqliteLedger {
+    fn export(&self) -> LedgerResult<LedgerCopy> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let batches = tx
+                .prepare("SELECT dir, first_used FROM batches ORDER BY first_used, dir")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut devices: Vec<Issued> = tx
+                .prepare(&format!(
+                    "SELECT {DEVICE_COLUMNS} FROM devices ORDER BY batch, values_file, line, device"
+                ))?
+                .query_map([], issued_from_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut images: HashMap<String, Vec<(String, String)>> = HashMap::new();
+            let mut statement =
+                tx.prepare("SELECT device, image, sha256 FROM device_images ORDER BY device, idx")?;
+            let rows = statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            for row in rows {
+                let (device, image, sha256): (String, String, String) = row?;
+                images.entry(device).or_default().push((image, sha256));
+            }
+            for device in &mut devices {
+                device.more_images = images.remove(&device.device).unwrap_or_default();
+            }
+            let claims = tx
+                .prepare(
+                    "SELECT device, claimant, claimed_at, written_to FROM claims ORDER BY device",
+                )?
+                .query_map([], |r| {
+                    Ok(ClaimRow {
+                        device: r.get(0)?,
+                        claimant: r.get(1)?,
+                        claimed_at: r.get(2)?,
+                        written_to: r.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let log = tx
+                .prepare(
+                    "SELECT time, mac, device, sha256, port, result, firmware_sha256 \
+                     FROM flash_log ORDER BY id",
+                )?
+                .query_map([], flash_from_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(LedgerCopy {
+                batches,
+                devices,
+                claims,
+                log,
+            })
+        })
+    }
+
+    fn import(&self, copy: &LedgerCopy, log_kept: usize) -> LedgerResult<()> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for (dir, first_used) in &copy.batches {
+                tx.execute(
+                    "INSERT OR IGNORE INTO batches (dir, first_used) VALUES (?1, ?2)",
+                    params![dir, first_used],
+                )?;
+            }
+            for d in &copy.devices {
+                let changed = tx.execute(
+                    &format!(
+                        "INSERT INTO devices ({DEVICE_COLUMNS})
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                         ON CONFLICT (device) DO UPDATE SET image = excluded.image,
+                           sha256 = excluded.sha256, key_file = excluded.key_file,
+                           hmac_key_file = excluded.hmac_key_file, size = excluded.size,
+                           values_file = excluded.values_file, line = excluded.line,
+                           batch = excluded.batch, issued_at = excluded.issued_at
+                         WHERE devices.sha256 = '' AND excluded.sha256 <> ''"
+                    ),
+                    params![
+                        d.device,
+                        d.image,
+                        d.sha256,
+                        d.key_file,
+                        d.size,
+                        d.values,
+                        d.line as i64,
+                        d.batch,
+                        d.issued_at,
+                        d.hmac_key_file,
+                        d.batch_dir.to_string_lossy()
+                    ],
+                )?;
+                if changed > 0 {
+                    tx.execute("DELETE FROM device_images WHERE device = ?1", [&d.device])?;
+                    for (idx, (image, sha256)) in d.more_images.iter().enumerate() {
+                        tx.execute(
+                            "INSERT INTO device_images (device, idx, image, sha256) \
+                             VALUES (?1, ?2, ?3, ?4)",
+                            params![d.device, idx as i64, image, sha256],
+                        )?;
+                    }
+                }
+            }
+            tx.execute("DELETE FROM claims", [])?;
+            for claim in &copy.claims {
+                tx.execute(
+                    "INSERT INTO claims (device, claimant, claimed_at, written_to) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![
+                        claim.device,
+                        claim.claimant,
+                        claim.claimed_at,
+                        claim.written_to
+                    ],
+                )?;
+            }
+            for r in copy.log.iter().skip(log_kept) {
+                tx.execute(
+                    "INSERT INTO flash_log (time, mac, device, sha256, port, result, \
+                     firmware_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        r.time,
+                        r.mac,
+                        r.device,
+                        r.sha256,
+                        r.port,
+                        r.result,
+                        r.firmware_sha256
+                    ],
+                )?;
+            }
+            tx.commit()
+        })
+    }
+
     fn issued(&self, device: &str) -> LedgerResult<Option<Issued>> {
         self.with(|c| {
             let Some(mut issued) = c

@@ -8,6 +8,7 @@ pub mod flash;
 pub mod generate;
 pub mod input;
 pub mod ledger;
+pub mod migrate;
 pub mod postgres;
 pub mod product;
 pub mod station;

@@ -24,6 +24,7 @@ use super::ledger::{
     BatchStatus, CLAIM_LIFETIME, ClaimOutcome, Conflict, FlashRecord, Issued, Ledger, LedgerError,
     LedgerResult, Refused, Reservation,
 };
+use super::migrate::{ClaimRow, LedgerCopy};
 
 /// Bumped when the tables change (as SQLite's); a database of a newer version is refused.
 /// 4: nvs_flash_log.firmware_sha256.
@@ -626,6 +627,158 @@ fn device_columns(d: &str) -> String {
 }
 
 impl Ledger for PostgresLedger {
+    fn export(&self) -> LedgerResult<LedgerCopy> {
+        let devices_sql = format!(
+            "SELECT {} FROM nvs_devices d ORDER BY batch, values_file, line, device",
+            device_columns("d")
+        );
+        self.with(|db| {
+            // One snapshot for every table.
+            db.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
+            let batches = db
+                .query(
+                    "SELECT dir, first_used FROM nvs_batches ORDER BY first_used, dir",
+                    &[],
+                )?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            let devices = db
+                .query(&devices_sql, &[])?
+                .iter()
+                .map(issued_from_row)
+                .collect();
+            let claims = db
+                .query(
+                    "SELECT device, claimant, claimed_at, written_to FROM nvs_devices
+                     WHERE claimant IS NOT NULL ORDER BY device",
+                    &[],
+                )?
+                .iter()
+                .map(|r| ClaimRow {
+                    device: r.get(0),
+                    claimant: r.get(1),
+                    claimed_at: r.get(2),
+                    written_to: r.get(3),
+                })
+                .collect();
+            let log = db
+                .query(
+                    "SELECT time, mac, device, sha256, port, result, firmware_sha256
+                     FROM nvs_flash_log ORDER BY id",
+                    &[],
+                )?
+                .iter()
+                .map(|r| FlashRecord {
+                    time: r.get(0),
+                    mac: r.get(1),
+                    device: r.get(2),
+                    sha256: r.get(3),
+                    port: r.get(4),
+                    result: r.get(5),
+                    firmware_sha256: r.get(6),
+                })
+                .collect();
+            Ok(LedgerCopy {
+                batches,
+                devices,
+                claims,
+                log,
+            })
+        })
+    }
+
+    fn import(&self, copy: &LedgerCopy, log_kept: usize) -> LedgerResult<()> {
+        let insert_device = format!(
+            "INSERT INTO nvs_devices ({DEVICE_COLUMNS})
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             ON CONFLICT (device) DO UPDATE SET image = excluded.image,
+               sha256 = excluded.sha256, key_file = excluded.key_file,
+               hmac_key_file = excluded.hmac_key_file, size = excluded.size,
+               values_file = excluded.values_file, line = excluded.line,
+               batch = excluded.batch, issued_at = excluded.issued_at
+             WHERE nvs_devices.sha256 = '' AND excluded.sha256 <> ''"
+        );
+        self.with(|db| {
+            for (dir, first_used) in &copy.batches {
+                db.execute(
+                    "INSERT INTO nvs_batches (dir, first_used) VALUES ($1, $2)
+                     ON CONFLICT (dir) DO NOTHING",
+                    &[dir, first_used],
+                )?;
+            }
+            for d in &copy.devices {
+                let changed = db.execute(
+                    &insert_device,
+                    &[
+                        &d.device,
+                        &d.image,
+                        &d.sha256,
+                        &d.key_file,
+                        &i64::from(d.size),
+                        &d.values,
+                        &(d.line as i64),
+                        &d.batch,
+                        &d.issued_at,
+                        &d.hmac_key_file,
+                        &d.batch_dir.to_string_lossy().into_owned(),
+                    ],
+                )?;
+                if changed > 0 {
+                    db.execute(
+                        "DELETE FROM nvs_device_images WHERE device = $1",
+                        &[&d.device],
+                    )?;
+                    for (idx, (image, sha256)) in d.more_images.iter().enumerate() {
+                        db.execute(
+                            "INSERT INTO nvs_device_images (device, idx, image, sha256)
+                             VALUES ($1, $2, $3, $4)",
+                            &[&d.device, &(idx as i64), image, sha256],
+                        )?;
+                    }
+                }
+            }
+            db.execute(
+                "UPDATE nvs_devices SET claimant = NULL, claimed_at = NULL, written_to = NULL
+                 WHERE claimant IS NOT NULL OR written_to IS NOT NULL",
+                &[],
+            )?;
+            for claim in &copy.claims {
+                db.execute(
+                    "UPDATE nvs_devices SET claimant = $2, claimed_at = $3, written_to = $4
+                     WHERE device = $1",
+                    &[
+                        &claim.device,
+                        &claim.claimant,
+                        &claim.claimed_at,
+                        &claim.written_to,
+                    ],
+                )?;
+            }
+            for r in copy.log.iter().skip(log_kept) {
+                db.execute(
+                    "INSERT INTO nvs_flash_log (time, mac, device, sha256, port, result,
+                       firmware_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    &[
+                        &r.time,
+                        &r.mac,
+                        &r.device,
+                        &r.sha256,
+                        &r.port,
+                        &r.result,
+                        &r.firmware_sha256,
+                    ],
+                )?;
+            }
+            db.execute(
+                "UPDATE nvs_devices d SET flashed = TRUE WHERE NOT flashed AND EXISTS
+                   (SELECT 1 FROM nvs_flash_log f WHERE f.device = d.device AND f.result = 'ok')",
+                &[],
+            )?;
+            Ok(())
+        })
+    }
+
     fn issued(&self, device: &str) -> LedgerResult<Option<Issued>> {
         let sql = format!(
             "SELECT {} FROM nvs_devices d WHERE device = $1",
@@ -1161,6 +1314,16 @@ mod tests {
 
     /// libpq's sslmode against a server with a self-signed certificate for localhost (`cargo
     /// xtask ci` starts one and sets NVS_TEST_POSTGRES_CA to it).
+    #[test]
+    fn a_sqlite_ledger_is_copied_into_postgres() {
+        let (Some(a), Some(b)) = (fresh_database("migrate_a"), fresh_database("migrate_b")) else {
+            return;
+        };
+        let target = PostgresLedger::open(&a).unwrap();
+        let other = PostgresLedger::open(&b).unwrap();
+        crate::mfg::migrate::tests::migration(&target, &other);
+    }
+
     #[test]
     fn tls_modes_behave_as_libpq() {
         let (Ok(_), Ok(ca)) = (

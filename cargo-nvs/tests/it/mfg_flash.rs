@@ -1010,3 +1010,86 @@ fn a_station_without_its_ledger_server_stops_and_the_batch_completes_later() {
     }
     assert_eq!(log_of(&url).len(), 3);
 }
+
+/// `mfg ledger migrate`: the copy refuses the batch's ids for reissue, and `mfg flash` goes on
+/// from it; a non-empty ledger of something else is refused as a target.
+#[test]
+fn a_migrated_ledger_refuses_reissue_and_flashes_on() {
+    let case = batch();
+    let esp = Config::esp32c3().mac(MAC_A).start();
+    assert_ok(&flash(&case, &[&esp], &["--next", "--offset", "0x9000"]));
+    let out = case.run(&[
+        "mfg",
+        "ledger",
+        "migrate",
+        "--from",
+        "ledger.sqlite",
+        "--to",
+        "copy.sqlite",
+    ]);
+    assert_ok(&out);
+    assert!(stderr(&out).contains("3 device(s)"), "{}", stderr(&out));
+    // The same values again, into the copy: every id is refused, nothing written.
+    let out = case.run(&[
+        "mfg",
+        "generate",
+        "config.csv",
+        "values.csv",
+        "dev",
+        "0x3000",
+        "--fileid",
+        "serial",
+        "--out-dir",
+        "again",
+        "--ledger",
+        "copy.sqlite",
+    ]);
+    assert_fails(&out, &["already issued", "SN1", "copy.sqlite"]);
+    assert!(!case.exists("again/bin/dev-SN1.bin"));
+    // Flashing goes on from the copy: SN1 is flashed already, SN2 is next.
+    let other = Config::esp32c3().mac(MAC_B).start();
+    assert_ok(&flash(
+        &case,
+        &[&other],
+        &["--next", "--offset", "0x9000", "--ledger", "copy.sqlite"],
+    ));
+    same(
+        &other.read(0x9000, 0x3000),
+        &image(&case, "SN2"),
+        "SN2 from the copy",
+    );
+    // Into a ledger of another product: refused.
+    let elsewhere = Case::new();
+    elsewhere
+        .file("config.csv", CONFIG)
+        .file("values.csv", "id,serial,num\n1,X1,1\n");
+    assert_ok(&elsewhere.run(&[
+        "mfg",
+        "generate",
+        "config.csv",
+        "values.csv",
+        "dev",
+        "0x3000",
+        "--fileid",
+        "serial",
+        "--out-dir",
+        "out",
+    ]));
+    let foreign = elsewhere.dir.path().join("ledger.sqlite");
+    let out = case.run(&[
+        "mfg",
+        "ledger",
+        "migrate",
+        "--from",
+        "ledger.sqlite",
+        "--to",
+        foreign.to_str().unwrap(),
+    ]);
+    assert_fails(
+        &out,
+        &[
+            "is not empty and is not an earlier copy",
+            "nothing was copied",
+        ],
+    );
+}
