@@ -866,7 +866,12 @@ pub(crate) fn logged(
         return Ok(());
     };
     let outcome = match &e {
-        MfgFlashError::Write(_) | MfgFlashError::Ledger(_) | MfgFlashError::Logged(_) => {
+        // Logged already, or not to be: the write failed (logged with the claim's end), it
+        // passed but could not be logged, or the ledger itself failed.
+        MfgFlashError::Write(_)
+        | MfgFlashError::Unlogged { .. }
+        | MfgFlashError::Ledger(_)
+        | MfgFlashError::Logged(_) => {
             return Err(e);
         }
         MfgFlashError::Chip(_) | MfgFlashError::Flashing(_) => "failed",
