@@ -54,7 +54,10 @@ pub fn run(args: StationCommand) -> CliResult<ExitCode> {
     drop(report);
     Ok(match ended {
         Ended::NothingLeft => {
-            eprintln!("nothing left to flash: every device of the batch is flashed");
+            eprintln!(
+                "nothing left to flash: every device of the batch is flashed, or claimed by \
+                 another station"
+            );
             ExitCode::from(NOTHING_LEFT)
         }
         Ended::Stopped => ExitCode::from(INTERRUPTED),
@@ -104,6 +107,10 @@ impl Report for JsonReport {
                 "retrying": retrying, "baud": baud,
             }),
             Event::Removed { mac } => json!({"event": "removed", "mac": mac}),
+            Event::Trouble { error } => json!({"event": "trouble", "error": error}),
+            Event::AlreadyFlashed { mac, device } => {
+                json!({"event": "already-flashed", "mac": mac, "device": device})
+            }
             Event::NothingLeft => json!({"event": "nothing-left"}),
             Event::Stopped => json!({"event": "stopped"}),
         };
@@ -222,6 +229,10 @@ impl Report for TextReport {
                 }
             }
             Event::Removed { mac } => format!("board {mac} removed"),
+            Event::Trouble { error } => format!("cannot use the port: {error}"),
+            Event::AlreadyFlashed { mac, device } => {
+                format!("board {mac} holds {device} already (it passed): take it out")
+            }
             Event::NothingLeft => "nothing left to flash".to_owned(),
             Event::Stopped => "stopped".to_owned(),
         };

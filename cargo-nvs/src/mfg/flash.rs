@@ -743,26 +743,31 @@ fn flash_device(
     )?;
     let chip = chip_of(&mut flasher)?;
     let mut progress = PortProgress::new(label.clone());
-    logged(
-        claim.ledger,
+    let result = flash_connected(
+        args,
         target,
+        &mut flasher,
+        &chip,
         device,
+        &segments,
+        claim,
         port,
-        &chip.mac,
-        flash_connected(
-            args,
-            target,
+        &label,
+        &mut progress,
+        false,
+    );
+    if let Err(MfgFlashError::Write(_)) = &result {
+        give_up(
             &mut flasher,
-            &chip,
+            target,
             device,
             &segments,
             claim,
             port,
-            &label,
-            &mut progress,
-            false,
-        ),
-    )
+            &chip.mac,
+        )?;
+    }
+    logged(claim.ledger, target, device, port, &chip.mac, result)
 }
 
 /// espflash's connection options for `port`, from `mfg flash`'s.
@@ -874,7 +879,9 @@ pub(crate) fn logged(
         | MfgFlashError::Logged(_) => {
             return Err(e);
         }
-        MfgFlashError::Chip(_) | MfgFlashError::Flashing(_) => "failed",
+        MfgFlashError::Chip(_)
+        | MfgFlashError::Flashing(_)
+        | MfgFlashError::Protect(ProtectError::Chip(_) | ProtectError::Flashing(_)) => "failed",
         _ => "refused",
     };
     ledger.log_attempt(&record(
@@ -950,14 +957,20 @@ pub(crate) fn flash_connected(
         eprintln!("{label}: warning: {problem}; flashing it here anyway (--force)");
     }
     let flash_size = chip.flash_size;
-    if let Some((addr, data, name)) = segments
+    let firmware_parts = target.firmware.iter().flat_map(|f| {
+        f.segments
+            .iter()
+            .map(|s| (s.addr, s.data.len(), s.name.as_str()))
+    });
+    if let Some((addr, len, name)) = segments
         .iter()
-        .find(|(a, d, _)| u64::from(*a) + d.len() as u64 > u64::from(flash_size))
+        .map(|(a, d, n)| (*a, d.len(), n.as_str()))
+        .chain(firmware_parts)
+        .find(|(a, len, _)| u64::from(*a) + *len as u64 > u64::from(flash_size))
     {
         return Err(MfgFlashError::Invalid(format!(
-            "{name} at {addr:#x} ({} bytes) ends beyond the chip's {flash_size:#x} bytes of \
-             flash; not flashed",
-            data.len()
+            "{name} at {addr:#x} ({len} bytes) ends beyond the chip's {flash_size:#x} bytes of \
+             flash; not flashed"
         )));
     }
     let firmware = match &target.firmware {
@@ -1035,10 +1048,57 @@ pub(crate) fn flash_connected(
             Ok(())
         }
         Err(e) => {
-            ledger.record_flash(&record(format!("failed: {e}")))?;
+            // The claim and its record of this chip stay: a retry goes on with them, and
+            // `give_up` decides what becomes of the device.
+            ledger.log_attempt(&record(format!("failed: {e}")))?;
             Err(MfgFlashError::Write(e))
         }
     }
+}
+
+/// After the last failed write of `device` onto the connected chip: its partitions there are
+/// overwritten with erased flash (0xFF), so that the chip keeps no copy of the identity, and
+/// the device goes back to the pool (logged). When that fails too, the device stays held for
+/// this chip (as a write never logged): it goes to no other chip until `mfg flash --device ID`
+/// on this one settles it.
+pub(crate) fn give_up(
+    flasher: &mut Session,
+    target: &Target,
+    device: &Issued,
+    segments: &[(u32, Vec<u8>, String)],
+    claim: &mut Claim<'_>,
+    port: &Option<String>,
+    mac: &str,
+) -> Result<(), MfgFlashError> {
+    let erased: Vec<Vec<u8>> = segments
+        .iter()
+        .map(|(_, d, _)| vec![0xFF; d.len()])
+        .collect();
+    let blank: Vec<Segment<'_>> = segments
+        .iter()
+        .zip(&erased)
+        .map(|((addr, _, _), data)| Segment::new(*addr, data))
+        .collect();
+    let mut quiet = PortProgress::new(String::new());
+    quiet.quiet = true;
+    let wiped = written(flasher.write_bins_to_flash(&blank, &mut quiet));
+    flasher.ended();
+    let record = |result: String| record(target, device, port, mac, result);
+    match wiped {
+        Ok(()) => claim.ledger.record_flash(&record(
+            "failed: given up; its partitions on this chip were erased, the device goes back \
+             to the pool"
+                .into(),
+        ))?,
+        Err(e) => {
+            claim.keep = true;
+            claim.ledger.log_attempt(&record(format!(
+                "failed: given up, and erasing its partitions on this chip failed too ({e}): \
+                 the device stays held for this chip"
+            )))?;
+        }
+    }
+    Ok(())
 }
 
 /// The firmware segments to write with the device's images: bootloader, table and app (a
@@ -1051,6 +1111,14 @@ fn firmware_segments<'f>(
     device_segments: &[(u32, Vec<u8>, String)],
     label: &str,
 ) -> Result<Vec<&'f Planned>, MfgFlashError> {
+    let chip = flasher.chip().to_string();
+    if !firmware.chip.is_empty() && firmware.chip != chip {
+        return Err(MfgFlashError::Invalid(format!(
+            "the firmware in `{}` is for an {}, the chip is an {chip}; not flashed",
+            firmware.dir.display(),
+            firmware.chip
+        )));
+    }
     let allow = Allow {
         overwrite_factory_data: args.force,
         ..Allow::default()
@@ -1221,6 +1289,8 @@ pub trait SegmentProgress: ProgressCallbacks {
 /// One line per step and port (threads share stderr, so no bars), in bytes.
 struct PortProgress {
     label: String,
+    /// Says nothing (a wipe after a failure).
+    quiet: bool,
     /// (address, bytes) of the segments still to come, in write order.
     pending: std::collections::VecDeque<(u32, usize)>,
     started: Option<std::time::Instant>,
@@ -1230,6 +1300,7 @@ impl PortProgress {
     fn new(label: String) -> PortProgress {
         PortProgress {
             label,
+            quiet: false,
             pending: Default::default(),
             started: None,
         }
@@ -1251,18 +1322,22 @@ impl ProgressCallbacks for PortProgress {
             .find(|(a, _)| *a == addr)
             .map_or(0, |(_, len)| *len);
         self.started = Some(std::time::Instant::now());
-        eprintln!("{}: writing {bytes} bytes at {addr:#x}", self.label);
+        if !self.quiet {
+            eprintln!("{}: writing {bytes} bytes at {addr:#x}", self.label);
+        }
     }
 
     fn update(&mut self, _current: usize) {}
 
     fn verifying(&mut self) {
-        eprintln!("{}: verifying", self.label);
+        if !self.quiet {
+            eprintln!("{}: verifying", self.label);
+        }
     }
 
     fn finish(&mut self, skipped: bool) {
         let (addr, bytes) = self.pending.pop_front().unwrap_or((0, 0));
-        if let (false, Some(t)) = (skipped, self.started.take()) {
+        if let (false, false, Some(t)) = (self.quiet, skipped, self.started.take()) {
             eprintln!(
                 "{}: {bytes} bytes at {addr:#x} written in {:.1} s ({})",
                 self.label,

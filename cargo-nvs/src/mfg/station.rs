@@ -14,10 +14,10 @@ use espflash::target::ProgressCallbacks;
 
 use super::flash::{
     ChipInfo, Claim, MfgFlashArgs, MfgFlashError, Production, SegmentProgress, chip_of,
-    connect_args, device_segments, flash_connected, logged, station,
+    connect_args, device_segments, flash_connected, give_up, logged, station,
 };
-use super::ledger::{ClaimOutcome, Issued, Ledger};
-use crate::flashing::{Session, connect};
+use super::ledger::{FlashRecord, Issued, Ledger};
+use crate::flashing::{After, Before, FlashingError, Session, connect};
 
 /// Run a flashing station: per port, wait for a board, flash the next device onto it, report
 /// PASS/FAIL, wait for the next board.
@@ -74,6 +74,10 @@ pub enum Event {
         retrying: bool,
         baud: Option<u32>,
     },
+    /// The port cannot be used as it is (busy, no permission, another chip type, no MAC).
+    Trouble { error: String },
+    /// This board holds a device already (flashed and logged): it is not flashed again.
+    AlreadyFlashed { mac: String, device: String },
     /// The board was taken away (its port vanished, or another chip answers).
     Removed { mac: String },
     /// Every device of the batch is flashed (or held by another station).
@@ -117,6 +121,13 @@ pub fn run(
                 .into(),
         ));
     }
+    if args.flash.force {
+        return Err(MfgFlashError::Invalid(
+            "--force is not for a station: it would apply to every board (use `cargo nvs mfg \
+             flash --force` on the one board that needs it)"
+                .into(),
+        ));
+    }
     if args.flash.ports.is_empty() {
         return Err(MfgFlashError::Invalid(
             "give the station's ports with --port (one per board socket)".into(),
@@ -125,6 +136,7 @@ pub fn run(
     let production = Production::open(&args.flash)?;
     let station = Station {
         args,
+        baud: args.flash.baud.or_else(crate::settings::baud),
         production: &production,
         report,
         stop,
@@ -137,7 +149,14 @@ pub fn run(
             .map(|port| {
                 let station = &station;
                 scope.spawn(move || {
-                    let end = station.serve(port);
+                    let end = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        station.serve(port)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(MfgFlashError::Invalid(format!(
+                            "the thread of port `{port}` panicked (see above)"
+                        )))
+                    });
                     if end.is_err() {
                         // A port that cannot go on (the ledger is gone): the others stop too,
                         // finishing their boards, rather than run on without it.
@@ -167,6 +186,8 @@ pub fn run(
 
 struct Station<'a> {
     args: &'a StationArgs,
+    /// `--baud`, else espflash's settings: where retries step down from.
+    baud: Option<u32>,
     production: &'a Production,
     report: &'a dyn Report,
     stop: &'a AtomicBool,
@@ -211,6 +232,25 @@ impl Station<'_> {
                     chip: session.chip().to_string(),
                 },
             );
+            if let Some(device) = self.ledger().device_on_mac(&chip.mac)? {
+                // A board that passed, seen again (re-seated, or its port came back after a
+                // reset): it keeps its device, and no second one is claimed for it.
+                self.report.event(
+                    port,
+                    &Event::AlreadyFlashed {
+                        mac: chip.mac.clone(),
+                        device,
+                    },
+                );
+                drop(session);
+                match self.wait_for_change(port, &chip.mac)? {
+                    Wait::Chip(session, chip) => next = Some((session, chip)),
+                    Wait::Gone => {}
+                    Wait::NothingLeft => return Ok(self.nothing_left(port)),
+                    Wait::Stopped => return Ok(self.stopped_at(port)),
+                }
+                continue;
+            }
             let Some(device) = self
                 .ledger()
                 .claim_next(&claimant, &self.production.batches)?
@@ -246,8 +286,8 @@ impl Station<'_> {
         Ended::Stopped
     }
 
-    /// Every device of the station's batches is flashed (claimed ones are not: their flash may
-    /// still fail and give them back).
+    /// Every device of the station's batches is flashed or held for the chip a write of it went
+    /// to (claimed ones are not: their flash may still fail and give them back).
     fn exhausted(&self) -> Result<bool, MfgFlashError> {
         let batches = &self.production.batches;
         let ours: Vec<_> = self
@@ -256,25 +296,58 @@ impl Station<'_> {
             .into_iter()
             .filter(|b| batches.iter().any(|dir| dir == Path::new(&b.batch)))
             .collect();
-        Ok(!ours.is_empty() && ours.iter().all(|b| b.remaining == 0))
+        // Devices held for a chip that may hold them (written, never logged) are not to be had.
+        Ok(!ours.is_empty() && ours.iter().all(|b| b.remaining <= b.unlogged))
     }
 
     /// Connects to the chip at `port`, at `baud`; `None` while no chip answers there.
-    fn probe(&self, port: &str, baud: Option<u32>) -> Option<(Box<Session>, ChipInfo)> {
+    /// Connects to the chip at `port`, at `baud`: `None` while no chip answers there (no port,
+    /// no sync), an error for what an operator must see (a busy port, no permission, another
+    /// chip type, no MAC). Without `reset`, the chip is neither reset into the loader nor
+    /// afterwards: a board that passed and runs its app is left alone.
+    fn probe(
+        &self,
+        port: &str,
+        baud: Option<u32>,
+        reset: bool,
+    ) -> Result<Option<(Box<Session>, ChipInfo)>, MfgFlashError> {
         if cfg!(unix) && !Path::new(port).exists() {
-            return None;
+            return Ok(None);
         }
         let firmware = self.production.target.firmware.is_some();
-        let args = connect_args(&self.args.flash, Some(port.to_owned()), baud);
-        let mut session = connect(&args, true, firmware).ok()?;
-        let chip = chip_of(&mut session).ok()?;
-        Some((Box::new(session), chip))
+        let mut args = connect_args(&self.args.flash, Some(port.to_owned()), baud);
+        if !reset {
+            (args.before, args.after) = (Before::NoReset, After::NoReset);
+        }
+        let mut session = match connect(&args, true, firmware) {
+            Ok(session) => session,
+            Err(FlashingError::Connect { .. }) => return Ok(None),
+            Err(FlashingError::Port(why)) if why.contains("does not exist") => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let chip = chip_of(&mut session)?;
+        Ok(Some((Box::new(session), chip)))
+    }
+
+    /// Reports a probe's error once (until it changes).
+    fn trouble(&self, port: &str, last: &mut String, error: MfgFlashError) {
+        let text = error.to_string();
+        if *last != text {
+            self.report.event(
+                port,
+                &Event::Trouble {
+                    error: text.clone(),
+                },
+            );
+            *last = text;
+        }
     }
 
     /// Waits until a chip answers at `port`.
     fn wait_for_chip(&self, port: &str) -> Result<Wait, MfgFlashError> {
         self.report.event(port, &Event::Waiting);
         let mut checked = Instant::now();
+        let mut last = String::new();
         loop {
             if self.stopped() {
                 return Ok(Wait::Stopped);
@@ -285,10 +358,12 @@ impl Station<'_> {
                 }
                 checked = Instant::now();
             }
-            match self.probe(port, self.args.flash.baud) {
-                Some((session, chip)) => return Ok(Wait::Chip(session, chip)),
-                None => std::thread::sleep(POLL),
+            match self.probe(port, self.baud, true) {
+                Ok(Some((session, chip))) => return Ok(Wait::Chip(session, chip)),
+                Ok(None) => {}
+                Err(e) => self.trouble(port, &mut last, e),
             }
+            std::thread::sleep(POLL);
         }
     }
 
@@ -297,6 +372,7 @@ impl Station<'_> {
     fn wait_for_change(&self, port: &str, mac: &str) -> Result<Wait, MfgFlashError> {
         let mut probed = Instant::now();
         let plugged = device_file(port);
+        let mut last = String::new();
         loop {
             if self.stopped() {
                 return Ok(Wait::Stopped);
@@ -312,11 +388,15 @@ impl Station<'_> {
                 if self.exhausted()? {
                     return Ok(Wait::NothingLeft);
                 }
-                if let Some((session, chip)) = self.probe(port, self.args.flash.baud)
-                    && chip.mac != mac
-                {
-                    self.report.event(port, &Event::Removed { mac: mac.into() });
-                    return Ok(Wait::Chip(session, chip));
+                // Without resets: a board that passed runs its app undisturbed; a new board
+                // answers once it is in the loader (a fixture holding BOOT), or its port is new.
+                match self.probe(port, self.baud, moved) {
+                    Ok(Some((session, chip))) if chip.mac != mac => {
+                        self.report.event(port, &Event::Removed { mac: mac.into() });
+                        return Ok(Wait::Chip(session, chip));
+                    }
+                    Ok(_) => {}
+                    Err(e) => self.trouble(port, &mut last, e),
                 }
                 probed = Instant::now();
             }
@@ -326,7 +406,8 @@ impl Station<'_> {
 
     /// Flashes the claimed `device` onto the connected chip, retrying on the same chip. `None`
     /// when it is done (PASS or FAIL, reported); `Some(Stopped)` when it was given back unwritten
-    /// because the station stops.
+    /// because the station stops. An error that does not depend on the chip (the device's files)
+    /// stops the station: every board would fail on it.
     fn flash(
         &self,
         port: &str,
@@ -362,75 +443,82 @@ impl Station<'_> {
             Err(e) => {
                 let e = logged(ledger, target, device, &port_name, &chip.mac, Err(e))
                     .expect_err("an error stays one");
-                failed(&e, 1, false, args.baud);
-                return Ok(None);
+                failed(&e, 1, false, self.baud);
+                return Err(e);
             }
         };
         let mut session = Some(session);
-        let mut baud = args.baud;
+        let mut baud = self.baud;
         let mut attempt = 1;
         // The last attempt wrote to this chip and failed verification: the retry replaces
         // what it left without asking the guard (which would see damaged data).
         let mut rewrite = false;
         loop {
-            if self.stopped() {
+            if self.stopped() && !rewrite {
                 // Claimed but not written: `claim` gives it back.
                 return Ok(Some(Ended::Stopped));
             }
             let mut current = match session.take() {
                 Some(session) => session,
-                None => match self.probe(port, baud) {
-                    Some((session, again)) if again.mac == chip.mac => session,
-                    Some(_) => {
-                        // Another board answers: this one was taken away mid-retry.
+                None => match self.probe(port, baud, false) {
+                    Ok(Some((session, again))) if again.mac == chip.mac => session,
+                    other => {
+                        // No sync at this baud (or another board): one step lower while
+                        // attempts are left; else what the failed write left stays held.
+                        let why = match other {
+                            Ok(Some(_)) => "another board answers".to_owned(),
+                            Err(e) => e.to_string(),
+                            Ok(None) => "no answer".to_owned(),
+                        };
                         let e = MfgFlashError::Invalid(format!(
-                            "the board {} was replaced before attempt {attempt}",
+                            "the chip {} is not there for attempt {attempt} at `{port}` ({why})",
                             chip.mac
                         ));
-                        failed(&e, attempt, false, baud);
-                        return Ok(None);
-                    }
-                    None => {
-                        // No sync at this baud: one step lower, while attempts are left.
-                        let e = MfgFlashError::Invalid(format!(
-                            "the chip {} does not answer at `{port}` for attempt {attempt}",
-                            chip.mac
-                        ));
-                        let retry = attempt <= self.args.retries;
+                        let retry = attempt <= self.args.retries && !self.stopped();
                         let next_baud = if retry { step_down(baud) } else { baud };
                         failed(&e, attempt, retry, next_baud);
-                        if !retry {
-                            return Ok(None);
+                        if retry {
+                            baud = next_baud;
+                            attempt += 1;
+                            continue;
                         }
-                        baud = next_baud;
-                        attempt += 1;
-                        continue;
+                        if rewrite {
+                            claim.keep = true;
+                            ledger.log_attempt(&FlashRecord {
+                                mac: chip.mac.clone(),
+                                device: device.device.clone(),
+                                sha256: device.sha256.clone(),
+                                port: port.to_owned(),
+                                result: format!(
+                                    "failed: {e}; what the failed write left on this chip was \
+                                     not erased: the device stays held for this chip"
+                                ),
+                                time: String::new(),
+                                firmware_sha256: target
+                                    .firmware
+                                    .as_ref()
+                                    .map_or(String::new(), |f| f.sha256.clone()),
+                            })?;
+                        }
+                        return Ok(None);
                     }
                 },
             };
             let mut progress = StationProgress::new(self.report, port, &device.device);
             let started = Instant::now();
-            let result = logged(
-                ledger,
+            let result = flash_connected(
+                args,
                 target,
+                &mut current,
+                chip,
                 device,
+                &segments,
+                &mut claim,
                 &port_name,
-                &chip.mac,
-                flash_connected(
-                    args,
-                    target,
-                    &mut current,
-                    chip,
-                    device,
-                    &segments,
-                    &mut claim,
-                    &port_name,
-                    &label,
-                    &mut progress,
-                    rewrite,
-                ),
+                &label,
+                &mut progress,
+                rewrite,
             );
-            drop(current);
             let error = match result {
                 Ok(()) => {
                     self.report.event(
@@ -448,17 +536,29 @@ impl Station<'_> {
                 Err(MfgFlashError::Ledger(e)) => return Err(MfgFlashError::Ledger(e)),
                 Err(e) => e,
             };
-            let retry = attempt <= self.args.retries && retryable(&error);
+            let wrote = matches!(error, MfgFlashError::Write(_));
+            let retry = attempt <= self.args.retries && retryable(&error) && !self.stopped();
             let next_baud = if retry { step_down(baud) } else { baud };
+            if !retry && wrote {
+                // The last attempt: the chip keeps no copy of the device.
+                give_up(
+                    &mut current,
+                    target,
+                    device,
+                    &segments,
+                    &mut claim,
+                    &port_name,
+                    &chip.mac,
+                )?;
+            }
+            let error = logged(ledger, target, device, &port_name, &chip.mac, Err(error))
+                .expect_err("an error stays one");
+            drop(current);
             failed(&error, attempt, retry, next_baud);
             if !retry {
                 return Ok(None);
             }
-            // The logged failure ended the claim: take the device again for the retry.
-            if let ClaimOutcome::HeldBy { .. } = ledger.claim(&device.device, claimant)? {
-                return Ok(None);
-            }
-            rewrite = matches!(error, MfgFlashError::Write(_));
+            rewrite |= wrote;
             baud = next_baud;
             attempt += 1;
         }
@@ -508,6 +608,8 @@ struct StationProgress<'a> {
     port: &'a str,
     device: &'a str,
     segments: Vec<(u32, usize)>,
+    /// The segments finished (espflash goes through them in order).
+    finished: usize,
     /// Bytes of the segments finished, and of the whole write.
     done: usize,
     total: usize,
@@ -522,6 +624,7 @@ impl<'a> StationProgress<'a> {
             port,
             device,
             segments: Vec::new(),
+            finished: 0,
             done: 0,
             total: 0,
             current: (0, 0),
@@ -575,7 +678,13 @@ impl ProgressCallbacks for StationProgress<'_> {
     fn verifying(&mut self) {}
 
     fn finish(&mut self, _skipped: bool) {
-        self.done += self.current.0;
+        // A skipped segment (the chip holds it) had no `init`: its bytes count as written too.
+        let bytes = self
+            .segments
+            .get(self.finished)
+            .map_or(self.current.0, |(_, len)| *len);
+        self.finished += 1;
+        self.done += bytes;
         self.current = (0, 1);
         self.send(self.done, true);
     }

@@ -339,23 +339,64 @@ fn a_device_written_but_never_logged_goes_to_no_other_chip() {
 #[test]
 fn a_failed_verification_is_logged_and_leaves_the_device_unflashed() {
     let case = batch();
-    let bad = Config::esp32c3()
+    // A write that arrives corrupted: logged as failed; the device's partition on that chip is
+    // erased afterwards, so SN1 goes back to the pool.
+    let glitch = Config::esp32c3()
         .mac(MAC_A)
-        .fault(Fault::Md5Mismatch)
+        .fault(Fault::CorruptFirst { seq: 0, times: 1 })
         .start();
-    let out = flash(&case, &[&bad], &["--next", "--offset", "0x9000"]);
+    let out = flash(&case, &[&glitch], &["--next", "--offset", "0x9000"]);
     assert_fails(&out, &["SN1", "failed"]);
+    assert!(glitch.read(0x9000, 0x3000).iter().all(|&b| b == 0xFF));
     let rows = log(&case);
-    assert_eq!(rows.len(), 1);
-    assert_eq!(rows[0][0], mac_text(MAC_A));
-    assert_eq!(rows[0][1], "SN1");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r[0] == mac_text(MAC_A) && r[1] == "SN1")
+    );
     assert!(rows[0][4].starts_with("failed: "), "{:?}", rows[0]);
-    // SN1 is still the next device, and a failed flash does not tie it to that chip.
+    assert!(rows[1][4].contains("were erased"), "{:?}", rows[1]);
     let good = Config::esp32c3().mac(MAC_B).start();
     assert_ok(&flash(&case, &[&good], &["--offset", "0x9000"]));
     same(&good.read(0x9000, 0x3000), &image(&case, "SN1"), "good");
     let rows = log(&case);
-    assert_eq!((rows[1][1].as_str(), rows[1][4].as_str()), ("SN1", "ok"));
+    assert_eq!((rows[2][1].as_str(), rows[2][4].as_str()), ("SN1", "ok"));
+
+    // Verification that fails although the write arrived (every MD5 answer is wrong): the
+    // chip may hold SN2 whole, and the erase cannot be verified either, so SN2 stays held for
+    // that chip; the next chip gets SN3.
+    let bad = Config::esp32c3()
+        .mac(MAC_C)
+        .fault(Fault::Md5Mismatch)
+        .start();
+    let out = flash(&case, &[&bad], &["--next", "--offset", "0x9000"]);
+    assert_fails(&out, &["SN2", "failed"]);
+    assert!(log(&case).last().unwrap()[4].contains("stays held for this chip"));
+    let other = Config::esp32c3()
+        .mac([0x7c, 0xdf, 0xa1, 0, 0, 0x0d])
+        .start();
+    assert_ok(&flash(&case, &[&other], &["--next", "--offset", "0x9000"]));
+    same(&other.read(0x9000, 0x3000), &image(&case, "SN3"), "other");
+    // On that chip, once it answers properly (and the failed run's claim has lapsed, or from
+    // the same port), SN2 is settled.
+    let db = rusqlite::Connection::open(case.dir.path().join("ledger.sqlite")).unwrap();
+    db.execute(
+        "UPDATE claims SET claimed_at = '2000-01-01T00:00:00.000Z' WHERE device = 'SN2'",
+        [],
+    )
+    .unwrap();
+    drop(db);
+    let settled = Config::esp32c3().mac(MAC_C).preset(0, bad.flash()).start();
+    assert_ok(&flash(
+        &case,
+        &[&settled],
+        &["--device", "SN2", "--offset", "0x9000"],
+    ));
+    same(
+        &settled.read(0x9000, 0x3000),
+        &image(&case, "SN2"),
+        "settled",
+    );
 }
 
 #[test]

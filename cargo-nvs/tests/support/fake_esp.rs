@@ -120,9 +120,9 @@ pub enum Fault {
     /// the transfer succeeds, MD5 verification fails. `begin_offset` limits it
     /// to the transfer whose FLASH_BEGIN offset matches.
     CorruptBlock { begin_offset: Option<u32>, seq: u32 },
-    /// [`Fault::CorruptBlock`] once: the first transfer's block `seq` only (a glitch that a
-    /// retry gets past).
-    CorruptBlockOnce { seq: u32 },
+    /// [`Fault::CorruptBlock`] in the first `times` transfers only (glitches that a retry, or
+    /// a later write, gets past).
+    CorruptFirst { seq: u32, times: usize },
     /// Execute the `nth` command with opcode `op` (any opcode if `None`) but
     /// send no reply (for SYNC: none of the 8).
     DropReply { op: Option<u8>, nth: u64 },

@@ -623,12 +623,14 @@ impl Device {
                 begin_offset,
                 seq: s,
             } => s == seq && begin_offset.is_none_or(|o| o == offset),
-            Fault::CorruptBlockOnce { seq: s } => {
+            Fault::CorruptFirst { seq: s, times } => {
                 s == seq
-                    && !self
+                    && self
                         .events
                         .iter()
-                        .any(|e| matches!(e, Event::Corrupted { .. }))
+                        .filter(|e| matches!(e, Event::Corrupted { .. }))
+                        .count()
+                        < times
             }
             _ => false,
         });
