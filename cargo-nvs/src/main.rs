@@ -1,10 +1,7 @@
 //! `cargo nvs`: ESP32 NVS partition images in the Cargo workflow.
 
 mod cmd;
-
-use cargo_nvs::{
-    artifacts, flashing, fsutil, guard, hex, keys, project, protect, segments, settings, size,
-};
+mod report;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -45,19 +42,6 @@ enum Command {
     Erase(Box<cmd::device::EraseArgs>),
     Monitor(Box<cmd::monitor::MonitorArgs>),
 }
-
-/// An error for the user: printed as `error: …`, exit code 1. The library's typed errors become
-/// their message here.
-#[derive(Debug)]
-pub struct CliError(pub String);
-
-impl<E: std::fmt::Display> From<E> for CliError {
-    fn from(e: E) -> Self {
-        CliError(e.to_string())
-    }
-}
-
-pub type CliResult<T = ()> = Result<T, CliError>;
 
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(panic_message));
@@ -118,8 +102,9 @@ fn run(cli: NvsCli) -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        Err(CliError(message)) => {
-            eprintln!("error: {message}");
+        // `error: …`, the input's line when the error has a place, help and code; exit 1.
+        Err(error) => {
+            report::print(&error);
             ExitCode::FAILURE
         }
     }

@@ -143,6 +143,7 @@ struct Details {
     key: Option<String>,
     message: String,
     format: Option<FormatError>,
+    span_length: Option<usize>,
 }
 
 impl Error {
@@ -153,6 +154,7 @@ impl Error {
             key: key.map(str::to_owned),
             message: message.into(),
             format: None,
+            span_length: None,
         }))
     }
 
@@ -161,6 +163,14 @@ impl Error {
         let mut e = Error::new(location, key, err.to_string());
         e.0.format = Some(err);
         e
+    }
+
+    /// The same error with the length of the offending text, in characters from the location's
+    /// column.
+    #[doc(hidden)]
+    pub fn with_span_length(mut self, characters: usize) -> Self {
+        self.0.span_length = Some(characters);
+        self
     }
 
     /// The same error with `note` appended to its message.
@@ -177,6 +187,12 @@ impl Error {
     /// The key concerned, when there is one.
     pub fn key(&self) -> Option<&str> {
         self.0.key.as_deref()
+    }
+
+    /// How many characters the offending text spans from the location's column, when known
+    /// (Cargo metadata: the key or value concerned), so that a caller can underline it.
+    pub fn span_length(&self) -> Option<usize> {
+        self.0.span_length
     }
 
     /// The message without location and key.

@@ -342,7 +342,12 @@ impl<'d> Doc<'d> {
         key: Option<&str>,
         message: impl Into<String>,
     ) -> Error {
-        Error::new(Some(self.at(spanned)), key, message)
+        let span = spanned.span();
+        let length = self
+            .text
+            .get(span.start..span.end.max(span.start))
+            .map_or(0, |t| t.chars().count());
+        Error::new(Some(self.at(spanned)), key, message).with_span_length(length)
     }
 
     fn table<'a, 'i>(&self, value: &'a Val<'i>, what: &str) -> Result<&'a DeTable<'i>, Error> {

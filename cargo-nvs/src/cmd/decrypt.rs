@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use nvs_build::format::encryption::decrypt_image;
 use nvs_build::format::{PAGE_SIZE, read_image};
 
-use crate::fsutil::{refuse_output_over_inputs, write_atomic};
-use crate::keys::load_key;
-use crate::{CliError, CliResult};
+use super::error::{CmdError, CmdResult};
+use cargo_nvs::fsutil::{FileError, refuse_output_over_inputs, write_atomic};
+use cargo_nvs::keys::load_key;
 
 /// Decrypt an encrypted NVS partition image.
 #[derive(clap::Args)]
@@ -25,7 +25,7 @@ pub struct DecryptArgs {
     out_dir: Option<PathBuf>,
 }
 
-pub fn run(args: DecryptArgs) -> CliResult<ExitCode> {
+pub fn run(args: DecryptArgs) -> CmdResult<ExitCode> {
     let output = match &args.out_dir {
         Some(dir) if args.output.is_relative() => dir.join(&args.output),
         _ => args.output.clone(),
@@ -39,9 +39,9 @@ pub fn run(args: DecryptArgs) -> CliResult<ExitCode> {
     )?;
     let key = load_key(&args.keys)?;
     let mut bytes = nvs_build::read_limited(&args.input, nvs_build::MAX_INPUT_BYTES)
-        .map_err(|e| CliError(format!("cannot read `{}`: {e}", args.input.display())))?;
+        .map_err(FileError::reading(&args.input))?;
     if bytes.is_empty() || bytes.len() % PAGE_SIZE != 0 {
-        return Err(CliError(format!(
+        return Err(CmdError::Unusable(format!(
             "`{}` is {} bytes long, not a whole number of 4096-byte pages: it is {}; nothing was written",
             args.input.display(),
             bytes.len(),
@@ -54,14 +54,13 @@ pub fn run(args: DecryptArgs) -> CliResult<ExitCode> {
     }
     decrypt_image(&mut bytes, &key);
     if read_image(&bytes).looks_encrypted {
-        return Err(CliError(format!(
+        return Err(CmdError::Unusable(format!(
             "wrong key? after decrypting `{}` with `{}`, not one entry passes its CRC check; nothing was written",
             args.input.display(),
             args.keys.display()
         )));
     }
-    write_atomic(&output, &bytes, None)
-        .map_err(|e| CliError(format!("cannot write `{}`: {e}", output.display())))?;
+    write_atomic(&output, &bytes, None).map_err(FileError::writing(&output))?;
     eprintln!("Created decrypted NVS image `{}`", output.display());
     Ok(ExitCode::SUCCESS)
 }

@@ -13,12 +13,12 @@ use espflash::target::DefaultProgressCallback;
 use nvs_build::metadata::Metadata;
 use nvs_build::table::{Partition, PartitionTable};
 
-use crate::flashing::{ConnectArgs, blank_md5, connect, describe_usb, read_flash, usb_ports};
-use crate::guard::{self, Allow, Decision, Finding};
-use crate::project::PackageArgs;
-use crate::protect::{DataPartition, Identities};
-use crate::settings;
-use crate::{CliError, CliResult};
+use super::error::{CmdError, CmdResult};
+use cargo_nvs::flashing::{ConnectArgs, blank_md5, connect, describe_usb, read_flash, usb_ports};
+use cargo_nvs::guard::{self, Allow, Decision, Finding};
+use cargo_nvs::project::PackageArgs;
+use cargo_nvs::protect::{DataPartition, Identities};
+use cargo_nvs::settings;
 
 /// Print the chip type, revision, crystal, flash size, features and MAC address.
 #[derive(clap::Args)]
@@ -117,11 +117,11 @@ pub fn parse_u32(text: &str) -> Result<u32, String> {
     parsed.map_err(|_| format!("`{text}` is not a number (decimal, or hex with 0x)"))
 }
 
-pub fn board_info(args: BoardInfoArgs) -> CliResult<ExitCode> {
+pub fn board_info(args: BoardInfoArgs) -> CmdResult<ExitCode> {
     let mut flasher = connect(&args.connect, false, false)?;
     let info = flasher
         .device_info()
-        .map_err(|e| CliError(format!("cannot read the chip's details: {e}")))?;
+        .map_err(CmdError::chip("cannot read the chip's details"))?;
     print!("Chip type:         {}", info.chip);
     match info.revision {
         Some((major, minor)) => println!(" (revision v{major}.{minor})"),
@@ -137,10 +137,10 @@ pub fn board_info(args: BoardInfoArgs) -> CliResult<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn list_ports(args: ListPortsArgs) -> CliResult<ExitCode> {
+pub fn list_ports(args: ListPortsArgs) -> CmdResult<ExitCode> {
     let ports: Vec<(String, String)> = if args.list_all_ports {
         let mut all: Vec<(String, String)> = serialport::available_ports()
-            .map_err(|e| CliError(format!("cannot list the serial ports: {e}")))?
+            .map_err(CmdError::serial("cannot list the serial ports"))?
             .into_iter()
             .map(|p| {
                 let what = match &p.port_type {
@@ -187,17 +187,17 @@ pub struct Tables {
 
 /// The package's metadata when there is a package with `[package.metadata.nvs]` (an error if
 /// `-p`/`--manifest-path` named one that cannot be read); `None` outside a package.
-pub fn package_metadata(package: &PackageArgs) -> CliResult<Option<Metadata>> {
+pub fn package_metadata(package: &PackageArgs) -> CmdResult<Option<Metadata>> {
     let explicit = package.package.is_some() || package.manifest_path.is_some();
     match package.find() {
         Ok(project) => match Metadata::from_manifest(&project.manifest_path) {
             Ok(Some(metadata)) => Ok(Some(metadata)),
-            Ok(None) if explicit => Err(CliError(format!(
+            Ok(None) if explicit => Err(CmdError::Usage(format!(
                 "`{}` has no [package.metadata.nvs]",
                 project.manifest_path.display()
             ))),
             Ok(None) => Ok(None),
-            Err(e) => Err(CliError(e.to_string())),
+            Err(e) => Err(e.into()),
         },
         Err(e) if explicit => Err(e.into()),
         Err(_) => Ok(None),
@@ -206,7 +206,7 @@ pub fn package_metadata(package: &PackageArgs) -> CliResult<Option<Metadata>> {
 
 /// The table before connecting: `--partition-table`, else the package's; `None` means "read
 /// the chip's" (outside a package).
-pub fn table_before_connect(args: &TableArgs) -> CliResult<Option<Tables>> {
+pub fn table_before_connect(args: &TableArgs) -> CmdResult<Option<Tables>> {
     let offset = args
         .partition_table_offset
         .or_else(|| settings::load_or_warn().partition_table_offset)
@@ -231,7 +231,7 @@ pub fn table_before_connect(args: &TableArgs) -> CliResult<Option<Tables>> {
 }
 
 /// The partition table the chip holds at `offset`.
-pub fn chip_table(flasher: &mut Flasher, offset: u32, use_stub: bool) -> CliResult<PartitionTable> {
+pub fn chip_table(flasher: &mut Flasher, offset: u32, use_stub: bool) -> CmdResult<PartitionTable> {
     let bytes = read_flash(
         flasher,
         offset,
@@ -239,16 +239,17 @@ pub fn chip_table(flasher: &mut Flasher, offset: u32, use_stub: bool) -> CliResu
         use_stub,
     )?;
     if bytes.iter().all(|&b| b == 0xFF) {
-        return Err(CliError(format!(
+        return Err(CmdError::Unusable(format!(
             "the chip holds no partition table at {offset:#x} (erased flash): flash the firmware \
              first, or name a table with --partition-table (or --partition-table-offset)"
         )));
     }
     PartitionTable::parse_binary_at(Path::new("the chip's partition table"), &bytes, offset)
         .map_err(|e| {
-            CliError(format!(
-                "{e} (read from the chip at {offset:#x}; --partition-table names a table file)"
+            e.with_note(&format!(
+                " (read from the chip at {offset:#x}; --partition-table names a table file)"
             ))
+            .into()
         })
 }
 
@@ -258,7 +259,7 @@ pub fn resolve_table(
     args: &TableArgs,
     flasher: &mut Flasher,
     use_stub: bool,
-) -> CliResult<Tables> {
+) -> CmdResult<Tables> {
     if let Some(tables) = known {
         return Ok(tables);
     }
@@ -275,7 +276,7 @@ pub fn resolve_table(
 
 /// Factory data: flagged `readonly` in the table, an nvs_keys partition, or (in a package)
 /// `factory` or with per-device keys in the metadata.
-fn is_factory(partition: &Partition, metadata: Option<&Metadata>) -> CliResult<bool> {
+fn is_factory(partition: &Partition, metadata: Option<&Metadata>) -> CmdResult<bool> {
     if partition.readonly || partition.is_nvs_keys() {
         return Ok(true);
     }
@@ -291,7 +292,7 @@ fn guard_erase(
     regions: &[(u32, u32)],
     allow: Allow,
     use_stub: bool,
-) -> CliResult {
+) -> CmdResult {
     let mut refusals = Vec::new();
     let identities = tables.metadata.as_ref().map(|m| {
         let mac = flasher.device_info().ok().and_then(|i| i.mac_address);
@@ -312,7 +313,7 @@ fn guard_erase(
         }
         let on_chip = flasher
             .checksum_md5(partition.offset, partition.size)
-            .map_err(|e| CliError(format!("cannot check `{}`: {e}", partition.name)))?;
+            .map_err(CmdError::chip(format!("cannot check `{}`", partition.name)))?;
         if on_chip == blank_md5(partition.size) {
             continue;
         }
@@ -360,7 +361,7 @@ fn guard_erase(
     if refusals.is_empty() {
         Ok(())
     } else {
-        Err(CliError(format!(
+        Err(CmdError::Refused(format!(
             "{}; nothing was erased",
             refusals.join("; ")
         )))
@@ -369,12 +370,14 @@ fn guard_erase(
 
 /// Erases the regions: with the stub by ERASE_REGION, through the ROM loader by writing
 /// erased flash (one pass: the ROM reboots after it).
-fn erase_regions(flasher: &mut Flasher, regions: &[(u32, u32)], use_stub: bool) -> CliResult {
+fn erase_regions(flasher: &mut Flasher, regions: &[(u32, u32)], use_stub: bool) -> CmdResult {
     if use_stub {
         for &(addr, size) in regions {
             flasher
                 .erase_region(addr, size)
-                .map_err(|e| CliError(format!("cannot erase {size:#x} bytes at {addr:#x}: {e}")))?;
+                .map_err(CmdError::chip(format!(
+                    "cannot erase {size:#x} bytes at {addr:#x}"
+                )))?;
         }
         return Ok(());
     }
@@ -387,13 +390,15 @@ fn erase_regions(flasher: &mut Flasher, regions: &[(u32, u32)], use_stub: bool) 
         .zip(&blanks)
         .map(|(&(addr, _), data)| Segment::new(addr, data))
         .collect();
-    crate::flashing::written(flasher.write_bins_to_flash(&segments, &mut DefaultProgressCallback))
-        .map_err(|e| CliError(format!("erasing failed: {e}")))
+    cargo_nvs::flashing::written(
+        flasher.write_bins_to_flash(&segments, &mut DefaultProgressCallback),
+    )
+    .map_err(CmdError::chip("erasing failed"))
 }
 
-fn check_aligned(addr: u32, size: u32) -> CliResult {
+fn check_aligned(addr: u32, size: u32) -> CmdResult {
     if !addr.is_multiple_of(0x1000) || !size.is_multiple_of(0x1000) || size == 0 {
-        return Err(CliError(format!(
+        return Err(CmdError::Usage(format!(
             "erase-region {addr:#x} {size:#x}: address and size must be non-zero multiples of \
              4096 (0x1000)"
         )));
@@ -406,15 +411,15 @@ fn run_erase(
     table_args: &TableArgs,
     table_optional: bool,
     allow: Allow,
-    pick: impl FnOnce(&Tables) -> CliResult<Vec<(u32, u32, String)>>,
-) -> CliResult<ExitCode> {
+    pick: impl FnOnce(&Tables) -> CmdResult<Vec<(u32, u32, String)>>,
+) -> CmdResult<ExitCode> {
     let known = table_before_connect(table_args)?;
     let use_stub = !connect_args.no_stub;
     let mut flasher = connect(connect_args, false, false)?;
     let tables = match resolve_table(known, table_args, &mut flasher, use_stub) {
         Ok(tables) => tables,
         // erase-region works on a chip without a table: there is no partition to guard.
-        Err(CliError(e)) if table_optional => {
+        Err(e) if table_optional => {
             eprintln!("note: {e}; no partition is guarded");
             Tables {
                 table: PartitionTable {
@@ -433,7 +438,7 @@ fn run_erase(
             .iter()
             .find(|(a, s, _)| u64::from(*a) + u64::from(*s) > u64::from(end))
     {
-        return Err(CliError(format!(
+        return Err(CmdError::Refused(format!(
             "{what} ({size:#x} bytes at {addr:#x}) ends beyond the chip's {end:#x} bytes of flash; \
              nothing was erased"
         )));
@@ -458,7 +463,7 @@ fn run_erase(
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn erase_parts(args: ErasePartsArgs) -> CliResult<ExitCode> {
+pub fn erase_parts(args: ErasePartsArgs) -> CmdResult<ExitCode> {
     let allow = Allow {
         overwrite_factory_data: args.overwrite_factory_data,
         ..Allow::default()
@@ -469,7 +474,7 @@ pub fn erase_parts(args: ErasePartsArgs) -> CliResult<ExitCode> {
             .iter()
             .map(|name| {
                 let p = tables.table.find(name).ok_or_else(|| {
-                    CliError(format!(
+                    CmdError::Usage(format!(
                         "no partition `{name}` in {} (it has: {}); nothing was erased",
                         tables.name,
                         tables
@@ -487,7 +492,7 @@ pub fn erase_parts(args: ErasePartsArgs) -> CliResult<ExitCode> {
     })
 }
 
-pub fn erase_region(args: EraseRegionArgs) -> CliResult<ExitCode> {
+pub fn erase_region(args: EraseRegionArgs) -> CmdResult<ExitCode> {
     check_aligned(args.address, args.size)?;
     let allow = Allow {
         overwrite_factory_data: args.overwrite_factory_data,
@@ -501,7 +506,7 @@ pub fn erase_region(args: EraseRegionArgs) -> CliResult<ExitCode> {
     })
 }
 
-pub fn erase(args: EraseArgs) -> CliResult<ExitCode> {
+pub fn erase(args: EraseArgs) -> CmdResult<ExitCode> {
     debug_assert!(args.user_data);
     run_erase(
         &args.connect,

@@ -16,13 +16,13 @@ use std::process::ExitCode;
 use espflash::target::Chip;
 use serde_json::json;
 
-use crate::artifacts::{BuildArgs, build_with_nvs};
-use crate::fsutil::write_atomic;
-use crate::hex::sha256_hex;
-use crate::project::PackageArgs;
-use crate::segments::{ImageArgs, Planned, Role, app_segments, nvs_segments};
-use crate::{CliError, CliResult};
+use super::error::{CmdError, CmdResult};
+use cargo_nvs::artifacts::{BuildArgs, build_with_nvs};
 use cargo_nvs::firmware::firmware_sha256;
+use cargo_nvs::fsutil::{FileError, write_atomic};
+use cargo_nvs::hex::sha256_hex;
+use cargo_nvs::project::PackageArgs;
+use cargo_nvs::segments::{ImageArgs, Planned, Role, app_segments, nvs_segments};
 
 /// Build release artifacts: bootloader, partition table and app, `flash_args` and
 /// `manifest.json`. The NVS images and nvs_keys are left out unless --with-dev-data.
@@ -183,18 +183,18 @@ fn kind(role: Role) -> &'static str {
 }
 
 /// Removes `path` if it exists; returns whether it did.
-fn remove_stale(path: &Path) -> CliResult<bool> {
+fn remove_stale(path: &Path) -> CmdResult<bool> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(CliError(format!(
-            "cannot remove `{}` (from an earlier --with-dev-data run; it holds development data): {e}",
-            path.display()
-        ))),
+        Err(source) => Err(CmdError::StaleDevData {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 
-pub fn run(args: DistArgs) -> CliResult<ExitCode> {
+pub fn run(args: DistArgs) -> CmdResult<ExitCode> {
     let project = args.package.find()?;
     let metadata = project.nvs_metadata()?;
     let mut build = args.build.clone();
@@ -205,20 +205,20 @@ pub fn run(args: DistArgs) -> CliResult<ExitCode> {
         .or_else(|| args.build.target.as_deref().and_then(chip_of_target));
     let chip: Chip = match (&args.chip, detected) {
         (Some(name), _) => name.parse().map_err(|_| {
-            CliError(format!(
+            CmdError::Usage(format!(
                 "unknown chip `{name}` (esp32, esp32c2, esp32c3, esp32c6, esp32h2, esp32s2, esp32s3, …)"
             ))
         })?,
         (None, Some(chip)) => chip,
         (None, None) => {
-            return Err(CliError(format!(
+            return Err(CmdError::Usage(format!(
                 "cannot tell the chip of `{}` (no esp-hal chip feature, no chip in the target \
                  triple): give it with --chip (esp32c3, esp32, …)",
                 project.manifest_path.display()
             )));
         }
     };
-    let elf = elf.ok_or_else(|| CliError(format!("`{}` has no binary", project.name)))?;
+    let elf = elf.ok_or_else(|| CmdError::Unusable(format!("`{}` has no binary", project.name)))?;
     let keys = metadata.table.nvs_keys().map(|p| (p.offset, p.size));
     let keys_name = metadata.table.nvs_keys().map(|p| p.name.clone());
     let mut segments = app_segments(
@@ -247,8 +247,7 @@ pub fn run(args: DistArgs) -> CliResult<ExitCode> {
         if a.included {
             // The device's data may hold secrets (development values, keys): private.
             let mode = a.segment.role.is_device_data().then_some(0o600);
-            write_atomic(&path, &a.segment.data, mode)
-                .map_err(|e| CliError(format!("cannot write `{}`: {e}", path.display())))?;
+            write_atomic(&path, &a.segment.data, mode).map_err(FileError::writing(&path))?;
         } else if remove_stale(&path)? {
             // Left by an earlier --with-dev-data run: the folder must not ship it.
             removed.push(a.file.as_str());
@@ -256,8 +255,7 @@ pub fn run(args: DistArgs) -> CliResult<ExitCode> {
     }
     let write = |name: &str, bytes: &[u8]| {
         let path = dist.join(name);
-        write_atomic(&path, bytes, None)
-            .map_err(|e| CliError(format!("cannot write `{}`: {e}", path.display())))
+        write_atomic(&path, bytes, None).map_err(|e| CmdError::from(FileError::writing(&path)(e)))
     };
     write("flash_args", flash_args(&image, &artifacts).as_bytes())?;
     let doc = json!({

@@ -12,11 +12,12 @@ use serde_json::{Value as Json, json};
 use nvs_build::format::encryption::{XtsKey, decrypt_image};
 
 use super::OutputFormat;
-use crate::hex::hex;
-use crate::keys::KeyInput;
-use crate::segments::{nvs_partition, table_in_flash};
-use crate::size::parse_offset;
-use crate::{CliError, CliResult};
+use super::error::{CmdError, CmdResult};
+use cargo_nvs::fsutil::FileError;
+use cargo_nvs::hex::hex;
+use cargo_nvs::keys::KeyInput;
+use cargo_nvs::segments::{nvs_partition, table_in_flash};
+use cargo_nvs::size::parse_offset;
 use nvs_build::table::PartitionTable;
 
 /// Show the contents of an NVS partition image and check it for damage.
@@ -46,9 +47,9 @@ pub struct DumpArgs {
     partition_table_offset: Option<u32>,
 }
 
-pub fn run(args: DumpArgs) -> CliResult<ExitCode> {
+pub fn run(args: DumpArgs) -> CmdResult<ExitCode> {
     let mut bytes = nvs_build::read_limited(&args.image, nvs_build::MAX_INPUT_BYTES)
-        .map_err(|e| CliError(format!("cannot read `{}`: {e}", args.image.display())))?;
+        .map_err(FileError::reading(&args.image))?;
     let key = args.key.load()?;
     let mut name = format!("`{}`", args.image.display());
     if let Some(wanted) = &args.partition {
@@ -61,7 +62,7 @@ pub fn run(args: DumpArgs) -> CliResult<ExitCode> {
                 let at = offset as usize;
                 let Some(raw) = bytes.get(at..(at + PartitionTable::BINARY_SIZE).min(bytes.len()))
                 else {
-                    return Err(CliError(format!(
+                    return Err(CmdError::Unusable(format!(
                         "{name} is {} bytes long and ends before its partition table at {offset:#x}: is it \
                          a full-flash dump? (give --partition-table FILE for another table)",
                         bytes.len()
@@ -73,7 +74,7 @@ pub fn run(args: DumpArgs) -> CliResult<ExitCode> {
         let partition = nvs_partition(&table, wanted, "the partition table")?;
         let (start, end) = (partition.offset as usize, partition.end() as usize);
         if bytes.len() < end {
-            return Err(CliError(format!(
+            return Err(CmdError::Unusable(format!(
                 "{name} is {} bytes long and ends before partition `{wanted}` ({:#x}..{end:#x}): \
                  the dump is truncated, or not of the whole flash",
                 bytes.len(),
@@ -94,7 +95,7 @@ pub fn show(
     key: Option<&XtsKey>,
     format: OutputFormat,
     name: &str,
-) -> CliResult<ExitCode> {
+) -> CmdResult<ExitCode> {
     if let Some(key) = key {
         decrypt_image(&mut bytes, key);
     }
@@ -103,7 +104,7 @@ pub fn show(
     // The parsed items hold their own copies of the data.
     drop(bytes);
     if parsed.looks_encrypted {
-        return Err(CliError(match key {
+        return Err(CmdError::Unusable(match key {
             Some(_) => {
                 format!("wrong key? after decrypting {name}, not one entry passes its CRC check")
             }
@@ -129,7 +130,10 @@ pub fn show(
     };
     written
         .and_then(|()| out.flush())
-        .map_err(|e| CliError(format!("cannot write the dump: {e}")))?;
+        .map_err(|source| CmdError::Output {
+            what: "dump",
+            source,
+        })?;
     if parsed.is_damaged() {
         let errors = parsed
             .problems

@@ -5,11 +5,11 @@ use std::process::ExitCode;
 
 use nvs_build::format::Version;
 
+use super::error::{CmdError, CmdResult};
 use super::generate::{build_from_csv, split_positionals};
-use crate::fsutil::{refuse_output_over_inputs, write_atomic};
-use crate::keys::{KeyGenOptions, generate_keys, load_key};
-use crate::size::{parse_version, warn_if_read_only};
-use crate::{CliError, CliResult};
+use cargo_nvs::fsutil::{FileError, refuse_output_over_inputs, write_atomic};
+use cargo_nvs::keys::{KeyGenOptions, generate_keys, load_key};
+use cargo_nvs::size::{parse_version, warn_if_read_only};
 
 /// Generate an encrypted NVS partition image (XTS-AES-256, as ESP-IDF's NVS encryption).
 #[derive(clap::Args)]
@@ -40,15 +40,15 @@ pub struct EncryptArgs {
     keygen_options: KeyGenOptions,
 }
 
-pub fn run(args: EncryptArgs) -> CliResult<ExitCode> {
+pub fn run(args: EncryptArgs) -> CmdResult<ExitCode> {
     let p = split_positionals(&args.args, args.out_dir.as_deref())?;
     if !args.keygen && args.inputkey.is_none() {
-        return Err(CliError(
+        return Err(CmdError::Usage(
             "give --keygen to create keys, or --inputkey KEYS.bin to use existing ones".into(),
         ));
     }
     if args.inputkey.is_some() && args.keygen_options.uses_hmac_options() {
-        return Err(CliError(
+        return Err(CmdError::Usage(
             "--inputkey already gives the keys; the HMAC options (--key-protect-hmac, --kp-hmac-*) only apply to --keygen"
                 .into(),
         ));
@@ -94,11 +94,11 @@ pub fn run(args: EncryptArgs) -> CliResult<ExitCode> {
     };
     let written = image
         .finish_encrypted(&key)
-        .map_err(CliError::from)
+        .map_err(CmdError::from)
         .and_then(|bytes| {
             write_atomic(&p.output, &bytes, None)
                 .map(|()| bytes.len())
-                .map_err(|e| CliError(format!("cannot write `{}`: {e}", p.output.display())))
+                .map_err(|e| CmdError::from(FileError::writing(&p.output)(e)))
         });
     let len = match written {
         Ok(len) => len,

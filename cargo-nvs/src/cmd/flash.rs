@@ -7,14 +7,15 @@ use std::process::ExitCode;
 
 use espflash::image_format::Segment;
 
+use super::error::{CmdError, CmdResult};
 use super::monitor::{MonitorOptions, monitor};
-use crate::artifacts::{BuildArgs, NvsManifest, build_with_nvs};
-use crate::flashing::{ConnectArgs, Progress, connect};
-use crate::guard::Allow;
-use crate::project::PackageArgs;
-use crate::protect::{Identities, data_partitions, guard_segments, guard_table_change};
-use crate::segments::{ImageArgs, app_segments, nvs_segments};
-use crate::{CliError, CliResult};
+use cargo_nvs::artifacts::{BuildArgs, NvsManifest, build_with_nvs};
+use cargo_nvs::flashing::{ConnectArgs, Progress, connect};
+use cargo_nvs::fsutil::FileError;
+use cargo_nvs::guard::Allow;
+use cargo_nvs::project::PackageArgs;
+use cargo_nvs::protect::{Identities, data_partitions, guard_segments, guard_table_change};
+use cargo_nvs::segments::{ImageArgs, app_segments, nvs_segments};
 
 /// Build the app and flash it together with its NVS partitions, in one pass.
 #[derive(clap::Args)]
@@ -67,18 +68,18 @@ pub struct FlashArgs {
     pub overwrite_factory_data: bool,
 }
 
-pub fn run(mut args: FlashArgs) -> CliResult<ExitCode> {
+pub fn run(mut args: FlashArgs) -> CmdResult<ExitCode> {
     // `--elf PATH`, `--elf --monitor PATH` (cargo's runner), or `flash PATH`.
     args.elf = match (args.elf.take(), args.elf_path.take()) {
         (Some(elf), None) if elf.as_os_str() == "-" => {
-            return Err(CliError(
+            return Err(CmdError::Usage(
                 "--elf needs the ELF's path (cargo appends it when `cargo nvs flash --elf` is the \
                  runner in .cargo/config.toml)"
                     .into(),
             ));
         }
         (Some(elf), Some(image)) if elf.as_os_str() != "-" => {
-            return Err(CliError(format!(
+            return Err(CmdError::Usage(format!(
                 "two ELFs given: `{}` and `{}`; flash one",
                 elf.display(),
                 image.display()
@@ -117,7 +118,7 @@ pub fn run(mut args: FlashArgs) -> CliResult<ExitCode> {
     let chip = flasher.chip();
     let info = flasher
         .device_info()
-        .map_err(|e| CliError(format!("cannot read the chip's details: {e}")))?;
+        .map_err(CmdError::chip("cannot read the chip's details"))?;
     eprintln!(
         "Connected: {chip}{}, {} flash{}",
         info.revision
@@ -129,14 +130,14 @@ pub fn run(mut args: FlashArgs) -> CliResult<ExitCode> {
     );
     if !args.nvs_only {
         let elf = elf.ok_or_else(|| {
-            CliError(format!(
+            CmdError::Usage(format!(
                 "`{}` has no binary to flash (use --nvs-only)",
                 package_name.as_deref().unwrap_or("the package")
             ))
         })?;
         let xtal = chip
             .xtal_frequency(flasher.connection())
-            .map_err(|e| CliError(format!("cannot read the crystal frequency: {e}")))?;
+            .map_err(CmdError::chip("cannot read the crystal frequency"))?;
         let mut app = app_segments(
             &elf,
             chip,
@@ -154,7 +155,7 @@ pub fn run(mut args: FlashArgs) -> CliResult<ExitCode> {
         .iter()
         .find(|s| u64::from(s.addr) + s.data.len() as u64 > u64::from(flash_size))
     {
-        return Err(CliError(format!(
+        return Err(CmdError::Refused(format!(
             "{} ends at {:#x}, beyond the chip's {:#x} bytes of flash",
             s.name,
             u64::from(s.addr) + s.data.len() as u64,
@@ -183,8 +184,8 @@ pub fn run(mut args: FlashArgs) -> CliResult<ExitCode> {
         .map(|s| Segment::new(s.addr, &s.data))
         .collect();
     let mut progress = Progress::new(&list);
-    crate::flashing::written(flasher.write_bins_to_flash(&espflash_segments, &mut progress))
-        .map_err(|e| CliError(format!("flashing failed: {e}")))?;
+    cargo_nvs::flashing::written(flasher.write_bins_to_flash(&espflash_segments, &mut progress))
+        .map_err(CmdError::chip("flashing failed"))?;
     flasher.ended();
     eprintln!(
         "Flashed {} segment(s), {} unchanged and skipped{}",
@@ -205,10 +206,9 @@ pub fn run(mut args: FlashArgs) -> CliResult<ExitCode> {
     let serial = flasher.into_connection().into_serial();
     let port = serialport::SerialPort::name(&serial).unwrap_or_else(|| "the port".to_owned());
     let elf = match &elf_for_monitor {
-        Some(path) => Some(
-            std::fs::read(path)
-                .map_err(|e| CliError(format!("cannot read the ELF `{}`: {e}", path.display())))?,
-        ),
+        Some(path) => {
+            Some(std::fs::read(path).map_err(|e| FileError::new("read the ELF", path, e))?)
+        }
         None => None,
     };
     // espflash's `--after` reset (or the ROM loader's reboot) started the application.

@@ -11,10 +11,10 @@ use nvs_build::config::generate_images;
 use nvs_build::metadata::TableSource;
 use nvs_build::resolve::Inputs;
 
-use crate::fsutil::{refuse_output_over_inputs, write_atomic};
-use crate::project::{PackageArgs, display_path};
-use crate::size::{parse_size, parse_version, warn_if_read_only};
-use crate::{CliError, CliResult};
+use super::error::{CmdError, CmdResult};
+use cargo_nvs::fsutil::{FileError, refuse_output_over_inputs, write_atomic};
+use cargo_nvs::project::{PackageArgs, display_path};
+use cargo_nvs::size::{parse_size, parse_version, warn_if_read_only};
 
 /// Generate NVS partition images: from the package's `[package.metadata.nvs]` (no arguments),
 /// or from CSV files like Espressif's generator (`INPUT... OUTPUT SIZE`).
@@ -53,24 +53,25 @@ pub struct Positionals<'a> {
 pub fn split_positionals<'a>(
     args: &'a [PathBuf],
     out_dir: Option<&Path>,
-) -> CliResult<Positionals<'a>> {
+) -> CmdResult<Positionals<'a>> {
     let [inputs @ .., output, size] = args else {
-        return Err(CliError("give INPUT... OUTPUT SIZE".into()));
+        return Err(CmdError::Usage("give INPUT... OUTPUT SIZE".into()));
     };
     if inputs.is_empty() {
-        return Err(CliError(
+        return Err(CmdError::Usage(
             "give at least one INPUT csv file before OUTPUT and SIZE".into(),
         ));
     }
     let size_text = size.to_string_lossy();
     let bytes = parse_size(&size_text)?;
     if bytes > MAX_PARTITION_SIZE {
-        return Err(CliError(format!(
+        return Err(CmdError::Usage(format!(
             "SIZE {size_text} is larger than 128 MiB (0x8000000), the largest flash of any ESP chip; \
              give the NVS partition's size from the partition table (typically 0x6000)"
         )));
     }
-    let size = PartitionSize::new(bytes).map_err(|e| CliError(format!("SIZE {size_text}: {e}")))?;
+    let size =
+        PartitionSize::new(bytes).map_err(|e| CmdError::Usage(format!("SIZE {size_text}: {e}")))?;
     let output = match out_dir {
         Some(dir) if output.is_relative() => dir.join(output),
         _ => output.clone(),
@@ -89,7 +90,7 @@ pub fn build_from_csv(
     inputs: &[PathBuf],
     size: PartitionSize,
     version: Version,
-) -> CliResult<ImageInput> {
+) -> CmdResult<ImageInput> {
     let mut image = ImageInput::new(size, version);
     for input in inputs {
         image.add_csv_file(input, &FileBase::CurrentDir)?;
@@ -97,10 +98,10 @@ pub fn build_from_csv(
     Ok(image)
 }
 
-pub fn run(args: GenerateArgs) -> CliResult<ExitCode> {
+pub fn run(args: GenerateArgs) -> CmdResult<ExitCode> {
     if args.args.is_empty() {
         if args.version.is_some() {
-            return Err(CliError(
+            return Err(CmdError::Usage(
                 "--version applies to CSV inputs; in Cargo metadata, set `version = 1` on the partition".into(),
             ));
         }
@@ -108,7 +109,7 @@ pub fn run(args: GenerateArgs) -> CliResult<ExitCode> {
     }
     let version = args.version.unwrap_or(Version::V2);
     if args.package.package.is_some() || args.package.manifest_path.is_some() {
-        return Err(CliError(
+        return Err(CmdError::Usage(
             "-p/--manifest-path select Cargo metadata; leave out INPUT... OUTPUT SIZE to use it"
                 .into(),
         ));
@@ -118,8 +119,7 @@ pub fn run(args: GenerateArgs) -> CliResult<ExitCode> {
     let image = build_from_csv(p.inputs, p.size, version)?;
     let pages = image.pages_used();
     let bytes = image.finish()?;
-    write_atomic(&p.output, &bytes, None)
-        .map_err(|e| CliError(format!("cannot write `{}`: {e}", p.output.display())))?;
+    write_atomic(&p.output, &bytes, None).map_err(FileError::writing(&p.output))?;
     eprintln!(
         "Created NVS image `{}` ({} bytes, version {}, {} of {} data page(s) used)",
         p.output.display(),
@@ -133,7 +133,7 @@ pub fn run(args: GenerateArgs) -> CliResult<ExitCode> {
 
 /// `cargo nvs generate` with no arguments: the same images build.rs makes, into
 /// `target/nvs/<package>/` or `--out-dir`.
-fn run_from_metadata(args: &GenerateArgs) -> CliResult<ExitCode> {
+fn run_from_metadata(args: &GenerateArgs) -> CmdResult<ExitCode> {
     let project = args.package.find()?;
     let metadata = project.nvs_metadata()?;
     if metadata.table_source == TableSource::BuiltInDefault {

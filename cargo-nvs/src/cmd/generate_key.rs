@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::CliResult;
-use crate::keys::{KeyGenOptions, generate_keys};
+use super::error::CmdResult;
+use cargo_nvs::keys::{KeyGenOptions, generate_keys};
 
 /// Generate NVS encryption keys (a 4096-byte nvs_keys image, mode 0600).
 #[derive(clap::Args)]
@@ -17,7 +17,7 @@ pub struct GenerateKeyArgs {
     keygen_options: KeyGenOptions,
 }
 
-pub fn run(args: GenerateKeyArgs) -> CliResult<ExitCode> {
+pub fn run(args: GenerateKeyArgs) -> CmdResult<ExitCode> {
     generate_keys(&args.keygen_options, args.out_dir.as_deref())?;
     Ok(ExitCode::SUCCESS)
 }

@@ -11,7 +11,7 @@ use cargo_nvs::mfg::ledger::BatchStatus;
 use cargo_nvs::project::PackageArgs;
 use std::path::PathBuf;
 
-use crate::CliResult;
+use super::error::{CmdError, CmdResult};
 
 /// Mass manufacturing: per-device NVS images from a values CSV and either a config CSV
 /// (ESP-IDF's mfg_gen.py) or the package's Cargo metadata.
@@ -87,14 +87,14 @@ fn migrate(args: MigrateArgs) -> CliResult<ExitCode> {
 }
 
 /// `mfg flash`: exit code [`NOTHING_LEFT`] when every device is flashed.
-fn flash_devices(args: MfgFlashArgs) -> CliResult<ExitCode> {
+fn flash_devices(args: MfgFlashArgs) -> CmdResult<ExitCode> {
     Ok(match flash::run(args)? {
         Flashed::Devices(_) => ExitCode::SUCCESS,
         Flashed::NothingLeft => ExitCode::from(NOTHING_LEFT),
     })
 }
 
-pub fn run(args: MfgArgs) -> CliResult<ExitCode> {
+pub fn run(args: MfgArgs) -> CmdResult<ExitCode> {
     match args.command {
         MfgCommand::Generate(args) => generate::generate(*args)
             .map(|()| ExitCode::SUCCESS)
@@ -133,7 +133,7 @@ enum StatusFormat {
     Json,
 }
 
-pub fn status(args: MfgStatusArgs) -> CliResult<ExitCode> {
+pub fn status(args: MfgStatusArgs) -> CmdResult<ExitCode> {
     let (ledger, chosen) = open_ledger(
         args.out_dir.as_deref(),
         args.ledger.as_deref(),
@@ -201,7 +201,10 @@ pub fn status(args: MfgStatusArgs) -> CliResult<ExitCode> {
             text
         }
     };
-    std::io::Write::write_all(&mut out, text.as_bytes())?;
+    std::io::Write::write_all(&mut out, text.as_bytes()).map_err(|source| CmdError::Output {
+        what: "status",
+        source,
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -231,7 +234,7 @@ enum LogFormat {
     Json,
 }
 
-pub fn log(args: MfgLogArgs) -> CliResult<ExitCode> {
+pub fn log(args: MfgLogArgs) -> CmdResult<ExitCode> {
     let (ledger, _) = open_ledger(
         args.out_dir.as_deref(),
         args.ledger.as_deref(),
@@ -253,7 +256,12 @@ pub fn log(args: MfgLogArgs) -> CliResult<ExitCode> {
                 .collect();
             let mut text = serde_json::to_string_pretty(&rows)?;
             text.push('\n');
-            std::io::Write::write_all(&mut out, text.as_bytes())?;
+            std::io::Write::write_all(&mut out, text.as_bytes()).map_err(|source| {
+                CmdError::Output {
+                    what: "log",
+                    source,
+                }
+            })?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -3,6 +3,7 @@ pub mod device;
 pub mod dist;
 pub mod dump;
 pub mod encrypt;
+pub mod error;
 pub mod flash;
 pub mod generate;
 pub mod generate_key;

@@ -17,8 +17,9 @@ use defmt_decoder::Table;
 use espflash::connection::Port;
 use serialport::SerialPort;
 
-use crate::flashing::{is_no_modem_lines, open_port, resolve_port};
-use crate::{CliError, CliResult};
+use super::error::{CmdError, CmdResult};
+use cargo_nvs::flashing::{is_no_modem_lines, open_port, resolve_port};
+use cargo_nvs::fsutil::FileError;
 
 /// How the application's output is encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -68,14 +69,13 @@ pub struct MonitorArgs {
     options: MonitorOptions,
 }
 
-pub fn run(args: MonitorArgs) -> CliResult<ExitCode> {
+pub fn run(args: MonitorArgs) -> CmdResult<ExitCode> {
     let (port, _) = resolve_port(args.port.as_deref())?;
     let serial = open_port(&port)?;
     let elf = match &args.elf {
-        Some(path) => Some(
-            std::fs::read(path)
-                .map_err(|e| CliError(format!("cannot read the ELF `{}`: {e}", path.display())))?,
-        ),
+        Some(path) => {
+            Some(std::fs::read(path).map_err(|e| FileError::new("read the ELF", path, e))?)
+        }
         None => None,
     };
     monitor(serial, &port, elf.as_deref(), &args.options, !args.no_reset)
@@ -89,7 +89,7 @@ pub fn monitor(
     elf: Option<&[u8]>,
     options: &MonitorOptions,
     reset: bool,
-) -> CliResult<ExitCode> {
+) -> CmdResult<ExitCode> {
     let result = watch(serial, port, elf, options, reset);
     raw_mode::restore();
     result
@@ -101,17 +101,19 @@ fn watch(
     elf: Option<&[u8]>,
     options: &MonitorOptions,
     reset: bool,
-) -> CliResult<ExitCode> {
+) -> CmdResult<ExitCode> {
     let table = defmt_table(elf, options.log_format)?;
-    serial.set_baud_rate(options.monitor_baud).map_err(|e| {
-        CliError(format!(
-            "cannot set `{port}` to {} baud: {e}",
+    serial
+        .set_baud_rate(options.monitor_baud)
+        .map_err(CmdError::serial(format!(
+            "cannot set `{port}` to {} baud",
             options.monitor_baud
-        ))
-    })?;
+        )))?;
     serial
         .set_timeout(Duration::from_millis(50))
-        .map_err(|e| CliError(format!("cannot set a timeout on `{port}`: {e}")))?;
+        .map_err(CmdError::serial(format!(
+            "cannot set a timeout on `{port}`"
+        )))?;
     let stdin_is_terminal = std::io::IsTerminal::is_terminal(&std::io::stdin());
     eprintln!(
         "Monitoring `{port}` at {} baud ({}){}",
@@ -159,10 +161,10 @@ fn watch(
                         | std::io::ErrorKind::Interrupted
                 ) => {}
             Err(e) => {
-                return Err(CliError(format!(
-                    "the serial port `{port}` went away ({e}): unplugged, or the board reset its \
-                     USB connection"
-                )));
+                return Err(CmdError::PortGone {
+                    port: port.to_owned(),
+                    source: e,
+                });
             }
         }
         let Some(keys) = &keys else { continue };
@@ -183,13 +185,13 @@ fn watch(
 }
 
 /// The ELF's defmt table, when the output is (or may be) defmt.
-fn defmt_table(elf: Option<&[u8]>, format: Option<LogFormat>) -> CliResult<Option<Table>> {
+fn defmt_table(elf: Option<&[u8]>, format: Option<LogFormat>) -> CmdResult<Option<Table>> {
     if format == Some(LogFormat::Serial) {
         return Ok(None);
     }
     let Some(elf) = elf else {
         if format == Some(LogFormat::Defmt) {
-            return Err(CliError(
+            return Err(CmdError::Usage(
                 "--log-format defmt needs the application's ELF for its table: pass --elf FILE"
                     .into(),
             ));
@@ -199,7 +201,7 @@ fn defmt_table(elf: Option<&[u8]>, format: Option<LogFormat>) -> CliResult<Optio
     match Table::parse(elf) {
         Ok(Some(table)) => {
             if table.encoding() != defmt_decoder::Encoding::Rzcobs {
-                return Err(CliError(format!(
+                return Err(CmdError::Unusable(format!(
                     "the ELF's defmt encoding is {:?}; the monitor decodes rzcobs (esp-println's \
                      `defmt-espflash`)",
                     table.encoding()
@@ -207,13 +209,15 @@ fn defmt_table(elf: Option<&[u8]>, format: Option<LogFormat>) -> CliResult<Optio
             }
             Ok(Some(table))
         }
-        Ok(None) if format == Some(LogFormat::Defmt) => Err(CliError(
+        Ok(None) if format == Some(LogFormat::Defmt) => Err(CmdError::Unusable(
             "--log-format defmt: the ELF has no defmt table (.defmt section); use --log-format \
              serial"
                 .into(),
         )),
         Ok(None) => Ok(None),
-        Err(e) => Err(CliError(format!("cannot read the ELF's defmt table: {e}"))),
+        Err(e) => Err(CmdError::Unusable(format!(
+            "cannot read the ELF's defmt table: {e}"
+        ))),
     }
 }
 

@@ -9,8 +9,8 @@ use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
 use serde_json::{Value as Json, json};
 
 use super::OutputFormat;
-use crate::CliResult;
-use crate::project::PackageArgs;
+use super::error::CmdResult;
+use cargo_nvs::project::PackageArgs;
 
 /// Show the partition table and what goes into each NVS partition.
 #[derive(clap::Args)]
@@ -85,7 +85,7 @@ fn estimate_note(unset: &[String]) -> String {
     }
 }
 
-pub fn run(args: PartitionsArgs) -> CliResult<ExitCode> {
+pub fn run(args: PartitionsArgs) -> CmdResult<ExitCode> {
     let project = args.package.find()?;
     let metadata = project.nvs_metadata()?;
     let table_name = match &metadata.table_source {

@@ -10,11 +10,11 @@ use nvs_build::table::{Partition, PartitionTable};
 use super::OutputFormat;
 use super::device::TableArgs;
 use super::dump::show;
-use crate::flashing::{ConnectArgs, connect, read_flash};
-use crate::fsutil::write_atomic;
-use crate::keys::KeyInput;
-use crate::segments::{nvs_partition, table_in_flash};
-use crate::{CliError, CliResult};
+use super::error::{CmdError, CmdResult};
+use cargo_nvs::flashing::{ConnectArgs, connect, read_flash};
+use cargo_nvs::fsutil::{FileError, write_atomic};
+use cargo_nvs::keys::KeyInput;
+use cargo_nvs::segments::{nvs_partition, table_in_flash};
 
 /// Read NVS partitions back from a device and dump them.
 #[derive(clap::Args)]
@@ -44,12 +44,12 @@ pub struct ReadArgs {
     connect: ConnectArgs,
 }
 
-pub fn run(args: ReadArgs) -> CliResult<ExitCode> {
+pub fn run(args: ReadArgs) -> CmdResult<ExitCode> {
     let key = args.key.load()?;
     let offset = args
         .table
         .partition_table_offset
-        .or_else(|| crate::settings::load_or_warn().partition_table_offset)
+        .or_else(|| cargo_nvs::settings::load_or_warn().partition_table_offset)
         .unwrap_or(PartitionTable::DEFAULT_OFFSET);
     // The table file is checked before the port is opened.
     let given = match &args.table.partition_table {
@@ -80,7 +80,9 @@ pub fn run(args: ReadArgs) -> CliResult<ExitCode> {
         None => {
             let all: Vec<&Partition> = table.nvs_partitions().collect();
             if all.is_empty() {
-                return Err(CliError(format!("{table_name} has no NVS partition")));
+                return Err(CmdError::Unusable(format!(
+                    "{table_name} has no NVS partition"
+                )));
             }
             all
         }
@@ -102,8 +104,7 @@ pub fn run(args: ReadArgs) -> CliResult<ExitCode> {
     for (i, (partition, bytes)) in partitions.iter().zip(read).enumerate() {
         if let Some(path) = &args.output {
             // The device's data may hold secrets (keys, certificates, passwords).
-            write_atomic(path, &bytes, Some(0o600))
-                .map_err(|e| CliError(format!("cannot write `{}`: {e}", path.display())))?;
+            write_atomic(path, &bytes, Some(0o600)).map_err(FileError::writing(path))?;
             eprintln!("Saved to `{}`", path.display());
         }
         if args.all && args.format == OutputFormat::Text {
@@ -126,7 +127,7 @@ pub fn run(args: ReadArgs) -> CliResult<ExitCode> {
             Ok(_) => {}
             // With --all, an encrypted partition without its key does not hide the others.
             Err(e) if args.all => {
-                eprintln!("error: {}", e.0);
+                eprintln!("error: {e}");
                 status = ExitCode::FAILURE;
             }
             Err(e) => return Err(e),

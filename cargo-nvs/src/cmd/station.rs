@@ -15,7 +15,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::OutputFormat;
-use crate::CliResult;
+use super::error::CmdResult;
 
 /// Exit code when the station was stopped with Ctrl-C (128 + SIGINT, as shells report it).
 const INTERRUPTED: u8 = 130;
@@ -30,7 +30,7 @@ pub struct StationCommand {
     format: OutputFormat,
 }
 
-pub fn run(args: StationCommand) -> CliResult<ExitCode> {
+pub fn run(args: StationCommand) -> CmdResult<ExitCode> {
     static STOP: AtomicBool = AtomicBool::new(false);
     ctrlc::set_handler(|| {
         if STOP.swap(true, Ordering::SeqCst) {
@@ -42,8 +42,7 @@ pub fn run(args: StationCommand) -> CliResult<ExitCode> {
             "stopping: the boards being written are finished, devices not yet written are given \
              back (Ctrl-C again stops at once)"
         );
-    })
-    .map_err(|e| crate::CliError(format!("cannot handle Ctrl-C: {e}")))?;
+    })?;
     let report: Box<dyn Report> = match args.format {
         OutputFormat::Json => Box::new(JsonReport {
             started: Instant::now(),

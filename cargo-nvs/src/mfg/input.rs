@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use crate::fsutil::FileError;
+use nvs_build::Location;
 
 /// Why a config or values CSV cannot be used; every message names the file and line.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +15,12 @@ pub enum ValuesError {
     /// What is wrong at a place in the file, and how to fix it.
     #[error("{0}")]
     Invalid(String),
+    /// What is wrong at a line of the config file (which holds no values).
+    #[error(transparent)]
+    Config(nvs_build::InputError),
+    /// What is wrong at a line of the values file (per-device values: the line is never shown).
+    #[error(transparent)]
+    Values(nvs_build::InputError),
     #[error(transparent)]
     File(#[from] FileError),
     /// The CSV reader's own error at a line.
@@ -50,12 +57,24 @@ impl ConfigRow {
     }
 }
 
+/// An error at `path:line`, about `key` when given.
+fn at(
+    path: &Path,
+    line: usize,
+    key: Option<&str>,
+    message: impl Into<String>,
+) -> nvs_build::InputError {
+    nvs_build::InputError::new(Some(Location::line(path, line)), key, message)
+}
+
 fn refuse_bom(path: &Path, bytes: &[u8]) -> Result<(), ValuesError> {
     if bytes.starts_with(b"\xEF\xBB\xBF") {
-        return Err(ValuesError::Invalid(format!(
-            "{}:1: the file starts with a UTF-8 byte-order mark (BOM), which mfg_gen reads as part \
-             of the first name; save it as UTF-8 without BOM",
-            path.display()
+        return Err(ValuesError::Values(at(
+            path,
+            1,
+            None,
+            "the file starts with a UTF-8 byte-order mark (BOM), which mfg_gen reads as part of \
+             the first name; save it as UTF-8 without BOM",
         )));
     }
     Ok(())
@@ -75,9 +94,11 @@ fn read_record<R: BufRead>(
 
 fn csv_error(path: &Path, line: usize, e: csv::Error) -> ValuesError {
     match e.kind() {
-        csv::ErrorKind::Utf8 { .. } => ValuesError::Invalid(format!(
-            "{}:{line}: the file is not valid UTF-8; save it as UTF-8",
-            path.display()
+        csv::ErrorKind::Utf8 { .. } => ValuesError::Values(at(
+            path,
+            line,
+            None,
+            "the file is not valid UTF-8; save it as UTF-8",
         )),
         // Our own line-length refusal names its line.
         csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
@@ -110,41 +131,53 @@ pub fn read_config(path: &Path) -> Result<Vec<ConfigRow>, ValuesError> {
     while read_record(&mut input, &mut record, path)? {
         let offset = record.position().map_or(0, |p| p.byte());
         let line = input.get_mut().line_at(offset);
-        let at = format!("{}:{line}", path.display());
+        let config =
+            |key: Option<&str>, message: String| ValuesError::Config(at(path, line, key, message));
         let repeat = record.len() == 4 && &record[3] == "REPEAT";
         if record.len() != 3 && !repeat {
-            return Err(ValuesError::Invalid(format!(
-                "{at}: the row has {} field(s); config rows are `key,type,encoding` (data, optionally \
-                 followed by `,REPEAT`) or `name,namespace,`",
-                record.len()
-            )));
+            return Err(config(
+                None,
+                format!(
+                    "the row has {} field(s); config rows are `key,type,encoding` (data, \
+                     optionally followed by `,REPEAT`) or `name,namespace,`",
+                    record.len()
+                ),
+            ));
         }
         let (key, ty, encoding) = (&record[0], &record[1], &record[2]);
         match ty {
             "namespace" if repeat => {
-                return Err(ValuesError::Invalid(format!(
-                    "{at}: namespace `{key}`: REPEAT applies to data rows only"
-                )));
+                return Err(config(
+                    None,
+                    format!("namespace `{key}`: REPEAT applies to data rows only"),
+                ));
             }
             "namespace" => seen_namespace = true,
             "data" | "file" => {
                 if !ENCODINGS.contains(&encoding) {
-                    return Err(ValuesError::Invalid(format!(
-                        "{at}: key `{key}`: invalid encoding `{encoding}`; use one of {}",
-                        ENCODINGS.join(", ")
-                    )));
+                    return Err(config(
+                        Some(key),
+                        format!(
+                            "invalid encoding `{encoding}`; use one of {}",
+                            ENCODINGS.join(", ")
+                        ),
+                    ));
                 }
                 if !seen_namespace {
-                    return Err(ValuesError::Invalid(format!(
-                        "{at}: key `{key}` comes before any namespace row; start the file with \
-                         `name,namespace,`"
-                    )));
+                    return Err(config(
+                        None,
+                        format!(
+                            "key `{key}` comes before any namespace row; start the file with \
+                             `name,namespace,`"
+                        ),
+                    ));
                 }
             }
             _ => {
-                return Err(ValuesError::Invalid(format!(
-                    "{at}: key `{key}`: invalid type `{ty}`; use data, file or namespace"
-                )));
+                return Err(config(
+                    Some(key),
+                    format!("invalid type `{ty}`; use data, file or namespace"),
+                ));
             }
         }
         rows.push(ConfigRow {
@@ -182,12 +215,15 @@ pub fn bind_columns(
             } else {
                 "is not a column of the values file's header"
             };
-            return Err(ValuesError::Invalid(format!(
-                "{}:{}: key `{}` {why} (header at {}:1)",
-                config_path.display(),
+            return Err(ValuesError::Config(at(
+                config_path,
                 row.line,
-                row.key,
-                values_path.display()
+                None,
+                format!(
+                    "key `{}` {why} (header at {}:1)",
+                    row.key,
+                    values_path.display()
+                ),
             )));
         };
         row.column = Some(next + offset);
@@ -367,12 +403,15 @@ impl Values {
             .iter()
             .position(|f| f.len() > MAX_FIELD_CHARS && f.chars().count() > MAX_FIELD_CHARS)
         {
-            return Err(ValuesError::Invalid(format!(
-                "{}:{}: field {} holds more than {MAX_FIELD_CHARS} characters, more than mfg_gen's CSV \
-                 reader accepts; put large values in files and use `file` rows",
-                self.path.display(),
+            return Err(ValuesError::Values(at(
+                &self.path,
                 row.line,
-                i + 1
+                None,
+                format!(
+                    "field {} holds more than {MAX_FIELD_CHARS} characters, more than mfg_gen's \
+                     CSV reader accepts; put large values in files and use `file` rows",
+                    i + 1
+                ),
             )));
         }
         row.fields.truncate(self.record.len());
@@ -413,13 +452,16 @@ impl Values {
                     self.header.last().map_or("", String::as_str)
                 )
             };
-            return Err(ValuesError::Invalid(format!(
-                "{}:{}: the row has {} field(s) but the header (line {}) has {}: {detail}",
-                self.path.display(),
+            return Err(ValuesError::Values(at(
+                &self.path,
                 row.line,
-                row.fields.len(),
-                self.header_line,
-                self.header.len()
+                None,
+                format!(
+                    "the row has {} field(s) but the header (line {}) has {}: {detail}",
+                    row.fields.len(),
+                    self.header_line,
+                    self.header.len()
+                ),
             )));
         }
         Ok(true)

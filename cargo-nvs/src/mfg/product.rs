@@ -25,6 +25,7 @@ use super::ledger::{Ledger, LedgerResult, SqliteLedger};
 use super::postgres::{PostgresLedger, ServerUrl};
 use crate::fsutil::FileError;
 use crate::project::{PackageArgs, ProjectError};
+use nvs_build::{InputError, Location};
 
 /// Why the product's ledger cannot be chosen.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,9 @@ pub enum ProductError {
     /// a manifest, an option) and what to write instead.
     #[error("{0}")]
     Invalid(String),
+    /// What is wrong in `[package.metadata.nvs.mfg]`, at its line and column of Cargo.toml.
+    #[error(transparent)]
+    Manifest(nvs_build::InputError),
     #[error(transparent)]
     File(#[from] FileError),
     #[error(transparent)]
@@ -257,17 +261,31 @@ fn package_ledger(manifest_path: &Path) -> Result<ChosenLedger, ProductError> {
 /// `[package.metadata.nvs.mfg] ledger` of the manifest, as written.
 fn metadata_ledger(manifest_path: &Path) -> Result<Option<String>, ProductError> {
     let text = std::fs::read_to_string(manifest_path).map_err(FileError::reading(manifest_path))?;
-    let at = |offset: usize| {
-        let before = text.get(..offset).unwrap_or(&text);
+    // An error at a span of Cargo.toml, underlined when shown.
+    let at = |span: std::ops::Range<usize>, message: String| {
+        let before = text.get(..span.start).unwrap_or(&text);
         let line = before.matches('\n').count() + 1;
         let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        format!("{}:{line}:{column}", manifest_path.display())
+        let length = text.get(span).map_or(0, |t| t.chars().count());
+        ProductError::Manifest(
+            InputError::new(
+                Some(Location::column(manifest_path, line, column)),
+                None,
+                message,
+            )
+            .with_span_length(length),
+        )
     };
     let root = DeTable::parse(&text).map_err(|e| {
-        let place = e
-            .span()
-            .map_or_else(|| manifest_path.display().to_string(), |s| at(s.start));
-        ProductError::Invalid(format!("{place}: invalid TOML: {}", e.message()))
+        let message = format!("invalid TOML: {}", e.message());
+        match e.span() {
+            Some(span) => at(span, message),
+            None => ProductError::Manifest(InputError::new(
+                Some(Location::file(manifest_path)),
+                None,
+                message,
+            )),
+        }
     })?;
     let mut table = root.get_ref();
     for name in ["package", "metadata", "nvs"] {
@@ -281,43 +299,50 @@ fn metadata_ledger(manifest_path: &Path) -> Result<Option<String>, ProductError>
         return Ok(None);
     };
     let Some(mfg_table) = mfg.get_ref().as_table() else {
-        return Err(ProductError::Invalid(format!(
-            "{}: `package.metadata.nvs.mfg` must be a table (`[package.metadata.nvs.mfg]` with \
-             `ledger = \"path\"`), not {}",
-            at(mfg.span().start),
-            a_type(mfg.get_ref())
-        )));
+        return Err(at(
+            mfg.span(),
+            format!(
+                "`package.metadata.nvs.mfg` must be a table (`[package.metadata.nvs.mfg]` with \
+                 `ledger = \"path\"`), not {}",
+                a_type(mfg.get_ref())
+            ),
+        ));
     };
     if let Some((key, _)) = mfg_table.iter().find(|(k, _)| k.get_ref() != "ledger") {
-        return Err(ProductError::Invalid(format!(
-            "{}: unknown field `{}` in [package.metadata.nvs.mfg]; expected: ledger",
-            at(key.span().start),
-            key.get_ref()
-        )));
+        return Err(at(
+            key.span(),
+            format!(
+                "unknown field `{}` in [package.metadata.nvs.mfg]; expected: ledger",
+                key.get_ref()
+            ),
+        ));
     }
     let Some((_, ledger)) = lookup(mfg_table, "ledger") else {
         return Ok(None);
     };
     match ledger.get_ref().as_str() {
-        Some("") => Err(ProductError::Invalid(format!(
-            "{}: `package.metadata.nvs.mfg.ledger` is empty: give the ledger's path, relative to \
-             Cargo.toml's folder (or remove it for the default, {PACKAGE_LEDGER})",
-            at(ledger.span().start)
-        ))),
-        Some(url) if ServerUrl::parse(url).is_some_and(|u| u.has_password()) => {
-            Err(ProductError::Invalid(format!(
-                "{}: `package.metadata.nvs.mfg.ledger` holds a password: passwords never go in \
-                 Cargo.toml. Give the URL without it and set PGPASSWORD on the station",
-                at(ledger.span().start)
-            )))
-        }
+        Some("") => Err(at(
+            ledger.span(),
+            format!(
+                "`package.metadata.nvs.mfg.ledger` is empty: give the ledger's path, relative to \
+                 Cargo.toml's folder (or remove it for the default, {PACKAGE_LEDGER})"
+            ),
+        )),
+        Some(url) if ServerUrl::parse(url).is_some_and(|u| u.has_password()) => Err(at(
+            ledger.span(),
+            "`package.metadata.nvs.mfg.ledger` holds a password: passwords never go in \
+                 Cargo.toml. Give the URL without it and set PGPASSWORD on the station"
+                .to_owned(),
+        )),
         Some(path) => Ok(Some(path.to_owned())),
-        None => Err(ProductError::Invalid(format!(
-            "{}: `package.metadata.nvs.mfg.ledger` must be a string (the ledger's path, relative \
-             to Cargo.toml's folder), not {}",
-            at(ledger.span().start),
-            a_type(ledger.get_ref())
-        ))),
+        None => Err(at(
+            ledger.span(),
+            format!(
+                "`package.metadata.nvs.mfg.ledger` must be a string (the ledger's path, relative \
+                 to Cargo.toml's folder), not {}",
+                a_type(ledger.get_ref())
+            ),
+        )),
     }
 }
 
