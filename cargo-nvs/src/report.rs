@@ -336,6 +336,7 @@ fn code(error: &CmdError) -> &'static str {
         }
         CmdError::Generate(_) => "cargo_nvs::mfg::generate",
         CmdError::MfgFlash(_) => "cargo_nvs::mfg::flash",
+        CmdError::Migrate(_) => "cargo_nvs::mfg::migrate",
     }
 }
 

@@ -114,6 +114,8 @@ pub enum CmdError {
     #[error(transparent)]
     Values(#[from] ValuesError),
     #[error(transparent)]
+    Migrate(#[from] cargo_nvs::mfg::migrate::MigrateError),
+    #[error(transparent)]
     Json(#[from] serde_json::Error),
 }
 

@@ -61,11 +61,11 @@ struct MigrateArgs {
 }
 
 /// `mfg ledger migrate`.
-fn migrate(args: MigrateArgs) -> CliResult<ExitCode> {
+fn migrate(args: MigrateArgs) -> CmdResult<ExitCode> {
     let from = ChosenLedger::named(args.from.as_os_str(), "--from")?;
     let to = ChosenLedger::named(args.to.as_os_str(), "--to")?;
     let Some(source) = from.open_existing()? else {
-        return Err(crate::CliError(format!(
+        return Err(CmdError::Usage(format!(
             "--from: no ledger at `{}`",
             from.shown()
         )));
