@@ -306,11 +306,13 @@ pub fn guard_segments(
 /// over a moved `fctry`). Refuses, before anything is written, when a segment would overwrite
 /// a non-blank data/nvs or nvs_keys partition of the chip's table that the new table does not
 /// have at the same place; warns about such partitions that stay where the new firmware will
-/// not look.
+/// not look. `flags` names the options that allow it (factory data, user data), as the
+/// command spells them.
 pub fn guard_table_change(
     flasher: &mut Flasher,
     segments: &[Planned],
     allow: Allow,
+    flags: (&str, &str),
     use_stub: bool,
 ) -> Result<(), ProtectError> {
     let Some(table) = segments.iter().find(|s| s.role == Role::PartitionTable) else {
@@ -394,11 +396,7 @@ pub fn guard_table_change(
         } else {
             refusals.push(format!(
                 "{message}. Save it first (`cargo nvs read`), or pass {} to overwrite it",
-                if factory {
-                    "--overwrite-factory-data"
-                } else {
-                    "--reset-user-data"
-                }
+                if factory { flags.0 } else { flags.1 }
             ));
         }
     }

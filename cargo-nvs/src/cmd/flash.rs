@@ -169,7 +169,13 @@ pub fn run(mut args: FlashArgs) -> CmdResult<ExitCode> {
         keep_user_data: args.keep_user_data,
     };
     let use_stub = !args.connect.no_stub;
-    guard_table_change(&mut flasher, &segments, allow, use_stub)?;
+    guard_table_change(
+        &mut flasher,
+        &segments,
+        allow,
+        ("--overwrite-factory-data", "--reset-user-data"),
+        use_stub,
+    )?;
     let identities = Identities::new(&metadata.manifest_path, info.mac_address.clone());
     let guarded = guard_segments(&mut flasher, &segments, &data, allow, &identities, use_stub)?;
     guarded.apply(&mut flasher, &mut segments, use_stub)?;

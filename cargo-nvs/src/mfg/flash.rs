@@ -1121,9 +1121,16 @@ fn firmware_segments<'f>(
     }
     let allow = Allow {
         overwrite_factory_data: args.force,
+        reset_user_data: args.force,
         ..Allow::default()
     };
-    guard_table_change(flasher, &firmware.segments, allow, !args.no_stub)?;
+    guard_table_change(
+        flasher,
+        &firmware.segments,
+        allow,
+        ("--force", "--force"),
+        !args.no_stub,
+    )?;
     let mut chosen = Vec::new();
     for segment in &firmware.segments {
         if segment.role != Role::UserData {
