@@ -536,7 +536,7 @@ fn probe(serial: &mut espflash::connection::Port) -> Probe {
         } else {
             sample
                 .iter()
-                .map(|b| format!("{b:02x}"))
+                .map(|b| crate::hex::hex(std::slice::from_ref(b)))
                 .collect::<Vec<_>>()
                 .join(" ")
         };

@@ -236,6 +236,8 @@ pub use build_script::try_generate;
 #[doc(hidden)]
 pub use csv_input::FileBase;
 #[doc(hidden)]
+pub use encoding::hex;
+#[doc(hidden)]
 pub use error::{
     Error as InputError, MAX_INPUT_BYTES, MAX_KEY_FILE_BYTES, MAX_VALUE_FILE_BYTES, read_limited,
 };
