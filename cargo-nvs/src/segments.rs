@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use espflash::flasher::{FlashData, FlashFrequency, FlashMode, FlashSettings, FlashSize};
 use espflash::image_format::idf::IdfBootloaderFormat;
 use espflash::target::{Chip, XtalFrequency};
-use nvs_build::table::{Partition, PartitionTable};
+use nvs_build::table::PartitionTable;
 
 use crate::artifacts::NvsImage;
 use crate::fsutil::FileError;
@@ -412,33 +412,6 @@ pub fn nvs_segments(
         });
     }
     Ok(planned)
-}
-
-/// The data/nvs partition `name` of `table` (`table_name` says which table, in errors).
-pub fn nvs_partition<'t>(
-    table: &'t PartitionTable,
-    name: &str,
-    table_name: &str,
-) -> Result<&'t Partition, SegmentError> {
-    let partition = table.find(name).ok_or_else(|| {
-        let nvs: Vec<&str> = table.nvs_partitions().map(|p| p.name.as_str()).collect();
-        SegmentError::Invalid(format!(
-            "no partition `{name}` in {table_name} (its NVS partitions: {})",
-            if nvs.is_empty() {
-                "none".to_owned()
-            } else {
-                nvs.join(", ")
-            }
-        ))
-    })?;
-    if !partition.is_nvs() {
-        return Err(SegmentError::Invalid(format!(
-            "partition `{name}` is {}/{}, not data/nvs",
-            partition.type_name(),
-            partition.subtype_name()
-        )));
-    }
-    Ok(partition)
 }
 
 /// A binary partition table found in flash (a device's, or a full-flash image's) at `offset`.

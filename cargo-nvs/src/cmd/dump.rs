@@ -14,7 +14,7 @@ use nvs_build::format::encryption::{XtsKey, decrypt_image};
 use super::OutputFormat;
 use crate::hex::hex;
 use crate::keys::KeyInput;
-use crate::segments::{nvs_partition, table_in_flash};
+use crate::segments::table_in_flash;
 use crate::size::parse_offset;
 use crate::{CliError, CliResult};
 use nvs_build::table::PartitionTable;
@@ -70,7 +70,7 @@ pub fn run(args: DumpArgs) -> CliResult<ExitCode> {
                 table_in_flash(raw, offset, &name)?
             }
         };
-        let partition = nvs_partition(&table, wanted, "the partition table")?;
+        let partition = table.nvs_partition(wanted, "the partition table")?;
         let (start, end) = (partition.offset as usize, partition.end() as usize);
         if bytes.len() < end {
             return Err(CliError(format!(

@@ -13,7 +13,7 @@ use super::dump::show;
 use crate::flashing::{ConnectArgs, connect, read_flash};
 use crate::fsutil::write_atomic;
 use crate::keys::KeyInput;
-use crate::segments::{nvs_partition, table_in_flash};
+use crate::segments::table_in_flash;
 use crate::{CliError, CliResult};
 
 /// Read NVS partitions back from a device and dump them.
@@ -76,7 +76,7 @@ pub fn run(args: ReadArgs) -> CliResult<ExitCode> {
         }
     };
     let partitions: Vec<&Partition> = match &args.partition {
-        Some(name) => vec![nvs_partition(&table, name, &table_name)?],
+        Some(name) => vec![table.nvs_partition(name, &table_name)?],
         None => {
             let all: Vec<&Partition> = table.nvs_partitions().collect();
             if all.is_empty() {
