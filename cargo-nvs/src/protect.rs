@@ -8,10 +8,10 @@ use std::path::Path;
 use espflash::flasher::Flasher;
 use md5::{Digest, Md5};
 use nvs_build::format::encryption::XtsKey;
+use nvs_build::manifest::ManifestImage;
 use nvs_build::metadata::{EncryptionSpec, Metadata, PartitionSpec, ValueSource};
 use nvs_build::table::PartitionTable;
 
-use crate::artifacts::NvsImage;
 use crate::flashing::{ChipError, FlashingError, blank_md5, inspect, read_flash};
 use crate::guard::{
     self, Allow, Decision, Finding, Planned as GuardPlan, candidate_sha256s, decide, for_factory,
@@ -74,7 +74,7 @@ impl DataPartition {
 /// The package's NVS partitions by offset: per-device keys and key.
 pub fn data_partitions(
     metadata: &Metadata,
-    images: &[NvsImage],
+    images: &[ManifestImage],
 ) -> Result<BTreeMap<u32, DataPartition>, ProtectError> {
     images
         .iter()

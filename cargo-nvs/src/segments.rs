@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use espflash::flasher::{FlashData, FlashFrequency, FlashMode, FlashSettings, FlashSize};
 use espflash::image_format::idf::IdfBootloaderFormat;
 use espflash::target::{Chip, XtalFrequency};
+use nvs_build::manifest::ManifestImage;
 use nvs_build::table::PartitionTable;
 
-use crate::artifacts::NvsImage;
 use crate::fsutil::FileError;
 use crate::settings::SettingsError;
 
@@ -219,7 +219,7 @@ pub fn app_segments(
     xtal: XtalFrequency,
     image: &ImageArgs,
     table: Option<&Path>,
-    nvs: &[NvsImage],
+    nvs: &[ManifestImage],
     keys_partition: Option<(u32, u32)>,
 ) -> Result<Vec<Planned>, SegmentError> {
     let elf_data = std::fs::read(elf).map_err(|e| FileError::new("read the ELF", elf, e))?;
@@ -269,7 +269,7 @@ pub fn app_segments(
 /// table. Refuse to flash if they disagree.
 fn check_tables(
     espflash_table: &esp_idf_part::PartitionTable,
-    nvs: &[NvsImage],
+    nvs: &[ManifestImage],
     keys_partition: Option<(u32, u32)>,
     path: Option<&Path>,
 ) -> Result<(), SegmentError> {
@@ -317,7 +317,7 @@ fn check_tables(
 /// leaves no stale data behind), plus the nvs_keys file where the flash-encryption scheme is
 /// used.
 pub fn nvs_segments(
-    images: &[NvsImage],
+    images: &[ManifestImage],
     only: &[String],
     keys_partition: Option<(u32, u32)>,
 ) -> Result<Vec<Planned>, SegmentError> {
@@ -442,14 +442,15 @@ mod tests {
         size: u32,
         len: usize,
         keys: Option<&str>,
-    ) -> NvsImage {
+    ) -> ManifestImage {
         let file = dir.join(format!("{name}.bin"));
         std::fs::write(&file, vec![0xAB; len]).unwrap();
-        NvsImage {
+        ManifestImage {
             name: name.to_owned(),
             offset,
             size,
             factory: name == "fctry",
+            encrypted: false,
             secret: false,
             file: Some(file),
             keys_file: keys.map(|k| dir.join(k)),

@@ -222,6 +222,8 @@ pub mod config {
 #[cfg(feature = "encryption")]
 pub mod keys;
 #[doc(hidden)]
+pub mod manifest;
+#[doc(hidden)]
 pub mod metadata;
 #[doc(hidden)]
 pub mod resolve;

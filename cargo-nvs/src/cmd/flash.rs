@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use espflash::image_format::Segment;
 
 use super::monitor::{MonitorOptions, monitor};
-use crate::artifacts::{BuildArgs, NvsManifest, build_with_nvs};
+use crate::artifacts::{BuildArgs, build_with_nvs, manifest_metadata, manifest_of_runner};
 use crate::flashing::{ConnectArgs, Progress, connect};
 use crate::guard::Allow;
 use crate::project::PackageArgs;
@@ -96,7 +96,7 @@ pub fn run(mut args: FlashArgs) -> CliResult<ExitCode> {
                      the app already, and its build's NVS images are flashed"
                 );
             }
-            let manifest = NvsManifest::of_runner()?;
+            let manifest = manifest_of_runner()?;
             (Some(elf.clone()), manifest, None)
         }
         None => {
@@ -105,7 +105,7 @@ pub fn run(mut args: FlashArgs) -> CliResult<ExitCode> {
             (elf, manifest, Some(project.name))
         }
     };
-    let metadata = manifest.metadata()?;
+    let metadata = manifest_metadata(&manifest)?;
     args.image = args.image.clone().with_espflash_settings()?;
     let keys_partition = metadata.table.nvs_keys().map(|p| (p.offset, p.size));
     let mut segments = nvs_segments(&manifest.images, &args.partitions, keys_partition)?;
