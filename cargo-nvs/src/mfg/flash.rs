@@ -16,6 +16,8 @@ use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
 use super::ledger::{ClaimOutcome, FlashRecord, Issued, Ledger, LedgerError};
 use super::product::{ChosenLedger, LEDGER_ENV, ProductError, Scope, choose_ledger};
 use crate::firmware::{Firmware, FirmwareError, misplaced};
+use crate::flashing::protect::{DataPartition, ProtectError, guard_table_change, identify};
+use crate::flashing::segments::{Planned, Role, SegmentError};
 use crate::flashing::{
     After, Before, ChipError, ConnectArgs, FlashingError, Session, blank_md5, connect, inspect,
     read_flash, written,
@@ -24,8 +26,6 @@ use crate::fsutil::FileError;
 use crate::guard::Allow;
 use crate::guard::{Finding, Planned as GuardPlan, for_factory, why_kept};
 use crate::project::PackageArgs;
-use crate::protect::{DataPartition, ProtectError, guard_table_change, identify};
-use crate::segments::{Planned, Role, SegmentError};
 use crate::size::{SpellingError, parse_size};
 
 /// Why `mfg flash` flashed nothing, or why one device's flash failed.

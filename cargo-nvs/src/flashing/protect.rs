@@ -12,13 +12,13 @@ use nvs_build::manifest::ManifestImage;
 use nvs_build::metadata::{EncryptionSpec, Metadata, PartitionSpec, ValueSource};
 use nvs_build::table::PartitionTable;
 
+use crate::flashing::segments::{Planned, Role};
 use crate::flashing::{ChipError, FlashingError, blank_md5, inspect, read_flash};
 use crate::guard::{
     self, Allow, Decision, Finding, Planned as GuardPlan, candidate_sha256s, decide, for_factory,
 };
 use crate::mfg::ledger::Ledger;
 use crate::mfg::{ChosenLedger, product_ledger};
-use crate::segments::{Planned, Role};
 
 /// Why a flash does not go ahead.
 #[derive(Debug, thiserror::Error)]
