@@ -1613,23 +1613,23 @@ impl Staged {
 
     /// `value` as pretty JSON nested in the document after `indent` (serde_json's pretty
     /// printer starts at the left margin: each line break it writes gets the indent, which is
-    /// safe as JSON strings hold no raw line breaks).
+    /// safe as JSON strings hold no raw line breaks). `scratch` is reused from call to call.
     fn write_json(
         &mut self,
         value: &impl serde::Serialize,
-        indent: &'static str,
+        indent: &[u8],
+        scratch: &mut Vec<u8>,
     ) -> Result<(), GenerateError> {
-        let mut out = Indented {
-            out: &mut self.file,
-            indent: indent.as_bytes(),
-        };
-        serde_json::to_writer_pretty(&mut out, value).map_err(|e| {
-            if e.is_io() {
-                write_error(&self.path, e.into())
-            } else {
-                GenerateError::Json(e)
+        scratch.clear();
+        serde_json::to_writer_pretty(&mut *scratch, value)?;
+        for (i, line) in scratch.split(|&b| b == b'\n').enumerate() {
+            if i > 0 {
+                self.write(b"\n")?;
+                self.write(indent)?;
             }
-        })
+            self.write(line)?;
+        }
+        Ok(())
     }
 
     /// Puts the complete file in place (with `sync`, on disk first and its folder after).
@@ -1641,31 +1641,6 @@ impl Staged {
 
 fn write_error(path: &Path, e: std::io::Error) -> GenerateError {
     GenerateError::Invalid(format!("cannot write `{}`: {e}", path.display()))
-}
-
-/// Writes through to `out`, each line break followed by `indent`.
-struct Indented<'w, W: Write> {
-    out: &'w mut W,
-    indent: &'static [u8],
-}
-
-impl<W: Write> Write for Indented<'_, W> {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        let mut lines = bytes.split(|&b| b == b'\n');
-        if let Some(first) = lines.next() {
-            self.out.write_all(first)?;
-        }
-        for line in lines {
-            self.out.write_all(b"\n")?;
-            self.out.write_all(self.indent)?;
-            self.out.write_all(line)?;
-        }
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.out.flush()
-    }
 }
 
 /// `manifest.csv` and `manifest.json`, written a device at a time as the devices are recorded:
@@ -1680,6 +1655,8 @@ struct Manifests {
     json_after: serde_json::Map<String, serde_json::Value>,
     first: bool,
     any_key: bool,
+    /// A device's JSON, before it is written.
+    scratch: Vec<u8>,
 }
 
 impl Manifests {
@@ -1731,12 +1708,13 @@ impl Manifests {
         let mut json = Staged::create(run.out_dir.join("manifest.json"))?;
         json.write(b"{")?;
         let mut json_after = serde_json::Map::new();
+        let mut scratch = Vec::new();
         for (key, value) in manifest {
             if key.as_str() < "devices" {
                 json.write(b"\n  ")?;
-                json.write_json(&key, "")?;
+                json.write_json(&key, b"", &mut scratch)?;
                 json.write(b": ")?;
-                json.write_json(&value, "  ")?;
+                json.write_json(&value, b"  ", &mut scratch)?;
                 json.write(b",")?;
             } else {
                 json_after.insert(key, value);
@@ -1750,6 +1728,7 @@ impl Manifests {
             json_after,
             first: true,
             any_key: false,
+            scratch: Vec::new(),
         })
     }
 
@@ -1824,7 +1803,7 @@ impl Manifests {
         }
         self.first = false;
         self.json.write(b"    ")?;
-        self.json.write_json(&value, "    ")
+        self.json.write_json(&value, b"    ", &mut self.scratch)
     }
 
     fn csv_row(&mut self, cells: &[&str]) -> Result<(), GenerateError> {
@@ -1837,9 +1816,9 @@ impl Manifests {
         self.json.write(b"\n  ]")?;
         for (key, value) in std::mem::take(&mut self.json_after) {
             self.json.write(b",\n  ")?;
-            self.json.write_json(&key, "")?;
+            self.json.write_json(&key, b"", &mut self.scratch)?;
             self.json.write(b": ")?;
-            self.json.write_json(&value, "  ")?;
+            self.json.write_json(&value, b"  ", &mut self.scratch)?;
         }
         self.json.write(b"\n}\n")?;
         let Manifests {
