@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use cargo_metadata::Message;
-use serde_json::Value as Json;
+use nvs_build::manifest::{Manifest, ManifestError};
 
 use crate::project::Project;
 
@@ -33,7 +33,7 @@ pub enum ArtifactError {
     ManifestJson {
         path: PathBuf,
         #[source]
-        source: serde_json::Error,
+        source: ManifestError,
     },
     #[error(transparent)]
     Metadata(#[from] nvs_build::InputError),
@@ -158,7 +158,7 @@ pub fn cargo_build(project: &Project, args: &BuildArgs) -> Result<Built, Artifac
 pub fn build_with_nvs(
     project: &Project,
     args: &BuildArgs,
-) -> Result<(Option<PathBuf>, NvsManifest), ArtifactError> {
+) -> Result<(Option<PathBuf>, Manifest), ArtifactError> {
     let built = cargo_build(project, args)?;
     let out_dir = built.out_dir.ok_or_else(|| {
         ArtifactError::Invalid(format!(
@@ -166,115 +166,62 @@ pub fn build_with_nvs(
             project.name
         ))
     })?;
-    Ok((built.elf, NvsManifest::read(&out_dir)?))
+    Ok((built.elf, read_manifest(&out_dir)?))
 }
 
-/// One partition of nvs-build's `manifest.json`.
-#[derive(Clone, Debug)]
-pub struct NvsImage {
-    pub name: String,
-    pub offset: u32,
-    pub size: u32,
-    pub factory: bool,
-    /// A key comes from the environment or per device (the image may hold secrets); false
-    /// in manifests of older nvs-build versions, which do not record it.
-    pub secret: bool,
-    pub file: Option<PathBuf>,
-    pub keys_file: Option<PathBuf>,
-    pub skipped: Option<String>,
+/// As cargo's runner (`cargo run` with `runner = "cargo nvs flash --elf"`): the manifest of the
+/// build cargo just made, from the `OUT_DIR` cargo sets for the runner of a package with a
+/// build script. Never builds anything.
+pub fn manifest_of_runner() -> Result<Manifest, ArtifactError> {
+    match std::env::var_os("OUT_DIR") {
+        Some(out_dir) if !out_dir.is_empty() => read_manifest(Path::new(&out_dir)),
+        _ => Err(ArtifactError::Invalid(
+            "--elf runs as cargo's runner: it flashes the ELF cargo built with the NVS images \
+             of that same build, from $OUT_DIR/nvs/manifest.json, but OUT_DIR is not set. \
+             Cargo sets it for `cargo run` when the package has a build script: add a \
+             build.rs that calls nvs_build::generate(). Outside `cargo run`, use `cargo nvs \
+             flash` without --elf (it builds the package)"
+                .into(),
+        )),
+    }
 }
 
-/// nvs-build's `manifest.json` in `$OUT_DIR/nvs`.
-#[derive(Clone, Debug)]
-pub struct NvsManifest {
-    /// The package's Cargo.toml (its `[package.metadata.nvs]` made the images).
-    pub manifest_path: Option<PathBuf>,
-    pub partition_table: Option<PathBuf>,
-    pub images: Vec<NvsImage>,
+/// The package's NVS metadata, read from the Cargo.toml the manifest's images were made from.
+pub fn manifest_metadata(
+    manifest: &Manifest,
+) -> Result<nvs_build::metadata::Metadata, ArtifactError> {
+    let path = manifest.manifest_path.as_deref().ok_or_else(|| {
+        ArtifactError::Invalid(
+            "the build's NVS manifest does not name its Cargo.toml (made by an older \
+             nvs-build); rebuild the package"
+                .into(),
+        )
+    })?;
+    nvs_build::metadata::Metadata::from_manifest(path)?.ok_or_else(|| {
+        ArtifactError::Invalid(format!(
+            "`{}` has no [package.metadata.nvs] any more; rebuild the package",
+            path.display()
+        ))
+    })
 }
 
-impl NvsManifest {
-    /// As cargo's runner (`cargo run` with `runner = "cargo nvs flash --elf"`): the manifest of
-    /// the build cargo just made, from the `OUT_DIR` cargo sets for the runner of a package with
-    /// a build script. Never builds anything.
-    pub fn of_runner() -> Result<NvsManifest, ArtifactError> {
-        match std::env::var_os("OUT_DIR") {
-            Some(out_dir) if !out_dir.is_empty() => NvsManifest::read(Path::new(&out_dir)),
-            _ => Err(ArtifactError::Invalid(
-                "--elf runs as cargo's runner: it flashes the ELF cargo built with the NVS images \
-                 of that same build, from $OUT_DIR/nvs/manifest.json, but OUT_DIR is not set. \
-                 Cargo sets it for `cargo run` when the package has a build script: add a \
-                 build.rs that calls nvs_build::generate(). Outside `cargo run`, use `cargo nvs \
-                 flash` without --elf (it builds the package)"
-                    .into(),
-            )),
-        }
-    }
-
-    /// The package's NVS metadata, read from the Cargo.toml the images were made from.
-    pub fn metadata(&self) -> Result<nvs_build::metadata::Metadata, ArtifactError> {
-        let path = self.manifest_path.as_deref().ok_or_else(|| {
-            ArtifactError::Invalid(
-                "the build's NVS manifest does not name its Cargo.toml (made by an older \
-                 nvs-build); rebuild the package"
-                    .into(),
-            )
-        })?;
-        nvs_build::metadata::Metadata::from_manifest(path)?.ok_or_else(|| {
-            ArtifactError::Invalid(format!(
-                "`{}` has no [package.metadata.nvs] any more; rebuild the package",
-                path.display()
-            ))
-        })
-    }
-
-    pub fn read(out_dir: &Path) -> Result<NvsManifest, ArtifactError> {
-        let path = out_dir.join("nvs").join("manifest.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| ArtifactError::NoManifest {
-            path: path.clone(),
-            source,
-        })?;
-        let doc: Json =
-            serde_json::from_str(&text).map_err(|source| ArtifactError::ManifestJson {
-                path: path.clone(),
-                source,
-            })?;
-        if doc["schema"] != "nvs-build/manifest/v1" {
-            return Err(ArtifactError::Invalid(format!(
-                "`{}` is not an nvs-build manifest this cargo-nvs understands",
-                path.display()
-            )));
-        }
-        let path_of = |v: &Json| v.as_str().map(PathBuf::from);
-        // Strict: a field missing or out of range would put an image at the wrong address.
-        let bad = || {
-            ArtifactError::Invalid(format!(
-                "`{}` is malformed; rebuild the package (cargo clean -p …) to rewrite it",
-                path.display()
-            ))
-        };
-        let u32_of = |v: &Json| {
-            v.as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .ok_or_else(bad)
-        };
-        let mut images = Vec::new();
-        for p in doc["partitions"].as_array().ok_or_else(bad)? {
-            images.push(NvsImage {
-                name: p["name"].as_str().ok_or_else(bad)?.to_owned(),
-                offset: u32_of(&p["offset"])?,
-                size: u32_of(&p["size"])?,
-                factory: p["factory"].as_bool().ok_or_else(bad)?,
-                secret: p["secret"].as_bool().unwrap_or(false),
-                file: path_of(&p["file"]),
-                keys_file: path_of(&p["keys_file"]),
-                skipped: p["skipped"].as_str().map(str::to_owned),
-            });
-        }
-        Ok(NvsManifest {
-            manifest_path: path_of(&doc["manifest_path"]),
-            partition_table: path_of(&doc["partition_table"]),
-            images,
-        })
-    }
+/// nvs-build's `$OUT_DIR/nvs/manifest.json` of `out_dir`.
+pub fn read_manifest(out_dir: &Path) -> Result<Manifest, ArtifactError> {
+    let path = Manifest::path_in(out_dir);
+    let text = std::fs::read_to_string(&path).map_err(|source| ArtifactError::NoManifest {
+        path: path.clone(),
+        source,
+    })?;
+    Manifest::parse(&text).map_err(|source| match source {
+        ManifestError::Json { .. } => ArtifactError::ManifestJson { path, source },
+        ManifestError::Schema => ArtifactError::Invalid(format!(
+            "`{}` is not an nvs-build manifest this cargo-nvs understands",
+            path.display()
+        )),
+        // A field missing or out of range would put an image at the wrong address.
+        ManifestError::Malformed { field } => ArtifactError::Invalid(format!(
+            "`{}` is malformed (`{field}`); rebuild the package (cargo clean -p …) to rewrite it",
+            path.display()
+        )),
+    })
 }

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use nvs_build::table::PartitionTable;
 
+use crate::flashing::segments::{Planned, Role};
 use crate::fsutil::FileError;
 use crate::hex::hex;
-use crate::segments::{Planned, Role};
 
 /// Why a dist folder cannot be used as firmware.
 #[derive(Debug, thiserror::Error)]

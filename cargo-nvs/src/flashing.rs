@@ -1,5 +1,8 @@
-//! Talking to the chip through espflash's library: finding and opening the port, connecting,
-//! progress reporting, and reading flash back.
+//! Everything that goes through espflash's library, in one place: finding and opening the port,
+//! connecting (a [`Session`]), progress reporting and reading flash back (here); what goes where
+//! ([`segments`]: the app's segments, NVS images and nvs_keys by [`segments::Role`], the
+//! partition table cross-check); and what may be written over ([`protect`]: the user-data and
+//! factory-data guards on the chip, over the pure [`guard`](crate::guard)).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::IsTerminal;
@@ -14,6 +17,9 @@ use serialport::{SerialPortType, UsbPortInfo};
 use crate::fsutil::FileError;
 use crate::guard;
 use crate::settings;
+
+pub mod protect;
+pub mod segments;
 
 /// An operation on the connected chip that failed: `cannot read flash at 0x9000: why`.
 #[derive(Debug, thiserror::Error)]
@@ -536,7 +542,7 @@ fn probe(serial: &mut espflash::connection::Port) -> Probe {
         } else {
             sample
                 .iter()
-                .map(|b| format!("{b:02x}"))
+                .map(|b| crate::hex::hex(std::slice::from_ref(b)))
                 .collect::<Vec<_>>()
                 .join(" ")
         };

@@ -262,10 +262,6 @@ impl StagedFile {
         })
     }
 
-    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.out.write_all(bytes)
-    }
-
     /// Puts the complete file in place, replacing any file of its name (with `sync`, on disk
     /// first, and its folder after).
     pub fn commit(self, sync: bool) -> std::io::Result<()> {
@@ -282,8 +278,16 @@ impl StagedFile {
     }
 }
 
-/// Writes `bytes` to `path` atomically (replacing any file there), creating missing parent
-/// folders. With `mode` (Unix), the file gets those permissions from the start.
+impl std::io::Write for StagedFile {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.out.write(bytes)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
 /// Whether `a` and `b` name the same file: the same file on disk when both exist (links and
 /// `./` spellings included), else the same absolute path once the parent folder is resolved.
 pub fn same_file(a: &Path, b: &Path) -> bool {
@@ -569,7 +573,7 @@ mod tests {
         assert!(write_secret(&key, b"other", false).is_err());
         assert_eq!(std::fs::read(&key).unwrap(), b"k");
         let mut staged = StagedFile::create(&dir.join("x/manifest.csv")).unwrap();
-        staged.write(b"a,b\n").unwrap();
+        std::io::Write::write_all(&mut staged, b"a,b\n").unwrap();
         staged.commit(false).unwrap();
         assert_eq!(
             names(&dir.join("x")),

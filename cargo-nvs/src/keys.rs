@@ -203,7 +203,7 @@ fn write_key(path: &Path, bytes: &[u8], force: bool, what: &str) -> Result<(), K
 fn default_key_path(out_dir: Option<&Path>) -> Result<PathBuf, KeyError> {
     let mut tag = [0u8; 4];
     getrandom::fill(&mut tag).map_err(KeyError::Random)?;
-    let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+    let tag = crate::hex::hex(&tag);
     Ok(out_dir
         .unwrap_or(Path::new("."))
         .join("keys")

@@ -5,10 +5,10 @@
 //! program (a station GUI, a fixture controller) can call them the same way. Every module has
 //! its own error type; none of them is a `String`.
 //!
-//! - [`flashing`]: the port, the connection (a [`flashing::Session`]), progress, reading flash.
-//! - [`segments`]: what goes where (app segments from espflash, NVS images, nvs_keys), by
-//!   [`segments::Role`].
-//! - [`guard`] (pure) and [`protect`] (on the chip): which NVS data may be written over.
+//! - [`flashing`]: the espflash glue: the port, the connection (a [`flashing::Session`]),
+//!   progress, reading flash; [`flashing::segments`], what goes where (app segments from
+//!   espflash, NVS images, nvs_keys, by [`flashing::segments::Role`]); [`flashing::protect`],
+//!   which NVS data may be written over on the chip, after the pure [`guard`].
 //! - [`mfg`]: mass production: `generate` (images per device, ids reserved in the ledger first),
 //!   `flash` (claim, guard, write, verify, log), the [`mfg::ledger::Ledger`] trait with SQLite and
 //!   PostgreSQL backends, the product ledger.
@@ -43,8 +43,6 @@ pub mod hex;
 pub mod keys;
 pub mod mfg;
 pub mod project;
-pub mod protect;
-pub mod segments;
 pub mod settings;
 pub mod size;
 

@@ -159,8 +159,8 @@ enum Show {
 /// The located input error inside `error`, if any.
 fn located(error: &CmdError) -> Option<(&nvs_build::Error, Show)> {
     use cargo_nvs::{
-        artifacts::ArtifactError, firmware::FirmwareError, keys::KeyError,
-        mfg::flash::MfgFlashError, project::ProjectError, protect::ProtectError,
+        artifacts::ArtifactError, firmware::FirmwareError, flashing::protect::ProtectError,
+        keys::KeyError, mfg::flash::MfgFlashError, project::ProjectError,
     };
     let line = |e| Some((e, Show::Line));
     match error {
@@ -337,6 +337,7 @@ fn code(error: &CmdError) -> &'static str {
         CmdError::Generate(_) => "cargo_nvs::mfg::generate",
         CmdError::MfgFlash(_) => "cargo_nvs::mfg::flash",
         CmdError::Migrate(_) => "cargo_nvs::mfg::migrate",
+        CmdError::NvsPartition(_) => "nvs_build::table",
     }
 }
 

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::Error;
+use crate::manifest::Manifest;
 use crate::metadata::{Metadata, PartitionSpec, TableSource};
 use crate::resolve::{Inputs, PartitionImage, build_partition};
 
@@ -238,8 +239,11 @@ impl Config {
         if metadata.table_source == TableSource::BuiltInDefault {
             out.warning("no partition table configured: using ESP-IDF's default single-app table (nvs at 0x9000, 0x6000 bytes)");
         }
-        let manifest = out_dir.join("manifest.json");
-        write_if_changed(&manifest, render_manifest(&metadata, &images).as_bytes())?;
+        let manifest = out_dir.join(Manifest::FILE_NAME);
+        write_if_changed(
+            &manifest,
+            Manifest::of(&metadata, &images).to_json().as_bytes(),
+        )?;
         Ok(Generated { images, manifest })
     }
 }
@@ -390,54 +394,4 @@ fn make_private(path: &Path) -> std::io::Result<()> {
     #[cfg(not(unix))]
     let _ = path;
     Ok(())
-}
-
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-fn json_opt_path(path: Option<&Path>) -> String {
-    path.map_or("null".to_owned(), |p| json_string(&p.display().to_string()))
-}
-
-/// The manifest `cargo nvs` reads (schema `nvs-build/manifest/v1`).
-fn render_manifest(metadata: &Metadata, images: &[GeneratedImage]) -> String {
-    let mut out = String::from("{\n  \"schema\": \"nvs-build/manifest/v1\",\n");
-    out.push_str(&format!(
-        "  \"manifest_path\": {},\n",
-        json_string(&metadata.manifest_path.display().to_string())
-    ));
-    out.push_str(&format!(
-        "  \"partition_table\": {},\n",
-        json_opt_path(metadata.table_source.path())
-    ));
-    out.push_str("  \"partitions\": [");
-    for (i, image) in images.iter().enumerate() {
-        out.push_str(if i == 0 { "\n" } else { ",\n" });
-        out.push_str(&format!(
-            "    {{\"name\": {}, \"offset\": {}, \"size\": {}, \"factory\": {}, \"encrypted\": {}, \"secret\": {}, \"keys_file\": {}, \"file\": {}, \"skipped\": {}}}",
-            json_string(&image.partition),
-            image.offset,
-            image.size,
-            image.factory,
-            image.encrypted,
-            image.secret,
-            json_opt_path(image.keys_file.as_deref()),
-            json_opt_path(image.path.as_deref()),
-            image.skipped.as_deref().map_or("null".to_owned(), json_string),
-        ));
-    }
-    out.push_str("\n  ]\n}\n");
-    out
 }

@@ -207,6 +207,17 @@ pub fn parse_python_int(text: &str) -> Result<i128, String> {
     Ok(if negative { -n } else { n })
 }
 
+/// `bytes` in lower-case hex: the one encoder of nvs-build and cargo-nvs (digests, keys, dumps).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(2 * bytes.len());
+    for &b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out
+}
+
 /// `hex2bin`: outer whitespace stripped, then pairs of hex digits (either case, no `0x`).
 pub fn decode_hex(text: &str) -> Result<Vec<u8>, String> {
     decode_hex_digits(text.trim_matches(is_python_strip_space).as_bytes())
@@ -410,7 +421,8 @@ mod tests {
     }
 
     #[test]
-    fn hex() {
+    fn hex_both_ways() {
+        assert_eq!(hex(&[0, 0xff, 0x10, 0xa5]), "00ff10a5");
         assert_eq!(decode_hex(" 00fF10\n\x1c"), Ok(vec![0, 0xff, 0x10]));
         assert!(decode_hex("abc").is_err());
         assert!(decode_hex("zz").is_err());

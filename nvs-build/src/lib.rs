@@ -222,6 +222,8 @@ pub mod config {
 #[cfg(feature = "encryption")]
 pub mod keys;
 #[doc(hidden)]
+pub mod manifest;
+#[doc(hidden)]
 pub mod metadata;
 #[doc(hidden)]
 pub mod resolve;
@@ -235,6 +237,8 @@ pub use error::{Error, Location};
 pub use build_script::try_generate;
 #[doc(hidden)]
 pub use csv_input::FileBase;
+#[doc(hidden)]
+pub use encoding::hex;
 #[doc(hidden)]
 pub use error::{
     Error as InputError, MAX_INPUT_BYTES, MAX_KEY_FILE_BYTES, MAX_VALUE_FILE_BYTES, read_limited,

@@ -13,7 +13,7 @@ use toml::de::{DeTable, DeValue};
 use crate::encoding::Encoding;
 use crate::error::{Error, Location, read_input_text};
 use crate::format::Version;
-use crate::table::{Partition, PartitionTable};
+use crate::table::{NvsPartitionError, Partition, PartitionTable};
 
 type Key<'i> = Spanned<Cow<'i, str>>;
 type Val<'i> = Spanned<DeValue<'i>>;
@@ -749,28 +749,12 @@ fn find_nvs_partition<'t>(
         Some(path) => format!("`{}`", path.display()),
         None => "ESP-IDF's default table (no partition table is configured)".to_owned(),
     };
-    let Some(partition) = table.find(name) else {
-        let nvs: Vec<&str> = table
-            .partitions
-            .iter()
-            .filter(|p| p.is_nvs())
-            .map(|p| p.name.as_str())
-            .collect();
-        return Err(format!(
-            "partition `{name}` is not in the partition table {table_name} (its NVS partitions: {}); add it to the table or fix the name",
-            if nvs.is_empty() {
-                "none".to_owned()
-            } else {
-                nvs.join(", ")
-            }
-        ));
-    };
-    if !partition.is_nvs() {
-        return Err(format!(
-            "partition `{name}` in {table_name} is {}/{}, not data/nvs",
-            partition.type_name(),
-            partition.subtype_name()
-        ));
-    }
-    Ok(partition)
+    table.nvs_partition(name, &table_name).map_err(|e| match e {
+        // A metadata error says what to do about it.
+        NvsPartitionError::Missing { name, table, nvs } => format!(
+            "partition `{name}` is not in the partition table {table} (its NVS partitions: {}); add it to the table or fix the name",
+            NvsPartitionError::nvs_list(&nvs)
+        ),
+        not_nvs => not_nvs.to_string(),
+    })
 }

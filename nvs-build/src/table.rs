@@ -272,6 +272,54 @@ impl Default for CsvOptions {
     }
 }
 
+/// Why [`PartitionTable::nvs_partition`] found no NVS partition of that name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NvsPartitionError {
+    /// The table has no partition of that name.
+    Missing {
+        name: String,
+        /// The table, as the caller named it.
+        table: String,
+        /// The table's `data/nvs` partitions, in table order.
+        nvs: Vec<String>,
+    },
+    /// The partition is not `data/nvs`.
+    NotNvs {
+        name: String,
+        table: String,
+        /// Its `type/subtype`, as the CSV spells them.
+        kind: String,
+    },
+}
+
+impl NvsPartitionError {
+    /// The table's NVS partitions, comma separated, or "none".
+    pub fn nvs_list(nvs: &[String]) -> String {
+        if nvs.is_empty() {
+            "none".to_owned()
+        } else {
+            nvs.join(", ")
+        }
+    }
+}
+
+impl std::fmt::Display for NvsPartitionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NvsPartitionError::Missing { name, table, nvs } => write!(
+                f,
+                "no partition `{name}` in {table} (its NVS partitions: {})",
+                Self::nvs_list(nvs)
+            ),
+            NvsPartitionError::NotNvs { name, table, kind } => {
+                write!(f, "partition `{name}` in {table} is {kind}, not data/nvs")
+            }
+        }
+    }
+}
+
+impl std::error::Error for NvsPartitionError {}
+
 /// A partition table, in the order of its CSV rows or binary entries.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PartitionTable {
@@ -382,14 +430,36 @@ impl PartitionTable {
         self.partitions.iter().find(|p| p.name == name)
     }
 
-    /// The `data/nvs` partitions, in table order.
     /// The `data/nvs_keys` partition (the flash-encryption scheme's NVS keys), if any.
     pub fn nvs_keys(&self) -> Option<&Partition> {
         self.partitions.iter().find(|p| p.is_nvs_keys())
     }
 
+    /// The `data/nvs` partitions, in table order.
     pub fn nvs_partitions(&self) -> impl Iterator<Item = &Partition> {
         self.partitions.iter().filter(|p| p.is_nvs())
+    }
+
+    /// The `data/nvs` partition called `name`; `table_name` (`` `partitions.csv` ``, "the
+    /// partition table", …) names this table in the error, which lists its NVS partitions.
+    pub fn nvs_partition(
+        &self,
+        name: &str,
+        table_name: &str,
+    ) -> Result<&Partition, NvsPartitionError> {
+        match self.find(name) {
+            Some(partition) if partition.is_nvs() => Ok(partition),
+            Some(partition) => Err(NvsPartitionError::NotNvs {
+                name: name.to_owned(),
+                table: table_name.to_owned(),
+                kind: format!("{}/{}", partition.type_name(), partition.subtype_name()),
+            }),
+            None => Err(NvsPartitionError::Missing {
+                name: name.to_owned(),
+                table: table_name.to_owned(),
+                nvs: self.nvs_partitions().map(|p| p.name.clone()).collect(),
+            }),
+        }
     }
 
     /// The end of the partition that ends last: the flash size the table needs.

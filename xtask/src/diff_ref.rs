@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use fastrand::Rng;
+use nvs_build::hex;
 use xshell::{Shell, cmd};
 
 use crate::casegen::{self, CaseSpec};
@@ -788,11 +789,4 @@ fn entry_fields(e: &[u8]) -> String {
         String::from_utf8_lossy(&e[8..8 + key_len]),
         hex(&e[24..32])
     )
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }

@@ -14,10 +14,10 @@ use nvs_build::metadata::Metadata;
 use nvs_build::table::{Partition, PartitionTable};
 
 use super::error::{CmdError, CmdResult};
+use cargo_nvs::flashing::protect::{DataPartition, Identities};
 use cargo_nvs::flashing::{ConnectArgs, blank_md5, connect, describe_usb, read_flash, usb_ports};
 use cargo_nvs::guard::{self, Allow, Decision, Finding};
 use cargo_nvs::project::PackageArgs;
-use cargo_nvs::protect::{DataPartition, Identities};
 use cargo_nvs::settings;
 
 /// Print the chip type, revision, crystal, flash size, features and MAC address.

@@ -19,10 +19,10 @@ use serde_json::json;
 use super::error::{CmdError, CmdResult};
 use cargo_nvs::artifacts::{BuildArgs, build_with_nvs};
 use cargo_nvs::firmware::firmware_sha256;
+use cargo_nvs::flashing::segments::{ImageArgs, Planned, Role, app_segments, nvs_segments};
 use cargo_nvs::fsutil::{FileError, write_atomic};
 use cargo_nvs::hex::sha256_hex;
 use cargo_nvs::project::PackageArgs;
-use cargo_nvs::segments::{ImageArgs, Planned, Role, app_segments, nvs_segments};
 
 /// Build release artifacts: bootloader, partition table and app, `flash_args` and
 /// `manifest.json`. The NVS images and nvs_keys are left out unless --with-dev-data.

@@ -13,10 +13,10 @@ use nvs_build::format::encryption::{XtsKey, decrypt_image};
 
 use super::OutputFormat;
 use super::error::{CmdError, CmdResult};
+use cargo_nvs::flashing::segments::table_in_flash;
 use cargo_nvs::fsutil::FileError;
 use cargo_nvs::hex::hex;
 use cargo_nvs::keys::KeyInput;
-use cargo_nvs::segments::{nvs_partition, table_in_flash};
 use cargo_nvs::size::parse_offset;
 use nvs_build::table::PartitionTable;
 
@@ -71,7 +71,7 @@ pub fn run(args: DumpArgs) -> CmdResult<ExitCode> {
                 table_in_flash(raw, offset, &name)?
             }
         };
-        let partition = nvs_partition(&table, wanted, "the partition table")?;
+        let partition = table.nvs_partition(wanted, "the partition table")?;
         let (start, end) = (partition.offset as usize, partition.end() as usize);
         if bytes.len() < end {
             return Err(CmdError::Unusable(format!(

@@ -5,6 +5,7 @@
 
 use cargo_nvs::firmware::FirmwareError;
 use cargo_nvs::flashing::{ChipError, FlashingError};
+use cargo_nvs::flashing::{protect::ProtectError, segments::SegmentError};
 use cargo_nvs::fsutil::{FileError, OutputOverInput};
 use cargo_nvs::mfg::flash::MfgFlashError;
 use cargo_nvs::mfg::generate::GenerateError;
@@ -12,8 +13,8 @@ use cargo_nvs::mfg::input::ValuesError;
 use cargo_nvs::mfg::ledger::LedgerError;
 use cargo_nvs::mfg::product::ProductError;
 use cargo_nvs::{
-    artifacts::ArtifactError, keys::KeyError, project::ProjectError, protect::ProtectError,
-    segments::SegmentError, settings::SettingsError, size::SpellingError,
+    artifacts::ArtifactError, keys::KeyError, project::ProjectError, settings::SettingsError,
+    size::SpellingError,
 };
 
 pub type CmdResult<T = ()> = Result<T, CmdError>;
@@ -115,6 +116,8 @@ pub enum CmdError {
     Values(#[from] ValuesError),
     #[error(transparent)]
     Migrate(#[from] cargo_nvs::mfg::migrate::MigrateError),
+    #[error(transparent)]
+    NvsPartition(#[from] nvs_build::table::NvsPartitionError),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
 }

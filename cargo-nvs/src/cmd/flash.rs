@@ -9,13 +9,15 @@ use espflash::image_format::Segment;
 
 use super::error::{CmdError, CmdResult};
 use super::monitor::{MonitorOptions, monitor};
-use cargo_nvs::artifacts::{BuildArgs, NvsManifest, build_with_nvs};
+use cargo_nvs::artifacts::{BuildArgs, build_with_nvs, manifest_metadata, manifest_of_runner};
+use cargo_nvs::flashing::protect::{
+    Identities, data_partitions, guard_segments, guard_table_change,
+};
+use cargo_nvs::flashing::segments::{ImageArgs, app_segments, nvs_segments};
 use cargo_nvs::flashing::{ConnectArgs, Progress, connect};
 use cargo_nvs::fsutil::FileError;
 use cargo_nvs::guard::Allow;
 use cargo_nvs::project::PackageArgs;
-use cargo_nvs::protect::{Identities, data_partitions, guard_segments, guard_table_change};
-use cargo_nvs::segments::{ImageArgs, app_segments, nvs_segments};
 
 /// Build the app and flash it together with its NVS partitions, in one pass.
 #[derive(clap::Args)]
@@ -97,7 +99,7 @@ pub fn run(mut args: FlashArgs) -> CmdResult<ExitCode> {
                      the app already, and its build's NVS images are flashed"
                 );
             }
-            let manifest = NvsManifest::of_runner()?;
+            let manifest = manifest_of_runner()?;
             (Some(elf.clone()), manifest, None)
         }
         None => {
@@ -106,7 +108,7 @@ pub fn run(mut args: FlashArgs) -> CmdResult<ExitCode> {
             (elf, manifest, Some(project.name))
         }
     };
-    let metadata = manifest.metadata()?;
+    let metadata = manifest_metadata(&manifest)?;
     args.image = args.image.clone().with_espflash_settings()?;
     let keys_partition = metadata.table.nvs_keys().map(|p| (p.offset, p.size));
     let mut segments = nvs_segments(&manifest.images, &args.partitions, keys_partition)?;

@@ -11,10 +11,10 @@ use super::OutputFormat;
 use super::device::TableArgs;
 use super::dump::show;
 use super::error::{CmdError, CmdResult};
+use cargo_nvs::flashing::segments::table_in_flash;
 use cargo_nvs::flashing::{ConnectArgs, connect, read_flash};
 use cargo_nvs::fsutil::{FileError, write_atomic};
 use cargo_nvs::keys::KeyInput;
-use cargo_nvs::segments::{nvs_partition, table_in_flash};
 
 /// Read NVS partitions back from a device and dump them.
 #[derive(clap::Args)]
@@ -76,7 +76,7 @@ pub fn run(args: ReadArgs) -> CmdResult<ExitCode> {
         }
     };
     let partitions: Vec<&Partition> = match &args.partition {
-        Some(name) => vec![nvs_partition(&table, name, &table_name)?],
+        Some(name) => vec![table.nvs_partition(name, &table_name)?],
         None => {
             let all: Vec<&Partition> = table.nvs_partitions().collect();
             if all.is_empty() {

@@ -16,6 +16,8 @@ use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
 use super::ledger::{ClaimOutcome, FlashRecord, Issued, Ledger, LedgerError};
 use super::product::{ChosenLedger, LEDGER_ENV, ProductError, Scope, choose_ledger};
 use crate::firmware::{Firmware, FirmwareError, misplaced};
+use crate::flashing::protect::{DataPartition, ProtectError, guard_table_change, identify};
+use crate::flashing::segments::{Planned, Role, SegmentError};
 use crate::flashing::{
     After, Before, ChipError, ConnectArgs, FlashingError, Session, blank_md5, connect, inspect,
     read_flash, written,
@@ -24,8 +26,6 @@ use crate::fsutil::FileError;
 use crate::guard::Allow;
 use crate::guard::{Finding, Planned as GuardPlan, for_factory, why_kept};
 use crate::project::PackageArgs;
-use crate::protect::{DataPartition, ProtectError, guard_table_change, identify};
-use crate::segments::{Planned, Role, SegmentError, nvs_partition};
 use crate::size::{SpellingError, parse_size};
 
 /// Why `mfg flash` flashed nothing, or why one device's flash failed.
@@ -64,6 +64,8 @@ pub enum MfgFlashError {
     Protect(#[from] ProtectError),
     #[error(transparent)]
     Segment(#[from] SegmentError),
+    #[error(transparent)]
+    Partition(#[from] nvs_build::table::NvsPartitionError),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
     #[error(transparent)]
@@ -308,7 +310,7 @@ pub(crate) fn target(args: &MfgFlashArgs) -> Result<Target, MfgFlashError> {
         });
     };
     let table = PartitionTable::load(path, PartitionTable::DEFAULT_OFFSET)?;
-    let partition = nvs_partition(&table, name, &format!("`{}`", path.display()))?;
+    let partition = table.nvs_partition(name, &format!("`{}`", path.display()))?;
     if let Some(size) = size
         && size > partition.size
     {
@@ -330,11 +332,7 @@ pub(crate) fn target(args: &MfgFlashArgs) -> Result<Target, MfgFlashError> {
 
 /// The offset and size of the table's nvs_keys partition.
 fn nvs_keys_of(table: &PartitionTable) -> Option<(u32, u32)> {
-    table
-        .partitions
-        .iter()
-        .find(|p| p.is_nvs_keys())
-        .map(|p| (p.offset, p.size))
+    table.nvs_keys().map(|p| (p.offset, p.size))
 }
 
 /// Reads a device's image (relative to its batch folder) and checks it is the one the ledger
@@ -411,8 +409,9 @@ fn image_segments(
                 device.device
             )));
         };
-        let partition =
-            nvs_partition(table, name, "the package's partition table").map_err(|e| {
+        let partition = table
+            .nvs_partition(name, "the package's partition table")
+            .map_err(|e| {
                 MfgFlashError::Invalid(format!(
                     "`{image}`: {}; images of mfg_gen's form are named by their prefix: give \
                      --offset, or --partition-table and --partition",

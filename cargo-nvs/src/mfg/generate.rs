@@ -30,6 +30,7 @@
 mod cargo;
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -1589,7 +1590,8 @@ fn write_device(
     })
 }
 
-/// A manifest, written a piece at a time and put in place once complete (errors name it).
+/// A file of the out dir written a piece at a time, appearing complete on [`Staged::commit`];
+/// errors name it.
 struct Staged {
     path: PathBuf,
     file: StagedFile,
@@ -1599,48 +1601,83 @@ impl Staged {
     fn create(path: PathBuf) -> Result<Staged, GenerateError> {
         match StagedFile::create(&path) {
             Ok(file) => Ok(Staged { path, file }),
-            Err(e) => Err(GenerateError::Invalid(format!(
-                "cannot write `{}`: {e}",
-                path.display()
-            ))),
+            Err(e) => Err(write_error(&path, e)),
         }
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<(), GenerateError> {
-        self.file.write(bytes).map_err(|e| self.error(e))
+        self.file
+            .write_all(bytes)
+            .map_err(|e| write_error(&self.path, e))
     }
 
-    fn error(&self, e: std::io::Error) -> GenerateError {
-        GenerateError::Invalid(format!("cannot write `{}`: {e}", self.path.display()))
+    /// `value` as pretty JSON nested in the document after `indent` (serde_json's pretty
+    /// printer starts at the left margin: each line break it writes gets the indent, which is
+    /// safe as JSON strings hold no raw line breaks). `scratch` is reused from call to call.
+    fn write_json(
+        &mut self,
+        value: &impl serde::Serialize,
+        indent: &[u8],
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), GenerateError> {
+        scratch.clear();
+        serde_json::to_writer_pretty(&mut *scratch, value)?;
+        for (i, line) in scratch.split(|&b| b == b'\n').enumerate() {
+            if i > 0 {
+                self.write(b"\n")?;
+                self.write(indent)?;
+            }
+            self.write(line)?;
+        }
+        Ok(())
     }
 
     /// Puts the complete file in place (with `sync`, on disk first and its folder after).
     fn commit(self, sync: bool) -> Result<(), GenerateError> {
         let Staged { path, file } = self;
-        file.commit(sync)
-            .map_err(|e| GenerateError::Invalid(format!("cannot write `{}`: {e}", path.display())))
+        file.commit(sync).map_err(|e| write_error(&path, e))
     }
 }
 
-/// `manifest.csv` and `manifest.json`, written a device at a time as the devices are recorded.
+fn write_error(path: &Path, e: std::io::Error) -> GenerateError {
+    GenerateError::Invalid(format!("cannot write `{}`: {e}", path.display()))
+}
+
+/// `manifest.csv` and `manifest.json`, written a device at a time as the devices are recorded:
+/// a `csv::Writer` and serde_json (one device object at a time) into staged files, so memory
+/// does not grow with the number of devices.
 struct Manifests {
-    csv: Staged,
+    csv: csv::Writer<StagedFile>,
+    csv_path: PathBuf,
     json: Staged,
-    /// What follows the list of devices in manifest.json.
-    json_tail: String,
+    /// The members of manifest.json that sort after `devices` (serde_json's maps are
+    /// sorted), written after the list.
+    json_after: serde_json::Map<String, serde_json::Value>,
     first: bool,
     any_key: bool,
-    text: String,
+    /// A device's JSON, before it is written.
+    scratch: Vec<u8>,
 }
 
 impl Manifests {
     fn start(run: &Run, maker: &dyn Maker) -> Result<Manifests, GenerateError> {
-        let mut csv = Staged::create(run.out_dir.join("manifest.csv"))?;
-        csv.write(match (maker.labels(), maker.key_files()) {
-            (None, KeyFiles::KeysAndHmac) => b"device,line,image,sha256,key_file,hmac_key_file\n",
-            (None, _) => b"device,line,image,sha256,key_file\n",
-            (Some(_), _) => b"device,line,partition,image,sha256\n",
-        })?;
+        let csv_path = run.out_dir.join("manifest.csv");
+        let staged = StagedFile::create(&csv_path).map_err(|e| write_error(&csv_path, e))?;
+        let mut csv = csv::Writer::from_writer(staged);
+        let header: &[&str] = match (maker.labels(), maker.key_files()) {
+            (None, KeyFiles::KeysAndHmac) => &[
+                "device",
+                "line",
+                "image",
+                "sha256",
+                "key_file",
+                "hmac_key_file",
+            ],
+            (None, _) => &["device", "line", "image", "sha256", "key_file"],
+            (Some(_), _) => &["device", "line", "partition", "image", "sha256"],
+        };
+        csv.write_record(header)
+            .map_err(|e| csv_error(&csv_path, e))?;
         let mut manifest = maker.manifest_fields();
         manifest.insert("values".into(), run.values.display().to_string().into());
         // Absolute: `mfg flash --out-dir` finds the ledger through it from anywhere.
@@ -1667,27 +1704,31 @@ impl Manifests {
                 .collect();
             manifest.insert("shared".into(), shared.into());
         }
-        // The devices' list goes where this placeholder is.
-        let placeholder = "\u{1}devices\u{1}";
-        manifest.insert("devices".into(), placeholder.into());
-        let text = serde_json::to_string_pretty(&manifest)?;
-        let quoted = serde_json::to_string(placeholder)?;
-        let at = text.find(&quoted).ok_or_else(|| {
-            GenerateError::Invalid("manifest.json: the device list has no place".into())
-        })?;
+        // The object's members in serde_json's (sorted) order, the device list in its place.
         let mut json = Staged::create(run.out_dir.join("manifest.json"))?;
-        json.write(&text.as_bytes()[..at])?;
-        json.write(b"[\n")?;
-        let mut json_tail = String::from("\n  ]");
-        json_tail.push_str(&text[at + quoted.len()..]);
-        json_tail.push('\n');
+        json.write(b"{")?;
+        let mut json_after = serde_json::Map::new();
+        let mut scratch = Vec::new();
+        for (key, value) in manifest {
+            if key.as_str() < "devices" {
+                json.write(b"\n  ")?;
+                json.write_json(&key, b"", &mut scratch)?;
+                json.write(b": ")?;
+                json.write_json(&value, b"  ", &mut scratch)?;
+                json.write(b",")?;
+            } else {
+                json_after.insert(key, value);
+            }
+        }
+        json.write(b"\n  \"devices\": [\n")?;
         Ok(Manifests {
             csv,
+            csv_path,
             json,
-            json_tail,
+            json_after,
             first: true,
             any_key: false,
-            text: String::new(),
+            scratch: Vec::new(),
         })
     }
 
@@ -1704,7 +1745,6 @@ impl Manifests {
     ) -> Result<(), GenerateError> {
         self.any_key |= entry.key_file.is_some();
         let line = device.line.to_string();
-        self.text.clear();
         let value = match maker.labels() {
             None => {
                 let key_file = entry.key_file.as_deref().unwrap_or_default();
@@ -1729,7 +1769,7 @@ impl Manifests {
                 if maker.key_files() == KeyFiles::KeysAndHmac {
                     row.push(entry.hmac_key_file.as_deref().unwrap_or_default());
                 }
-                push_csv_row(&mut self.text, &row);
+                self.csv_row(&row)?;
                 value
             }
             Some(labels) => {
@@ -1743,7 +1783,7 @@ impl Manifests {
                         (_, None, None) => sha_of_file(&bin_path(&run.out_dir, name))?,
                     };
                     let image = image_rel(name);
-                    push_csv_row(&mut self.text, &[&device.id, &line, label, &image, &sha256]);
+                    self.csv_row(&[&device.id, &line, label, &image, &sha256])?;
                     images.push(serde_json::json!({
                         "partition": label,
                         "image": image,
@@ -1758,31 +1798,46 @@ impl Manifests {
                 })
             }
         };
-        self.csv.write(self.text.as_bytes())?;
-        let pretty = serde_json::to_string_pretty(&value)?;
-        self.text.clear();
         if !self.first {
-            self.text.push_str(",\n");
+            self.json.write(b",\n")?;
         }
         self.first = false;
-        self.text.push_str("    ");
-        self.text.push_str(&pretty.replace('\n', "\n    "));
-        self.json.write(self.text.as_bytes())?;
-        Ok(())
+        self.json.write(b"    ")?;
+        self.json.write_json(&value, b"    ", &mut self.scratch)
+    }
+
+    fn csv_row(&mut self, cells: &[&str]) -> Result<(), GenerateError> {
+        self.csv
+            .write_record(cells)
+            .map_err(|e| csv_error(&self.csv_path, e))
     }
 
     fn finish(mut self, run: &Run) -> Result<(), GenerateError> {
-        let tail = std::mem::take(&mut self.json_tail);
-        self.json.write(tail.as_bytes())?;
-        self.csv.commit(run.sync)?;
-        self.json.commit(run.sync)?;
+        self.json.write(b"\n  ]")?;
+        for (key, value) in std::mem::take(&mut self.json_after) {
+            self.json.write(b",\n  ")?;
+            self.json.write_json(&key, b"", &mut self.scratch)?;
+            self.json.write(b": ")?;
+            self.json.write_json(&value, b"  ", &mut self.scratch)?;
+        }
+        self.json.write(b"\n}\n")?;
+        let Manifests {
+            csv,
+            csv_path,
+            json,
+            ..
+        } = self;
+        let csv = csv
+            .into_inner()
+            .map_err(|e| write_error(&csv_path, e.into_error()))?;
+        csv.commit(run.sync)
+            .map_err(|e| write_error(&csv_path, e))?;
+        json.commit(run.sync)?;
         if run.sync {
             let keys_dir = run.out_dir.join("keys");
             for dir in [&keys_dir, &run.out_dir] {
                 if dir.exists() {
-                    sync_file(dir).map_err(|e| {
-                        GenerateError::Invalid(format!("cannot write `{}`: {e}", dir.display()))
-                    })?;
+                    sync_file(dir).map_err(|e| write_error(dir, e))?;
                 }
             }
         }
@@ -1790,15 +1845,13 @@ impl Manifests {
     }
 }
 
-/// Appends one manifest.csv row.
-fn push_csv_row(out: &mut String, cells: &[&str]) {
-    for (i, cell) in cells.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(&csv_cell(cell));
+/// A manifest.csv write error as the other write errors read: `cannot write `PATH`: why`.
+fn csv_error(path: &Path, e: csv::Error) -> GenerateError {
+    let message = e.to_string();
+    match e.into_kind() {
+        csv::ErrorKind::Io(e) => write_error(path, e),
+        _ => GenerateError::Invalid(format!("cannot write `{}`: {message}", path.display())),
     }
-    out.push('\n');
 }
 
 /// The message that ends a run.
@@ -2059,13 +2112,5 @@ fn locate(
             row.line
         )),
         None => GenerateError::Invalid(format!("{device_at}: {message}")),
-    }
-}
-
-fn csv_cell(text: &str) -> String {
-    if text.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
-    } else {
-        text.to_owned()
     }
 }

@@ -468,53 +468,53 @@ impl Values {
     }
 }
 
-/// Appends `field` as Python's `csv.writer` does (quoted when it holds `,` `"` or a line
-/// break). Line breaks are normalised to `\n` first, as the generator's universal-newline read
-/// does, so that lines can be counted.
-fn push_field(out: &mut String, field: &str) {
-    let normalised;
-    let field = if field.contains('\r') {
-        normalised = field.replace("\r\n", "\n").replace('\r', "\n");
-        normalised.as_str()
+/// Line breaks normalised to `\n`, as the generator's universal-newline read sees them, so
+/// that lines can be counted.
+fn normalised(field: &str) -> std::borrow::Cow<'_, str> {
+    if field.contains('\r') {
+        field.replace("\r\n", "\n").replace('\r', "\n").into()
     } else {
-        field
-    };
-    if field.contains([',', '"', '\n']) {
-        out.push('"');
-        out.push_str(&field.replace('"', "\"\""));
-        out.push('"');
-    } else {
-        out.push_str(field);
+        field.into()
     }
 }
 
 /// The generator CSV mfg_gen writes for one device (`key,type,encoding,value`; namespace rows
-/// with an empty value), and the line each config row starts on in it.
+/// with an empty value), and the line each config row starts on in it. A `csv::Writer` quotes
+/// as Python's `csv.writer` does: a field holding `,` `"` or a line break.
 pub fn device_csv<'v>(
     rows: &[ConfigRow],
     value: impl Fn(&ConfigRow) -> &'v str,
     starts: &mut Vec<usize>,
 ) -> String {
-    let mut out = String::with_capacity(256);
-    out.push_str("key,type,encoding,value\n");
+    let mut out = csv::WriterBuilder::new()
+        .buffer_capacity(256)
+        .from_writer(Vec::with_capacity(256));
+    // Writing to memory cannot fail.
+    let written = "a csv::Writer over a Vec";
+    out.write_record(["key", "type", "encoding", "value"])
+        .expect(written);
     starts.clear();
     let mut line = 2;
     for row in rows {
         starts.push(line);
-        let begin = out.len();
-        push_field(&mut out, &row.key);
-        out.push(',');
-        push_field(&mut out, &row.ty);
-        out.push(',');
-        push_field(&mut out, &row.encoding);
-        out.push(',');
-        if !row.is_namespace() {
-            push_field(&mut out, value(row));
-        }
-        out.push('\n');
-        line += out[begin..].matches('\n').count();
+        out.flush().expect(written);
+        let begin = out.get_ref().len();
+        let value = if row.is_namespace() { "" } else { value(row) };
+        out.write_record([
+            &*normalised(&row.key),
+            &*normalised(&row.ty),
+            &*normalised(&row.encoding),
+            &*normalised(value),
+        ])
+        .expect(written);
+        out.flush().expect(written);
+        line += out.get_ref()[begin..]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
     }
-    out
+    let bytes = out.into_inner().expect(written);
+    String::from_utf8(bytes).expect("the CSV of UTF-8 fields")
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Output;
 
-use crate::support::{Case, bin, vectors};
+use crate::support::{Case, bin, hex, vectors};
 
 fn input(name: &str) -> String {
     vectors()
@@ -25,10 +25,6 @@ fn assert_fails_with(out: &std::process::Output, needles: &[&str]) {
             "stderr lacks {needle:?}:\n{stderr}"
         );
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Key material must not appear in any output, as hex in either case.

@@ -90,7 +90,7 @@ fn assert_secret(path: &Path, secret: &[u8], out: &Output) {
         let mode = std::fs::metadata(path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{}", path.display());
     }
-    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = support::hex(secret);
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&hex));
     assert!(!stderr(out).contains(&hex));
 }

@@ -11,20 +11,13 @@ use std::collections::HashMap;
 use std::process::Output;
 
 use crate::support::fake_esp::{Config, FakeEsp, Fault};
-use crate::support::{Case, assert_fails, assert_ok, bin, stderr};
+use crate::support::{Case, assert_fails, assert_ok, bin, mac_text, stderr};
 
 const CONFIG: &str = "app,namespace,\nserial,data,string\nnum,data,u8\n";
 const VALUES: &str = "id,serial,num\n1,SN1,1\n2,SN2,2\n3,SN3,3\n";
 const MAC_A: [u8; 6] = [0x7c, 0xdf, 0xa1, 0, 0, 0x0a];
 const MAC_B: [u8; 6] = [0x7c, 0xdf, 0xa1, 0, 0, 0x0b];
 const MAC_C: [u8; 6] = [0x7c, 0xdf, 0xa1, 0, 0, 0x0c];
-
-fn mac_text(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
 
 /// Three devices (SN1..SN3) generated into `out/`, 0x3000-byte images.
 fn batch() -> Case {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::support;
 use crate::support::fake_esp::{Config, Event, FakeEsp, Fault};
-use crate::support::{Case, bin};
+use crate::support::{Case, bin, mac_text};
 
 const CONFIG: &str = "app,namespace,\nserial,data,string\nnum,data,u8\n";
 /// The firmware's table: the images go to `nvs` at 0x9000.
@@ -55,13 +55,6 @@ fn image(case: &Case, id: &str) -> Vec<u8> {
 
 fn mac(n: u8) -> [u8; 6] {
     [0x7c, 0xdf, 0xa1, 0, 0x51, n]
-}
-
-fn mac_text(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// A board socket: a stable path that points at the board plugged in (if any).

@@ -154,12 +154,14 @@ pub fn manifest_shas(path: &Path) -> std::collections::HashMap<String, String> {
 }
 
 /// Lower-case hex SHA-256, as the ledger and manifests record images.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+pub use cargo_nvs::hex::{hex, sha256_hex};
+
+/// A MAC address as the production log writes it: `7c:df:a1:00:00:0a`.
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| hex(std::slice::from_ref(b)))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// A fresh, empty database on the test server as a `postgres://` URL: `NVS_TEST_POSTGRES` names

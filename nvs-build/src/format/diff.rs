@@ -48,10 +48,11 @@ pub fn describe_differences(a: &[u8], b: &[u8], max: usize) -> Vec<String> {
     out
 }
 
+/// Hex bytes, space separated.
 fn hex(bytes: &[u8]) -> String {
     bytes
         .iter()
-        .map(|b| format!("{b:02x}"))
+        .map(|b| crate::hex(std::slice::from_ref(b)))
         .collect::<Vec<_>>()
         .join(" ")
 }

@@ -261,9 +261,7 @@ fn for_each_entry(image: &mut [u8], mut f: impl FnMut(usize, &mut [u8])) {
 mod tests {
     use super::*;
 
-    fn hex(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    }
+    use crate::hex;
 
     #[test]
     fn fixed_key_file_crc() {

@@ -139,7 +139,7 @@ impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Value::String(s) => write!(f, "{s:?}"),
-            Value::Blob(bytes) => bytes.iter().try_for_each(|b| write!(f, "{b:02x}")),
+            Value::Blob(bytes) => f.write_str(&crate::hex(bytes)),
             other => f.write_str(&other.source_text()),
         }
     }

@@ -207,9 +207,7 @@ fn compress(h: &mut [u32; 5], block: &[u8; 64]) {
 mod tests {
     use super::*;
 
-    fn hex(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    }
+    use crate::hex;
 
     #[test]
     fn sha1_known_answers() {

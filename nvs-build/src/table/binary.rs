@@ -8,6 +8,7 @@ use std::path::Path;
 use super::md5::Md5;
 use super::{Partition, PartitionKind, PartitionTable};
 use crate::error::{Error, Location};
+use crate::hex;
 
 pub(super) const ENTRY_MAGIC: [u8; 2] = [0xAA, 0x50];
 const MD5_MAGIC: [u8; 2] = [0xEB, 0xEB];
@@ -141,8 +142,4 @@ pub(super) fn write(table: &PartitionTable) -> Vec<u8> {
         out.resize(PartitionTable::BINARY_SIZE, 0xFF);
     }
     out
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

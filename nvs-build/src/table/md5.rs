@@ -115,7 +115,7 @@ mod tests {
     fn digest(data: &[u8]) -> String {
         let mut md5 = Md5::new();
         md5.update(data);
-        md5.finish().iter().map(|b| format!("{b:02x}")).collect()
+        crate::hex(&md5.finish())
     }
 
     #[test]
@@ -156,10 +156,7 @@ mod tests {
         use md5_reference::Digest;
         for len in [55, 56, 57, 63, 64, 65, 119, 120, 128] {
             let data = vec![0xA5u8; len];
-            let expected: String = md5_reference::Md5::digest(&data)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
+            let expected = crate::hex(&md5_reference::Md5::digest(&data));
             assert_eq!(digest(&data), expected, "length {len}");
         }
     }

@@ -783,8 +783,7 @@ impl Device {
         self.events.push(Event::Md5 { offset, size });
         match self.loader {
             Loader::Rom => {
-                let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-                self.ok_body(out, op, hex.as_bytes());
+                self.ok_body(out, op, crate::support::hex(&digest).as_bytes());
             }
             Loader::Stub => self.ok_body(out, op, &digest),
         }

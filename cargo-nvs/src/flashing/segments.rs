@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use espflash::flasher::{FlashData, FlashFrequency, FlashMode, FlashSettings, FlashSize};
 use espflash::image_format::idf::IdfBootloaderFormat;
 use espflash::target::{Chip, XtalFrequency};
-use nvs_build::table::{Partition, PartitionTable};
+use nvs_build::manifest::ManifestImage;
+use nvs_build::table::PartitionTable;
 
-use crate::artifacts::NvsImage;
 use crate::fsutil::FileError;
 use crate::settings::SettingsError;
 
@@ -219,7 +219,7 @@ pub fn app_segments(
     xtal: XtalFrequency,
     image: &ImageArgs,
     table: Option<&Path>,
-    nvs: &[NvsImage],
+    nvs: &[ManifestImage],
     keys_partition: Option<(u32, u32)>,
 ) -> Result<Vec<Planned>, SegmentError> {
     let elf_data = std::fs::read(elf).map_err(|e| FileError::new("read the ELF", elf, e))?;
@@ -269,7 +269,7 @@ pub fn app_segments(
 /// table. Refuse to flash if they disagree.
 fn check_tables(
     espflash_table: &esp_idf_part::PartitionTable,
-    nvs: &[NvsImage],
+    nvs: &[ManifestImage],
     keys_partition: Option<(u32, u32)>,
     path: Option<&Path>,
 ) -> Result<(), SegmentError> {
@@ -317,7 +317,7 @@ fn check_tables(
 /// leaves no stale data behind), plus the nvs_keys file where the flash-encryption scheme is
 /// used.
 pub fn nvs_segments(
-    images: &[NvsImage],
+    images: &[ManifestImage],
     only: &[String],
     keys_partition: Option<(u32, u32)>,
 ) -> Result<Vec<Planned>, SegmentError> {
@@ -414,33 +414,6 @@ pub fn nvs_segments(
     Ok(planned)
 }
 
-/// The data/nvs partition `name` of `table` (`table_name` says which table, in errors).
-pub fn nvs_partition<'t>(
-    table: &'t PartitionTable,
-    name: &str,
-    table_name: &str,
-) -> Result<&'t Partition, SegmentError> {
-    let partition = table.find(name).ok_or_else(|| {
-        let nvs: Vec<&str> = table.nvs_partitions().map(|p| p.name.as_str()).collect();
-        SegmentError::Invalid(format!(
-            "no partition `{name}` in {table_name} (its NVS partitions: {})",
-            if nvs.is_empty() {
-                "none".to_owned()
-            } else {
-                nvs.join(", ")
-            }
-        ))
-    })?;
-    if !partition.is_nvs() {
-        return Err(SegmentError::Invalid(format!(
-            "partition `{name}` is {}/{}, not data/nvs",
-            partition.type_name(),
-            partition.subtype_name()
-        )));
-    }
-    Ok(partition)
-}
-
 /// A binary partition table found in flash (a device's, or a full-flash image's) at `offset`.
 pub fn table_in_flash(
     bytes: &[u8],
@@ -469,14 +442,15 @@ mod tests {
         size: u32,
         len: usize,
         keys: Option<&str>,
-    ) -> NvsImage {
+    ) -> ManifestImage {
         let file = dir.join(format!("{name}.bin"));
         std::fs::write(&file, vec![0xAB; len]).unwrap();
-        NvsImage {
+        ManifestImage {
             name: name.to_owned(),
             offset,
             size,
             factory: name == "fctry",
+            encrypted: false,
             secret: false,
             file: Some(file),
             keys_file: keys.map(|k| dir.join(k)),

@@ -8,17 +8,17 @@ use std::path::Path;
 use espflash::flasher::Flasher;
 use md5::{Digest, Md5};
 use nvs_build::format::encryption::XtsKey;
+use nvs_build::manifest::ManifestImage;
 use nvs_build::metadata::{EncryptionSpec, Metadata, PartitionSpec, ValueSource};
 use nvs_build::table::PartitionTable;
 
-use crate::artifacts::NvsImage;
+use crate::flashing::segments::{Planned, Role};
 use crate::flashing::{ChipError, FlashingError, blank_md5, inspect, read_flash};
 use crate::guard::{
     self, Allow, Decision, Finding, Planned as GuardPlan, candidate_sha256s, decide, for_factory,
 };
 use crate::mfg::ledger::Ledger;
 use crate::mfg::{ChosenLedger, product_ledger};
-use crate::segments::{Planned, Role};
 
 /// Why a flash does not go ahead.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +74,7 @@ impl DataPartition {
 /// The package's NVS partitions by offset: per-device keys and key.
 pub fn data_partitions(
     metadata: &Metadata,
-    images: &[NvsImage],
+    images: &[ManifestImage],
 ) -> Result<BTreeMap<u32, DataPartition>, ProtectError> {
     images
         .iter()
