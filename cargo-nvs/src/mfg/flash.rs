@@ -103,8 +103,10 @@ pub enum Flashed {
 /// on disk takes part.
 ///
 /// A device id is never put on a second chip, nor a second id on a chip already logged, unless
-/// --force. A failed flash is logged as `failed: …` and leaves the device unflashed; the exit
-/// code is then non-zero. A device made with --keygen also gets its key file written to the
+/// --force. A failed flash is logged as `failed: …` and leaves the device unflashed: its
+/// partitions on that chip are overwritten with erased flash and it goes back to the pool (when
+/// that fails too, it stays held for that chip); the exit code is then non-zero. Refusals are
+/// logged as `refused: …`. A device made with --keygen also gets its key file written to the
 /// table's nvs_keys partition, in the same write; one made with HMAC key protection does not
 /// (its chip derives the key from the HMAC key in its eFuse, which is named instead).
 #[derive(clap::Args)]
