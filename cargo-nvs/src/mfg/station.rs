@@ -300,7 +300,6 @@ impl Station<'_> {
         Ok(!ours.is_empty() && ours.iter().all(|b| b.remaining <= b.unlogged))
     }
 
-    /// Connects to the chip at `port`, at `baud`; `None` while no chip answers there.
     /// Connects to the chip at `port`, at `baud`: `None` while no chip answers there (no port,
     /// no sync), an error for what an operator must see (a busy port, no permission, another
     /// chip type, no MAC). Without `reset`, the chip is neither reset into the loader nor
@@ -393,7 +392,15 @@ impl Station<'_> {
                 match self.probe(port, self.baud, moved) {
                     Ok(Some((session, chip))) if chip.mac != mac => {
                         self.report.event(port, &Event::Removed { mac: mac.into() });
-                        return Ok(Wait::Chip(session, chip));
+                        let resets = (self.args.flash.before, self.args.flash.after)
+                            != (Before::NoReset, After::NoReset);
+                        if moved || !resets {
+                            return Ok(Wait::Chip(session, chip));
+                        }
+                        // A new board found without a reset: connect again as `--before` and
+                        // `--after` say, so that it is reset as asked when it is done.
+                        drop(session);
+                        return self.wait_for_chip(port);
                     }
                     Ok(_) => {}
                     Err(e) => self.trouble(port, &mut last, e),
