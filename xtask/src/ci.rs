@@ -41,6 +41,12 @@ pub fn run(sh: &Shell, diff_cases: usize) -> Result<ExitCode> {
         // workspace build (a few dependencies are built with other features); --allow-dirty so
         // that a run from a working tree checks the tree as it is.
         ("package", &|| {
+            // Cargo keeps the unpacked nvs-build of the last run under target/package and, as
+            // its version has not changed, would build cargo-nvs against that stale copy.
+            let staged = sh.current_dir().join("target/package");
+            if staged.exists() {
+                std::fs::remove_dir_all(&staged)?;
+            }
             Ok(cmd!(sh, "cargo package -p nvs-build -p cargo-nvs --allow-dirty").run()?)
         }),
         // Before the tests: the flashing tests flash this firmware's real ELF.
