@@ -41,12 +41,7 @@ pub fn run(sh: &Shell, diff_cases: usize) -> Result<ExitCode> {
         // workspace build (a few dependencies are built with other features); --allow-dirty so
         // that a run from a working tree checks the tree as it is.
         ("package", &|| {
-            // Cargo keeps the unpacked nvs-build of the last run under target/package and, as
-            // its version has not changed, would build cargo-nvs against that stale copy.
-            let staged = sh.current_dir().join("target/package");
-            if staged.exists() {
-                std::fs::remove_dir_all(&staged)?;
-            }
+            forget_packaged_copies()?;
             Ok(cmd!(sh, "cargo package -p nvs-build -p cargo-nvs --allow-dirty").run()?)
         }),
         // Before the tests: the flashing tests flash this firmware's real ELF.
@@ -179,5 +174,39 @@ pub fn build_firmware(sh: &Shell) -> Result<()> {
     cmd!(sh, "rustup target add riscv32imc-unknown-none-elf").run()?;
     let _dir = sh.push_dir("examples/esp32c3-factory-data");
     cmd!(sh, "cargo build --release --locked").run()?;
+    Ok(())
+}
+
+/// Cargo verifies cargo-nvs against nvs-build's `.crate`, which it takes for a registry
+/// crate, builds into the workspace's `target/debug`, and never rebuilds while its version stays
+/// the same: a later run would build cargo-nvs against that stale nvs-build. Remove it (and the
+/// staging folder) first; the workspace's own nvs-build is rebuilt with it, a few seconds.
+fn forget_packaged_copies() -> Result<()> {
+    let target = crate::target_dir();
+    let mut stale = vec![target.join("package")];
+    for dir in [".fingerprint", "deps"] {
+        let Ok(entries) = std::fs::read_dir(target.join("debug").join(dir)) else {
+            continue;
+        };
+        stale.extend(entries.flatten().map(|e| e.path()).filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("nvs-build-")
+                    || n.starts_with("libnvs_build-")
+                    || n.starts_with("nvs_build-")
+            })
+        }));
+    }
+    for path in stale {
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot remove `{}`: {e}", path.display()).into()),
+        }
+    }
     Ok(())
 }
