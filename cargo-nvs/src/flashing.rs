@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use espflash::connection::{Connection, ResetAfterOperation, ResetBeforeOperation};
 use espflash::flasher::Flasher;
-use espflash::target::{Chip, ProgressCallbacks};
+use espflash::image_format::Segment;
+use espflash::target::{Chip, DefaultProgressCallback, ProgressCallbacks};
 use indicatif::{ProgressBar, ProgressStyle};
 use serialport::{SerialPortType, UsbPortInfo};
 
@@ -785,6 +786,37 @@ pub fn blank_md5(len: u32) -> u128 {
         left -= n;
     }
     u128::from_be_bytes(hasher.finalize().into())
+}
+
+/// Erases the regions: with the stub by ERASE_REGION, through the ROM loader by writing
+/// erased flash (one pass: the ROM reboots after it).
+pub fn erase_regions(
+    flasher: &mut Flasher,
+    regions: &[(u32, u32)],
+    use_stub: bool,
+) -> Result<(), FlashingError> {
+    if use_stub {
+        for &(addr, size) in regions {
+            flasher
+                .erase_region(addr, size)
+                .map_err(ChipError::doing(format!(
+                    "erase {size:#x} bytes at {addr:#x}"
+                )))?;
+        }
+        return Ok(());
+    }
+    let blanks: Vec<Vec<u8>> = regions
+        .iter()
+        .map(|&(_, size)| vec![0xFF; size as usize])
+        .collect();
+    let segments: Vec<Segment<'_>> = regions
+        .iter()
+        .zip(&blanks)
+        .map(|(&(addr, _), data)| Segment::new(addr, data))
+        .collect();
+    written(flasher.write_bins_to_flash(&segments, &mut DefaultProgressCallback))
+        .map_err(ChipError::doing("erase (writing erased flash)".into()))?;
+    Ok(())
 }
 
 #[cfg(test)]

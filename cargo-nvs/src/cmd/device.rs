@@ -8,15 +8,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use espflash::flasher::Flasher;
-use espflash::image_format::Segment;
-use espflash::target::DefaultProgressCallback;
 use nvs_build::metadata::Metadata;
-use nvs_build::table::{Partition, PartitionTable};
+use nvs_build::table::PartitionTable;
 
 use super::error::{CmdError, CmdResult};
-use cargo_nvs::flashing::protect::{DataPartition, Identities};
-use cargo_nvs::flashing::{ConnectArgs, blank_md5, connect, describe_usb, read_flash, usb_ports};
-use cargo_nvs::guard::{self, Allow, Decision, Finding};
+use cargo_nvs::flashing::protect::{guard_erase, is_factory};
+use cargo_nvs::flashing::{
+    ConnectArgs, connect, describe_usb, erase_regions, read_flash, usb_ports,
+};
+use cargo_nvs::guard::Allow;
 use cargo_nvs::project::PackageArgs;
 use cargo_nvs::settings;
 
@@ -274,128 +274,6 @@ pub fn resolve_table(
     })
 }
 
-/// Factory data: flagged `readonly` in the table, an nvs_keys partition, or (in a package)
-/// `factory` or with per-device keys in the metadata.
-fn is_factory(partition: &Partition, metadata: Option<&Metadata>) -> CmdResult<bool> {
-    if partition.readonly || partition.is_nvs_keys() {
-        return Ok(true);
-    }
-    let spec = metadata.and_then(|m| m.partitions.iter().find(|p| p.name == partition.name));
-    Ok(spec.is_some_and(|s| s.factory) || !DataPartition::of(spec)?.per_device.is_empty())
-}
-
-/// Refuses (before anything is erased) when a region to erase covers factory data that is
-/// not blank, unless `--overwrite-factory-data`.
-fn guard_erase(
-    flasher: &mut Flasher,
-    tables: &Tables,
-    regions: &[(u32, u32)],
-    allow: Allow,
-    use_stub: bool,
-) -> CmdResult {
-    let mut refusals = Vec::new();
-    let identities = tables.metadata.as_ref().map(|m| {
-        let mac = flasher.device_info().ok().and_then(|i| i.mac_address);
-        Identities::new(&m.manifest_path, mac)
-    });
-    for partition in tables
-        .table
-        .partitions
-        .iter()
-        .filter(|p| p.is_nvs() || p.is_nvs_keys())
-    {
-        let overlaps = regions.iter().any(|&(addr, size)| {
-            u64::from(addr) < partition.end()
-                && u64::from(addr) + u64::from(size) > u64::from(partition.offset)
-        });
-        if !overlaps || !is_factory(partition, tables.metadata.as_ref())? {
-            continue;
-        }
-        let on_chip = flasher
-            .checksum_md5(partition.offset, partition.size)
-            .map_err(CmdError::chip(format!("cannot check `{}`", partition.name)))?;
-        if on_chip == blank_md5(partition.size) {
-            continue;
-        }
-        let label = format!(
-            "factory data `{}` at {:#x}",
-            partition.name, partition.offset
-        );
-        let finding = if partition.is_nvs_keys() {
-            Finding::Differs
-        } else {
-            let spec = tables
-                .metadata
-                .as_ref()
-                .and_then(|m| m.partitions.iter().find(|p| p.name == partition.name));
-            let data = DataPartition::of(spec)?;
-            let chip = read_flash(flasher, partition.offset, partition.size, use_stub)?;
-            let blank = vec![0xFF; partition.size as usize];
-            let planned = guard::Planned {
-                ours: &blank,
-                dev: None,
-                key: data.key.as_ref(),
-                per_device: &data.per_device,
-            };
-            let finding = guard::for_factory(guard::assess(&planned, &chip));
-            if let Some(name) = identities.as_ref().and_then(|i| i.name(Some(&chip))) {
-                eprintln!("note: {label} holds {name}");
-            }
-            finding
-        };
-        match guard::decide(guard::Role::Factory, &finding, allow, &label, None) {
-            Decision::Write(message) => {
-                eprintln!(
-                    "{}",
-                    message.unwrap_or_default().replace("Replacing", "Erasing")
-                );
-            }
-            Decision::Keep(_) | Decision::Refuse(_) => refusals.push(format!(
-                "{label} is not blank: {}. Save it first (`cargo nvs read --partition {}`), or \
-                 pass --overwrite-factory-data to erase it",
-                guard::why_kept(&finding),
-                partition.name
-            )),
-        }
-    }
-    if refusals.is_empty() {
-        Ok(())
-    } else {
-        Err(CmdError::Refused(format!(
-            "{}; nothing was erased",
-            refusals.join("; ")
-        )))
-    }
-}
-
-/// Erases the regions: with the stub by ERASE_REGION, through the ROM loader by writing
-/// erased flash (one pass: the ROM reboots after it).
-fn erase_regions(flasher: &mut Flasher, regions: &[(u32, u32)], use_stub: bool) -> CmdResult {
-    if use_stub {
-        for &(addr, size) in regions {
-            flasher
-                .erase_region(addr, size)
-                .map_err(CmdError::chip(format!(
-                    "cannot erase {size:#x} bytes at {addr:#x}"
-                )))?;
-        }
-        return Ok(());
-    }
-    let blanks: Vec<Vec<u8>> = regions
-        .iter()
-        .map(|&(_, size)| vec![0xFF; size as usize])
-        .collect();
-    let segments: Vec<Segment<'_>> = regions
-        .iter()
-        .zip(&blanks)
-        .map(|(&(addr, _), data)| Segment::new(addr, data))
-        .collect();
-    cargo_nvs::flashing::written(
-        flasher.write_bins_to_flash(&segments, &mut DefaultProgressCallback),
-    )
-    .map_err(CmdError::chip("erasing failed"))
-}
-
 fn check_aligned(addr: u32, size: u32) -> CmdResult {
     if !addr.is_multiple_of(0x1000) || !size.is_multiple_of(0x1000) || size == 0 {
         return Err(CmdError::Usage(format!(
@@ -444,7 +322,14 @@ fn run_erase(
         )));
     }
     let regions: Vec<(u32, u32)> = picked.iter().map(|(a, s, _)| (*a, *s)).collect();
-    guard_erase(&mut flasher, &tables, &regions, allow, use_stub)?;
+    guard_erase(
+        &mut flasher,
+        &tables.table,
+        tables.metadata.as_ref(),
+        &regions,
+        allow,
+        use_stub,
+    )?;
     if regions.is_empty() {
         eprintln!("Nothing to erase");
     } else {

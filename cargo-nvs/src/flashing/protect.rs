@@ -10,7 +10,7 @@ use md5::{Digest, Md5};
 use nvs_build::format::encryption::XtsKey;
 use nvs_build::manifest::ManifestImage;
 use nvs_build::metadata::{EncryptionSpec, Metadata, PartitionSpec, ValueSource};
-use nvs_build::table::PartitionTable;
+use nvs_build::table::{Partition, PartitionTable};
 
 use crate::flashing::segments::{Planned, Role};
 use crate::flashing::{ChipError, FlashingError, blank_md5, inspect, read_flash};
@@ -27,6 +27,9 @@ pub enum ProtectError {
     /// flag that allows it.
     #[error("{}; nothing was written", reasons.join("; "))]
     Refused { reasons: Vec<String> },
+    /// Erasing would destroy factory data the chip holds; each reason names the partition.
+    #[error("{}; nothing was erased", reasons.join("; "))]
+    RefusedErase { reasons: Vec<String> },
     #[error(transparent)]
     Chip(#[from] ChipError),
     #[error(transparent)]
@@ -404,5 +407,97 @@ pub fn guard_table_change(
         Ok(())
     } else {
         Err(ProtectError::Refused { reasons: refusals })
+    }
+}
+
+/// Factory data: flagged `readonly` in the table, an nvs_keys partition, or (in a package)
+/// `factory` or with per-device keys in the metadata.
+pub fn is_factory(
+    partition: &Partition,
+    metadata: Option<&Metadata>,
+) -> Result<bool, ProtectError> {
+    if partition.readonly || partition.is_nvs_keys() {
+        return Ok(true);
+    }
+    let spec = metadata.and_then(|m| m.partitions.iter().find(|p| p.name == partition.name));
+    Ok(spec.is_some_and(|s| s.factory) || !DataPartition::of(spec)?.per_device.is_empty())
+}
+
+/// Refuses (before anything is erased) when a region to erase covers factory data that is
+/// not blank, unless `--overwrite-factory-data`.
+pub fn guard_erase(
+    flasher: &mut Flasher,
+    table: &PartitionTable,
+    metadata: Option<&Metadata>,
+    regions: &[(u32, u32)],
+    allow: Allow,
+    use_stub: bool,
+) -> Result<(), ProtectError> {
+    let mut refusals = Vec::new();
+    let identities = metadata.map(|m| {
+        let mac = flasher.device_info().ok().and_then(|i| i.mac_address);
+        Identities::new(&m.manifest_path, mac)
+    });
+    for partition in table
+        .partitions
+        .iter()
+        .filter(|p| p.is_nvs() || p.is_nvs_keys())
+    {
+        let overlaps = regions.iter().any(|&(addr, size)| {
+            u64::from(addr) < partition.end()
+                && u64::from(addr) + u64::from(size) > u64::from(partition.offset)
+        });
+        if !overlaps || !is_factory(partition, metadata)? {
+            continue;
+        }
+        let on_chip = flasher
+            .checksum_md5(partition.offset, partition.size)
+            .map_err(ChipError::doing(format!("check `{}`", partition.name)))?;
+        if on_chip == blank_md5(partition.size) {
+            continue;
+        }
+        let label = format!(
+            "factory data `{}` at {:#x}",
+            partition.name, partition.offset
+        );
+        let finding = if partition.is_nvs_keys() {
+            Finding::Differs
+        } else {
+            let spec =
+                metadata.and_then(|m| m.partitions.iter().find(|p| p.name == partition.name));
+            let data = DataPartition::of(spec)?;
+            let chip = read_flash(flasher, partition.offset, partition.size, use_stub)?;
+            let blank = vec![0xFF; partition.size as usize];
+            let planned = GuardPlan {
+                ours: &blank,
+                dev: None,
+                key: data.key.as_ref(),
+                per_device: &data.per_device,
+            };
+            let finding = for_factory(guard::assess(&planned, &chip));
+            if let Some(name) = identities.as_ref().and_then(|i| i.name(Some(&chip))) {
+                eprintln!("note: {label} holds {name}");
+            }
+            finding
+        };
+        match guard::decide(guard::Role::Factory, &finding, allow, &label, None) {
+            Decision::Write(message) => {
+                eprintln!(
+                    "{}",
+                    message.unwrap_or_default().replace("Replacing", "Erasing")
+                );
+            }
+            Decision::Keep(_) | Decision::Refuse(_) => refusals.push(format!(
+                "{label} is not blank: {}. Save it first (`cargo nvs read --partition {}`), or \
+                 pass --overwrite-factory-data to erase it",
+                guard::why_kept(&finding),
+                partition.name
+            )),
+        }
+    }
+    if refusals.is_empty() {
+        Ok(())
+    } else {
+        Err(ProtectError::RefusedErase { reasons: refusals })
     }
 }

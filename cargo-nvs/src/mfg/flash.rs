@@ -19,8 +19,8 @@ use crate::firmware::{Firmware, FirmwareError, misplaced};
 use crate::flashing::protect::{DataPartition, ProtectError, guard_table_change, identify};
 use crate::flashing::segments::{Planned, Role, SegmentError};
 use crate::flashing::{
-    After, Before, ChipError, ConnectArgs, FlashingError, Session, blank_md5, connect, inspect,
-    read_flash, written,
+    After, Before, ChipError, ConnectArgs, FlashingError, Session, blank_md5, connect,
+    erase_regions, inspect, read_flash, written,
 };
 use crate::fsutil::FileError;
 use crate::guard::Allow;
@@ -1071,18 +1071,12 @@ pub(crate) fn give_up(
     port: &Option<String>,
     mac: &str,
 ) -> Result<(), MfgFlashError> {
-    let erased: Vec<Vec<u8>> = segments
+    // Erased flash written and verified (not ERASE_REGION, which is not verified).
+    let regions: Vec<(u32, u32)> = segments
         .iter()
-        .map(|(_, d, _)| vec![0xFF; d.len()])
+        .map(|(addr, data, _)| (*addr, data.len() as u32))
         .collect();
-    let blank: Vec<Segment<'_>> = segments
-        .iter()
-        .zip(&erased)
-        .map(|((addr, _, _), data)| Segment::new(*addr, data))
-        .collect();
-    let mut quiet = PortProgress::new(String::new());
-    quiet.quiet = true;
-    let wiped = written(flasher.write_bins_to_flash(&blank, &mut quiet));
+    let wiped = erase_regions(flasher, &regions, false);
     flasher.ended();
     let record = |result: String| record(target, device, port, mac, result);
     match wiped {
@@ -1297,8 +1291,6 @@ pub trait SegmentProgress: ProgressCallbacks {
 /// One line per step and port (threads share stderr, so no bars), in bytes.
 struct PortProgress {
     label: String,
-    /// Says nothing (a wipe after a failure).
-    quiet: bool,
     /// (address, bytes) of the segments still to come, in write order.
     pending: std::collections::VecDeque<(u32, usize)>,
     started: Option<std::time::Instant>,
@@ -1308,7 +1300,6 @@ impl PortProgress {
     fn new(label: String) -> PortProgress {
         PortProgress {
             label,
-            quiet: false,
             pending: Default::default(),
             started: None,
         }
@@ -1330,22 +1321,18 @@ impl ProgressCallbacks for PortProgress {
             .find(|(a, _)| *a == addr)
             .map_or(0, |(_, len)| *len);
         self.started = Some(std::time::Instant::now());
-        if !self.quiet {
-            eprintln!("{}: writing {bytes} bytes at {addr:#x}", self.label);
-        }
+        eprintln!("{}: writing {bytes} bytes at {addr:#x}", self.label);
     }
 
     fn update(&mut self, _current: usize) {}
 
     fn verifying(&mut self) {
-        if !self.quiet {
-            eprintln!("{}: verifying", self.label);
-        }
+        eprintln!("{}: verifying", self.label);
     }
 
     fn finish(&mut self, skipped: bool) {
         let (addr, bytes) = self.pending.pop_front().unwrap_or((0, 0));
-        if let (false, false, Some(t)) = (self.quiet, skipped, self.started.take()) {
+        if let (false, Some(t)) = (skipped, self.started.take()) {
             eprintln!(
                 "{}: {bytes} bytes at {addr:#x} written in {:.1} s ({})",
                 self.label,
