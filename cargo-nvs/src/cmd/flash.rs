@@ -5,16 +5,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use espflash::image_format::Segment;
-
 use super::error::{CmdError, CmdResult};
 use super::monitor::{MonitorOptions, monitor};
 use cargo_nvs::artifacts::{BuildArgs, build_with_nvs, manifest_metadata, manifest_of_runner};
-use cargo_nvs::flashing::protect::{
-    Identities, data_partitions, guard_segments, guard_table_change,
-};
+use cargo_nvs::flashing::protect::{Identities, data_partitions, write_guarded};
 use cargo_nvs::flashing::segments::{ImageArgs, app_segments, nvs_segments};
-use cargo_nvs::flashing::{ConnectArgs, Progress, connect};
+use cargo_nvs::flashing::{ConnectArgs, connect};
 use cargo_nvs::fsutil::FileError;
 use cargo_nvs::guard::Allow;
 use cargo_nvs::project::PackageArgs;
@@ -153,56 +149,29 @@ pub fn run(mut args: FlashArgs) -> CmdResult<ExitCode> {
         segments = app;
     }
     let flash_size = args.image.flash_size.unwrap_or(info.flash_size).size();
-    if let Some(s) = segments
-        .iter()
-        .find(|s| u64::from(s.addr) + s.data.len() as u64 > u64::from(flash_size))
-    {
-        return Err(CmdError::Refused(format!(
-            "{} ends at {:#x}, beyond the chip's {:#x} bytes of flash",
-            s.name,
-            u64::from(s.addr) + s.data.len() as u64,
-            flash_size
-        )));
-    }
-
     let allow = Allow {
         overwrite_factory_data: args.overwrite_factory_data,
         reset_user_data: args.reset_user_data,
         keep_user_data: args.keep_user_data,
     };
-    let use_stub = !args.connect.no_stub;
-    guard_table_change(
-        &mut flasher,
-        &segments,
-        allow,
-        ("--overwrite-factory-data", "--reset-user-data"),
-        use_stub,
-    )?;
     let identities = Identities::new(&metadata.manifest_path, info.mac_address.clone());
-    let guarded = guard_segments(&mut flasher, &segments, &data, allow, &identities, use_stub)?;
-    guarded.apply(&mut flasher, &mut segments, use_stub)?;
-    let kept = guarded.kept;
-
-    let list: Vec<(u32, usize, String)> = segments
-        .iter()
-        .map(|s| (s.addr, s.data.len(), s.name.clone()))
-        .collect();
-    let espflash_segments: Vec<Segment<'_>> = segments
-        .iter()
-        .map(|s| Segment::new(s.addr, &s.data))
-        .collect();
-    let mut progress = Progress::new(&list);
-    cargo_nvs::flashing::written(flasher.write_bins_to_flash(&espflash_segments, &mut progress))
-        .map_err(CmdError::chip("flashing failed"))?;
-    flasher.ended();
+    let written = write_guarded(
+        &mut flasher,
+        segments,
+        &data,
+        allow,
+        &identities,
+        flash_size,
+        !args.connect.no_stub,
+    )?;
     eprintln!(
         "Flashed {} segment(s), {} unchanged and skipped{}",
-        progress.written,
-        progress.skipped,
-        if kept.is_empty() {
+        written.written,
+        written.skipped,
+        if written.kept.is_empty() {
             String::new()
         } else {
-            format!(", {} kept as the device holds them", kept.len())
+            format!(", {} kept as the device holds them", written.kept.len())
         }
     );
     if !args.monitor {

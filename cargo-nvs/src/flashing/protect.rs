@@ -13,12 +13,15 @@ use nvs_build::metadata::{EncryptionSpec, Metadata, PartitionSpec, ValueSource};
 use nvs_build::table::{Partition, PartitionTable};
 
 use crate::flashing::segments::{Planned, Role};
-use crate::flashing::{ChipError, FlashingError, blank_md5, inspect, read_flash};
+use crate::flashing::{
+    ChipError, FlashingError, Progress, Session, blank_md5, inspect, read_flash, written,
+};
 use crate::guard::{
     self, Allow, Decision, Finding, Planned as GuardPlan, candidate_sha256s, decide, for_factory,
 };
 use crate::mfg::ledger::Ledger;
 use crate::mfg::{ChosenLedger, product_ledger};
+use espflash::image_format::Segment;
 
 /// Why a flash does not go ahead.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +30,16 @@ pub enum ProtectError {
     /// flag that allows it.
     #[error("{}; nothing was written", reasons.join("; "))]
     Refused { reasons: Vec<String> },
+    /// The write itself failed (or its verification).
+    #[error("flashing failed: {0}")]
+    WriteFailed(#[source] espflash::Error),
+    /// A segment ends beyond the chip's flash.
+    #[error("{name} ends at {end:#x}, beyond the chip's {flash_size:#x} bytes of flash")]
+    BeyondFlash {
+        name: String,
+        end: u64,
+        flash_size: u32,
+    },
     /// Erasing would destroy factory data the chip holds; each reason names the partition.
     #[error("{}; nothing was erased", reasons.join("; "))]
     RefusedErase { reasons: Vec<String> },
@@ -500,4 +513,63 @@ pub fn guard_erase(
     } else {
         Err(ProtectError::RefusedErase { reasons: refusals })
     }
+}
+/// What [`write_guarded`] did.
+#[derive(Debug)]
+pub struct Written {
+    /// Segments written, and those the chip held already (skipped by MD5).
+    pub written: usize,
+    pub skipped: usize,
+    /// Segments (by address) left out: the chip keeps what it holds there.
+    pub kept: Vec<u32>,
+}
+
+/// `cargo nvs flash`'s write: refuses segments beyond the chip's flash and a table change that
+/// would overwrite NVS data it moves, guards every NVS segment against what the chip holds
+/// ([`guard_segments`]), and writes what may be written in one `write_bins_to_flash`.
+pub fn write_guarded(
+    flasher: &mut Session,
+    mut segments: Vec<Planned>,
+    data: &BTreeMap<u32, DataPartition>,
+    allow: Allow,
+    identities: &Identities,
+    flash_size: u32,
+    use_stub: bool,
+) -> Result<Written, ProtectError> {
+    if let Some(s) = segments
+        .iter()
+        .find(|s| u64::from(s.addr) + s.data.len() as u64 > u64::from(flash_size))
+    {
+        return Err(ProtectError::BeyondFlash {
+            name: s.name.clone(),
+            end: u64::from(s.addr) + s.data.len() as u64,
+            flash_size,
+        });
+    }
+    guard_table_change(
+        flasher,
+        &segments,
+        allow,
+        ("--overwrite-factory-data", "--reset-user-data"),
+        use_stub,
+    )?;
+    let guarded = guard_segments(flasher, &segments, data, allow, identities, use_stub)?;
+    guarded.apply(flasher, &mut segments, use_stub)?;
+    let list: Vec<(u32, usize, String)> = segments
+        .iter()
+        .map(|s| (s.addr, s.data.len(), s.name.clone()))
+        .collect();
+    let espflash_segments: Vec<Segment<'_>> = segments
+        .iter()
+        .map(|s| Segment::new(s.addr, &s.data))
+        .collect();
+    let mut progress = Progress::new(&list);
+    written(flasher.write_bins_to_flash(&espflash_segments, &mut progress))
+        .map_err(ProtectError::WriteFailed)?;
+    flasher.ended();
+    Ok(Written {
+        written: progress.written,
+        skipped: progress.skipped,
+        kept: guarded.kept,
+    })
 }
