@@ -94,12 +94,14 @@ pub struct ConnectArgs {
     pub no_stub: bool,
 }
 
-fn parse_chip(text: &str) -> Result<Chip, String> {
-    text.parse().map_err(|_| {
-        format!(
-            "unknown chip `{text}` (esp32, esp32c2, esp32c3, esp32c6, esp32h2, esp32s2, esp32s3, …)"
-        )
-    })
+/// `--chip` that names no chip espflash knows.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown chip `{0}` (esp32, esp32c2, esp32c3, esp32c6, esp32h2, esp32s2, esp32s3, …)")]
+pub struct UnknownChip(String);
+
+/// `--chip`, as espflash spells chips.
+pub fn parse_chip(text: &str) -> Result<Chip, UnknownChip> {
+    text.parse().map_err(|_| UnknownChip(text.to_owned()))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

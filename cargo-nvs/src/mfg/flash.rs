@@ -20,7 +20,7 @@ use crate::flashing::protect::{DataPartition, ProtectError, guard_table_change, 
 use crate::flashing::segments::{Planned, Role, SegmentError};
 use crate::flashing::{
     After, Before, ChipError, ConnectArgs, FlashingError, Session, blank_md5, connect,
-    erase_regions, inspect, read_flash, written,
+    erase_regions, inspect, parse_chip, read_flash, written,
 };
 use crate::fsutil::FileError;
 use crate::guard::Allow;
@@ -175,11 +175,6 @@ pub struct MfgFlashArgs {
     pub firmware: Option<PathBuf>,
     #[command(flatten)]
     pub package: PackageArgs,
-}
-
-fn parse_chip(text: &str) -> Result<Chip, String> {
-    text.parse()
-        .map_err(|_| format!("unknown chip `{text}` (esp32, esp32c2, esp32c3, esp32c6, …)"))
 }
 
 /// The exit code of `mfg flash` when every device is flashed (or claimed by other stations):
