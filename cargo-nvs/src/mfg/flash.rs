@@ -1080,14 +1080,37 @@ pub(crate) fn give_up(
              to the pool"
                 .into(),
         ))?,
-        Err(e) => {
-            claim.keep = true;
-            claim.ledger.log_attempt(&record(format!(
-                "failed: given up, and erasing its partitions on this chip failed too ({e}): \
-                 the device stays held for this chip"
-            )))?;
-        }
+        Err(e) => hold(
+            claim,
+            target,
+            device,
+            port,
+            mac,
+            &format!("given up, and erasing its partitions on this chip failed too ({e})"),
+        )?,
     }
+    Ok(())
+}
+
+/// Keeps the claimed `device` held for the chip `mac`, which may hold what a failed write left
+/// (`why`): logged, and given to no other chip (as a write never logged) until `mfg flash
+/// --device ID` on that chip settles it.
+pub(crate) fn hold(
+    claim: &mut Claim<'_>,
+    target: &Target,
+    device: &Issued,
+    port: &Option<String>,
+    mac: &str,
+    why: &str,
+) -> Result<(), MfgFlashError> {
+    claim.keep = true;
+    claim.ledger.log_attempt(&record(
+        target,
+        device,
+        port,
+        mac,
+        format!("failed: {why}: the device stays held for this chip"),
+    ))?;
     Ok(())
 }
 

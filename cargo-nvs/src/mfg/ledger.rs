@@ -639,6 +639,26 @@ fn more_images(c: &Connection, device: &str) -> rusqlite::Result<Vec<(String, St
 const DEVICE_COLUMNS: &str = "device, image, sha256, key_file, size, values_file, line, batch, \
      issued_at, hmac_key_file, batch_dir";
 
+/// Appends a production-log row, at `time` (a copy's) or now.
+fn insert_log(c: &Connection, r: &FlashRecord, time: Option<&str>) -> rusqlite::Result<()> {
+    c.execute(
+        &format!(
+            "INSERT INTO flash_log (time, mac, device, sha256, port, result, firmware_sha256)
+             VALUES (COALESCE(?7, {NOW}), ?1, ?2, ?3, ?4, ?5, ?6)"
+        ),
+        params![
+            r.mac,
+            r.device,
+            r.sha256,
+            r.port,
+            r.result,
+            r.firmware_sha256,
+            time
+        ],
+    )
+    .map(|_| ())
+}
+
 fn flash_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<FlashRecord> {
     Ok(FlashRecord {
         time: row.get(0)?,
@@ -765,19 +785,7 @@ impl Ledger for SqliteLedger {
                 )?;
             }
             for r in copy.log.iter().skip(log_kept) {
-                tx.execute(
-                    "INSERT INTO flash_log (time, mac, device, sha256, port, result, \
-                     firmware_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![
-                        r.time,
-                        r.mac,
-                        r.device,
-                        r.sha256,
-                        r.port,
-                        r.result,
-                        r.firmware_sha256
-                    ],
-                )?;
+                insert_log(&tx, r, Some(&r.time))?;
             }
             tx.commit()
         })
@@ -1087,42 +1095,13 @@ impl Ledger for SqliteLedger {
     }
 
     fn log_attempt(&self, record: &FlashRecord) -> LedgerResult<()> {
-        self.with(|c| {
-            c.execute(
-                &format!(
-                    "INSERT INTO flash_log (time, mac, device, sha256, port, result, firmware_sha256)
-                     VALUES ({NOW}, ?1, ?2, ?3, ?4, ?5, ?6)"
-                ),
-                params![
-                    record.mac,
-                    record.device,
-                    record.sha256,
-                    record.port,
-                    record.result,
-                    record.firmware_sha256
-                ],
-            )
-            .map(|_| ())
-        })
+        self.with(|c| insert_log(c, record, None))
     }
 
     fn record_flash(&self, record: &FlashRecord) -> LedgerResult<()> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
-                &format!(
-                    "INSERT INTO flash_log (time, mac, device, sha256, port, result, firmware_sha256)
-                     VALUES ({NOW}, ?1, ?2, ?3, ?4, ?5, ?6)"
-                ),
-                params![
-                    record.mac,
-                    record.device,
-                    record.sha256,
-                    record.port,
-                    record.result,
-                    record.firmware_sha256
-                ],
-            )?;
+            insert_log(&tx, record, None)?;
             tx.execute("DELETE FROM claims WHERE device = ?1", [&record.device])?;
             tx.commit()
         })

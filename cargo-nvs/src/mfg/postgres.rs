@@ -613,6 +613,31 @@ fn issued_from_row(row: &Row) -> Issued {
     }
 }
 
+/// Appends a production-log row, at `time` (a copy's) or now.
+fn insert_log<C: GenericClient>(
+    db: &mut Db<'_, C>,
+    r: &FlashRecord,
+    time: Option<&str>,
+) -> Result<(), postgres::Error> {
+    let sql = format!(
+        "INSERT INTO nvs_flash_log (time, mac, device, sha256, port, result, firmware_sha256)
+         VALUES (COALESCE($7::text, {NOW}), $1, $2, $3, $4, $5, $6)"
+    );
+    db.execute(
+        &sql,
+        &[
+            &r.mac,
+            &r.device,
+            &r.sha256,
+            &r.port,
+            &r.result,
+            &r.firmware_sha256,
+            &time,
+        ],
+    )
+    .map(|_| ())
+}
+
 /// A device's columns for [`issued_from_row`], its other images included (as two arrays), from
 /// the `nvs_devices` row `d`.
 fn device_columns(d: &str) -> String {
@@ -756,19 +781,7 @@ impl Ledger for PostgresLedger {
                 )?;
             }
             for r in copy.log.iter().skip(log_kept) {
-                db.execute(
-                    "INSERT INTO nvs_flash_log (time, mac, device, sha256, port, result,
-                       firmware_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    &[
-                        &r.time,
-                        &r.mac,
-                        &r.device,
-                        &r.sha256,
-                        &r.port,
-                        &r.result,
-                        &r.firmware_sha256,
-                    ],
-                )?;
+                insert_log(db, r, Some(&r.time))?;
             }
             db.execute(
                 "UPDATE nvs_devices d SET flashed = TRUE WHERE NOT flashed AND EXISTS
@@ -1110,24 +1123,7 @@ impl Ledger for PostgresLedger {
     }
 
     fn log_attempt(&self, record: &FlashRecord) -> LedgerResult<()> {
-        let sql = format!(
-            "INSERT INTO nvs_flash_log (time, mac, device, sha256, port, result, firmware_sha256)
-             VALUES ({NOW}, $1, $2, $3, $4, $5, $6)"
-        );
-        self.auto(|db| {
-            db.execute(
-                &sql,
-                &[
-                    &record.mac,
-                    &record.device,
-                    &record.sha256,
-                    &record.port,
-                    &record.result,
-                    &record.firmware_sha256,
-                ],
-            )
-            .map(|_| ())
-        })
+        self.auto(|db| insert_log(db, record, None))
     }
 
     fn record_flash(&self, record: &FlashRecord) -> LedgerResult<()> {

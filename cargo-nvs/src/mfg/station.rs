@@ -14,9 +14,9 @@ use espflash::target::ProgressCallbacks;
 
 use super::flash::{
     ChipInfo, Claim, MfgFlashArgs, MfgFlashError, Production, SegmentProgress, chip_of,
-    connect_args, device_segments, flash_connected, give_up, logged, station,
+    connect_args, device_segments, flash_connected, give_up, hold, logged, station,
 };
-use super::ledger::{FlashRecord, Issued, Ledger};
+use super::ledger::{Issued, Ledger};
 use crate::flashing::{After, Before, FlashingError, Session, connect};
 
 /// Run a flashing station: per port, wait for a board, flash the next device onto it, report
@@ -490,22 +490,16 @@ impl Station<'_> {
                             continue;
                         }
                         if rewrite {
-                            claim.keep = true;
-                            ledger.log_attempt(&FlashRecord {
-                                mac: chip.mac.clone(),
-                                device: device.device.clone(),
-                                sha256: device.sha256.clone(),
-                                port: port.to_owned(),
-                                result: format!(
-                                    "failed: {e}; what the failed write left on this chip was \
-                                     not erased: the device stays held for this chip"
+                            hold(
+                                &mut claim,
+                                target,
+                                device,
+                                &port_name,
+                                &chip.mac,
+                                &format!(
+                                    "{e}; what the failed write left on this chip was not erased"
                                 ),
-                                time: String::new(),
-                                firmware_sha256: target
-                                    .firmware
-                                    .as_ref()
-                                    .map_or(String::new(), |f| f.sha256.clone()),
-                            })?;
+                            )?;
                         }
                         return Ok(None);
                     }
