@@ -76,19 +76,6 @@ pub fn product_ledger(manifest_path: &Path) -> Result<ChosenLedger, ProductError
     }
 }
 
-impl ChosenLedger {
-    /// The ledger `text` names (a file, or a `postgres://` URL), as `--ledger` takes it; `from`
-    /// says where it was given, for messages.
-    pub fn named(text: &OsStr, from: &str) -> Result<ChosenLedger, ProductError> {
-        if text.is_empty() {
-            return Err(ProductError::Invalid(format!(
-                "{from} is empty: give the ledger's path or URL"
-            )));
-        }
-        chosen(text, from.to_owned(), true)
-    }
-}
-
 /// A ledger given as text: a `postgres://` URL, or a file (made absolute).
 fn chosen(text: &OsStr, from: String, flag: bool) -> Result<ChosenLedger, ProductError> {
     if let Some(url) = text.to_str().and_then(ServerUrl::parse) {
@@ -121,6 +108,17 @@ pub struct ChosenLedger {
 }
 
 impl ChosenLedger {
+    /// The ledger `text` names (a file, or a `postgres://` URL), as `--ledger` takes it; `from`
+    /// says where it was given, for messages.
+    pub fn named(text: &OsStr, from: &str) -> Result<ChosenLedger, ProductError> {
+        if text.is_empty() {
+            return Err(ProductError::Invalid(format!(
+                "{from} is empty: give the ledger's path or URL"
+            )));
+        }
+        chosen(text, from.to_owned(), true)
+    }
+
     /// The ledger as messages and manifests name it: the file, or the server's URL without
     /// its password.
     pub fn shown(&self) -> String {

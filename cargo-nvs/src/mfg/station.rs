@@ -104,6 +104,9 @@ pub enum Ended {
 /// is asked who it is.
 const POLL: Duration = Duration::from_millis(100);
 const PROBE: Duration = Duration::from_millis(700);
+/// How often a waiting port asks the ledger whether anything is left (a query over the whole
+/// batch: not at every probe).
+const LEDGER_CHECK: Duration = Duration::from_secs(2);
 
 /// The bauds a failing device steps down through.
 const BAUDS: [u32; 3] = [921_600, 460_800, 115_200];
@@ -351,7 +354,7 @@ impl Station<'_> {
             if self.stopped() {
                 return Ok(Wait::Stopped);
             }
-            if checked.elapsed() >= PROBE {
+            if checked.elapsed() >= LEDGER_CHECK {
                 if self.exhausted()? {
                     return Ok(Wait::NothingLeft);
                 }
@@ -371,6 +374,7 @@ impl Station<'_> {
     fn wait_for_change(&self, port: &str, mac: &str) -> Result<Wait, MfgFlashError> {
         let mut probed = Instant::now();
         let plugged = device_file(port);
+        let mut counted = Instant::now();
         let mut last = String::new();
         loop {
             if self.stopped() {
@@ -383,10 +387,13 @@ impl Station<'_> {
             // A stable name (a udev or fixture link) that now leads to another device file: a
             // new board; ask at once.
             let moved = plugged.is_some() && device_file(port) != plugged;
-            if moved || probed.elapsed() >= PROBE {
+            if counted.elapsed() >= LEDGER_CHECK {
                 if self.exhausted()? {
                     return Ok(Wait::NothingLeft);
                 }
+                counted = Instant::now();
+            }
+            if moved || probed.elapsed() >= PROBE {
                 // Without resets: a board that passed runs its app undisturbed; a new board
                 // answers once it is in the loader (a fixture holding BOOT), or its port is new.
                 match self.probe(port, self.baud, moved) {
