@@ -1152,3 +1152,65 @@ fn mfg_flash_without_firmware_refuses_and_logs_a_chip_whose_table_disagrees() {
         stderr(&out)
     );
 }
+
+/// A dist made with `--with-dev-data` carries user data: `mfg flash --firmware` writes it onto
+/// blank flash only; a board that holds user data keeps it.
+#[test]
+#[cfg(unix)] // the emulator needs a pty
+fn mfg_flash_with_firmware_writes_dist_user_data_onto_blank_flash_only() {
+    use support::fake_esp::Config;
+    let case = Case::new();
+    case.file("devices.csv", "serial,secret\n61,a\n62,b\n");
+    assert_ok(&mfg_devices(&case));
+    let table = std::fs::read_to_string(firmware().with_file_name("partitions.csv")).unwrap();
+    support::dist_folder(case.dir.path(), "dist", &table);
+    // The dist's user-data image for `nvs` (0x9000, 0x6000), as `dist --with-dev-data` lists it.
+    let dist = case.dir.path().join("dist");
+    let defaults: Vec<u8> = (0..0x6000u32).map(|i| (i % 199) as u8).collect();
+    std::fs::write(dist.join("nvs-nvs.bin"), &defaults).unwrap();
+    let manifest_path = dist.join("manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&read(&manifest_path)).unwrap();
+    manifest["with_dev_data"] = true.into();
+    manifest["segments"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "name": "nvs `nvs`", "role": "user-data", "file": "nvs-nvs.bin", "in_flash_args": true,
+            "offset": 0x9000, "size": defaults.len(),
+            "sha256": cargo_nvs::hex::sha256_hex(&defaults), "user_data": true, "secret": false,
+        }));
+    std::fs::write(
+        &manifest_path,
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+
+    let blank = Config::esp32c3()
+        .mac([0x7c, 0xdf, 0xa1, 0, 0, 0x61])
+        .start();
+    assert_ok(&mfg_flash_next(&case, &blank, &["--firmware", "dist"]));
+    assert!(
+        blank.read(0x9000, 0x6000) == defaults,
+        "blank flash gets the defaults"
+    );
+
+    let owned: Vec<u8> = (0..0x6000u32).map(|i| (i % 13) as u8).collect();
+    let used = Config::esp32c3()
+        .mac([0x7c, 0xdf, 0xa1, 0, 0, 0x62])
+        .preset(0x9000, owned.clone())
+        .start();
+    let out = mfg_flash_next(&case, &used, &["--firmware", "dist"]);
+    assert_ok(&out);
+    assert!(
+        used.read(0x9000, 0x6000) == owned,
+        "the board's user data was overwritten"
+    );
+    assert!(
+        stderr(&out).contains("kept the user data"),
+        "{}",
+        stderr(&out)
+    );
+    let mut image = read(&case.dir.path().join("out/bin/fctry-62.bin"));
+    image.resize(0x2000, 0xFF);
+    assert!(used.read(0xf000, 0x2000) == image, "its device is flashed");
+}
