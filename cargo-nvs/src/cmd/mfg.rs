@@ -40,7 +40,69 @@ enum MfgCommand {
 /// The product's ledger itself.
 #[derive(clap::Subcommand)]
 enum LedgerCommand {
+    Init(InitArgs),
     Migrate(MigrateArgs),
+}
+
+/// Create the product's ledger (a SQLite file, or the tables in a PostgreSQL database), or
+/// bring an older one up to date. With --roles (PostgreSQL, as the database's owner), also the
+/// roles `nvs_generator` (issues devices, stores images) and `nvs_station` (claims, logs, and
+/// reads only the stored files of devices it holds a claim on): the SQL is
+/// cargo-nvs/sql/postgres-roles.sql, printed by --print-roles.
+#[derive(clap::Args)]
+#[command(
+    after_help = "Example:\n  cargo nvs mfg ledger init --ledger postgres://owner@db.factory/product_x --roles\n  psql -d product_x -c \"CREATE ROLE station_pc3 LOGIN PASSWORD '…' IN ROLE nvs_station\""
+)]
+struct InitArgs {
+    /// The ledger (a SQLite file or a postgres:// URL).
+    #[arg(long, value_name = "PATH|URL", required_unless_present = "print_roles")]
+    ledger: Option<PathBuf>,
+    /// PostgreSQL: also create the generator and station roles, their rights and the policy
+    /// on stored files.
+    #[arg(long)]
+    roles: bool,
+    /// Print the roles' SQL (to run with psql) instead.
+    #[arg(long, conflicts_with_all = ["ledger", "roles"])]
+    print_roles: bool,
+}
+
+/// `mfg ledger init`.
+fn init(args: InitArgs) -> CmdResult<ExitCode> {
+    if args.print_roles {
+        print!("{}", cargo_nvs::mfg::postgres::ROLES);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(ledger) = args.ledger else {
+        return Err(CmdError::Usage("give --ledger PATH|URL".into()));
+    };
+    let chosen = ChosenLedger::named(ledger.as_os_str(), "--ledger")?;
+    match (&chosen.server, args.roles) {
+        (Some(url), roles) => {
+            let ledger = cargo_nvs::mfg::postgres::PostgresLedger::open(url)?;
+            if roles {
+                ledger.create_roles()?;
+            }
+        }
+        (None, false) => drop(chosen.open(true)?),
+        (None, true) => {
+            return Err(CmdError::Usage(
+                "--roles: a SQLite ledger has no roles (whoever may write the file may do \
+                 everything); roles are for a PostgreSQL ledger"
+                    .into(),
+            ));
+        }
+    }
+    eprintln!(
+        "The ledger `{}` is ready{}",
+        chosen.shown(),
+        if args.roles {
+            "; roles nvs_generator and nvs_station created: give each person and station its \
+             own login in one of them (CREATE ROLE … LOGIN PASSWORD '…' IN ROLE nvs_station)"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Copy a product's ledger into another one (a SQLite file into a PostgreSQL database when the
@@ -104,6 +166,7 @@ pub fn run(args: MfgArgs) -> CmdResult<ExitCode> {
         MfgCommand::Station(args) => super::station::run(*args),
         MfgCommand::Log(args) => log(args),
         MfgCommand::Status(args) => status(args),
+        MfgCommand::Ledger(LedgerCommand::Init(args)) => init(args),
         MfgCommand::Ledger(LedgerCommand::Migrate(args)) => migrate(args),
     }
 }

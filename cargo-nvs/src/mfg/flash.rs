@@ -15,6 +15,7 @@ use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
 
 use super::ledger::{ClaimOutcome, FlashRecord, Issued, Ledger, LedgerError};
 use super::product::{ChosenLedger, LEDGER_ENV, ProductError, Scope, choose_ledger};
+use super::stored::stored_segments;
 use crate::firmware::{Firmware, FirmwareError, misplaced};
 use crate::flashing::protect::{DataPartition, ProtectError, guard_table_change, identify};
 use crate::flashing::segments::{Planned, Role, SegmentError};
@@ -217,6 +218,15 @@ pub(crate) struct Target {
     ledger_name: String,
     /// `--firmware`: written in the same pass.
     pub(crate) firmware: Option<Firmware>,
+    /// Why nothing says where images go (no --offset or --partition-table, and no Cargo
+    /// package): then only devices whose files the ledger stores, with their places, can be
+    /// flashed.
+    placement_unknown: Option<String>,
+    /// --offset, --partition-table or --size was given: it does not apply to stored devices.
+    placement_given: bool,
+    /// The partition tables stored with batches (`mfg generate --store-images`), by batch
+    /// folder: a chip's table is checked against its device's batch's.
+    batch_tables: BTreeMap<PathBuf, PartitionTable>,
 }
 
 /// A partition's development image (`None` without dev values) and what the guard needs.
@@ -274,6 +284,9 @@ pub(crate) fn target(args: &MfgFlashArgs) -> Result<Target, MfgFlashError> {
             dev: BTreeMap::new(),
             ledger_name: String::new(),
             firmware: None,
+            placement_unknown: None,
+            placement_given: true,
+            batch_tables: BTreeMap::new(),
         });
     }
     let (Some(path), Some(name)) = (&args.partition_table, &args.partition) else {
@@ -284,18 +297,37 @@ pub(crate) fn target(args: &MfgFlashArgs) -> Result<Target, MfgFlashError> {
                     .into(),
             ));
         }
-        let metadata = args
+        let unknown = |e: &dyn std::fmt::Display| {
+            format!(
+                "where do the images go? give --offset, or --partition-table and --partition, or \
+                 run in the firmware's Cargo package (or -p/--manifest-path) to use its partition \
+                 table, or store the images in the ledger (`mfg generate --store-images`) ({e})"
+            )
+        };
+        let metadata = match args
             .package
             .find()
             .and_then(|project| project.nvs_metadata())
-            .map_err(|e| {
-                MfgFlashError::Invalid(format!(
-                    "where do the images go? give --offset, or --partition-table and \
-                     --partition, or run in the firmware's Cargo package (or -p/--manifest-path) \
-                     to use its partition table ({})",
-                    e
-                ))
-            })?;
+        {
+            Ok(metadata) => metadata,
+            // Devices whose files the ledger stores carry their places: a station with only
+            // the ledger (and the firmware) needs no package.
+            Err(e) if !package_given => {
+                return Ok(Target {
+                    offset: 0,
+                    size: None,
+                    keys: None,
+                    package_table: None,
+                    dev: BTreeMap::new(),
+                    ledger_name: String::new(),
+                    firmware: None,
+                    placement_unknown: Some(unknown(&e)),
+                    placement_given: false,
+                    batch_tables: BTreeMap::new(),
+                });
+            }
+            Err(e) => return Err(MfgFlashError::Invalid(unknown(&e))),
+        };
         return Ok(Target {
             offset: 0,
             size: None,
@@ -304,6 +336,9 @@ pub(crate) fn target(args: &MfgFlashArgs) -> Result<Target, MfgFlashError> {
             package_table: Some(metadata.table),
             ledger_name: String::new(),
             firmware: None,
+            placement_unknown: None,
+            placement_given: false,
+            batch_tables: BTreeMap::new(),
         });
     };
     let table = PartitionTable::load(path, PartitionTable::DEFAULT_OFFSET)?;
@@ -324,6 +359,9 @@ pub(crate) fn target(args: &MfgFlashArgs) -> Result<Target, MfgFlashError> {
         dev: BTreeMap::new(),
         ledger_name: String::new(),
         firmware: None,
+        placement_unknown: None,
+        placement_given: true,
+        batch_tables: BTreeMap::new(),
     })
 }
 
@@ -355,6 +393,9 @@ fn image_segments(
     target: &Target,
     device: &Issued,
 ) -> Result<Vec<(u32, Vec<u8>, String)>, MfgFlashError> {
+    if let Some(why) = &target.placement_unknown {
+        return Err(MfgFlashError::Invalid(why.clone()));
+    }
     let out_dir = device.batch_dir.as_path();
     let pad = |mut data: Vec<u8>, size: u32, image: &str| {
         if data.len() > size as usize {
@@ -433,13 +474,22 @@ fn image_segments(
 }
 
 /// The batch folders whose devices this run may flash: --out-dir's, else every batch folder of
-/// the ledger that is on disk.
+/// the ledger that is on disk or whose files the ledger stores; and the partition tables stored
+/// with them.
 pub(crate) fn batches(
     out_dir: Option<&Path>,
     ledger: &dyn Ledger,
     chosen: &ChosenLedger,
-) -> Result<Vec<PathBuf>, MfgFlashError> {
+) -> Result<(Vec<PathBuf>, BTreeMap<PathBuf, PartitionTable>), MfgFlashError> {
     let known = ledger.batch_dirs()?;
+    let mut tables = BTreeMap::new();
+    for dir in &known {
+        if let Some(bytes) = ledger.batch_table(dir)? {
+            let name = format!("the partition table stored with batch `{}`", dir.display());
+            let table = PartitionTable::parse_binary(Path::new(&name), &bytes)?;
+            tables.insert(dir.clone(), table);
+        }
+    }
     if let Some(dir) = out_dir {
         let dir = std::fs::canonicalize(dir).map_err(|e| {
             MfgFlashError::Invalid(format!(
@@ -456,10 +506,11 @@ pub(crate) fn batches(
                 dir.display()
             )));
         }
-        return Ok(vec![dir]);
+        return Ok((vec![dir], tables));
     }
-    let (present, missing): (Vec<PathBuf>, Vec<PathBuf>) =
-        known.into_iter().partition(|dir| dir.is_dir());
+    let (present, missing): (Vec<PathBuf>, Vec<PathBuf>) = known
+        .into_iter()
+        .partition(|dir| tables.contains_key(dir) || dir.is_dir());
     for dir in &missing {
         eprintln!(
             "note: the batch folder `{}` is missing: its devices are skipped",
@@ -470,12 +521,12 @@ pub(crate) fn batches(
         return Err(MfgFlashError::Invalid(if missing.is_empty() {
             "the ledger has no devices: generate them with `cargo nvs mfg generate`".into()
         } else {
-            "none of the ledger's batch folders is on disk (see above): give --out-dir with a \
-             batch's folder where it is now"
+            "none of the ledger's batch folders is on disk (see above), and the ledger stores \
+             no batch's files: give --out-dir with a batch's folder where it is now"
                 .into()
         }));
     }
-    Ok(present)
+    Ok((present, tables))
 }
 
 /// `cargo nvs mfg flash`: claims one device per port, and flashes, verifies and logs each.
@@ -530,7 +581,7 @@ pub fn run(args: MfgFlashArgs) -> Result<Flashed, MfgFlashError> {
                 batches[0].display()
             )));
         }
-        if !entry.batch_dir.is_dir() {
+        if !entry.batch_dir.is_dir() && !target.batch_tables.contains_key(&entry.batch_dir) {
             return Err(MfgFlashError::Invalid(format!(
                 "device `{id}` was issued into the batch `{}`, which is missing; not flashed",
                 entry.batch_dir.display()
@@ -656,7 +707,8 @@ impl Production {
                 unlogged.len()
             );
         }
-        let batches = batches(args.out_dir.as_deref(), &*ledger, &chosen)?;
+        let (batches, tables) = batches(args.out_dir.as_deref(), &*ledger, &chosen)?;
+        target.batch_tables = tables;
         for (i, port) in args.ports.iter().enumerate() {
             if args.ports[..i].contains(port) {
                 return Err(MfgFlashError::Invalid(format!(
@@ -731,7 +783,7 @@ fn flash_device(
         port.as_deref().unwrap_or("default port"),
         device.device
     );
-    let segments = device_segments(target, device, &label)?;
+    let segments = device_segments(target, claim.ledger, device, &label)?;
     let mut flasher = connect(
         &connect_args(args, port.clone(), args.baud),
         true,
@@ -808,11 +860,25 @@ pub(crate) fn chip_of(flasher: &mut espflash::flasher::Flasher) -> Result<ChipIn
 /// checked against the firmware's table (`--firmware`).
 pub(crate) fn device_segments(
     target: &Target,
+    ledger: &dyn Ledger,
     device: &Issued,
     label: &str,
 ) -> Result<Vec<(u32, Vec<u8>, String)>, MfgFlashError> {
     let out_dir = device.batch_dir.as_path();
-    let mut segments = image_segments(target, device)?;
+    let stored = ledger.stored_files(&device.device)?;
+    if !stored.is_empty() && target.placement_given {
+        return Err(MfgFlashError::Invalid(format!(
+            "device `{}` is stored in the ledger with the partitions its files go to: --offset, \
+             --partition-table and --size do not apply to it (drop them)",
+            device.device
+        )));
+    }
+    let from_folder = stored.is_empty();
+    let mut segments = if from_folder {
+        image_segments(target, device)?
+    } else {
+        stored_segments(device, stored)?
+    };
     if let Some(hmac_key) = &device.hmac_key_file {
         // HMAC key protection: the chip derives the key from its eFuse; nvs_keys stays unused.
         let in_out_dir = out_dir.join(hmac_key);
@@ -826,7 +892,7 @@ pub(crate) fn device_segments(
              block (espefuse.py burn_key BLOCK_KEYn {shown} HMAC_UP); the derived key file is not \
              flashed"
         );
-    } else if let Some(key_file) = &device.key_file {
+    } else if let Some(key_file) = device.key_file.as_ref().filter(|_| from_folder) {
         let Some((offset, keys_size)) = target.keys else {
             return Err(MfgFlashError::Invalid(format!(
                 "the image is encrypted with its own key ({key_file}): give --partition-table \
@@ -972,7 +1038,10 @@ pub(crate) fn flash_connected(
     let firmware = match &target.firmware {
         Some(firmware) => firmware_segments(args, firmware, flasher, segments, label)?,
         None => {
-            if let Some(problem) = chip_table_problem(args, target, flasher, segments, label)? {
+            // A batch stored with its table was placed by it.
+            let table =
+                (target.batch_tables.get(&device.batch_dir)).or(target.package_table.as_ref());
+            if let Some(problem) = chip_table_problem(args, table, flasher, segments, label)? {
                 return Err(MfgFlashError::Invalid(problem));
             }
             Vec::new()
@@ -1181,7 +1250,7 @@ fn firmware_segments<'f>(
 /// a table gets the images with a warning.
 fn chip_table_problem(
     args: &MfgFlashArgs,
-    target: &Target,
+    package_table: Option<&PartitionTable>,
     flasher: &mut espflash::flasher::Flasher,
     segments: &[(u32, Vec<u8>, String)],
     label: &str,
@@ -1213,7 +1282,7 @@ fn chip_table_problem(
         list.sort();
         list
     };
-    if let Some(package) = &target.package_table {
+    if let Some(package) = package_table {
         let (theirs, ours) = (data_partitions(&chip_table), data_partitions(package));
         if theirs != ours {
             let show = |list: &[(String, u32, u32, bool)]| {
@@ -1223,9 +1292,10 @@ fn chip_table_problem(
                     .join(", ")
             };
             return Ok(Some(format!(
-                "the chip's partition table disagrees with the package's on the NVS partitions \
-                 (chip: {}; package: {}); not flashed: its firmware would not find the data \
-                 (flash the firmware with --firmware DIR)",
+                "the chip's partition table disagrees with the one the images were made for \
+                 (the package's, or the one stored with the batch) on the NVS partitions (chip: \
+                 {}; images: {}); not flashed: its firmware would not find the data (flash the \
+                 firmware with --firmware DIR)",
                 show(&theirs),
                 show(&ours)
             )));

@@ -39,13 +39,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use nvs_build::format::encryption::XtsKey;
 use nvs_build::format::{PartitionSize, Version};
 use nvs_build::keys::load_hmac_key;
+use nvs_build::table::PartitionTable;
 use nvs_build::{FileBase, ImageInput, InputError};
 use rayon::prelude::*;
 
 use super::input::{
     ConfigRow, DeviceRow, Values, ValuesError, bind_columns, device_csv, read_config,
 };
-use super::ledger::{Issued, Ledger, LedgerError, Reservation};
+use super::ledger::{Issued, Ledger, LedgerError, Reservation, StoredFile};
 use super::product::{
     self, CONFIG_LEDGER, ChosenLedger, ProductError, Scope, choose_ledger, same_file,
 };
@@ -243,6 +244,16 @@ pub struct MfgGenerateArgs {
     /// entries).
     #[arg(long)]
     allow_reissue: bool,
+    /// Also keep every device's images and key file in the ledger, with the partition each goes
+    /// to (and the partition table, with the batch): stations sharing the ledger then need
+    /// neither this folder nor the Cargo package (`mfg flash --ledger URL`). mfg_gen mode takes
+    /// the table and partition from --partition-table and --partition.
+    #[arg(long)]
+    store_images: bool,
+    /// mfg_gen mode with --store-images: the partition table (CSV or binary) whose NVS partition
+    /// --partition NAME the images go to.
+    #[arg(long, value_name = "FILE", requires = "store_images")]
+    partition_table: Option<PathBuf>,
 }
 
 /// What both modes share: where the values come from and where everything goes.
@@ -260,6 +271,109 @@ struct Run {
     sync: bool,
     resume: bool,
     allow_reissue: bool,
+    /// `--store-images`: where the devices' files go.
+    placement: Option<Placement>,
+}
+
+/// `--store-images`: where each of a device's images goes (in [`Device::images`] order:
+/// partition, offset, size) and its key (the nvs_keys partition), from the partition table
+/// stored with the batch.
+struct Placement {
+    table: Vec<u8>,
+    images: Vec<(String, u32, u32)>,
+    keys: Option<(u32, u32)>,
+}
+
+impl Placement {
+    /// Places the images on the NVS partitions `names` of `table` (each made for `sizes`: no
+    /// larger than its partition).
+    fn new(
+        table: &PartitionTable,
+        names: &[String],
+        sizes: &[u32],
+    ) -> Result<Placement, GenerateError> {
+        let mut images = Vec::new();
+        for (name, made_for) in names.iter().zip(sizes) {
+            let partition = table
+                .nvs_partition(name, "the partition table")
+                .map_err(|e| GenerateError::Invalid(format!("--store-images: {e}")))?;
+            if *made_for > partition.size {
+                return Err(GenerateError::Invalid(format!(
+                    "the images are made for {made_for:#x} bytes, larger than partition `{name}` \
+                     ({:#x}); give a smaller --size or another partition",
+                    partition.size
+                )));
+            }
+            images.push((name.clone(), partition.offset, partition.size));
+        }
+        Ok(Placement {
+            table: table.to_binary(),
+            images,
+            keys: table.nvs_keys().map(|p| (p.offset, p.size)),
+        })
+    }
+
+    /// The files of a device to keep in the ledger, read back from the out dir (the bytes
+    /// just written, checked against their SHA-256): its images and, unless its key derives
+    /// from an HMAC key in the chip's eFuse, its key file.
+    fn files(&self, out_dir: &Path, entry: &Issued) -> Result<Vec<StoredFile>, GenerateError> {
+        let images = std::iter::once((&entry.image, &entry.sha256))
+            .chain(entry.more_images.iter().map(|(image, sha)| (image, sha)));
+        let mut files = Vec::new();
+        for ((name, sha256), (partition, offset, size)) in images.zip(&self.images) {
+            files.push(stored(out_dir, name, sha256, partition, *offset, *size)?);
+        }
+        if let (Some(key_file), None) = (&entry.key_file, &entry.hmac_key_file) {
+            let Some((offset, size)) = self.keys else {
+                return Err(GenerateError::Invalid(
+                    "--store-images: each device has its own key, and the partition table has \
+                     no data/nvs_keys partition to put it in"
+                        .into(),
+                ));
+            };
+            let data = std::fs::read(out_dir.join(key_file))
+                .map_err(|e| write_error(&out_dir.join(key_file), e))?;
+            let sha256 = sha256_hex(&data);
+            files.push(stored(
+                out_dir, key_file, &sha256, "nvs_keys", offset, size,
+            )?);
+        }
+        Ok(files)
+    }
+}
+
+/// The file `name` of the out dir as the ledger keeps it, if it still has the SHA-256 it was
+/// written with.
+fn stored(
+    out_dir: &Path,
+    name: &str,
+    sha256: &str,
+    partition: &str,
+    offset: u32,
+    size: u32,
+) -> Result<StoredFile, GenerateError> {
+    let path = out_dir.join(name);
+    let data = std::fs::read(&path).map_err(|e| write_error(&path, e))?;
+    if sha256_hex(&data) != sha256 {
+        return Err(GenerateError::Invalid(format!(
+            "`{}` changed while it was being recorded; run again with --resume",
+            path.display()
+        )));
+    }
+    if data.len() > size as usize {
+        return Err(GenerateError::Invalid(format!(
+            "`{}` is larger than partition `{partition}` ({size:#x} bytes)",
+            path.display()
+        )));
+    }
+    Ok(StoredFile {
+        name: name.to_owned(),
+        partition: partition.to_owned(),
+        offset,
+        size,
+        sha256: sha256.to_owned(),
+        data,
+    })
 }
 
 impl Run {
@@ -275,6 +389,7 @@ impl Run {
             sync: args.sync,
             resume: args.resume,
             allow_reissue: args.allow_reissue,
+            placement: None,
         }
     }
 
@@ -532,7 +647,10 @@ pub fn generate(args: MfgGenerateArgs) -> Result<(), GenerateError> {
     }
     let cargo_only = [
         (args.id.is_some(), "--id (use --fileid)"),
-        (!args.partitions.is_empty(), "--partition"),
+        (
+            !args.partitions.is_empty() && args.partition_table.is_none(),
+            "--partition (without --partition-table)",
+        ),
         (args.all_partitions, "--all-partitions"),
         (args.package.package.is_some(), "-p/--package"),
         (args.package.manifest_path.is_some(), "--manifest-path"),
@@ -545,7 +663,19 @@ pub fn generate(args: MfgGenerateArgs) -> Result<(), GenerateError> {
     }
     let plan = plan(&args)?;
     let ledger = choose_ledger(args.ledger.as_deref(), Scope::Config(&plan.config))?;
-    let run = Run::new(&args, plan.values.clone(), ledger);
+    let mut run = Run::new(&args, plan.values.clone(), ledger);
+    if args.store_images {
+        let (Some(path), [name]) = (&args.partition_table, args.partitions.as_slice()) else {
+            return Err(GenerateError::Invalid(
+                "--store-images in mfg_gen mode: give --partition-table FILE and --partition \
+                 NAME, the NVS partition the images go to (stations flash them there)"
+                    .into(),
+            ));
+        };
+        let table = PartitionTable::load(path, PartitionTable::DEFAULT_OFFSET)?;
+        let size = u32::try_from(plan.size.bytes()).unwrap_or(u32::MAX);
+        run.placement = Some(Placement::new(&table, std::slice::from_ref(name), &[size])?);
+    }
     for (given, option) in [
         (args.mfg_gen_keyfile.is_some(), "--keyfile"),
         (args.mfg_gen_input.is_some(), "--input"),
@@ -884,6 +1014,9 @@ fn produce(run: &Run, maker: &dyn Maker, count: usize) -> Result<(), GenerateErr
             // reservations of a run that is still going).
             let _writing = lock_out_dir(&run.out_dir)?;
             reserve(run, &work, &to_issue)?;
+            if let Some(placement) = &run.placement {
+                ledger.store_batch_table(&work.batch_dir, &placement.table)?;
+            }
             write_all(run, maker, &work)
         });
     if let Err(e) = result {
@@ -1475,7 +1608,12 @@ impl Recorder<'_> {
                     batch: work.batch.clone(),
                     batch_dir: work.batch_dir.clone(),
                     issued_at: String::new(),
+                    files: Vec::new(),
                 });
+                if let Some(placement) = &run.placement {
+                    let entry = self.issued.last_mut().expect("just pushed");
+                    entry.files = placement.files(&run.out_dir, entry)?;
+                }
             }
         }
         let failed = results

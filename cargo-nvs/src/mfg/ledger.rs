@@ -193,6 +193,41 @@ pub struct Issued {
     pub batch_dir: PathBuf,
     /// Set by the ledger (UTC, ISO 8601).
     pub issued_at: String,
+    /// The device's images and key file kept in the ledger itself (`mfg generate
+    /// --store-images`), so that stations need no batch folder: given to `issue_many` to be
+    /// stored with the entry, and filled by `export`. Other reads leave it empty: a station
+    /// reads a claimed device's with [`Ledger::stored_files`].
+    pub files: Vec<StoredFile>,
+}
+
+/// A device's file kept in the ledger: an image, or its key for the nvs_keys partition, with
+/// where it goes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredFile {
+    /// Its name in the batch folder (`bin/…`, `keys/…`), as [`Issued`] names it.
+    pub name: String,
+    /// The partition it goes to (`nvs_keys` for a key file), its offset and size: the file
+    /// is written there padded with 0xFF to the partition's size.
+    pub partition: String,
+    pub offset: u32,
+    pub size: u32,
+    /// Of `data`, as generated; checked before the file is written to a chip.
+    pub sha256: String,
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for StoredFile {
+    // The data is key material: never in a debug print.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredFile")
+            .field("name", &self.name)
+            .field("partition", &self.partition)
+            .field("offset", &format_args!("{:#x}", self.offset))
+            .field("size", &format_args!("{:#x}", self.size))
+            .field("sha256", &self.sha256)
+            .field("bytes", &self.data.len())
+            .finish()
+    }
 }
 
 /// The run that reserves ids, as its devices will be recorded: an id is reserved while its row
@@ -284,6 +319,15 @@ pub trait Ledger: Send + Sync {
     fn devices(&self) -> LedgerResult<Vec<Issued>>;
     /// Every batch folder devices were issued into, in the order they were first used.
     fn batch_dirs(&self) -> LedgerResult<Vec<PathBuf>>;
+    /// Keeps the partition table (binary) a batch's stored files were placed by with the batch
+    /// (`mfg generate --store-images`).
+    fn store_batch_table(&self, batch_dir: &Path, table: &[u8]) -> LedgerResult<()>;
+    /// The partition table stored with the batch, if any: its devices' files are in the ledger.
+    fn batch_table(&self, batch_dir: &Path) -> LedgerResult<Option<Vec<u8>>>;
+    /// The device's files stored in the ledger (none when it was issued without
+    /// --store-images). In PostgreSQL with the station role, only a device the station holds a
+    /// claim on has any: see `sql/postgres-roles.sql`.
+    fn stored_files(&self, device: &str) -> LedgerResult<Vec<StoredFile>>;
     /// Claims the oldest issued device of the batches in `batch_dirs` that has no successful
     /// flash and no live claim of another claimant, for `claimant`, in one transaction:
     /// stations sharing the ledger never get the same device, and a station's rerun takes back
@@ -368,7 +412,8 @@ pub struct SqliteLedger {
 /// upgraded in place when opened. 2: device_images, claims and devices.hmac_key_file.
 /// 3: batches and devices.batch_dir (the ledger is one per product, no longer one per out dir).
 /// 4: flash_log.firmware_sha256 (the firmware written with the device's images).
-const SCHEMA_VERSION: i64 = 4;
+/// 5: device_files and batches.partition_table (`mfg generate --store-images`).
+const SCHEMA_VERSION: i64 = 5;
 
 /// How long a claim on a device holds: longer than any flash takes, so that a claim older than
 /// this belongs to a station that died.
@@ -391,7 +436,18 @@ CREATE TABLE IF NOT EXISTS devices (
 );
 CREATE TABLE IF NOT EXISTS batches (
     dir        TEXT PRIMARY KEY NOT NULL,
-    first_used TEXT NOT NULL
+    first_used TEXT NOT NULL,
+    partition_table BLOB
+);
+CREATE TABLE IF NOT EXISTS device_files (
+    device    TEXT NOT NULL,
+    name      TEXT NOT NULL,
+    partition_name TEXT NOT NULL,
+    flash_offset   INTEGER NOT NULL,
+    partition_size INTEGER NOT NULL,
+    sha256    TEXT NOT NULL,
+    data      BLOB NOT NULL,
+    PRIMARY KEY (device, name)
 );
 CREATE TABLE IF NOT EXISTS device_images (
     device TEXT NOT NULL,
@@ -572,6 +628,12 @@ fn upgrade(tx: &Connection, ledger_folder: &str) -> rusqlite::Result<()> {
             "ALTER TABLE flash_log ADD COLUMN firmware_sha256 TEXT NOT NULL DEFAULT ''",
         )?;
     }
+    let batches_have_table = tx
+        .prepare("SELECT 1 FROM pragma_table_info('batches') WHERE name = 'partition_table'")
+        .and_then(|mut s| s.exists([]))?;
+    if !batches_have_table {
+        tx.execute_batch("ALTER TABLE batches ADD COLUMN partition_table BLOB")?;
+    }
     let moved = tx.execute(
         "UPDATE devices SET batch_dir = ?1 WHERE batch_dir = ''",
         [ledger_folder],
@@ -612,6 +674,7 @@ fn issued_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Issued> {
         batch: row.get(7)?,
         issued_at: row.get(8)?,
         batch_dir: PathBuf::from(row.get::<_, String>(10)?),
+        files: Vec::new(),
     })
 }
 
@@ -638,6 +701,40 @@ fn more_images(c: &Connection, device: &str) -> rusqlite::Result<Vec<(String, St
 
 const DEVICE_COLUMNS: &str = "device, image, sha256, key_file, size, values_file, line, batch, \
      issued_at, hmac_key_file, batch_dir";
+
+const FILE_COLUMNS: &str = "name, partition_name, flash_offset, partition_size, sha256, data";
+
+fn file_from_row(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<StoredFile> {
+    Ok(StoredFile {
+        name: row.get(first)?,
+        partition: row.get(first + 1)?,
+        offset: row.get(first + 2)?,
+        size: row.get(first + 3)?,
+        sha256: row.get(first + 4)?,
+        data: row.get(first + 5)?,
+    })
+}
+
+/// The device's stored files become `files` (a reissue's replace the earlier ones).
+fn put_files(c: &Connection, device: &str, files: &[StoredFile]) -> rusqlite::Result<()> {
+    c.prepare_cached("DELETE FROM device_files WHERE device = ?1")?
+        .execute([device])?;
+    let mut insert = c.prepare_cached(&format!(
+        "INSERT INTO device_files (device, {FILE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+    ))?;
+    for f in files {
+        insert.execute(params![
+            device,
+            f.name,
+            f.partition,
+            f.offset,
+            f.size,
+            f.sha256,
+            f.data
+        ])?;
+    }
+    Ok(())
+}
 
 /// Appends a production-log row, at `time` (a copy's) or now.
 fn insert_log(c: &Connection, r: &FlashRecord, time: Option<&str>) -> rusqlite::Result<()> {
@@ -676,8 +773,11 @@ impl Ledger for SqliteLedger {
         self.with(|c| {
             let tx = c.transaction()?;
             let batches = tx
-                .prepare("SELECT dir, first_used FROM batches ORDER BY first_used, dir")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .prepare(
+                    "SELECT dir, first_used, partition_table FROM batches \
+                     ORDER BY first_used, dir",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<rusqlite::Result<_>>()?;
             let mut devices: Vec<Issued> = tx
                 .prepare(&format!(
@@ -693,8 +793,19 @@ impl Ledger for SqliteLedger {
                 let (device, image, sha256): (String, String, String) = row?;
                 images.entry(device).or_default().push((image, sha256));
             }
+            let mut files: HashMap<String, Vec<StoredFile>> = HashMap::new();
+            let mut statement = tx.prepare(&format!(
+                "SELECT device, {FILE_COLUMNS} FROM device_files ORDER BY device, name"
+            ))?;
+            let rows =
+                statement.query_map([], |r| Ok((r.get::<_, String>(0)?, file_from_row(r, 1)?)))?;
+            for row in rows {
+                let (device, file) = row?;
+                files.entry(device).or_default().push(file);
+            }
             for device in &mut devices {
                 device.more_images = images.remove(&device.device).unwrap_or_default();
+                device.files = files.remove(&device.device).unwrap_or_default();
             }
             let claims = tx
                 .prepare(
@@ -728,10 +839,12 @@ impl Ledger for SqliteLedger {
     fn import(&self, copy: &LedgerCopy, log_kept: usize) -> LedgerResult<()> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for (dir, first_used) in &copy.batches {
+            for (dir, first_used, table) in &copy.batches {
                 tx.execute(
-                    "INSERT OR IGNORE INTO batches (dir, first_used) VALUES (?1, ?2)",
-                    params![dir, first_used],
+                    "INSERT INTO batches (dir, first_used, partition_table) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (dir) DO UPDATE
+                     SET partition_table = COALESCE(excluded.partition_table, partition_table)",
+                    params![dir, first_used, table],
                 )?;
             }
             for d in &copy.devices {
@@ -769,6 +882,7 @@ impl Ledger for SqliteLedger {
                             params![d.device, idx as i64, image, sha256],
                         )?;
                     }
+                    put_files(&tx, &d.device, &d.files)?;
                 }
             }
             tx.execute("DELETE FROM claims", [])?;
@@ -887,6 +1001,7 @@ impl Ledger for SqliteLedger {
                     for (idx, (image, sha256)) in entry.more_images.iter().enumerate() {
                         add_image.execute(params![entry.device, idx as i64, image, sha256])?;
                     }
+                    put_files(&tx, &entry.device, &entry.files)?;
                     outcomes.push(Ok(now.clone()));
                 }
             }
@@ -983,6 +1098,41 @@ impl Ledger for SqliteLedger {
             c.prepare("SELECT dir FROM batches ORDER BY first_used, dir")?
                 .query_map([], |r| Ok(PathBuf::from(r.get::<_, String>(0)?)))?
                 .collect()
+        })
+    }
+
+    fn store_batch_table(&self, batch_dir: &Path, table: &[u8]) -> LedgerResult<()> {
+        self.with(|c| {
+            c.execute(
+                &format!(
+                    "INSERT INTO batches (dir, first_used, partition_table) VALUES (?1, {NOW}, ?2)
+                     ON CONFLICT (dir) DO UPDATE SET partition_table = excluded.partition_table"
+                ),
+                params![batch_dir.to_string_lossy(), table],
+            )
+            .map(drop)
+        })
+    }
+
+    fn batch_table(&self, batch_dir: &Path) -> LedgerResult<Option<Vec<u8>>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT partition_table FROM batches WHERE dir = ?1",
+                [batch_dir.to_string_lossy()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(Option::flatten)
+        })
+    }
+
+    fn stored_files(&self, device: &str) -> LedgerResult<Vec<StoredFile>> {
+        self.with(|c| {
+            c.prepare_cached(&format!(
+                "SELECT {FILE_COLUMNS} FROM device_files WHERE device = ?1 ORDER BY name"
+            ))?
+            .query_map([device], |r| file_from_row(r, 0))?
+            .collect()
         })
     }
 
@@ -1278,6 +1428,7 @@ pub(crate) mod tests {
             batch: "1".into(),
             batch_dir: PathBuf::from("/batch/one"),
             issued_at: String::new(),
+            files: Vec::new(),
         }
     }
 

@@ -11,8 +11,8 @@ use super::ledger::{FlashRecord, Issued, Ledger, LedgerError};
 /// Everything a ledger holds, in its order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LedgerCopy {
-    /// Batch folders and when each was first used.
-    pub batches: Vec<(String, String)>,
+    /// Batch folders, when each was first used, and the partition table stored with it.
+    pub batches: Vec<(String, String, Option<Vec<u8>>)>,
     /// Issued (and reserved) devices, with their other images.
     pub devices: Vec<Issued>,
     /// Live claims, with the chip a device was written to when that was never logged.
@@ -139,10 +139,10 @@ fn earlier_copy(source: &LedgerCopy, target: &LedgerCopy) -> Result<(), String> 
             Some(_) => {}
         }
     }
-    if let Some((dir, _)) = target
+    if let Some((dir, _, _)) = target
         .batches
         .iter()
-        .find(|(dir, _)| !source.batches.iter().any(|(d, _)| d == dir))
+        .find(|(dir, _, _)| !source.batches.iter().any(|(d, _, _)| d == dir))
     {
         return Err(format!(
             "it has the batch folder `{dir}`, the source has not"

@@ -12,5 +12,6 @@ pub mod migrate;
 pub mod postgres;
 pub mod product;
 pub mod station;
+mod stored;
 
 pub use self::product::{ChosenLedger, product_ledger};

@@ -11,7 +11,7 @@
 //! `verify-full` (chain and host name checked), with `sslrootcert=FILE` (PEM) or, without it,
 //! the Mozilla roots. The password comes from the URL or `$PGPASSWORD` and is never shown.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,13 +22,14 @@ use postgres::{Client, GenericClient, NoTls, Row, Statement, Transaction};
 
 use super::ledger::{
     BatchStatus, CLAIM_LIFETIME, ClaimOutcome, Conflict, FlashRecord, Issued, Ledger, LedgerError,
-    LedgerResult, Refused, Reservation,
+    LedgerResult, Refused, Reservation, StoredFile,
 };
 use super::migrate::{ClaimRow, LedgerCopy};
 
 /// Bumped when the tables change (as SQLite's); a database of a newer version is refused.
-/// 4: nvs_flash_log.firmware_sha256.
-const SCHEMA_VERSION: i64 = 4;
+/// 4: nvs_flash_log.firmware_sha256. 5: nvs_device_files, nvs_batches.partition_table and
+/// nvs_devices.claimed_by (the database role holding a claim, for the station role's policy).
+const SCHEMA_VERSION: i64 = 5;
 
 /// UTC now, as the SQLite ledger writes times (sortable text).
 const NOW: &str =
@@ -57,7 +58,96 @@ CREATE TABLE IF NOT EXISTS nvs_flash_log (
 ALTER TABLE nvs_flash_log ADD COLUMN IF NOT EXISTS firmware_sha256 TEXT NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS nvs_flash_log_mac ON nvs_flash_log (mac);
 CREATE INDEX IF NOT EXISTS nvs_flash_log_device ON nvs_flash_log (device);
+ALTER TABLE nvs_batches ADD COLUMN IF NOT EXISTS partition_table BYTEA;
+CREATE TABLE IF NOT EXISTS nvs_device_files (
+    device TEXT NOT NULL, name TEXT NOT NULL, partition_name TEXT NOT NULL,
+    flash_offset BIGINT NOT NULL, partition_size BIGINT NOT NULL, sha256 TEXT NOT NULL,
+    data BYTEA NOT NULL, PRIMARY KEY (device, name));
+ALTER TABLE nvs_devices ADD COLUMN IF NOT EXISTS claimed_by TEXT;
+-- Who holds a claim is the database role that wrote it, never what a client says: the station
+-- role's policy on nvs_device_files (sql/postgres-roles.sql) lets it read only its claims'.
+CREATE OR REPLACE FUNCTION nvs_claimed_by() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.claimant IS NULL THEN
+        NEW.claimed_by := NULL;
+    ELSIF TG_OP = 'INSERT' OR NEW.claimant IS DISTINCT FROM OLD.claimant
+          OR NEW.claimed_at IS DISTINCT FROM OLD.claimed_at THEN
+        NEW.claimed_by := current_user;
+    END IF;
+    RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS nvs_claimed_by ON nvs_devices;
+CREATE TRIGGER nvs_claimed_by BEFORE INSERT OR UPDATE ON nvs_devices
+    FOR EACH ROW EXECUTE FUNCTION nvs_claimed_by();
 ";
+
+/// The roles and their rights (see [`PostgresLedger::create_roles`]).
+pub const ROLES: &str = include_str!("../../sql/postgres-roles.sql");
+
+const FILE_COLUMNS: &str = "name, partition_name, flash_offset, partition_size, sha256, data";
+
+fn file_from_row(row: &Row, first: usize) -> StoredFile {
+    StoredFile {
+        name: row.get(first),
+        partition: row.get(first + 1),
+        offset: u32::try_from(row.get::<_, i64>(first + 2)).unwrap_or(u32::MAX),
+        size: u32::try_from(row.get::<_, i64>(first + 3)).unwrap_or(0),
+        sha256: row.get(first + 4),
+        data: row.get(first + 5),
+    }
+}
+
+/// The stored files of the devices in `taken` (from `entries`) become theirs, replacing any
+/// earlier ones: one statement each way for the whole chunk.
+fn put_files<C: GenericClient>(
+    db: &mut Db<'_, C>,
+    entries: &[Issued],
+    taken: &[&String],
+) -> Result<(), postgres::Error> {
+    db.execute(
+        "DELETE FROM nvs_device_files WHERE device = ANY($1)",
+        &[&taken],
+    )?;
+    let (mut devices, mut names, mut partitions, mut offsets, mut sizes, mut shas, mut data) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for entry in entries.iter().filter(|e| taken.contains(&&e.device)) {
+        for f in &entry.files {
+            devices.push(entry.device.as_str());
+            names.push(f.name.as_str());
+            partitions.push(f.partition.as_str());
+            offsets.push(i64::from(f.offset));
+            sizes.push(i64::from(f.size));
+            shas.push(f.sha256.as_str());
+            data.push(f.data.as_slice());
+        }
+    }
+    if !devices.is_empty() {
+        db.execute(
+            &format!(
+                "INSERT INTO nvs_device_files (device, {FILE_COLUMNS})
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[],
+                   $5::bigint[], $6::text[], $7::bytea[])"
+            ),
+            &[
+                &devices,
+                &names,
+                &partitions,
+                &offsets,
+                &sizes,
+                &shas,
+                &data,
+            ],
+        )?;
+    }
+    Ok(())
+}
 
 const DEVICE_COLUMNS: &str = "device, image, sha256, key_file, size, values_file, line, batch, \
      issued_at, hmac_key_file, batch_dir";
@@ -326,6 +416,13 @@ impl PostgresLedger {
             }),
             claim_lifetime: CLAIM_LIFETIME,
         })
+    }
+
+    /// Creates the roles a factory gives its generator and station logins, with their grants
+    /// and the policy that lets a station read only the files of devices it holds a claim on:
+    /// `sql/postgres-roles.sql`, run as the tables' owner (again changes nothing).
+    pub fn create_roles(&self) -> LedgerResult<()> {
+        self.with(|tx| tx.batch_execute(ROLES))
     }
 
     /// Creates or upgrades the tables (once, whichever station comes first).
@@ -610,6 +707,7 @@ fn issued_from_row(row: &Row) -> Issued {
         batch: row.get(7),
         issued_at: row.get(8),
         batch_dir: PathBuf::from(row.get::<_, String>(10)),
+        files: Vec::new(),
     }
 }
 
@@ -662,17 +760,33 @@ impl Ledger for PostgresLedger {
             db.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
             let batches = db
                 .query(
-                    "SELECT dir, first_used FROM nvs_batches ORDER BY first_used, dir",
+                    "SELECT dir, first_used, partition_table FROM nvs_batches
+                     ORDER BY first_used, dir",
                     &[],
                 )?
                 .iter()
-                .map(|r| (r.get(0), r.get(1)))
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
                 .collect();
-            let devices = db
+            let mut devices: Vec<Issued> = db
                 .query(&devices_sql, &[])?
                 .iter()
                 .map(issued_from_row)
                 .collect();
+            let mut files: HashMap<String, Vec<StoredFile>> = HashMap::new();
+            for row in db.query(
+                &format!(
+                    "SELECT device, {FILE_COLUMNS} FROM nvs_device_files ORDER BY device, name"
+                ),
+                &[],
+            )? {
+                files
+                    .entry(row.get(0))
+                    .or_default()
+                    .push(file_from_row(&row, 1));
+            }
+            for device in &mut devices {
+                device.files = files.remove(&device.device).unwrap_or_default();
+            }
             let claims = db
                 .query(
                     "SELECT device, claimant, claimed_at, written_to FROM nvs_devices
@@ -725,11 +839,12 @@ impl Ledger for PostgresLedger {
              WHERE nvs_devices.sha256 = '' AND excluded.sha256 <> ''"
         );
         self.with(|db| {
-            for (dir, first_used) in &copy.batches {
+            for (dir, first_used, table) in &copy.batches {
                 db.execute(
-                    "INSERT INTO nvs_batches (dir, first_used) VALUES ($1, $2)
-                     ON CONFLICT (dir) DO NOTHING",
-                    &[dir, first_used],
+                    "INSERT INTO nvs_batches (dir, first_used, partition_table) VALUES ($1, $2, $3)
+                     ON CONFLICT (dir) DO UPDATE SET partition_table =
+                       COALESCE(excluded.partition_table, nvs_batches.partition_table)",
+                    &[dir, first_used, table],
                 )?;
             }
             for d in &copy.devices {
@@ -761,6 +876,7 @@ impl Ledger for PostgresLedger {
                             &[&d.device, &(idx as i64), image, sha256],
                         )?;
                     }
+                    put_files(db, std::slice::from_ref(d), &[&d.device])?;
                 }
             }
             db.execute(
@@ -892,6 +1008,7 @@ impl Ledger for PostgresLedger {
                     &[&image_devices, &idxs, &image_names, &image_shas],
                 )?;
             }
+            put_files(db, entries, &taken_list)?;
             let refused: Vec<&String> = devices.iter().filter(|d| !taken.contains(*d)).collect();
             let mut earlier = std::collections::HashMap::new();
             if !refused.is_empty() {
@@ -1013,6 +1130,40 @@ impl Ledger for PostgresLedger {
                 .query("SELECT dir FROM nvs_batches ORDER BY first_used, dir", &[])?
                 .iter()
                 .map(|r| PathBuf::from(r.get::<_, String>(0)))
+                .collect())
+        })
+    }
+
+    fn store_batch_table(&self, batch_dir: &Path, table: &[u8]) -> LedgerResult<()> {
+        let sql = format!(
+            "INSERT INTO nvs_batches (dir, first_used, partition_table) VALUES ($1, {NOW}, $2)
+             ON CONFLICT (dir) DO UPDATE SET partition_table = excluded.partition_table"
+        );
+        self.auto(|db| {
+            db.execute(&sql, &[&batch_dir.to_string_lossy().into_owned(), &table])
+                .map(drop)
+        })
+    }
+
+    fn batch_table(&self, batch_dir: &Path) -> LedgerResult<Option<Vec<u8>>> {
+        self.auto(|db| {
+            Ok(db
+                .query_opt(
+                    "SELECT partition_table FROM nvs_batches WHERE dir = $1",
+                    &[&batch_dir.to_string_lossy().into_owned()],
+                )?
+                .and_then(|r| r.get(0)))
+        })
+    }
+
+    fn stored_files(&self, device: &str) -> LedgerResult<Vec<StoredFile>> {
+        let sql =
+            format!("SELECT {FILE_COLUMNS} FROM nvs_device_files WHERE device = $1 ORDER BY name");
+        self.auto(|db| {
+            Ok(db
+                .query(&sql, &[&device])?
+                .iter()
+                .map(|r| file_from_row(r, 0))
                 .collect())
         })
     }

@@ -452,7 +452,7 @@ impl Station<'_> {
                 },
             )
         };
-        let segments = match device_segments(target, device, &label) {
+        let segments = match device_segments(target, ledger, device, &label) {
             Ok(segments) => segments,
             Err(e) => {
                 let e = logged(ledger, target, device, &port_name, &chip.mac, Err(e))

@@ -1133,7 +1133,8 @@ fn mfg_flash_without_firmware_refuses_and_logs_a_chip_whose_table_disagrees() {
     assert!(!out.status.success());
     let text = stderr(&out);
     assert!(
-        text.contains("disagrees with the package's") && text.contains("fctry at 0x10000"),
+        text.contains("disagrees with the one the images were made for")
+            && text.contains("fctry at 0x10000"),
         "{text}"
     );
     assert!(esp.changed_since(&before).is_empty());

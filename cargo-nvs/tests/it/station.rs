@@ -783,3 +783,262 @@ fn bench_esptool(
     let share = results.iter().map(|(e, w)| w / e).sum::<f64>() / results.len() as f64;
     (elapsed, share)
 }
+
+/// A firmware table with an nvs_keys partition, for devices with their own key.
+const TABLE_WITH_KEYS: &str = "nvs, data, nvs, 0x9000, 0x6000,\n\
+    nvs_keys, data, nvs_keys, 0xf000, 0x1000, encrypted\nfactory, app, factory, 0x20000, 1M,\n";
+
+/// A PostgreSQL ledger made ready by its owner with `mfg ledger init --roles`, a login for a
+/// generator and two stations, and three devices (each with its own key) issued by the
+/// generator with `--store-images`. The batch folder is then removed: what a station flashes
+/// can only come from the ledger. Returns the case, the owner's URL, a URL per login, and each
+/// device's files as generated (`bin/…` and `keys/…` by device).
+struct StoredBatch {
+    case: Case,
+    owner: String,
+    generator: String,
+    stations: [String; 2],
+    files: std::collections::HashMap<String, (Vec<u8>, Vec<u8>)>,
+}
+
+fn stored_batch(tag: &str) -> Option<StoredBatch> {
+    let owner = support::postgres_database(tag)?;
+    let case = Case::new();
+    case.file("config.csv", CONFIG)
+        .file("values.csv", "id,serial,num\n1,SN1,1\n2,SN2,2\n3,SN3,3\n")
+        .file("partitions.csv", TABLE_WITH_KEYS);
+    let out = case.run(&["mfg", "ledger", "init", "--ledger", &owner, "--roles"]);
+    support::assert_ok(&out);
+    let mut admin = postgres::Client::connect(&owner, postgres::NoTls).unwrap();
+    let login = |name: &str, role: &str, admin: &mut postgres::Client| {
+        let name = format!("{name}_{tag}_{}", std::process::id());
+        admin
+            .batch_execute(&format!(
+                "DROP ROLE IF EXISTS {name}; CREATE ROLE {name} LOGIN IN ROLE {role}"
+            ))
+            .unwrap();
+        owner.replacen("postgres@", &format!("{name}@"), 1)
+    };
+    let generator = login("gen", "nvs_generator", &mut admin);
+    let stations = [
+        login("sta", "nvs_station", &mut admin),
+        login("stb", "nvs_station", &mut admin),
+    ];
+    let out = case.run(&[
+        "mfg",
+        "generate",
+        "config.csv",
+        "values.csv",
+        "dev",
+        "0x3000",
+        "--fileid",
+        "serial",
+        "--keygen",
+        "--out-dir",
+        "out",
+        "--ledger",
+        &generator,
+        "--store-images",
+        "--partition-table",
+        "partitions.csv",
+        "--partition",
+        "nvs",
+    ]);
+    support::assert_ok(&out);
+    let out_dir = case.dir.path().join("out");
+    let mut files = std::collections::HashMap::new();
+    for id in ["SN1", "SN2", "SN3"] {
+        let image = std::fs::read(out_dir.join(format!("bin/dev-{id}.bin"))).unwrap();
+        let key = std::fs::read_dir(out_dir.join("keys"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().ends_with(&format!("-{id}.bin")))
+            .map(|p| std::fs::read(p).unwrap())
+            .expect("a key file per device");
+        files.insert(id.to_owned(), (image, key));
+    }
+    std::fs::remove_dir_all(&out_dir).unwrap();
+    Some(StoredBatch {
+        case,
+        owner,
+        generator,
+        stations,
+        files,
+    })
+}
+
+/// A station with only `--ledger URL` (PostgreSQL, a station login) and `--firmware DIR`: no
+/// batch folder, no Cargo package, no placement options. Each board gets the firmware, its
+/// device's image and key where the stored table puts them; a stored image changed in the
+/// database is refused before anything is written, and logged.
+#[test]
+fn a_station_with_only_the_ledger_and_the_firmware_flashes_the_stored_images() {
+    let Some(batch) = stored_batch("stored") else {
+        return;
+    };
+    let case = &batch.case;
+    let firmware_sha256 = support::dist_folder(case.dir.path(), "dist", TABLE_WITH_KEYS);
+    // Someone with write access to the database changes one byte of SN3's image.
+    let mut admin = postgres::Client::connect(&batch.owner, postgres::NoTls).unwrap();
+    let changed = admin
+        .execute(
+            "UPDATE nvs_device_files SET data = set_byte(data, 100, get_byte(data, 100) # 1)
+             WHERE device = 'SN3' AND name LIKE 'bin/%'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+
+    let mut socket = Socket::new(case.dir.path(), "socket");
+    socket.plug(Config::esp32c3().mac(mac(0x61)).start());
+    let mut command = bin();
+    command.args(["mfg", "station", "--ledger", &batch.stations[0]]);
+    command.args(["--firmware", "dist", "--port", socket.name()]);
+    command.args(["--before", "no-reset", "--after", "no-reset", "--no-stub"]);
+    command.args(["--format", "json"]);
+    let mut station = Station::spawn(command, case);
+    let port = socket.name().to_owned();
+    station.wait_for("the first board to pass", |s| s.count(&port, "done") == 1);
+    socket.plug(Config::esp32c3().mac(mac(0x62)).start());
+    station.wait_for("the second board to pass", |s| s.count(&port, "done") == 2);
+    let third = Config::esp32c3().mac(mac(0x63)).start();
+    let blank = third.flash();
+    socket.plug(third);
+    let (status, events, stderr) = station.end();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("SN3") && stderr.contains("SHA-256") && stderr.contains("not flashed"),
+        "{stderr}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "failed" && e["device"] == "SN3"),
+        "{events:?}"
+    );
+    assert!(
+        socket.current().flash() == blank,
+        "a tampered image was written"
+    );
+
+    let dist = case.dir.path().join("dist");
+    for (board, id) in socket.boards.iter().zip(["SN1", "SN2"]) {
+        let (image, key) = &batch.files[id];
+        let mut expected = image.clone();
+        expected.resize(0x6000, 0xFF);
+        same_bytes(&board.read(0x9000, 0x6000), &expected, id);
+        let mut expected_key = key.clone();
+        expected_key.resize(0x1000, 0xFF);
+        same_bytes(&board.read(0xf000, 0x1000), &expected_key, "its key");
+        for (file, offset) in [("bootloader.bin", 0x0), ("fw.bin", 0x20000)] {
+            let bytes = std::fs::read(dist.join(file)).unwrap();
+            same_bytes(&board.read(offset, bytes.len()), &bytes, file);
+        }
+    }
+    // The log (read by the owner): two passes with the firmware, the refusal of SN3.
+    let out = case.run(&["mfg", "log", "--ledger", &batch.owner]);
+    support::assert_ok(&out);
+    let rows: Vec<csv::StringRecord> = csv::Reader::from_reader(out.stdout.as_slice())
+        .records()
+        .map(Result::unwrap)
+        .collect();
+    let summary: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (&r[1], &r[4][..r[4].len().min(8)]))
+        .collect();
+    assert_eq!(
+        summary,
+        [("SN1", "ok"), ("SN2", "ok"), ("SN3", "refused:")],
+        "{rows:?}"
+    );
+    assert!(rows[..2].iter().all(|r| r[6] == firmware_sha256));
+    assert_eq!(&rows[0][0], mac_text(mac(0x61)));
+}
+
+/// The roles `mfg ledger init --roles` makes: a station login reads the stored files (images
+/// and keys) of the device it holds a claim on and of no other, not even another station's
+/// claimed device; it cannot pose as another claimant, change stored files or issue devices.
+#[test]
+fn a_station_login_reads_only_the_key_material_of_its_own_claim() {
+    use cargo_nvs::mfg::ledger::{ClaimOutcome, Ledger};
+    use cargo_nvs::mfg::postgres::{PostgresLedger, ServerUrl};
+    let Some(batch) = stored_batch("roles") else {
+        return;
+    };
+    let open = |url: &str| PostgresLedger::open(&ServerUrl::parse(url).unwrap()).unwrap();
+    let (a, b) = (open(&batch.stations[0]), open(&batch.stations[1]));
+    assert!(
+        a.stored_files("SN2").unwrap().is_empty(),
+        "read before its claim"
+    );
+    assert!(matches!(
+        a.claim("SN2", "pc-a").unwrap(),
+        ClaimOutcome::Claimed
+    ));
+    let files = a.stored_files("SN2").unwrap();
+    let (image, key) = &batch.files["SN2"];
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert!(
+        files
+            .iter()
+            .any(|f| &f.data == image && f.partition == "nvs")
+    );
+    assert!(
+        files
+            .iter()
+            .any(|f| &f.data == key && f.partition == "nvs_keys")
+    );
+    for other in ["SN1", "SN3"] {
+        assert!(
+            a.stored_files(other).unwrap().is_empty(),
+            "{other} read by a"
+        );
+    }
+    // The other station sees nothing, not even the device a holds.
+    for device in ["SN1", "SN2", "SN3"] {
+        assert!(
+            b.stored_files(device).unwrap().is_empty(),
+            "{device} read by b"
+        );
+    }
+    let mut raw = postgres::Client::connect(&batch.stations[1], postgres::NoTls).unwrap();
+    let visible: i64 = raw
+        .query_one("SELECT count(*) FROM nvs_device_files", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(visible, 0);
+    for (what, sql) in [
+        (
+            "pose as the claimant",
+            "UPDATE nvs_devices SET claimed_by = current_user WHERE device = 'SN2'",
+        ),
+        (
+            "change a stored file",
+            "UPDATE nvs_device_files SET data = '' WHERE device = 'SN2'",
+        ),
+        (
+            "issue a device",
+            "INSERT INTO nvs_devices (device, image, sha256, size, values_file, line, batch,
+               issued_at, batch_dir) VALUES ('X', '', '', 0, '', 0, '', '', '')",
+        ),
+        ("rewrite the log", "DELETE FROM nvs_flash_log"),
+    ] {
+        let error = raw.batch_execute(sql).expect_err(what);
+        assert_eq!(
+            error.code(),
+            Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{what}: {error:?}"
+        );
+    }
+    // The generator reads everything it stored.
+    let generator = open(&batch.generator);
+    assert_eq!(generator.stored_files("SN1").unwrap().len(), 2);
+}
+
+#[track_caller]
+fn same_bytes(actual: &[u8], expected: &[u8], what: &str) {
+    if actual != expected {
+        let at = actual.iter().zip(expected).position(|(a, b)| a != b);
+        panic!("{what} differs (first at {at:?})");
+    }
+}

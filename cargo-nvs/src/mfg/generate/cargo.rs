@@ -18,7 +18,9 @@ use nvs_build::InputError;
 use nvs_build::metadata::{Metadata, PartitionSpec, TableSource, ValueSource};
 use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
 
-use super::{Built, Device, GenerateError, Ids, Maker, MfgGenerateArgs, Run, SharedImage, produce};
+use super::{
+    Built, Device, GenerateError, Ids, Maker, MfgGenerateArgs, Placement, Run, SharedImage, produce,
+};
 use crate::mfg::input::{DeviceRow, Values};
 use crate::mfg::product::{Scope, choose_ledger};
 
@@ -59,7 +61,7 @@ pub(super) fn generate(args: &MfgGenerateArgs) -> Result<(), GenerateError> {
         args.ledger.as_deref(),
         Scope::Package(&project.manifest_path),
     )?;
-    let run = Run::new(args, values_path, ledger);
+    let mut run = Run::new(args, values_path, ledger);
     let metadata = project.nvs_metadata()?;
     if metadata.table_source == TableSource::BuiltInDefault {
         eprintln!(
@@ -68,6 +70,18 @@ pub(super) fn generate(args: &MfgGenerateArgs) -> Result<(), GenerateError> {
         );
     }
     let (per_device, shared_specs) = select(args, &metadata)?;
+    if args.partition_table.is_some() {
+        return Err(GenerateError::Invalid(
+            "--partition-table belongs to the mfg_gen mode; in the Cargo metadata mode the \
+             package's partition table places the images"
+                .into(),
+        ));
+    }
+    if args.store_images {
+        let names: Vec<String> = per_device.iter().map(|spec| spec.name.clone()).collect();
+        let sizes: Vec<u32> = per_device.iter().map(|spec| spec.size).collect();
+        run.placement = Some(Placement::new(&metadata.table, &names, &sizes)?);
+    }
 
     let mut values = Values::open(&run.values)?;
     let header_at = run.at(values.header_line);
