@@ -1215,3 +1215,62 @@ fn mfg_flash_with_firmware_writes_dist_user_data_onto_blank_flash_only() {
     image.resize(0x2000, 0xFF);
     assert!(used.read(0xf000, 0x2000) == image, "its device is flashed");
 }
+
+/// `--store-images` in the Cargo mode with a SQLite ledger: with the batch folder gone and no
+/// package in sight, `mfg flash --ledger FILE` writes each stored image where the package's
+/// table put it; a copy made by `mfg ledger migrate` carries the images and goes on.
+#[test]
+#[cfg(unix)] // the emulator needs a pty
+fn stored_images_flash_from_the_ledger_alone_and_move_with_a_migration() {
+    use support::fake_esp::Config;
+    let case = Case::new();
+    case.file("devices.csv", "serial,secret\n41,a\n42,b\n");
+    assert_ok(&mfg_devices_into(&case, "out", &["--store-images"]));
+    let image = |id: &str| {
+        let mut image = read(&case.dir.path().join(format!("out/bin/fctry-{id}.bin")));
+        image.resize(0x2000, 0xFF);
+        image
+    };
+    let images = [image("41"), image("42")];
+    std::fs::remove_dir_all(case.dir.path().join("out")).unwrap();
+    let station = Case::new();
+    let flash = |ledger: &str, mac: u8| {
+        let esp = Config::esp32c3().mac([0x7c, 0xdf, 0xa1, 0, 0, mac]).start();
+        let before = esp.flash();
+        let out = bin()
+            .args(["mfg", "flash", "--ledger"])
+            .arg(case.dir.path().join(ledger))
+            .args(["--port", esp.path()])
+            .args(["--before", "no-reset", "--after", "no-reset", "--no-stub"])
+            .current_dir(station.dir.path())
+            .output()
+            .unwrap();
+        esp.settle();
+        assert_ok(&out);
+        let outside: Vec<_> = esp
+            .changed_since(&before)
+            .into_iter()
+            .filter(|r| r.start < 0xf000 || r.end > 0xf000 + 0x2000)
+            .collect();
+        assert!(outside.is_empty(), "{outside:?}");
+        esp.read(0xf000, 0x2000)
+    };
+    assert!(
+        flash("ledger.sqlite", 0x41) == images[0],
+        "fctry holds another image"
+    );
+    let out = case.run(&[
+        "mfg",
+        "ledger",
+        "migrate",
+        "--from",
+        "ledger.sqlite",
+        "--to",
+        "copy.sqlite",
+    ]);
+    assert_ok(&out);
+    assert!(
+        flash("copy.sqlite", 0x42) == images[1],
+        "the copy's image differs"
+    );
+}

@@ -1127,3 +1127,51 @@ fn a_migrated_ledger_refuses_reissue_and_flashes_on() {
         ],
     );
 }
+
+/// `--store-images` needs to know where the images go, and they must fit there; roles are for
+/// a PostgreSQL ledger. Each refusal writes nothing.
+#[test]
+fn storing_images_needs_a_partition_they_fit_and_roles_need_postgres() {
+    let case = Case::new();
+    case.file("config.csv", CONFIG)
+        .file("values.csv", VALUES)
+        .file("small.csv", "nvs, data, nvs, 0x9000, 0x2000,\n");
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "mfg",
+            "generate",
+            "config.csv",
+            "values.csv",
+            "dev",
+            "0x3000",
+            "--fileid",
+            "serial",
+            "--out-dir",
+            "out",
+            "--store-images",
+        ];
+        args.extend_from_slice(extra);
+        case.run(&args)
+    };
+    let refusals: [(&[&str], &[&str]); 3] = [
+        (&[], &["--partition-table FILE and --partition NAME"]),
+        (
+            &["--partition-table", "small.csv", "--partition", "nvs"],
+            &["0x3000 bytes", "larger than partition `nvs`"],
+        ),
+        (
+            &["--partition-table", "small.csv", "--partition", "fctry"],
+            &["fctry"],
+        ),
+    ];
+    for (extra, needles) in refusals {
+        assert_fails(&generate(extra), needles);
+        assert!(
+            !case.exists("out") && !case.exists("ledger.sqlite"),
+            "{extra:?}"
+        );
+    }
+    let out = case.run(&["mfg", "ledger", "init", "--ledger", "l.sqlite", "--roles"]);
+    assert_fails(&out, &["a SQLite ledger has no roles"]);
+    assert!(!case.exists("l.sqlite"));
+}
