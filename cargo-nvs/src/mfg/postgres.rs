@@ -460,6 +460,22 @@ impl PostgresLedger {
                 &[&SCHEMA_VERSION.to_string()],
             )?;
             Ok(Ok(()))
+        })
+        .map_err(|e| match &e {
+            // A generator or station login (sql/postgres-roles.sql) may not change tables.
+            LedgerError::Server { source, .. }
+                if source.code() == Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) =>
+            {
+                LedgerError::Setup {
+                    ledger: url.to_string(),
+                    message: format!(
+                        "its tables are missing or of an older cargo-nvs, and this login may not \
+                         create or upgrade them ({e}): have the database's owner run `cargo nvs \
+                         mfg ledger init --ledger URL`"
+                    ),
+                }
+            }
+            _ => e,
         })?
         .map_err(|version| LedgerError::NewerSchema {
             ledger: PathBuf::from(url.to_string()),

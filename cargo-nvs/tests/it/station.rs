@@ -1033,6 +1033,19 @@ fn a_station_login_reads_only_the_key_material_of_its_own_claim() {
     // The generator reads everything it stored.
     let generator = open(&batch.generator);
     assert_eq!(generator.stored_files("SN1").unwrap().len(), 2);
+    // A login may not make the tables: it is told who may.
+    let empty = support::postgres_database("roles_empty").unwrap();
+    let login = batch.stations[0].split('@').next().unwrap();
+    let as_station = empty.replacen("postgres://postgres", login, 1);
+    let Err(error) = PostgresLedger::open(&ServerUrl::parse(&as_station).unwrap()) else {
+        panic!("a station login made the tables");
+    };
+    assert!(
+        error
+            .to_string()
+            .contains("database's owner run `cargo nvs mfg ledger init"),
+        "{error}"
+    );
 }
 
 #[track_caller]
