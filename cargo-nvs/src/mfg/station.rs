@@ -452,8 +452,9 @@ impl Station<'_> {
                 },
             )
         };
-        let segments = match device_segments(target, device, &label) {
-            Ok(segments) => segments,
+        // A device made from the chip is built for this chip's MAC.
+        let (built, segments) = match device_segments(target, device, &label, Some(&chip.mac)) {
+            Ok(prepared) => prepared,
             Err(e) => {
                 let e = logged(ledger, target, device, &port_name, &chip.mac, Err(e))
                     .expect_err("an error stays one");
@@ -461,6 +462,7 @@ impl Station<'_> {
                 return Err(e);
             }
         };
+        let device = &built;
         let mut session = Some(session);
         let mut baud = self.baud;
         let mut attempt = 1;
