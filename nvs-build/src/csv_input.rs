@@ -175,6 +175,19 @@ impl ImageInput {
         let value = value.ok_or_else(|| short("value", Some(key)))?;
         let err = |message: String| Error::new(Some(at.clone()), Some(key), message);
 
+        // Mass production's extension: `@chip:mac` takes the chip's MAC, when one is set.
+        if let (Some(mac), Some(chip), false) = (
+            self.chip_mac(),
+            crate::chip::ChipValue::from_cell(value),
+            ty == "file",
+        ) {
+            let text = Encoding::from_name(encoding)
+                .ok_or_else(|| chip.text(Encoding::U8, &mac).unwrap_err())
+                .and_then(|enc| chip.text(enc, &mac).map(|text| (enc, text)));
+            let (enc, text) = text.map_err(|why| err(format!("{why} (encoding `{encoding}`)")))?;
+            let decoded = enc.decode(&text).map_err(err)?;
+            return self.add_from(Some(at), key, decoded, &text, Some(chip));
+        }
         // The reference does not read files for the Wi-Fi station keys: the path is the value.
         let from_file = ty == "file" && !matches!(key, "sta.ssid" | "sta.pswd");
         let raw: Cow<[u8]> = if from_file {

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::chip::{ChipValue, Mac, RecipeRow};
 use crate::error::{Error, Location};
 use crate::format::{FormatError, ImageBuilder, PartitionSize, Value, Version};
 
@@ -14,6 +15,10 @@ pub struct ImageInput {
     /// The first item that did not fit into the partition.
     overflow: Option<(Option<Location>, String)>,
     files_read: Vec<PathBuf>,
+    /// The MAC that CSV cells `@chip:…` take (else they are text, as in the reference).
+    chip_mac: Option<Mac>,
+    /// Every namespace and value added, when recording a recipe.
+    recipe: Option<Vec<RecipeRow>>,
 }
 
 impl ImageInput {
@@ -25,7 +30,30 @@ impl ImageInput {
             size,
             overflow: None,
             files_read: Vec::new(),
+            chip_mac: None,
+            recipe: None,
         }
+    }
+
+    /// CSV cells `@chip:mac` / `@chip:mac-hex` take their value from `mac` (mass production's
+    /// extension); without it (the default) they are text, as Espressif's generator reads them.
+    pub fn set_chip_mac(&mut self, mac: Option<Mac>) {
+        self.chip_mac = mac;
+    }
+
+    /// The MAC that chip values take, if one was set.
+    pub fn chip_mac(&self) -> Option<Mac> {
+        self.chip_mac
+    }
+
+    /// Records every namespace and value added from now on, for [`ImageInput::take_recipe`].
+    pub fn record_recipe(&mut self) {
+        self.recipe.get_or_insert_with(Vec::new);
+    }
+
+    /// The rows recorded since [`ImageInput::record_recipe`] (recording stops).
+    pub fn take_recipe(&mut self) -> Vec<RecipeRow> {
+        self.recipe.take().unwrap_or_default()
     }
 
     /// Accepts version 2 strings up to the device's 3999 bytes (Cargo metadata), beyond the
@@ -72,6 +100,9 @@ impl ImageInput {
             .namespace(name)
             .map_err(|e| Error::from_format(at.cloned(), Some(name), e))?;
         self.track_overflow(at, name);
+        if let Some(recipe) = &mut self.recipe {
+            recipe.push(RecipeRow::Namespace(name.to_owned()));
+        }
         Ok(())
     }
 
@@ -83,10 +114,31 @@ impl ImageInput {
         value: Value,
         source_text: &str,
     ) -> Result<(), Error> {
+        self.add_from(at, key, value, source_text, None)
+    }
+
+    /// Adds an item, noting for a recipe whether it is a chip value.
+    pub(crate) fn add_from(
+        &mut self,
+        at: Option<&Location>,
+        key: &str,
+        value: Value,
+        source_text: &str,
+        chip: Option<ChipValue>,
+    ) -> Result<(), Error> {
+        let recorded = self.recipe.is_some().then(|| value.clone());
         self.builder
             .add_with_source_text(key, value, source_text)
             .map_err(|e| Error::from_format(at.cloned(), Some(key), e))?;
         self.track_overflow(at, key);
+        if let (Some(recipe), Some(value)) = (&mut self.recipe, recorded) {
+            recipe.push(RecipeRow::Data {
+                key: key.to_owned(),
+                value,
+                text: source_text.to_owned(),
+                chip,
+            });
+        }
         Ok(())
     }
 

@@ -206,6 +206,8 @@
 #![allow(clippy::needless_doctest_main)]
 
 mod build_script;
+#[doc(hidden)]
+pub mod chip;
 mod csv_input;
 mod encoding;
 mod error;

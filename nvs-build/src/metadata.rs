@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+use crate::chip::ChipValue;
 use crate::encoding::Encoding;
 use crate::error::{Error, Location, read_input_text};
 use crate::format::Version;
@@ -131,6 +132,12 @@ pub enum ValueSource {
     /// Filled in per device by mass production (`column` of the values file); `dev` is used
     /// for development builds and flashing.
     PerDevice { column: String, dev: Option<String> },
+    /// Taken from the chip at flash time (mass production); `dev` is used for development
+    /// builds and `cargo nvs generate`.
+    Chip {
+        value: crate::chip::ChipValue,
+        dev: String,
+    },
 }
 
 impl Metadata {
@@ -660,7 +667,7 @@ impl<'d> Doc<'d> {
             DeValue::Integer(_) if encoding.is_float() => {
                 ValueSource::Text(self.integer(inner, name)?.to_string())
             }
-            DeValue::Table(fields) => self.source(name, inner, fields, manifest_dir)?,
+            DeValue::Table(fields) => self.source(name, encoding, inner, fields, manifest_dir)?,
             other => {
                 return Err(fail(
                     inner,
@@ -685,6 +692,7 @@ impl<'d> Doc<'d> {
     fn source(
         &self,
         name: &str,
+        encoding: Encoding,
         at: &Val<'_>,
         fields: &DeTable<'_>,
         manifest_dir: &Path,
@@ -731,11 +739,76 @@ impl<'d> Doc<'d> {
                 dev,
             });
         }
+        if let Some((_, chip)) = lookup(fields, "chip") {
+            self.only_keys(fields, &["chip", "dev"])?;
+            let spelled = self.string(chip, "chip")?;
+            let value = ChipValue::from_name(spelled).ok_or_else(|| {
+                self.error(
+                    chip,
+                    Some(name),
+                    format!(
+                        "unknown chip value `{spelled}`; use one of {} (`mac`: AA:BB:CC:DD:EE:FF, or for u64 the MAC as a number; `mac-hex`: aabbccddeeff)",
+                        ChipValue::NAMES
+                    ),
+                )
+            })?;
+            if !value.fits(encoding) {
+                return Err(self.error(
+                    chip,
+                    Some(name),
+                    format!(
+                        "chip value `{}` fills {}, not `{}`",
+                        value.name(),
+                        value.allowed(),
+                        encoding_name(encoding)
+                    ),
+                ));
+            }
+            let Some((_, dev)) = lookup(fields, "dev") else {
+                let example = match (value, encoding) {
+                    (_, Encoding::U64) => "0",
+                    (ChipValue::Mac, _) => "\"00:00:00:00:00:00\"",
+                    (ChipValue::MacHex, _) => "\"000000000000\"",
+                };
+                return Err(self.error(
+                    at,
+                    Some(name),
+                    format!(
+                        "a value from the chip needs a `dev` value for development builds and `cargo nvs generate`: add `dev = {example}`, e.g. {{ chip = \"{}\", dev = {example} }}",
+                        value.name()
+                    ),
+                ));
+            };
+            return Ok(ValueSource::Chip {
+                value,
+                dev: text(dev, "dev")?,
+            });
+        }
         Err(self.error(
             at,
             Some(name),
-            "expected a value, { env = \"VAR\" }, { file = \"path\" } or { per-device = \"column\", dev = … }",
+            "expected a value, { env = \"VAR\" }, { file = \"path\" }, { per-device = \"column\", dev = … } or { chip = \"mac\", dev = … }",
         ))
+    }
+}
+
+/// How the metadata spells an encoding.
+fn encoding_name(encoding: Encoding) -> &'static str {
+    match encoding {
+        Encoding::U8 => "u8",
+        Encoding::I8 => "i8",
+        Encoding::U16 => "u16",
+        Encoding::I16 => "i16",
+        Encoding::U32 => "u32",
+        Encoding::I32 => "i32",
+        Encoding::U64 => "u64",
+        Encoding::I64 => "i64",
+        Encoding::String => "string",
+        Encoding::Hex2bin => "hex",
+        Encoding::Base64 => "base64",
+        Encoding::Binary => "binary",
+        Encoding::F32 => "f32",
+        Encoding::F64 => "f64",
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use crate::chip::{ChipValue, Mac, RecipeRow};
 use crate::csv_input::FileBase;
 use crate::error::Error;
 use crate::format::{PartitionSize, Value};
@@ -37,6 +38,8 @@ type Lookup<'a> = Box<dyn Fn(&str) -> Option<String> + 'a>;
 pub struct Inputs<'a> {
     env: Lookup<'a>,
     per_device: Option<Lookup<'a>>,
+    /// The MAC chip values take; without it, their `dev` values.
+    chip_mac: Option<Mac>,
     pub deps: Dependencies,
 }
 
@@ -46,8 +49,15 @@ impl<'a> Inputs<'a> {
         Inputs {
             env: Box::new(env),
             per_device: None,
+            chip_mac: None,
             deps: Dependencies::default(),
         }
+    }
+
+    /// Chip values (`{ chip = "mac", … }`) take this MAC instead of their `dev` values.
+    pub fn with_chip_mac(mut self, mac: Mac) -> Inputs<'a> {
+        self.chip_mac = Some(mac);
+        self
     }
 
     /// Per-device keys take their values from `values` (a column name → value lookup), as mass
@@ -83,12 +93,82 @@ impl BuiltImage {
     }
 }
 
+/// Whether a key of the partition takes its value from the chip.
+pub fn has_chip_values(spec: &PartitionSpec) -> bool {
+    spec.namespaces
+        .iter()
+        .flat_map(|ns| &ns.entries)
+        .any(|e| matches!(e.source, ValueSource::Chip { .. }))
+}
+
+/// The rows of one partition's image with every value inline (its CSV files' `file` rows
+/// read), chip values marked, for a recipe ([`crate::chip::recipe_csv`]); checked to fit the
+/// partition with the inputs' MAC (or the `dev` values). Not encrypted: the recipe says how.
+pub fn partition_recipe(
+    spec: &PartitionSpec,
+    manifest_dir: &std::path::Path,
+    inputs: &mut Inputs<'_>,
+) -> Result<Option<Vec<RecipeRow>>, Error> {
+    let Some((mut image, _)) = assemble(spec, manifest_dir, inputs, true)? else {
+        return Ok(None);
+    };
+    let rows = image.take_recipe();
+    image.finish()?;
+    Ok(Some(rows))
+}
+
 /// Builds the image of one partition: its CSV files in order, then its inline keys.
 pub fn build_partition(
     spec: &PartitionSpec,
     manifest_dir: &std::path::Path,
     inputs: &mut Inputs<'_>,
 ) -> Result<PartitionImage, Error> {
+    let (image, size) = match assemble(spec, manifest_dir, inputs, false)? {
+        Some(assembled) => assembled,
+        None => {
+            return Ok(PartitionImage::Skipped {
+                reason: skipped_reason(spec),
+            });
+        }
+    };
+    let entries_used = image.entries_used();
+    let entries_available = size.data_pages() * crate::format::ENTRIES_PER_PAGE;
+    let bytes = match &spec.encryption {
+        None => image.finish()?,
+        Some((encryption, at)) => encrypt(image, encryption, at, inputs)?,
+    };
+    Ok(PartitionImage::Built(BuiltImage {
+        bytes,
+        entries_used,
+        entries_available,
+    }))
+}
+
+/// Why a partition with a per-device key and no `dev` value is not built outside mass
+/// production.
+fn skipped_reason(spec: &PartitionSpec) -> String {
+    let entry = spec
+        .namespaces
+        .iter()
+        .flat_map(|ns| &ns.entries)
+        .find(|e| matches!(&e.source, ValueSource::PerDevice { dev: None, .. }));
+    match entry {
+        Some(entry) => format!(
+            "{}: key `{}` is filled in per device by mass production and has no `dev` value for development builds",
+            entry.at, entry.key
+        ),
+        None => "a per-device key has no value".into(),
+    }
+}
+
+/// A partition's CSV files and keys added to an image (recording a recipe with `record`);
+/// `None` when a per-device key has no value.
+fn assemble(
+    spec: &PartitionSpec,
+    manifest_dir: &std::path::Path,
+    inputs: &mut Inputs<'_>,
+    record: bool,
+) -> Result<Option<(ImageInput, PartitionSize)>, Error> {
     // Per-device keys without a value skip the partition (before reading anything else).
     if inputs.per_device.is_none() {
         let missing = spec
@@ -96,18 +176,16 @@ pub fn build_partition(
             .iter()
             .flat_map(|ns| &ns.entries)
             .find(|e| matches!(&e.source, ValueSource::PerDevice { dev: None, .. }));
-        if let Some(entry) = missing {
-            return Ok(PartitionImage::Skipped {
-                reason: format!(
-                    "{}: key `{}` is filled in per device by mass production and has no `dev` value for development builds",
-                    entry.at, entry.key
-                ),
-            });
+        if missing.is_some() {
+            return Ok(None);
         }
     }
     let size = PartitionSize::new(u64::from(spec.size))
         .map_err(|e| Error::from_format(Some(spec.at.clone()), Some(&spec.name), e))?;
     let mut image = ImageInput::new(size, spec.version);
+    if record {
+        image.record_recipe();
+    }
     let files = FileBase::Dir(manifest_dir.to_owned());
     for (csv, listed_at) in &spec.csv {
         image
@@ -126,24 +204,14 @@ pub fn build_partition(
     for ns in &spec.namespaces {
         image.namespace(Some(&ns.at), &ns.name)?;
         for entry in &ns.entries {
-            let (value, text) = resolve_value(entry, inputs)?;
-            image.add(Some(&entry.at), &entry.key, value, &text)?;
+            let (value, text, chip) = resolve_value(entry, inputs)?;
+            image.add_from(Some(&entry.at), &entry.key, value, &text, chip)?;
         }
     }
     for file in image.files_read() {
         inputs.deps.file(file);
     }
-    let entries_used = image.entries_used();
-    let entries_available = size.data_pages() * crate::format::ENTRIES_PER_PAGE;
-    let bytes = match &spec.encryption {
-        None => image.finish()?,
-        Some((encryption, at)) => encrypt(image, encryption, at, inputs)?,
-    };
-    Ok(PartitionImage::Built(BuiltImage {
-        bytes,
-        entries_used,
-        entries_available,
-    }))
+    Ok(Some((image, size)))
 }
 
 #[cfg(feature = "encryption")]
@@ -182,21 +250,33 @@ fn encrypt(
     ))
 }
 
-/// The value of one key, and the text it was written as (for the reference's Wi-Fi helper).
-fn resolve_value(entry: &EntrySpec, inputs: &mut Inputs<'_>) -> Result<(Value, String), Error> {
+/// The value of one key, the text it was written as (for the reference's Wi-Fi helper) and,
+/// when the chip gave it, which chip value it is.
+fn resolve_value(
+    entry: &EntrySpec,
+    inputs: &mut Inputs<'_>,
+) -> Result<(Value, String, Option<ChipValue>), Error> {
     let fail = |msg: String| Error::new(Some(entry.at.clone()), Some(&entry.key), msg);
     let text = match &entry.source {
         ValueSource::Text(text) => text.clone(),
         ValueSource::Integer(n) => {
             let value = crate::encoding::integer_value(entry.encoding, *n).map_err(fail)?;
-            return Ok((value, n.to_string()));
+            return Ok((value, n.to_string(), None));
         }
+        ValueSource::Chip { value, dev } => match inputs.chip_mac {
+            Some(mac) => {
+                let text = value.text(entry.encoding, &mac).map_err(fail)?;
+                let decoded = entry.encoding.decode(&text).map_err(fail)?;
+                return Ok((decoded, text, Some(*value)));
+            }
+            None => dev.clone(),
+        },
         ValueSource::File(path) => {
             let bytes = crate::error::read_limited(path, crate::error::MAX_VALUE_FILE_BYTES)
                 .map_err(|e| fail(format!("cannot read file `{}`: {e}", path.display())))?;
             inputs.deps.file(path);
             let value = entry.encoding.decode_file(&bytes).map_err(fail)?;
-            return Ok((value, path.to_string_lossy().into_owned()));
+            return Ok((value, path.to_string_lossy().into_owned(), None));
         }
         ValueSource::Env { var, default } => {
             inputs.deps.env(var);
@@ -222,5 +302,5 @@ fn resolve_value(entry: &EntrySpec, inputs: &mut Inputs<'_>) -> Result<(Value, S
         }
     };
     let value = entry.encoding.decode(&text).map_err(fail)?;
-    Ok((value, text))
+    Ok((value, text, None))
 }

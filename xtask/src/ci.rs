@@ -50,6 +50,9 @@ pub fn run(sh: &Shell, diff_cases: usize) -> Result<ExitCode> {
             // The flashing tests check `cargo nvs dist` output with esptool too, and the ledger
             // tests need a PostgreSQL server (they fail, not skip, under CI=true without one).
             let esptool = crate::reference::ensure_esptool(sh)?;
+            // Values from the chip are checked against the reference generator (the test
+            // fails, not skips, under CI=true without it).
+            crate::reference::ensure_venv(sh)?;
             let postgres = crate::postgres::Server::start(sh)?;
             let ca = postgres
                 .ca

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use nvs_build::metadata::Metadata;
 use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
 
+use super::chip_values::{RECIPE_SUFFIX, build_image, is_recipe};
 use super::ledger::{ClaimOutcome, FlashRecord, Issued, Ledger, LedgerError};
 use super::product::{ChosenLedger, LEDGER_ENV, ProductError, Scope, choose_ledger};
 use super::stored::stored_segments;
@@ -370,9 +371,14 @@ fn nvs_keys_of(table: &PartitionTable) -> Option<(u32, u32)> {
     table.nvs_keys().map(|p| (p.offset, p.size))
 }
 
-/// Reads a device's image (relative to its batch folder) and checks it is the one the ledger
-/// recorded.
-fn read_image(batch_dir: &Path, image: &str, sha256: &str) -> Result<Vec<u8>, MfgFlashError> {
+/// Reads a device's image (relative to its batch folder), checks it is the one the ledger
+/// recorded and, for a recipe (values from the chip), builds the image with the chip's `mac`.
+fn read_image(
+    batch_dir: &Path,
+    image: &str,
+    sha256: &str,
+    mac: Option<&str>,
+) -> Result<Vec<u8>, MfgFlashError> {
     let path = batch_dir.join(image);
     let data = std::fs::read(&path)
         .map_err(|e| MfgFlashError::Invalid(format!("cannot read `{}`: {e}", path.display())))?;
@@ -384,7 +390,25 @@ fn read_image(batch_dir: &Path, image: &str, sha256: &str) -> Result<Vec<u8>, Mf
             path.display()
         )));
     }
-    Ok(data)
+    if !is_recipe(image) {
+        return Ok(data);
+    }
+    let Some(mac) = mac else {
+        return Err(MfgFlashError::Invalid(format!(
+            "`{}` takes values from the chip: it is built once the chip's MAC is known",
+            path.display()
+        )));
+    };
+    let read_key = |name: &str| {
+        let path = batch_dir.join(name);
+        std::fs::read(&path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))
+    };
+    build_image(&data, &path, mac, &read_key).map_err(|why| {
+        MfgFlashError::Invalid(format!(
+            "cannot build the image of `{}` for MAC {mac}: {why}; not flashed",
+            path.display()
+        ))
+    })
 }
 
 /// The device's images (from its batch folder), each padded with 0xFF over the partition it
@@ -392,6 +416,8 @@ fn read_image(batch_dir: &Path, image: &str, sha256: &str) -> Result<Vec<u8>, Mf
 fn image_segments(
     target: &Target,
     device: &Issued,
+    mac: Option<&str>,
+    built: &mut Vec<String>,
 ) -> Result<Vec<(u32, Vec<u8>, String)>, MfgFlashError> {
     if let Some(why) = &target.placement_unknown {
         return Err(MfgFlashError::Invalid(why.clone()));
@@ -409,7 +435,8 @@ fn image_segments(
         Ok(data)
     };
     let Some(table) = &target.package_table else {
-        let data = read_image(out_dir, &device.image, &device.sha256)?;
+        let data = read_image(out_dir, &device.image, &device.sha256, mac)?;
+        built.push(sha256_hex(&data));
         let size = target.size.unwrap_or(device.size);
         return Ok(vec![(
             target.offset,
@@ -437,10 +464,11 @@ fn image_segments(
     let mut segments = Vec::new();
     for (image, sha256) in images {
         let suffix = format!("-{}.bin", device.device);
-        let Some(name) = image
-            .strip_prefix("bin/")
-            .and_then(|n| n.strip_suffix(&suffix))
-        else {
+        let recipe_suffix = format!("-{}{RECIPE_SUFFIX}", device.device);
+        let Some(name) = image.strip_prefix("bin/").and_then(|n| {
+            n.strip_suffix(&suffix)
+                .or_else(|| n.strip_suffix(&recipe_suffix))
+        }) else {
             return Err(MfgFlashError::Invalid(format!(
                 "`{image}` is not named <partition>-{}.bin: it was not made from the package's \
                  metadata; give --offset, or --partition-table and --partition",
@@ -463,7 +491,8 @@ fn image_segments(
                 device.size, partition.size
             )));
         }
-        let data = read_image(out_dir, image, sha256)?;
+        let data = read_image(out_dir, image, sha256, mac)?;
+        built.push(sha256_hex(&data));
         segments.push((
             partition.offset,
             pad(data, partition.size, image)?,
@@ -783,13 +812,26 @@ fn flash_device(
         port.as_deref().unwrap_or("default port"),
         device.device
     );
-    let segments = device_segments(target, claim.ledger, device, &label)?;
+    // A device made from the chip is built once its MAC is known; the others are checked
+    // before the port is opened.
+    let early = match device.from_chip {
+        true => None,
+        false => Some(device_segments(target, claim.ledger, device, &label, None)?),
+    };
     let mut flasher = connect(
         &connect_args(args, port.clone(), args.baud),
         true,
         target.firmware.is_some(),
     )?;
     let chip = chip_of(&mut flasher)?;
+    let (built, segments) = match early {
+        Some(prepared) => prepared,
+        None => match device_segments(target, claim.ledger, device, &label, Some(&chip.mac)) {
+            Ok(prepared) => prepared,
+            Err(e) => return logged(claim.ledger, target, device, port, &chip.mac, Err(e)),
+        },
+    };
+    let device = &built;
     let mut progress = PortProgress::new(label.clone());
     let result = flash_connected(
         args,
@@ -856,14 +898,20 @@ pub(crate) fn chip_of(flasher: &mut espflash::flasher::Flasher) -> Result<ChipIn
     })
 }
 
-/// A device's segments: its images where the target puts them, its key file into nvs_keys,
-/// checked against the firmware's table (`--firmware`).
+/// A device's segments: (offset, bytes, partition).
+pub(crate) type Segments = Vec<(u32, Vec<u8>, String)>;
+
+/// The device as it is flashed, and its segments: its images where the target puts them (a
+/// recipe built with the chip's `mac`), its key file into nvs_keys, checked against the
+/// firmware's table (`--firmware`). For a device made from the chip, the SHA-256s are those of
+/// the images built for this chip (what the production log records).
 pub(crate) fn device_segments(
     target: &Target,
     ledger: &dyn Ledger,
     device: &Issued,
     label: &str,
-) -> Result<Vec<(u32, Vec<u8>, String)>, MfgFlashError> {
+    mac: Option<&str>,
+) -> Result<(Issued, Segments), MfgFlashError> {
     let out_dir = device.batch_dir.as_path();
     let stored = ledger.stored_files(&device.device)?;
     if !stored.is_empty() && target.placement_given {
@@ -874,11 +922,22 @@ pub(crate) fn device_segments(
         )));
     }
     let from_folder = stored.is_empty();
+    let mut built = Vec::new();
     let mut segments = if from_folder {
-        image_segments(target, device)?
+        image_segments(target, device, mac, &mut built)?
     } else {
-        stored_segments(device, stored)?
+        stored_segments(device, stored, mac, &mut built)?
     };
+    let mut device = device.clone();
+    if device.from_chip {
+        let mut built = built.into_iter();
+        if let Some(sha) = built.next() {
+            device.sha256 = sha;
+        }
+        for ((_, sha), built) in device.more_images.iter_mut().zip(built) {
+            *sha = built;
+        }
+    }
     if let Some(hmac_key) = &device.hmac_key_file {
         // HMAC key protection: the chip derives the key from its eFuse; nvs_keys stays unused.
         let in_out_dir = out_dir.join(hmac_key);
@@ -915,7 +974,7 @@ pub(crate) fn device_segments(
         }
     }
 
-    Ok(segments)
+    Ok((device, segments))
 }
 
 /// The production log's record of a flash that was refused or failed before anything was

@@ -43,6 +43,7 @@ use nvs_build::table::PartitionTable;
 use nvs_build::{FileBase, ImageInput, InputError};
 use rayon::prelude::*;
 
+use super::chip_values::{RecipeKey, is_recipe, mfg_gen_recipe};
 use super::input::{
     ConfigRow, DeviceRow, Values, ValuesError, bind_columns, device_csv, read_config,
 };
@@ -360,7 +361,8 @@ fn stored(
             path.display()
         )));
     }
-    if data.len() > size as usize {
+    // A recipe is not the image (that is built for the chip, and checked to fit).
+    if data.len() > size as usize && !is_recipe(name) {
         return Err(GenerateError::Invalid(format!(
             "`{}` is larger than partition `{partition}` ({size:#x} bytes)",
             path.display()
@@ -553,11 +555,32 @@ struct Device {
     images: Vec<String>,
     /// Its key in the ledger: the id, or the image name when ids are row numbers.
     ledger_id: String,
+    /// Per image: it takes values from the chip, so it is a recipe (`bin/<name>.chip.csv`).
+    recipes: Vec<bool>,
 }
 
 impl Device {
     fn name(&self) -> &str {
         &self.images[0]
+    }
+
+    /// Its `i`th image's file, relative to the out dir: `bin/<name>.bin`, or for a recipe
+    /// `bin/<name>.chip.csv`.
+    fn file(&self, i: usize) -> String {
+        if self.recipes.get(i).copied().unwrap_or(false) {
+            format!(
+                "bin/{}{}",
+                self.images[i],
+                super::chip_values::RECIPE_SUFFIX
+            )
+        } else {
+            image_rel(&self.images[i])
+        }
+    }
+
+    /// Some of its images are recipes.
+    fn takes_chip_values(&self) -> bool {
+        self.recipes.iter().any(|r| *r)
     }
 }
 
@@ -736,6 +759,12 @@ pub fn generate(args: MfgGenerateArgs) -> Result<(), GenerateError> {
         fileid_column,
         repeat_fileid: fileid_column
             .is_some_and(|c| rows.iter().any(|r| r.repeat && r.column == Some(c))),
+        inputkey: args.inputkey.as_ref().map(|p| {
+            std::path::absolute(p)
+                .unwrap_or_else(|_| p.clone())
+                .display()
+                .to_string()
+        }),
     };
     let mut ids = Ids::new();
     let start = plan.prefix_num.map_or(0, |(start, _)| start);
@@ -804,6 +833,8 @@ struct MfgGen<'a> {
     fileid_column: Option<usize>,
     /// The --fileid column is a REPEAT key: every device takes the first row's id.
     repeat_fileid: bool,
+    /// --inputkey, absolute: a recipe names it.
+    inputkey: Option<String>,
 }
 
 impl Maker for MfgGen<'_> {
@@ -827,11 +858,13 @@ impl Maker for MfgGen<'_> {
         } else {
             name.clone()
         };
+        let recipe = super::chip_values::row_from_chip(self.rows, self.first_row, &row.fields);
         Device {
             line: row.line,
             id,
             images: vec![name],
             ledger_id,
+            recipes: vec![recipe],
         }
     }
 
@@ -855,11 +888,32 @@ impl Maker for MfgGen<'_> {
             },
             &mut starts,
         );
-        let mut image = ImageInput::new(plan.size, plan.version);
         let located = |e: InputError| locate(plan, rows, &starts, device, e);
-        image
-            .add_csv(&plan.values, csv.as_bytes(), &FileBase::CurrentDir)
-            .map_err(located)?;
+        let recipe = if device.takes_chip_values() {
+            let key = match self.keys {
+                Keys::Plain => None,
+                Keys::Shared(_) => self.inputkey.clone().map(RecipeKey::Keys),
+                Keys::PerDevice(_) => Some(RecipeKey::Keys(key_rel(device.name()))),
+            };
+            let recipe = mfg_gen_recipe(&plan.values, &csv, plan.size, plan.version, key.as_ref())
+                .map_err(located)?
+                .map_err(|why| {
+                    GenerateError::Invalid(format!(
+                        "{}: device `{}`: {why}",
+                        plan.values.display(),
+                        device.id
+                    ))
+                })?;
+            Some(recipe)
+        } else {
+            None
+        };
+        let mut image = ImageInput::new(plan.size, plan.version);
+        if recipe.is_none() {
+            image
+                .add_csv(&plan.values, csv.as_bytes(), &FileBase::CurrentDir)
+                .map_err(located)?;
+        }
         // Checking: a fresh key gives other bytes on every build; the plain image shows that
         // the device builds.
         let (mut key, mut hmac_key) = (None, None);
@@ -872,6 +926,13 @@ impl Maker for MfgGen<'_> {
             }
             Keys::PerDevice(KeySource::Hmac(derived, _)) => key = Some(derived.clone()),
             _ => {}
+        }
+        if let Some(recipe) = recipe {
+            return Ok(Built {
+                images: vec![recipe],
+                key,
+                hmac_key,
+            });
         }
         // Encrypting cannot fail: checking needs the encrypted bytes only for their SHA-256,
         // which only --resume compares.
@@ -1593,13 +1654,13 @@ impl Recorder<'_> {
             if let Ok(Some(written)) = written {
                 self.issued.push(Issued {
                     device: device.ledger_id.clone(),
-                    image: image_rel(device.name()),
+                    image: device.file(0),
                     sha256: written.shas[0].clone(),
-                    more_images: device.images[1..]
-                        .iter()
+                    more_images: (1..device.images.len())
                         .zip(&written.shas[1..])
-                        .map(|(name, sha)| (image_rel(name), sha.clone()))
+                        .map(|(i, sha)| (device.file(i), sha.clone()))
                         .collect(),
+                    from_chip: device.takes_chip_values(),
                     key_file: written.key_file.clone(),
                     hmac_key_file: written.hmac_key_file.clone(),
                     size: maker.ledger_size(),
@@ -1717,8 +1778,8 @@ fn write_device(
     }
     let key_file = built.key.is_some().then(|| key_rel(device.name()));
     let hmac_key_file = maker.hmac_key_file(device.name());
-    for (name, bytes) in device.images.iter().zip(&built.images) {
-        let bin = bin_path(&run.out_dir, name);
+    for (i, bytes) in built.images.iter().enumerate() {
+        let bin = run.out_dir.join(device.file(i));
         write_atomic_with(&bin, bytes, Some(0o600), run.sync).map_err(|e| io(&bin, e))?;
     }
     Ok(Written {
@@ -1912,15 +1973,15 @@ impl Manifests {
             }
             Some(labels) => {
                 let mut images = Vec::with_capacity(device.images.len());
-                for (i, (name, label)) in device.images.iter().zip(labels).enumerate() {
+                for (i, label) in labels.iter().enumerate().take(device.images.len()) {
+                    let image = device.file(i);
                     let sha256 = match (i, shas, entry.more_images.get(i.wrapping_sub(1))) {
                         (0, _, _) => entry.sha256.clone(),
                         (_, Some(shas), _) => shas[i].clone(),
                         (_, None, Some((_, recorded))) => recorded.clone(),
                         // A ledger older than the list of a device's other images.
-                        (_, None, None) => sha_of_file(&bin_path(&run.out_dir, name))?,
+                        (_, None, None) => sha_of_file(&run.out_dir.join(&image))?,
                     };
-                    let image = image_rel(name);
                     self.csv_row(&[&device.id, &line, label, &image, &sha256])?;
                     images.push(serde_json::json!({
                         "partition": label,
@@ -2068,10 +2129,8 @@ fn decide(
         return Ok(Verdict::Do(Action::Build));
     }
     let at = run.at(device.line);
-    let bins: Vec<PathBuf> = device
-        .images
-        .iter()
-        .map(|name| bin_path(&run.out_dir, name))
+    let bins: Vec<PathBuf> = (0..device.images.len())
+        .map(|i| run.out_dir.join(device.file(i)))
         .collect();
     let key_files: Vec<PathBuf> = maker
         .key_files()
@@ -2089,7 +2148,7 @@ fn decide(
             && on_disk
             && batch_dir == Some(issued.batch_dir.as_path())
             && bins.iter().all(|bin| bin.exists())
-            && issued.image == image_rel(device.name())
+            && issued.image == device.file(0)
             && key_files.iter().all(|key| key.exists())
         {
             // Every image as the ledger recorded it (older ledgers have only the first).

@@ -193,6 +193,10 @@ pub struct Issued {
     pub batch_dir: PathBuf,
     /// Set by the ledger (UTC, ISO 8601).
     pub issued_at: String,
+    /// Some of its values come from the chip: its images ending in `.chip.csv` are recipes
+    /// (their SHA-256 is the recipe's), built when the chip's MAC is known; the production
+    /// log records each built image's SHA-256 with the MAC.
+    pub from_chip: bool,
     /// The device's images and key file kept in the ledger itself (`mfg generate
     /// --store-images`), so that stations need no batch folder: given to `issue_many` to be
     /// stored with the entry, and filled by `export`. Other reads leave it empty: a station
@@ -412,7 +416,8 @@ pub struct SqliteLedger {
 /// upgraded in place when opened. 2: device_images, claims and devices.hmac_key_file.
 /// 3: batches and devices.batch_dir (the ledger is one per product, no longer one per out dir).
 /// 4: flash_log.firmware_sha256 (the firmware written with the device's images).
-/// 5: device_files and batches.partition_table (`mfg generate --store-images`).
+/// 5: device_files and batches.partition_table (`mfg generate --store-images`), and
+/// devices.from_chip (images built from recipes with the chip's MAC at flash time).
 const SCHEMA_VERSION: i64 = 5;
 
 /// How long a claim on a device holds: longer than any flash takes, so that a claim older than
@@ -432,7 +437,8 @@ CREATE TABLE IF NOT EXISTS devices (
     batch     TEXT NOT NULL,
     issued_at TEXT NOT NULL,
     issues    INTEGER NOT NULL DEFAULT 1,
-    batch_dir TEXT NOT NULL DEFAULT ''
+    batch_dir TEXT NOT NULL DEFAULT '',
+    from_chip INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS batches (
     dir        TEXT PRIMARY KEY NOT NULL,
@@ -634,6 +640,10 @@ fn upgrade(tx: &Connection, ledger_folder: &str) -> rusqlite::Result<()> {
     if !batches_have_table {
         tx.execute_batch("ALTER TABLE batches ADD COLUMN partition_table BLOB")?;
     }
+    // Schema 5: devices made from the chip.
+    if !has_column("from_chip")? {
+        tx.execute_batch("ALTER TABLE devices ADD COLUMN from_chip INTEGER NOT NULL DEFAULT 0")?;
+    }
     let moved = tx.execute(
         "UPDATE devices SET batch_dir = ?1 WHERE batch_dir = ''",
         [ledger_folder],
@@ -675,6 +685,7 @@ fn issued_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Issued> {
         issued_at: row.get(8)?,
         batch_dir: PathBuf::from(row.get::<_, String>(10)?),
         files: Vec::new(),
+        from_chip: row.get(11)?,
     })
 }
 
@@ -700,7 +711,7 @@ fn more_images(c: &Connection, device: &str) -> rusqlite::Result<Vec<(String, St
 }
 
 const DEVICE_COLUMNS: &str = "device, image, sha256, key_file, size, values_file, line, batch, \
-     issued_at, hmac_key_file, batch_dir";
+     issued_at, hmac_key_file, batch_dir, from_chip";
 
 const FILE_COLUMNS: &str = "name, partition_name, flash_offset, partition_size, sha256, data";
 
@@ -851,9 +862,10 @@ impl Ledger for SqliteLedger {
                 let changed = tx.execute(
                     &format!(
                         "INSERT INTO devices ({DEVICE_COLUMNS})
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                          ON CONFLICT (device) DO UPDATE SET image = excluded.image,
                            sha256 = excluded.sha256, key_file = excluded.key_file,
+                           from_chip = excluded.from_chip,
                            hmac_key_file = excluded.hmac_key_file, size = excluded.size,
                            values_file = excluded.values_file, line = excluded.line,
                            batch = excluded.batch, issued_at = excluded.issued_at
@@ -870,7 +882,8 @@ impl Ledger for SqliteLedger {
                         d.batch,
                         d.issued_at,
                         d.hmac_key_file,
-                        d.batch_dir.to_string_lossy()
+                        d.batch_dir.to_string_lossy(),
+                        d.from_chip
                     ],
                 )?;
                 if changed > 0 {
@@ -937,7 +950,7 @@ impl Ledger for SqliteLedger {
                 let on_conflict = if allow_reissue {
                     "DO UPDATE SET image = excluded.image,
                        sha256 = excluded.sha256, key_file = excluded.key_file,
-                       hmac_key_file = excluded.hmac_key_file,
+                       hmac_key_file = excluded.hmac_key_file, from_chip = excluded.from_chip,
                        size = excluded.size, values_file = excluded.values_file,
                        line = excluded.line, batch = excluded.batch,
                        issued_at = excluded.issued_at, batch_dir = excluded.batch_dir,
@@ -947,7 +960,7 @@ impl Ledger for SqliteLedger {
                     // is left alone and refused.
                     "DO UPDATE SET image = excluded.image,
                        sha256 = excluded.sha256, key_file = excluded.key_file,
-                       hmac_key_file = excluded.hmac_key_file,
+                       hmac_key_file = excluded.hmac_key_file, from_chip = excluded.from_chip,
                        size = excluded.size, values_file = excluded.values_file,
                        line = excluded.line, issued_at = excluded.issued_at
                      WHERE devices.sha256 = '' AND devices.batch = excluded.batch
@@ -955,7 +968,7 @@ impl Ledger for SqliteLedger {
                 };
                 let mut insert = tx.prepare_cached(&format!(
                     "INSERT INTO devices ({DEVICE_COLUMNS})
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                      ON CONFLICT (device) {on_conflict}"
                 ))?;
                 let mut earlier_of = tx
@@ -987,7 +1000,8 @@ impl Ledger for SqliteLedger {
                         entry.batch,
                         now,
                         entry.hmac_key_file,
-                        batch_dir
+                        batch_dir,
+                        entry.from_chip
                     ])?;
                     if changed == 0 {
                         let earlier: (String, String) = earlier_of
@@ -1346,7 +1360,9 @@ impl Ledger for SqliteLedger {
         self.with(|c| {
             c.query_row(
                 "SELECT device FROM devices WHERE sha256 = ?1
-                 UNION ALL SELECT device FROM device_images WHERE sha256 = ?1 LIMIT 1",
+                 UNION ALL SELECT device FROM device_images WHERE sha256 = ?1
+                 UNION ALL SELECT device FROM flash_log WHERE sha256 = ?1 AND result = 'ok'
+                 LIMIT 1",
                 [&sha256],
                 |r| r.get(0),
             )
@@ -1429,6 +1445,7 @@ pub(crate) mod tests {
             batch_dir: PathBuf::from("/batch/one"),
             issued_at: String::new(),
             files: Vec::new(),
+            from_chip: false,
         }
     }
 

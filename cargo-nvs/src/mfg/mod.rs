@@ -4,6 +4,7 @@
 //! which ledger belongs to a product ([`product`]), the CSV inputs ([`input`]), and a flashing
 //! station that loops over boards ([`station`]).
 
+mod chip_values;
 pub mod flash;
 pub mod generate;
 pub mod input;

@@ -27,8 +27,9 @@ use super::ledger::{
 use super::migrate::{ClaimRow, LedgerCopy};
 
 /// Bumped when the tables change (as SQLite's); a database of a newer version is refused.
-/// 4: nvs_flash_log.firmware_sha256. 5: nvs_device_files, nvs_batches.partition_table and
-/// nvs_devices.claimed_by (the database role holding a claim, for the station role's policy).
+/// 4: nvs_flash_log.firmware_sha256. 5: nvs_device_files, nvs_batches.partition_table,
+/// nvs_devices.claimed_by (the database role holding a claim, for the station role's policy)
+/// and nvs_devices.from_chip (images built from recipes with the chip's MAC at flash time).
 const SCHEMA_VERSION: i64 = 5;
 
 /// UTC now, as the SQLite ledger writes times (sortable text).
@@ -43,7 +44,8 @@ CREATE TABLE IF NOT EXISTS nvs_devices (
     hmac_key_file TEXT, size BIGINT NOT NULL, values_file TEXT NOT NULL, line BIGINT NOT NULL,
     batch TEXT NOT NULL, issued_at TEXT NOT NULL, issues BIGINT NOT NULL DEFAULT 1,
     batch_dir TEXT NOT NULL, claimant TEXT, claimed_at TEXT, written_to TEXT,
-    flashed BOOLEAN NOT NULL DEFAULT FALSE);
+    flashed BOOLEAN NOT NULL DEFAULT FALSE, from_chip BOOLEAN NOT NULL DEFAULT FALSE);
+ALTER TABLE nvs_devices ADD COLUMN IF NOT EXISTS from_chip BOOLEAN NOT NULL DEFAULT FALSE;
 CREATE INDEX IF NOT EXISTS nvs_devices_order ON nvs_devices (batch, values_file, line);
 CREATE INDEX IF NOT EXISTS nvs_devices_sha256 ON nvs_devices (sha256);
 CREATE INDEX IF NOT EXISTS nvs_devices_to_flash ON nvs_devices (batch, values_file, line)
@@ -150,7 +152,7 @@ fn put_files<C: GenericClient>(
 }
 
 const DEVICE_COLUMNS: &str = "device, image, sha256, key_file, size, values_file, line, batch, \
-     issued_at, hmac_key_file, batch_dir";
+     issued_at, hmac_key_file, batch_dir, from_chip";
 
 /// A ledger URL, with the password kept out of everything that is shown.
 #[derive(Clone, PartialEq, Eq)]
@@ -724,6 +726,7 @@ fn issued_from_row(row: &Row) -> Issued {
         issued_at: row.get(8),
         batch_dir: PathBuf::from(row.get::<_, String>(10)),
         files: Vec::new(),
+        from_chip: row.get(13),
     }
 }
 
@@ -761,7 +764,8 @@ fn device_columns(d: &str) -> String {
          (SELECT array_agg(i.image ORDER BY i.idx) FROM nvs_device_images i
             WHERE i.device = {d}.device),
          (SELECT array_agg(i.sha256 ORDER BY i.idx) FROM nvs_device_images i
-            WHERE i.device = {d}.device)"
+            WHERE i.device = {d}.device),
+         {d}.from_chip"
     )
 }
 
@@ -846,9 +850,10 @@ impl Ledger for PostgresLedger {
     fn import(&self, copy: &LedgerCopy, log_kept: usize) -> LedgerResult<()> {
         let insert_device = format!(
             "INSERT INTO nvs_devices ({DEVICE_COLUMNS})
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
              ON CONFLICT (device) DO UPDATE SET image = excluded.image,
                sha256 = excluded.sha256, key_file = excluded.key_file,
+               from_chip = excluded.from_chip,
                hmac_key_file = excluded.hmac_key_file, size = excluded.size,
                values_file = excluded.values_file, line = excluded.line,
                batch = excluded.batch, issued_at = excluded.issued_at
@@ -878,6 +883,7 @@ impl Ledger for PostgresLedger {
                         &d.issued_at,
                         &d.hmac_key_file,
                         &d.batch_dir.to_string_lossy().into_owned(),
+                        &d.from_chip,
                     ],
                 )?;
                 if changed > 0 {
@@ -954,11 +960,11 @@ impl Ledger for PostgresLedger {
         let insert = format!(
             "INSERT INTO nvs_devices ({DEVICE_COLUMNS})
              SELECT u.device, u.image, u.sha256, u.key_file, u.size, u.values_file, u.line,
-               u.batch, $12, u.hmac_key_file, u.batch_dir
+               u.batch, $12, u.hmac_key_file, u.batch_dir, u.from_chip
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
-               $6::text[], $7::bigint[], $8::text[], $9::text[], $10::text[])
+               $6::text[], $7::bigint[], $8::text[], $9::text[], $10::text[], $13::boolean[])
                AS u(device, image, sha256, key_file, size, values_file, line, batch,
-                 hmac_key_file, batch_dir)
+                 hmac_key_file, batch_dir, from_chip)
              WHERE $11
              ORDER BY u.device
              ON CONFLICT (device) DO UPDATE SET image = excluded.image,
@@ -966,7 +972,7 @@ impl Ledger for PostgresLedger {
                hmac_key_file = excluded.hmac_key_file, size = excluded.size,
                values_file = excluded.values_file, line = excluded.line,
                batch = excluded.batch, issued_at = excluded.issued_at,
-               batch_dir = excluded.batch_dir{issues}
+               batch_dir = excluded.batch_dir, from_chip = excluded.from_chip{issues}
              WHERE {take}
              RETURNING device"
         );
@@ -981,6 +987,7 @@ impl Ledger for PostgresLedger {
         let batches = column(|e| e.batch.clone());
         let hmac: Vec<Option<String>> = entries.iter().map(|e| e.hmac_key_file.clone()).collect();
         let dirs = column(|e| e.batch_dir.to_string_lossy().into_owned());
+        let from_chip: Vec<bool> = entries.iter().map(|e| e.from_chip).collect();
         let (outcomes, now) = self.with(|db| {
             let now: String = db.query_one(&format!("SELECT {NOW}"), &[])?.get(0);
             let mut distinct = dirs.clone();
@@ -996,7 +1003,7 @@ impl Ledger for PostgresLedger {
                     &insert,
                     &[
                         &devices, &images, &shas, &key_files, &sizes, &values, &lines, &batches,
-                        &hmac, &dirs, &true, &now,
+                        &hmac, &dirs, &true, &now, &from_chip,
                     ],
                 )?
                 .iter()
@@ -1416,7 +1423,9 @@ impl Ledger for PostgresLedger {
             Ok(db
                 .query_opt(
                     "SELECT device FROM nvs_devices WHERE sha256 = $1
-                     UNION ALL SELECT device FROM nvs_device_images WHERE sha256 = $1 LIMIT 1",
+                     UNION ALL SELECT device FROM nvs_device_images WHERE sha256 = $1
+                     UNION ALL SELECT device FROM nvs_flash_log WHERE sha256 = $1
+                       AND result = 'ok' LIMIT 1",
                     &[&sha256],
                 )?
                 .map(|r| r.get(0)))

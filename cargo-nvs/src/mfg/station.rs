@@ -452,15 +452,18 @@ impl Station<'_> {
                 },
             )
         };
-        let segments = match device_segments(target, ledger, device, &label) {
-            Ok(segments) => segments,
-            Err(e) => {
-                let e = logged(ledger, target, device, &port_name, &chip.mac, Err(e))
-                    .expect_err("an error stays one");
-                failed(&e, 1, false, self.baud);
-                return Err(e);
-            }
-        };
+        // A device made from the chip is built for this chip's MAC.
+        let (built, segments) =
+            match device_segments(target, ledger, device, &label, Some(&chip.mac)) {
+                Ok(prepared) => prepared,
+                Err(e) => {
+                    let e = logged(ledger, target, device, &port_name, &chip.mac, Err(e))
+                        .expect_err("an error stays one");
+                    failed(&e, 1, false, self.baud);
+                    return Err(e);
+                }
+            };
+        let device = &built;
         let mut session = Some(session);
         let mut baud = self.baud;
         let mut attempt = 1;

@@ -7,6 +7,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod chip_values;
 mod emulator;
 mod encrypt_cli;
 mod flash_cli;

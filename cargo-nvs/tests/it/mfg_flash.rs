@@ -770,7 +770,7 @@ fn a_batch_of_an_older_version_with_its_own_ledger_is_flashed_through_its_manife
     let version: i64 = db
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
     let dirs: Vec<String> = db
         .prepare("SELECT DISTINCT batch_dir FROM devices")
         .unwrap()

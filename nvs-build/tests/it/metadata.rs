@@ -554,3 +554,213 @@ fn many_keys_parse_with_correct_locations() {
         format!("Cargo.toml:{}:1", 5 + 16 * 1001 + 1)
     );
 }
+
+/// `{ chip = "mac" | "mac-hex", dev = … }`: development builds take `dev`; with a MAC (mass
+/// production at flash time) the chip's; mistakes are refused at their place in Cargo.toml.
+#[test]
+fn chip_values_take_dev_in_development_builds_and_the_mac_in_production() {
+    use nvs_build::chip::{ChipValue, Mac};
+    use nvs_build::metadata::ValueSource;
+    let p = Project::new(&[]);
+    let body = "[package.metadata.nvs.partitions.nvs.namespaces.ns]\n\
+                serial = { string = { chip = \"mac\", dev = \"00:00:00:00:00:00\" } }\n\
+                hexmac = { string = { chip = \"mac-hex\", dev = \"000000000000\" } }\n\
+                id = { u64 = { chip = \"mac\", dev = 7 } }\n";
+    let images = p.build(body, &[]).unwrap();
+    let parsed = read_image(&built(&images));
+    let value = |parsed: &nvs_build::format::ParsedImage, key: &str| {
+        parsed
+            .items
+            .iter()
+            .find(|i| i.key == key)
+            .map(|i| i.value.clone())
+            .unwrap()
+    };
+    assert_eq!(
+        value(&parsed, "serial"),
+        ItemValue::Value(Value::String("00:00:00:00:00:00".into()))
+    );
+    assert_eq!(value(&parsed, "id"), ItemValue::Value(Value::U64(7)));
+
+    let text = std::fs::read_to_string(p.manifest()).unwrap();
+    let metadata = Metadata::parse(&p.manifest(), &text).unwrap().unwrap();
+    let sources: Vec<&ValueSource> = metadata.partitions[0].namespaces[0]
+        .entries
+        .iter()
+        .map(|e| &e.source)
+        .collect();
+    assert_eq!(
+        sources[1],
+        &ValueSource::Chip {
+            value: ChipValue::MacHex,
+            dev: "000000000000".into()
+        }
+    );
+    let mac = Mac([0xa4, 0xcf, 0x12, 0x0b, 0x1c, 0xfe]);
+    let mut inputs = Inputs::new(|_| None).with_chip_mac(mac);
+    let image = build_partition(&metadata.partitions[0], &metadata.manifest_dir, &mut inputs);
+    let Ok(PartitionImage::Built(image)) = image else {
+        panic!("built with the MAC")
+    };
+    let parsed = read_image(&image.bytes);
+    assert_eq!(
+        value(&parsed, "serial"),
+        ItemValue::Value(Value::String("A4:CF:12:0B:1C:FE".into()))
+    );
+    assert_eq!(
+        value(&parsed, "hexmac"),
+        ItemValue::Value(Value::String("a4cf120b1cfe".into()))
+    );
+    assert_eq!(
+        value(&parsed, "id"),
+        ItemValue::Value(Value::U64(0xa4cf120b1cfe))
+    );
+}
+
+#[test]
+fn chip_value_mistakes_are_refused_where_they_are_written() {
+    let p = Project::new(&[]);
+    let ns = "[package.metadata.nvs.partitions.nvs.namespaces.ns]\n";
+    // No dev value: say what to add.
+    let e = p.error(&format!(
+        "{ns}serial = {{ string = {{ chip = \"mac\" }} }}\n"
+    ));
+    assert!(
+        e.contains(&at(7, 21))
+            && e.contains("`serial`")
+            && e.contains("add `dev = \"00:00:00:00:00:00\"`"),
+        "{e}"
+    );
+    let e = p.error(&format!("{ns}id = {{ u64 = {{ chip = \"mac\" }} }}\n"));
+    assert!(e.contains(&at(7, 14)) && e.contains("add `dev = 0`"), "{e}");
+    // A type that cannot hold it.
+    let e = p.error(&format!(
+        "{ns}id = {{ u32 = {{ chip = \"mac\", dev = 1 }} }}\n"
+    ));
+    assert!(
+        e.contains(&at(7, 23))
+            && e.contains("`id`")
+            && e.contains("fills string or u64 keys, not `u32`"),
+        "{e}"
+    );
+    let e = p.error(&format!(
+        "{ns}id = {{ u64 = {{ chip = \"mac-hex\", dev = 1 }} }}\n"
+    ));
+    assert!(e.contains("fills string keys, not `u64`"), "{e}");
+    // A chip value that does not exist.
+    let e = p.error(&format!(
+        "{ns}sn = {{ string = {{ chip = \"serial\", dev = \"x\" }} }}\n"
+    ));
+    assert!(
+        e.contains(&at(7, 26))
+            && e.contains("unknown chip value `serial`")
+            && e.contains("mac, mac-hex"),
+        "{e}"
+    );
+    // Other fields beside it.
+    let e = p.error(&format!(
+        "{ns}sn = {{ string = {{ chip = \"mac\", dev = \"x\", env = \"Y\" }} }}\n"
+    ));
+    assert!(
+        e.contains("unknown field") || e.contains("expected one of"),
+        "{e}"
+    );
+}
+
+/// A partition with chip values becomes a recipe (every value inline, `@chip:` cells for the
+/// chip's); the recipe built with a MAC gives the bytes the metadata gives with that MAC, and a
+/// CSV read without a MAC keeps `@chip:` cells as text, as Espressif's generator does.
+#[test]
+fn a_recipe_built_with_a_mac_equals_the_partition_built_with_it() {
+    use nvs_build::chip::{Mac, recipe_csv};
+    use nvs_build::format::{PartitionSize, Version};
+    use nvs_build::resolve::partition_recipe;
+    use nvs_build::{FileBase, ImageInput};
+    let p = Project::new(&[
+        ("cert.der", &[0u8, 1, 2, 0xff, b'\n', b'#'][..]),
+        ("note.txt", "a note, \"quoted\"\n".as_bytes()),
+        (
+            "fctry.csv",
+            b"key,type,encoding,value\nfirst,namespace,,\nblob,file,binary,cert.der\nn,data,i32,-3\n",
+        ),
+    ]);
+    let body = "[package.metadata.nvs.partitions.nvs]\ncsv = [\"fctry.csv\"]\n\
+                [package.metadata.nvs.partitions.nvs.namespaces.ns]\n\
+                serial = { string = { chip = \"mac\", dev = \"00:00:00:00:00:00\" } }\n\
+                note = { string = { file = \"note.txt\" } }\n\
+                cert = { file = \"cert.der\" }\n\
+                id = { u64 = { chip = \"mac\", dev = 7 } }\n\
+                short = { string = { chip = \"mac-hex\", dev = \"x\" } }\n";
+    p.build(body, &[]).unwrap();
+    let text = std::fs::read_to_string(p.manifest()).unwrap();
+    let metadata = Metadata::parse(&p.manifest(), &text).unwrap().unwrap();
+    let spec = &metadata.partitions[0];
+    let mut inputs = Inputs::new(|_| None).with_chip_mac(Mac::ZERO);
+    let rows = partition_recipe(spec, &metadata.manifest_dir, &mut inputs)
+        .unwrap()
+        .unwrap();
+    let csv = recipe_csv(&rows, &["a recipe".into()]).unwrap();
+    assert!(csv.contains("serial,data,string,@chip:mac\n"), "{csv}");
+    assert!(csv.contains("id,data,u64,@chip:mac\n"), "{csv}");
+    assert!(csv.contains("short,data,string,@chip:mac-hex\n"), "{csv}");
+    assert!(!csv.contains("cert.der"), "files are inline: {csv}");
+    for mac in [
+        Mac([1, 2, 3, 4, 5, 6]),
+        Mac([0xa4, 0xcf, 0x12, 0x0b, 0x1c, 0xfe]),
+    ] {
+        let mut inputs = Inputs::new(|_| None).with_chip_mac(mac);
+        let Ok(PartitionImage::Built(expected)) =
+            build_partition(spec, &metadata.manifest_dir, &mut inputs)
+        else {
+            panic!("built")
+        };
+        let mut image = ImageInput::new(PartitionSize::new(0x3000).unwrap(), Version::V2);
+        image.set_chip_mac(Some(mac));
+        image.allow_device_string_lengths(true);
+        image
+            .add_csv(
+                Path::new("recipe.csv"),
+                csv.as_bytes(),
+                &FileBase::CurrentDir,
+            )
+            .unwrap();
+        assert_eq!(image.finish().unwrap(), expected.bytes, "{mac}");
+    }
+    // Without a MAC, `@chip:mac` is a string like any other.
+    let mut image = ImageInput::new(PartitionSize::new(0x3000).unwrap(), Version::V2);
+    image
+        .add_csv(
+            Path::new("recipe.csv"),
+            csv.as_bytes(),
+            &FileBase::CurrentDir,
+        )
+        .unwrap_err(); // `u64` cannot read `@chip:mac`
+    let mut image = ImageInput::new(PartitionSize::new(0x3000).unwrap(), Version::V2);
+    image
+        .add_csv(
+            Path::new("plain.csv"),
+            b"key,type,encoding,value\nns,namespace,,\ns,data,string,@chip:mac\n",
+            &FileBase::CurrentDir,
+        )
+        .unwrap();
+    let parsed = read_image(&image.finish().unwrap());
+    assert_eq!(
+        parsed.items[0].value,
+        ItemValue::Value(Value::String("@chip:mac".into()))
+    );
+    // A MAC given to a CSV fills only the encodings that can hold it.
+    let mut image = ImageInput::new(PartitionSize::new(0x3000).unwrap(), Version::V2);
+    image.set_chip_mac(Some(Mac::ZERO));
+    let e = image
+        .add_csv(
+            Path::new("bad.csv"),
+            b"key,type,encoding,value\nns,namespace,,\ns,data,u32,@chip:mac\n",
+            &FileBase::CurrentDir,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("bad.csv:3") && e.contains("string or u64"),
+        "{e}"
+    );
+}

@@ -15,8 +15,13 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use nvs_build::InputError;
-use nvs_build::metadata::{Metadata, PartitionSpec, TableSource, ValueSource};
-use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
+use nvs_build::chip::Mac;
+use nvs_build::metadata::{EncryptionSpec, Metadata, PartitionSpec, TableSource, ValueSource};
+use nvs_build::resolve::{
+    Inputs, PartitionImage, build_partition, has_chip_values, partition_recipe,
+};
+
+use crate::mfg::chip_values::{RecipeKey, recipe};
 
 use super::{
     Built, Device, GenerateError, Ids, Maker, MfgGenerateArgs, Placement, Run, SharedImage, produce,
@@ -151,6 +156,10 @@ pub(super) fn generate(args: &MfgGenerateArgs) -> Result<(), GenerateError> {
         package: project.name.clone(),
         metadata: &metadata,
         labels: per_device.iter().map(|spec| spec.name.clone()).collect(),
+        recipes: per_device
+            .iter()
+            .map(|spec| has_chip_values(spec))
+            .collect(),
         per_device,
         columns,
         shared,
@@ -177,10 +186,12 @@ pub(super) fn generate(args: &MfgGenerateArgs) -> Result<(), GenerateError> {
 
 /// Whether a partition has keys filled in per device.
 fn has_per_device_keys(spec: &PartitionSpec) -> bool {
-    spec.namespaces
-        .iter()
-        .flat_map(|ns| &ns.entries)
-        .any(|e| matches!(e.source, ValueSource::PerDevice { .. }))
+    spec.namespaces.iter().flat_map(|ns| &ns.entries).any(|e| {
+        matches!(
+            e.source,
+            ValueSource::PerDevice { .. } | ValueSource::Chip { .. }
+        )
+    })
 }
 
 /// The partitions to build per device, and those to build once.
@@ -249,6 +260,8 @@ struct CargoMaker<'a> {
     metadata: &'a Metadata,
     per_device: Vec<&'a PartitionSpec>,
     labels: Vec<String>,
+    /// Per partition: it takes values from the chip, so each device gets a recipe.
+    recipes: Vec<bool>,
     /// Values column name → index, for every per-device key.
     columns: HashMap<String, usize>,
     shared: Vec<SharedImage>,
@@ -301,6 +314,48 @@ impl CargoMaker<'_> {
     }
 }
 
+impl CargoMaker<'_> {
+    /// The recipe of a partition that takes values from the chip: every value inline, the
+    /// chip's as `@chip:` cells; encrypted partitions name their key file (absolute).
+    fn recipe(
+        &self,
+        spec: &PartitionSpec,
+        device: &Device,
+        inputs: &mut Inputs<'_>,
+    ) -> Result<Vec<u8>, GenerateError> {
+        let mut inputs = std::mem::replace(inputs, Inputs::new(|_| None)).with_chip_mac(Mac::ZERO);
+        let rows = partition_recipe(spec, &self.metadata.manifest_dir, &mut inputs)
+            .map_err(|e| self.locate(spec, device, e))?
+            .ok_or_else(|| {
+                GenerateError::Invalid(format!(
+                    "{}: device `{}`: partition `{}`: a per-device key has no value",
+                    self.run.at(device.line),
+                    device.id,
+                    spec.name
+                ))
+            })?;
+        let absolute = |path: &Path| {
+            std::path::absolute(path)
+                .unwrap_or_else(|_| path.to_owned())
+                .display()
+                .to_string()
+        };
+        let key = spec
+            .encryption
+            .as_ref()
+            .map(|(encryption, _)| match encryption {
+                EncryptionSpec::KeyFile(path) => RecipeKey::Keys(absolute(path)),
+                EncryptionSpec::HmacKey(path) => RecipeKey::Hmac(absolute(path)),
+            });
+        recipe(&rows, u64::from(spec.size), spec.version, key.as_ref()).map_err(|why| {
+            GenerateError::Invalid(format!(
+                "partition `{}` ({}) takes values from the chip, so each device's image is                  made when it is flashed from a CSV recipe, which cannot hold this: {why}",
+                spec.name, spec.at
+            ))
+        })
+    }
+}
+
 impl Maker for CargoMaker<'_> {
     fn device(&self, _n: usize, row: &DeviceRow) -> Device {
         let id = row.fields[self.id_index].clone();
@@ -313,6 +368,7 @@ impl Maker for CargoMaker<'_> {
                 .collect(),
             ledger_id: id.clone(),
             id,
+            recipes: self.recipes.clone(),
         }
     }
 
@@ -323,12 +379,16 @@ impl Maker for CargoMaker<'_> {
         _writing: bool,
     ) -> Result<Built, GenerateError> {
         let mut images = Vec::with_capacity(self.per_device.len());
-        for spec in &self.per_device {
+        for (spec, &recipe) in self.per_device.iter().zip(&self.recipes) {
             let mut inputs = Inputs::new(|var| std::env::var(var).ok()).with_per_device(|column| {
                 self.columns
                     .get(column)
                     .map(|&index| row.fields[index].clone())
             });
+            if recipe {
+                images.push(self.recipe(spec, device, &mut inputs)?);
+                continue;
+            }
             let image = build_partition(spec, &self.metadata.manifest_dir, &mut inputs)
                 .map_err(|e| self.locate(spec, device, e))?;
             match image {
