@@ -10,7 +10,7 @@ use crate::support::{Case, assert_fails, assert_ok, bin, stderr};
 
 /// The reference generator's Python (`cargo xtask ref-venv` makes it; `cargo xtask ci` before
 /// the tests). Without it the test is skipped, except under CI, where it fails.
-fn reference_python() -> Option<PathBuf> {
+pub(crate) fn reference_python() -> Option<PathBuf> {
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
         || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
         PathBuf::from,
@@ -53,7 +53,7 @@ fn sha256(bytes: &[u8]) -> String {
 }
 
 /// The MAC as the reference CSV gets it: `AA:BB:…`, `aabb…`, and the number.
-fn spellings(mac: [u8; 6]) -> (String, String, u64) {
+pub(crate) fn spellings(mac: [u8; 6]) -> (String, String, u64) {
     let upper: Vec<String> = mac.iter().map(|b| format!("{b:02X}")).collect();
     let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
     let number = mac.iter().fold(0u64, |n, &b| (n << 8) | u64::from(b));

@@ -802,10 +802,16 @@ struct StoredBatch {
 }
 
 fn stored_batch(tag: &str) -> Option<StoredBatch> {
+    stored_batch_of(tag, CONFIG, "id,serial,num\n1,SN1,1\n2,SN2,2\n3,SN3,3\n")
+}
+
+/// [`stored_batch`] with this config and these values (devices SN1…, whose images may be
+/// recipes: `files` then holds the recipe).
+fn stored_batch_of(tag: &str, config: &str, values: &str) -> Option<StoredBatch> {
     let owner = support::postgres_database(tag)?;
     let case = Case::new();
-    case.file("config.csv", CONFIG)
-        .file("values.csv", "id,serial,num\n1,SN1,1\n2,SN2,2\n3,SN3,3\n")
+    case.file("config.csv", config)
+        .file("values.csv", values)
         .file("partitions.csv", TABLE_WITH_KEYS);
     let out = case.run(&["mfg", "ledger", "init", "--ledger", &owner, "--roles"]);
     support::assert_ok(&out);
@@ -847,15 +853,18 @@ fn stored_batch(tag: &str) -> Option<StoredBatch> {
     support::assert_ok(&out);
     let out_dir = case.dir.path().join("out");
     let mut files = std::collections::HashMap::new();
-    for id in ["SN1", "SN2", "SN3"] {
-        let image = std::fs::read(out_dir.join(format!("bin/dev-{id}.bin"))).unwrap();
+    let ids = (1..values.lines().count()).map(|i| format!("SN{i}"));
+    for id in ids {
+        let image = std::fs::read(out_dir.join(format!("bin/dev-{id}.bin")))
+            .or_else(|_| std::fs::read(out_dir.join(format!("bin/dev-{id}.chip.csv"))))
+            .unwrap();
         let key = std::fs::read_dir(out_dir.join("keys"))
             .unwrap()
             .map(|e| e.unwrap().path())
             .find(|p| p.to_string_lossy().ends_with(&format!("-{id}.bin")))
             .map(|p| std::fs::read(p).unwrap())
             .expect("a key file per device");
-        files.insert(id.to_owned(), (image, key));
+        files.insert(id, (image, key));
     }
     std::fs::remove_dir_all(&out_dir).unwrap();
     Some(StoredBatch {
@@ -1054,4 +1063,80 @@ fn same_bytes(actual: &[u8], expected: &[u8], what: &str) {
         let at = actual.iter().zip(expected).position(|(a, b)| a != b);
         panic!("{what} differs (first at {at:?})");
     }
+}
+
+/// Values from the chip with the ledger alone: devices with an `@chip:mac` cell and their own
+/// key, stored in PostgreSQL; a station login with the firmware flashes two boards with
+/// different MACs. Each gets its image built for its MAC and encrypted with its stored key,
+/// equal to what Espressif's generator encrypts for the CSV with that MAC, and the log records
+/// each image's SHA-256 with the MAC.
+#[test]
+fn a_station_with_only_the_ledger_builds_each_chips_values_from_its_mac() {
+    let Some(python) = crate::chip_values::reference_python() else {
+        return;
+    };
+    let config = "app,namespace,\nserial,data,string\nnum,data,u8\nmac,data,string\n";
+    let values = "id,serial,num,mac\n1,SN1,1,@chip:mac\n2,SN2,2,@chip:mac\n";
+    let Some(batch) = stored_batch_of("chip", config, values) else {
+        return;
+    };
+    let case = &batch.case;
+    support::dist_folder(case.dir.path(), "dist", TABLE_WITH_KEYS);
+    let mut socket = Socket::new(case.dir.path(), "socket");
+    socket.plug(Config::esp32c3().mac(mac(0x71)).start());
+    let mut command = bin();
+    command.args(["mfg", "station", "--ledger", &batch.stations[0]]);
+    command.args(["--firmware", "dist", "--port", socket.name()]);
+    command.args(["--before", "no-reset", "--after", "no-reset", "--no-stub"]);
+    command.args(["--format", "json"]);
+    let mut station = Station::spawn(command, case);
+    let port = socket.name().to_owned();
+    station.wait_for("the first board to pass", |s| s.count(&port, "done") == 1);
+    socket.plug(Config::esp32c3().mac(mac(0x72)).start());
+    station.wait_for("the second board to pass", |s| s.count(&port, "done") == 2);
+    let (status, _, stderr) = station.end();
+    assert_eq!(status.code(), Some(3), "nothing left to flash:\n{stderr}");
+
+    let mut shas = Vec::new();
+    for (board, (id, n)) in socket.boards.iter().zip([("SN1", 1), ("SN2", 2)]) {
+        let (upper, _, _) = crate::chip_values::spellings(mac(0x70 + n));
+        let dir = case.dir.path();
+        std::fs::write(dir.join("key.bin"), &batch.files[id].1).unwrap();
+        let csv = format!(
+            "key,type,encoding,value\napp,namespace,,\nserial,data,string,{id}\n\
+             num,data,u8,{n}\nmac,data,string,{upper}\n"
+        );
+        std::fs::write(dir.join("ref.csv"), csv).unwrap();
+        let out = std::process::Command::new(&python)
+            .args([
+                "-m",
+                "esp_idf_nvs_partition_gen",
+                "encrypt",
+                "ref.csv",
+                "ref.bin",
+            ])
+            .args(["0x3000", "--inputkey", "key.bin"])
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", support::stderr(&out));
+        let expected = std::fs::read(dir.join("ref.bin")).unwrap();
+        same_bytes(&board.read(0x9000, 0x3000), &expected, id);
+        let mut key = batch.files[id].1.clone();
+        key.resize(0x1000, 0xFF);
+        same_bytes(&board.read(0xf000, 0x1000), &key, "its key");
+        shas.push((
+            mac_text(mac(0x70 + n)),
+            cargo_nvs::hex::sha256_hex(&expected),
+        ));
+    }
+    assert_ne!(shas[0].1, shas[1].1);
+    let out = case.run(&["mfg", "log", "--ledger", &batch.owner]);
+    support::assert_ok(&out);
+    let logged: Vec<(String, String)> = csv::Reader::from_reader(out.stdout.as_slice())
+        .records()
+        .map(Result::unwrap)
+        .map(|r| (r[0].to_owned(), r[2].to_owned()))
+        .collect();
+    assert_eq!(logged, shas);
 }
