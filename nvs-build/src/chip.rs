@@ -139,7 +139,7 @@ impl std::fmt::Display for Mac {
 }
 
 /// One row of a recipe, as the image was assembled.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub enum RecipeRow {
     /// A namespace opened (or continued).
     Namespace(String),
@@ -155,6 +155,20 @@ pub enum RecipeRow {
         /// The chip value it is, if it is one.
         chip: Option<ChipValue>,
     },
+}
+
+impl std::fmt::Debug for RecipeRow {
+    // Values may be secrets: a debug print names keys only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecipeRow::Namespace(name) => f.debug_tuple("Namespace").field(name).finish(),
+            RecipeRow::Data { key, chip, .. } => f
+                .debug_struct("Data")
+                .field("key", key)
+                .field("chip", chip)
+                .finish_non_exhaustive(),
+        }
+    }
 }
 
 /// The longest CSV field the reference (and our CSV reader) accept.

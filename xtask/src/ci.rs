@@ -183,7 +183,8 @@ pub fn build_firmware(sh: &Shell) -> Result<()> {
 /// Cargo verifies cargo-nvs against nvs-build's `.crate`, which it takes for a registry
 /// crate, builds into the workspace's `target/debug`, and never rebuilds while its version stays
 /// the same: a later run would build cargo-nvs against that stale nvs-build. Remove it (and the
-/// staging folder) first; the workspace's own nvs-build is rebuilt with it, a few seconds.
+/// staging folder, and cargo's extraction of it) first; the workspace's own nvs-build is rebuilt
+/// with it, a few seconds.
 fn forget_packaged_copies() -> Result<()> {
     let target = crate::target_dir();
     let mut stale = vec![target.join("package")];
@@ -198,6 +199,32 @@ fn forget_packaged_copies() -> Result<()> {
                     || n.starts_with("nvs_build-")
             })
         }));
+    }
+    // Cargo also extracts the `.crate` under CARGO_HOME (a folder per local registry, not
+    // crates.io's) and reuses that extraction while the version stays the same.
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cargo")));
+    for kind in ["src", "cache"] {
+        let Some(registries) = cargo_home.as_ref().map(|h| h.join("registry").join(kind)) else {
+            continue;
+        };
+        let Ok(entries) = std::fs::read_dir(registries) else {
+            continue;
+        };
+        for registry in entries.flatten() {
+            if registry.file_name().to_string_lossy().starts_with("index.") {
+                continue;
+            }
+            let Ok(crates) = std::fs::read_dir(registry.path()) else {
+                continue;
+            };
+            stale.extend(crates.flatten().map(|e| e.path()).filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("nvs-build-") || n.starts_with("cargo-nvs-"))
+            }));
+        }
     }
     for path in stale {
         let removed = if path.is_dir() {

@@ -54,7 +54,7 @@ pub enum ProtectError {
 
 /// What the guard needs to know of one NVS partition of the package.
 pub struct DataPartition {
-    /// `namespace::key` of its per-device keys.
+    /// `namespace::key` of its per-device keys (values from the chip too).
     pub per_device: Vec<String>,
     /// Decrypts it (and what the chip holds there).
     pub key: Option<XtsKey>,
@@ -70,7 +70,12 @@ impl DataPartition {
                     .flat_map(|ns| {
                         ns.entries
                             .iter()
-                            .filter(|e| matches!(e.source, ValueSource::PerDevice { .. }))
+                            .filter(|e| {
+                                matches!(
+                                    e.source,
+                                    ValueSource::PerDevice { .. } | ValueSource::Chip { .. }
+                                )
+                            })
                             .map(move |e| format!("{}::{}", ns.name, e.key))
                     })
                     .collect()

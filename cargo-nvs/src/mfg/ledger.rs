@@ -479,6 +479,7 @@ CREATE TABLE IF NOT EXISTS flash_log (
 );
 CREATE INDEX IF NOT EXISTS flash_log_mac ON flash_log (mac);
 CREATE INDEX IF NOT EXISTS flash_log_device ON flash_log (device);
+CREATE INDEX IF NOT EXISTS flash_log_sha256 ON flash_log (sha256);
 ";
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";

@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS nvs_flash_log (
 ALTER TABLE nvs_flash_log ADD COLUMN IF NOT EXISTS firmware_sha256 TEXT NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS nvs_flash_log_mac ON nvs_flash_log (mac);
 CREATE INDEX IF NOT EXISTS nvs_flash_log_device ON nvs_flash_log (device);
+CREATE INDEX IF NOT EXISTS nvs_flash_log_sha256 ON nvs_flash_log (sha256);
 ALTER TABLE nvs_batches ADD COLUMN IF NOT EXISTS partition_table BYTEA;
 CREATE TABLE IF NOT EXISTS nvs_device_files (
     device TEXT NOT NULL, name TEXT NOT NULL, partition_name TEXT NOT NULL,
@@ -67,9 +68,24 @@ CREATE TABLE IF NOT EXISTS nvs_device_files (
     data BYTEA NOT NULL, PRIMARY KEY (device, name));
 ALTER TABLE nvs_devices ADD COLUMN IF NOT EXISTS claimed_by TEXT;
 -- Who holds a claim is the database role that wrote it, never what a client says: the station
--- role's policy on nvs_device_files (sql/postgres-roles.sql) lets it read only its claims'.
+-- role's policy on nvs_device_files (sql/postgres-roles.sql) lets it read only its claims'. A
+-- station login (a member of nvs_station) may not undo a flash, nor change a row whose claim
+-- another login holds (live: younger than CLAIM_LIFETIME, 900 s), whatever SQL it sends.
 CREATE OR REPLACE FUNCTION nvs_claimed_by() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    IF TG_OP = 'UPDATE' AND EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = 'nvs_station'
+                                    AND pg_has_role(current_user, r.oid, 'MEMBER')) THEN
+        IF OLD.flashed AND NOT NEW.flashed THEN
+            RAISE EXCEPTION 'device %: a station may not mark a flashed device unflashed',
+                OLD.device USING ERRCODE = 'insufficient_privilege';
+        END IF;
+        IF OLD.claimant IS NOT NULL AND OLD.claimed_by IS DISTINCT FROM current_user
+           AND OLD.claimed_at > to_char((clock_timestamp() - interval '900 seconds')
+                                        AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') THEN
+            RAISE EXCEPTION 'device %: another station login holds its claim', OLD.device
+                USING ERRCODE = 'insufficient_privilege';
+        END IF;
+    END IF;
     IF NEW.claimant IS NULL THEN
         NEW.claimed_by := NULL;
     ELSIF TG_OP = 'INSERT' OR NEW.claimant IS DISTINCT FROM OLD.claimant
@@ -85,6 +101,9 @@ CREATE TRIGGER nvs_claimed_by BEFORE INSERT OR UPDATE ON nvs_devices
 
 /// The roles and their rights (see [`PostgresLedger::create_roles`]).
 pub const ROLES: &str = include_str!("../../sql/postgres-roles.sql");
+
+// The trigger above spells the claim lifetime in seconds.
+const _: () = assert!(CLAIM_LIFETIME.as_secs() == 900);
 
 const FILE_COLUMNS: &str = "name, partition_name, flash_offset, partition_size, sha256, data";
 

@@ -3,6 +3,9 @@
 //! with the chip's MAC, and it equals Espressif's generator's output for the CSV with that MAC
 //! written in; the production log records each image's SHA-256 with the MAC.
 
+// The helpers serve the tests that drive the emulator, which needs a pty.
+#![cfg_attr(not(unix), allow(dead_code, unused_imports))]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -966,7 +966,8 @@ fn a_station_with_only_the_ledger_and_the_firmware_flashes_the_stored_images() {
 
 /// The roles `mfg ledger init --roles` makes: a station login reads the stored files (images
 /// and keys) of the device it holds a claim on and of no other, not even another station's
-/// claimed device; it cannot pose as another claimant, change stored files or issue devices.
+/// claimed device or a flashed one; it cannot name itself the claimant, take over another
+/// login's live claim, undo a flash, change stored files, issue devices or change the log.
 #[test]
 fn a_station_login_reads_only_the_key_material_of_its_own_claim() {
     use cargo_nvs::mfg::ledger::{ClaimOutcome, Ledger};
@@ -1016,10 +1017,37 @@ fn a_station_login_reads_only_the_key_material_of_its_own_claim() {
         .unwrap()
         .get(0);
     assert_eq!(visible, 0);
+    // A flashed device: its files are no one's to read any more.
+    assert!(matches!(
+        a.claim("SN1", "pc-a").unwrap(),
+        ClaimOutcome::Claimed
+    ));
+    a.record_flash(&cargo_nvs::mfg::ledger::FlashRecord {
+        mac: "7C:DF:A1:00:00:01".into(),
+        device: "SN1".into(),
+        sha256: String::new(),
+        port: "p".into(),
+        result: "ok".into(),
+        time: String::new(),
+        firmware_sha256: String::new(),
+    })
+    .unwrap();
+    assert!(
+        a.stored_files("SN1").unwrap().is_empty(),
+        "a flashed device's files"
+    );
     for (what, sql) in [
         (
-            "pose as the claimant",
+            "name itself the claimant",
             "UPDATE nvs_devices SET claimed_by = current_user WHERE device = 'SN2'",
+        ),
+        (
+            "take over another login's live claim",
+            "UPDATE nvs_devices SET claimant = 'b', claimed_at = '9999' WHERE device = 'SN2'",
+        ),
+        (
+            "mark a flashed device unflashed",
+            "UPDATE nvs_devices SET flashed = FALSE WHERE device = 'SN1'",
         ),
         (
             "change a stored file",
@@ -1039,6 +1067,15 @@ fn a_station_login_reads_only_the_key_material_of_its_own_claim() {
             "{what}: {error:?}"
         );
     }
+    // Claiming a flashed device (its claim has ended) gives no access to its files.
+    raw.batch_execute(
+        "UPDATE nvs_devices SET claimant = 'b', claimed_at = '9999' WHERE device = 'SN1'",
+    )
+    .unwrap();
+    assert!(
+        b.stored_files("SN1").unwrap().is_empty(),
+        "a flashed device's files, by b"
+    );
     // The generator reads everything it stored.
     let generator = open(&batch.generator);
     assert_eq!(generator.stored_files("SN1").unwrap().len(), 2);

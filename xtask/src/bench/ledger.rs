@@ -22,7 +22,7 @@ pub fn run(sh: &Shell) -> Result<()> {
     cmd!(sh, "cargo build --quiet --release -p cargo-nvs").run()?;
     let per_device = cmd!(
         sh,
-        "cargo test --quiet --release -p cargo-nvs --bin cargo-nvs ledger_claim_and_record_cost -- --ignored --nocapture"
+        "cargo test --quiet --release -p cargo-nvs --lib ledger_claim_and_record_cost -- --ignored --nocapture"
     )
     .env("NVS_TEST_POSTGRES", server.url())
     .read()?;

@@ -349,7 +349,8 @@ impl CargoMaker<'_> {
             });
         recipe(&rows, u64::from(spec.size), spec.version, key.as_ref()).map_err(|why| {
             GenerateError::Invalid(format!(
-                "partition `{}` ({}) takes values from the chip, so each device's image is                  made when it is flashed from a CSV recipe, which cannot hold this: {why}",
+                "partition `{}` ({}) takes values from the chip, so each device's image is \
+                 made when it is flashed from a CSV recipe, which cannot hold this: {why}",
                 spec.name, spec.at
             ))
         })
