@@ -19,6 +19,10 @@ use nvs_build::{FileBase, ImageInput};
 
 use super::input::ConfigRow;
 
+/// The partition a stored file names when it is the key a recipe is encrypted with and not
+/// flashed (a shared key, or one derived from an HMAC key): `mfg generate --store-images`.
+pub(crate) const RECIPE_KEY: &str = "(recipe key)";
+
 /// How a recipe file's name ends (an image's is `.bin`).
 pub(crate) const RECIPE_SUFFIX: &str = ".chip.csv";
 
@@ -73,30 +77,7 @@ pub(crate) fn build_image(
     read_key: &dyn Fn(&str) -> Result<Vec<u8>, String>,
 ) -> Result<Vec<u8>, String> {
     let mac = Mac::parse(mac).ok_or_else(|| format!("the chip's MAC `{mac}` is not a MAC"))?;
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| format!("`{}` is not a recipe (not UTF-8)", path.display()))?;
-    let mut lines = text.lines().map_while(|l| l.strip_prefix("# "));
-    if lines.next() != Some(FIRST_LINE) {
-        return Err(format!(
-            "`{}` is not a cargo-nvs chip recipe",
-            path.display()
-        ));
-    }
-    let (mut size, mut version, mut key) = (None, None, None);
-    for line in lines {
-        match line.split_once(": ") {
-            Some(("size", n)) => {
-                size = n
-                    .strip_prefix("0x")
-                    .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-            }
-            Some(("version", "1")) => version = Some(Version::V1),
-            Some(("version", "2")) => version = Some(Version::V2),
-            Some(("keys", p)) => key = Some(RecipeKey::Keys(p.to_owned())),
-            Some(("hmac-key", p)) => key = Some(RecipeKey::Hmac(p.to_owned())),
-            _ => {}
-        }
-    }
+    let (size, version, key) = header(bytes, path)?;
     let (Some(size), Some(version)) = (size, version) else {
         return Err(format!(
             "`{}` does not say its partition size and format version",
@@ -121,6 +102,45 @@ pub(crate) fn build_image(
         }
     };
     image.finish_encrypted(&key).map_err(|e| e.to_string())
+}
+
+/// The key file a recipe's image is encrypted with, as the recipe names it.
+pub(crate) fn recipe_key_file(bytes: &[u8], path: &Path) -> Result<Option<String>, String> {
+    Ok(header(bytes, path)?.2.map(|key| match key {
+        RecipeKey::Keys(p) | RecipeKey::Hmac(p) => p,
+    }))
+}
+
+/// A recipe's header: partition size, format version, key.
+fn header(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<(Option<u64>, Option<Version>, Option<RecipeKey>), String> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| format!("`{}` is not a recipe (not UTF-8)", path.display()))?;
+    let mut lines = text.lines().map_while(|l| l.strip_prefix("# "));
+    if lines.next() != Some(FIRST_LINE) {
+        return Err(format!(
+            "`{}` is not a cargo-nvs chip recipe",
+            path.display()
+        ));
+    }
+    let (mut size, mut version, mut key) = (None, None, None);
+    for line in lines {
+        match line.split_once(": ") {
+            Some(("size", n)) => {
+                size = n
+                    .strip_prefix("0x")
+                    .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            }
+            Some(("version", "1")) => version = Some(Version::V1),
+            Some(("version", "2")) => version = Some(Version::V2),
+            Some(("keys", p)) => key = Some(RecipeKey::Keys(p.to_owned())),
+            Some(("hmac-key", p)) => key = Some(RecipeKey::Hmac(p.to_owned())),
+            _ => {}
+        }
+    }
+    Ok((size, version, key))
 }
 
 /// mfg_gen mode: whether a device's row (REPEAT keys from the first row) has a `@chip:` cell

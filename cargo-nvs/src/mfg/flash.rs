@@ -812,9 +812,10 @@ fn flash_device(
         port.as_deref().unwrap_or("default port"),
         device.device
     );
-    // A device made from the chip is built once its MAC is known; the others are checked
-    // before the port is opened.
-    let early = match device.from_chip {
+    // A device made from the chip is built once its MAC is known, and a stored device is read
+    // then (a refusal is logged with the chip); the others are checked before the port opens.
+    let late = device.from_chip || target.batch_tables.contains_key(&device.batch_dir);
+    let early = match late {
         true => None,
         false => Some(device_segments(target, claim.ledger, device, &label, None)?),
     };
@@ -921,12 +922,21 @@ pub(crate) fn device_segments(
             device.device
         )));
     }
+    let batch_table = target.batch_tables.get(&device.batch_dir);
+    if stored.is_empty() && batch_table.is_some() {
+        return Err(MfgFlashError::Invalid(format!(
+            "device `{}`: the ledger stores its batch's files but shows none of its own (a \
+             station login sees only the files of a device it holds a claim on and that is not \
+             flashed yet); not flashed",
+            device.device
+        )));
+    }
     let from_folder = stored.is_empty();
     let mut built = Vec::new();
     let mut segments = if from_folder {
         image_segments(target, device, mac, &mut built)?
     } else {
-        stored_segments(device, stored, mac, &mut built)?
+        stored_segments(device, stored, batch_table, mac, &mut built)?
     };
     let mut device = device.clone();
     if device.from_chip {

@@ -43,7 +43,7 @@ use nvs_build::table::PartitionTable;
 use nvs_build::{FileBase, ImageInput, InputError};
 use rayon::prelude::*;
 
-use super::chip_values::{RecipeKey, is_recipe, mfg_gen_recipe};
+use super::chip_values::{RECIPE_KEY, RecipeKey, is_recipe, mfg_gen_recipe, recipe_key_file};
 use super::input::{
     ConfigRow, DeviceRow, Values, ValuesError, bind_columns, device_csv, read_config,
 };
@@ -339,6 +339,27 @@ impl Placement {
                 out_dir, key_file, &sha256, "nvs_keys", offset, size,
             )?);
         }
+        // A recipe is encrypted at flash time: a key it names that is not the device's own
+        // (a shared key, or the one derived from an HMAC key) is kept too, never flashed.
+        let recipes: Vec<&StoredFile> = files.iter().filter(|f| is_recipe(&f.name)).collect();
+        let mut recipe_keys = Vec::new();
+        for recipe in recipes {
+            let key = recipe_key_file(&recipe.data, Path::new(&recipe.name))
+                .map_err(GenerateError::Invalid)?;
+            if let Some(key) = key.filter(|k| !files.iter().any(|f| &f.name == k)) {
+                let path = out_dir.join(&key);
+                let data = std::fs::read(&path).map_err(|e| write_error(&path, e))?;
+                recipe_keys.push(StoredFile {
+                    sha256: sha256_hex(&data),
+                    name: key,
+                    partition: RECIPE_KEY.to_owned(),
+                    offset: 0,
+                    size: 0,
+                    data,
+                });
+            }
+        }
+        files.extend(recipe_keys);
         Ok(files)
     }
 }
@@ -1074,9 +1095,11 @@ fn produce(run: &Run, maker: &dyn Maker, count: usize) -> Result<(), GenerateErr
             // One run at a time writes into an out dir (a --resume must not take over the
             // reservations of a run that is still going).
             let _writing = lock_out_dir(&run.out_dir)?;
+            check_stored_batch(run, &work)?;
             reserve(run, &work, &to_issue)?;
             if let Some(placement) = &run.placement {
                 ledger.store_batch_table(&work.batch_dir, &placement.table)?;
+                keep_private(run);
             }
             write_all(run, maker, &work)
         });
@@ -1098,6 +1121,42 @@ fn produce(run: &Run, maker: &dyn Maker, count: usize) -> Result<(), GenerateErr
         });
     }
     Ok(())
+}
+
+/// A batch's images are all in the ledger or none are: `--store-images` into a batch stored
+/// with another partition table, into one whose earlier devices were not stored (`--resume`),
+/// or its absence for a batch that is stored, is refused before anything is reserved.
+fn check_stored_batch(run: &Run, work: &Work<'_>) -> Result<(), GenerateError> {
+    let stored = work.ledger.batch_table(&work.batch_dir)?;
+    let kept = work.actions.contains(&Action::Keep);
+    let problem = match (&run.placement, &stored) {
+        (Some(placement), Some(table)) if *table != placement.table => {
+            "was stored in the ledger with another partition table: use a new --out-dir"
+        }
+        (Some(_), None) if kept => {
+            "holds devices whose images are not in the ledger: finish it without --store-images"
+        }
+        (None, Some(_)) => {
+            "keeps its images in the ledger: give --store-images (and the same table)"
+        }
+        _ => return Ok(()),
+    };
+    Err(GenerateError::Invalid(format!(
+        "the batch `{}` {problem}",
+        work.batch_dir.display()
+    )))
+}
+
+/// A SQLite ledger that holds images and keys is readable by its owner only (its journal
+/// files take the same mode). Best effort: a file system without modes keeps its own.
+fn keep_private(run: &Run) {
+    #[cfg(unix)]
+    if run.chosen_ledger.server.is_none() {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&run.ledger, std::fs::Permissions::from_mode(0o600));
+    }
+    #[cfg(not(unix))]
+    let _ = run;
 }
 
 /// Holds the out dir for this run until dropped: another `mfg generate` into it (on this

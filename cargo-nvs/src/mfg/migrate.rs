@@ -89,6 +89,7 @@ pub fn migrate(
         ("devices", after.devices.len(), from.devices.len()),
         ("claims", after.claims.len(), from.claims.len()),
         ("log rows", after.log.len(), from.log.len()),
+        ("stored files", stored_files(&after), stored_files(&from)),
     ] {
         if found != expected {
             return Err(MigrateError::Count {
@@ -106,6 +107,11 @@ pub fn migrate(
         log: from.log.len(),
         log_before: before.log.len(),
     })
+}
+
+/// How many device files (`--store-images`) a copy holds.
+fn stored_files(copy: &LedgerCopy) -> usize {
+    copy.devices.iter().map(|d| d.files.len()).sum()
 }
 
 /// Whether `target` is empty or an earlier copy of `source`: each of its devices is in the

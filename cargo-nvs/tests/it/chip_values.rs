@@ -307,3 +307,87 @@ fn a_chip_value_without_dev_is_refused_naming_cargo_toml_and_the_key() {
     );
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// A recipe encrypted with a shared key (`--inputkey`), stored with `--store-images`: the key
+/// goes into the ledger with it (never flashed), so a station builds the image with the batch
+/// folder and the key file gone. It equals the reference's encryption of the CSV with the MAC.
+#[test]
+#[cfg(unix)] // the emulator needs a pty
+fn a_stored_recipe_with_a_shared_key_is_built_from_the_ledger_alone() {
+    use crate::support::fake_esp::Config;
+    let Some(python) = reference_python() else {
+        return;
+    };
+    let case = Case::new();
+    case.file(
+        "conf.csv",
+        "f,namespace,\nserial,data,string\nsn,data,string\n",
+    )
+    .file("vals.csv", "serial,sn\n@chip:mac-hex,C1\n")
+    .file("table.csv", "nvs, data, nvs, 0x9000, 0x3000,\n");
+    assert_ok(&case.run(&["generate-key", "--keyfile", "shared.bin"]));
+    let key = std::fs::read(case.dir.path().join("shared.bin")).unwrap();
+    let out = bin()
+        .args(["mfg", "generate", "conf.csv", "vals.csv", "dev", "0x3000"])
+        .args([
+            "--fileid",
+            "sn",
+            "--out-dir",
+            "g",
+            "--inputkey",
+            "shared.bin",
+        ])
+        .args([
+            "--store-images",
+            "--partition-table",
+            "table.csv",
+            "--partition",
+            "nvs",
+        ])
+        .current_dir(case.dir.path())
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    std::fs::remove_dir_all(case.dir.path().join("g")).unwrap();
+    std::fs::remove_file(case.dir.path().join("shared.bin")).unwrap();
+    let mac = [0x24, 0x6f, 0x28, 0x01, 0x02, 0x03];
+    let esp = Config::esp32c3().mac(mac).start();
+    let out = bin()
+        .args(["mfg", "flash", "--ledger"])
+        .arg(case.dir.path().join("ledger.sqlite"))
+        .args(["--port", esp.path()])
+        .args(["--before", "no-reset", "--after", "no-reset", "--no-stub"])
+        .current_dir(case.dir.path())
+        .output()
+        .unwrap();
+    esp.settle();
+    assert_ok(&out);
+    std::fs::write(case.dir.path().join("key.bin"), &key).unwrap();
+    let (_, hex, _) = spellings(mac);
+    std::fs::write(
+        case.dir.path().join("ref.csv"),
+        format!(
+            "key,type,encoding,value\nf,namespace,,\nserial,data,string,{hex}\nsn,data,string,C1\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(&python)
+        .args([
+            "-m",
+            "esp_idf_nvs_partition_gen",
+            "encrypt",
+            "ref.csv",
+            "ref.bin",
+            "0x3000",
+        ])
+        .args(["--inputkey", "key.bin"])
+        .current_dir(case.dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let expected = std::fs::read(case.dir.path().join("ref.bin")).unwrap();
+    assert!(
+        esp.read(0x9000, 0x3000) == expected,
+        "not the reference's image"
+    );
+}

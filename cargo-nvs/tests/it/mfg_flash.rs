@@ -1174,4 +1174,41 @@ fn storing_images_needs_a_partition_they_fit_and_roles_need_postgres() {
     let out = case.run(&["mfg", "ledger", "init", "--ledger", "l.sqlite", "--roles"]);
     assert_fails(&out, &["a SQLite ledger has no roles"]);
     assert!(!case.exists("l.sqlite"));
+
+    // A batch's images are all in the ledger or none are.
+    case.file("table.csv", "nvs, data, nvs, 0x9000, 0x6000,\n")
+        .file("moved.csv", "nvs, data, nvs, 0x10000, 0x6000,\n")
+        .file("more.csv", "id,serial,num\n4,SN4,4\n");
+    assert_ok(&generate(&[
+        "--partition-table",
+        "table.csv",
+        "--partition",
+        "nvs",
+    ]));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(case.dir.path().join("ledger.sqlite")).unwrap();
+        assert_eq!(
+            mode.permissions().mode() & 0o777,
+            0o600,
+            "it holds keys and images"
+        );
+    }
+    let more = |extra: &[&str]| {
+        let mut args = vec!["mfg", "generate", "config.csv", "more.csv", "dev", "0x3000"];
+        args.extend(["--fileid", "serial", "--out-dir", "out"]);
+        args.extend_from_slice(extra);
+        case.run(&args)
+    };
+    assert_fails(&more(&[]), &["keeps its images in the ledger"]);
+    let moved = [
+        "--store-images",
+        "--partition-table",
+        "moved.csv",
+        "--partition",
+        "nvs",
+    ];
+    assert_fails(&more(&moved), &["another partition table"]);
+    assert!(!case.exists("out/bin/dev-SN4.bin"));
 }
