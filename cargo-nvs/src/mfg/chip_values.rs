@@ -77,7 +77,7 @@ pub(crate) fn build_image(
     read_key: &dyn Fn(&str) -> Result<Vec<u8>, String>,
 ) -> Result<Vec<u8>, String> {
     let mac = Mac::parse(mac).ok_or_else(|| format!("the chip's MAC `{mac}` is not a MAC"))?;
-    let (size, version, key) = header(bytes, path)?;
+    let Header { size, version, key } = header(bytes, path)?;
     let (Some(size), Some(version)) = (size, version) else {
         return Err(format!(
             "`{}` does not say its partition size and format version",
@@ -106,16 +106,20 @@ pub(crate) fn build_image(
 
 /// The key file a recipe's image is encrypted with, as the recipe names it.
 pub(crate) fn recipe_key_file(bytes: &[u8], path: &Path) -> Result<Option<String>, String> {
-    Ok(header(bytes, path)?.2.map(|key| match key {
+    Ok(header(bytes, path)?.key.map(|key| match key {
         RecipeKey::Keys(p) | RecipeKey::Hmac(p) => p,
     }))
 }
 
-/// A recipe's header: partition size, format version, key.
-fn header(
-    bytes: &[u8],
-    path: &Path,
-) -> Result<(Option<u64>, Option<Version>, Option<RecipeKey>), String> {
+/// What a recipe's `# ` lines say.
+struct Header {
+    size: Option<u64>,
+    version: Option<Version>,
+    key: Option<RecipeKey>,
+}
+
+/// A recipe's header.
+fn header(bytes: &[u8], path: &Path) -> Result<Header, String> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| format!("`{}` is not a recipe (not UTF-8)", path.display()))?;
     let mut lines = text.lines().map_while(|l| l.strip_prefix("# "));
@@ -140,7 +144,7 @@ fn header(
             _ => {}
         }
     }
-    Ok((size, version, key))
+    Ok(Header { size, version, key })
 }
 
 /// mfg_gen mode: whether a device's row (REPEAT keys from the first row) has a `@chip:` cell

@@ -238,26 +238,26 @@ mod tests {
 
     #[test]
     fn files_changed_missing_or_misplaced_in_the_ledger_are_refused() {
-        let cases: [(&str, fn(&mut Issued, &mut Vec<StoredFile>)); 6] = [
-            ("has SHA-256", |_, files| files[0].data[7] ^= 1),
+        let cases: [(&str, fn(&mut Vec<StoredFile>)); 6] = [
+            ("has SHA-256", |files| files[0].data[7] ^= 1),
             // Bytes and their SHA-256 both replaced: the device's recorded one tells.
-            ("recorded with SHA-256", |_, files| {
+            ("recorded with SHA-256", |files| {
                 files[0].data[7] ^= 1;
                 files[0].sha256 = sha256_hex(&files[0].data);
             }),
-            ("does not store", |_, files| {
+            ("does not store", |files| {
                 files.pop();
             }),
-            ("stores no copy of its image", |_, files| {
+            ("stores no copy of its image", |files| {
                 files.remove(0);
             }),
-            ("does not have", |_, files| files[0].offset = 0),
+            ("does not have", |files| files[0].offset = 0),
             // A size from the database is checked before anything that large is made.
-            ("does not have", |_, files| files[0].size = u32::MAX),
+            ("does not have", |files| files[0].size = u32::MAX),
         ];
         for (needle, change) in cases {
-            let (mut device, mut files) = device();
-            change(&mut device, &mut files);
+            let (device, mut files) = device();
+            change(&mut files);
             let error = segments(&device, files).unwrap_err();
             assert!(
                 error.contains(needle) && error.contains("not flashed"),
