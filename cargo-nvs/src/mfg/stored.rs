@@ -238,7 +238,8 @@ mod tests {
 
     #[test]
     fn files_changed_missing_or_misplaced_in_the_ledger_are_refused() {
-        let cases: [(&str, fn(&mut Vec<StoredFile>)); 6] = [
+        type Change = fn(&mut Vec<StoredFile>);
+        let cases: [(&str, Change); 6] = [
             ("has SHA-256", |files| files[0].data[7] ^= 1),
             // Bytes and their SHA-256 both replaced: the device's recorded one tells.
             ("recorded with SHA-256", |files| {
