@@ -179,3 +179,56 @@ pub(crate) fn mfg_gen_recipe(
     image.finish()?;
     Ok(recipe(&rows, size.bytes(), version, key))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What building a device's image from its recipe costs a station (µs, median and 90th
+    /// percentile), plain and encrypted: `cargo xtask bench ledger` prints it.
+    #[test]
+    #[ignore = "measurement; run with `cargo xtask bench ledger`"]
+    fn recipe_build_cost() {
+        let csv = "key,type,encoding,value\nf,namespace,,\nserial,data,string,@chip:mac\n\
+                   id,data,u64,@chip:mac\nsn,data,string,SN000123\n\
+                   cert,data,base64,"
+            .to_owned()
+            + &"QUJD".repeat(300)
+            + "\n";
+        let size = PartitionSize::new(0x6000).unwrap();
+        let bytes: [u8; 64] = std::array::from_fn(|i| i as u8);
+        let key = XtsKey::from_bytes(bytes).unwrap().to_key_file();
+        for (name, encrypted) in [("plain", false), ("encrypted", true)] {
+            let recipe_key = encrypted.then(|| RecipeKey::Keys("keys.bin".into()));
+            let recipe = mfg_gen_recipe(
+                Path::new("values.csv"),
+                &csv,
+                size,
+                Version::V2,
+                recipe_key.as_ref(),
+            )
+            .unwrap()
+            .unwrap();
+            let read_key = |_: &str| Ok(key.clone());
+            let mut times = Vec::new();
+            for n in 0..2000u32 {
+                let mac = format!(
+                    "7C:DF:A1:{:02X}:{:02X}:{:02X}",
+                    n >> 16,
+                    (n >> 8) & 0xff,
+                    n & 0xff
+                );
+                let start = std::time::Instant::now();
+                let image = build_image(&recipe, Path::new("r.chip.csv"), &mac, &read_key).unwrap();
+                times.push(start.elapsed().as_micros() as u64);
+                assert_eq!(image.len(), 0x6000);
+            }
+            times.sort_unstable();
+            println!(
+                "bench-recipe {name} {} {}",
+                times[times.len() / 2],
+                times[times.len() * 9 / 10]
+            );
+        }
+    }
+}

@@ -1409,7 +1409,20 @@ pub(crate) mod tests {
 
     /// Reserves and records `count` devices `D00000`… into `batch_dir` (batch "1").
     pub(crate) fn issue_devices(ledger: &dyn Ledger, count: usize, batch_dir: &str) {
-        let ids: Vec<(String, usize)> = (0..count).map(|n| (format!("D{n:05}"), n + 2)).collect();
+        issue_devices_with(ledger, "D", count, batch_dir, &[]);
+    }
+
+    /// [`issue_devices`] with ids `<prefix>00000`…, each device with these stored files.
+    pub(crate) fn issue_devices_with(
+        ledger: &dyn Ledger,
+        prefix: &str,
+        count: usize,
+        batch_dir: &str,
+        files: &[StoredFile],
+    ) {
+        let ids: Vec<(String, usize)> = (0..count)
+            .map(|n| (format!("{prefix}{n:05}"), n + 2))
+            .collect();
         assert!(
             ledger
                 .reserve(&ids, &reservation("1", batch_dir))
@@ -1418,7 +1431,10 @@ pub(crate) mod tests {
         );
         let entries: Vec<Issued> = ids
             .iter()
-            .map(|(id, line)| entry_in(id, *line, batch_dir))
+            .map(|(id, line)| Issued {
+                files: files.to_vec(),
+                ..entry_in(id, *line, batch_dir)
+            })
             .collect();
         for chunk in entries.chunks(1024) {
             assert!(
