@@ -50,6 +50,33 @@ fn reference(python: &Path, dir: &Path, csv: &str, size: &str) -> Vec<u8> {
     std::fs::read(dir.join("ref.bin")).unwrap()
 }
 
+/// What the reference writes for `csv` encrypted with the nvs_keys file `key` (run in `dir`).
+pub(crate) fn reference_encrypted(
+    python: &Path,
+    dir: &Path,
+    csv: &str,
+    size: &str,
+    key: &[u8],
+) -> Vec<u8> {
+    std::fs::write(dir.join("ref.csv"), csv).unwrap();
+    std::fs::write(dir.join("key.bin"), key).unwrap();
+    let out = Command::new(python)
+        .args([
+            "-m",
+            "esp_idf_nvs_partition_gen",
+            "encrypt",
+            "ref.csv",
+            "ref.bin",
+            size,
+        ])
+        .args(["--inputkey", "key.bin"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "reference failed: {}", stderr(&out));
+    std::fs::read(dir.join("ref.bin")).unwrap()
+}
+
 fn sha256(bytes: &[u8]) -> String {
     use sha2::Digest;
     nvs_build::hex(&sha2::Sha256::digest(bytes))
@@ -362,30 +389,16 @@ fn a_stored_recipe_with_a_shared_key_is_built_from_the_ledger_alone() {
         .unwrap();
     esp.settle();
     assert_ok(&out);
-    std::fs::write(case.dir.path().join("key.bin"), &key).unwrap();
     let (_, hex, _) = spellings(mac);
-    std::fs::write(
-        case.dir.path().join("ref.csv"),
-        format!(
+    let expected = reference_encrypted(
+        &python,
+        case.dir.path(),
+        &format!(
             "key,type,encoding,value\nf,namespace,,\nserial,data,string,{hex}\nsn,data,string,C1\n"
         ),
-    )
-    .unwrap();
-    let out = Command::new(&python)
-        .args([
-            "-m",
-            "esp_idf_nvs_partition_gen",
-            "encrypt",
-            "ref.csv",
-            "ref.bin",
-            "0x3000",
-        ])
-        .args(["--inputkey", "key.bin"])
-        .current_dir(case.dir.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let expected = std::fs::read(case.dir.path().join("ref.bin")).unwrap();
+        "0x3000",
+        &key,
+    );
     assert!(
         esp.read(0x9000, 0x3000) == expected,
         "not the reference's image"

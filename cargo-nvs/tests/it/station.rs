@@ -876,6 +876,16 @@ fn stored_batch_of(tag: &str, config: &str, values: &str) -> Option<StoredBatch>
     })
 }
 
+/// `mfg station` with only the ledger `url` and the firmware `dist/`, on `socket`.
+fn ledger_station(case: &Case, url: &str, socket: &Socket) -> Station {
+    let mut command = bin();
+    command.args(["mfg", "station", "--ledger", url]);
+    command.args(["--firmware", "dist", "--port", socket.name()]);
+    command.args(["--before", "no-reset", "--after", "no-reset", "--no-stub"]);
+    command.args(["--format", "json"]);
+    Station::spawn(command, case)
+}
+
 /// A station with only `--ledger URL` (PostgreSQL, a station login) and `--firmware DIR`: no
 /// batch folder, no Cargo package, no placement options. Each board gets the firmware, its
 /// device's image and key where the stored table puts them; a stored image changed in the
@@ -900,12 +910,7 @@ fn a_station_with_only_the_ledger_and_the_firmware_flashes_the_stored_images() {
 
     let mut socket = Socket::new(case.dir.path(), "socket");
     socket.plug(Config::esp32c3().mac(mac(0x61)).start());
-    let mut command = bin();
-    command.args(["mfg", "station", "--ledger", &batch.stations[0]]);
-    command.args(["--firmware", "dist", "--port", socket.name()]);
-    command.args(["--before", "no-reset", "--after", "no-reset", "--no-stub"]);
-    command.args(["--format", "json"]);
-    let mut station = Station::spawn(command, case);
+    let mut station = ledger_station(case, &batch.stations[0], &socket);
     let port = socket.name().to_owned();
     station.wait_for("the first board to pass", |s| s.count(&port, "done") == 1);
     socket.plug(Config::esp32c3().mac(mac(0x62)).start());
@@ -1121,12 +1126,7 @@ fn a_station_with_only_the_ledger_builds_each_chips_values_from_its_mac() {
     support::dist_folder(case.dir.path(), "dist", TABLE_WITH_KEYS);
     let mut socket = Socket::new(case.dir.path(), "socket");
     socket.plug(Config::esp32c3().mac(mac(0x71)).start());
-    let mut command = bin();
-    command.args(["mfg", "station", "--ledger", &batch.stations[0]]);
-    command.args(["--firmware", "dist", "--port", socket.name()]);
-    command.args(["--before", "no-reset", "--after", "no-reset", "--no-stub"]);
-    command.args(["--format", "json"]);
-    let mut station = Station::spawn(command, case);
+    let mut station = ledger_station(case, &batch.stations[0], &socket);
     let port = socket.name().to_owned();
     station.wait_for("the first board to pass", |s| s.count(&port, "done") == 1);
     socket.plug(Config::esp32c3().mac(mac(0x72)).start());
@@ -1137,27 +1137,13 @@ fn a_station_with_only_the_ledger_builds_each_chips_values_from_its_mac() {
     let mut shas = Vec::new();
     for (board, (id, n)) in socket.boards.iter().zip([("SN1", 1), ("SN2", 2)]) {
         let (upper, _, _) = crate::chip_values::spellings(mac(0x70 + n));
-        let dir = case.dir.path();
-        std::fs::write(dir.join("key.bin"), &batch.files[id].1).unwrap();
         let csv = format!(
             "key,type,encoding,value\napp,namespace,,\nserial,data,string,{id}\n\
              num,data,u8,{n}\nmac,data,string,{upper}\n"
         );
-        std::fs::write(dir.join("ref.csv"), csv).unwrap();
-        let out = std::process::Command::new(&python)
-            .args([
-                "-m",
-                "esp_idf_nvs_partition_gen",
-                "encrypt",
-                "ref.csv",
-                "ref.bin",
-            ])
-            .args(["0x3000", "--inputkey", "key.bin"])
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", support::stderr(&out));
-        let expected = std::fs::read(dir.join("ref.bin")).unwrap();
+        let key = &batch.files[id].1;
+        let expected =
+            crate::chip_values::reference_encrypted(&python, case.dir.path(), &csv, "0x3000", key);
         same_bytes(&board.read(0x9000, 0x3000), &expected, id);
         let mut key = batch.files[id].1.clone();
         key.resize(0x1000, 0xFF);
