@@ -182,7 +182,13 @@ impl ImageInput {
             ty == "file",
         ) {
             let text = Encoding::from_name(encoding)
-                .ok_or_else(|| chip.text(Encoding::U8, &mac).unwrap_err())
+                .ok_or_else(|| {
+                    format!(
+                        "`{}` fills {}; not this encoding",
+                        chip.cell(),
+                        chip.allowed()
+                    )
+                })
                 .and_then(|enc| chip.text(enc, &mac).map(|text| (enc, text)));
             let (enc, text) = text.map_err(|why| err(format!("{why} (encoding `{encoding}`)")))?;
             let decoded = enc.decode(&text).map_err(err)?;
