@@ -79,7 +79,7 @@ BEGIN
             RAISE EXCEPTION 'device %: a station may not mark a flashed device unflashed',
                 OLD.device USING ERRCODE = 'insufficient_privilege';
         END IF;
-        IF OLD.claimant IS NOT NULL AND OLD.claimed_by IS DISTINCT FROM current_user
+        IF OLD.claimant IS NOT NULL AND OLD.claimed_by <> current_user
            AND OLD.claimed_at > to_char((clock_timestamp() - interval '900 seconds')
                                         AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') THEN
             RAISE EXCEPTION 'device %: another station login holds its claim', OLD.device
