@@ -102,7 +102,10 @@ pub enum Flashed {
 /// The ledger is the product's (--ledger, $NVS_LEDGER, the one --out-dir's manifest.json names,
 /// or the Cargo package's). Each device's images are read from the batch folder it was issued
 /// into; --out-dir flashes only that batch's devices, without it every batch whose folder is
-/// on disk takes part.
+/// on disk takes part. A batch made with `mfg generate --store-images` is read from the ledger
+/// itself, with where each image goes: then --ledger (and --firmware) is all a station needs;
+/// each stored file is checked against the SHA-256 recorded when it was issued. A device with
+/// values from the chip is built for the chip's MAC once connected.
 ///
 /// A device id is never put on a second chip, nor a second id on a chip already logged, unless
 /// --force. A failed flash is logged as `failed: …` and leaves the device unflashed: its
