@@ -404,3 +404,74 @@ fn a_stored_recipe_with_a_shared_key_is_built_from_the_ledger_alone() {
         "not the reference's image"
     );
 }
+
+/// A device with two per-device partitions, one of them with values from the chip, stored in
+/// the ledger: `--resume` of the finished batch keeps both (the recipe checked, not rebuilt), and
+/// a station with only the ledger writes the image and the recipe's image for its MAC, each
+/// where the package's table put it.
+#[test]
+#[cfg(unix)] // the emulator needs a pty
+fn a_recipe_beside_an_image_is_resumed_stored_and_flashed_with_it() {
+    use crate::support::fake_esp::Config;
+    let Some(python) = reference_python() else {
+        return;
+    };
+    let case = Case::new();
+    chip_crate(
+        &case,
+        "serial = { string = { chip = \"mac\", dev = \"00:00:00:00:00:00\" } }\n\
+         sn = { string = { per-device = \"sn\", dev = \"dev\" } }\n\n\
+         [package.metadata.nvs.partitions.nvs.namespaces.u]\n\
+         token = { string = { per-device = \"token\", dev = \"t\" } }\n",
+    );
+    case.file("devices.csv", "sn,token\nA1,secret-1\n");
+    let generate = |extra: &[&str]| {
+        bin()
+            .args(["mfg", "generate", "--manifest-path", "fw/Cargo.toml"])
+            .args(["--values", "devices.csv", "--id", "sn", "--out-dir", "out"])
+            .args(["--ledger", "ledger.sqlite", "--store-images"])
+            .args(extra)
+            .current_dir(case.dir.path())
+            .output()
+            .unwrap()
+    };
+    assert_ok(&generate(&[]));
+    assert!(case.exists("out/bin/fctry-A1.chip.csv") && case.exists("out/bin/nvs-A1.bin"));
+    let out = generate(&["--resume"]);
+    assert_ok(&out);
+    let mut nvs = std::fs::read(case.dir.path().join("out/bin/nvs-A1.bin")).unwrap();
+    nvs.resize(0x6000, 0xFF);
+    std::fs::remove_dir_all(case.dir.path().join("out")).unwrap();
+
+    let station = Case::new();
+    let mac = [0x58, 0xcf, 0x79, 0x10, 0x20, 0x30];
+    let esp = Config::esp32c3().mac(mac).start();
+    let out = bin()
+        .args(["mfg", "flash", "--ledger"])
+        .arg(case.dir.path().join("ledger.sqlite"))
+        .args(["--port", esp.path()])
+        .args(["--before", "no-reset", "--after", "no-reset", "--no-stub"])
+        .current_dir(station.dir.path())
+        .output()
+        .unwrap();
+    esp.settle();
+    assert_ok(&out);
+    let (upper, _, _) = spellings(mac);
+    let expected = reference(
+        &python,
+        case.dir.path(),
+        &format!(
+            "key,type,encoding,value\nf,namespace,,\nserial,data,string,{upper}\n\
+             sn,data,string,A1\n"
+        ),
+        "0x3000",
+    );
+    assert!(
+        esp.read(0xf000, 0x3000) == expected,
+        "fctry: not the reference's image"
+    );
+    assert!(
+        esp.read(0x9000, 0x6000) == nvs,
+        "nvs: not the device's stored image"
+    );
+}
