@@ -282,6 +282,12 @@ fn mfg_gen_chip_cells_give_each_chip_the_references_image_for_its_mac() {
         .unwrap();
     assert_ok(&out);
     assert!(case.exists("g/bin/dev-B1.chip.csv") && !case.exists("g/bin/dev-B1.bin"));
+    // A recipe holds the device's values: owner-only, like images and keys.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let recipe = std::fs::metadata(case.dir.path().join("g/bin/dev-B1.chip.csv")).unwrap();
+        assert_eq!(recipe.permissions().mode() & 0o777, 0o600);
+    }
     let macs = [
         [0x10, 0x20, 0x30, 0x40, 0x50, 0x60],
         [0xfe, 0xed, 0xfa, 0xce, 0x00, 0x01],
