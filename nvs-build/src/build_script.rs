@@ -266,14 +266,13 @@ pub fn generate_images(
         images.push(match image {
             PartitionImage::Built(built) => {
                 let path = out_dir.join(format!("{}.bin", spec.name));
-                if spec.holds_secrets() {
-                    write_private_if_changed(&path, &built.bytes)?;
-                } else {
-                    write_if_changed(&path, &built.bytes)?;
-                }
-                generated(spec, Some(path), None, Some(built.percent_full()))
+                let secret = spec.holds_secrets();
+                write_file_if_changed(&path, &built.bytes, secret)?;
+                generated(spec, Some(path), None, Some(built.percent_full()), secret)
             }
-            PartitionImage::Skipped { reason } => generated(spec, None, Some(reason), None),
+            PartitionImage::Skipped { reason } => {
+                generated(spec, None, Some(reason), None, spec.holds_secrets())
+            }
         });
     }
     Ok(images)
@@ -284,6 +283,7 @@ fn generated(
     path: Option<PathBuf>,
     skipped: Option<String>,
     percent_full: Option<u32>,
+    secret: bool,
 ) -> GeneratedImage {
     GeneratedImage {
         partition: spec.name.clone(),
@@ -291,7 +291,7 @@ fn generated(
         size: spec.size,
         factory: spec.factory,
         encrypted: spec.encryption.is_some(),
-        secret: spec.holds_secrets(),
+        secret,
         keys_file: match &spec.encryption {
             Some((crate::metadata::EncryptionSpec::KeyFile(path), _)) => Some(path.clone()),
             _ => None,
@@ -328,13 +328,9 @@ pub fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     write_file_if_changed(path, bytes, false)
 }
 
-/// [`write_if_changed`] for a file that may hold secrets: on Unix it is private (mode 0600)
-/// from its creation, before any byte is written, and an existing file with the same bytes
-/// but a wider mode is made private without being rewritten.
-pub fn write_private_if_changed(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    write_file_if_changed(path, bytes, true)
-}
-
+/// [`write_if_changed`], `private` for a file that may hold secrets: on Unix it is private
+/// (mode 0600) from its creation, before any byte is written, and an existing file with the
+/// same bytes but a wider mode is made private without being rewritten.
 fn write_file_if_changed(path: &Path, bytes: &[u8], private: bool) -> Result<(), Error> {
     let fail = |e: std::io::Error| {
         Error::new(

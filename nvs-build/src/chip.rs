@@ -64,19 +64,26 @@ impl ChipValue {
         )
     }
 
-    /// What it fills in for `mac`, as text in `encoding`'s spelling (decimal for u64), or why
-    /// that encoding cannot hold it.
-    pub fn text(self, encoding: Encoding, mac: &Mac) -> Result<String, String> {
+    /// What it fills in for `mac` as a key of `encoding` (the value, and its text: decimal for
+    /// u64), or why that encoding cannot hold it.
+    pub fn fill(self, encoding: Encoding, mac: &Mac) -> Result<(Value, String), String> {
         match (self, encoding) {
-            (ChipValue::Mac, Encoding::String) => Ok(mac.colon_upper()),
-            (ChipValue::MacHex, Encoding::String) => Ok(mac.hex_lower()),
-            (ChipValue::Mac, Encoding::U64) => Ok(mac.number().to_string()),
-            _ => Err(format!(
-                "`{}` fills {}; not this encoding",
-                self.cell(),
-                self.allowed()
-            )),
+            (ChipValue::Mac, Encoding::U64) => {
+                Ok((Value::U64(mac.number()), mac.number().to_string()))
+            }
+            (ChipValue::Mac, Encoding::String) => Ok(string(mac.colon_upper())),
+            (ChipValue::MacHex, Encoding::String) => Ok(string(mac.hex_lower())),
+            _ => Err(self.misfit()),
         }
+    }
+
+    /// Why a key of another type cannot hold it.
+    pub fn misfit(self) -> String {
+        format!(
+            "`{}` fills {}; not this encoding",
+            self.cell(),
+            self.allowed()
+        )
     }
 
     /// The types that can hold it, for messages.
@@ -171,8 +178,13 @@ impl std::fmt::Debug for RecipeRow {
     }
 }
 
+/// A string value and its text.
+fn string(text: String) -> (Value, String) {
+    (Value::String(text.clone()), text)
+}
+
 /// The longest CSV field the reference (and our CSV reader) accept.
-const MAX_FIELD: usize = 131_072;
+use crate::csv_input::MAX_FIELD_CHARS as MAX_FIELD;
 
 /// The rows as a CSV in Espressif's format (`key,type,encoding,value`), every value inline,
 /// preceded by `comments` (each written as a `# ` line, which both generators skip). Building
@@ -322,19 +334,19 @@ mod tests {
     fn chip_values_fill_strings_and_u64_only() {
         let mac = Mac([1, 2, 3, 0xaa, 0xbb, 0xcc]);
         assert_eq!(
-            ChipValue::Mac.text(Encoding::String, &mac).unwrap(),
+            ChipValue::Mac.fill(Encoding::String, &mac).unwrap().1,
             "01:02:03:AA:BB:CC"
         );
         assert_eq!(
-            ChipValue::MacHex.text(Encoding::String, &mac).unwrap(),
+            ChipValue::MacHex.fill(Encoding::String, &mac).unwrap().1,
             "010203aabbcc"
         );
         assert_eq!(
-            ChipValue::Mac.text(Encoding::U64, &mac).unwrap(),
+            ChipValue::Mac.fill(Encoding::U64, &mac).unwrap().1,
             "1108163083212"
         );
-        assert!(ChipValue::MacHex.text(Encoding::U64, &mac).is_err());
-        assert!(ChipValue::Mac.text(Encoding::U32, &mac).is_err());
+        assert!(ChipValue::MacHex.fill(Encoding::U64, &mac).is_err());
+        assert!(ChipValue::Mac.fill(Encoding::U32, &mac).is_err());
         assert_eq!(
             ChipValue::from_cell("@chip:mac-hex"),
             Some(ChipValue::MacHex)

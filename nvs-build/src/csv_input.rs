@@ -15,7 +15,7 @@ use crate::image::ImageInput;
 
 const COLUMNS: [&str; 4] = ["key", "type", "encoding", "value"];
 /// Python's csv module refuses longer fields (`csv.field_size_limit()`).
-const MAX_FIELD_CHARS: usize = 131_072;
+pub(crate) const MAX_FIELD_CHARS: usize = 131_072;
 
 /// How relative paths in `file` rows are resolved.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -181,18 +181,11 @@ impl ImageInput {
             crate::chip::ChipValue::from_cell(value),
             ty == "file",
         ) {
-            let text = Encoding::from_name(encoding)
-                .ok_or_else(|| {
-                    format!(
-                        "`{}` fills {}; not this encoding",
-                        chip.cell(),
-                        chip.allowed()
-                    )
-                })
-                .and_then(|enc| chip.text(enc, &mac).map(|text| (enc, text)));
-            let (enc, text) = text.map_err(|why| err(format!("{why} (encoding `{encoding}`)")))?;
-            let decoded = enc.decode(&text).map_err(err)?;
-            return self.add_from(Some(at), key, decoded, &text, Some(chip));
+            let (value, text) = Encoding::from_name(encoding)
+                .ok_or_else(|| chip.misfit())
+                .and_then(|enc| chip.fill(enc, &mac))
+                .map_err(|why| err(format!("{why} (encoding `{encoding}`)")))?;
+            return self.add_from(Some(at), key, value, &text, Some(chip));
         }
         // The reference does not read files for the Wi-Fi station keys: the path is the value.
         let from_file = ty == "file" && !matches!(key, "sta.ssid" | "sta.pswd");

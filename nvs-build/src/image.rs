@@ -37,8 +37,8 @@ impl ImageInput {
 
     /// CSV cells `@chip:mac` / `@chip:mac-hex` take their value from `mac` (mass production's
     /// extension); without it (the default) they are text, as Espressif's generator reads them.
-    pub fn set_chip_mac(&mut self, mac: Option<Mac>) {
-        self.chip_mac = mac;
+    pub fn set_chip_mac(&mut self, mac: Mac) {
+        self.chip_mac = Some(mac);
     }
 
     /// The MAC that chip values take, if one was set.

@@ -77,11 +77,28 @@ pub struct PartitionSpec {
 }
 
 impl PartitionSpec {
+    /// Every key written in the metadata, namespace by namespace.
+    pub fn entries(&self) -> impl Iterator<Item = &EntrySpec> {
+        self.namespaces.iter().flat_map(|ns| &ns.entries)
+    }
+
+    /// Whether a key takes its value from the chip.
+    pub fn has_chip_values(&self) -> bool {
+        self.entries()
+            .any(|e| matches!(e.source, ValueSource::Chip { .. }))
+    }
+
+    /// The first per-device key without a `dev` value: the partition has no development image.
+    pub fn missing_dev(&self) -> Option<&EntrySpec> {
+        self.entries()
+            .find(|e| matches!(&e.source, ValueSource::PerDevice { dev: None, .. }))
+    }
+
     /// Whether a key takes its value from the environment or per device: such values are
     /// often secrets (passwords, device keys), so the image's file is kept private (mode 0600
     /// on Unix). CSV rows have no such sources.
     pub fn holds_secrets(&self) -> bool {
-        self.namespaces.iter().flat_map(|ns| &ns.entries).any(|e| {
+        self.entries().any(|e| {
             matches!(
                 e.source,
                 ValueSource::Env { .. } | ValueSource::PerDevice { .. }

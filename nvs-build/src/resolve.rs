@@ -93,23 +93,15 @@ impl BuiltImage {
     }
 }
 
-/// Whether a key of the partition takes its value from the chip.
-pub fn has_chip_values(spec: &PartitionSpec) -> bool {
-    spec.namespaces
-        .iter()
-        .flat_map(|ns| &ns.entries)
-        .any(|e| matches!(e.source, ValueSource::Chip { .. }))
-}
-
 /// The rows of one partition's image with every value inline (its CSV files' `file` rows
 /// read), chip values marked, for a recipe ([`crate::chip::recipe_csv`]); checked to fit the
-/// partition with the inputs' MAC (or the `dev` values). Not encrypted: the recipe says how.
+/// partition with a stand-in MAC (every MAC spells as long). Not encrypted: the recipe says how.
 pub fn partition_recipe(
     spec: &PartitionSpec,
     manifest_dir: &std::path::Path,
     inputs: &mut Inputs<'_>,
 ) -> Result<Option<Vec<RecipeRow>>, Error> {
-    let Some((mut image, _)) = assemble(spec, manifest_dir, inputs, true)? else {
+    let Ok(mut image) = assemble(spec, manifest_dir, inputs, true)? else {
         return Ok(None);
     };
     let rows = image.take_recipe();
@@ -123,16 +115,19 @@ pub fn build_partition(
     manifest_dir: &std::path::Path,
     inputs: &mut Inputs<'_>,
 ) -> Result<PartitionImage, Error> {
-    let (image, size) = match assemble(spec, manifest_dir, inputs, false)? {
-        Some(assembled) => assembled,
-        None => {
+    let image = match assemble(spec, manifest_dir, inputs, false)? {
+        Ok(image) => image,
+        Err(entry) => {
             return Ok(PartitionImage::Skipped {
-                reason: skipped_reason(spec),
+                reason: format!(
+                    "{}: key `{}` is filled in per device by mass production and has no `dev` value for development builds",
+                    entry.at, entry.key
+                ),
             });
         }
     };
     let entries_used = image.entries_used();
-    let entries_available = size.data_pages() * crate::format::ENTRIES_PER_PAGE;
+    let entries_available = image.size().data_pages() * crate::format::ENTRIES_PER_PAGE;
     let bytes = match &spec.encryption {
         None => image.finish()?,
         Some((encryption, at)) => encrypt(image, encryption, at, inputs)?,
@@ -144,40 +139,19 @@ pub fn build_partition(
     }))
 }
 
-/// Why a partition with a per-device key and no `dev` value is not built outside mass
-/// production.
-fn skipped_reason(spec: &PartitionSpec) -> String {
-    let entry = spec
-        .namespaces
-        .iter()
-        .flat_map(|ns| &ns.entries)
-        .find(|e| matches!(&e.source, ValueSource::PerDevice { dev: None, .. }));
-    match entry {
-        Some(entry) => format!(
-            "{}: key `{}` is filled in per device by mass production and has no `dev` value for development builds",
-            entry.at, entry.key
-        ),
-        None => "a per-device key has no value".into(),
-    }
-}
-
-/// A partition's CSV files and keys added to an image (recording a recipe with `record`);
-/// `None` when a per-device key has no value.
-fn assemble(
-    spec: &PartitionSpec,
+/// A partition's CSV files and keys added to an image; recording a recipe with `record`, in
+/// which chip values take a stand-in MAC (else the inputs' MAC, or their `dev` values). `Err` names the per-device
+/// key without a value that skips the partition.
+fn assemble<'s>(
+    spec: &'s PartitionSpec,
     manifest_dir: &std::path::Path,
     inputs: &mut Inputs<'_>,
     record: bool,
-) -> Result<Option<(ImageInput, PartitionSize)>, Error> {
+) -> Result<Result<ImageInput, &'s EntrySpec>, Error> {
     // Per-device keys without a value skip the partition (before reading anything else).
     if inputs.per_device.is_none() {
-        let missing = spec
-            .namespaces
-            .iter()
-            .flat_map(|ns| &ns.entries)
-            .find(|e| matches!(&e.source, ValueSource::PerDevice { dev: None, .. }));
-        if missing.is_some() {
-            return Ok(None);
+        if let Some(missing) = spec.missing_dev() {
+            return Ok(Err(missing));
         }
     }
     let size = PartitionSize::new(u64::from(spec.size))
@@ -204,14 +178,14 @@ fn assemble(
     for ns in &spec.namespaces {
         image.namespace(Some(&ns.at), &ns.name)?;
         for entry in &ns.entries {
-            let (value, text, chip) = resolve_value(entry, inputs)?;
+            let (value, text, chip) = resolve_value(entry, inputs, record)?;
             image.add_from(Some(&entry.at), &entry.key, value, &text, chip)?;
         }
     }
     for file in image.files_read() {
         inputs.deps.file(file);
     }
-    Ok(Some((image, size)))
+    Ok(Ok(image))
 }
 
 #[cfg(feature = "encryption")]
@@ -255,7 +229,9 @@ fn encrypt(
 fn resolve_value(
     entry: &EntrySpec,
     inputs: &mut Inputs<'_>,
+    recipe: bool,
 ) -> Result<(Value, String, Option<ChipValue>), Error> {
+    let chip_mac = if recipe { Some(Mac::ZERO) } else { inputs.chip_mac };
     let fail = |msg: String| Error::new(Some(entry.at.clone()), Some(&entry.key), msg);
     let text = match &entry.source {
         ValueSource::Text(text) => text.clone(),
@@ -263,11 +239,10 @@ fn resolve_value(
             let value = crate::encoding::integer_value(entry.encoding, *n).map_err(fail)?;
             return Ok((value, n.to_string(), None));
         }
-        ValueSource::Chip { value, dev } => match inputs.chip_mac {
+        ValueSource::Chip { value, dev } => match chip_mac {
             Some(mac) => {
-                let text = value.text(entry.encoding, &mac).map_err(fail)?;
-                let decoded = entry.encoding.decode(&text).map_err(fail)?;
-                return Ok((decoded, text, Some(*value)));
+                let (filled, text) = value.fill(entry.encoding, &mac).map_err(fail)?;
+                return Ok((filled, text, Some(*value)));
             }
             None => dev.clone(),
         },

@@ -86,7 +86,7 @@ pub(crate) fn build_image(
     };
     let size = PartitionSize::new(size).map_err(|e| format!("`{}`: {e}", path.display()))?;
     let mut image = ImageInput::new(size, version);
-    image.set_chip_mac(Some(mac));
+    image.set_chip_mac(mac);
     // Checked at `mfg generate`: metadata strings may use the device's lengths.
     image.allow_device_string_lengths(true);
     image
@@ -172,7 +172,7 @@ pub(crate) fn mfg_gen_recipe(
     key: Option<&RecipeKey>,
 ) -> Result<Result<Vec<u8>, String>, nvs_build::InputError> {
     let mut image = ImageInput::new(size, version);
-    image.set_chip_mac(Some(Mac::ZERO));
+    image.set_chip_mac(Mac::ZERO);
     image.record_recipe();
     image.add_csv(values, csv.as_bytes(), &FileBase::CurrentDir)?;
     let rows = image.take_recipe();

@@ -205,6 +205,7 @@ pub fn open_ledger(
 }
 
 /// Where the images go.
+#[derive(Default)]
 pub(crate) struct Target {
     offset: u32,
     /// Bytes to write; `None`: each device's own partition size.
@@ -226,11 +227,17 @@ pub(crate) struct Target {
     /// package): then only devices whose files the ledger stores, with their places, can be
     /// flashed.
     placement_unknown: Option<String>,
-    /// --offset, --partition-table or --size was given: it does not apply to stored devices.
-    placement_given: bool,
     /// The partition tables stored with batches (`mfg generate --store-images`), by batch
     /// folder: a chip's table is checked against its device's batch's.
     batch_tables: BTreeMap<PathBuf, PartitionTable>,
+}
+
+impl Target {
+    /// --offset or --partition-table (with --size) placed the images: that does not apply to
+    /// devices stored with their places.
+    fn placement_given(&self) -> bool {
+        self.package_table.is_none() && self.placement_unknown.is_none()
+    }
 }
 
 /// A partition's development image (`None` without dev values) and what the guard needs.
@@ -283,14 +290,7 @@ pub(crate) fn target(args: &MfgFlashArgs) -> Result<Target, MfgFlashError> {
         return Ok(Target {
             offset,
             size,
-            keys: None,
-            package_table: None,
-            dev: BTreeMap::new(),
-            ledger_name: String::new(),
-            firmware: None,
-            placement_unknown: None,
-            placement_given: true,
-            batch_tables: BTreeMap::new(),
+            ..Target::default()
         });
     }
     let (Some(path), Some(name)) = (&args.partition_table, &args.partition) else {
@@ -318,31 +318,17 @@ pub(crate) fn target(args: &MfgFlashArgs) -> Result<Target, MfgFlashError> {
             // the ledger (and the firmware) needs no package.
             Err(e) if !package_given => {
                 return Ok(Target {
-                    offset: 0,
-                    size: None,
-                    keys: None,
-                    package_table: None,
-                    dev: BTreeMap::new(),
-                    ledger_name: String::new(),
-                    firmware: None,
                     placement_unknown: Some(unknown(&e)),
-                    placement_given: false,
-                    batch_tables: BTreeMap::new(),
+                    ..Target::default()
                 });
             }
             Err(e) => return Err(MfgFlashError::Invalid(unknown(&e))),
         };
         return Ok(Target {
-            offset: 0,
-            size: None,
             keys: nvs_keys_of(&metadata.table),
             dev: dev_images(&metadata)?,
             package_table: Some(metadata.table),
-            ledger_name: String::new(),
-            firmware: None,
-            placement_unknown: None,
-            placement_given: false,
-            batch_tables: BTreeMap::new(),
+            ..Target::default()
         });
     };
     let table = PartitionTable::load(path, PartitionTable::DEFAULT_OFFSET)?;
@@ -359,13 +345,7 @@ pub(crate) fn target(args: &MfgFlashArgs) -> Result<Target, MfgFlashError> {
         offset: partition.offset,
         size: Some(size.unwrap_or(partition.size)),
         keys: nvs_keys_of(&table),
-        package_table: None,
-        dev: BTreeMap::new(),
-        ledger_name: String::new(),
-        firmware: None,
-        placement_unknown: None,
-        placement_given: true,
-        batch_tables: BTreeMap::new(),
+        ..Target::default()
     })
 }
 
@@ -918,7 +898,7 @@ pub(crate) fn device_segments(
 ) -> Result<(Issued, Segments), MfgFlashError> {
     let out_dir = device.batch_dir.as_path();
     let stored = ledger.stored_files(&device.device)?;
-    if !stored.is_empty() && target.placement_given {
+    if !stored.is_empty() && target.placement_given() {
         return Err(MfgFlashError::Invalid(format!(
             "device `{}` is stored in the ledger with the partitions its files go to: --offset, \
              --partition-table and --size do not apply to it (drop them)",

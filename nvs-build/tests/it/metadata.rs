@@ -715,7 +715,7 @@ fn a_recipe_built_with_a_mac_equals_the_partition_built_with_it() {
             panic!("built")
         };
         let mut image = ImageInput::new(PartitionSize::new(0x3000).unwrap(), Version::V2);
-        image.set_chip_mac(Some(mac));
+        image.set_chip_mac(mac);
         image.allow_device_string_lengths(true);
         image
             .add_csv(
@@ -750,7 +750,7 @@ fn a_recipe_built_with_a_mac_equals_the_partition_built_with_it() {
     );
     // A MAC given to a CSV fills only the encodings that can hold it.
     let mut image = ImageInput::new(PartitionSize::new(0x3000).unwrap(), Version::V2);
-    image.set_chip_mac(Some(Mac::ZERO));
+    image.set_chip_mac(Mac::ZERO);
     let e = image
         .add_csv(
             Path::new("bad.csv"),

@@ -15,10 +15,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use nvs_build::InputError;
-use nvs_build::chip::Mac;
 use nvs_build::metadata::{EncryptionSpec, Metadata, PartitionSpec, TableSource, ValueSource};
 use nvs_build::resolve::{
-    Inputs, PartitionImage, build_partition, has_chip_values, partition_recipe,
+    Inputs, PartitionImage, build_partition, partition_recipe,
 };
 
 use crate::mfg::chip_values::{RecipeKey, recipe};
@@ -111,7 +110,7 @@ pub(super) fn generate(args: &MfgGenerateArgs) -> Result<(), GenerateError> {
         })?;
     let mut columns = HashMap::new();
     for spec in &per_device {
-        for entry in spec.namespaces.iter().flat_map(|ns| &ns.entries) {
+        for entry in spec.entries() {
             let ValueSource::PerDevice { column, .. } = &entry.source else {
                 continue;
             };
@@ -158,7 +157,7 @@ pub(super) fn generate(args: &MfgGenerateArgs) -> Result<(), GenerateError> {
         labels: per_device.iter().map(|spec| spec.name.clone()).collect(),
         recipes: per_device
             .iter()
-            .map(|spec| has_chip_values(spec))
+            .map(|spec| spec.has_chip_values())
             .collect(),
         per_device,
         columns,
@@ -186,7 +185,7 @@ pub(super) fn generate(args: &MfgGenerateArgs) -> Result<(), GenerateError> {
 
 /// Whether a partition has keys filled in per device.
 fn has_per_device_keys(spec: &PartitionSpec) -> bool {
-    spec.namespaces.iter().flat_map(|ns| &ns.entries).any(|e| {
+    spec.entries().any(|e| {
         matches!(
             e.source,
             ValueSource::PerDevice { .. } | ValueSource::Chip { .. }
@@ -276,9 +275,7 @@ impl CargoMaker<'_> {
     fn locate(&self, spec: &PartitionSpec, device: &Device, e: InputError) -> GenerateError {
         let device_at = format!("{}: device `{}`", self.run.at(device.line), device.id);
         let column = spec
-            .namespaces
-            .iter()
-            .flat_map(|ns| &ns.entries)
+            .entries()
             .find(|entry| Some(entry.key.as_str()) == e.key() && Some(&entry.at) == e.location())
             .and_then(|entry| match &entry.source {
                 ValueSource::PerDevice { column, .. } => Some((entry, column)),
@@ -296,9 +293,7 @@ impl CargoMaker<'_> {
             // went into it.
             None => {
                 let columns: Vec<String> = spec
-                    .namespaces
-                    .iter()
-                    .flat_map(|ns| &ns.entries)
+                    .entries()
                     .filter_map(|entry| match &entry.source {
                         ValueSource::PerDevice { column, .. } => Some(format!("`{column}`")),
                         _ => None,
@@ -323,8 +318,7 @@ impl CargoMaker<'_> {
         device: &Device,
         inputs: &mut Inputs<'_>,
     ) -> Result<Vec<u8>, GenerateError> {
-        let mut inputs = std::mem::replace(inputs, Inputs::new(|_| None)).with_chip_mac(Mac::ZERO);
-        let rows = partition_recipe(spec, &self.metadata.manifest_dir, &mut inputs)
+        let rows = partition_recipe(spec, &self.metadata.manifest_dir, inputs)
             .map_err(|e| self.locate(spec, device, e))?
             .ok_or_else(|| {
                 GenerateError::Invalid(format!(
