@@ -87,7 +87,8 @@ struct Unnamed {
     temp: Option<TempFile>,
 }
 
-fn folder_of(path: &Path) -> &Path {
+/// The folder `path` is in (`.` for a bare file name).
+pub(crate) fn folder_of(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

@@ -231,7 +231,11 @@ fn resolve_value(
     inputs: &mut Inputs<'_>,
     recipe: bool,
 ) -> Result<(Value, String, Option<ChipValue>), Error> {
-    let chip_mac = if recipe { Some(Mac::ZERO) } else { inputs.chip_mac };
+    let chip_mac = if recipe {
+        Some(Mac::ZERO)
+    } else {
+        inputs.chip_mac
+    };
     let fail = |msg: String| Error::new(Some(entry.at.clone()), Some(&entry.key), msg);
     let text = match &entry.source {
         ValueSource::Text(text) => text.clone(),

@@ -17,7 +17,9 @@ use nvs_build::format::encryption::XtsKey;
 use nvs_build::format::{PartitionSize, Version};
 use nvs_build::{FileBase, ImageInput};
 
+use super::flash::MfgFlashError;
 use super::input::ConfigRow;
+use crate::hex::sha256_hex;
 
 /// The partition a stored file names when it is the key a recipe is encrypted with and not
 /// flashed (a shared key, or one derived from an HMAC key): `mfg generate --store-images`.
@@ -102,6 +104,35 @@ pub(crate) fn build_image(
         }
     };
     image.finish_encrypted(&key).map_err(|e| e.to_string())
+}
+
+/// What a device's checked image file (`path`, its SHA-256 `sha256`) writes to the chip: the
+/// file itself, or for a recipe the image built for `mac` (which must be known by then); with
+/// the written image's SHA-256.
+pub(crate) fn image_for_chip(
+    data: Vec<u8>,
+    path: &Path,
+    sha256: &str,
+    mac: Option<&str>,
+    read_key: &dyn Fn(&str) -> Result<Vec<u8>, String>,
+) -> Result<(Vec<u8>, String), MfgFlashError> {
+    if !is_recipe(&path.to_string_lossy()) {
+        return Ok((data, sha256.to_owned()));
+    }
+    let Some(mac) = mac else {
+        return Err(MfgFlashError::Invalid(format!(
+            "`{}` takes values from the chip: it is built once the chip's MAC is known",
+            path.display()
+        )));
+    };
+    let image = build_image(&data, path, mac, read_key).map_err(|why| {
+        MfgFlashError::Invalid(format!(
+            "cannot build the image of `{}` for MAC {mac}: {why}; not flashed",
+            path.display()
+        ))
+    })?;
+    let sha256 = sha256_hex(&image);
+    Ok((image, sha256))
 }
 
 /// The key file a recipe's image is encrypted with, as the recipe names it.

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use nvs_build::metadata::Metadata;
 use nvs_build::resolve::{Inputs, PartitionImage, build_partition};
 
-use super::chip_values::{RECIPE_SUFFIX, build_image, is_recipe};
+use super::chip_values::{RECIPE_SUFFIX, image_for_chip};
 use super::ledger::{ClaimOutcome, FlashRecord, Issued, Ledger, LedgerError};
 use super::product::{ChosenLedger, LEDGER_ENV, ProductError, Scope, choose_ledger};
 use super::stored::stored_segments;
@@ -355,13 +355,14 @@ fn nvs_keys_of(table: &PartitionTable) -> Option<(u32, u32)> {
 }
 
 /// Reads a device's image (relative to its batch folder), checks it is the one the ledger
-/// recorded and, for a recipe (values from the chip), builds the image with the chip's `mac`.
+/// recorded and, for a recipe (values from the chip), builds the image with the chip's `mac`;
+/// with the SHA-256 of what is written.
 fn read_image(
     batch_dir: &Path,
     image: &str,
     sha256: &str,
     mac: Option<&str>,
-) -> Result<Vec<u8>, MfgFlashError> {
+) -> Result<(Vec<u8>, String), MfgFlashError> {
     let path = batch_dir.join(image);
     let data = std::fs::read(&path)
         .map_err(|e| MfgFlashError::Invalid(format!("cannot read `{}`: {e}", path.display())))?;
@@ -373,25 +374,11 @@ fn read_image(
             path.display()
         )));
     }
-    if !is_recipe(image) {
-        return Ok(data);
-    }
-    let Some(mac) = mac else {
-        return Err(MfgFlashError::Invalid(format!(
-            "`{}` takes values from the chip: it is built once the chip's MAC is known",
-            path.display()
-        )));
-    };
     let read_key = |name: &str| {
         let path = batch_dir.join(name);
         std::fs::read(&path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))
     };
-    build_image(&data, &path, mac, &read_key).map_err(|why| {
-        MfgFlashError::Invalid(format!(
-            "cannot build the image of `{}` for MAC {mac}: {why}; not flashed",
-            path.display()
-        ))
-    })
+    image_for_chip(data, &path, sha256, mac, &read_key)
 }
 
 /// The device's images (from its batch folder), each padded with 0xFF over the partition it
@@ -418,8 +405,8 @@ fn image_segments(
         Ok(data)
     };
     let Some(table) = &target.package_table else {
-        let data = read_image(out_dir, &device.image, &device.sha256, mac)?;
-        built.push(sha256_hex(&data));
+        let (data, sha256) = read_image(out_dir, &device.image, &device.sha256, mac)?;
+        built.push(sha256);
         let size = target.size.unwrap_or(device.size);
         return Ok(vec![(
             target.offset,
@@ -427,9 +414,7 @@ fn image_segments(
             "nvs".to_owned(),
         )]);
     };
-    let images: Vec<(&String, &String)> = std::iter::once((&device.image, &device.sha256))
-        .chain(device.more_images.iter().map(|(image, sha)| (image, sha)))
-        .collect();
+    let images: Vec<(&String, &String)> = device.images().collect();
     // An image of this device that the ledger does not list (ledgers before schema 2 list only
     // the first) would be left out without a word.
     for partition in table.nvs_partitions() {
@@ -474,8 +459,8 @@ fn image_segments(
                 device.size, partition.size
             )));
         }
-        let data = read_image(out_dir, image, sha256, mac)?;
-        built.push(sha256_hex(&data));
+        let (data, sha256) = read_image(out_dir, image, sha256, mac)?;
+        built.push(sha256);
         segments.push((
             partition.offset,
             pad(data, partition.size, image)?,
@@ -555,13 +540,6 @@ pub fn run(args: MfgFlashArgs) -> Result<Flashed, MfgFlashError> {
     } else {
         args.ports.iter().cloned().map(Some).collect()
     };
-    for (i, port) in args.ports.iter().enumerate() {
-        if args.ports[..i].contains(port) {
-            return Err(MfgFlashError::Invalid(format!(
-                "--port {port} is given twice"
-            )));
-        }
-    }
 
     // One device per port, claimed in the ledger before any port is opened: other stations
     // sharing the ledger skip claimed devices.

@@ -29,6 +29,7 @@
 
 mod cargo;
 
+use crate::fsutil::folder_of;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -261,14 +262,8 @@ pub struct MfgGenerateArgs {
 struct Run {
     values: PathBuf,
     out_dir: PathBuf,
-    /// The product's ledger (absolute).
-    ledger: PathBuf,
-    /// How it was chosen (`--ledger`, `NVS_LEDGER`, a default), for messages.
-    ledger_from: String,
-    /// It was given with --ledger.
-    ledger_flag: bool,
-    /// The ledger as chosen (a file, or a PostgreSQL server), to open it.
-    chosen_ledger: ChosenLedger,
+    /// The product's ledger as chosen (a file, absolute, or a PostgreSQL server), and how.
+    ledger: ChosenLedger,
     sync: bool,
     resume: bool,
     allow_reissue: bool,
@@ -318,11 +313,17 @@ impl Placement {
     /// just written, checked against their SHA-256): its images and, unless its key derives
     /// from an HMAC key in the chip's eFuse, its key file.
     fn files(&self, out_dir: &Path, entry: &Issued) -> Result<Vec<StoredFile>, GenerateError> {
-        let images = std::iter::once((&entry.image, &entry.sha256))
-            .chain(entry.more_images.iter().map(|(image, sha)| (image, sha)));
+        let images = entry.images();
         let mut files = Vec::new();
         for ((name, sha256), (partition, offset, size)) in images.zip(&self.images) {
-            files.push(stored(out_dir, name, sha256, partition, *offset, *size)?);
+            files.push(stored(
+                out_dir,
+                name,
+                Some(sha256),
+                partition,
+                *offset,
+                *size,
+            )?);
         }
         if let (Some(key_file), None) = (&entry.key_file, &entry.hmac_key_file) {
             let Some((offset, size)) = self.keys else {
@@ -332,12 +333,7 @@ impl Placement {
                         .into(),
                 ));
             };
-            let data = std::fs::read(out_dir.join(key_file))
-                .map_err(|e| write_error(&out_dir.join(key_file), e))?;
-            let sha256 = sha256_hex(&data);
-            files.push(stored(
-                out_dir, key_file, &sha256, "nvs_keys", offset, size,
-            )?);
+            files.push(stored(out_dir, key_file, None, "nvs_keys", offset, size)?);
         }
         // A recipe is encrypted at flash time: a key it names that is not the device's own
         // (a shared key, or the one derived from an HMAC key) is kept too, never flashed.
@@ -347,16 +343,7 @@ impl Placement {
             let key = recipe_key_file(&recipe.data, Path::new(&recipe.name))
                 .map_err(GenerateError::Invalid)?;
             if let Some(key) = key.filter(|k| !files.iter().any(|f| &f.name == k)) {
-                let path = out_dir.join(&key);
-                let data = std::fs::read(&path).map_err(|e| write_error(&path, e))?;
-                recipe_keys.push(StoredFile {
-                    sha256: sha256_hex(&data),
-                    name: key,
-                    partition: RECIPE_KEY.to_owned(),
-                    offset: 0,
-                    size: 0,
-                    data,
-                });
+                recipe_keys.push(stored(out_dir, &key, None, RECIPE_KEY, 0, 0)?);
             }
         }
         files.extend(recipe_keys);
@@ -364,26 +351,28 @@ impl Placement {
     }
 }
 
-/// The file `name` of the out dir as the ledger keeps it, if it still has the SHA-256 it was
-/// written with.
+/// The file `name` of the out dir (relative, or absolute) as the ledger keeps it, if it still
+/// has the SHA-256 it was written with (`recorded`, when the ledger has one).
 fn stored(
     out_dir: &Path,
     name: &str,
-    sha256: &str,
+    recorded: Option<&str>,
     partition: &str,
     offset: u32,
     size: u32,
 ) -> Result<StoredFile, GenerateError> {
     let path = out_dir.join(name);
     let data = std::fs::read(&path).map_err(|e| write_error(&path, e))?;
-    if sha256_hex(&data) != sha256 {
+    let sha256 = sha256_hex(&data);
+    if recorded.is_some_and(|recorded| recorded != sha256) {
         return Err(GenerateError::Invalid(format!(
             "`{}` changed while it was being recorded; run again with --resume",
             path.display()
         )));
     }
-    // A recipe is not the image (that is built for the chip, and checked to fit).
-    if data.len() > size as usize && !is_recipe(name) {
+    // A recipe is not the image (that is built for the chip, and checked to fit); a recipe's
+    // key goes nowhere.
+    if data.len() > size as usize && !is_recipe(name) && partition != RECIPE_KEY {
         return Err(GenerateError::Invalid(format!(
             "`{}` is larger than partition `{partition}` ({size:#x} bytes)",
             path.display()
@@ -394,7 +383,7 @@ fn stored(
         partition: partition.to_owned(),
         offset,
         size,
-        sha256: sha256.to_owned(),
+        sha256,
         data,
     })
 }
@@ -403,10 +392,7 @@ impl Run {
     fn new(args: &MfgGenerateArgs, values: PathBuf, ledger: ChosenLedger) -> Run {
         let out_dir = args.out_dir.clone().unwrap_or_else(|| PathBuf::from("."));
         Run {
-            ledger: ledger.path.clone(),
-            ledger_from: ledger.from.clone(),
-            ledger_flag: ledger.flag,
-            chosen_ledger: ledger,
+            ledger,
             values,
             out_dir,
             sync: args.sync,
@@ -615,10 +601,10 @@ struct Built {
     hmac_key: Option<[u8; 32]>,
 }
 
-/// An image that is the same for every device, written once as `bin/<name>.bin`.
+/// An image that is the same for every device, written once as `bin/<name>.bin` (`name`: its
+/// partition).
 struct SharedImage {
     name: String,
-    label: String,
     bytes: Vec<u8>,
 }
 
@@ -1059,19 +1045,19 @@ fn produce(run: &Run, maker: &dyn Maker, count: usize) -> Result<(), GenerateErr
                 "`{}` (partition `{}`, the same for every device) already exists with other \
                  bytes; images are never overwritten (use a new --out-dir or remove it)",
                 path.display(),
-                shared.label
+                shared.name
             )));
         }
     }
 
     // Pass 4: build again, and write and record each device's files.
-    if !run.chosen_ledger.exists() {
+    if !run.ledger.exists() {
         // The ledger knows only the ids issued into it: say where it starts, once.
         eprintln!(
             "note: starting the product ledger `{}`; it refuses every id issued into it from now \
              on. Batches made by cargo-nvs before the product ledger kept their own \
              `<out-dir>/ledger.sqlite`, whose ids it does not know",
-            run.ledger.display()
+            run.ledger.path.display()
         );
     }
     let out_dir_existed = run.out_dir.exists();
@@ -1083,7 +1069,7 @@ fn produce(run: &Run, maker: &dyn Maker, count: usize) -> Result<(), GenerateErr
             ))
         })
         .and_then(|()| batch_dir(&run.out_dir))
-        .and_then(|batch_dir| Ok((run.chosen_ledger.open(run.sync)?, batch_dir)))
+        .and_then(|batch_dir| Ok((run.ledger.open(run.sync)?, batch_dir)))
         .and_then(|(ledger, batch_dir)| {
             let work = Work {
                 ledger: &*ledger,
@@ -1151,9 +1137,9 @@ fn check_stored_batch(run: &Run, work: &Work<'_>) -> Result<(), GenerateError> {
 /// files take the same mode). Best effort: a file system without modes keeps its own.
 fn keep_private(run: &Run) {
     #[cfg(unix)]
-    if run.chosen_ledger.server.is_none() {
+    if run.ledger.server.is_none() {
         use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&run.ledger, std::fs::Permissions::from_mode(0o600));
+        let _ = std::fs::set_permissions(&run.ledger.path, std::fs::Permissions::from_mode(0o600));
     }
     #[cfg(not(unix))]
     let _ = run;
@@ -1208,7 +1194,7 @@ fn reserve(run: &Run, work: &Work<'_>, to_issue: &[(String, usize)]) -> Result<(
         "{} device id(s) were issued by another run meanwhile (product ledger `{}`); an id is \
          never issued twice:",
         refused.len(),
-        run.ledger.display()
+        run.ledger.path.display()
     );
     for refused in refused.iter().take(10) {
         let line = lines.get(refused.device.as_str()).copied().unwrap_or(0);
@@ -1257,34 +1243,31 @@ fn batch_dir(out_dir: &Path) -> Result<PathBuf, GenerateError> {
 /// Refuses a ledger that cannot be made where it was chosen, and a batch whose out dir has a
 /// ledger of its own (as older versions kept one per out dir) that this run would not check.
 fn check_ledger_place(run: &Run) -> Result<(), GenerateError> {
-    if run.chosen_ledger.server.is_some() {
+    if run.ledger.server.is_some() {
         return Ok(());
     }
-    let folder = match run.ledger.parent() {
-        Some(folder) if !folder.as_os_str().is_empty() => folder,
-        _ => Path::new("."),
-    };
+    let folder = folder_of(&run.ledger.path);
     // The out dir is made by the run.
     if !folder.is_dir() && !same_file(folder, &run.out_dir) {
         return Err(GenerateError::Invalid(format!(
             "the ledger `{}` ({}) cannot be made: its folder `{}` does not exist; create it, or \
              name the ledger with --ledger PATH or {} (nothing was written)",
-            run.ledger.display(),
-            run.ledger_from,
+            run.ledger.path.display(),
+            run.ledger.from,
             folder.display(),
             product::LEDGER_ENV
         )));
     }
     let own = run.out_dir.join(CONFIG_LEDGER);
-    if !own.is_file() || same_file(&own, &run.ledger) {
+    if !own.is_file() || same_file(&own, &run.ledger.path) {
         return Ok(());
     }
-    if run.ledger_flag {
+    if run.ledger.flag {
         eprintln!(
             "warning: `{}` is another ledger (an out dir's own, as older versions kept them); \
              its devices are not checked by this run, which records into `{}` (--ledger)",
             own.display(),
-            run.ledger.display()
+            run.ledger.path.display()
         );
         return Ok(());
     }
@@ -1293,8 +1276,8 @@ fn check_ledger_place(run: &Run) -> Result<(), GenerateError> {
          records into the product's ledger `{}` ({}), which does not check the ids it holds; \
          pass --ledger {} to go on with it (nothing was written)",
         own.display(),
-        run.ledger.display(),
-        run.ledger_from,
+        run.ledger.path.display(),
+        run.ledger.from,
         own.display()
     )))
 }
@@ -1312,7 +1295,7 @@ struct Checked {
 
 fn check_all(run: &Run, maker: &dyn Maker, count: usize) -> Result<Checked, GenerateError> {
     let mut values = Values::open(&run.values)?;
-    let existing_ledger = run.chosen_ledger.open_existing()?;
+    let existing_ledger = run.ledger.open_existing()?;
     // The SHA-256 of the images that come out the same on every build are only needed to check
     // kept images on --resume.
     let hash = run.resume && !maker.fresh_keys();
@@ -1414,8 +1397,8 @@ impl Reissues {
              `{}` ({}); an id is never issued twice:",
             self.count,
             run.values.display(),
-            run.ledger.display(),
-            run.ledger_from
+            run.ledger.path.display(),
+            run.ledger.from
         );
         for r in &self.shown {
             if r.issued.sha256.is_empty() {
@@ -1570,7 +1553,6 @@ fn write_all(run: &Run, maker: &dyn Maker, work: &Work<'_>) -> Result<(), Genera
         started: Instant::now(),
         bar: device_bar(count - kept, "writing"),
         built: 0,
-        images_per_device: 1,
         issued: Vec::with_capacity(CHUNK),
     };
     // While a chunk is built and written, the one before is recorded and the next one read.
@@ -1646,14 +1628,10 @@ fn write_all(run: &Run, maker: &dyn Maker, work: &Work<'_>) -> Result<(), Genera
             })?;
         }
     }
-    let Recorder {
-        manifests,
-        images_per_device,
-        ..
-    } = recorder;
+    let Recorder { manifests, .. } = recorder;
     let any_key = manifests.any_key;
     manifests.finish(run)?;
-    summary(run, maker, count - kept, kept, images_per_device, any_key);
+    summary(run, maker, count - kept, kept, any_key);
     Ok(())
 }
 
@@ -1694,7 +1672,6 @@ struct Recorder<'a> {
     started: Instant,
     bar: ProgressBar,
     built: usize,
-    images_per_device: usize,
     issued: Vec<Issued>,
 }
 
@@ -1703,11 +1680,6 @@ impl Recorder<'_> {
     /// failed (then returns the first failure).
     fn record(&mut self, mut results: ChunkResults) -> Result<(), GenerateError> {
         let (run, maker, work) = (self.run, self.maker, self.work);
-        if self.built == 0
-            && let Some((device, _)) = results.first()
-        {
-            self.images_per_device = device.images.len();
-        }
         self.issued.clear();
         for (device, written) in &results {
             if let Ok(Some(written)) = written {
@@ -1774,7 +1746,7 @@ impl Recorder<'_> {
                         GenerateError::Invalid(format!(
                             "device `{}` is missing from the ledger `{}`",
                             device.ledger_id,
-                            run.ledger.display()
+                            run.ledger.path.display()
                         ))
                     })?;
                     (entry, None)
@@ -1939,11 +1911,11 @@ impl Manifests {
         let mut manifest = maker.manifest_fields();
         manifest.insert("values".into(), run.values.display().to_string().into());
         // Absolute: `mfg flash --out-dir` finds the ledger through it from anywhere.
-        let ledger = match &run.chosen_ledger.server {
+        let ledger = match &run.ledger.server {
             // Without the password: the station supplies it.
             Some(url) => url.without_password(),
-            None => std::fs::canonicalize(&run.ledger)
-                .unwrap_or_else(|_| run.ledger.clone())
+            None => std::fs::canonicalize(&run.ledger.path)
+                .unwrap_or_else(|_| run.ledger.path.clone())
                 .display()
                 .to_string(),
         };
@@ -1954,7 +1926,7 @@ impl Manifests {
                 .iter()
                 .map(|s| {
                     serde_json::json!({
-                        "partition": s.label,
+                        "partition": s.name,
                         "image": image_rel(&s.name),
                         "sha256": sha256_hex(&s.bytes),
                     })
@@ -2113,14 +2085,9 @@ fn csv_error(path: &Path, e: csv::Error) -> GenerateError {
 }
 
 /// The message that ends a run.
-fn summary(
-    run: &Run,
-    maker: &dyn Maker,
-    built: usize,
-    kept: usize,
-    images_per_device: usize,
-    any_key: bool,
-) {
+fn summary(run: &Run, maker: &dyn Maker, built: usize, kept: usize, any_key: bool) {
+    // A device has an image per partition the manifests label (mfg_gen: one).
+    let images_per_device = maker.labels().map_or(1, <[String]>::len);
     let bin_dir = run.out_dir.join("bin");
     let keys_dir = run.out_dir.join("keys");
     let shared = match maker.shared() {
@@ -2154,7 +2121,7 @@ fn summary(
         } else {
             String::new()
         },
-        run.ledger.display()
+        run.ledger.path.display()
     );
 }
 
@@ -2211,16 +2178,19 @@ fn decide(
             && key_files.iter().all(|key| key.exists())
         {
             // Every image as the ledger recorded it (older ledgers have only the first).
-            let mut recorded = vec![&issued.sha256];
-            recorded.extend(issued.more_images.iter().map(|(_, sha)| sha));
-            let mut as_recorded = true;
-            for (bin, sha) in bins.iter().zip(recorded) {
-                as_recorded &= sha_of_file(bin)? == *sha;
-            }
-            if as_recorded {
+            let recorded = issued.images().map(|(_, sha)| sha);
+            let shas: Vec<String> = bins
+                .iter()
+                .map(|bin| sha_of_file(bin))
+                .collect::<Result<_, _>>()?;
+            if shas
+                .iter()
+                .zip(recorded)
+                .all(|(on_disk, sha)| on_disk == sha)
+            {
                 if let Some(expected) = expected {
-                    for (bin, expected) in bins.iter().zip(expected) {
-                        if sha_of_file(bin)? != *expected {
+                    for ((bin, on_disk), expected) in bins.iter().zip(&shas).zip(expected) {
+                        if on_disk != expected {
                             return Err(GenerateError::Invalid(format!(
                                 "{at}: device `{}`: `{}` was made from other values than the \
                                  row has now; --resume only finishes a run with the same inputs \

@@ -7,6 +7,7 @@
 //! batch it was issued into, where its images are.
 //! Every flash record is one transaction; issued devices are recorded a chunk per transaction.
 
+use crate::fsutil::folder_of;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -202,6 +203,14 @@ pub struct Issued {
     /// stored with the entry, and filled by `export`. Other reads leave it empty: a station
     /// reads a claimed device's with [`Ledger::stored_files`].
     pub files: Vec<StoredFile>,
+}
+
+impl Issued {
+    /// Its images in order, each with its SHA-256: the first, then the others.
+    pub fn images(&self) -> impl Iterator<Item = (&String, &String)> {
+        std::iter::once((&self.image, &self.sha256))
+            .chain(self.more_images.iter().map(|(image, sha)| (image, sha)))
+    }
 }
 
 /// A device's file kept in the ledger: an image, or its key for the nvs_keys partition, with
@@ -610,40 +619,22 @@ impl SqliteLedger {
 /// every out dir then had its own ledger.
 fn upgrade(tx: &Connection, ledger_folder: &str) -> rusqlite::Result<()> {
     tx.execute_batch(SCHEMA)?;
-    let has_column = |name: &str| {
-        tx.prepare("SELECT 1 FROM pragma_table_info('devices') WHERE name = ?1")
-            .and_then(|mut s| s.exists([name]))
-    };
-    // Schema 1 lacks it; the tables schema 2 added are created above.
-    if !has_column("hmac_key_file")? {
-        tx.execute_batch("ALTER TABLE devices ADD COLUMN hmac_key_file TEXT")?;
-    }
-    let claims_have_written_to = tx
-        .prepare("SELECT 1 FROM pragma_table_info('claims') WHERE name = 'written_to'")
-        .and_then(|mut s| s.exists([]))?;
-    if !claims_have_written_to {
-        tx.execute_batch("ALTER TABLE claims ADD COLUMN written_to TEXT")?;
-    }
-    if !has_column("batch_dir")? {
-        tx.execute_batch("ALTER TABLE devices ADD COLUMN batch_dir TEXT NOT NULL DEFAULT ''")?;
-    }
-    let log_has_firmware = tx
-        .prepare("SELECT 1 FROM pragma_table_info('flash_log') WHERE name = 'firmware_sha256'")
-        .and_then(|mut s| s.exists([]))?;
-    if !log_has_firmware {
-        tx.execute_batch(
-            "ALTER TABLE flash_log ADD COLUMN firmware_sha256 TEXT NOT NULL DEFAULT ''",
-        )?;
-    }
-    let batches_have_table = tx
-        .prepare("SELECT 1 FROM pragma_table_info('batches') WHERE name = 'partition_table'")
-        .and_then(|mut s| s.exists([]))?;
-    if !batches_have_table {
-        tx.execute_batch("ALTER TABLE batches ADD COLUMN partition_table BLOB")?;
-    }
-    // Schema 5: devices made from the chip.
-    if !has_column("from_chip")? {
-        tx.execute_batch("ALTER TABLE devices ADD COLUMN from_chip INTEGER NOT NULL DEFAULT 0")?;
+    // The tables are created above; columns later schemas added to older tables are added here.
+    let added: [(&str, &str, &str); 6] = [
+        ("devices", "hmac_key_file", "TEXT"),                 // 2
+        ("claims", "written_to", "TEXT"),                     // 2
+        ("devices", "batch_dir", "TEXT NOT NULL DEFAULT ''"), // 3
+        ("flash_log", "firmware_sha256", "TEXT NOT NULL DEFAULT ''"), // 4
+        ("batches", "partition_table", "BLOB"),               // 5
+        ("devices", "from_chip", "INTEGER NOT NULL DEFAULT 0"), // 5
+    ];
+    for (table, column, kind) in added {
+        let present = tx
+            .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")
+            .and_then(|mut s| s.exists([table, column]))?;
+        if !present {
+            tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
+        }
     }
     let moved = tx.execute(
         "UPDATE devices SET batch_dir = ?1 WHERE batch_dir = ''",
@@ -660,10 +651,7 @@ fn upgrade(tx: &Connection, ledger_folder: &str) -> rusqlite::Result<()> {
 
 /// The folder the ledger file is in, absolute and canonical where it can be.
 fn ledger_folder(path: &Path) -> String {
-    let folder = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
+    let folder = folder_of(path);
     std::fs::canonicalize(folder)
         .or_else(|_| std::path::absolute(folder))
         .unwrap_or_else(|_| folder.to_owned())
@@ -711,10 +699,13 @@ fn more_images(c: &Connection, device: &str) -> rusqlite::Result<Vec<(String, St
         .collect()
 }
 
-const DEVICE_COLUMNS: &str = "device, image, sha256, key_file, size, values_file, line, batch, \
+/// The devices table's columns, as both backends name them.
+pub(super) const DEVICE_COLUMNS: &str = "device, image, sha256, key_file, size, values_file, line, batch, \
      issued_at, hmac_key_file, batch_dir, from_chip";
 
-const FILE_COLUMNS: &str = "name, partition_name, flash_offset, partition_size, sha256, data";
+/// A stored file's columns, as both backends name them.
+pub(super) const FILE_COLUMNS: &str =
+    "name, partition_name, flash_offset, partition_size, sha256, data";
 
 fn file_from_row(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<StoredFile> {
     Ok(StoredFile {

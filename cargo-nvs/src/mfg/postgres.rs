@@ -24,6 +24,7 @@ use super::ledger::{
     BatchStatus, CLAIM_LIFETIME, ClaimOutcome, Conflict, FlashRecord, Issued, Ledger, LedgerError,
     LedgerResult, Refused, Reservation, StoredFile,
 };
+use super::ledger::{DEVICE_COLUMNS, FILE_COLUMNS};
 use super::migrate::{ClaimRow, LedgerCopy};
 
 /// Bumped when the tables change (as SQLite's); a database of a newer version is refused.
@@ -105,8 +106,6 @@ pub const ROLES: &str = include_str!("../../sql/postgres-roles.sql");
 // The trigger above spells the claim lifetime in seconds.
 const _: () = assert!(CLAIM_LIFETIME.as_secs() == 900);
 
-const FILE_COLUMNS: &str = "name, partition_name, flash_offset, partition_size, sha256, data";
-
 fn file_from_row(row: &Row, first: usize) -> StoredFile {
     StoredFile {
         name: row.get(first),
@@ -118,13 +117,13 @@ fn file_from_row(row: &Row, first: usize) -> StoredFile {
     }
 }
 
-/// The stored files of the devices in `taken` (from `entries`) become theirs, replacing any
-/// earlier ones: one statement each way for the whole chunk.
+/// The stored files of these (just issued) devices become theirs, replacing any earlier
+/// ones: one statement each way for the whole chunk.
 fn put_files<C: GenericClient>(
     db: &mut Db<'_, C>,
-    entries: &[Issued],
-    taken: &[&String],
+    entries: &[&Issued],
 ) -> Result<(), postgres::Error> {
+    let taken: Vec<&String> = entries.iter().map(|e| &e.device).collect();
     db.execute(
         "DELETE FROM nvs_device_files WHERE device = ANY($1)",
         &[&taken],
@@ -138,7 +137,7 @@ fn put_files<C: GenericClient>(
         Vec::new(),
         Vec::new(),
     );
-    for entry in entries.iter().filter(|e| taken.contains(&&e.device)) {
+    for entry in entries {
         for f in &entry.files {
             devices.push(entry.device.as_str());
             names.push(f.name.as_str());
@@ -169,9 +168,6 @@ fn put_files<C: GenericClient>(
     }
     Ok(())
 }
-
-const DEVICE_COLUMNS: &str = "device, image, sha256, key_file, size, values_file, line, batch, \
-     issued_at, hmac_key_file, batch_dir, from_chip";
 
 /// A ledger URL, with the password kept out of everything that is shown.
 #[derive(Clone, PartialEq, Eq)]
@@ -749,6 +745,18 @@ fn issued_from_row(row: &Row) -> Issued {
     }
 }
 
+fn flash_from_row(r: &Row) -> FlashRecord {
+    FlashRecord {
+        time: r.get(0),
+        mac: r.get(1),
+        device: r.get(2),
+        sha256: r.get(3),
+        port: r.get(4),
+        result: r.get(5),
+        firmware_sha256: r.get(6),
+    }
+}
+
 /// Appends a production-log row, at `time` (a copy's) or now.
 fn insert_log<C: GenericClient>(
     db: &mut Db<'_, C>,
@@ -847,15 +855,7 @@ impl Ledger for PostgresLedger {
                     &[],
                 )?
                 .iter()
-                .map(|r| FlashRecord {
-                    time: r.get(0),
-                    mac: r.get(1),
-                    device: r.get(2),
-                    sha256: r.get(3),
-                    port: r.get(4),
-                    result: r.get(5),
-                    firmware_sha256: r.get(6),
-                })
+                .map(flash_from_row)
                 .collect();
             Ok(LedgerCopy {
                 batches,
@@ -917,7 +917,7 @@ impl Ledger for PostgresLedger {
                             &[&d.device, &(idx as i64), image, sha256],
                         )?;
                     }
-                    put_files(db, std::slice::from_ref(d), &[&d.device])?;
+                    put_files(db, &[d])?;
                 }
             }
             db.execute(
@@ -979,12 +979,11 @@ impl Ledger for PostgresLedger {
         let insert = format!(
             "INSERT INTO nvs_devices ({DEVICE_COLUMNS})
              SELECT u.device, u.image, u.sha256, u.key_file, u.size, u.values_file, u.line,
-               u.batch, $12, u.hmac_key_file, u.batch_dir, u.from_chip
+               u.batch, $11, u.hmac_key_file, u.batch_dir, u.from_chip
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
-               $6::text[], $7::bigint[], $8::text[], $9::text[], $10::text[], $13::boolean[])
+               $6::text[], $7::bigint[], $8::text[], $9::text[], $10::text[], $12::boolean[])
                AS u(device, image, sha256, key_file, size, values_file, line, batch,
                  hmac_key_file, batch_dir, from_chip)
-             WHERE $11
              ORDER BY u.device
              ON CONFLICT (device) DO UPDATE SET image = excluded.image,
                sha256 = excluded.sha256, key_file = excluded.key_file,
@@ -1022,20 +1021,24 @@ impl Ledger for PostgresLedger {
                     &insert,
                     &[
                         &devices, &images, &shas, &key_files, &sizes, &values, &lines, &batches,
-                        &hmac, &dirs, &true, &now, &from_chip,
+                        &hmac, &dirs, &now, &from_chip,
                     ],
                 )?
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
-            let taken_list: Vec<&String> = devices.iter().filter(|d| taken.contains(*d)).collect();
+            let taken_entries: Vec<&Issued> = entries
+                .iter()
+                .filter(|e| taken.contains(&e.device))
+                .collect();
+            let taken_list: Vec<&String> = taken_entries.iter().map(|e| &e.device).collect();
             db.execute(
                 "DELETE FROM nvs_device_images WHERE device = ANY($1)",
                 &[&taken_list],
             )?;
             let (mut image_devices, mut idxs, mut image_names, mut image_shas) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for entry in entries.iter().filter(|e| taken.contains(&e.device)) {
+            for entry in &taken_entries {
                 for (idx, (image, sha256)) in entry.more_images.iter().enumerate() {
                     image_devices.push(entry.device.clone());
                     idxs.push(idx as i64);
@@ -1050,7 +1053,7 @@ impl Ledger for PostgresLedger {
                     &[&image_devices, &idxs, &image_names, &image_shas],
                 )?;
             }
-            put_files(db, entries, &taken_list)?;
+            put_files(db, &taken_entries)?;
             let refused: Vec<&String> = devices.iter().filter(|d| !taken.contains(*d)).collect();
             let mut earlier = std::collections::HashMap::new();
             if !refused.is_empty() {
@@ -1383,15 +1386,7 @@ impl Ledger for PostgresLedger {
                     &[],
                 )?
                 .iter()
-                .map(|r| FlashRecord {
-                    time: r.get(0),
-                    mac: r.get(1),
-                    device: r.get(2),
-                    sha256: r.get(3),
-                    port: r.get(4),
-                    result: r.get(5),
-                    firmware_sha256: r.get(6),
-                })
+                .map(flash_from_row)
                 .collect())
         })
     }

@@ -15,6 +15,7 @@
 //!    (`-p`/`--manifest-path` respected), the package's ledger as in 4; else an error saying
 //!    how to name one.
 
+use crate::fsutil::folder_of;
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
@@ -59,10 +60,7 @@ pub fn product_ledger(manifest_path: &Path) -> Result<ChosenLedger, ProductError
     if let Some(env) = env_ledger()? {
         return Ok(env);
     }
-    let folder = match manifest_path.parent() {
-        Some(folder) if !folder.as_os_str().is_empty() => folder,
-        _ => Path::new("."),
-    };
+    let folder = folder_of(manifest_path);
     match metadata_ledger(manifest_path)? {
         Some(text) if ServerUrl::parse(&text).is_some() => {
             chosen(text.as_ref(), String::new(), false)
@@ -191,10 +189,7 @@ pub(crate) fn choose_ledger(
     }
     match scope {
         Scope::Config(config) => {
-            let folder = match config.parent() {
-                Some(folder) if !folder.as_os_str().is_empty() => folder,
-                _ => Path::new("."),
-            };
+            let folder = folder_of(config);
             chosen(
                 folder.join(CONFIG_LEDGER).as_os_str(),
                 format!("the default beside the config `{}`", config.display()),
@@ -243,9 +238,8 @@ fn package_ledger(manifest_path: &Path) -> Result<ChosenLedger, ProductError> {
     let ledger = product_ledger(manifest_path)?;
     let path = ledger.path.clone();
     let default = manifest_path.with_file_name(PACKAGE_LEDGER);
-    let from = if let Some(env) = env_ledger()? {
-        env.from
-    } else if ledger.server.is_none() && same_file(&path, &default) {
+    // (Only asked for when NVS_LEDGER is not set: `choose_ledger` takes that first.)
+    let from = if ledger.server.is_none() && same_file(&path, &default) {
         format!("the default beside `{}`", manifest_path.display())
     } else {
         format!(

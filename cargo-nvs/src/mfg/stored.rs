@@ -9,7 +9,7 @@ use std::path::Path;
 
 use nvs_build::table::PartitionTable;
 
-use super::chip_values::{RECIPE_KEY, build_image, is_recipe};
+use super::chip_values::{RECIPE_KEY, image_for_chip, is_recipe};
 use super::flash::{MfgFlashError, Segments};
 use super::ledger::{Issued, StoredFile};
 use crate::hex::sha256_hex;
@@ -81,8 +81,7 @@ pub(crate) fn stored_segments(
             })
         }
     };
-    let images = std::iter::once((&device.image, &device.sha256))
-        .chain(device.more_images.iter().map(|(image, sha)| (image, sha)));
+    let images = device.images();
     let mut segments = Vec::new();
     for (image, recorded) in images {
         let Some(at) = files.iter().position(|f| &f.name == image) else {
@@ -98,28 +97,15 @@ pub(crate) fn stored_segments(
                 file.sha256
             )));
         }
-        let data = if is_recipe(image) {
-            let Some(mac) = mac else {
-                return Err(MfgFlashError::Invalid(format!(
-                    "`{image}` takes values from the chip: it is built once the chip's MAC is \
-                     known"
-                )));
-            };
-            build_image(&file.data, Path::new(image), mac, &read_key).map_err(|why| {
-                MfgFlashError::Invalid(format!(
-                    "cannot build the image of `{image}` for MAC {mac}: {why}; not flashed"
-                ))
-            })?
-        } else {
-            file.data
-        };
+        let (data, sha256) =
+            image_for_chip(file.data, Path::new(image), &file.sha256, mac, &read_key)?;
         if data.len() > file.size as usize {
             return Err(refused(format!(
                 "the image of `{image}` is larger than partition `{}`",
                 file.partition
             )));
         }
-        built.push(sha256_hex(&data));
+        built.push(sha256);
         segments.push(padded(file.offset, data, file.size, file.partition));
     }
     for file in files {

@@ -16,9 +16,7 @@ use std::path::Path;
 
 use nvs_build::InputError;
 use nvs_build::metadata::{EncryptionSpec, Metadata, PartitionSpec, TableSource, ValueSource};
-use nvs_build::resolve::{
-    Inputs, PartitionImage, build_partition, partition_recipe,
-};
+use nvs_build::resolve::{Inputs, PartitionImage, build_partition, partition_recipe};
 
 use crate::mfg::chip_values::{RecipeKey, recipe};
 
@@ -139,7 +137,6 @@ pub(super) fn generate(args: &MfgGenerateArgs) -> Result<(), GenerateError> {
         match build_partition(spec, &metadata.manifest_dir, &mut inputs)? {
             PartitionImage::Built(built) => shared.push(SharedImage {
                 name: spec.name.clone(),
-                label: spec.name.clone(),
                 bytes: built.bytes,
             }),
             PartitionImage::Skipped { reason } => {
@@ -423,11 +420,7 @@ impl Maker for CargoMaker<'_> {
             .iter()
             .map(|spec| (*spec, true))
             .chain(self.shared.iter().filter_map(|s| {
-                let spec = self
-                    .metadata
-                    .partitions
-                    .iter()
-                    .find(|p| p.name == s.label)?;
+                let spec = self.metadata.partitions.iter().find(|p| p.name == s.name)?;
                 Some((spec, false))
             }))
             .map(|(spec, per_device)| {
