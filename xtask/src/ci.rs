@@ -9,10 +9,8 @@ use crate::Result;
 /// nvs-build's promise to users compiling it with older (ESP) toolchains.
 const NVS_BUILD_MSRV: (u32, u32) = (1, 85);
 
-const STEPS: usize = 10;
-
 pub fn run(sh: &Shell, diff_cases: usize) -> Result<ExitCode> {
-    let steps: [(&str, &dyn Fn() -> Result<()>); STEPS] = [
+    let steps: &[(&str, &dyn Fn() -> Result<()>)] = &[
         ("format", &|| {
             Ok(cmd!(sh, "cargo fmt --all -- --check").run()?)
         }),
@@ -81,7 +79,7 @@ pub fn run(sh: &Shell, diff_cases: usize) -> Result<ExitCode> {
     ];
     let mut failed = Vec::new();
     let mut took = Vec::new();
-    for (name, step) in steps {
+    for &(name, step) in steps {
         eprintln!("\n=== ci: {name}");
         let start = std::time::Instant::now();
         if let Err(e) = step() {
@@ -91,7 +89,7 @@ pub fn run(sh: &Shell, diff_cases: usize) -> Result<ExitCode> {
         took.push(format!("{name} {:.0?}", start.elapsed()));
     }
     eprintln!("\nci: time per step: {}", took.join(", "));
-    let passed = STEPS - failed.len();
+    let passed = steps.len() - failed.len();
     if !failed.is_empty() {
         eprintln!("\nci: failed steps: {}", failed.join(", "));
     }

@@ -310,7 +310,8 @@ fn run_erase(
         Err(e) => return Err(e),
     };
     let picked = pick(&tables)?;
-    let flash_size = flasher.device_info().map(|i| i.flash_size.size()).ok();
+    let info = flasher.device_info().ok();
+    let flash_size = info.as_ref().map(|i| i.flash_size.size());
     if let Some(end) = flash_size
         && let Some((addr, size, what)) = picked
             .iter()
@@ -329,6 +330,7 @@ fn run_erase(
         &regions,
         allow,
         use_stub,
+        info.and_then(|i| i.mac_address),
     )?;
     if regions.is_empty() {
         eprintln!("Nothing to erase");

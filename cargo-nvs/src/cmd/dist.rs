@@ -204,11 +204,9 @@ pub fn run(args: DistArgs) -> CmdResult<ExitCode> {
     let detected = chip_of_manifest(&project.manifest_path)
         .or_else(|| args.build.target.as_deref().and_then(chip_of_target));
     let chip: Chip = match (&args.chip, detected) {
-        (Some(name), _) => name.parse().map_err(|_| {
-            CmdError::Usage(format!(
-                "unknown chip `{name}` (esp32, esp32c2, esp32c3, esp32c6, esp32h2, esp32s2, esp32s3, …)"
-            ))
-        })?,
+        (Some(name), _) => {
+            cargo_nvs::flashing::parse_chip(name).map_err(|e| CmdError::Usage(e.to_string()))?
+        }
         (None, Some(chip)) => chip,
         (None, None) => {
             return Err(CmdError::Usage(format!(

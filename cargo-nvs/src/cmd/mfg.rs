@@ -11,6 +11,7 @@ use cargo_nvs::mfg::ledger::BatchStatus;
 use cargo_nvs::project::PackageArgs;
 use std::path::PathBuf;
 
+use super::OutputFormat;
 use super::error::{CmdError, CmdResult};
 
 /// Mass manufacturing: per-device NVS images from a values CSV and either a config CSV
@@ -184,16 +185,10 @@ pub struct MfgStatusArgs {
     #[arg(long, value_name = "PATH")]
     ledger: Option<PathBuf>,
     /// Output format (to stdout).
-    #[arg(long, value_enum, default_value_t = StatusFormat::Text)]
-    format: StatusFormat,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    format: OutputFormat,
     #[command(flatten)]
     package: PackageArgs,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum StatusFormat {
-    Text,
-    Json,
 }
 
 pub fn status(args: MfgStatusArgs) -> CmdResult<ExitCode> {
@@ -222,7 +217,7 @@ pub fn status(args: MfgStatusArgs) -> CmdResult<ExitCode> {
     }
     let mut out = std::io::stdout().lock();
     let text = match args.format {
-        StatusFormat::Json => {
+        OutputFormat::Json => {
             let row = |b: &BatchStatus| {
                 serde_json::json!({
                     "batch": b.batch, "issued": b.issued, "reserved": b.reserved,
@@ -242,7 +237,7 @@ pub fn status(args: MfgStatusArgs) -> CmdResult<ExitCode> {
             });
             format!("{}\n", serde_json::to_string_pretty(&doc)?)
         }
-        StatusFormat::Text => {
+        OutputFormat::Text => {
             let mut text = format!("ledger {}\n", chosen.shown());
             text.push_str(&format!(
                 "{:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}  batch\n",

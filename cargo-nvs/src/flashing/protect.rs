@@ -20,7 +20,7 @@ use crate::guard::{
     self, Allow, Decision, Finding, Planned as GuardPlan, candidate_sha256s, decide, for_factory,
 };
 use crate::mfg::ledger::Ledger;
-use crate::mfg::{ChosenLedger, product_ledger};
+use crate::mfg::product_ledger;
 use espflash::image_format::Segment;
 
 /// Why a flash does not go ahead.
@@ -63,24 +63,7 @@ pub struct DataPartition {
 impl DataPartition {
     /// What the metadata says of a partition (nothing, for one it does not describe).
     pub fn of(spec: Option<&PartitionSpec>) -> Result<DataPartition, ProtectError> {
-        let per_device = spec
-            .map(|spec| {
-                spec.namespaces
-                    .iter()
-                    .flat_map(|ns| {
-                        ns.entries
-                            .iter()
-                            .filter(|e| {
-                                matches!(
-                                    e.source,
-                                    ValueSource::PerDevice { .. } | ValueSource::Chip { .. }
-                                )
-                            })
-                            .map(move |e| format!("{}::{}", ns.name, e.key))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let per_device = per_device_keys(spec);
         let key = match spec.and_then(|s| s.encryption.as_ref()) {
             Some((EncryptionSpec::KeyFile(path), _)) => {
                 Some(nvs_build::keys::load_key_file(path)?.key)
@@ -90,6 +73,28 @@ impl DataPartition {
         };
         Ok(DataPartition { per_device, key })
     }
+}
+
+/// `namespace::key` of the partition's keys that differ per device (`per-device`, or from the
+/// chip): they make its data a device's identity.
+fn per_device_keys(spec: Option<&PartitionSpec>) -> Vec<String> {
+    let Some(spec) = spec else {
+        return Vec::new();
+    };
+    spec.namespaces
+        .iter()
+        .flat_map(|ns| {
+            ns.entries
+                .iter()
+                .filter(|e| {
+                    matches!(
+                        e.source,
+                        ValueSource::PerDevice { .. } | ValueSource::Chip { .. }
+                    )
+                })
+                .map(move |e| format!("{}::{}", ns.name, e.key))
+        })
+        .collect()
 }
 
 /// The package's NVS partitions by offset: per-device keys and key.
@@ -130,17 +135,18 @@ pub fn identify(
 /// Names the device a partition belongs to, from the product's ledger (opened read-only: a
 /// development flash never changes it).
 pub struct Identities {
-    /// The product's ledger, opened (read-only) the first time a name is needed: a development
-    /// flash that keeps nothing never touches it.
-    chosen: Option<ChosenLedger>,
-    ledger: std::sync::OnceLock<Option<Box<dyn Ledger>>>,
+    /// The package whose product ledger names devices: found and opened (read-only, with how
+    /// messages name it) the first time a name is needed, so that a development flash that
+    /// keeps nothing never reads its settings or touches the ledger.
+    manifest_path: std::path::PathBuf,
+    ledger: std::sync::OnceLock<Option<(String, Box<dyn Ledger>)>>,
     mac: Option<String>,
 }
 
 impl Identities {
     pub fn new(manifest_path: &Path, mac: Option<String>) -> Identities {
         Identities {
-            chosen: product_ledger(manifest_path).ok(),
+            manifest_path: manifest_path.to_owned(),
             ledger: std::sync::OnceLock::new(),
             mac,
         }
@@ -148,12 +154,15 @@ impl Identities {
 
     /// Names the device, when the ledger knows the partition's contents or the chip.
     pub fn name(&self, chip: Option<&[u8]>) -> Option<String> {
-        let chosen = self.chosen.as_ref()?;
-        let ledger = self
+        let (shown, ledger) = self
             .ledger
-            .get_or_init(|| chosen.open_read_only().ok().flatten())
+            .get_or_init(|| {
+                let chosen = product_ledger(&self.manifest_path).ok()?;
+                let ledger = chosen.open_read_only().ok().flatten()?;
+                Some((chosen.shown(), ledger))
+            })
             .as_ref()?;
-        identify(&**ledger, &chosen.shown(), chip, self.mac.as_deref())
+        identify(&**ledger, shown, chip, self.mac.as_deref())
     }
 }
 
@@ -438,11 +447,13 @@ pub fn is_factory(
         return Ok(true);
     }
     let spec = metadata.and_then(|m| m.partitions.iter().find(|p| p.name == partition.name));
-    Ok(spec.is_some_and(|s| s.factory) || !DataPartition::of(spec)?.per_device.is_empty())
+    // (Its keys are not read: what is factory data does not depend on them.)
+    Ok(spec.is_some_and(|s| s.factory) || !per_device_keys(spec).is_empty())
 }
 
 /// Refuses (before anything is erased) when a region to erase covers factory data that is
-/// not blank, unless `--overwrite-factory-data`.
+/// not blank, unless `--overwrite-factory-data`. `mac`: the chip's, to name the identity it
+/// holds.
 pub fn guard_erase(
     flasher: &mut Flasher,
     table: &PartitionTable,
@@ -450,12 +461,10 @@ pub fn guard_erase(
     regions: &[(u32, u32)],
     allow: Allow,
     use_stub: bool,
+    mac: Option<String>,
 ) -> Result<(), ProtectError> {
     let mut refusals = Vec::new();
-    let identities = metadata.map(|m| {
-        let mac = flasher.device_info().ok().and_then(|i| i.mac_address);
-        Identities::new(&m.manifest_path, mac)
-    });
+    let identities = metadata.map(|m| Identities::new(&m.manifest_path, mac));
     for partition in table
         .partitions
         .iter()
